@@ -1,0 +1,78 @@
+//! The copy engine: a plain userspace copy, the portable last resort.
+//!
+//! How it works
+//! ------------
+//! Traffic: every connection when `--mode copy` is chosen. The connection's
+//! life (handoff, FIN each way, resets, teardown) is the shared driver's,
+//! see [`super::relay`]; this file only says how one chunk moves.
+//!
+//! State: per direction a 64 KiB buffer, allocated on the first readable
+//! event (idle connections cost none) and freed with the connection. The
+//! driver fills it with one read and writes it all out before reading again,
+//! so a connection holds at most 128 KiB however slow its reader.
+
+use std::io;
+
+use tokio::net::TcpStream;
+
+use super::relay::{self, Chunk};
+use super::{Conn, Engine, EngineKind};
+use crate::stats::DataPath;
+
+/// Size of each direction's buffer.
+pub const BUF_SIZE: usize = 64 * 1024;
+
+/// The userspace copy engine.
+pub struct CopyEngine;
+
+/// One direction's buffer: `buf[start..end]` is pending.
+#[derive(Default)]
+pub struct CopyChunk {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Chunk for CopyChunk {
+    const PATH: DataPath = DataPath::Copy;
+
+    async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        loop {
+            src.readable().await?;
+            if self.buf.is_empty() {
+                self.buf = vec![0; BUF_SIZE];
+            }
+            match src.try_read(&mut self.buf) {
+                Ok(n) => {
+                    self.start = 0;
+                    self.end = n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+        while self.start < self.end {
+            dst.writable().await?;
+            match dst.try_write(&self.buf[self.start..self.end]) {
+                Ok(n) => self.start += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine for CopyEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Copy
+    }
+
+    fn spawn(&self, conn: Conn) {
+        tokio::spawn(relay::relay(conn, CopyChunk::default));
+    }
+}

@@ -1,0 +1,653 @@
+//! The ebpf engine: established connections are spliced inside the kernel
+//! by the sk_skb program of `forwarder-ebpf`; userspace only manages each
+//! connection's life.
+//!
+//! How it works
+//! ------------
+//! Traffic: every connection when the mode is ebpf, or auto and the
+//! programs loaded. A connection that cannot enter the maps (full) runs on
+//! the splice engine instead, which is logged.
+//!
+//! State: in the kernel, three maps (see `forwarder-common`): FWD_PEERS
+//! (cookie -> peer cookie and byte counters), FWD_TARGETS (a SOCKHASH of
+//! redirect targets, no program) and FWD_SOCKS (the SOCKHASH whose sockets
+//! run the verdict). In userspace, one task per connection holding both
+//! sockets, and one epoll set shared by the engine that reports only FIN,
+//! error and hang-up (never EPOLLIN: every redirected skb would otherwise
+//! wake userspace).
+//!
+//! Events in a connection's life:
+//! - accept, dial: done by the port manager; the pair arrives here. Both
+//!   sockets leave tokio's reactor for the same reason as above.
+//! - handoff: PEERS entries first, then both sockets into TARGETS, then
+//!   both into SOCKS. A socket runs the verdict only once its peer is
+//!   already a valid redirect target, so no skb is ever redirected to a
+//!   missing key (which the kernel would drop). Bytes that arrived before a
+//!   socket entered SOCKS (early data from the client, a server's banner)
+//!   wait in its receive queue; setting SO_RCVLOWAT re-runs the socket's
+//!   data-ready callback, now the verdict's, which takes the queue in order.
+//! - data: the verdict redirects each skb to the peer's egress and counts
+//!   its bytes in the source socket's PEERS entry. The kernel sends
+//!   redirected skbs asynchronously from the peer's psock backlog.
+//! - FIN from side i (POLLRDHUP): FINs are not redirected, so the task must
+//!   send it on by shutting down side 1-i's write side, but only once every
+//!   byte side i received is in 1-i's TCP send queue; shutting down earlier
+//!   makes the backlog's send fail with EPIPE and loses the tail. Drained
+//!   means: bytes the verdict redirected == tcpi_bytes_received(i) - 1 (the
+//!   FIN takes one sequence number) and tcpi_bytes_acked + SIOCOUTQ of 1-i
+//!   (less what was there at handoff) has reached that count. Until then the
+//!   task re-checks with a backoff from 1 ms to 50 ms.
+//! - drain stall: if the peer's TCP send queue is empty but the counts have
+//!   not matched for several seconds, bytes were lost in the kernel: reset.
+//! - RST or error on either side (POLLERR): both sockets are closed with
+//!   SO_LINGER 0 so each peer sees a reset. Bytes the verdict could not
+//!   redirect (counted as dropped) are treated the same way: a forwarder
+//!   must not turn lost bytes into a clean EOF.
+//! - teardown: when both directions have carried their FIN (or on reset),
+//!   the sockets leave SOCKS (no verdict runs after that), then TARGETS and
+//!   PEERS; the final counts go to the port's statistics; both sockets
+//!   close.
+//!
+//! Fallback: the splice engine ([`super::splice`]), for the whole run in
+//! auto mode when BPF is not permitted, or per connection when the maps are
+//! full.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
+use aya::programs::SkSkb;
+use aya::{Ebpf, EbpfLoader};
+use forwarder_common::{
+    Peer, MAP_EVENTS, MAP_PEERS, MAP_SOCKS, MAP_TARGETS, PROG_PARSER, PROG_VERDICT,
+};
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Notify;
+
+use super::{splice::SpliceEngine, Conn, Engine, EngineKind, MapEntries};
+use crate::stats::DataPath;
+use crate::sys::{self, TcpCounters};
+
+/// The programs, built by `forwarder/build.rs` from `forwarder-ebpf`.
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
+
+/// How long a drain may stall with the peer's send queue empty before the
+/// connection is reset as broken.
+const DRAIN_STALL: Duration = Duration::from_secs(5);
+
+/// Flow control: a direction whose backlog (bytes redirected but not yet
+/// in the peer's TCP send queue) exceeds this has its source's receive
+/// window clamped...
+const BACKLOG_HIGH: u64 = 32 << 20;
+/// ...until the backlog is below this.
+const BACKLOG_LOW: u64 = 16 << 20;
+/// The clamp applied meanwhile (the kernel raises it to its minimum).
+const THROTTLE_CLAMP: u32 = 1;
+
+/// Options of the ebpf engine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Also attach the stream parser program (each skb one message) instead
+    /// of running the verdict alone.
+    pub parser: bool,
+}
+
+/// Why the ebpf engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "{what}: {source} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
+         kernel with sockmap support (CONFIG_BPF_STREAM_PARSER, Linux 5.13+); \
+         use --mode splice to run without BPF)"
+    )]
+    Load {
+        what: &'static str,
+        source: anyhow::Error,
+    },
+}
+
+fn load_err(what: &'static str) -> impl FnOnce(anyhow::Error) -> EbpfError {
+    move |source| EbpfError::Load { what, source }
+}
+
+/// The three maps, behind one lock: each operation is one short syscall.
+struct Maps {
+    socks: SockHash<MapData, u64>,
+    targets: SockHash<MapData, u64>,
+    peers: BpfHashMap<MapData, u64, Peer>,
+}
+
+impl Maps {
+    /// Puts a connection into the maps in the order the module comment
+    /// explains; on failure removes whatever it added.
+    fn insert(&mut self, cookies: [u64; 2], fds: [RawFd; 2], port_id: u32) -> io::Result<()> {
+        let r = (|| -> Result<(), aya::maps::MapError> {
+            for i in 0..2 {
+                let peer = Peer {
+                    peer_cookie: cookies[1 - i],
+                    port_id,
+                    side: i as u32,
+                    ..Default::default()
+                };
+                self.peers.insert(cookies[i], peer, 0)?;
+            }
+            for i in 0..2 {
+                self.targets.insert(cookies[i], fds[i], 0)?;
+            }
+            for i in 0..2 {
+                self.socks.insert(cookies[i], fds[i], 0)?;
+            }
+            Ok(())
+        })();
+        r.map_err(|e| {
+            self.remove(cookies);
+            match e {
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => io_error,
+                other => io::Error::other(other),
+            }
+        })
+    }
+
+    fn peer(&self, cookie: u64) -> Option<Peer> {
+        self.peers.get(&cookie, 0).ok()
+    }
+
+    /// Removes a connection: SOCKS first so no verdict runs afterwards.
+    /// Returns the final PEERS entries.
+    fn remove(&mut self, cookies: [u64; 2]) -> [Option<Peer>; 2] {
+        for c in &cookies {
+            let _ = self.socks.remove(c);
+        }
+        for c in &cookies {
+            let _ = self.targets.remove(c);
+        }
+        cookies.map(|c| {
+            let p = self.peers.get(&c, 0).ok();
+            let _ = self.peers.remove(&c);
+            p
+        })
+    }
+}
+
+/// Whether direction `i -> j` has drained after side i saw FIN: every byte
+/// received on i was redirected, and all of it is in j's send queue.
+///
+/// `received_i` is tcpi_bytes_received of side i (data plus one for the
+/// FIN), `redirected_i` the verdict's count for side i, `queued_j` the
+/// growth of side j's acked + unacked send queue since handoff.
+pub fn direction_drained(received_i: u64, redirected_i: u64, queued_j: u64) -> bool {
+    received_i.saturating_sub(1) == redirected_i && queued_j >= redirected_i
+}
+
+struct Inner {
+    maps: Mutex<Maps>,
+    epoll: AsyncFd<EpollFd>,
+    events: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
+    waiters: Mutex<HashMap<u64, Arc<Notify>>>,
+    fallback: SpliceEngine,
+    fallback_logged: std::sync::atomic::AtomicBool,
+    /// Keeps the programs loaded and attached.
+    _bpf: Mutex<Ebpf>,
+}
+
+struct EpollFd(Epoll);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+/// The in-kernel engine. Minimum kernel: 5.13 (stream verdict without a
+/// parser); developed and tested on 6.18.
+pub struct EbpfEngine {
+    inner: Arc<Inner>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl EbpfEngine {
+    /// Loads and attaches the programs and creates the maps. Must run inside
+    /// the tokio runtime.
+    pub fn new(opts: Options) -> Result<Self, EbpfError> {
+        raise_memlock_limit();
+        let mut bpf = EbpfLoader::new()
+            .load(PROGRAMS)
+            .context("loading the BPF object")
+            .map_err(load_err("cannot load the eBPF programs"))?;
+        let take = |bpf: &mut Ebpf, name: &str| {
+            bpf.take_map(name)
+                .with_context(|| format!("map {name} missing from the BPF object"))
+        };
+        let socks: SockHash<MapData, u64> = take(&mut bpf, MAP_SOCKS)
+            .and_then(|m| Ok(SockHash::try_from(m)?))
+            .map_err(load_err("cannot create the socket map"))?;
+        let targets: SockHash<MapData, u64> = take(&mut bpf, MAP_TARGETS)
+            .and_then(|m| Ok(SockHash::try_from(m)?))
+            .map_err(load_err("cannot create the target map"))?;
+        let peers: BpfHashMap<MapData, u64, Peer> = take(&mut bpf, MAP_PEERS)
+            .and_then(|m| Ok(BpfHashMap::try_from(m)?))
+            .map_err(load_err("cannot create the peer map"))?;
+        let events: RingBuf<MapData> = take(&mut bpf, MAP_EVENTS)
+            .and_then(|m| Ok(RingBuf::try_from(m)?))
+            .map_err(load_err("cannot create the event ring"))?;
+        let mut progs = vec![PROG_VERDICT];
+        if opts.parser {
+            progs.insert(0, PROG_PARSER);
+        }
+        for name in progs {
+            let prog: &mut SkSkb = bpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the BPF object"))
+                .and_then(|p| Ok(p.try_into()?))
+                .map_err(load_err("cannot find the sk_skb program"))?;
+            prog.load()
+                .with_context(|| format!("loading {name}"))
+                .map_err(load_err("cannot load the sk_skb program"))?;
+            prog.attach(socks.fd())
+                .with_context(|| format!("attaching {name} to {MAP_SOCKS}"))
+                .map_err(load_err("cannot attach the sk_skb program"))?;
+        }
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .map_err(|e| load_err("cannot create an epoll set")(e.into()))?;
+        // SAFETY: EpollFd owns the epoll descriptor, which stays open and
+        // the same for the AsyncFd's whole life.
+        let epoll = unsafe { AsyncFd::register_with_interest(EpollFd(epoll), Interest::READABLE) }
+            .map_err(|e| load_err("cannot register the epoll set")(e.into_parts().1.into()))?;
+        // SAFETY: the RingBuf owns its map fd, open for the AsyncFd's life.
+        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
+            .map_err(|e| load_err("cannot register the event ring")(e.into_parts().1.into()))?;
+        let inner = Arc::new(Inner {
+            maps: Mutex::new(Maps {
+                socks,
+                targets,
+                peers,
+            }),
+            epoll,
+            events: tokio::sync::Mutex::new(events),
+            waiters: Mutex::new(HashMap::new()),
+            fallback: SpliceEngine::new(),
+            fallback_logged: Default::default(),
+            _bpf: Mutex::new(bpf),
+        });
+        let dispatcher = tokio::spawn(dispatch(inner.clone()));
+        let ring = tokio::spawn(dispatch_events(inner.clone()));
+        Ok(EbpfEngine {
+            inner,
+            tasks: [dispatcher, ring],
+        })
+    }
+}
+
+impl Drop for EbpfEngine {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it.
+fn raise_memlock_limit() {
+    let lim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: lim is valid; failure is harmless (newer kernels use memcg).
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads the shared epoll set and wakes the connections it names.
+async fn dispatch(inner: Arc<Inner>) {
+    let mut events = vec![EpollEvent::empty(); 256];
+    loop {
+        let mut guard = match inner.epoll.readable().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "epoll set failed; FIN and reset detection stops");
+                return;
+            }
+        };
+        match inner.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+            Ok(0) => guard.clear_ready(),
+            Ok(n) => {
+                let waiters = lock(&inner.waiters);
+                for ev in &events[..n] {
+                    if let Some(w) = waiters.get(&ev.data()) {
+                        w.notify_one();
+                    }
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "epoll_wait failed");
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+/// Reads the verdict's events (a socket crossed another 2 MiB) and wakes
+/// the connection, which then checks its backlog.
+async fn dispatch_events(inner: Arc<Inner>) {
+    let mut ring = inner.events.lock().await;
+    loop {
+        let mut guard = match ring.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "event ring failed; flow control stops");
+                return;
+            }
+        };
+        let mut woke = false;
+        while let Some(item) = guard.get_inner_mut().next() {
+            woke = true;
+            let Ok(bytes) = <[u8; 8]>::try_from(&item[..]) else {
+                continue;
+            };
+            let cookie = u64::from_ne_bytes(bytes);
+            if let Some(w) = lock(&inner.waiters).get(&cookie) {
+                w.notify_one();
+            }
+        }
+        if !woke {
+            guard.clear_ready();
+        }
+    }
+}
+
+enum Outcome {
+    Closed,
+    Reset(String),
+}
+
+impl Inner {
+    /// Runs one connection from handoff to teardown.
+    async fn run(self: Arc<Self>, conn: Conn) {
+        let Conn { sides, guard } = conn;
+        let port = guard.port().clone();
+        let [a, b] = sides;
+        let socks = match (a.into_std(), b.into_std()) {
+            (Ok(a), Ok(b)) => [a, b],
+            _ => return, // deregistration failed: the sockets are closed
+        };
+        let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
+        let handoff = (|| -> io::Result<([u64; 2], [u64; 2])> {
+            let cookies = [
+                sys::socket_cookie(socks[0].as_fd())?,
+                sys::socket_cookie(socks[1].as_fd())?,
+            ];
+            let base = [
+                sys::tcp_counters(socks[0].as_fd())?.queued(),
+                sys::tcp_counters(socks[1].as_fd())?.queued(),
+            ];
+            lock(&self.maps).insert(cookies, fds, port.id)?;
+            Ok((cookies, base))
+        })();
+        let (cookies, base) = match handoff {
+            Ok(x) => x,
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                // A side already saw FIN (CLOSE_WAIT): the kernel admits only
+                // established sockets into a sockmap.
+                tracing::debug!("connection half-closed before handoff; splice engine takes it");
+                self.fall_back(socks, guard);
+                return;
+            }
+            Err(e) => {
+                if !self.fallback_logged.swap(true, Relaxed) {
+                    tracing::warn!(error = %e,
+                        "cannot put a connection into the BPF maps (full?); such connections run on the splice engine");
+                }
+                self.fall_back(socks, guard);
+                return;
+            }
+        };
+        let notify = Arc::new(Notify::new());
+        {
+            let mut w = lock(&self.waiters);
+            w.insert(cookies[0], notify.clone());
+            w.insert(cookies[1], notify.clone());
+        }
+        let outcome = match self.watch(&socks, cookies) {
+            Ok(()) => self.supervise(&socks, cookies, base, &notify).await,
+            Err(e) => Outcome::Reset(format!("cannot watch the sockets: {e}")),
+        };
+        {
+            let mut w = lock(&self.waiters);
+            w.remove(&cookies[0]);
+            w.remove(&cookies[1]);
+        }
+        let finals = lock(&self.maps).remove(cookies);
+        for (i, p) in finals.iter().enumerate() {
+            if let Some(p) = p {
+                port.add_bytes(i, p.bytes, DataPath::Bpf);
+            }
+        }
+        if let Outcome::Reset(why) = &outcome {
+            tracing::debug!(port = port.id, %why, "resetting connection");
+            for s in &socks {
+                let _ = sys::set_linger_zero(s.as_fd());
+            }
+        }
+        drop(socks);
+        drop(guard);
+    }
+
+    /// Hands a connection the maps cannot take to the splice engine.
+    fn fall_back(&self, socks: [std::net::TcpStream; 2], guard: crate::stats::ConnGuard) {
+        let [a, b] = socks;
+        match (
+            tokio::net::TcpStream::from_std(a),
+            tokio::net::TcpStream::from_std(b),
+        ) {
+            (Ok(a), Ok(b)) => self.fallback.spawn(Conn {
+                sides: [a, b],
+                guard,
+            }),
+            _ => tracing::warn!("cannot hand a connection to the splice engine; closing it"),
+        }
+    }
+
+    fn watch(&self, socks: &[std::net::TcpStream; 2], cookies: [u64; 2]) -> io::Result<()> {
+        let ep = &self.epoll.get_ref().0;
+        for (s, c) in socks.iter().zip(cookies) {
+            ep.add(
+                s.as_fd(),
+                EpollEvent::new(EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLET, c),
+            )?;
+        }
+        // Hand the bytes queued before handoff to the verdict (see above).
+        for s in socks {
+            sys::set_rcvlowat(s.as_fd(), 1)?;
+        }
+        Ok(())
+    }
+
+    /// Watches a connection until both FINs have been carried or a reset.
+    /// Woken by FIN/error events on either socket and by the verdict's
+    /// every-2-MiB events; polls with a backoff only while a direction is
+    /// draining or throttled.
+    async fn supervise(
+        &self,
+        socks: &[std::net::TcpStream; 2],
+        cookies: [u64; 2],
+        base: [u64; 2],
+        notify: &Notify,
+    ) -> Outcome {
+        let fd = |i: usize| -> BorrowedFd<'_> { socks[i].as_fd() };
+        // fin_sent[j]: direction (1-j) -> j is finished, FIN sent to side j.
+        let mut fin_sent = [false; 2];
+        // throttled[i]: side i's window clamp before we throttled it.
+        let mut throttled: [Option<u32>; 2] = [None, None];
+        let mut backoff = Duration::from_millis(1);
+        let mut stalled_since: [Option<Instant>; 2] = [None, None];
+        loop {
+            let st = match sys::poll_states([fd(0), fd(1)]) {
+                Ok(s) => s,
+                Err(e) => return Outcome::Reset(format!("poll: {e}")),
+            };
+            for (i, s) in st.iter().enumerate() {
+                if s.err {
+                    let e = sys::take_error(fd(i)).ok().flatten();
+                    return Outcome::Reset(format!(
+                        "side {i}: {}",
+                        e.map_or_else(|| "error".to_string(), |e| e.to_string())
+                    ));
+                }
+            }
+            let mut poll_again = false;
+            for i in 0..2 {
+                let j = 1 - i;
+                if fin_sent[j] {
+                    continue;
+                }
+                let Some(peer) = lock(&self.maps).peer(cookies[i]) else {
+                    return Outcome::Reset("peer entry vanished".into());
+                };
+                if peer.dropped > 0 {
+                    return Outcome::Reset(format!("{} bytes dropped in the kernel", peer.dropped));
+                }
+                let cj = match sys::tcp_counters(fd(j)) {
+                    Ok(c) => c,
+                    Err(e) => return Outcome::Reset(format!("TCP_INFO: {e}")),
+                };
+                let queued_j = cj.queued().saturating_sub(base[j]);
+                let backlog = peer.bytes.saturating_sub(queued_j);
+                tracing::trace!(side = i, backlog, "backlog");
+                // Flow control: the kernel queues redirected bytes without
+                // limit, so slow the sender down by its receive window.
+                match throttled[i] {
+                    None if backlog > BACKLOG_HIGH && !st[i].rdhup => {
+                        let old = sys::window_clamp(fd(i)).unwrap_or(u32::MAX / 2);
+                        if sys::set_window_clamp(fd(i), THROTTLE_CLAMP).is_ok() {
+                            tracing::trace!(side = i, backlog, "throttling the sender");
+                            throttled[i] = Some(old);
+                        }
+                    }
+                    Some(old) if backlog <= BACKLOG_LOW => {
+                        tracing::trace!(side = i, backlog, "releasing the sender");
+                        let _ = sys::set_window_clamp(fd(i), old);
+                        throttled[i] = None;
+                    }
+                    _ => {}
+                }
+                if throttled[i].is_some() {
+                    poll_again = true;
+                }
+                if !st[i].rdhup {
+                    continue;
+                }
+                let ci = match sys::tcp_counters(fd(i)) {
+                    Ok(c) => c,
+                    Err(e) => return Outcome::Reset(format!("TCP_INFO: {e}")),
+                };
+                if direction_drained(ci.bytes_received, peer.bytes, queued_j) {
+                    if let Err(e) = sys::shutdown_write(fd(j)) {
+                        return Outcome::Reset(format!("shutdown side {j}: {e}"));
+                    }
+                    fin_sent[j] = true;
+                    stalled_since[i] = None;
+                    continue;
+                }
+                poll_again = true;
+                if stalled(&cj) {
+                    let since = *stalled_since[i].get_or_insert_with(Instant::now);
+                    if since.elapsed() > DRAIN_STALL {
+                        return Outcome::Reset(format!(
+                            "direction {i}->{j} stalled: received {} redirected {} queued {}",
+                            ci.bytes_received, peer.bytes, queued_j
+                        ));
+                    }
+                } else {
+                    stalled_since[i] = None;
+                }
+            }
+            if fin_sent[0] && fin_sent[1] {
+                return Outcome::Closed;
+            }
+            if poll_again {
+                // A throttled direction is re-checked every millisecond so
+                // the window reopens as soon as the backlog has drained; a
+                // draining FIN backs off to 20 ms.
+                let wait = if throttled.iter().any(Option::is_some) {
+                    Duration::from_millis(1)
+                } else {
+                    backoff
+                };
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_millis(20));
+            } else {
+                backoff = Duration::from_millis(1);
+                notify.notified().await;
+            }
+        }
+    }
+}
+
+/// The peer socket has nothing left to send: a drain that still has not
+/// completed is not waiting for the network.
+fn stalled(c: &TcpCounters) -> bool {
+    c.outq == 0
+}
+
+impl Engine for EbpfEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Ebpf
+    }
+
+    fn spawn(&self, conn: Conn) {
+        tokio::spawn(self.inner.clone().run(conn));
+    }
+
+    fn live_bytes(&self) -> HashMap<u32, [u64; 2]> {
+        let maps = lock(&self.inner.maps);
+        let mut out: HashMap<u32, [u64; 2]> = HashMap::new();
+        for (_, p) in maps.peers.iter().flatten() {
+            if let Some(slot) = out.entry(p.port_id).or_default().get_mut(p.side as usize) {
+                *slot += p.bytes;
+            }
+        }
+        out
+    }
+
+    fn map_entries(&self) -> Option<MapEntries> {
+        let maps = lock(&self.inner.maps);
+        Some(MapEntries {
+            sockets: maps.socks.keys().count() as u64,
+            targets: maps.targets.keys().count() as u64,
+            peers: maps.peers.keys().count() as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::direction_drained;
+
+    #[test]
+    fn drain_rule() {
+        // received counts the FIN; nothing redirected yet.
+        assert!(!direction_drained(1001, 0, 0));
+        // all redirected, not yet queued on the peer.
+        assert!(!direction_drained(1001, 1000, 999));
+        // all redirected and queued.
+        assert!(direction_drained(1001, 1000, 1000));
+        // an empty direction: just the FIN.
+        assert!(direction_drained(1, 0, 0));
+        // the verdict has not seen the last skb yet.
+        assert!(!direction_drained(1001, 999, 999));
+    }
+}

@@ -1,0 +1,120 @@
+//! The userspace relay driver shared by the splice and copy engines.
+//!
+//! How it works
+//! ------------
+//! Traffic: every connection of a run whose engine is splice or copy, and
+//! connections the ebpf engine could not take (its maps full).
+//!
+//! State: one tokio task per connection owns both sockets and, per
+//! direction, a [`Chunk`] mover (a pipe for splice, a buffer for copy)
+//! created lazily on the first readable event, so idle connections cost two
+//! sockets and a task, nothing more. Memory per connection is bounded by two
+//! movers' capacity.
+//!
+//! Events in a connection's life:
+//! - handoff: the port manager has accepted side 0 and dialed side 1; bytes
+//!   the client sent early are simply waiting in side 0's receive queue;
+//! - data: direction i waits for side i to be readable, moves one chunk into
+//!   its mover, then writes all of it to side 1-i before reading again: a
+//!   slow reader stops us reading, which stops the sender by TCP flow
+//!   control, so nothing piles up in the forwarder;
+//! - FIN from side i (read returns 0): shut down the write side of 1-i once
+//!   the mover is empty; the other direction keeps flowing (half-close);
+//! - RST or any error on either side, in either direction, also while a
+//!   direction is idle or already finished: both sockets are closed with
+//!   SO_LINGER 0 so each peer sees a reset;
+//! - teardown: when both directions have ended, both sockets close.
+//!
+//! Fallbacks: copy is the last resort; splice needs nothing but pipes.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::AsFd;
+use std::pin::pin;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use crate::engine::Conn;
+use crate::stats::{DataPath, PortStats};
+use crate::sys;
+
+/// Moves bytes of one direction in chunks.
+pub trait Chunk: Send {
+    /// Which counter the bytes go to.
+    const PATH: DataPath;
+    /// Waits until `src` is readable and moves up to one chunk out of it.
+    /// Returns 0 at EOF. Only called when [`Chunk::pending`] is 0.
+    fn fill(&mut self, src: &TcpStream) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes everything pending to `dst`.
+    fn drain(&mut self, dst: &TcpStream) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// Forwards direction `from` -> `1 - from` until EOF, then shuts down the
+/// destination's write side.
+async fn pump<C: Chunk>(
+    sides: &[TcpStream; 2],
+    from: usize,
+    mut chunk: C,
+    stats: &PortStats,
+) -> io::Result<()> {
+    let (src, dst) = (&sides[from], &sides[1 - from]);
+    loop {
+        let n = chunk.fill(src).await?;
+        if n == 0 {
+            return sys::shutdown_write(dst.as_fd());
+        }
+        stats.add_bytes(from, n as u64, C::PATH);
+        chunk.drain(dst).await?;
+    }
+}
+
+/// Waits for a socket error (RST, timeout) and returns it.
+async fn error_of(s: &TcpStream) -> io::Error {
+    loop {
+        match s.ready(Interest::ERROR).await {
+            Ok(r) if r.is_error() => {
+                return match sys::take_error(s.as_fd()) {
+                    Ok(Some(e)) => e,
+                    Ok(None) => io::Error::from(io::ErrorKind::ConnectionReset),
+                    Err(e) => e,
+                }
+            }
+            Ok(_) => continue,
+            Err(e) => return e,
+        }
+    }
+}
+
+/// Runs both directions of `conn` to completion, then closes it; on any
+/// error resets both sides.
+pub async fn relay<C: Chunk>(conn: Conn, make: impl Fn() -> C) {
+    let Conn { sides, guard } = conn;
+    let stats = guard.port().clone();
+    let result = {
+        let mut f0 = pin!(pump(&sides, 0, make(), &stats));
+        let mut f1 = pin!(pump(&sides, 1, make(), &stats));
+        let mut done = [false; 2];
+        loop {
+            let step = tokio::select! {
+                r = &mut f0, if !done[0] => r.map(|()| done[0] = true),
+                r = &mut f1, if !done[1] => r.map(|()| done[1] = true),
+                e = error_of(&sides[0]) => Err(e),
+                e = error_of(&sides[1]) => Err(e),
+            };
+            match step {
+                Err(e) => break Err(e),
+                Ok(()) if done[0] && done[1] => break Ok(()),
+                Ok(()) => {}
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(port = stats.id, error = %e, "connection reset");
+        for s in &sides {
+            let _ = sys::set_linger_zero(s.as_fd());
+        }
+    }
+    drop(sides);
+    drop(guard);
+}

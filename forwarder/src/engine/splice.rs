@@ -1,0 +1,108 @@
+//! The splice engine: splice(2) through a pipe per direction, so bytes move
+//! from one socket's receive queue to the other's send queue by page
+//! reference without being copied into userspace.
+//!
+//! How it works
+//! ------------
+//! Traffic: every connection when the mode is splice, or auto without BPF;
+//! also the ebpf engine's overflow (connections that do not fit its maps).
+//! The connection's life (handoff, FIN each way, resets, teardown) is the
+//! shared driver's, see [`super::relay`]; this file only moves chunks.
+//!
+//! State: per direction a non-blocking pipe of [`PIPE_SIZE`] bytes, created
+//! on the first readable event (idle connections hold no pipe) and closed
+//! with the connection. A chunk is spliced socket -> pipe only when the pipe
+//! is empty, so EAGAIN on that call always means "socket drained", never
+//! "pipe full"; then pipe -> socket until the pipe is empty again.
+//!
+//! Fallback: the copy engine ([`super::copy`]) where splice is unavailable.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::relay::{self, Chunk};
+use super::{Conn, Engine, EngineKind};
+use crate::stats::DataPath;
+use crate::sys::{self, Pipe};
+
+/// Requested capacity of each direction's pipe: large enough that one
+/// chunk spans many TCP segments, small enough to bound memory per
+/// connection (2 pipes of 256 KiB).
+pub const PIPE_SIZE: usize = 256 * 1024;
+
+/// The splice(2) engine.
+pub struct SpliceEngine;
+
+impl SpliceEngine {
+    pub fn new() -> Self {
+        SpliceEngine
+    }
+}
+
+impl Default for SpliceEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One direction's pipe and how many bytes sit in it.
+#[derive(Default)]
+pub struct SpliceChunk {
+    pipe: Option<Pipe>,
+    pending: usize,
+}
+
+impl Chunk for SpliceChunk {
+    const PATH: DataPath = DataPath::Splice;
+
+    async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
+        debug_assert_eq!(self.pending, 0);
+        loop {
+            src.readable().await?;
+            let pipe = match &mut self.pipe {
+                Some(p) => p,
+                None => self.pipe.insert(sys::pipe(PIPE_SIZE)?),
+            };
+            let (w, cap) = (pipe.write.as_fd(), pipe.capacity);
+            match src.try_io(Interest::READABLE, || sys::splice(src.as_fd(), w, cap)) {
+                Ok(n) => {
+                    self.pending = n;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+        let Some(pipe) = &self.pipe else {
+            return Ok(());
+        };
+        while self.pending > 0 {
+            dst.writable().await?;
+            let r = pipe.read.as_fd();
+            match dst.try_io(Interest::WRITABLE, || {
+                sys::splice(r, dst.as_fd(), self.pending)
+            }) {
+                Ok(n) => self.pending -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine for SpliceEngine {
+    fn kind(&self) -> EngineKind {
+        EngineKind::Splice
+    }
+
+    fn spawn(&self, conn: Conn) {
+        tokio::spawn(relay::relay(conn, SpliceChunk::default));
+    }
+}

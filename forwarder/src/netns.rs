@@ -1,0 +1,122 @@
+//! Dialing inside the child network namespace.
+//!
+//! A socket belongs to the namespace of the thread that created it, for its
+//! whole life. So one OS thread enters the child namespace once, at start,
+//! and does nothing but create sockets on request; the connect itself then
+//! runs on the tokio runtime like any other socket operation.
+
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
+
+use crate::dial::{self, DialPlan};
+use crate::sys;
+
+/// Why the child namespace could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("cannot open network namespace {path}: {source}")]
+    Open { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot enter network namespace {path}: {source} (entering another process's network \
+         namespace needs CAP_SYS_ADMIN over its user namespace: run as root or as the namespace's owner)"
+    )]
+    Enter { path: PathBuf, source: io::Error },
+    #[error("the child namespace's socket thread has stopped")]
+    Gone,
+}
+
+type Request = (bool, oneshot::Sender<io::Result<OwnedFd>>);
+
+/// Creates sockets in the child namespace and dials with them.
+#[derive(Clone)]
+pub struct ChildDialer {
+    tx: mpsc::Sender<Request>,
+}
+
+impl ChildDialer {
+    /// Opens `path` (`/run/netns/NAME` or `/proc/PID/ns/net`) and starts the
+    /// socket thread inside it. Fails at once if the namespace cannot be
+    /// entered.
+    pub fn new(path: &Path) -> Result<Self, NetnsError> {
+        let ns = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel::<Request>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        thread::Builder::new()
+            .name("child-netns".into())
+            .spawn(move || {
+                let entered = sys::setns_net(ns.as_fd());
+                let ok = entered.is_ok();
+                let _ = ready_tx.send(entered);
+                drop(ns);
+                if !ok {
+                    return;
+                }
+                while let Ok((ipv6, reply)) = rx.recv() {
+                    let _ = reply.send(sys::tcp_socket(ipv6));
+                }
+            })
+            .map_err(|source| NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(ChildDialer { tx }),
+            Ok(Err(source)) => Err(NetnsError::Enter {
+                path: path.to_owned(),
+                source,
+            }),
+            Err(_) => Err(NetnsError::Gone),
+        }
+    }
+
+    /// Creates a TCP socket of the given family inside the child namespace.
+    pub async fn socket(&self, ipv6: bool) -> io::Result<TcpSocket> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((ipv6, tx))
+            .map_err(|_| io::Error::other(NetnsError::Gone))?;
+        let fd = rx.await.map_err(|_| io::Error::other(NetnsError::Gone))??;
+        Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+    }
+
+    /// Connects to `addr` inside the child namespace.
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        let sock = self.socket(addr.is_ipv6()).await?;
+        let stream = sock.connect(addr).await?;
+        Ok(stream)
+    }
+
+    /// Executes a [`DialPlan`]: the target, then the IPv4 fallback when the
+    /// IPv6 dial failed for lack of IPv6. Returns the stream and the address
+    /// actually reached.
+    pub async fn dial(&self, plan: DialPlan) -> io::Result<(TcpStream, SocketAddr)> {
+        match self.connect(plan.target).await {
+            Ok(s) => Ok((s, plan.target)),
+            Err(e) => match plan.fallback {
+                Some(fb) if dial::should_fall_back(&e) => {
+                    tracing::debug!(target = %plan.target, error = %e, fallback = %fb,
+                        "IPv6 dial failed, retrying over IPv4");
+                    match self.connect(fb).await {
+                        Ok(s) => Ok((s, fb)),
+                        Err(e2) => Err(io::Error::new(
+                            e2.kind(),
+                            format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
+                        )),
+                    }
+                }
+                _ => Err(io::Error::new(e.kind(), format!("{}: {e}", plan.target))),
+            },
+        }
+    }
+}

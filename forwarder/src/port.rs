@@ -1,0 +1,363 @@
+//! The port manager: published ports, their listeners and accept loops.
+//!
+//! Modelled on RootlessKit's `pkg/port`: add, list, remove. Adding a port
+//! is all or nothing: every listener of the spec is bound before any accept
+//! loop starts, and a failure closes whatever was bound. Removing a port
+//! closes its listeners at once; connections already established on it run
+//! to their end on their engine.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+use crate::dial;
+use crate::engine::{Conn, Engine};
+use crate::netns::ChildDialer;
+use crate::spec::PortSpec;
+use crate::stats::{PortStats, Snapshot};
+use crate::sys;
+
+/// How long a dial in the child may take before the client is reset.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Listen backlog of every published port.
+const BACKLOG: i32 = 4096;
+
+/// Why a port could not be added or removed.
+#[derive(Debug, thiserror::Error)]
+pub enum PortError {
+    #[error("conflict with ID {0}")]
+    Conflict(u32),
+    #[error("unknown id: {0}")]
+    UnknownId(u32),
+    #[error("cannot listen on {addr}: {source}{hint}")]
+    Listen {
+        addr: SocketAddr,
+        source: io::Error,
+        hint: &'static str,
+    },
+}
+
+impl PortError {
+    fn listen(addr: SocketAddr, source: io::Error) -> Self {
+        let hint = match source.raw_os_error() {
+            Some(libc::EACCES) if addr.port() < 1024 => {
+                " (ports below net.ipv4.ip_unprivileged_port_start, 1024 by default, need \
+                 CAP_NET_BIND_SERVICE: lower that sysctl or grant the capability)"
+            }
+            Some(libc::EADDRINUSE) => " (address in use)",
+            Some(libc::EADDRNOTAVAIL) => " (no such address in the parent namespace)",
+            Some(libc::EAFNOSUPPORT) => " (the parent namespace has no IPv6)",
+            _ => "",
+        };
+        PortError::Listen { addr, source, hint }
+    }
+}
+
+/// A published port as the API reports it.
+#[derive(Debug, Clone)]
+pub struct PortStatus {
+    pub id: u32,
+    pub spec: PortSpec,
+    /// Addresses actually listened on (the IPv6 half may be discarded).
+    pub listeners: Vec<SocketAddr>,
+}
+
+/// Statistics of one port.
+#[derive(Debug, Clone, Serialize)]
+pub struct PortReport {
+    pub id: u32,
+    pub spec: String,
+    #[serde(flatten)]
+    pub stats: Snapshot,
+}
+
+struct Port {
+    spec: PortSpec,
+    stats: Arc<PortStats>,
+    listeners: Vec<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Port {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u32,
+    ports: BTreeMap<u32, Port>,
+    /// Ports removed while their connections may still run: their counters
+    /// stay part of the totals.
+    retired: Vec<Arc<PortStats>>,
+    /// Counters of retired ports that have fully ended.
+    retired_total: Snapshot,
+}
+
+/// Shared by every accept loop.
+struct Ctx {
+    dialer: ChildDialer,
+    engine: Arc<dyn Engine>,
+}
+
+/// Published ports.
+pub struct PortManager {
+    ctx: Arc<Ctx>,
+    state: Mutex<State>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Binds a listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so
+/// the IPv4 half can bind the same port).
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    TcpListener::from_std(sock.into())
+}
+
+impl PortManager {
+    pub fn new(dialer: ChildDialer, engine: Arc<dyn Engine>) -> Self {
+        PortManager {
+            ctx: Arc::new(Ctx { dialer, engine }),
+            state: Mutex::new(State {
+                next_id: 1,
+                ..Default::default()
+            }),
+        }
+    }
+
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.ctx.engine
+    }
+
+    /// Publishes a port. Must run inside the tokio runtime.
+    pub fn add(&self, spec: PortSpec) -> Result<PortStatus, PortError> {
+        let mut st = lock(&self.state);
+        if let Some((id, _)) = st.ports.iter().find(|(_, p)| p.spec.conflicts_with(&spec)) {
+            return Err(PortError::Conflict(*id));
+        }
+        let mut bound = Vec::new();
+        for (addr, optional) in spec.listen_addrs() {
+            match bind(addr) {
+                Ok(l) => bound.push((addr, l)),
+                Err(e)
+                    if optional
+                        && matches!(
+                            e.raw_os_error(),
+                            Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                        ) =>
+                {
+                    tracing::warn!(spec = %spec, error = %e,
+                        "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
+                        addr.ip(), addr.port());
+                }
+                Err(e) => return Err(PortError::listen(addr, e)),
+            }
+        }
+        let id = st.next_id;
+        st.next_id += 1;
+        let stats = PortStats::new(id);
+        let listeners: Vec<SocketAddr> = bound.iter().map(|(a, _)| *a).collect();
+        let tasks = bound
+            .into_iter()
+            .map(|(addr, l)| {
+                tokio::spawn(accept_loop(
+                    l,
+                    addr,
+                    spec.clone(),
+                    stats.clone(),
+                    self.ctx.clone(),
+                ))
+            })
+            .collect();
+        tracing::info!(id, spec = %spec, listeners = ?listeners, "port published");
+        st.ports.insert(
+            id,
+            Port {
+                spec: spec.clone(),
+                stats,
+                listeners: listeners.clone(),
+                tasks,
+            },
+        );
+        Ok(PortStatus {
+            id,
+            spec,
+            listeners,
+        })
+    }
+
+    /// Ports in id order.
+    pub fn list(&self) -> Vec<PortStatus> {
+        lock(&self.state)
+            .ports
+            .iter()
+            .map(|(id, p)| PortStatus {
+                id: *id,
+                spec: p.spec.clone(),
+                listeners: p.listeners.clone(),
+            })
+            .collect()
+    }
+
+    /// Unpublishes a port: its listeners close now, its established
+    /// connections run to their end.
+    pub fn remove(&self, id: u32) -> Result<(), PortError> {
+        let mut st = lock(&self.state);
+        let port = st.ports.remove(&id).ok_or(PortError::UnknownId(id))?;
+        st.retired.push(port.stats.clone());
+        tracing::info!(id, spec = %port.spec, "port removed");
+        drop(port);
+        Ok(())
+    }
+
+    /// Closes every listener (shutdown).
+    pub fn close_all(&self) {
+        let mut st = lock(&self.state);
+        let ports = std::mem::take(&mut st.ports);
+        st.retired.extend(ports.values().map(|p| p.stats.clone()));
+    }
+
+    /// Per-port statistics and the total over all ports ever published.
+    pub fn stats(&self) -> (Vec<PortReport>, Snapshot) {
+        let live = self.ctx.engine.live_bytes();
+        let mut st = lock(&self.state);
+        // A retired port nothing refers to any more (listeners closed, last
+        // connection ended) is folded into one total to keep memory flat.
+        let mut folded = Snapshot::default();
+        st.retired.retain(|p| {
+            let gone = Arc::strong_count(p) == 1;
+            if gone {
+                folded += p.snapshot([0, 0]);
+            }
+            !gone
+        });
+        st.retired_total += folded;
+        let mut total = st.retired_total;
+        for p in &st.retired {
+            total += p.snapshot(live.get(&p.id).copied().unwrap_or_default());
+        }
+        let ports: Vec<PortReport> = st
+            .ports
+            .iter()
+            .map(|(id, p)| PortReport {
+                id: *id,
+                spec: p.spec.to_string(),
+                stats: p.stats.snapshot(live.get(id).copied().unwrap_or_default()),
+            })
+            .collect();
+        for p in &ports {
+            total += p.stats;
+        }
+        (ports, total)
+    }
+}
+
+/// Accepts connections on one listener forever; never exits on errors.
+async fn accept_loop(
+    listener: TcpListener,
+    addr: SocketAddr,
+    spec: PortSpec,
+    stats: Arc<PortStats>,
+    ctx: Arc<Ctx>,
+) {
+    let mut last_warn = 0u64;
+    loop {
+        match listener.accept().await {
+            Ok((sock, _client)) => {
+                tokio::spawn(handle(sock, spec.clone(), stats.clone(), ctx.clone()));
+            }
+            Err(e) if sys::is_resource_exhaustion(&e) => {
+                // Out of descriptors or memory: the connection waits in the
+                // backlog; back off instead of spinning, keep serving.
+                let now = unix_secs();
+                if now >= last_warn + 5 {
+                    last_warn = now;
+                    tracing::warn!(%addr, error = %e, "accept failed, backing off");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Rate limit for dial-failure warnings, shared by all ports.
+static LAST_DIAL_WARN: AtomicU64 = AtomicU64::new(0);
+static SUPPRESSED_DIAL_WARNS: AtomicU64 = AtomicU64::new(0);
+
+/// Dials the child for one accepted connection and hands the pair to the
+/// engine; on failure resets the client.
+async fn handle(sock: TcpStream, spec: PortSpec, stats: Arc<PortStats>, ctx: Arc<Ctx>) {
+    let guard = stats.open_connection();
+    let local = match sock.local_addr() {
+        Ok(a) => a,
+        Err(_) => return,
+    };
+    let plan = dial::plan(&spec, local.ip());
+    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(plan)).await;
+    match dialed {
+        Ok(Ok((child, _reached))) => {
+            let _ = sys::set_nodelay(sock.as_fd());
+            let _ = sys::set_nodelay(child.as_fd());
+            ctx.engine.spawn(Conn {
+                sides: [sock, child],
+                guard,
+            });
+        }
+        Ok(Err(e)) => dial_failed(sock, &spec, &stats, &e.to_string()),
+        Err(_) => dial_failed(
+            sock,
+            &spec,
+            &stats,
+            &format!("{}: timed out after {DIAL_TIMEOUT:?}", plan.target),
+        ),
+    }
+}
+
+fn dial_failed(sock: TcpStream, spec: &PortSpec, stats: &PortStats, why: &str) {
+    stats.dial_failures.fetch_add(1, Relaxed);
+    let _ = sys::set_linger_zero(sock.as_fd());
+    drop(sock);
+    let now = unix_secs();
+    let last = LAST_DIAL_WARN.load(Relaxed);
+    if now > last && LAST_DIAL_WARN.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+        let suppressed = SUPPRESSED_DIAL_WARNS.swap(0, Relaxed);
+        tracing::warn!(port = stats.id, spec = %spec, suppressed,
+            "dial in the child failed, client reset: {why}");
+    } else {
+        SUPPRESSED_DIAL_WARNS.fetch_add(1, Relaxed);
+    }
+}

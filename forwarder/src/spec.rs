@@ -1,0 +1,422 @@
+//! Port specifications: what to listen on in the parent namespace and what
+//! to reach in the child.
+//!
+//! The command line takes docker/rootlessctl style strings
+//! (`[PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/PROTO]`); the API takes
+//! RootlessKit's JSON `PortSpec`. Both end up as a validated [`PortSpec`].
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a port specification was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("invalid port spec {spec:?}: {why}")]
+    Invalid { spec: String, why: String },
+}
+
+fn invalid(spec: &str, why: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        spec: spec.to_string(),
+        why: why.into(),
+    }
+}
+
+/// Transport protocol and address family of a published port.
+///
+/// `tcp` means "whatever the parent IP's family is", and for an
+/// unspecified parent IP both families (the IPv6 half may be discarded when
+/// the parent has no IPv6, see the README's IPv6 rules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Tcp4,
+    Tcp6,
+}
+
+impl Proto {
+    /// The protocol name as RootlessKit spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Tcp4 => "tcp4",
+            Proto::Tcp6 => "tcp6",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Proto {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(Proto::Tcp),
+            "tcp4" => Ok(Proto::Tcp4),
+            "tcp6" => Ok(Proto::Tcp6),
+            "udp" | "udp4" | "udp6" | "sctp" | "sctp4" | "sctp6" => {
+                Err(format!("protocol {s:?} is not supported yet (only tcp, tcp4, tcp6)"))
+            }
+            other => Err(format!(
+                "unknown protocol {other:?} (expected tcp, tcp4 or tcp6)"
+            )),
+        }
+    }
+}
+
+/// A validated port mapping.
+///
+/// `parent_ip == None` means every address of the family (or both families
+/// for [`Proto::Tcp`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PortSpec {
+    pub proto: Proto,
+    pub parent_ip: Option<IpAddr>,
+    pub parent_port: u16,
+    pub child_ip: Option<IpAddr>,
+    pub child_port: u16,
+}
+
+impl PortSpec {
+    /// Checks the cross-field rules shared by the CLI and the API.
+    pub fn validate(self, spec: &str) -> Result<Self, SpecError> {
+        if self.parent_port == 0 {
+            return Err(invalid(spec, "parent port must be between 1 and 65535"));
+        }
+        if self.child_port == 0 {
+            return Err(invalid(spec, "child port must be between 1 and 65535"));
+        }
+        let fam_ok = |ip: &IpAddr| match self.proto {
+            Proto::Tcp => true,
+            Proto::Tcp4 => ip.is_ipv4(),
+            Proto::Tcp6 => ip.is_ipv6(),
+        };
+        if let Some(ip) = &self.parent_ip {
+            if !fam_ok(ip) {
+                return Err(invalid(
+                    spec,
+                    format!("parent IP {ip} does not match protocol {}", self.proto),
+                ));
+            }
+            if ip.is_multicast() {
+                return Err(invalid(spec, format!("parent IP {ip} is a multicast address")));
+            }
+        }
+        if let Some(ip) = &self.child_ip {
+            if !fam_ok(ip) {
+                return Err(invalid(
+                    spec,
+                    format!("child IP {ip} does not match protocol {}", self.proto),
+                ));
+            }
+            if ip.is_unspecified() || ip.is_multicast() {
+                return Err(invalid(
+                    spec,
+                    format!("child IP {ip} cannot be dialed (unspecified or multicast)"),
+                ));
+            }
+            if let Some(pip) = &self.parent_ip {
+                if !pip.is_unspecified() && pip.is_ipv4() != ip.is_ipv4() {
+                    return Err(invalid(
+                        spec,
+                        format!("child IP {ip} is not of the parent IP {pip}'s family"),
+                    ));
+                }
+            }
+        }
+        // Normalise an explicit unspecified parent IP to "all addresses" of
+        // its family: 0.0.0.0 is tcp4-all, :: is tcp6-all.
+        let mut s = self;
+        if let Some(ip) = s.parent_ip {
+            if ip.is_unspecified() {
+                s.parent_ip = None;
+                if s.proto == Proto::Tcp {
+                    s.proto = if ip.is_ipv4() { Proto::Tcp4 } else { Proto::Tcp6 };
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// The addresses to listen on in the parent namespace. The second item
+    /// says whether failing to listen on that address may be tolerated (the
+    /// IPv6 half of an unspecified `tcp` request).
+    pub fn listen_addrs(&self) -> Vec<(SocketAddr, bool)> {
+        let p = self.parent_port;
+        match (self.parent_ip, self.proto) {
+            (Some(ip), _) => vec![(SocketAddr::new(ip, p), false)],
+            (None, Proto::Tcp4) => vec![(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p), false)],
+            (None, Proto::Tcp6) => vec![(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), p), false)],
+            (None, Proto::Tcp) => vec![
+                (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p), false),
+                (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), p), true),
+            ],
+        }
+    }
+
+    /// The families this spec listens on: `[ipv4, ipv6]`.
+    pub fn families(&self) -> [bool; 2] {
+        match (self.parent_ip, self.proto) {
+            (Some(ip), _) => [ip.is_ipv4(), ip.is_ipv6()],
+            (None, Proto::Tcp4) => [true, false],
+            (None, Proto::Tcp6) => [false, true],
+            (None, Proto::Tcp) => [true, true],
+        }
+    }
+
+    /// Whether two specs would listen on an overlapping address: same
+    /// family, same port, and equal IPs or one of them unspecified.
+    pub fn conflicts_with(&self, other: &PortSpec) -> bool {
+        if self.parent_port != other.parent_port {
+            return false;
+        }
+        let a = self.families();
+        let b = other.families();
+        let shared = (a[0] && b[0]) || (a[1] && b[1]);
+        if !shared {
+            return false;
+        }
+        match (self.parent_ip, other.parent_ip) {
+            (Some(x), Some(y)) => x == y,
+            _ => true,
+        }
+    }
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ip = |ip: &IpAddr| match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+        };
+        if let Some(p) = &self.parent_ip {
+            write!(f, "{}:", ip(p))?;
+        }
+        write!(f, "{}:", self.parent_port)?;
+        if let Some(c) = &self.child_ip {
+            write!(f, "{}:", ip(c))?;
+        }
+        write!(f, "{}/{}", self.child_port, self.proto)
+    }
+}
+
+/// Splits `s` on ':' while keeping bracketed IPv6 literals whole.
+fn split_fields<'a>(spec: &str, s: &'a str) -> Result<Vec<&'a str>, SpecError> {
+    let mut out = Vec::new();
+    let mut rest = s;
+    while !rest.is_empty() {
+        if let Some(after) = rest.strip_prefix('[') {
+            let end = after
+                .find(']')
+                .ok_or_else(|| invalid(spec, "unterminated '[' in IPv6 address"))?;
+            out.push(&rest[..end + 2]);
+            rest = &after[end + 1..];
+            match rest.strip_prefix(':') {
+                Some(r) => rest = r,
+                None if rest.is_empty() => {}
+                None => return Err(invalid(spec, "expected ':' after ']'")),
+            }
+            if rest.is_empty() && s.ends_with(':') {
+                out.push("");
+            }
+        } else {
+            match rest.find(':') {
+                Some(i) => {
+                    out.push(&rest[..i]);
+                    rest = &rest[i + 1..];
+                    if rest.is_empty() {
+                        out.push("");
+                    }
+                }
+                None => {
+                    out.push(rest);
+                    rest = "";
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_ip(spec: &str, field: &str, what: &str) -> Result<IpAddr, SpecError> {
+    let inner = match field.strip_prefix('[') {
+        Some(r) => {
+            let v6 = r
+                .strip_suffix(']')
+                .ok_or_else(|| invalid(spec, format!("bad {what} {field:?}")))?;
+            return v6
+                .parse::<Ipv6Addr>()
+                .map(IpAddr::V6)
+                .map_err(|_| invalid(spec, format!("{what} {field:?} is not an IPv6 address")));
+        }
+        None => field,
+    };
+    inner
+        .parse::<Ipv4Addr>()
+        .map(IpAddr::V4)
+        .map_err(|_| {
+            if inner.contains(':') {
+                invalid(spec, format!("IPv6 {what} {inner:?} must be in brackets"))
+            } else {
+                invalid(spec, format!("{what} {inner:?} is not an IP address"))
+            }
+        })
+}
+
+fn parse_port(spec: &str, field: &str, what: &str) -> Result<u16, SpecError> {
+    if field.is_empty() || !field.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(spec, format!("{what} {field:?} is not a number")));
+    }
+    match field.parse::<u32>() {
+        Ok(n) if (1..=65535).contains(&n) => Ok(n as u16),
+        _ => Err(invalid(
+            spec,
+            format!("{what} {field} is out of range (1-65535)"),
+        )),
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = SpecError;
+
+    /// Parses `PARENTPORT:CHILDPORT`, `PARENTIP:PARENTPORT:CHILDPORT` or
+    /// `PARENTIP:PARENTPORT:CHILDIP:CHILDPORT`, each with an optional
+    /// `/tcp`, `/tcp4` or `/tcp6`.
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let (body, proto) = match spec.rsplit_once('/') {
+            Some((b, p)) => (b, p.parse::<Proto>().map_err(|e| invalid(spec, e))?),
+            None => (spec, Proto::Tcp),
+        };
+        if body.is_empty() {
+            return Err(invalid(spec, "empty"));
+        }
+        let f = split_fields(spec, body)?;
+        let (pip, pport, cip, cport) = match f.as_slice() {
+            [pp, cp] => (None, *pp, None, *cp),
+            [ip, pp, cp] => (Some(*ip), *pp, None, *cp),
+            [ip, pp, cip, cp] => (Some(*ip), *pp, Some(*cip), *cp),
+            _ => {
+                return Err(invalid(
+                    spec,
+                    "expected PARENTPORT:CHILDPORT, PARENTIP:PARENTPORT:CHILDPORT or \
+                     PARENTIP:PARENTPORT:CHILDIP:CHILDPORT (IPv6 addresses in brackets)",
+                ))
+            }
+        };
+        let parent_ip = match pip {
+            Some("") | None => None,
+            Some(ip) => Some(parse_ip(spec, ip, "parent IP")?),
+        };
+        let child_ip = match cip {
+            Some("") | None => None,
+            Some(ip) => Some(parse_ip(spec, ip, "child IP")?),
+        };
+        PortSpec {
+            proto,
+            parent_ip,
+            parent_port: parse_port(spec, pport, "parent port")?,
+            child_ip,
+            child_port: parse_port(spec, cport, "child port")?,
+        }
+        .validate(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(s: &str) -> PortSpec {
+        s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn accepted_forms() {
+        let cases: &[(&str, Proto, Option<&str>, u16, Option<&str>, u16)] = &[
+            ("8080:80", Proto::Tcp, None, 8080, None, 80),
+            ("8080:80/tcp4", Proto::Tcp4, None, 8080, None, 80),
+            ("127.0.0.2:8080:80", Proto::Tcp, Some("127.0.0.2"), 8080, None, 80),
+            ("127.0.0.2:8080:80/tcp", Proto::Tcp, Some("127.0.0.2"), 8080, None, 80),
+            ("0.0.0.0:8080:80", Proto::Tcp4, None, 8080, None, 80),
+            ("[::]:8080:80", Proto::Tcp6, None, 8080, None, 80),
+            ("[::1]:8080:80/tcp6", Proto::Tcp6, Some("::1"), 8080, None, 80),
+            ("10.0.0.1:80:10.1.1.1:8080", Proto::Tcp, Some("10.0.0.1"), 80, Some("10.1.1.1"), 8080),
+            ("[::1]:80:[fd00::2]:8080", Proto::Tcp, Some("::1"), 80, Some("fd00::2"), 8080),
+            ("65535:1", Proto::Tcp, None, 65535, None, 1),
+        ];
+        for (s, proto, pip, pp, cip, cp) in cases {
+            let got = ok(s);
+            assert_eq!(got.proto, *proto, "{s}");
+            assert_eq!(got.parent_ip, pip.map(|x| x.parse().unwrap()), "{s}");
+            assert_eq!(got.parent_port, *pp, "{s}");
+            assert_eq!(got.child_ip, cip.map(|x| x.parse().unwrap()), "{s}");
+            assert_eq!(got.child_port, *cp, "{s}");
+        }
+    }
+
+    #[test]
+    fn rejected_forms_name_the_spec() {
+        let cases = [
+            ("80", "expected"),
+            ("0:80", "parent port 0 is out of range"),
+            ("8080:0", "child port 0 is out of range"),
+            ("70000:80", "out of range"),
+            ("abc:80", "not a number"),
+            ("1.2.3.4.5:80:80", "not an IP address"),
+            ("::1:8080:80", "expected"),
+            ("[::1:8080:80", "unterminated"),
+            ("8080:80/udp", "not supported yet"),
+            ("8080:80/xyz", "unknown protocol"),
+            ("127.0.0.1:8080:[::1]:80", "family"),
+            ("[::1]:8080:80/tcp4", "does not match protocol tcp4"),
+            ("8080:0.0.0.0:80", "parent IP \"8080\" is not an IP address"),
+            ("1.2.3.4:8080:0.0.0.0:80", "cannot be dialed"),
+            ("", "empty"),
+            ("8080:80:", "is not an IP address"),
+        ];
+        for (s, want) in cases {
+            let err = s.parse::<PortSpec>().expect_err(s).to_string();
+            assert!(err.contains(&format!("{s:?}")), "{s}: {err}");
+            assert!(err.contains(want), "{s}: {err} (want {want:?})");
+        }
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in ["127.0.0.2:8080:80/tcp", "[::1]:80:[::1]:8080/tcp6", "8080:80/tcp"] {
+            let spec = ok(s);
+            assert_eq!(ok(&spec.to_string()), spec);
+        }
+    }
+
+    #[test]
+    fn listen_addrs_for_unspecified_tcp_cover_both_families() {
+        let a = ok("8080:80").listen_addrs();
+        assert_eq!(a.len(), 2);
+        assert_eq!(a[0], ("0.0.0.0:8080".parse().unwrap(), false));
+        assert_eq!(a[1], ("[::]:8080".parse().unwrap(), true));
+        assert_eq!(ok("8080:80/tcp6").listen_addrs(), vec![("[::]:8080".parse().unwrap(), false)]);
+    }
+
+    #[test]
+    fn conflict_matrix() {
+        let c = |a: &str, b: &str| ok(a).conflicts_with(&ok(b));
+        assert!(c("8080:80", "127.0.0.1:8080:81"));
+        assert!(c("8080:80", "[::1]:8080:81"));
+        assert!(c("8080:80/tcp4", "127.0.0.1:8080:81"));
+        assert!(!c("8080:80/tcp4", "[::1]:8080:81"));
+        assert!(!c("8080:80/tcp6", "127.0.0.1:8080:81"));
+        assert!(c("127.0.0.1:8080:80", "127.0.0.1:8080:81"));
+        assert!(!c("127.0.0.1:8080:80", "127.0.0.2:8080:81"));
+        assert!(!c("127.0.0.1:8080:80", "127.0.0.1:8081:80"));
+        assert!(c("[::]:8080:80", "[::1]:8080:80"));
+    }
+}

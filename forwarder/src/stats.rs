@@ -1,0 +1,120 @@
+//! Per-port and total counters.
+//!
+//! Userspace engines add bytes as they move them. The ebpf engine's bytes
+//! are counted by the BPF program per socket; the engine folds a
+//! connection's counters into its port when the connection ends and
+//! reports live connections' counters on demand ([`crate::engine::Engine::live_bytes`]).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+/// Which mechanism moved a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPath {
+    /// Redirected by the sk_skb program; never entered userspace.
+    Bpf = 0,
+    /// Moved by splice(2) through a pipe; never copied into userspace.
+    Splice = 1,
+    /// Copied through a userspace buffer.
+    Copy = 2,
+}
+
+/// Counters of one published port. Direction index 0 is parent -> child
+/// (bytes read from the accepted socket), 1 is child -> parent.
+#[derive(Debug, Default)]
+pub struct PortStats {
+    pub id: u32,
+    pub active: AtomicU64,
+    pub connections: AtomicU64,
+    pub dial_failures: AtomicU64,
+    pub bytes: [AtomicU64; 2],
+    pub by_path: [AtomicU64; 3],
+}
+
+impl PortStats {
+    pub fn new(id: u32) -> Arc<Self> {
+        Arc::new(PortStats {
+            id,
+            ..Default::default()
+        })
+    }
+
+    /// Counts `n` bytes read from side `from` and moved by `path`.
+    pub fn add_bytes(&self, from: usize, n: u64, path: DataPath) {
+        self.bytes[from].fetch_add(n, Relaxed);
+        self.by_path[path as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Marks a connection as started; the guard marks it ended when dropped.
+    pub fn open_connection(self: &Arc<Self>) -> ConnGuard {
+        self.connections.fetch_add(1, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        ConnGuard(self.clone())
+    }
+
+    pub fn snapshot(&self, live: [u64; 2]) -> Snapshot {
+        let bpf_live = live[0] + live[1];
+        Snapshot {
+            active: self.active.load(Relaxed),
+            connections: self.connections.load(Relaxed),
+            dial_failures: self.dial_failures.load(Relaxed),
+            bytes_to_child: self.bytes[0].load(Relaxed) + live[0],
+            bytes_to_parent: self.bytes[1].load(Relaxed) + live[1],
+            bytes_by_path: ByPath {
+                bpf: self.by_path[0].load(Relaxed) + bpf_live,
+                splice: self.by_path[1].load(Relaxed),
+                copy: self.by_path[2].load(Relaxed),
+            },
+        }
+    }
+}
+
+/// Decrements the port's active count when the connection ends.
+#[derive(Debug)]
+pub struct ConnGuard(Arc<PortStats>);
+
+impl ConnGuard {
+    pub fn port(&self) -> &Arc<PortStats> {
+        &self.0
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Bytes by data path.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ByPath {
+    pub bpf: u64,
+    pub splice: u64,
+    pub copy: u64,
+}
+
+/// A point-in-time copy of a port's (or the total's) counters.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct Snapshot {
+    pub active: u64,
+    pub connections: u64,
+    pub dial_failures: u64,
+    pub bytes_to_child: u64,
+    pub bytes_to_parent: u64,
+    pub bytes_by_path: ByPath,
+}
+
+impl std::ops::AddAssign for Snapshot {
+    fn add_assign(&mut self, o: Snapshot) {
+        self.active += o.active;
+        self.connections += o.connections;
+        self.dial_failures += o.dial_failures;
+        self.bytes_to_child += o.bytes_to_child;
+        self.bytes_to_parent += o.bytes_to_parent;
+        self.bytes_by_path.bpf += o.bytes_by_path.bpf;
+        self.bytes_by_path.splice += o.bytes_by_path.splice;
+        self.bytes_by_path.copy += o.bytes_by_path.copy;
+    }
+}
