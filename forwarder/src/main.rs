@@ -2,6 +2,8 @@
 //! on the host, splicing each connection inside the kernel where BPF is
 //! permitted.
 
+mod api;
+mod client;
 mod dial;
 mod engine;
 mod netns;
@@ -35,6 +37,42 @@ struct Cli {
 enum Command {
     /// Publish ports of a child network namespace in this (the parent) namespace.
     Run(RunArgs),
+    /// Show the ports of a running forwarder with their traffic figures.
+    Status {
+        /// The forwarder's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+    },
+    /// Add, list or remove ports of a running forwarder.
+    Ports {
+        /// The forwarder's API socket.
+        #[arg(long, value_name = "PATH", global = true)]
+        api_socket: Option<PathBuf>,
+        #[command(subcommand)]
+        action: PortsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PortsAction {
+    /// Publish ports (same SPEC syntax as `run -p`); prints each new ID.
+    Add {
+        #[arg(value_name = "SPEC", value_parser = parse_spec, required = true)]
+        specs: Vec<PortSpec>,
+    },
+    /// List the published ports.
+    #[command(alias = "list")]
+    Ls {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove ports by ID; their established connections run to their end.
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(value_name = "ID", required = true)]
+        ids: Vec<u32>,
+    },
 }
 
 #[derive(Args)]
@@ -56,6 +94,10 @@ struct RunArgs {
     /// verdict (the default runs the verdict alone).
     #[arg(long)]
     ebpf_parser: bool,
+    /// Serve RootlessKit's port API on this Unix socket (mode 0600), so
+    /// rootlessctl, dockerd and nerdctl can add and remove ports.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
@@ -70,20 +112,27 @@ fn emit(v: serde_json::Value) {
     let _ = out.flush();
 }
 
+/// The stats line of the stdout channel: the totals at top level, then the
+/// ports and (ebpf) the map occupancy.
 fn stats_event(ports: &PortManager) -> serde_json::Value {
-    let (per_port, total) = ports.stats();
-    let mut v = json!({
-        "event": "stats",
-        "engine": ports.engine().kind(),
-        "ports": per_port,
-    });
-    if let (Some(obj), Ok(serde_json::Value::Object(t))) = (v.as_object_mut(), serde_json::to_value(total)) {
+    let st = api::stats(ports);
+    let mut v = json!({ "event": "stats", "engine": st.engine, "ports": st.ports });
+    if let (Some(obj), Ok(serde_json::Value::Object(t))) =
+        (v.as_object_mut(), serde_json::to_value(st.total))
+    {
         obj.extend(t);
-        if let Some(m) = ports.engine().map_entries() {
+        if let Some(m) = st.bpf_map_entries {
             obj.insert("bpf_map_entries".into(), json!(m));
         }
     }
     v
+}
+
+/// The PID behind a `/proc/PID/ns/net` path, for `/v1/info`.
+fn pid_of_netns(path: &std::path::Path) -> Option<u32> {
+    let mut parts = path.strip_prefix("/proc").ok()?.components();
+    let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    (parts.as_path() == std::path::Path::new("ns/net")).then_some(pid)
 }
 
 async fn run(args: RunArgs) -> Result<()> {
@@ -92,13 +141,16 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
         (None, None) => anyhow::bail!("one of --child-netns or --child-pid is required"),
     };
-    if args.publish.is_empty() {
-        anyhow::bail!("nothing to publish: give at least one -p SPEC");
+    if args.publish.is_empty() && args.api_socket.is_none() {
+        anyhow::bail!("nothing to publish: give at least one -p SPEC, or --api-socket to add ports later");
     }
     match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file descriptor limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
     }
+    // Claim the API socket first: a second forwarder on the same socket
+    // must fail before it loads BPF or listens anywhere.
+    let api_listener = args.api_socket.as_deref().map(api::bind).transpose()?;
     let dialer = netns::ChildDialer::new(&netns)?;
     let (engine, reason) = engine::select(
         args.mode,
@@ -111,10 +163,28 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut listeners = Vec::new();
     for spec in &args.publish {
         let st = ports
-            .add(spec.clone())
+            .add(spec.clone(), spec::ApiSpec::from(spec))
             .with_context(|| format!("cannot publish {spec}"))?;
         listeners.extend(st.listeners.iter().map(|a| a.to_string()));
     }
+    let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
+    let api_task = match (&args.api_socket, api_listener) {
+        (Some(path), Some(listener)) => {
+            let state = Arc::new(api::ApiState {
+                ports: ports.clone(),
+                state_dir: path
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                child_pid: args.child_pid.or_else(|| pid_of_netns(&netns)),
+            });
+            tracing::info!(socket = %path.display(), "serving the port API");
+            Some(tokio::spawn(api::serve(listener, state, async {
+                let _ = api_stopped.await;
+            })))
+        }
+        _ => None,
+    };
     emit(json!({
         "event": "ready",
         "engine": ports.engine().kind(),
@@ -133,6 +203,13 @@ async fn run(args: RunArgs) -> Result<()> {
         }
     }
     tracing::info!("shutting down");
+    let _ = stop_api.send(());
+    if let Some(t) = api_task {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), t).await;
+    }
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
     ports.close_all();
     emit(stats_event(&ports));
     Ok(())
@@ -158,6 +235,16 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::Status { api_socket } => client::status(&api_socket).await,
+            Command::Ports { api_socket, action } => {
+                let socket = api_socket
+                    .ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;
+                match action {
+                    PortsAction::Add { specs } => client::add(&socket, &specs).await,
+                    PortsAction::Ls { json } => client::list(&socket, json).await,
+                    PortsAction::Rm { ids } => client::remove(&socket, &ids).await,
+                }
+            }
         }
     });
     // Connections still running are torn down with the runtime; the BPF

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use crate::dial;
 use crate::engine::{Conn, Engine};
 use crate::netns::ChildDialer;
-use crate::spec::PortSpec;
+use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
 
@@ -39,6 +39,8 @@ pub enum PortError {
     Conflict(u32),
     #[error("unknown id: {0}")]
     UnknownId(u32),
+    #[error("cannot listen on {addr}: the parent namespace has no IPv6")]
+    NoIpv6 { addr: SocketAddr },
     #[error("cannot listen on {addr}: {source}{hint}")]
     Listen {
         addr: SocketAddr,
@@ -67,13 +69,14 @@ impl PortError {
 #[derive(Debug, Clone)]
 pub struct PortStatus {
     pub id: u32,
-    pub spec: PortSpec,
+    /// The spec as the client gave it (what `GET /v1/ports` returns).
+    pub api: ApiSpec,
     /// Addresses actually listened on (the IPv6 half may be discarded).
     pub listeners: Vec<SocketAddr>,
 }
 
 /// Statistics of one port.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PortReport {
     pub id: u32,
     pub spec: String,
@@ -83,6 +86,7 @@ pub struct PortReport {
 
 struct Port {
     spec: PortSpec,
+    api: ApiSpec,
     stats: Arc<PortStats>,
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
@@ -152,14 +156,26 @@ impl PortManager {
         &self.ctx.engine
     }
 
-    /// Publishes a port. Must run inside the tokio runtime.
-    pub fn add(&self, spec: PortSpec) -> Result<PortStatus, PortError> {
+    /// Publishes a port; `api` is how the client spelled it. Must run
+    /// inside the tokio runtime.
+    pub fn add(&self, spec: PortSpec, api: ApiSpec) -> Result<PortStatus, PortError> {
         let mut st = lock(&self.state);
         if let Some((id, _)) = st.ports.iter().find(|(_, p)| p.spec.conflicts_with(&spec)) {
             return Err(PortError::Conflict(*id));
         }
         let mut bound = Vec::new();
         for (addr, optional) in spec.listen_addrs() {
+            // An IPv6 wildcard still binds where IPv6 is disabled by sysctl,
+            // but could never be reached: treat it as unavailable.
+            if addr.is_ipv6() && !sys::ipv6_available() {
+                if optional {
+                    tracing::warn!(spec = %spec,
+                        "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
+                        addr.ip(), addr.port());
+                    continue;
+                }
+                return Err(PortError::NoIpv6 { addr });
+            }
             match bind(addr) {
                 Ok(l) => bound.push((addr, l)),
                 Err(e)
@@ -197,6 +213,7 @@ impl PortManager {
             id,
             Port {
                 spec: spec.clone(),
+                api: api.clone(),
                 stats,
                 listeners: listeners.clone(),
                 tasks,
@@ -204,7 +221,7 @@ impl PortManager {
         );
         Ok(PortStatus {
             id,
-            spec,
+            api,
             listeners,
         })
     }
@@ -216,7 +233,7 @@ impl PortManager {
             .iter()
             .map(|(id, p)| PortStatus {
                 id: *id,
-                spec: p.spec.clone(),
+                api: p.api.clone(),
                 listeners: p.listeners.clone(),
             })
             .collect()

@@ -420,3 +420,127 @@ mod tests {
         assert!(c("[::]:8080:80", "[::1]:8080:80"));
     }
 }
+
+/// RootlessKit's JSON `PortSpec`, as `POST /v1/ports` takes it and
+/// `GET /v1/ports` returns it. Empty strings and zero ports are omitted on
+/// output, as Go's `omitempty` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiSpec {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub proto: String,
+    #[serde(default, rename = "parentIP", skip_serializing_if = "String::is_empty")]
+    pub parent_ip: String,
+    #[serde(default, rename = "parentPort", skip_serializing_if = "is_zero")]
+    pub parent_port: i64,
+    #[serde(default, rename = "childIP", skip_serializing_if = "String::is_empty")]
+    pub child_ip: String,
+    #[serde(default, rename = "childPort", skip_serializing_if = "is_zero")]
+    pub child_port: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+impl From<&PortSpec> for ApiSpec {
+    fn from(s: &PortSpec) -> Self {
+        ApiSpec {
+            proto: s.proto.as_str().to_string(),
+            parent_ip: s.parent_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            parent_port: s.parent_port.into(),
+            child_ip: s.child_ip.map(|ip| ip.to_string()).unwrap_or_default(),
+            child_port: s.child_port.into(),
+        }
+    }
+}
+
+impl TryFrom<&ApiSpec> for PortSpec {
+    type Error = String;
+
+    /// Validates an API request with the same rules as the command line.
+    fn try_from(a: &ApiSpec) -> Result<Self, String> {
+        let proto = match a.proto.as_str() {
+            "" => return Err("proto is required (tcp, tcp4 or tcp6)".into()),
+            p => p.parse::<Proto>()?,
+        };
+        let port = |n: i64, what: &str| -> Result<u16, String> {
+            u16::try_from(n)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("{what} {n} is out of range (1-65535)"))
+        };
+        let ip = |s: &str, what: &str| -> Result<Option<IpAddr>, String> {
+            if s.is_empty() {
+                return Ok(None);
+            }
+            s.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .map(Some)
+                .map_err(|_| format!("{what} {s:?} is not an IP address"))
+        };
+        let spec = PortSpec {
+            proto,
+            parent_ip: ip(&a.parent_ip, "parentIP")?,
+            parent_port: port(a.parent_port, "parentPort")?,
+            child_ip: ip(&a.child_ip, "childIP")?,
+            child_port: port(a.child_port, "childPort")?,
+        };
+        let text = spec.to_string();
+        spec.validate(&text).map_err(|e| match e {
+            SpecError::Invalid { why, .. } => why,
+        })
+    }
+}
+
+#[cfg(test)]
+mod api_tests {
+    use super::*;
+
+    fn conv(json: &str) -> Result<PortSpec, String> {
+        let a: ApiSpec = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        PortSpec::try_from(&a)
+    }
+
+    #[test]
+    fn rootlessctl_bodies() {
+        let s = conv(r#"{"proto":"tcp","parentIP":"127.0.0.2","parentPort":8080,"childPort":80}"#)
+            .unwrap();
+        assert_eq!(s, "127.0.0.2:8080:80/tcp".parse().unwrap());
+        let s = conv(r#"{"proto":"tcp6","parentIP":"::1","parentPort":8080,"childIP":"::1","childPort":80}"#)
+            .unwrap();
+        assert_eq!(s, "[::1]:8080:[::1]:80/tcp6".parse().unwrap());
+        assert_eq!(
+            conv(r#"{"proto":"tcp","parentPort":8080,"childPort":80}"#).unwrap(),
+            "8080:80/tcp".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn bad_bodies() {
+        let cases = [
+            (r#"{"proto":"udp","parentPort":1,"childPort":1}"#, "not supported yet"),
+            (r#"{"proto":"sctp9","parentPort":1,"childPort":1}"#, "unknown protocol"),
+            (r#"{"parentPort":1,"childPort":1}"#, "proto is required"),
+            (r#"{"proto":"tcp","parentPort":0,"childPort":1}"#, "parentPort 0 is out of range"),
+            (r#"{"proto":"tcp","parentPort":65536,"childPort":1}"#, "out of range"),
+            (r#"{"proto":"tcp","parentPort":1,"childPort":-1}"#, "childPort -1"),
+            (r#"{"proto":"tcp","parentIP":"1.2.3","parentPort":1,"childPort":1}"#, "not an IP"),
+            (r#"{"proto":"tcp4","parentPort":1,"childIP":"::1","childPort":1}"#, "does not match"),
+            (r#"{"proto":"tcp","parentPort":"80","childPort":1}"#, "invalid type"),
+        ];
+        for (body, want) in cases {
+            let err = conv(body).expect_err(body);
+            assert!(err.contains(want), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn output_omits_empty_fields() {
+        let a = ApiSpec::from(&"8080:80/tcp".parse::<PortSpec>().unwrap());
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            r#"{"proto":"tcp","parentPort":8080,"childPort":80}"#
+        );
+    }
+}

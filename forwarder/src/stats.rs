@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which mechanism moved a byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,7 +88,7 @@ impl Drop for ConnGuard {
 }
 
 /// Bytes by data path.
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ByPath {
     pub bpf: u64,
     pub splice: u64,
@@ -96,7 +96,7 @@ pub struct ByPath {
 }
 
 /// A point-in-time copy of a port's (or the total's) counters.
-#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Snapshot {
     pub active: u64,
     pub connections: u64,

@@ -256,6 +256,33 @@ pub fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sets the process umask for the guard's lifetime.
+pub struct Umask(libc::mode_t);
+
+impl Umask {
+    pub fn set(mask: libc::mode_t) -> Umask {
+        // SAFETY: umask cannot fail.
+        Umask(unsafe { libc::umask(mask) })
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        // SAFETY: restores the previous mask.
+        unsafe { libc::umask(self.0) };
+    }
+}
+
+/// Whether this network namespace has usable IPv6: an IPv6 socket can be
+/// created and bound to ::1 (disabling IPv6 by sysctl removes ::1).
+pub fn ipv6_available() -> bool {
+    let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None) else {
+        return false;
+    };
+    let addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+    sock.bind(&addr.into()).is_ok()
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a forwarder holds two
 /// sockets (and in splice mode up to four pipe ends) per connection.
 pub fn raise_nofile_limit() -> io::Result<u64> {

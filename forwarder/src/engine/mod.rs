@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
 use crate::stats::ConnGuard;
@@ -71,7 +71,7 @@ pub struct Conn {
 }
 
 /// Entries in the BPF maps, for leak checks.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MapEntries {
     pub sockets: u64,
     pub targets: u64,

@@ -1,0 +1,175 @@
+//! `forwarder status` and `forwarder ports add|ls|rm`: a small client of
+//! the API for people who do not have rootlessctl.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+
+use crate::api::{PortStatusJson, StatsJson};
+use crate::spec::{ApiSpec, PortSpec};
+
+/// One HTTP/1.1 request over the API socket.
+async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<String>,
+) -> Result<(StatusCode, Bytes)> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to the API socket {}", socket.display()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("HTTP handshake with the API socket")?;
+    let driver = tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "forwarder");
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .context("building the request")?;
+    let resp = sender.send_request(req).await.context("sending the request")?;
+    let status = resp.status();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .context("reading the response")?
+        .to_bytes();
+    driver.abort();
+    Ok((status, bytes))
+}
+
+/// Turns a non-2xx reply into an error carrying the API's message.
+fn check(status: StatusCode, body: &Bytes) -> Result<()> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let msg = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
+        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    bail!("{status}: {msg}")
+}
+
+/// `forwarder ports add SPEC...`
+pub async fn add(socket: &Path, specs: &[PortSpec]) -> Result<()> {
+    for spec in specs {
+        let body = serde_json::to_string(&ApiSpec::from(spec))?;
+        let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
+        check(status, &bytes).with_context(|| format!("adding {spec}"))?;
+        let st: PortStatusJson = serde_json::from_slice(&bytes).context("decoding the reply")?;
+        println!("{}", st.id);
+    }
+    Ok(())
+}
+
+/// `forwarder ports ls`
+pub async fn list(socket: &Path, as_json: bool) -> Result<()> {
+    let (status, bytes) = request(socket, Method::GET, "/v1/ports", None).await?;
+    check(status, &bytes)?;
+    if as_json {
+        println!("{}", String::from_utf8_lossy(&bytes));
+        return Ok(());
+    }
+    let ports: Vec<PortStatusJson> = serde_json::from_slice(&bytes).context("decoding the reply")?;
+    println!(
+        "{:<4} {:<6} {:<24} {:<11} {:<24} {:<10}",
+        "ID", "PROTO", "PARENTIP", "PARENTPORT", "CHILDIP", "CHILDPORT"
+    );
+    for p in ports {
+        println!(
+            "{:<4} {:<6} {:<24} {:<11} {:<24} {:<10}",
+            p.id, p.spec.proto, p.spec.parent_ip, p.spec.parent_port, p.spec.child_ip, p.spec.child_port
+        );
+    }
+    Ok(())
+}
+
+/// `forwarder ports rm ID...`
+pub async fn remove(socket: &Path, ids: &[u32]) -> Result<()> {
+    for id in ids {
+        let (status, bytes) =
+            request(socket, Method::DELETE, &format!("/v1/ports/{id}"), None).await?;
+        check(status, &bytes).with_context(|| format!("removing port {id}"))?;
+        println!("{id}");
+    }
+    Ok(())
+}
+
+/// Formats a byte count for people.
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `forwarder status`
+pub async fn status(socket: &Path) -> Result<()> {
+    let (status, bytes) = request(socket, Method::GET, "/v1/stats", None).await?;
+    check(status, &bytes)?;
+    let st: StatsJson = serde_json::from_slice(&bytes).context("decoding the reply")?;
+    println!("engine: {}", st.engine);
+    if let Some(m) = st.bpf_map_entries {
+        println!(
+            "bpf maps: {} sockets, {} targets, {} peers",
+            m.sockets, m.targets, m.peers
+        );
+    }
+    println!(
+        "{:<6} {:<30} {:>7} {:>8} {:>10} {:>12} {:>12}",
+        "ID", "SPEC", "ACTIVE", "TOTAL", "DIALFAIL", "TO-CHILD", "TO-PARENT"
+    );
+    let row = |id: &str, spec: &str, s: &crate::stats::Snapshot| {
+        println!(
+            "{:<6} {:<30} {:>7} {:>8} {:>10} {:>12} {:>12}",
+            id,
+            spec,
+            s.active,
+            s.connections,
+            s.dial_failures,
+            human(s.bytes_to_child),
+            human(s.bytes_to_parent)
+        )
+    };
+    for p in &st.ports {
+        row(&p.id.to_string(), &p.spec, &p.stats);
+    }
+    row("total", "", &st.total);
+    let b = st.total.bytes_by_path;
+    println!(
+        "bytes by path: bpf {}, splice {}, copy {}",
+        human(b.bpf),
+        human(b.splice),
+        human(b.copy)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_sizes() {
+        assert_eq!(super::human(0), "0 B");
+        assert_eq!(super::human(1536), "1.5 KiB");
+        assert_eq!(super::human(3 << 30), "3.0 GiB");
+    }
+}
