@@ -34,7 +34,9 @@ pub struct CopyChunk {
 }
 
 impl Chunk for CopyChunk {
-    const PATH: DataPath = DataPath::Copy;
+    fn path(&self) -> DataPath {
+        DataPath::Copy
+    }
 
     async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         loop {

@@ -42,7 +42,7 @@ use crate::sys;
 /// Moves bytes of one direction in chunks.
 pub trait Chunk: Send {
     /// Which counter the bytes go to.
-    const PATH: DataPath;
+    fn path(&self) -> DataPath;
     /// Waits until `src` is readable and moves up to one chunk out of it.
     /// Returns 0 at EOF. Only called when [`Chunk::pending`] is 0.
     fn fill(&mut self, src: &TcpStream) -> impl Future<Output = io::Result<usize>> + Send;
@@ -64,7 +64,7 @@ async fn pump<C: Chunk>(
         if n == 0 {
             return sys::shutdown_write(dst.as_fd());
         }
-        stats.add_bytes(from, n as u64, C::PATH);
+        stats.add_bytes(from, n as u64, chunk.path());
         chunk.drain(dst).await?;
     }
 }

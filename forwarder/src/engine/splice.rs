@@ -23,6 +23,7 @@ use std::os::fd::AsFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::CopyChunk;
 use super::relay::{self, Chunk};
 use super::{Conn, Engine, EngineKind};
 use crate::stats::DataPath;
@@ -48,23 +49,43 @@ impl Default for SpliceEngine {
     }
 }
 
-/// One direction's pipe and how many bytes sit in it.
+/// One direction's pipe and how many bytes sit in it; when no pipe can be
+/// had (out of descriptors) the direction degrades to a copy buffer rather
+/// than dropping the connection.
 #[derive(Default)]
 pub struct SpliceChunk {
     pipe: Option<Pipe>,
     pending: usize,
+    degraded: Option<CopyChunk>,
 }
 
 impl Chunk for SpliceChunk {
-    const PATH: DataPath = DataPath::Splice;
+    fn path(&self) -> DataPath {
+        if self.degraded.is_some() {
+            DataPath::Copy
+        } else {
+            DataPath::Splice
+        }
+    }
 
     async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         debug_assert_eq!(self.pending, 0);
         loop {
+            if let Some(c) = &mut self.degraded {
+                return c.fill(src).await;
+            }
             src.readable().await?;
             let pipe = match &mut self.pipe {
                 Some(p) => p,
-                None => self.pipe.insert(sys::pipe(PIPE_SIZE)?),
+                None => match sys::pipe(PIPE_SIZE) {
+                    Ok(p) => self.pipe.insert(p),
+                    Err(e) if sys::is_resource_exhaustion(&e) => {
+                        tracing::debug!(error = %e, "no pipe for splice; copying this direction");
+                        self.degraded = Some(CopyChunk::default());
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                },
             };
             let (w, cap) = (pipe.write.as_fd(), pipe.capacity);
             match src.try_io(Interest::READABLE, || sys::splice(src.as_fd(), w, cap)) {
@@ -79,6 +100,9 @@ impl Chunk for SpliceChunk {
     }
 
     async fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+        if let Some(c) = &mut self.degraded {
+            return c.drain(dst).await;
+        }
         let Some(pipe) = &self.pipe else {
             return Ok(());
         };
@@ -88,6 +112,7 @@ impl Chunk for SpliceChunk {
             match dst.try_io(Interest::WRITABLE, || {
                 sys::splice(r, dst.as_fd(), self.pending)
             }) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => self.pending -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
