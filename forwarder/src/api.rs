@@ -46,16 +46,16 @@ pub enum ApiSocketError {
     InUse(PathBuf),
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
-    #[error("cannot create the API socket {path}: {source}")]
-    Io { path: PathBuf, source: io::Error },
+    #[error("cannot create the API socket {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
 }
 
 /// Binds the API socket with mode 0600. A stale socket file (nobody
 /// listening) is replaced; a live one is refused.
 pub fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
-    let io_err = |source| ApiSocketError::Io {
+    let io_err = |cause| ApiSocketError::Io {
         path: path.to_owned(),
-        source,
+        cause,
     };
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {

@@ -151,13 +151,13 @@ async fn run(args: RunArgs) -> Result<()> {
     // Claim the API socket first: a second forwarder on the same socket
     // must fail before it loads BPF or listens anywhere.
     let api_listener = args.api_socket.as_deref().map(api::bind).transpose()?;
-    let dialer = netns::ChildDialer::new(&netns)?;
     let (engine, reason) = engine::select(
         args.mode,
         engine::ebpf::Options {
             parser: args.ebpf_parser,
         },
     )?;
+    let dialer = netns::ChildDialer::new(&netns)?;
     tracing::info!(engine = %engine.kind(), %reason, "engine selected");
     let ports = Arc::new(PortManager::new(dialer, engine));
     let mut listeners = Vec::new();

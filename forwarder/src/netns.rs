@@ -22,13 +22,13 @@ use crate::sys;
 /// Why the child namespace could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("cannot open network namespace {path}: {source}")]
-    Open { path: PathBuf, source: io::Error },
+    #[error("cannot open network namespace {path}: {cause}")]
+    Open { path: PathBuf, cause: io::Error },
     #[error(
-        "cannot enter network namespace {path}: {source} (entering another process's network \
+        "cannot enter network namespace {path}: {cause} (entering another process's network \
          namespace needs CAP_SYS_ADMIN over its user namespace: run as root or as the namespace's owner)"
     )]
-    Enter { path: PathBuf, source: io::Error },
+    Enter { path: PathBuf, cause: io::Error },
     #[error("the child namespace's socket thread has stopped")]
     Gone,
 }
@@ -46,16 +46,25 @@ impl ChildDialer {
     /// socket thread inside it. Fails at once if the namespace cannot be
     /// entered.
     pub fn new(path: &Path) -> Result<Self, NetnsError> {
-        let ns = File::open(path).map_err(|source| NetnsError::Open {
+        let ns = File::open(path).map_err(|cause| NetnsError::Open {
             path: path.to_owned(),
-            source,
+            cause,
         })?;
+        // Already there (e.g. /proc/self/ns/net): nothing to enter, which
+        // also needs no privilege.
+        let same = match (ns.metadata(), std::fs::metadata("/proc/thread-self/ns/net")) {
+            (Ok(a), Ok(b)) => {
+                use std::os::unix::fs::MetadataExt;
+                a.dev() == b.dev() && a.ino() == b.ino()
+            }
+            _ => false,
+        };
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         thread::Builder::new()
             .name("child-netns".into())
             .spawn(move || {
-                let entered = sys::setns_net(ns.as_fd());
+                let entered = if same { Ok(()) } else { sys::setns_net(ns.as_fd()) };
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 drop(ns);
@@ -66,15 +75,15 @@ impl ChildDialer {
                     let _ = reply.send(sys::tcp_socket(ipv6));
                 }
             })
-            .map_err(|source| NetnsError::Enter {
+            .map_err(|cause| NetnsError::Enter {
                 path: path.to_owned(),
-                source,
+                cause,
             })?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(ChildDialer { tx }),
-            Ok(Err(source)) => Err(NetnsError::Enter {
+            Ok(Err(cause)) => Err(NetnsError::Enter {
                 path: path.to_owned(),
-                source,
+                cause,
             }),
             Err(_) => Err(NetnsError::Gone),
         }

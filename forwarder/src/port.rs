@@ -41,27 +41,26 @@ pub enum PortError {
     UnknownId(u32),
     #[error("cannot listen on {addr}: the parent namespace has no IPv6")]
     NoIpv6 { addr: SocketAddr },
-    #[error("cannot listen on {addr}: {source}{hint}")]
+    #[error("cannot listen on {addr}: {cause}{hint}")]
     Listen {
         addr: SocketAddr,
-        source: io::Error,
+        cause: io::Error,
         hint: &'static str,
     },
 }
 
 impl PortError {
-    fn listen(addr: SocketAddr, source: io::Error) -> Self {
-        let hint = match source.raw_os_error() {
+    fn listen(addr: SocketAddr, cause: io::Error) -> Self {
+        let hint = match cause.raw_os_error() {
             Some(libc::EACCES) if addr.port() < 1024 => {
                 " (ports below net.ipv4.ip_unprivileged_port_start, 1024 by default, need \
                  CAP_NET_BIND_SERVICE: lower that sysctl or grant the capability)"
             }
-            Some(libc::EADDRINUSE) => " (address in use)",
             Some(libc::EADDRNOTAVAIL) => " (no such address in the parent namespace)",
             Some(libc::EAFNOSUPPORT) => " (the parent namespace has no IPv6)",
             _ => "",
         };
-        PortError::Listen { addr, source, hint }
+        PortError::Listen { addr, cause, hint }
     }
 }
 

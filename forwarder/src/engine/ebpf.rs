@@ -103,18 +103,18 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(
-        "{what}: {source} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
+        "{what}: {cause:#} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
          kernel with sockmap support (CONFIG_BPF_STREAM_PARSER, Linux 5.13+); \
          use --mode splice to run without BPF)"
     )]
     Load {
         what: &'static str,
-        source: anyhow::Error,
+        cause: anyhow::Error,
     },
 }
 
 fn load_err(what: &'static str) -> impl FnOnce(anyhow::Error) -> EbpfError {
-    move |source| EbpfError::Load { what, source }
+    move |cause| EbpfError::Load { what, cause }
 }
 
 /// The three maps, behind one lock: each operation is one short syscall.
@@ -219,8 +219,7 @@ impl EbpfEngine {
         raise_memlock_limit();
         let mut bpf = EbpfLoader::new()
             .load(PROGRAMS)
-            .context("loading the BPF object")
-            .map_err(load_err("cannot load the eBPF programs"))?;
+            .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
         let take = |bpf: &mut Ebpf, name: &str| {
             bpf.take_map(name)
                 .with_context(|| format!("map {name} missing from the BPF object"))
