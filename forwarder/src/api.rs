@@ -129,7 +129,10 @@ pub async fn serve(
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(uri: Uri) -> ApiError {
@@ -144,16 +147,27 @@ async fn get_ports(State(s): State<Arc<ApiState>>) -> Json<Vec<PortStatusJson>> 
         s.ports
             .list()
             .into_iter()
-            .map(|p| PortStatusJson { id: p.id, spec: p.api })
+            .map(|p| PortStatusJson {
+                id: p.id,
+                spec: p.api,
+            })
             .collect(),
     )
 }
 
 async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
-    let bytes = to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| bad_request(format!("request body is larger than {} KiB", MAX_BODY / 1024)))?;
-    let api: ApiSpec = serde_json::from_slice(&bytes)
+    let bytes = to_bytes(body, MAX_BODY).await.map_err(|_| {
+        bad_request(format!(
+            "request body is larger than {} KiB",
+            MAX_BODY / 1024
+        ))
+    })?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| bad_request(format!("invalid PortSpec JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(bad_request("invalid PortSpec JSON: expected an object"));
+    }
+    let api: ApiSpec = serde_json::from_value(value)
         .map_err(|e| bad_request(format!("invalid PortSpec JSON: {e}")))?;
     let spec = PortSpec::try_from(&api).map_err(bad_request)?;
     let st = s.ports.add(spec, api).map_err(|e| match e {
@@ -176,9 +190,12 @@ async fn delete_port(
     State(s): State<Arc<ApiState>>,
     UrlPath(id): UrlPath<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id: u32 = id.parse().map_err(|_| bad_request(format!("bad id {id}")))?;
+    let id: u32 = id
+        .parse()
+        .map_err(|_| bad_request(format!("bad id {id}")))?;
     s.ports
         .remove(id)
+        .await
         .map(|()| StatusCode::OK)
         .map_err(|e| bad_request(e.to_string()))
 }
@@ -234,4 +251,449 @@ pub fn stats(ports: &PortManager) -> StatsJson {
 
 async fn get_stats(State(s): State<Arc<ApiState>>) -> Json<StatsJson> {
     Json(stats(&s.ports))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The API against a real port manager: real listeners on loopback,
+    //! with this process's own namespace as the "child", so a published
+    //! 127.0.0.1:P -> Q reaches a server on 127.0.0.1:Q here.
+
+    use super::*;
+    use crate::engine::{copy::CopyEngine, Engine};
+    use crate::netns::ChildDialer;
+    use axum::http::{Method, Request};
+    use std::net::TcpListener as StdListener;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower::ServiceExt;
+
+    fn state() -> Arc<ApiState> {
+        let dialer = ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns");
+        let engine: Arc<dyn Engine> = Arc::new(CopyEngine);
+        Arc::new(ApiState {
+            ports: Arc::new(PortManager::new(dialer, engine)),
+            state_dir: "/tmp".into(),
+            child_pid: None,
+        })
+    }
+
+    async fn call(
+        st: &Arc<ApiState>,
+        method: Method,
+        uri: &str,
+        body: &str,
+    ) -> (StatusCode, serde_json::Value) {
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let resp = router(st.clone()).oneshot(req).await.unwrap();
+        let status = resp.status();
+        let bytes = to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        let v = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| panic!("non-JSON body {:?}", String::from_utf8_lossy(&bytes)))
+        };
+        (status, v)
+    }
+
+    /// A port number nobody listens on right now.
+    fn free_port() -> u16 {
+        StdListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn msg(v: &serde_json::Value) -> &str {
+        v["message"].as_str().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn add_list_remove_round_trip() {
+        let st = state();
+        let p = free_port();
+        let body =
+            format!(r#"{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":{p},"childPort":80}}"#);
+        let (s, v) = call(&st, Method::POST, "/v1/ports", &body).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        assert_eq!(v["id"], 1);
+        assert_eq!(v["spec"]["parentIP"], "127.0.0.1");
+        assert!(v["spec"].get("childIP").is_none(), "omitempty: {v}");
+        let (s, v) = call(&st, Method::GET, "/v1/ports", "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v.as_array().map(Vec::len), Some(1));
+        let (s, _) = call(&st, Method::DELETE, "/v1/ports/1", "").await;
+        assert_eq!(s, StatusCode::OK);
+        // The listener is gone at once.
+        assert!(StdListener::bind(("127.0.0.1", p)).is_ok());
+        let (s, v) = call(&st, Method::DELETE, "/v1/ports/1", "").await;
+        assert_eq!((s, msg(&v)), (StatusCode::BAD_REQUEST, "unknown id: 1"));
+        let (s, v) = call(&st, Method::DELETE, "/v1/ports/abc", "").await;
+        assert_eq!((s, msg(&v)), (StatusCode::BAD_REQUEST, "bad id abc"));
+        // Ids keep increasing.
+        let (_, v) = call(&st, Method::POST, "/v1/ports", &body).await;
+        assert_eq!(v["id"], 2);
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_400_and_a_message() {
+        let st = state();
+        let p = free_port();
+        let big = format!(r#"{{"proto":"tcp","x":"{}"}}"#, "a".repeat(70 * 1024));
+        let cases: Vec<(String, &str)> = vec![
+            ("{".into(), "invalid PortSpec JSON"),
+            ("[]".into(), "invalid PortSpec JSON"),
+            (
+                r#"{"proto":"tcp","parentPort":"80","childPort":80}"#.into(),
+                "invalid type",
+            ),
+            (
+                format!(r#"{{"proto":"tcpx","parentPort":{p},"childPort":80}}"#),
+                "unknown protocol",
+            ),
+            (
+                format!(r#"{{"proto":"udp","parentPort":{p},"childPort":80}}"#),
+                "not supported yet",
+            ),
+            (
+                r#"{"proto":"tcp","parentPort":0,"childPort":80}"#.into(),
+                "parentPort 0 is out of range",
+            ),
+            (
+                r#"{"proto":"tcp","parentPort":65536,"childPort":80}"#.into(),
+                "parentPort 65536 is out of range",
+            ),
+            (
+                format!(r#"{{"proto":"tcp","parentPort":{p},"childPort":70000}}"#),
+                "childPort 70000",
+            ),
+            (
+                format!(
+                    r#"{{"proto":"tcp","parentIP":"300.1.1.1","parentPort":{p},"childPort":80}}"#
+                ),
+                "not an IP address",
+            ),
+            (
+                format!(r#"{{"proto":"tcp4","parentPort":{p},"childIP":"::1","childPort":80}}"#),
+                "does not match protocol tcp4",
+            ),
+            (
+                format!(
+                    r#"{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":{p},"childIP":"::1","childPort":80}}"#
+                ),
+                "family",
+            ),
+            (big, "larger than 64 KiB"),
+        ];
+        for (body, want) in &cases {
+            let (s, v) = call(&st, Method::POST, "/v1/ports", body).await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "{body:.80}: {v}");
+            assert!(msg(&v).contains(want), "{body:.80}: {v} (want {want:?})");
+        }
+        // Nothing was published by any of them.
+        assert!(st.ports.list().is_empty());
+        assert!(StdListener::bind(("127.0.0.1", p)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_and_methods() {
+        let st = state();
+        let (s, v) = call(&st, Method::GET, "/v2/ports", "").await;
+        assert_eq!(s, StatusCode::NOT_FOUND);
+        assert!(msg(&v).contains("/v2/ports"));
+        let (s, v) = call(&st, Method::PUT, "/v1/ports", "").await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(!msg(&v).is_empty());
+        let (s, _) = call(&st, Method::POST, "/v1/info", "").await;
+        assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    }
+
+    #[tokio::test]
+    async fn conflicts() {
+        let st = state();
+        let p = free_port();
+        let add = |ip: &str, proto: &str| {
+            let ip = if ip.is_empty() {
+                String::new()
+            } else {
+                format!(r#""parentIP":"{ip}","#)
+            };
+            format!(r#"{{"proto":"{proto}",{ip}"parentPort":{p},"childPort":80}}"#)
+        };
+        // (first, second, conflicts?)
+        let matrix = [
+            (("127.0.0.1", "tcp"), ("127.0.0.1", "tcp"), true),
+            (("127.0.0.1", "tcp"), ("127.0.0.2", "tcp"), false),
+            (("", "tcp4"), ("127.0.0.2", "tcp"), true),
+            (("127.0.0.2", "tcp"), ("", "tcp4"), true),
+            (("", "tcp4"), ("::1", "tcp"), false),
+            (("::1", "tcp6"), ("", "tcp4"), false),
+            (("::1", "tcp6"), ("", "tcp6"), true),
+            (("", "tcp"), ("::1", "tcp6"), true),
+            (("", "tcp"), ("127.0.0.3", "tcp4"), true),
+        ];
+        for ((ip1, p1), (ip2, p2), want) in matrix {
+            let (s, v) = call(&st, Method::POST, "/v1/ports", &add(ip1, p1)).await;
+            assert_eq!(s, StatusCode::CREATED, "{ip1}/{p1}: {v}");
+            let id = v["id"].as_u64().unwrap();
+            let (s, v2) = call(&st, Method::POST, "/v1/ports", &add(ip2, p2)).await;
+            if want {
+                assert_eq!(s, StatusCode::BAD_REQUEST, "{ip1}/{p1} vs {ip2}/{p2}");
+                assert_eq!(msg(&v2), format!("conflict with ID {id}"));
+            } else {
+                assert_eq!(s, StatusCode::CREATED, "{ip1}/{p1} vs {ip2}/{p2}: {v2}");
+                let id2 = v2["id"].as_u64().unwrap();
+                call(&st, Method::DELETE, &format!("/v1/ports/{id2}"), "").await;
+            }
+            call(&st, Method::DELETE, &format!("/v1/ports/{id}"), "").await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_listen_leaves_nothing_behind() {
+        let st = state();
+        // Something else holds the IPv4 port: a tcp (both families)
+        // request must fail whole, without keeping its IPv6 half.
+        let holder = StdListener::bind("0.0.0.0:0").unwrap();
+        let p = holder.local_addr().unwrap().port();
+        let body = format!(r#"{{"proto":"tcp","parentPort":{p},"childPort":80}}"#);
+        let (s, v) = call(&st, Method::POST, "/v1/ports", &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(msg(&v).contains("Address already in use"), "{v}");
+        assert!(st.ports.list().is_empty());
+        drop(holder);
+        let v6 = std::net::TcpListener::bind(("::", p));
+        assert!(v6.is_ok() || !sys::ipv6_available(), "IPv6 half leaked");
+    }
+
+    #[test]
+    fn privileged_port_error_names_the_sysctl() {
+        let e = PortError::listen(
+            "0.0.0.0:80".parse().unwrap(),
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert!(
+            e.to_string()
+                .contains("net.ipv4.ip_unprivileged_port_start"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn info_and_stats() {
+        let st = state();
+        let (s, v) = call(&st, Method::GET, "/v1/info", "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["apiVersion"], "1.1.1");
+        assert_eq!(v["portDriver"]["driver"], "forwarder");
+        assert_eq!(v["portDriver"]["disallowLoopbackChildIP"], false);
+        let protos: Vec<&str> = v["portDriver"]["protos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p.as_str())
+            .collect();
+        assert!(protos.contains(&"tcp") && protos.contains(&"tcp4"));
+        assert_eq!(protos.contains(&"tcp6"), sys::ipv6_available());
+        let (s, v) = call(&st, Method::GET, "/v1/stats", "").await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(v["engine"], "copy");
+        assert_eq!(v["total"]["connections"], 0);
+    }
+
+    /// Counts this process's open descriptors.
+    fn fds() -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    #[tokio::test]
+    async fn a_thousand_ports_added_and_removed_leak_nothing() {
+        let st = state();
+        // Warm up lazily created descriptors (runtime, dialer thread).
+        let (_, v) = call(
+            &st,
+            Method::POST,
+            "/v1/ports",
+            r#"{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":1,"childPort":1}"#,
+        )
+        .await;
+        if let Some(id) = v["id"].as_u64() {
+            call(&st, Method::DELETE, &format!("/v1/ports/{id}"), "").await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let before = fds();
+        let mut ids = Vec::new();
+        for _ in 0..1000 {
+            let p = free_port();
+            let body = format!(
+                r#"{{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":{p},"childPort":80}}"#
+            );
+            let (s, v) = call(&st, Method::POST, "/v1/ports", &body).await;
+            if s == StatusCode::CREATED {
+                ids.push(v["id"].as_u64().unwrap());
+            }
+        }
+        assert!(ids.len() > 950, "only {} ports added", ids.len());
+        assert!(fds() >= before + ids.len());
+        for id in &ids {
+            let (s, _) = call(&st, Method::DELETE, &format!("/v1/ports/{id}"), "").await;
+            assert_eq!(s, StatusCode::OK);
+        }
+        // Listener tasks are aborted; give the runtime a moment to drop them.
+        let mut now = fds();
+        for _ in 0..50 {
+            if now <= before {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            now = fds();
+        }
+        assert!(now <= before, "{} descriptors leaked", now - before);
+        assert!(st.ports.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn removing_a_port_keeps_established_connections() {
+        let st = state();
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sp = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let p = free_port();
+        let body = format!(
+            r#"{{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":{p},"childPort":{sp}}}"#
+        );
+        let (s, v) = call(&st, Method::POST, "/v1/ports", &body).await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .unwrap();
+        c.write_all(b"before").await.unwrap();
+        let mut buf = [0u8; 6];
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"before");
+        let (s, _) = call(&st, Method::DELETE, "/v1/ports/1", "").await;
+        assert_eq!(s, StatusCode::OK);
+        // New connections are refused, the established one keeps flowing.
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .is_err());
+        c.write_all(b"after!").await.unwrap();
+        c.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"after!");
+    }
+
+    #[tokio::test]
+    async fn socket_is_private_and_a_live_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        let l = bind(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(bind(&path), Err(ApiSocketError::InUse(_))));
+        drop(l);
+        // Stale now: replaced.
+        assert!(bind(&path).is_ok());
+        let file = dir.path().join("plain");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(matches!(bind(&file), Err(ApiSocketError::NotASocket(_))));
+    }
+
+    /// Runs rootlessctl (Debian's `rootlesskit` package, installed by
+    /// `cargo xtask setup`) against a served API socket.
+    async fn rootlessctl(sock: &Path, args: &[&str]) -> (bool, String) {
+        let sock = sock.to_owned();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            let out = std::process::Command::new("rootlessctl")
+                .arg("--socket")
+                .arg(&sock)
+                .args(&args)
+                .output()
+                .expect(
+                    "rootlessctl not found: run `cargo xtask setup` (Debian package rootlesskit)",
+                );
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            (out.status.success(), text)
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn rootlessctl_drives_the_api() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let st = state();
+        let listener = bind(&sock).unwrap();
+        tokio::spawn(serve(listener, st.clone(), std::future::pending()));
+
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sp = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = server.accept().await {
+                let _ = s.write_all(b"hello from the child\n").await;
+            }
+        });
+        let p = free_port();
+        let (ok, out) =
+            rootlessctl(&sock, &["add-ports", &format!("127.0.0.1:{p}:{sp}/tcp")]).await;
+        assert!(ok, "add-ports: {out}");
+        assert_eq!(out.trim(), "1");
+        let (ok, out) = rootlessctl(&sock, &["list-ports"]).await;
+        assert!(
+            ok && out.contains(&p.to_string()) && out.contains("127.0.0.1"),
+            "{out}"
+        );
+        let (ok, out) = rootlessctl(&sock, &["list-ports", "--json"]).await;
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect(&out);
+        assert_eq!(v["id"], 1);
+        assert_eq!(v["spec"]["parentPort"], p);
+        let (ok, out) = rootlessctl(&sock, &["info"]).await;
+        assert!(
+            ok && out.contains("1.1.1") && out.contains("forwarder"),
+            "{out}"
+        );
+
+        let mut c = tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .unwrap();
+        let mut got = String::new();
+        c.read_to_string(&mut got).await.unwrap_or_default();
+        assert!(got.starts_with("hello from the child"), "{got:?}");
+
+        let (ok, out) =
+            rootlessctl(&sock, &["add-ports", &format!("127.0.0.1:{p}:{sp}/tcp")]).await;
+        assert!(!ok && out.contains("conflict with ID 1"), "{out}");
+        let (ok, out) = rootlessctl(&sock, &["remove-ports", "1"]).await;
+        assert!(ok, "{out}");
+        assert!(tokio::net::TcpStream::connect(("127.0.0.1", p))
+            .await
+            .is_err());
+        let (ok, out) = rootlessctl(&sock, &["remove-ports", "1"]).await;
+        assert!(!ok && out.contains("unknown id: 1"), "{out}");
+    }
 }

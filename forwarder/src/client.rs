@@ -37,7 +37,10 @@ async fn request(
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .context("building the request")?;
-    let resp = sender.send_request(req).await.context("sending the request")?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .context("sending the request")?;
     let status = resp.status();
     let bytes = resp
         .into_body()
@@ -81,7 +84,8 @@ pub async fn list(socket: &Path, as_json: bool) -> Result<()> {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(());
     }
-    let ports: Vec<PortStatusJson> = serde_json::from_slice(&bytes).context("decoding the reply")?;
+    let ports: Vec<PortStatusJson> =
+        serde_json::from_slice(&bytes).context("decoding the reply")?;
     println!(
         "{:<4} {:<6} {:<24} {:<11} {:<24} {:<10}",
         "ID", "PROTO", "PARENTIP", "PARENTPORT", "CHILDIP", "CHILDPORT"
@@ -89,7 +93,12 @@ pub async fn list(socket: &Path, as_json: bool) -> Result<()> {
     for p in ports {
         println!(
             "{:<4} {:<6} {:<24} {:<11} {:<24} {:<10}",
-            p.id, p.spec.proto, p.spec.parent_ip, p.spec.parent_port, p.spec.child_ip, p.spec.child_port
+            p.id,
+            p.spec.proto,
+            p.spec.parent_ip,
+            p.spec.parent_port,
+            p.spec.child_ip,
+            p.spec.child_port
         );
     }
     Ok(())

@@ -78,7 +78,12 @@ enum PortsAction {
 #[derive(Args)]
 struct RunArgs {
     /// The child's network namespace file (/run/netns/NAME, /proc/PID/ns/net).
-    #[arg(long, value_name = "PATH", required_unless_present = "child_pid", conflicts_with = "child_pid")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "child_pid",
+        conflicts_with = "child_pid"
+    )]
     child_netns: Option<PathBuf>,
     /// Shorthand for --child-netns /proc/PID/ns/net.
     #[arg(long, value_name = "PID")]
@@ -142,7 +147,9 @@ async fn run(args: RunArgs) -> Result<()> {
         (None, None) => anyhow::bail!("one of --child-netns or --child-pid is required"),
     };
     if args.publish.is_empty() && args.api_socket.is_none() {
-        anyhow::bail!("nothing to publish: give at least one -p SPEC, or --api-socket to add ports later");
+        anyhow::bail!(
+            "nothing to publish: give at least one -p SPEC, or --api-socket to add ports later"
+        );
     }
     match sys::raise_nofile_limit() {
         Ok(n) => tracing::debug!(nofile = n, "file descriptor limit"),
@@ -210,7 +217,7 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(path) = &args.api_socket {
         let _ = std::fs::remove_file(path);
     }
-    ports.close_all();
+    ports.close_all().await;
     emit(stats_event(&ports));
     Ok(())
 }
@@ -225,7 +232,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("forwarder: cannot start the runtime: {e}");
@@ -237,8 +247,8 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Status { api_socket } => client::status(&api_socket).await,
             Command::Ports { api_socket, action } => {
-                let socket = api_socket
-                    .ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;
+                let socket =
+                    api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;
                 match action {
                     PortsAction::Add { specs } => client::add(&socket, &specs).await,
                     PortsAction::Ls { json } => client::list(&socket, json).await,

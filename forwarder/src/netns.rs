@@ -64,7 +64,11 @@ impl ChildDialer {
         thread::Builder::new()
             .name("child-netns".into())
             .spawn(move || {
-                let entered = if same { Ok(()) } else { sys::setns_net(ns.as_fd()) };
+                let entered = if same {
+                    Ok(())
+                } else {
+                    sys::setns_net(ns.as_fd())
+                };
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 drop(ns);

@@ -50,7 +50,7 @@ pub enum PortError {
 }
 
 impl PortError {
-    fn listen(addr: SocketAddr, cause: io::Error) -> Self {
+    pub(crate) fn listen(addr: SocketAddr, cause: io::Error) -> Self {
         let hint = match cause.raw_os_error() {
             Some(libc::EACCES) if addr.port() < 1024 => {
                 " (ports below net.ipv4.ip_unprivileged_port_start, 1024 by default, need \
@@ -89,6 +89,19 @@ struct Port {
     stats: Arc<PortStats>,
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
+}
+
+impl Port {
+    /// Stops the accept loops and waits until their listeners are closed.
+    async fn close(mut self) {
+        let tasks = std::mem::take(&mut self.tasks);
+        for t in &tasks {
+            t.abort();
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 impl Drop for Port {
@@ -218,11 +231,7 @@ impl PortManager {
                 tasks,
             },
         );
-        Ok(PortStatus {
-            id,
-            api,
-            listeners,
-        })
+        Ok(PortStatus { id, api, listeners })
     }
 
     /// Ports in id order.
@@ -238,22 +247,31 @@ impl PortManager {
             .collect()
     }
 
-    /// Unpublishes a port: its listeners close now, its established
-    /// connections run to their end.
-    pub fn remove(&self, id: u32) -> Result<(), PortError> {
-        let mut st = lock(&self.state);
-        let port = st.ports.remove(&id).ok_or(PortError::UnknownId(id))?;
-        st.retired.push(port.stats.clone());
+    /// Unpublishes a port: its listeners are closed when this returns, its
+    /// established connections run to their end.
+    pub async fn remove(&self, id: u32) -> Result<(), PortError> {
+        let port = {
+            let mut st = lock(&self.state);
+            let port = st.ports.remove(&id).ok_or(PortError::UnknownId(id))?;
+            st.retired.push(port.stats.clone());
+            port
+        };
         tracing::info!(id, spec = %port.spec, "port removed");
-        drop(port);
+        port.close().await;
         Ok(())
     }
 
     /// Closes every listener (shutdown).
-    pub fn close_all(&self) {
-        let mut st = lock(&self.state);
-        let ports = std::mem::take(&mut st.ports);
-        st.retired.extend(ports.values().map(|p| p.stats.clone()));
+    pub async fn close_all(&self) {
+        let ports = {
+            let mut st = lock(&self.state);
+            let ports = std::mem::take(&mut st.ports);
+            st.retired.extend(ports.values().map(|p| p.stats.clone()));
+            ports
+        };
+        for (_, p) in ports {
+            p.close().await;
+        }
     }
 
     /// Per-port statistics and the total over all ports ever published.
@@ -369,7 +387,11 @@ fn dial_failed(sock: TcpStream, spec: &PortSpec, stats: &PortStats, why: &str) {
     drop(sock);
     let now = unix_secs();
     let last = LAST_DIAL_WARN.load(Relaxed);
-    if now > last && LAST_DIAL_WARN.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+    if now > last
+        && LAST_DIAL_WARN
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
         let suppressed = SUPPRESSED_DIAL_WARNS.swap(0, Relaxed);
         tracing::warn!(port = stats.id, spec = %spec, suppressed,
             "dial in the child failed, client reset: {why}");

@@ -62,9 +62,9 @@ impl FromStr for Proto {
             "tcp" => Ok(Proto::Tcp),
             "tcp4" => Ok(Proto::Tcp4),
             "tcp6" => Ok(Proto::Tcp6),
-            "udp" | "udp4" | "udp6" | "sctp" | "sctp4" | "sctp6" => {
-                Err(format!("protocol {s:?} is not supported yet (only tcp, tcp4, tcp6)"))
-            }
+            "udp" | "udp4" | "udp6" | "sctp" | "sctp4" | "sctp6" => Err(format!(
+                "protocol {s:?} is not supported yet (only tcp, tcp4, tcp6)"
+            )),
             other => Err(format!(
                 "unknown protocol {other:?} (expected tcp, tcp4 or tcp6)"
             )),
@@ -107,7 +107,10 @@ impl PortSpec {
                 ));
             }
             if ip.is_multicast() {
-                return Err(invalid(spec, format!("parent IP {ip} is a multicast address")));
+                return Err(invalid(
+                    spec,
+                    format!("parent IP {ip} is a multicast address"),
+                ));
             }
         }
         if let Some(ip) = &self.child_ip {
@@ -139,7 +142,11 @@ impl PortSpec {
             if ip.is_unspecified() {
                 s.parent_ip = None;
                 if s.proto == Proto::Tcp {
-                    s.proto = if ip.is_ipv4() { Proto::Tcp4 } else { Proto::Tcp6 };
+                    s.proto = if ip.is_ipv4() {
+                        Proto::Tcp4
+                    } else {
+                        Proto::Tcp6
+                    };
                 }
             }
         }
@@ -259,16 +266,13 @@ fn parse_ip(spec: &str, field: &str, what: &str) -> Result<IpAddr, SpecError> {
         }
         None => field,
     };
-    inner
-        .parse::<Ipv4Addr>()
-        .map(IpAddr::V4)
-        .map_err(|_| {
-            if inner.contains(':') {
-                invalid(spec, format!("IPv6 {what} {inner:?} must be in brackets"))
-            } else {
-                invalid(spec, format!("{what} {inner:?} is not an IP address"))
-            }
-        })
+    inner.parse::<Ipv4Addr>().map(IpAddr::V4).map_err(|_| {
+        if inner.contains(':') {
+            invalid(spec, format!("IPv6 {what} {inner:?} must be in brackets"))
+        } else {
+            invalid(spec, format!("{what} {inner:?} is not an IP address"))
+        }
+    })
 }
 
 fn parse_port(spec: &str, field: &str, what: &str) -> Result<u16, SpecError> {
@@ -338,18 +342,56 @@ mod tests {
         s.parse().unwrap_or_else(|e| panic!("{s}: {e}"))
     }
 
+    /// (spec, proto, parent IP, parent port, child IP, child port)
+    type Case<'a> = (&'a str, Proto, Option<&'a str>, u16, Option<&'a str>, u16);
+
     #[test]
     fn accepted_forms() {
-        let cases: &[(&str, Proto, Option<&str>, u16, Option<&str>, u16)] = &[
+        let cases: &[Case] = &[
             ("8080:80", Proto::Tcp, None, 8080, None, 80),
             ("8080:80/tcp4", Proto::Tcp4, None, 8080, None, 80),
-            ("127.0.0.2:8080:80", Proto::Tcp, Some("127.0.0.2"), 8080, None, 80),
-            ("127.0.0.2:8080:80/tcp", Proto::Tcp, Some("127.0.0.2"), 8080, None, 80),
+            (
+                "127.0.0.2:8080:80",
+                Proto::Tcp,
+                Some("127.0.0.2"),
+                8080,
+                None,
+                80,
+            ),
+            (
+                "127.0.0.2:8080:80/tcp",
+                Proto::Tcp,
+                Some("127.0.0.2"),
+                8080,
+                None,
+                80,
+            ),
             ("0.0.0.0:8080:80", Proto::Tcp4, None, 8080, None, 80),
             ("[::]:8080:80", Proto::Tcp6, None, 8080, None, 80),
-            ("[::1]:8080:80/tcp6", Proto::Tcp6, Some("::1"), 8080, None, 80),
-            ("10.0.0.1:80:10.1.1.1:8080", Proto::Tcp, Some("10.0.0.1"), 80, Some("10.1.1.1"), 8080),
-            ("[::1]:80:[fd00::2]:8080", Proto::Tcp, Some("::1"), 80, Some("fd00::2"), 8080),
+            (
+                "[::1]:8080:80/tcp6",
+                Proto::Tcp6,
+                Some("::1"),
+                8080,
+                None,
+                80,
+            ),
+            (
+                "10.0.0.1:80:10.1.1.1:8080",
+                Proto::Tcp,
+                Some("10.0.0.1"),
+                80,
+                Some("10.1.1.1"),
+                8080,
+            ),
+            (
+                "[::1]:80:[fd00::2]:8080",
+                Proto::Tcp,
+                Some("::1"),
+                80,
+                Some("fd00::2"),
+                8080,
+            ),
             ("65535:1", Proto::Tcp, None, 65535, None, 1),
         ];
         for (s, proto, pip, pp, cip, cp) in cases {
@@ -391,7 +433,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["127.0.0.2:8080:80/tcp", "[::1]:80:[::1]:8080/tcp6", "8080:80/tcp"] {
+        for s in [
+            "127.0.0.2:8080:80/tcp",
+            "[::1]:80:[::1]:8080/tcp6",
+            "8080:80/tcp",
+        ] {
             let spec = ok(s);
             assert_eq!(ok(&spec.to_string()), spec);
         }
@@ -403,7 +449,10 @@ mod tests {
         assert_eq!(a.len(), 2);
         assert_eq!(a[0], ("0.0.0.0:8080".parse().unwrap(), false));
         assert_eq!(a[1], ("[::]:8080".parse().unwrap(), true));
-        assert_eq!(ok("8080:80/tcp6").listen_addrs(), vec![("[::]:8080".parse().unwrap(), false)]);
+        assert_eq!(
+            ok("8080:80/tcp6").listen_addrs(),
+            vec![("[::]:8080".parse().unwrap(), false)]
+        );
     }
 
     #[test]
@@ -507,8 +556,10 @@ mod api_tests {
         let s = conv(r#"{"proto":"tcp","parentIP":"127.0.0.2","parentPort":8080,"childPort":80}"#)
             .unwrap();
         assert_eq!(s, "127.0.0.2:8080:80/tcp".parse().unwrap());
-        let s = conv(r#"{"proto":"tcp6","parentIP":"::1","parentPort":8080,"childIP":"::1","childPort":80}"#)
-            .unwrap();
+        let s = conv(
+            r#"{"proto":"tcp6","parentIP":"::1","parentPort":8080,"childIP":"::1","childPort":80}"#,
+        )
+        .unwrap();
         assert_eq!(s, "[::1]:8080:[::1]:80/tcp6".parse().unwrap());
         assert_eq!(
             conv(r#"{"proto":"tcp","parentPort":8080,"childPort":80}"#).unwrap(),
@@ -519,15 +570,39 @@ mod api_tests {
     #[test]
     fn bad_bodies() {
         let cases = [
-            (r#"{"proto":"udp","parentPort":1,"childPort":1}"#, "not supported yet"),
-            (r#"{"proto":"sctp9","parentPort":1,"childPort":1}"#, "unknown protocol"),
+            (
+                r#"{"proto":"udp","parentPort":1,"childPort":1}"#,
+                "not supported yet",
+            ),
+            (
+                r#"{"proto":"sctp9","parentPort":1,"childPort":1}"#,
+                "unknown protocol",
+            ),
             (r#"{"parentPort":1,"childPort":1}"#, "proto is required"),
-            (r#"{"proto":"tcp","parentPort":0,"childPort":1}"#, "parentPort 0 is out of range"),
-            (r#"{"proto":"tcp","parentPort":65536,"childPort":1}"#, "out of range"),
-            (r#"{"proto":"tcp","parentPort":1,"childPort":-1}"#, "childPort -1"),
-            (r#"{"proto":"tcp","parentIP":"1.2.3","parentPort":1,"childPort":1}"#, "not an IP"),
-            (r#"{"proto":"tcp4","parentPort":1,"childIP":"::1","childPort":1}"#, "does not match"),
-            (r#"{"proto":"tcp","parentPort":"80","childPort":1}"#, "invalid type"),
+            (
+                r#"{"proto":"tcp","parentPort":0,"childPort":1}"#,
+                "parentPort 0 is out of range",
+            ),
+            (
+                r#"{"proto":"tcp","parentPort":65536,"childPort":1}"#,
+                "out of range",
+            ),
+            (
+                r#"{"proto":"tcp","parentPort":1,"childPort":-1}"#,
+                "childPort -1",
+            ),
+            (
+                r#"{"proto":"tcp","parentIP":"1.2.3","parentPort":1,"childPort":1}"#,
+                "not an IP",
+            ),
+            (
+                r#"{"proto":"tcp4","parentPort":1,"childIP":"::1","childPort":1}"#,
+                "does not match",
+            ),
+            (
+                r#"{"proto":"tcp","parentPort":"80","childPort":1}"#,
+                "invalid type",
+            ),
         ];
         for (body, want) in cases {
             let err = conv(body).expect_err(body);

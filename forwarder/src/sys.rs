@@ -129,7 +129,12 @@ pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
 /// Race-free with the socket's receive path: the kernel applies it under
 /// the socket lock.
 pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP, bytes.min(i32::MAX as u32) as i32)
+    setsockopt(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_WINDOW_CLAMP,
+        bytes.min(i32::MAX as u32) as i32,
+    )
 }
 
 /// Disables Nagle's algorithm: a relay must not add its own delay.
@@ -340,6 +345,9 @@ mod tests {
         assert_eq!(after_s.bytes_received - base_s.bytes_received, 1001);
         let after_c = tcp_counters(c.as_fd()).unwrap();
         assert!(after_c.queued() - base_c.queued() >= 1000);
-        assert_ne!(socket_cookie(c.as_fd()).unwrap(), socket_cookie(s.as_fd()).unwrap());
+        assert_ne!(
+            socket_cookie(c.as_fd()).unwrap(),
+            socket_cookie(s.as_fd()).unwrap()
+        );
     }
 }

@@ -149,7 +149,9 @@ impl Maps {
         r.map_err(|e| {
             self.remove(cookies);
             match e {
-                aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => io_error,
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
+                    io_error
+                }
                 other => io::Error::other(other),
             }
         })
@@ -317,7 +319,12 @@ async fn dispatch(inner: Arc<Inner>) {
                 return;
             }
         };
-        match inner.epoll.get_ref().0.wait(&mut events, EpollTimeout::ZERO) {
+        match inner
+            .epoll
+            .get_ref()
+            .0
+            .wait(&mut events, EpollTimeout::ZERO)
+        {
             Ok(0) => guard.clear_ready(),
             Ok(n) => {
                 let waiters = lock(&inner.waiters);

@@ -101,7 +101,10 @@ pub trait Engine: Send + Sync {
 /// Builds the engine for `mode`, with the reason it was chosen.
 pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Arc<dyn Engine>, String)> {
     match mode {
-        Mode::Copy => Ok((Arc::new(copy::CopyEngine), "requested with --mode copy".into())),
+        Mode::Copy => Ok((
+            Arc::new(copy::CopyEngine),
+            "requested with --mode copy".into(),
+        )),
         Mode::Splice => Ok((
             Arc::new(splice::SpliceEngine::new()),
             "requested with --mode splice".into(),
