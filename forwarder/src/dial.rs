@@ -3,15 +3,15 @@
 //!
 //! The first rule that applies wins:
 //! 1. the spec names a child IP: dial it;
-//! 2. the connection was accepted on a loopback address (127.0.0.0/8 or
-//!    ::1): dial that same address, so 127.0.0.2:8080 reaches 127.0.0.2 in
-//!    the child (RootlessKit's ParentIP rule, nerdctl #3539);
+//! 2. the spec's parent IP is a loopback address (127.0.0.0/8 or ::1): dial
+//!    that same address, so 127.0.0.2:8080 reaches 127.0.0.2 in the child
+//!    (RootlessKit's ParentIP rule, nerdctl #3539);
 //! 3. otherwise (unspecified or any other address): 127.0.0.1 for an IPv4
 //!    listener, ::1 for an IPv6 one;
 //! 4. an IPv6 dial that fails because the child has no usable IPv6 is
 //!    retried once at 127.0.0.1 (see [`should_fall_back`]).
 //!
-//! This module is pure: [`plan`] maps (spec, accepted-on address) to a
+//! This module is pure: [`plan`] maps (spec, listener family) to a
 //! [`DialPlan`] and the dialer ([`crate::netns`]) executes it.
 
 use std::io;
@@ -27,20 +27,16 @@ pub struct DialPlan {
     pub fallback: Option<SocketAddr>,
 }
 
-/// Applies rules 1-3 to a connection accepted on `local` (the listener's
-/// address as the client reached it) and says whether rule 4 may apply.
-pub fn plan(spec: &PortSpec, local: IpAddr) -> DialPlan {
+/// Applies rules 1-3 to a connection accepted by a listener of `spec`
+/// (`ipv6_listener`: the listener is an IPv6 socket) and says whether rule
+/// 4 may apply.
+pub fn plan(spec: &PortSpec, ipv6_listener: bool) -> DialPlan {
     let port = spec.child_port;
-    // A v4-mapped local address (an IPv6 socket serving IPv4) counts as IPv4.
-    let local = match local {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(local),
-        v4 => v4,
-    };
-    let ip = match spec.child_ip {
-        Some(ip) => ip,
-        None if local.is_loopback() => local,
-        None if local.is_ipv4() => Ipv4Addr::LOCALHOST.into(),
-        None => Ipv6Addr::LOCALHOST.into(),
+    let ip = match (spec.child_ip, spec.parent_ip) {
+        (Some(ip), _) => ip,
+        (None, Some(pip)) if pip.is_loopback() => pip,
+        (None, _) if ipv6_listener => Ipv6Addr::LOCALHOST.into(),
+        (None, _) => Ipv4Addr::LOCALHOST.into(),
     };
     let target = SocketAddr::new(ip, port);
     // Rule 4 applies to IPv6 targets the rule chose itself and to an
@@ -74,44 +70,43 @@ mod tests {
 
     #[test]
     fn table() {
-        // (spec, accepted on, expected target, expected fallback)
-        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+        // (spec, IPv6 listener?, expected target, expected fallback)
+        let cases: &[(&str, bool, &str, Option<&str>)] = &[
             // rule 1: explicit child IP wins
-            (
-                "127.0.0.2:8080:10.0.0.5:80",
-                "127.0.0.2",
-                "10.0.0.5:80",
-                None,
-            ),
+            ("127.0.0.2:8080:10.0.0.5:80", false, "10.0.0.5:80", None),
+            ("10.1.1.1:8080:10.0.0.5:80", false, "10.0.0.5:80", None),
             (
                 "[::1]:8080:[::1]:80",
-                "::1",
+                true,
                 "[::1]:80",
                 Some("127.0.0.1:80"),
             ),
-            ("[::1]:8080:[fd00::5]:80", "::1", "[fd00::5]:80", None),
-            // rule 2: loopback parent IP is dialed as is
-            ("127.0.0.2:8080:80", "127.0.0.2", "127.0.0.2:80", None),
-            ("127.0.0.1:8080:80", "127.0.0.1", "127.0.0.1:80", None),
-            ("[::1]:8080:80", "::1", "[::1]:80", Some("127.0.0.1:80")),
-            // an unspecified listener reached via a loopback address
-            ("8080:80", "127.0.0.3", "127.0.0.3:80", None),
-            ("8080:80", "::1", "[::1]:80", Some("127.0.0.1:80")),
-            // rule 3: any other address goes to the child's loopback
-            ("8080:80", "192.168.1.10", "127.0.0.1:80", None),
-            ("192.168.1.10:8080:80", "192.168.1.10", "127.0.0.1:80", None),
-            ("8080:80", "fd00::1", "[::1]:80", Some("127.0.0.1:80")),
-            ("8080:80", "::ffff:10.0.0.1", "127.0.0.1:80", None),
-            ("8080:80", "::ffff:127.0.0.2", "127.0.0.2:80", None),
+            ("[::1]:8080:[fd00::5]:80", true, "[fd00::5]:80", None),
+            // rule 2: a loopback parent IP is dialed as is
+            ("127.0.0.2:8080:80", false, "127.0.0.2:80", None),
+            ("127.0.0.1:8080:80", false, "127.0.0.1:80", None),
+            ("127.255.0.9:8080:80/tcp4", false, "127.255.0.9:80", None),
+            ("[::1]:8080:80", true, "[::1]:80", Some("127.0.0.1:80")),
+            // rule 3: unspecified or any other address: the child's loopback
+            ("8080:80", false, "127.0.0.1:80", None),
+            ("8080:80", true, "[::1]:80", Some("127.0.0.1:80")),
+            ("0.0.0.0:8080:80", false, "127.0.0.1:80", None),
+            ("[::]:8080:80", true, "[::1]:80", Some("127.0.0.1:80")),
+            ("192.168.1.10:8080:80", false, "127.0.0.1:80", None),
+            ("[fd00::1]:8080:80", true, "[::1]:80", Some("127.0.0.1:80")),
         ];
-        for (spec, local, target, fallback) in cases {
+        for (spec, v6, target, fallback) in cases {
             let spec: PortSpec = spec.parse().unwrap();
-            let p = plan(&spec, local.parse().unwrap());
-            assert_eq!(p.target, target.parse().unwrap(), "{spec} on {local}");
+            let p = plan(&spec, *v6);
+            assert_eq!(
+                p.target,
+                target.parse().unwrap(),
+                "{spec} (v6 listener {v6})"
+            );
             assert_eq!(
                 p.fallback,
                 fallback.map(|f| f.parse().unwrap()),
-                "{spec} on {local}"
+                "{spec} (v6 listener {v6})"
             );
         }
     }

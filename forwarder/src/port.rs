@@ -360,7 +360,7 @@ async fn handle(sock: TcpStream, spec: PortSpec, stats: Arc<PortStats>, ctx: Arc
         Ok(a) => a,
         Err(_) => return,
     };
-    let plan = dial::plan(&spec, local.ip());
+    let plan = dial::plan(&spec, local.is_ipv6());
     let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(plan)).await;
     match dialed {
         Ok(Ok((child, _reached))) => {

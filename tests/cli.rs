@@ -1,0 +1,209 @@
+//! The command line: bad specs are refused before anything listens, engine
+//! selection reports why, and the IPv6 publishing rules.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use forwarder_tests::{forwarder_bin, require_root, servers, within, Fwd, Netns, Pair};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[test]
+fn bad_specs_are_refused_naming_the_spec() {
+    require_root();
+    let ns = Netns::new("cli");
+    let cases = [
+        ("80", "expected"),
+        ("0:80", "out of range"),
+        ("70000:80", "out of range"),
+        ("abc:80", "not a number"),
+        ("1.2.3.4.5:80:80", "not an IP address"),
+        ("8080:80/udp", "not supported yet"),
+        ("8080:80/sctp7", "unknown protocol"),
+        ("[::1:8080:80", "unterminated"),
+        ("::1:8080:80", "brackets"),
+        ("127.0.0.1:8080:[::1]:80", "family"),
+        ("[::1]:8080:80/tcp4", "does not match"),
+    ];
+    for (spec, want) in cases {
+        // A valid spec first: if anything listened before validation,
+        // 127.0.0.1:9999 would be taken.
+        let out = Command::new(forwarder_bin())
+            .args(["run", "--child-netns"])
+            .arg(ns.path())
+            .args(["-p", "127.0.0.1:9999:80", "-p", spec])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .output()
+            .expect("run forwarder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{spec}: {err}");
+        assert!(
+            err.contains(spec),
+            "{spec}: message does not name the spec: {err}"
+        );
+        assert!(err.contains(want), "{spec}: {err} (want {want:?})");
+        assert!(out.stdout.is_empty(), "{spec}: printed {:?}", out.stdout);
+    }
+}
+
+#[test]
+fn nothing_to_publish_and_a_missing_namespace_are_errors() {
+    let out = Command::new(forwarder_bin())
+        .args(["run", "--child-netns", "/proc/self/ns/net"])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to publish"));
+    let out = Command::new(forwarder_bin())
+        .args([
+            "run",
+            "--child-netns",
+            "/run/netns/does-not-exist",
+            "-p",
+            "9:9",
+            "--mode",
+            "copy",
+        ])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/run/netns/does-not-exist"), "{err}");
+}
+
+/// Runs the forwarder as root without CAP_BPF, CAP_NET_ADMIN and
+/// CAP_SYS_ADMIN (setpriv), in its own namespace as the "child".
+fn without_bpf(args: &[&str]) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--bounding-set",
+        "-bpf,-net_admin,-sys_admin",
+        "--inh-caps",
+        "-bpf,-net_admin,-sys_admin",
+    ])
+    .arg(forwarder_bin())
+    .args(["run", "--child-netns", "/proc/self/ns/net"])
+    .args(args);
+    c
+}
+
+#[test]
+fn ebpf_mode_without_bpf_names_the_capability() {
+    require_root();
+    let out = without_bpf(&["-p", "127.0.0.1:9998:80", "--mode", "ebpf"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("CAP_BPF") && err.contains("CAP_NET_ADMIN"),
+        "{err}"
+    );
+    assert!(err.contains("Operation not permitted"), "{err}");
+}
+
+#[tokio::test]
+async fn auto_mode_without_bpf_runs_splice_and_says_why() {
+    require_root();
+    let mut child = without_bpf(&["-p", "127.0.0.1:9997:80"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv");
+    let mut out = child.stdout.take().expect("stdout");
+    let line = tokio::task::spawn_blocking(move || {
+        let mut buf = Vec::new();
+        let mut byte = [0u8; 1];
+        while std::io::Read::read(&mut out, &mut byte)
+            .map(|n| n == 1)
+            .unwrap_or(false)
+        {
+            if byte[0] == b'\n' {
+                break;
+            }
+            buf.push(byte[0]);
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+    .await
+    .expect("read");
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wait");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
+    assert_eq!(v["engine"], "splice");
+    let reason = v["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("ebpf unavailable") && reason.contains("CAP_BPF"),
+        "{reason}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.matches("engine selected").count(), 1, "{err}");
+}
+
+/// A parent without IPv6 accepts `8080:80/tcp`, warns that the IPv6 half
+/// was discarded, serves IPv4, and does not offer tcp6 in /v1/info.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parent_without_ipv6_keeps_the_ipv4_half() {
+    let pair = Pair::new();
+    pair.parent.disable_ipv6();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let dir = std::env::temp_dir().join(format!("fwt-api-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = Fwd::start(
+        &pair,
+        &[
+            "--mode",
+            "splice",
+            "-p",
+            "8080:80/tcp",
+            "--api-socket",
+            &sock_s,
+        ],
+    );
+    assert_eq!(
+        f.ready["listeners"],
+        serde_json::json!(["0.0.0.0:8080"]),
+        "{}",
+        f.ready
+    );
+    let err = f.stderr();
+    assert!(err.contains("discarding the IPv6 half"), "{err}");
+    within(10, "IPv4 half", async {
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8080")
+            .await
+            .expect("connect");
+        c.write_all(b"v4").await.expect("write");
+        let mut b = [0u8; 2];
+        c.read_exact(&mut b).await.expect("read");
+        assert_eq!(&b, b"v4");
+    })
+    .await;
+    let info = Command::new("rootlessctl")
+        .args(["--socket", &sock_s, "info", "--json"])
+        .output()
+        .expect("rootlessctl (cargo xtask setup installs it)");
+    let text = String::from_utf8_lossy(&info.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
+    let protos = v["portDriver"]["protos"].to_string();
+    assert!(
+        protos.contains("\"tcp4\"") && !protos.contains("tcp6"),
+        "{v}"
+    );
+    // An explicit IPv6 request fails alone; the forwarder keeps serving.
+    let add = Command::new("rootlessctl")
+        .args(["--socket", &sock_s, "add-ports", "[::1]:8081:80/tcp6"])
+        .output()
+        .expect("rootlessctl");
+    assert!(!add.status.success());
+    assert!(
+        String::from_utf8_lossy(&add.stderr).contains("no IPv6"),
+        "{add:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

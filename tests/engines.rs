@@ -1,0 +1,532 @@
+//! The shared correctness suite, run against every engine: ebpf (verdict
+//! only and with a stream parser), splice and copy. Each case makes its own
+//! parent and child namespaces, servers in the child and a forwarder in the
+//! parent, and ends with the leak check (descriptors, BPF map entries read
+//! from the kernel) and a clean SIGTERM exit.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use forwarder_tests::data::expected_hash;
+use forwarder_tests::servers::{self, read_tally, send_pattern, BANNER};
+use forwarder_tests::{reset_on_drop, within, Fwd, Pair};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+/// Expected hashes, computed once per (seed, length).
+fn expected(seed: u64, len: u64) -> String {
+    static CACHE: OnceLock<Mutex<HashMap<(u64, u64), String>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(h) = cache.lock().ok().and_then(|c| c.get(&(seed, len)).cloned()) {
+        return h;
+    }
+    let h = expected_hash(seed, len);
+    if let Ok(mut c) = cache.lock() {
+        c.insert((seed, len), h.clone());
+    }
+    h
+}
+
+/// Size of the big transfers: 1 GiB unless FWD_TEST_BIG_BYTES says.
+fn big() -> u64 {
+    std::env::var("FWD_TEST_BIG_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1 << 30)
+}
+
+fn start(pair: &Pair, engine: &[&str], specs: &[&str]) -> Fwd {
+    let mut args: Vec<&str> = engine.to_vec();
+    for s in specs {
+        args.push("-p");
+        args.push(s);
+    }
+    let f = Fwd::start(pair, &args);
+    let want = engine[1];
+    assert_eq!(f.engine(), want, "engine; stderr:\n{}", f.stderr());
+    f
+}
+
+async fn finish(mut f: Fwd) -> serde_json::Value {
+    f.assert_clean().await;
+    f.stop()
+}
+
+/// Reads one "COUNT HASH" line.
+async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> (u64, String) {
+    let mut line = String::new();
+    r.read_line(&mut line).await.expect("reply line");
+    let mut it = line.split_whitespace();
+    let n = it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+    (n, it.next().unwrap_or_default().to_string())
+}
+
+async fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    within(5, "echo", c.read_exact(&mut got))
+        .await
+        .expect("echo");
+    assert_eq!(got, msg);
+}
+
+pub async fn early_and_late_data(engine: &[&str]) {
+    let pair = Pair::new();
+    // The child's server accepts only after 300 ms: the client's bytes are
+    // there before the forwarder's dial completes.
+    servers::late_echo(
+        pair.child.listen("127.0.0.1:80"),
+        Duration::from_millis(300),
+    );
+    let f = start(&pair, engine, &["127.0.0.1:8080:80"]);
+    within(30, "early/late data", async {
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8080")
+            .await
+            .expect("connect");
+        echo_roundtrip(&mut c, b"early bytes, sent before the dial completed").await;
+        echo_roundtrip(&mut c, b"and more after").await;
+        drop(c);
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8080")
+            .await
+            .expect("connect");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        echo_roundtrip(&mut c, b"late bytes").await;
+        drop(c);
+        // Early data and an early FIN: the whole request is in before the
+        // server even accepts.
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8080")
+            .await
+            .expect("connect");
+        send_pattern(&mut c, 11, 300_000).await.expect("send");
+        c.shutdown().await.expect("shutdown");
+        let (n, h) = within(10, "early FIN echo", read_tally(&mut c))
+            .await
+            .expect("read");
+        assert_eq!((n, h), (300_000, expected(11, 300_000)));
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn server_speaks_first(engine: &[&str]) {
+    let pair = Pair::new();
+    servers::banner(pair.child.listen("127.0.0.1:81"));
+    let f = start(&pair, engine, &["127.0.0.1:8081:81"]);
+    within(20, "banner", async {
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8081")
+            .await
+            .expect("connect");
+        let mut got = vec![0u8; BANNER.len()];
+        c.read_exact(&mut got).await.expect("banner");
+        assert_eq!(got, BANNER);
+        echo_roundtrip(&mut c, b"ping after the banner").await;
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn half_close_client_first(engine: &[&str]) {
+    let pair = Pair::new();
+    const UP: u64 = 5 << 20;
+    const DOWN: u64 = 20 << 20;
+    servers::sink_hash(pair.child.listen("127.0.0.1:82"), DOWN);
+    let f = start(&pair, engine, &["127.0.0.1:8082:82"]);
+    within(60, "client half-close", async {
+        let c = pair
+            .parent
+            .connect("127.0.0.1:8082")
+            .await
+            .expect("connect");
+        let (r, mut w) = c.into_split();
+        send_pattern(&mut w, 1, UP).await.expect("upload");
+        w.shutdown().await.expect("shutdown");
+        let mut r = BufReader::new(r);
+        let got = read_line(&mut r).await;
+        assert_eq!(got, (UP, expected(1, UP)), "server's view of the upload");
+        let down = read_tally(&mut r).await.expect("download");
+        assert_eq!(
+            down,
+            (DOWN, expected(7, DOWN)),
+            "reply after the client's FIN"
+        );
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn half_close_server_first(engine: &[&str]) {
+    let pair = Pair::new();
+    const UP: u64 = 20 << 20;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    servers::closes_first(pair.child.listen("127.0.0.1:83"), tx);
+    let f = start(&pair, engine, &["127.0.0.1:8083:83"]);
+    within(60, "server half-close", async {
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8083")
+            .await
+            .expect("connect");
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.expect("read to EOF");
+        assert_eq!(got, b"bye\n");
+        send_pattern(&mut c, 2, UP)
+            .await
+            .expect("upload after the server's FIN");
+        c.shutdown().await.expect("shutdown");
+        let seen = rx.recv().await.expect("server report");
+        assert_eq!(seen, (UP, expected(2, UP)), "server's view of the upload");
+        let mut rest = Vec::new();
+        c.read_to_end(&mut rest).await.expect("EOF");
+        assert!(rest.is_empty());
+    })
+    .await;
+    finish(f).await;
+}
+
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+pub async fn resets(engine: &[&str]) {
+    let pair = Pair::new();
+    servers::resets(pair.child.listen("127.0.0.1:84"));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    servers::observes(pair.child.listen("127.0.0.1:85"), tx);
+    // Nothing listens on 86 in the child.
+    let mut f = start(
+        &pair,
+        engine,
+        &[
+            "127.0.0.1:8084:84",
+            "127.0.0.1:8085:85",
+            "127.0.0.1:8086:86",
+        ],
+    );
+    within(30, "resets", async {
+        // The server resets: the client's read fails with a reset, fast.
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8084")
+            .await
+            .expect("connect");
+        c.write_all(b"abcd").await.expect("write");
+        let t = Instant::now();
+        let mut buf = [0u8; 16];
+        let r = within(2, "server reset", c.read(&mut buf)).await;
+        match r {
+            Err(e) if is_reset(&e) => {}
+            other => panic!("expected a reset from the server, got {other:?}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "reset took {:?}",
+            t.elapsed()
+        );
+
+        // The client resets: the server's read fails with a reset, fast.
+        let c = pair
+            .parent
+            .connect("127.0.0.1:8085")
+            .await
+            .expect("connect");
+        let mut c = c;
+        c.write_all(b"hello").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        reset_on_drop(&c);
+        let t = Instant::now();
+        drop(c);
+        let (r, at) = within(2, "client reset", rx.recv()).await.expect("report");
+        match r {
+            Err(e) if is_reset(&e) => {}
+            other => panic!("expected the server to see a reset, got {other:?}"),
+        }
+        assert!(at.duration_since(t) < Duration::from_secs(1));
+
+        // No server: the client is closed promptly (the reset may already
+        // be there when connect() checks the socket's error).
+        let t = Instant::now();
+        match pair.parent.connect("127.0.0.1:8086").await {
+            Ok(mut c) => {
+                let r = within(2, "dial failure", c.read(&mut buf)).await;
+                assert!(
+                    matches!(r, Ok(0)) || r.is_err(),
+                    "expected EOF or reset, got {r:?}"
+                );
+            }
+            Err(e) => assert!(is_reset(&e), "connect: {e}"),
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
+    })
+    .await;
+    let st = f.stats();
+    assert!(st["dial_failures"].as_u64() >= Some(1), "{st}");
+    finish(f).await;
+}
+
+pub async fn many_concurrent(engine: &[&str]) {
+    let pair = Pair::new();
+    servers::sink_hash(pair.child.listen("127.0.0.1:87"), 0);
+    servers::echo(pair.child.listen("127.0.0.1:88"));
+    let f = start(&pair, engine, &["127.0.0.1:8087:87", "127.0.0.1:8088:88"]);
+    const SIZES: [u64; 6] = [0, 1, 1000, 64 << 10, 1 << 20, 4 << 20];
+    within(120, "256 concurrent connections", async {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..256u64 {
+            let len = SIZES[i as usize % SIZES.len()];
+            let echo = i % 2 == 1;
+            let c = pair
+                .parent
+                .connect(if echo {
+                    "127.0.0.1:8088"
+                } else {
+                    "127.0.0.1:8087"
+                })
+                .await
+                .unwrap_or_else(|e| panic!("connect {i}: {e}"));
+            set.spawn(async move {
+                let (r, mut w) = c.into_split();
+                let writer = tokio::spawn(async move {
+                    send_pattern(&mut w, 100 + i, len).await.expect("send");
+                    w.shutdown().await.expect("shutdown");
+                });
+                let mut r = BufReader::new(r);
+                let got = if echo {
+                    read_tally(&mut r).await.expect("echo back")
+                } else {
+                    read_line(&mut r).await
+                };
+                writer.await.expect("writer");
+                (i, len, got)
+            });
+        }
+        let mut done = 0;
+        while let Some(res) = set.join_next().await {
+            let (i, len, got) = res.expect("task");
+            assert_eq!(
+                got,
+                (len, expected(100 + i, len)),
+                "connection {i} ({len} bytes)"
+            );
+            done += 1;
+        }
+        assert_eq!(done, 256);
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn big_transfers(engine: &[&str]) {
+    let pair = Pair::new();
+    servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
+    servers::source(pair.child.listen("127.0.0.1:90"));
+    let f = start(&pair, engine, &["127.0.0.1:8089:89", "127.0.0.1:8090:90"]);
+    let n = big();
+    let want_up = expected(3, n);
+    let want_down = expected(4, n);
+    within(300, "big transfers", async {
+        let c = pair
+            .parent
+            .connect("127.0.0.1:8089")
+            .await
+            .expect("connect");
+        let (r, mut w) = c.into_split();
+        send_pattern(&mut w, 3, n).await.expect("upload");
+        w.shutdown().await.expect("shutdown");
+        let got = read_line(&mut BufReader::new(r)).await;
+        assert_eq!(got, (n, want_up), "upload of {n} bytes");
+
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8090")
+            .await
+            .expect("connect");
+        let mut req = n.to_le_bytes().to_vec();
+        req.extend_from_slice(&4u64.to_le_bytes());
+        c.write_all(&req).await.expect("request");
+        let got = read_tally(&mut c).await.expect("download");
+        assert_eq!(got, (n, want_down), "download of {n} bytes");
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn slow_reader(engine: &[&str]) {
+    let pair = Pair::new();
+    let l = pair.child.listen_with("127.0.0.1:91", |s| {
+        s.set_recv_buffer_size(4096).expect("rcvbuf");
+    });
+    servers::slow_sink(l);
+    let f = start(&pair, engine, &["127.0.0.1:8091:91"]);
+    const LEN: u64 = 16 << 20;
+    let base = f.rss_kib();
+    let pid = f.pid;
+    let sampler = tokio::spawn(async move {
+        let mut max = 0u64;
+        for _ in 0..600 {
+            let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0);
+            max = max.max(rss);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        max
+    });
+    within(60, "slow reader", async {
+        let c = pair
+            .parent
+            .connect("127.0.0.1:8091")
+            .await
+            .expect("connect");
+        let (r, mut w) = c.into_split();
+        send_pattern(&mut w, 5, LEN).await.expect("upload");
+        w.shutdown().await.expect("shutdown");
+        let got = read_line(&mut BufReader::new(r)).await;
+        assert_eq!(got, (LEN, expected(5, LEN)));
+    })
+    .await;
+    sampler.abort();
+    let peak = f.rss_kib().max(base);
+    assert!(
+        peak < base + 64 * 1024,
+        "forwarder RSS grew from {base} KiB to {peak} KiB with a slow reader"
+    );
+    finish(f).await;
+}
+
+pub async fn parent_ip_rule(engine: &[&str]) {
+    let pair = Pair::new();
+    // Bound only to 127.0.0.2: reachable only if the forwarder dials the
+    // parent IP itself.
+    servers::echo(pair.child.listen("127.0.0.2:80"));
+    servers::echo(pair.child.listen("127.0.0.1:81"));
+    let f = start(&pair, engine, &["127.0.0.2:8080:80", "8081:81"]);
+    within(20, "ParentIP rule", async {
+        let mut c = pair
+            .parent
+            .connect("127.0.0.2:8080")
+            .await
+            .expect("connect");
+        echo_roundtrip(&mut c, b"to 127.0.0.2 in the child").await;
+        let mut c = pair
+            .parent
+            .connect("127.0.0.1:8081")
+            .await
+            .expect("connect");
+        echo_roundtrip(&mut c, b"unspecified parent IP -> 127.0.0.1").await;
+        // The IPv6 half of the unspecified port, to a child listening on
+        // IPv4 only: ::1 is refused, 127.0.0.1 answers.
+        let mut c = pair.parent.connect("[::1]:8081").await.expect("connect v6");
+        echo_roundtrip(&mut c, b"v6 listener, v4-only server").await;
+    })
+    .await;
+    finish(f).await;
+}
+
+pub async fn ipv6_fallback(engine: &[&str]) {
+    let pair = Pair::new();
+    pair.child.disable_ipv6();
+    servers::echo(pair.child.listen("127.0.0.1:82"));
+    let f = start(&pair, engine, &["[::1]:8082:82"]);
+    within(20, "IPv6 -> IPv4 fallback", async {
+        let mut c = pair.parent.connect("[::1]:8082").await.expect("connect");
+        echo_roundtrip(&mut c, b"the child has no IPv6").await;
+    })
+    .await;
+    finish(f).await;
+}
+
+macro_rules! suite {
+    ($($engine:ident: [$($arg:literal),*];)*) => {$(
+        mod $engine {
+            const ARGS: &[&str] = &[$($arg),*];
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn early_and_late_data() { super::early_and_late_data(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn server_speaks_first() { super::server_speaks_first(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn half_close_client_first() { super::half_close_client_first(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn half_close_server_first() { super::half_close_server_first(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn resets() { super::resets(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn many_concurrent() { super::many_concurrent(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn big_transfers() { super::big_transfers(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn slow_reader() { super::slow_reader(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn parent_ip_rule() { super::parent_ip_rule(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ipv6_fallback() { super::ipv6_fallback(ARGS).await }
+        }
+    )*};
+}
+
+suite! {
+    ebpf: ["--mode", "ebpf"];
+    ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"];
+    splice: ["--mode", "splice"];
+    copy: ["--mode", "copy"];
+}
+
+/// ebpf only: the bytes of an established connection never enter
+/// userspace. During a big upload the forwarder's own CPU time stays a
+/// small fraction of the transfer's duration, its userspace byte counters
+/// stay at zero and the BPF program's count covers every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ebpf_bytes_stay_in_the_kernel() {
+    let pair = Pair::new();
+    servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
+    let f = start(&pair, &["--mode", "ebpf"], &["127.0.0.1:8089:89"]);
+    let n = big();
+    let want = expected(6, n);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu0 = f.cpu_ticks();
+    let t0 = Instant::now();
+    within(300, "upload", async {
+        let c = pair
+            .parent
+            .connect("127.0.0.1:8089")
+            .await
+            .expect("connect");
+        let (r, mut w) = c.into_split();
+        send_pattern(&mut w, 6, n).await.expect("upload");
+        w.shutdown().await.expect("shutdown");
+        let got = read_line(&mut BufReader::new(r)).await;
+        assert_eq!(got, (n, want));
+    })
+    .await;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (f.cpu_ticks() - cpu0) as f64 / hz;
+    assert!(
+        cpu < 0.1 * wall,
+        "forwarder used {cpu:.2} s of CPU during a {wall:.2} s transfer of {n} bytes"
+    );
+    let st = finish(f).await;
+    let by = &st["bytes_by_path"];
+    assert!(by["bpf"].as_u64() >= Some(n), "{st}");
+    assert_eq!(by["copy"], 0, "{st}");
+    assert_eq!(by["splice"], 0, "{st}");
+    assert_eq!(st["bytes_to_child"].as_u64(), Some(n), "{st}");
+}

@@ -1,0 +1,179 @@
+//! Test servers. Each takes a listener created inside the child namespace
+//! and serves every connection on its own task until the test ends.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::data::{Pattern, Tally};
+
+fn serve<F, Fut>(l: TcpListener, f: F)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(f(s));
+        }
+    });
+}
+
+/// Writes the stream (seed, len) to `w`.
+pub async fn send_pattern<W: AsyncWrite + Unpin>(w: &mut W, seed: u64, len: u64) -> io::Result<()> {
+    let mut p = Pattern::new(seed, len);
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Some(n) = p.next_chunk(&mut buf) {
+        w.write_all(&buf[..n]).await?;
+    }
+    Ok(())
+}
+
+/// Reads to EOF, counting and hashing.
+pub async fn read_tally<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<(u64, String)> {
+    let mut t = Tally::default();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(t.finish());
+        }
+        t.add(&buf[..n]);
+    }
+}
+
+/// Echoes everything, half-closing when the client does.
+pub fn echo(l: TcpListener) {
+    serve(l, |mut s| async move {
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+}
+
+/// Echo, but the accept loop starts only after `delay`: the client's first
+/// bytes reach the forwarder before its dial can complete.
+pub fn late_echo(l: TcpListener, delay: Duration) {
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        echo(l);
+    });
+}
+
+/// Reads to EOF, answers "COUNT HASH\n", then sends `reply_len` bytes of
+/// the stream with seed 7 and closes.
+pub fn sink_hash(l: TcpListener, reply_len: u64) {
+    serve(l, move |mut s| async move {
+        let Ok((n, h)) = read_tally(&mut s).await else {
+            return;
+        };
+        if s.write_all(format!("{n} {h}\n").as_bytes()).await.is_err() {
+            return;
+        }
+        let _ = send_pattern(&mut s, 7, reply_len).await;
+        let _ = s.shutdown().await;
+    });
+}
+
+/// Reads a request (len: u64 LE, seed: u64 LE), streams that many bytes of
+/// the stream, shuts down its write side and drains until the client
+/// closes.
+pub fn source(l: TcpListener) {
+    serve(l, |mut s| async move {
+        let mut req = [0u8; 16];
+        if s.read_exact(&mut req).await.is_err() {
+            return;
+        }
+        let len = u64::from_le_bytes(req[..8].try_into().unwrap_or_default());
+        let seed = u64::from_le_bytes(req[8..].try_into().unwrap_or_default());
+        if send_pattern(&mut s, seed, len).await.is_err() {
+            return;
+        }
+        let _ = s.shutdown().await;
+        let _ = read_tally(&mut s).await;
+    });
+}
+
+/// The banner a [`banner`] server sends first.
+pub const BANNER: &[u8] = b"220 banner from the child\r\n";
+
+/// Speaks first (a banner), then echoes.
+pub fn banner(l: TcpListener) {
+    serve(l, |mut s| async move {
+        if s.write_all(BANNER).await.is_err() {
+            return;
+        }
+        let (mut r, mut w) = s.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+        let _ = w.shutdown().await;
+    });
+}
+
+/// Sends "bye\n" and shuts down its write side first, then reads what the
+/// client still sends and reports (count, hash).
+pub fn closes_first(l: TcpListener, report: mpsc::UnboundedSender<(u64, String)>) {
+    serve(l, move |mut s| {
+        let report = report.clone();
+        async move {
+            if s.write_all(b"bye\n").await.is_err() || s.shutdown().await.is_err() {
+                return;
+            }
+            if let Ok(r) = read_tally(&mut s).await {
+                let _ = report.send(r);
+            }
+        }
+    });
+}
+
+/// Reads a few bytes, then resets the connection (SO_LINGER 0 close).
+pub fn resets(l: TcpListener) {
+    serve(l, |mut s| async move {
+        let mut b = [0u8; 4];
+        let _ = s.read_exact(&mut b).await;
+        crate::reset_on_drop(&s);
+        drop(s);
+    });
+}
+
+/// Reports how each connection's reads end (EOF or an error kind) and
+/// when.
+pub fn observes(l: TcpListener, report: mpsc::UnboundedSender<(io::Result<u64>, Instant)>) {
+    serve(l, move |mut s| {
+        let report = report.clone();
+        async move {
+            let mut total = 0u64;
+            let mut buf = [0u8; 4096];
+            let r = loop {
+                match s.read(&mut buf).await {
+                    Ok(0) => break Ok(total),
+                    Ok(n) => total += n as u64,
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = report.send((r, Instant::now()));
+        }
+    });
+}
+
+/// A slow reader: reads 16 KiB every millisecond, then answers
+/// "COUNT HASH\n". Give its listener a small SO_RCVBUF.
+pub fn slow_sink(l: TcpListener) {
+    serve(l, |mut s| async move {
+        let mut t = Tally::default();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => t.add(&buf[..n]),
+                Err(_) => return,
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let (n, h) = t.finish();
+        let _ = s.write_all(format!("{n} {h}\n").as_bytes()).await;
+        let _ = s.shutdown().await;
+    });
+}
