@@ -207,3 +207,32 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Ports added through the API get the same dial rules: with IPv6
+/// disabled in the child, a port published on [::1] via rootlessctl still
+/// reaches the child's IPv4 server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_ports_fall_back_to_ipv4_in_the_child() {
+    let pair = Pair::new();
+    pair.child.disable_ipv6();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let dir = std::env::temp_dir().join(format!("fwt-api6-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock").display().to_string();
+    let f = Fwd::start(&pair, &["--api-socket", &sock]);
+    let add = Command::new("rootlessctl")
+        .args(["--socket", &sock, "add-ports", "[::1]:8080:80/tcp6"])
+        .output()
+        .expect("rootlessctl");
+    assert!(add.status.success(), "{add:?}");
+    within(10, "v6 -> v4 through an API port", async {
+        let mut c = pair.parent.connect("[::1]:8080").await.expect("connect");
+        c.write_all(b"via the API").await.expect("write");
+        let mut b = [0u8; 11];
+        c.read_exact(&mut b).await.expect("read");
+        assert_eq!(&b, b"via the API");
+    })
+    .await;
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

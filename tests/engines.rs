@@ -454,6 +454,65 @@ pub async fn ipv6_fallback(engine: &[&str]) {
     finish(f).await;
 }
 
+/// Out of file descriptors the forwarder backs off, does not spin, does not
+/// exit, and serves again once descriptors are free.
+pub async fn fd_exhaustion(engine: &[&str]) {
+    let pair = Pair::new();
+    servers::echo(pair.child.listen("127.0.0.1:92"));
+    let mut args: Vec<&str> = engine.to_vec();
+    args.extend(["-p", "127.0.0.1:8092:92"]);
+    let mut f = Fwd::start_with_nofile(&pair, &args, 64);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    within(60, "fd exhaustion", async {
+        // Far more connections than 64 descriptors can carry, each with
+        // traffic in flight.
+        let mut clients = Vec::new();
+        for _ in 0..80 {
+            if let Ok(mut c) = pair.parent.connect("127.0.0.1:8092").await {
+                let _ = c.write_all(b"x").await;
+                clients.push(c);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Saturated: the process must be alive and idle, not spinning.
+        let cpu0 = f.cpu_ticks();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let cpu = (f.cpu_ticks() - cpu0) as f64 / hz;
+        assert!(
+            cpu < 0.3,
+            "forwarder used {cpu:.2} s of CPU per second while out of descriptors"
+        );
+        assert!(f.stats()["connections"].as_u64() > Some(0));
+        drop(clients);
+        // Descriptors free again: a new connection is served.
+        let mut served = false;
+        for _ in 0..50 {
+            if let Ok(mut c) = pair.parent.connect("127.0.0.1:8092").await {
+                let mut b = [0u8; 5];
+                if c.write_all(b"again").await.is_ok()
+                    && tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b))
+                        .await
+                        .is_ok_and(|r| r.is_ok())
+                {
+                    served = &b == b"again";
+                    if served {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            served,
+            "not serving after descriptors were freed; stderr:\n{}",
+            f.stderr()
+        );
+    })
+    .await;
+    finish(f).await;
+}
+
 macro_rules! suite {
     ($($engine:ident: [$($arg:literal),*];)*) => {$(
         mod $engine {
@@ -478,6 +537,8 @@ macro_rules! suite {
             async fn parent_ip_rule() { super::parent_ip_rule(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn ipv6_fallback() { super::ipv6_fallback(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fd_exhaustion() { super::fd_exhaustion(ARGS).await }
         }
     )*};
 }

@@ -206,16 +206,27 @@ impl Fwd {
             pair.child.path().display().to_string(),
         ];
         full.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn(&pair.parent, &full, &[])
+        Self::spawn(&pair.parent, &full, None)
+    }
+
+    /// Like [`Fwd::start`], with RLIMIT_NOFILE (soft and hard) set to
+    /// `nofile` for the forwarder.
+    pub fn start_with_nofile(pair: &Pair, args: &[&str], nofile: u64) -> Fwd {
+        let mut full = vec![
+            "run".to_string(),
+            "--child-netns".to_string(),
+            pair.child.path().display().to_string(),
+        ];
+        full.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn(&pair.parent, &full, Some(nofile))
     }
 
     /// Starts the binary with exactly `args` inside `ns`.
-    pub fn spawn(ns: &Netns, args: &[String], env: &[(&str, &str)]) -> Fwd {
+    pub fn spawn(ns: &Netns, args: &[String], nofile: Option<u64>) -> Fwd {
         let nsfile = File::open(ns.path()).expect("open netns");
         let nsfd = nsfile.as_raw_fd();
         let mut cmd = Command::new(forwarder_bin());
         cmd.args(args)
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -224,6 +235,15 @@ impl Fwd {
             cmd.pre_exec(move || {
                 if libc::setns(nsfd, libc::CLONE_NEWNET) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(n) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -310,7 +330,7 @@ impl Fwd {
     pub fn stats(&mut self) -> Value {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGUSR1) };
-        self.event("stats", Duration::from_secs(5))
+        self.event("stats", Duration::from_secs(30))
     }
 
     /// Open descriptors of the forwarder.
@@ -397,7 +417,7 @@ impl Fwd {
             "forwarder exited with {status}; stderr:\n{}",
             self.stderr()
         );
-        self.event("stats", Duration::from_secs(2))
+        self.event("stats", Duration::from_secs(10))
     }
 }
 
