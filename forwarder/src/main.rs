@@ -2,6 +2,7 @@
 //! on the host, splicing each connection inside the kernel where BPF is
 //! permitted.
 
+mod agent;
 mod api;
 mod client;
 mod dial;
@@ -43,6 +44,16 @@ enum Command {
         #[arg(long, value_name = "PATH")]
         api_socket: PathBuf,
     },
+    /// The child-side dial agent: runs inside the container's user and
+    /// network namespaces and dials for an unprivileged forwarder.
+    ChildAgent {
+        /// Listen for forwarders on this Unix SOCK_SEQPACKET socket.
+        #[arg(long, value_name = "PATH", conflicts_with = "fd")]
+        socket: Option<PathBuf>,
+        /// Serve an inherited, connected SOCK_SEQPACKET socket.
+        #[arg(long, value_name = "N")]
+        fd: Option<i32>,
+    },
     /// Add, list or remove ports of a running forwarder.
     Ports {
         /// The forwarder's API socket.
@@ -81,13 +92,19 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present = "child_pid",
-        conflicts_with = "child_pid"
+        required_unless_present_any = ["child_pid", "child_agent"],
+        conflicts_with_all = ["child_pid", "child_agent"]
     )]
     child_netns: Option<PathBuf>,
-    /// Shorthand for --child-netns /proc/PID/ns/net.
-    #[arg(long, value_name = "PID")]
+    /// The container's PID: its network namespace is entered directly when
+    /// permitted, otherwise a child-side dial agent is started in its user
+    /// and network namespaces.
+    #[arg(long, value_name = "PID", conflicts_with = "child_agent")]
     child_pid: Option<u32>,
+    /// Dial through an agent (`forwarder child-agent --socket PATH`) that a
+    /// runtime started inside the container.
+    #[arg(long, value_name = "SOCKET")]
+    child_agent: Option<PathBuf>,
     /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/tcp|/tcp4|/tcp6],
     /// IPv6 addresses in brackets. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
@@ -140,11 +157,42 @@ fn pid_of_netns(path: &std::path::Path) -> Option<u32> {
     (parts.as_path() == std::path::Path::new("ns/net")).then_some(pid)
 }
 
+/// Chooses how to dial in the child: enter its namespace, or go through a
+/// child-side agent (started here for --child-pid when entering is not
+/// permitted, or given with --child-agent).
+fn dialer(args: &RunArgs) -> Result<(netns::Dialer, Option<std::process::Child>)> {
+    if let Some(sock) = &args.child_agent {
+        let client = agent::AgentClient::connect(sock)
+            .with_context(|| format!("cannot connect to the dial agent at {}", sock.display()))?;
+        tracing::info!(agent = %sock.display(), "dialing through the child-side agent");
+        return Ok((netns::Dialer::Agent(client), None));
+    }
+    let path = match (&args.child_netns, args.child_pid) {
+        (Some(p), _) => p.clone(),
+        (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        (None, None) => {
+            anyhow::bail!("one of --child-netns, --child-pid or --child-agent is required")
+        }
+    };
+    match (netns::ChildDialer::new(&path), args.child_pid) {
+        (Ok(d), _) => Ok((netns::Dialer::Netns(d), None)),
+        (Err(netns::NetnsError::Enter { cause, .. }), Some(pid))
+            if cause.raw_os_error() == Some(libc::EPERM) =>
+        {
+            let (child, client) = agent::spawn_in(pid)?;
+            tracing::info!(pid, agent_pid = child.id(),
+                "not permitted to enter the child's network namespace; dialing through a child-side agent");
+            Ok((netns::Dialer::Agent(client), Some(child)))
+        }
+        (Err(e), _) => Err(e.into()),
+    }
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     let netns = match (&args.child_netns, args.child_pid) {
         (Some(p), _) => p.clone(),
         (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        (None, None) => anyhow::bail!("one of --child-netns or --child-pid is required"),
+        (None, None) => PathBuf::new(),
     };
     if args.publish.is_empty() && args.api_socket.is_none() {
         anyhow::bail!(
@@ -164,7 +212,7 @@ async fn run(args: RunArgs) -> Result<()> {
             parser: args.ebpf_parser,
         },
     )?;
-    let dialer = netns::ChildDialer::new(&netns)?;
+    let (dialer, mut agent_child) = dialer(&args)?;
     tracing::info!(engine = %engine.kind(), %reason, "engine selected");
     let ports = Arc::new(PortManager::new(dialer, engine));
     let mut listeners = Vec::new();
@@ -174,6 +222,9 @@ async fn run(args: RunArgs) -> Result<()> {
             .with_context(|| format!("cannot publish {spec}"))?;
         listeners.extend(st.listeners.iter().map(|a| a.to_string()));
     }
+    // Everything privileged is done: BPF objects loaded, namespace entered
+    // or agent started, listeners bound.
+    sys::drop_capabilities();
     let (stop_api, api_stopped) = tokio::sync::oneshot::channel::<()>();
     let api_task = match (&args.api_socket, api_listener) {
         (Some(path), Some(listener)) => {
@@ -219,6 +270,10 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     ports.close_all().await;
     emit(stats_event(&ports));
+    if let Some(c) = agent_child.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     Ok(())
 }
 
@@ -246,6 +301,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Status { api_socket } => client::status(&api_socket).await,
+            Command::ChildAgent { socket, fd } => agent::run(fd, socket.as_deref()).await,
             Command::Ports { api_socket, action } => {
                 let socket =
                     api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;

@@ -113,7 +113,7 @@ impl ChildDialer {
     /// Executes a [`DialPlan`]: the target, then the IPv4 fallback when the
     /// IPv6 dial failed for lack of IPv6. Returns the stream and the address
     /// actually reached.
-    pub async fn dial(&self, plan: DialPlan) -> io::Result<(TcpStream, SocketAddr)> {
+    pub async fn dial(&self, plan: DialPlan) -> Result<(TcpStream, SocketAddr), DialFailure> {
         match self.connect(plan.target).await {
             Ok(s) => Ok((s, plan.target)),
             Err(e) => match plan.fallback {
@@ -122,14 +122,50 @@ impl ChildDialer {
                         "IPv6 dial failed, retrying over IPv4");
                     match self.connect(fb).await {
                         Ok(s) => Ok((s, fb)),
-                        Err(e2) => Err(io::Error::new(
-                            e2.kind(),
-                            format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
-                        )),
+                        Err(e2) => Err(DialFailure {
+                            errno: e2.raw_os_error(),
+                            message: format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
+                        }),
                     }
                 }
-                _ => Err(io::Error::new(e.kind(), format!("{}: {e}", plan.target))),
+                _ => Err(DialFailure {
+                    errno: e.raw_os_error(),
+                    message: format!("{}: {e}", plan.target),
+                }),
             },
+        }
+    }
+}
+
+/// A dial that failed: the errno of the last attempt and a message naming
+/// the addresses tried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DialFailure {
+    pub errno: Option<i32>,
+    pub message: String,
+}
+
+/// Where connections are dialed: from a thread inside the child's network
+/// namespace, or through a child-side agent ([`crate::agent`]) when this
+/// process may not enter the namespace. Both apply the same rules
+/// ([`crate::dial`]).
+#[derive(Clone)]
+pub enum Dialer {
+    Netns(ChildDialer),
+    Agent(crate::agent::AgentClient),
+}
+
+impl Dialer {
+    /// Dials the child for a connection accepted by a listener of `spec`.
+    pub async fn dial(
+        &self,
+        spec: &crate::spec::PortSpec,
+        ipv6_listener: bool,
+    ) -> Result<(TcpStream, SocketAddr), DialFailure> {
+        match self {
+            Dialer::Netns(d) => d.dial(dial::plan(spec, ipv6_listener)).await,
+            Dialer::Agent(a) => a.dial(spec, ipv6_listener).await,
         }
     }
 }

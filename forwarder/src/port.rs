@@ -19,9 +19,8 @@ use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use crate::dial;
 use crate::engine::{Conn, Engine};
-use crate::netns::ChildDialer;
+use crate::netns::Dialer;
 use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
@@ -125,7 +124,7 @@ struct State {
 
 /// Shared by every accept loop.
 struct Ctx {
-    dialer: ChildDialer,
+    dialer: Dialer,
     engine: Arc<dyn Engine>,
 }
 
@@ -154,7 +153,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl PortManager {
-    pub fn new(dialer: ChildDialer, engine: Arc<dyn Engine>) -> Self {
+    pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
         PortManager {
             ctx: Arc::new(Ctx { dialer, engine }),
             state: Mutex::new(State {
@@ -360,8 +359,7 @@ async fn handle(sock: TcpStream, spec: PortSpec, stats: Arc<PortStats>, ctx: Arc
         Ok(a) => a,
         Err(_) => return,
     };
-    let plan = dial::plan(&spec, local.is_ipv6());
-    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(plan)).await;
+    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(&spec, local.is_ipv6())).await;
     match dialed {
         Ok(Ok((child, _reached))) => {
             let _ = sys::set_nodelay(sock.as_fd());
@@ -376,7 +374,7 @@ async fn handle(sock: TcpStream, spec: PortSpec, stats: Arc<PortStats>, ctx: Arc
             sock,
             &spec,
             &stats,
-            &format!("{}: timed out after {DIAL_TIMEOUT:?}", plan.target),
+            &format!("timed out after {DIAL_TIMEOUT:?}"),
         ),
     }
 }

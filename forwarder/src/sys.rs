@@ -288,6 +288,27 @@ pub fn ipv6_available() -> bool {
     sock.bind(&addr.into()).is_ok()
 }
 
+/// Drops every capability but CAP_NET_BIND_SERVICE (ports added later may
+/// be privileged). Called once the BPF objects are loaded and the child
+/// namespace is entered: map updates through held descriptors, socket
+/// options and accept need no capability.
+pub fn drop_capabilities() {
+    use caps::{CapSet, Capability, CapsHashSet};
+    let keep: CapsHashSet = caps::read(None, CapSet::Permitted)
+        .map(|p| {
+            p.into_iter()
+                .filter(|c| *c == Capability::CAP_NET_BIND_SERVICE)
+                .collect()
+        })
+        .unwrap_or_default();
+    let _ = caps::clear(None, CapSet::Ambient);
+    let _ = caps::set(None, CapSet::Inheritable, &CapsHashSet::new());
+    let _ = caps::set(None, CapSet::Effective, &keep);
+    if let Err(e) = caps::set(None, CapSet::Permitted, &keep) {
+        tracing::warn!(error = %e, "cannot drop capabilities");
+    }
+}
+
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a forwarder holds two
 /// sockets (and in splice mode up to four pipe ends) per connection.
 pub fn raise_nofile_limit() -> io::Result<u64> {

@@ -104,8 +104,9 @@ pub struct Options {
 pub enum EbpfError {
     #[error(
         "{what}: {cause:#} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
-         kernel with sockmap support (CONFIG_BPF_STREAM_PARSER, Linux 5.13+); \
-         use --mode splice to run without BPF)"
+         kernel with sockmap support (CONFIG_BPF_STREAM_PARSER, Linux 5.13+): grant them with \
+         `setcap cap_bpf,cap_net_admin+ep` on the binary or as ambient capabilities; \
+         --mode splice runs without BPF)"
     )]
     Load {
         what: &'static str,

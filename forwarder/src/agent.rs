@@ -1,0 +1,498 @@
+//! The child-side dial agent, for forwarders that may not enter the child's
+//! network namespace.
+//!
+//! An unprivileged process cannot setns() into a network namespace owned by
+//! another user namespace (it needs CAP_SYS_ADMIN there), which is why
+//! RootlessKit dials from a child-side process. `forwarder child-agent`
+//! runs inside the container's user and network namespaces and answers dial
+//! requests over a SOCK_SEQPACKET Unix socket, returning each connected
+//! socket as an SCM_RIGHTS descriptor, or an errno. It applies the same
+//! rules as the in-process dialer ([`crate::dial`]), by running the same
+//! code against its own namespace.
+//!
+//! Wire format, one datagram each way per dial (at most [`MAX_MESSAGE`]
+//! bytes of JSON):
+//! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool}`;
+//! - reply `{"id": N, "ok": true, "reached": "ADDR"}` with the socket
+//!   attached, or `{"id": N, "ok": false, "errno": E, "message": "..."}`.
+//!
+//! A malformed or oversized request gets an error reply, never a crash; a
+//! request's work is bounded by the dial timeout. The agent holds no BPF
+//! and serves no HTTP, and exits when its peer goes away (EOF on the socket
+//! it was given, or its parent's death).
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockFlag, SockType,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::netns::{ChildDialer, DialFailure};
+use crate::spec::{ApiSpec, PortSpec};
+
+/// Largest request or reply.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// How long the agent may spend on one dial.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Request {
+    id: u64,
+    spec: ApiSpec,
+    ipv6_listener: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Reply {
+    id: u64,
+    ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reached: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    errno: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+/// A SOCK_SEQPACKET socket registered with tokio.
+struct Packet(AsyncFd<OwnedFd>);
+
+impl Packet {
+    fn new(fd: OwnedFd) -> io::Result<Packet> {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(io::Error::from)?;
+        // SAFETY: the AsyncFd owns the descriptor for its whole life.
+        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+            .map(Packet)
+            .map_err(|e| e.into_parts().1)
+    }
+
+    /// Sends one datagram, optionally with a descriptor.
+    async fn send(&self, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+        loop {
+            let mut guard = self.0.writable().await?;
+            let fds;
+            let cmsg: Vec<ControlMessage> = match &fd {
+                Some(f) => {
+                    fds = [*f];
+                    vec![ControlMessage::ScmRights(&fds)]
+                }
+                None => Vec::new(),
+            };
+            let iov = [IoSlice::new(data)];
+            let r = sendmsg::<()>(
+                self.0.get_ref().as_raw_fd(),
+                &iov,
+                &cmsg,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            );
+            match r {
+                Ok(_) => return Ok(()),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Receives one datagram and any descriptors with it. `Ok(None)` at
+    /// EOF; `truncated` when the datagram was larger than the buffer.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, bool, Vec<OwnedFd>)>> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            let mut space = nix::cmsg_space!([RawFd; 4]);
+            let mut iov = [IoSliceMut::new(buf)];
+            let r = recvmsg::<()>(
+                self.0.get_ref().as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            );
+            match r {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    if let Ok(cmsgs) = msg.cmsgs() {
+                        for c in cmsgs {
+                            if let ControlMessageOwned::ScmRights(raw) = c {
+                                // SAFETY: the kernel just installed these
+                                // descriptors for us.
+                                fds.extend(
+                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
+                                );
+                            }
+                        }
+                    }
+                    let n = msg.bytes;
+                    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+                    if n == 0 && !truncated && fds.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some((n, truncated, fds)));
+                }
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
+    Reply {
+        id,
+        ok: false,
+        errno: Some(errno),
+        message: Some(message.into()),
+        ..Default::default()
+    }
+}
+
+/// Handles one request: parse, validate, dial in this namespace.
+async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<TcpStream>) {
+    let req: Request = match serde_json::from_slice(data) {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                error_reply(0, libc::EINVAL, format!("malformed request: {e}")),
+                None,
+            )
+        }
+    };
+    let spec = match PortSpec::try_from(&req.spec) {
+        Ok(s) => s,
+        Err(e) => return (error_reply(req.id, libc::EINVAL, e), None),
+    };
+    let plan = crate::dial::plan(&spec, req.ipv6_listener);
+    match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(plan)).await {
+        Ok(Ok((stream, reached))) => (
+            Reply {
+                id: req.id,
+                ok: true,
+                reached: Some(reached.to_string()),
+                ..Default::default()
+            },
+            Some(stream),
+        ),
+        Ok(Err(f)) => (
+            error_reply(req.id, f.errno.unwrap_or(libc::EIO), f.message),
+            None,
+        ),
+        Err(_) => (error_reply(req.id, libc::ETIMEDOUT, "dial timed out"), None),
+    }
+}
+
+/// Serves one connected socket until the peer goes away.
+async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
+    let sock = Arc::new(Packet::new(fd)?);
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    while let Some((n, truncated, fds)) = sock.recv(&mut buf).await? {
+        drop(fds); // requests carry no descriptors; close any sent anyway
+        if truncated {
+            let r = error_reply(
+                0,
+                libc::EMSGSIZE,
+                format!("request larger than {MAX_MESSAGE} bytes"),
+            );
+            let _ = send_reply(&sock, &r, None).await;
+            continue;
+        }
+        let data = buf[..n].to_vec();
+        let (sock, dialer) = (sock.clone(), dialer.clone());
+        tokio::spawn(async move {
+            let (reply, stream) = handle(&dialer, &data).await;
+            let fd = stream.as_ref().map(|s| s.as_fd().as_raw_fd());
+            if let Err(e) = send_reply(&sock, &reply, fd).await {
+                tracing::debug!(error = %e, "cannot send a reply; the forwarder is gone?");
+            }
+        });
+    }
+    Ok(())
+}
+
+async fn send_reply(sock: &Packet, reply: &Reply, fd: Option<RawFd>) -> io::Result<()> {
+    let data = serde_json::to_vec(reply).map_err(io::Error::other)?;
+    sock.send(&data, fd).await
+}
+
+/// `forwarder child-agent`: serves the descriptor `fd` (a connected
+/// SOCK_SEQPACKET socket) or a listening socket at `path`, dialing in the
+/// namespace this process is in.
+pub async fn run(fd: Option<RawFd>, path: Option<&Path>) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    // Die with whoever started us (the forwarder, or a runtime).
+    // SAFETY: prctl with constant arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    let dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
+    // The agent needs no privilege to create and connect sockets.
+    crate::sys::drop_capabilities();
+    match (fd, path) {
+        (Some(fd), _) => {
+            // SAFETY: the descriptor was handed to us by our parent and is
+            // ours alone.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            serve_conn(fd, dialer)
+                .await
+                .context("serving the forwarder")
+        }
+        (None, Some(path)) => {
+            let listener = SeqpacketListener::bind(path)?;
+            tracing::info!(socket = %path.display(), "dial agent listening");
+            loop {
+                let conn = listener.accept().await.context("accepting a forwarder")?;
+                let d = dialer.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_conn(conn, d).await {
+                        tracing::debug!(error = %e, "forwarder connection ended");
+                    }
+                });
+            }
+        }
+        (None, None) => anyhow::bail!("child-agent needs --fd N or --socket PATH"),
+    }
+}
+
+/// A listening SOCK_SEQPACKET Unix socket (mode 0600).
+struct SeqpacketListener(AsyncFd<OwnedFd>);
+
+impl SeqpacketListener {
+    fn bind(path: &Path) -> anyhow::Result<SeqpacketListener> {
+        use anyhow::Context as _;
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing {}", path.display()))?
+            }
+            Ok(_) => anyhow::bail!("{} exists and is not a socket", path.display()),
+            Err(_) => {}
+        }
+        let fd = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )?;
+        let addr = nix::sys::socket::UnixAddr::new(path)?;
+        {
+            let _mask = crate::sys::Umask::set(0o177);
+            nix::sys::socket::bind(fd.as_raw_fd(), &addr)
+                .with_context(|| format!("binding {}", path.display()))?;
+        }
+        nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(64)?)?;
+        // SAFETY: the AsyncFd owns the descriptor for its whole life.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
+        Ok(SeqpacketListener(fd))
+    }
+
+    async fn accept(&self) -> io::Result<OwnedFd> {
+        loop {
+            let mut guard = self.0.readable().await?;
+            match nix::sys::socket::accept4(
+                self.0.get_ref().as_raw_fd(),
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            ) {
+                // SAFETY: accept4 returned a fresh descriptor we own.
+                Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Starts `forwarder child-agent` inside the user and network namespaces
+/// of `pid`: the child process joins the target's user namespace (allowed
+/// to the namespace's owner) and then its network namespace before exec,
+/// and serves one end of a socket pair. Returns the process and a client
+/// on the other end.
+pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, AgentClient)> {
+    use anyhow::Context as _;
+    use std::os::unix::process::CommandExt;
+    let open = |ns: &str| {
+        std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
+            .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
+    };
+    let same_user = {
+        let a = std::fs::metadata(format!("/proc/{pid}/ns/user"));
+        let b = std::fs::metadata("/proc/self/ns/user");
+        match (a, b) {
+            (Ok(a), Ok(b)) => {
+                use std::os::unix::fs::MetadataExt;
+                a.ino() == b.ino() && a.dev() == b.dev()
+            }
+            _ => false,
+        }
+    };
+    let userns = open("user")?;
+    let netns = open("net")?;
+    let (ours, theirs) = pair()?;
+    let exe = std::env::current_exe().context("locating the forwarder binary")?;
+    let (user_fd, net_fd, agent_fd) = (userns.as_raw_fd(), netns.as_raw_fd(), theirs.as_raw_fd());
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["child-agent", "--fd", "3"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(agent_fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if !same_user && libc::setns(user_fd, libc::CLONE_NEWUSER) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start the dial agent in the namespaces of PID {pid} (joining a user \
+             namespace is allowed to its owner, entering a network namespace needs \
+             CAP_SYS_ADMIN over its user namespace)"
+        )
+    })?;
+    drop(theirs);
+    Ok((child, AgentClient::new(ours)?))
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<OwnedFd>)>>>>;
+
+/// The forwarder's side: sends dial requests to an agent and collects the
+/// sockets.
+#[derive(Clone)]
+pub struct AgentClient {
+    sock: Arc<Packet>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+}
+
+impl AgentClient {
+    /// Wraps a connected SOCK_SEQPACKET socket to an agent. Must run inside
+    /// the tokio runtime.
+    pub fn new(fd: OwnedFd) -> io::Result<AgentClient> {
+        let sock = Arc::new(Packet::new(fd)?);
+        let pending: Pending = Default::default();
+        let (s, p) = (sock.clone(), pending.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                match s.recv(&mut buf).await {
+                    Ok(Some((n, _, mut fds))) => {
+                        let Ok(reply) = serde_json::from_slice::<Reply>(&buf[..n]) else {
+                            tracing::warn!("malformed reply from the dial agent");
+                            continue;
+                        };
+                        let waiter = p.lock().ok().and_then(|mut m| m.remove(&reply.id));
+                        if let Some(w) = waiter {
+                            let _ = w.send((reply, fds.pop()));
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::error!("the dial agent is gone: new connections cannot be dialed");
+                        if let Ok(mut m) = p.lock() {
+                            m.clear();
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(AgentClient {
+            sock,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Connects to an agent listening at `path`.
+    pub fn connect(path: &Path) -> io::Result<AgentClient> {
+        let fd = nix::sys::socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        let addr = nix::sys::socket::UnixAddr::new(path)?;
+        nix::sys::socket::connect(fd.as_raw_fd(), &addr)?;
+        AgentClient::new(fd)
+    }
+
+    /// Asks the agent to dial for a connection accepted by a listener of
+    /// `spec`.
+    pub async fn dial(
+        &self,
+        spec: &PortSpec,
+        ipv6_listener: bool,
+    ) -> Result<(TcpStream, SocketAddr), DialFailure> {
+        let fail = |errno: i32, message: String| DialFailure {
+            errno: Some(errno),
+            message,
+        };
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.pending.lock() {
+            m.insert(id, tx);
+        }
+        let req = Request {
+            id,
+            spec: ApiSpec::from(spec),
+            ipv6_listener,
+        };
+        let data = serde_json::to_vec(&req).map_err(|e| fail(libc::EINVAL, e.to_string()))?;
+        if let Err(e) = self.sock.send(&data, None).await {
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&id);
+            }
+            return Err(fail(libc::EPIPE, format!("dial agent: {e}")));
+        }
+        let (reply, fd) = rx
+            .await
+            .map_err(|_| fail(libc::EPIPE, "the dial agent is gone".into()))?;
+        if !reply.ok {
+            return Err(DialFailure {
+                errno: reply.errno,
+                message: reply.message.unwrap_or_else(|| "dial failed".into()),
+            });
+        }
+        let fd = fd.ok_or_else(|| fail(libc::EPROTO, "agent replied without a socket".into()))?;
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true)
+            .map_err(|e| fail(libc::EIO, e.to_string()))?;
+        let reached = reply
+            .reached
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        TcpStream::from_std(std)
+            .map(|s| (s, reached))
+            .map_err(|e| fail(libc::EIO, e.to_string()))
+    }
+}
+
+/// A connected pair of SOCK_SEQPACKET sockets (forwarder end, agent end).
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(io::Error::from)
+}
