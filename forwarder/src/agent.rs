@@ -496,3 +496,94 @@ pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )
     .map_err(io::Error::from)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The agent serving one end of a socket pair in this process, dialing
+    //! in this process's own namespace.
+
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn agent() -> (Packet, tokio::task::JoinHandle<io::Result<()>>) {
+        let (ours, theirs) = pair().expect("socketpair");
+        let dialer = ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns");
+        let task = tokio::spawn(serve_conn(theirs, dialer));
+        (Packet::new(ours).expect("packet"), task)
+    }
+
+    async fn ask(p: &Packet, data: &[u8]) -> (Reply, Vec<OwnedFd>) {
+        p.send(data, None).await.expect("send");
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let (n, _, fds) = p.recv(&mut buf).await.expect("recv").expect("reply");
+        (serde_json::from_slice(&buf[..n]).expect("reply JSON"), fds)
+    }
+
+    #[tokio::test]
+    async fn dials_and_hands_over_the_socket() {
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = server.accept().await.unwrap();
+            s.write_all(b"from the child").await.unwrap();
+        });
+        let (p, _t) = agent();
+        let req = format!(
+            r#"{{"id":7,"spec":{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
+        );
+        let (reply, mut fds) = ask(&p, req.as_bytes()).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.id, 7);
+        assert_eq!(reply.reached, Some(format!("127.0.0.1:{port}")));
+        let fd = fds.pop().expect("a socket");
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true).unwrap();
+        let mut s = TcpStream::from_std(std).unwrap();
+        let mut got = String::new();
+        s.read_to_string(&mut got).await.unwrap();
+        assert_eq!(got, "from the child");
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_error_replies() {
+        let (p, task) = agent();
+        let (r, fds) = ask(&p, b"not json").await;
+        assert!(
+            !r.ok && r.errno == Some(libc::EINVAL) && fds.is_empty(),
+            "{r:?}"
+        );
+        let (r, _) = ask(&p, br#"{"id":1,"spec":{"proto":"udp","parentPort":1,"childPort":1},"ipv6_listener":false}"#).await;
+        assert!(!r.ok && r.message.unwrap_or_default().contains("not supported"));
+        let big = vec![b'x'; MAX_MESSAGE * 4];
+        let (r, _) = ask(&p, &big).await;
+        assert_eq!(r.errno, Some(libc::EMSGSIZE), "{r:?}");
+        // Nothing listens on port 1 here: the errno comes back.
+        let (r, _) = ask(&p, br#"{"id":2,"spec":{"proto":"tcp","parentIP":"127.0.0.1","parentPort":1,"childPort":1},"ipv6_listener":false}"#).await;
+        assert_eq!(
+            (r.id, r.ok, r.errno),
+            (2, false, Some(libc::ECONNREFUSED)),
+            "{r:?}"
+        );
+        // Still serving after all that.
+        assert!(!task.is_finished());
+    }
+
+    #[tokio::test]
+    async fn survives_a_peer_that_dies_mid_request() {
+        // A server that accepts but never answers keeps the dial pending.
+        let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = server.local_addr().unwrap().port();
+        let (p, task) = agent();
+        let req = format!(
+            r#"{{"id":3,"spec":{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
+        );
+        p.send(req.as_bytes(), None).await.unwrap();
+        drop(p); // the forwarder goes away before the reply
+        let r = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("agent exits when its peer is gone")
+            .expect("no panic");
+        assert!(r.is_ok(), "{r:?}");
+        drop(server);
+    }
+}
