@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::data::expected_hash;
 use forwarder_tests::servers::{self, read_tally, send_pattern, BANNER};
-use forwarder_tests::{reset_on_drop, within, Fwd, Pair};
+use forwarder_tests::{reset_on_drop, within, Fwd, Pair, Privilege};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -38,15 +38,47 @@ fn big() -> u64 {
         .unwrap_or(1 << 30)
 }
 
-fn start(pair: &Pair, engine: &[&str], specs: &[&str]) -> Fwd {
-    let mut args: Vec<&str> = engine.to_vec();
+/// One configuration the suite runs against.
+pub struct Engine {
+    /// Arguments for `forwarder run`.
+    pub args: &'static [&'static str],
+    /// The engine the forwarder must report.
+    pub expect: &'static str,
+    /// Root, or the unprivileged test user (with or without BPF).
+    pub privilege: Privilege,
+}
+
+fn pair(engine: &Engine) -> Pair {
+    Pair::with(engine.privilege)
+}
+
+fn start(pair: &Pair, engine: &Engine, specs: &[&str]) -> Fwd {
+    let mut args: Vec<&str> = engine.args.to_vec();
     for s in specs {
         args.push("-p");
         args.push(s);
     }
     let f = Fwd::start(pair, &args);
-    let want = engine[1];
-    assert_eq!(f.engine(), want, "engine; stderr:\n{}", f.stderr());
+    assert_eq!(f.engine(), engine.expect, "engine; stderr:\n{}", f.stderr());
+    // Once running, only CAP_NET_BIND_SERVICE (bit 10) may be left.
+    assert_eq!(
+        f.cap_eff() & !(1 << 10),
+        0,
+        "capabilities kept: {:x}",
+        f.cap_eff()
+    );
+    if engine.privilege != Privilege::Root {
+        let err = f.stderr();
+        assert!(err.contains("dialing through a child-side agent"), "{err}");
+    }
+    if engine.privilege == Privilege::User {
+        // Auto mode without BPF says why, and how to get the fast path.
+        let reason = f.ready["reason"].as_str().unwrap_or_default();
+        assert!(
+            reason.contains("CAP_BPF") && reason.contains("setcap"),
+            "{reason}"
+        );
+    }
     f
 }
 
@@ -73,8 +105,8 @@ async fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
     assert_eq!(got, msg);
 }
 
-pub async fn early_and_late_data(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn early_and_late_data(engine: &Engine) {
+    let pair = pair(engine);
     // The child's server accepts only after 300 ms: the client's bytes are
     // there before the forwarder's dial completes.
     servers::late_echo(
@@ -117,8 +149,8 @@ pub async fn early_and_late_data(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn server_speaks_first(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn server_speaks_first(engine: &Engine) {
+    let pair = pair(engine);
     servers::banner(pair.child.listen("127.0.0.1:81"));
     let f = start(&pair, engine, &["127.0.0.1:8081:81"]);
     within(20, "banner", async {
@@ -136,8 +168,8 @@ pub async fn server_speaks_first(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn half_close_client_first(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn half_close_client_first(engine: &Engine) {
+    let pair = pair(engine);
     const UP: u64 = 5 << 20;
     const DOWN: u64 = 20 << 20;
     servers::sink_hash(pair.child.listen("127.0.0.1:82"), DOWN);
@@ -165,8 +197,8 @@ pub async fn half_close_client_first(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn half_close_server_first(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn half_close_server_first(engine: &Engine) {
+    let pair = pair(engine);
     const UP: u64 = 20 << 20;
     let (tx, mut rx) = mpsc::unbounded_channel();
     servers::closes_first(pair.child.listen("127.0.0.1:83"), tx);
@@ -203,8 +235,8 @@ fn is_reset(e: &io::Error) -> bool {
     )
 }
 
-pub async fn resets(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn resets(engine: &Engine) {
+    let pair = pair(engine);
     servers::resets(pair.child.listen("127.0.0.1:84"));
     let (tx, mut rx) = mpsc::unbounded_channel();
     servers::observes(pair.child.listen("127.0.0.1:85"), tx);
@@ -279,8 +311,8 @@ pub async fn resets(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn many_concurrent(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn many_concurrent(engine: &Engine) {
+    let pair = pair(engine);
     servers::sink_hash(pair.child.listen("127.0.0.1:87"), 0);
     servers::echo(pair.child.listen("127.0.0.1:88"));
     let f = start(&pair, engine, &["127.0.0.1:8087:87", "127.0.0.1:8088:88"]);
@@ -331,8 +363,8 @@ pub async fn many_concurrent(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn big_transfers(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn big_transfers(engine: &Engine) {
+    let pair = pair(engine);
     servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
     servers::source(pair.child.listen("127.0.0.1:90"));
     let f = start(&pair, engine, &["127.0.0.1:8089:89", "127.0.0.1:8090:90"]);
@@ -366,8 +398,8 @@ pub async fn big_transfers(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn slow_reader(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn slow_reader(engine: &Engine) {
+    let pair = pair(engine);
     let l = pair.child.listen_with("127.0.0.1:91", |s| {
         s.set_recv_buffer_size(4096).expect("rcvbuf");
     });
@@ -412,8 +444,8 @@ pub async fn slow_reader(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn parent_ip_rule(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn parent_ip_rule(engine: &Engine) {
+    let pair = pair(engine);
     // Bound only to 127.0.0.2: reachable only if the forwarder dials the
     // parent IP itself.
     servers::echo(pair.child.listen("127.0.0.2:80"));
@@ -441,8 +473,8 @@ pub async fn parent_ip_rule(engine: &[&str]) {
     finish(f).await;
 }
 
-pub async fn ipv6_fallback(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn ipv6_fallback(engine: &Engine) {
+    let pair = pair(engine);
     pair.child.disable_ipv6();
     servers::echo(pair.child.listen("127.0.0.1:82"));
     let f = start(&pair, engine, &["[::1]:8082:82"]);
@@ -456,10 +488,10 @@ pub async fn ipv6_fallback(engine: &[&str]) {
 
 /// Out of file descriptors the forwarder backs off, does not spin, does not
 /// exit, and serves again once descriptors are free.
-pub async fn fd_exhaustion(engine: &[&str]) {
-    let pair = Pair::new();
+pub async fn fd_exhaustion(engine: &Engine) {
+    let pair = pair(engine);
     servers::echo(pair.child.listen("127.0.0.1:92"));
-    let mut args: Vec<&str> = engine.to_vec();
+    let mut args: Vec<&str> = engine.args.to_vec();
     args.extend(["-p", "127.0.0.1:8092:92"]);
     let mut f = Fwd::start_with_nofile(&pair, &args, 64);
     // SAFETY: sysconf has no preconditions.
@@ -514,9 +546,13 @@ pub async fn fd_exhaustion(engine: &[&str]) {
 }
 
 macro_rules! suite {
-    ($($engine:ident: [$($arg:literal),*];)*) => {$(
+    ($($engine:ident: [$($arg:literal),*] => $expect:literal, $privilege:ident;)*) => {$(
         mod $engine {
-            const ARGS: &[&str] = &[$($arg),*];
+            const ARGS: &super::Engine = &super::Engine {
+                args: &[$($arg),*],
+                expect: $expect,
+                privilege: forwarder_tests::Privilege::$privilege,
+            };
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn early_and_late_data() { super::early_and_late_data(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -544,10 +580,15 @@ macro_rules! suite {
 }
 
 suite! {
-    ebpf: ["--mode", "ebpf"];
-    ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"];
-    splice: ["--mode", "splice"];
-    copy: ["--mode", "copy"];
+    ebpf: ["--mode", "ebpf"] => "ebpf", Root;
+    ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"] => "ebpf", Root;
+    splice: ["--mode", "splice"] => "splice", Root;
+    copy: ["--mode", "copy"] => "copy", Root;
+    // Rootless: an unprivileged forwarder given the container's PID dials
+    // through its child-side agent; auto mode runs splice without BPF...
+    rootless: [] => "splice", User;
+    // ...and ebpf once the user holds CAP_BPF and CAP_NET_ADMIN.
+    rootless_ebpf: ["--mode", "ebpf"] => "ebpf", UserWithBpf;
 }
 
 /// ebpf only: the bytes of an established connection never enter
@@ -556,9 +597,14 @@ suite! {
 /// stay at zero and the BPF program's count covers every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ebpf_bytes_stay_in_the_kernel() {
-    let pair = Pair::new();
+    let engine = Engine {
+        args: &["--mode", "ebpf"],
+        expect: "ebpf",
+        privilege: Privilege::Root,
+    };
+    let pair = pair(&engine);
     servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
-    let f = start(&pair, &["--mode", "ebpf"], &["127.0.0.1:8089:89"]);
+    let f = start(&pair, &engine, &["127.0.0.1:8089:89"]);
     let n = big();
     let want = expected(6, n);
     // SAFETY: sysconf has no preconditions.

@@ -44,9 +44,54 @@ fn ip(args: &[&str]) {
     assert!(st.success(), "ip {args:?} failed: {st}");
 }
 
-/// A network namespace with loopback up, deleted on drop.
+/// The unprivileged user the rootless tests run as (`cargo xtask setup`
+/// creates it; created here too if missing).
+pub const TEST_USER: &str = "fwdtest";
+
+/// The test user's uid and gid, creating the user if needed.
+pub fn test_user() -> (u32, u32) {
+    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *IDS.get_or_init(|| {
+        let id = |flag: &str| -> Option<u32> {
+            let out = Command::new("id").args([flag, TEST_USER]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        if id("-u").is_none() {
+            let _ = Command::new("useradd")
+                .args([
+                    "--system",
+                    "--no-create-home",
+                    "--shell",
+                    "/usr/sbin/nologin",
+                    TEST_USER,
+                ])
+                .status();
+        }
+        (
+            id("-u").expect("test user (useradd fwdtest)"),
+            id("-g").expect("test user's group"),
+        )
+    })
+}
+
+/// How the forwarder under test runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privilege {
+    /// As root, entering namespaces the test made with `ip netns`.
+    Root,
+    /// As the unprivileged test user, against a user + network namespace
+    /// that user created (`unshare --user --map-root-user --net`).
+    User,
+    /// The same, with CAP_BPF and CAP_NET_ADMIN as ambient capabilities.
+    UserWithBpf,
+}
+
+/// A network namespace with loopback up, deleted on drop: a named one made
+/// by root, or one owned by the test user's own user namespace and held by
+/// a process of that user.
 pub struct Netns {
     pub name: String,
+    holder: Option<Child>,
 }
 
 impl Netns {
@@ -55,24 +100,75 @@ impl Netns {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let name = format!("fwt{}-{n}-{tag}", std::process::id());
         ip(&["netns", "add", &name]);
-        let ns = Netns { name };
+        let ns = Netns { name, holder: None };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
         ns
     }
 
-    /// The namespace file.
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
+    /// A user + network namespace created by the unprivileged test user, as
+    /// a rootless container runtime would.
+    pub fn new_rootless() -> Netns {
+        require_root();
+        let (uid, gid) = test_user();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--user", "--map-root-user", "--net", "sleep", "infinity"])
+            .stdin(Stdio::null());
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let holder = cmd.spawn().expect("unshare (util-linux)");
+        let pid = holder.id();
+        // Wait until the holder is in its new namespace.
+        let own = std::fs::read_link("/proc/self/ns/net").ok();
+        for _ in 0..200 {
+            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+            if theirs.is_some() && theirs != own {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let ns = Netns {
+            name: format!("pid{pid}"),
+            holder: Some(holder),
+        };
+        let st = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .args(["ip", "link", "set", "lo", "up"])
+            .status()
+            .expect("nsenter");
+        assert!(st.success(), "bringing lo up in {}", ns.name);
+        ns
     }
 
-    /// Sets a sysctl inside the namespace.
+    /// The PID holding a user-owned namespace.
+    pub fn holder_pid(&self) -> Option<u32> {
+        self.holder.as_ref().map(|c| c.id())
+    }
+
+    /// The namespace file.
+    pub fn path(&self) -> PathBuf {
+        match &self.holder {
+            Some(c) => PathBuf::from(format!("/proc/{}/ns/net", c.id())),
+            None => PathBuf::from(format!("/run/netns/{}", self.name)),
+        }
+    }
+
+    /// Sets a sysctl inside the namespace (written from a thread that
+    /// entered it: /proc/sys/net follows the writer's namespace).
     pub fn sysctl(&self, key: &str, value: &str) {
-        let st = Command::new("ip")
-            .args(["netns", "exec", &self.name, "sysctl", "-q", "-w"])
-            .arg(format!("{key}={value}"))
-            .status()
-            .expect("sysctl");
-        assert!(st.success(), "sysctl {key}={value} in {}", self.name);
+        let file = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_string();
+        let r = self.run(move || std::fs::write(&file, value));
+        assert!(r.is_ok(), "sysctl {key} in {}: {r:?}", self.name);
     }
 
     /// Disables IPv6 on every interface of the namespace.
@@ -150,9 +246,17 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        match self.holder.take() {
+            Some(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            None => {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &self.name])
+                    .status();
+            }
+        }
     }
 }
 
@@ -161,13 +265,25 @@ impl Drop for Netns {
 pub struct Pair {
     pub parent: Netns,
     pub child: Netns,
+    pub privilege: Privilege,
 }
 
 impl Pair {
     pub fn new() -> Pair {
+        Self::with(Privilege::Root)
+    }
+
+    /// A pair for a forwarder running with `privilege`: for the rootless
+    /// kinds the child is a user + network namespace of the test user.
+    pub fn with(privilege: Privilege) -> Pair {
+        let child = match privilege {
+            Privilege::Root => Netns::new("c"),
+            Privilege::User | Privilege::UserWithBpf => Netns::new_rootless(),
+        };
         Pair {
             parent: Netns::new("p"),
-            child: Netns::new("c"),
+            child,
+            privilege,
         }
     }
 }
@@ -186,6 +302,76 @@ pub fn forwarder_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder")
 }
 
+/// Becomes `uid`/`gid` with no capabilities, or with CAP_BPF and
+/// CAP_NET_ADMIN raised as ambient capabilities (what `setpriv --inh-caps
+/// +bpf,+net_admin --ambient-caps +bpf,+net_admin` does). Runs between
+/// fork and exec: raw syscalls only.
+fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_BPF: u32 = 39;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let err = std::io::Error::last_os_error;
+    // SAFETY: plain syscalls in the forked child.
+    unsafe {
+        if with_bpf && libc::prctl(libc::PR_SET_KEEPCAPS, 1) != 0 {
+            return Err(err());
+        }
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setgid(gid) != 0
+            || libc::setuid(uid) != 0
+        {
+            return Err(err());
+        }
+        if with_bpf {
+            let mut hdr = Header {
+                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+                pid: 0,
+            };
+            let lo = 1u32 << CAP_NET_ADMIN;
+            let hi = 1u32 << (CAP_BPF - 32);
+            let data = [
+                Data {
+                    effective: lo,
+                    permitted: lo,
+                    inheritable: lo,
+                },
+                Data {
+                    effective: hi,
+                    permitted: hi,
+                    inheritable: hi,
+                },
+            ];
+            if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) != 0 {
+                return Err(err());
+            }
+            for cap in [CAP_NET_ADMIN, CAP_BPF] {
+                if libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE,
+                    cap as libc::c_ulong,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(err());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A running forwarder, started inside a namespace.
 pub struct Fwd {
     child: Option<Child>,
@@ -200,29 +386,44 @@ impl Fwd {
     /// Starts `forwarder run --child-netns <child> ARGS...` in `pair.parent`
     /// and waits for its ready line.
     pub fn start(pair: &Pair, args: &[&str]) -> Fwd {
-        let mut full = vec![
-            "run".to_string(),
-            "--child-netns".to_string(),
-            pair.child.path().display().to_string(),
-        ];
-        full.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn(&pair.parent, &full, None)
+        Self::start_with(pair, args, None)
     }
 
     /// Like [`Fwd::start`], with RLIMIT_NOFILE (soft and hard) set to
     /// `nofile` for the forwarder.
     pub fn start_with_nofile(pair: &Pair, args: &[&str], nofile: u64) -> Fwd {
-        let mut full = vec![
-            "run".to_string(),
-            "--child-netns".to_string(),
-            pair.child.path().display().to_string(),
-        ];
-        full.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn(&pair.parent, &full, Some(nofile))
+        Self::start_with(pair, args, Some(nofile))
     }
 
-    /// Starts the binary with exactly `args` inside `ns`.
+    fn start_with(pair: &Pair, args: &[&str], nofile: Option<u64>) -> Fwd {
+        // Rootless: name the container's PID, as a user would; the
+        // forwarder finds it may not enter and starts its dial agent.
+        let mut full = match pair.child.holder_pid() {
+            Some(pid) => vec!["run".into(), "--child-pid".into(), pid.to_string()],
+            None => vec![
+                "run".to_string(),
+                "--child-netns".to_string(),
+                pair.child.path().display().to_string(),
+            ],
+        };
+        full.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn_as(&pair.parent, &full, nofile, pair.privilege)
+    }
+
+    /// Starts the binary as root with exactly `args` inside `ns`.
     pub fn spawn(ns: &Netns, args: &[String], nofile: Option<u64>) -> Fwd {
+        Self::spawn_as(ns, args, nofile, Privilege::Root)
+    }
+
+    /// Starts the binary with exactly `args` inside `ns`, as root or as the
+    /// unprivileged test user (optionally with ambient CAP_BPF and
+    /// CAP_NET_ADMIN).
+    pub fn spawn_as(ns: &Netns, args: &[String], nofile: Option<u64>, privilege: Privilege) -> Fwd {
+        let ids = match privilege {
+            Privilege::Root => None,
+            _ => Some(test_user()),
+        };
+        let with_bpf = privilege == Privilege::UserWithBpf;
         let nsfile = File::open(ns.path()).expect("open netns");
         let nsfd = nsfile.as_raw_fd();
         let mut cmd = Command::new(forwarder_bin());
@@ -244,6 +445,9 @@ impl Fwd {
                     if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if let Some((uid, gid)) = ids {
+                    drop_to_user(uid, gid, with_bpf)?;
                 }
                 Ok(())
             });
@@ -348,6 +552,16 @@ impl Fwd {
         // fields 14 and 15 of stat; after ")" they are at 11 and 12.
         f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    }
+
+    /// The effective capability set (CapEff of /proc/PID/status).
+    pub fn cap_eff(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("CapEff:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .unwrap_or(u64::MAX)
     }
 
     /// Resident memory in KiB.
