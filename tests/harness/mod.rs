@@ -74,6 +74,17 @@ pub fn test_user() -> (u32, u32) {
     })
 }
 
+/// A command that runs as the unprivileged test user.
+pub fn user_command(program: &str) -> Command {
+    let (uid, gid) = test_user();
+    let mut c = Command::new(program);
+    // SAFETY: drop_to_user makes only raw syscalls.
+    unsafe {
+        c.pre_exec(move || drop_to_user(uid, gid, false));
+    }
+    c
+}
+
 /// How the forwarder under test runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Privilege {
@@ -306,7 +317,7 @@ pub fn forwarder_bin() -> PathBuf {
 /// CAP_NET_ADMIN raised as ambient capabilities (what `setpriv --inh-caps
 /// +bpf,+net_admin --ambient-caps +bpf,+net_admin` does). Runs between
 /// fork and exec: raw syscalls only.
-fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
+pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
     const CAP_NET_ADMIN: u32 = 12;
     const CAP_BPF: u32 = 39;
     #[repr(C)]
