@@ -1,169 +1,262 @@
 //! `cargo xtask demo`: the forwarder's main job on a built-in default.
 //!
-//! Creates a throw-away child namespace, starts a small HTTP server in it on
-//! 127.0.0.2:80 and 127.0.0.1:80, runs the forwarder in this namespace
-//! publishing `127.0.0.2:8080:80` and `8081:80`, requests through both, and
-//! prints the answers, the engine and the bytes counted. Everything it
-//! started is stopped and the namespace deleted, also on errors.
+//! 1. `setup`, then `cargo build --release -p forwarder`.
+//! 2. A throw-away child namespace `fwd-demo-<pid>` with lo up.
+//! 3. A small HTTP server inside it on 127.0.0.2:80 and 127.0.0.1:80: this
+//!    same binary's hidden `demo-server` subcommand, started with
+//!    `ip netns exec NAME <xtask> demo-server`. Each answer names the local
+//!    address it was reached at.
+//! 4. `forwarder run --child-netns /run/netns/NAME -p 127.0.0.2:8080:80
+//!    -p 8081:80` in this namespace; we wait for its `ready` line.
+//! 5. One GET through each published port with a plain std client: the
+//!    first must reach 127.0.0.2:80 in the child (the ParentIP rule), the
+//!    second 127.0.0.1:80.
+//! 6. SIGUSR1, and from the `stats` line: the engine that carried them and
+//!    the bytes counted. Then SIGTERM; the forwarder must exit 0.
+//!
+//! The server is killed by its PID and the namespace deleted by `Drop`
+//! guards, on error paths too. Exits non-zero if a request failed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{root, run as run_cmd, Guard, Netns};
+use crate::util::{
+    build_forwarder, catch_interrupts, die_with_parent, lines, Forwarder, Netns, Proc,
+};
 
-/// The demo's HTTP server: answers every request with the address it was
-/// reached at, then closes.
+/// The line the server prints once all its sockets listen.
+const SERVER_READY: &str = "demo-server: listening";
+
+/// What the demo requests: the published address and where in the child
+/// it must arrive.
+const REQUESTS: [(&str, &str); 2] = [
+    ("127.0.0.2:8080", "127.0.0.2:80"),
+    ("127.0.0.1:8081", "127.0.0.1:80"),
+];
+
+/// The demo's HTTP server (`cargo xtask demo-server --bind ADDR...`):
+/// answers every request with the address it was reached at, then closes.
 pub fn server(binds: &[SocketAddr]) -> Result<()> {
-    let mut handles = Vec::new();
-    for addr in binds {
-        let l = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        handles.push(std::thread::spawn(move || {
-            for mut s in l.incoming().flatten() {
-                let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                let mut buf = [0u8; 4096];
-                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-                let _ = s.read(&mut buf);
-                let body = format!("hello from the child namespace, reached at {local}\n");
-                let _ = write!(
-                    s,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-            }
-        }));
-    }
-    for h in handles {
-        let _ = h.join();
+    let listeners = binds
+        .iter()
+        .map(|a| TcpListener::bind(a).with_context(|| format!("demo-server: binding {a}")))
+        .collect::<Result<Vec<_>>>()?;
+    println!("{SERVER_READY} on {binds:?}");
+    std::io::stdout().flush().context("writing to stdout")?;
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .map(|l| {
+            std::thread::spawn(move || {
+                for conn in l.incoming() {
+                    match conn {
+                        Ok(s) => {
+                            std::thread::spawn(move || {
+                                if let Err(e) = answer(s) {
+                                    eprintln!("demo-server: {e:#}");
+                                }
+                            });
+                        }
+                        Err(e) => eprintln!("demo-server: accept: {e}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
     }
     Ok(())
 }
 
-fn get(addr: &str) -> Result<String> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+/// Reads one request head and answers it.
+fn answer(mut s: TcpStream) -> Result<()> {
+    let local = s.local_addr().context("local address")?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 65536 {
+        match s.read(&mut buf).context("reading the request")? {
+            0 => break,
+            n => req.extend_from_slice(&buf[..n]),
+        }
+    }
+    let body = format!("hello from the child namespace, reached at {local}\n");
     write!(
         s,
-        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)
-        .with_context(|| format!("reading the answer from {addr}"))?;
-    if !resp.starts_with("HTTP/1.1 200") {
-        bail!("unexpected answer from {addr}: {resp:?}");
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .context("writing the answer")?;
+    Ok(())
+}
+
+/// One response: its body and the bytes each way.
+struct Response {
+    body: String,
+    sent: usize,
+    received: usize,
+}
+
+/// GET / over a fresh connection; the answer must be `200` and complete.
+fn get(addr: &str) -> Result<Response> {
+    let sock: SocketAddr = addr
+        .parse()
+        .with_context(|| format!("bad address {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&sock, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let req = format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes())
+        .with_context(|| format!("sending the request to {addr}"))?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).with_context(|| {
+        let what = match resp.is_empty() {
+            true => "reading the answer",
+            false => "reading the rest of the answer",
+        };
+        format!("{what} from {addr}")
+    })?;
+    let text = String::from_utf8_lossy(&resp);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        bail!("incomplete answer from {addr}: {text:?}");
+    };
+    if !head.starts_with("HTTP/1.1 200 ") {
+        bail!("unexpected answer from {addr}: {head:?}");
     }
-    Ok(resp
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_string())
+    Ok(Response {
+        body: body.trim_end().to_string(),
+        sent: req.len(),
+        received: resp.len(),
+    })
 }
 
 pub fn run() -> Result<()> {
     crate::setup::run()?;
-    let root = root();
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "forwarder",
-    ]))?;
+    catch_interrupts();
+    let bin = build_forwarder()?;
+
     let ns = Netns::new(&format!("fwd-demo-{}", std::process::id()))?;
-    let me = std::env::current_exe().context("locating xtask")?;
-    let me = me.to_str().context("non-UTF-8 path")?;
-    let mut server = ns.cmd(me);
-    server.args([
+    println!("child namespace: {}", ns.path());
+
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+    let mut cmd = ns.cmd(&me);
+    cmd.args([
         "demo-server",
         "--bind",
-        "127.0.0.2:80",
+        REQUESTS[0].1,
         "--bind",
-        "127.0.0.1:80",
-    ]);
-    let _server = Guard(Some(server.spawn().context("starting the demo server")?));
+        REQUESTS[1].1,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    let mut server = Proc::spawn(&mut cmd, "the demo server")?;
+    let out = server
+        .child()?
+        .stdout
+        .take()
+        .context("the server's stdout")?;
+    match lines(out).recv_timeout(Duration::from_secs(10)) {
+        Ok(l) if l.starts_with(SERVER_READY) => {}
+        Ok(l) => bail!("the demo server said {l:?} instead of {SERVER_READY:?}"),
+        Err(_) => bail!("the demo server did not start (its errors are above)"),
+    }
+    println!(
+        "HTTP server in the child on {} and {} (PID {})",
+        REQUESTS[0].1,
+        REQUESTS[1].1,
+        server.pid().unwrap_or(0)
+    );
 
-    let mut fwd = Command::new(root.join("target/release/forwarder"));
-    fwd.args([
-        "run",
+    let args: Vec<String> = [
         "--child-netns",
         &ns.path(),
         "-p",
         "127.0.0.2:8080:80",
         "-p",
         "8081:80",
-    ])
-    .stdout(Stdio::piped());
-    let mut child = fwd.spawn().context("starting the forwarder")?;
-    let stdout = child.stdout.take().context("forwarder stdout")?;
-    let mut fwd = Guard(Some(child));
-    let (tx, rx) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let event = |name: &str| -> Result<serde_json::Value> {
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(10))
-                .with_context(|| format!("no {name} event from the forwarder"))?;
-            let v: serde_json::Value = serde_json::from_str(&line)
-                .with_context(|| format!("bad line from the forwarder: {line}"))?;
-            if v["event"] == name {
-                return Ok(v);
-            }
-        }
-    };
-    let ready = event("ready")?;
+    ]
+    .map(String::from)
+    .to_vec();
+    println!("$ {} run {}", bin.display(), args.join(" "));
+    let mut fwd = Forwarder::start(&bin, &args, false, "the forwarder")?;
     println!(
-        "forwarder ready: engine {} ({}), listening on {}",
-        ready["engine"], ready["reason"], ready["listeners"]
+        "forwarder ready (PID {}): engine {} ({}), listening on {}",
+        fwd.pid().unwrap_or(0),
+        fwd.engine(),
+        fwd.ready["reason"].as_str().unwrap_or("no reason given"),
+        fwd.ready["listeners"]
     );
-    // The server may still be starting: retry briefly.
-    let mut answers = Vec::new();
-    for addr in ["127.0.0.2:8080", "127.0.0.1:8081"] {
-        let mut last = None;
-        for _ in 0..50 {
-            match get(addr) {
-                Ok(a) => {
-                    last = Some(Ok(a));
-                    break;
-                }
-                Err(e) => {
-                    last = Some(Err(e));
-                    std::thread::sleep(Duration::from_millis(100));
+
+    let (mut failed, mut sent, mut received) = (0, 0, 0);
+    for (addr, expect) in REQUESTS {
+        match get(addr) {
+            Ok(r) => {
+                println!("GET http://{addr}/ -> {}", r.body);
+                sent += r.sent;
+                received += r.received;
+                if !r.body.ends_with(&format!("reached at {expect}")) {
+                    eprintln!("  FAILED: expected to reach {expect} in the child");
+                    failed += 1;
                 }
             }
+            Err(e) => {
+                println!("GET http://{addr}/ -> FAILED: {e:#}");
+                failed += 1;
+            }
         }
-        let answer = last.context("no attempt")??;
-        println!("GET http://{addr}/ -> {answer}");
-        answers.push(answer);
     }
-    fwd.signal(libc::SIGUSR1);
-    let stats = event("stats")?;
+
+    let stats = fwd.stats().context("asking the forwarder for statistics")?;
     println!(
-        "carried by the {} engine: {} connections, {} bytes to the child, {} bytes back; by path: {}",
-        stats["engine"],
+        "carried by the {} engine: {} connections ({} active, {} dial failures); \
+         {} bytes to the child, {} bytes to the parent (the client sent {sent} and received {received})",
+        stats["engine"].as_str().unwrap_or("?"),
         stats["connections"],
+        stats["active"],
+        stats["dial_failures"],
         stats["bytes_to_child"],
         stats["bytes_to_parent"],
-        stats["bytes_by_path"]
     );
-    match fwd.stop(5) {
-        Some(st) if st.success() => {}
-        other => bail!("the forwarder did not stop cleanly: {other:?}"),
+    if let Some(paths) = stats["bytes_by_path"].as_object() {
+        let by: Vec<String> = paths.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("bytes by data path: {}", by.join(", "));
     }
-    if !answers[0].contains("127.0.0.2:80") || !answers[1].contains("127.0.0.1:80") {
-        bail!("answers did not follow the ParentIP rule: {answers:?}");
+    if let Some(maps) = stats.get("bpf_map_entries") {
+        println!("BPF map entries: {maps}");
     }
-    println!(
-        "demo ok: 127.0.0.2:8080 reached 127.0.0.2:80 in the child, 8081 reached 127.0.0.1:80"
-    );
+    fwd.stop().context("stopping the forwarder")?;
+    println!("forwarder stopped cleanly");
+    // `server` (killed by PID) and `ns` (deleted) are cleaned up on drop.
+    drop(server);
+    drop(ns);
+    if failed > 0 {
+        bail!("{failed} of {} requests failed", REQUESTS.len());
+    }
+    println!("demo ok");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_answers_with_its_address() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || answer(l.accept().unwrap().0).unwrap());
+        let r = get(&addr.to_string()).unwrap();
+        t.join().unwrap();
+        assert_eq!(
+            r.body,
+            format!("hello from the child namespace, reached at {addr}")
+        );
+        assert!(r.received > r.body.len());
+    }
 }

@@ -1,12 +1,19 @@
-//! `cargo xtask`: the project's tasks. `demo`, `test` and `bench` run
-//! `setup` first, so on a fresh machine the README's two commands are the
-//! whole set-up.
+//! `cargo xtask`: the project's tasks (the alias lives in
+//! `.cargo/config.toml`). `demo`, `test` and `bench` run `setup` first, so
+//! on a fresh machine `cargo xtask demo` and `cargo xtask test` are the
+//! whole set-up. Everything runs as root (network namespaces, BPF).
+//!
+//! When a command that a task runs fails, xtask exits with that command's
+//! exit code (so `cargo xtask test` fails the way `cargo test` did);
+//! other errors exit 1.
 
 mod bench;
 mod demo;
 mod setup;
 mod test;
 mod util;
+
+use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -15,18 +22,19 @@ use clap::{Parser, Subcommand};
 #[command(about = "forwarder's project tasks")]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Task,
 }
 
 #[derive(Subcommand)]
-enum Command {
+enum Task {
     /// Install what is missing (Debian packages, rust-src, bpf-linker).
     Setup,
     /// Run the forwarder on a built-in default: a demo namespace and server.
     Demo,
-    /// Build everything and run the whole suite (unit and netns tests).
+    /// Build everything in release mode and run the whole suite.
     Test {
-        /// Extra arguments for the test binaries (after `--`).
+        /// Arguments for the test binaries, after `--` (e.g. `--
+        /// --test-threads 2`); before a second `--`, for `cargo test`.
         #[arg(last = true)]
         args: Vec<String>,
     },
@@ -40,12 +48,51 @@ enum Command {
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Setup => setup::run(),
-        Command::Demo => demo::run(),
-        Command::Test { args } => test::run(&args),
-        Command::Bench(args) => bench::run(&args),
-        Command::DemoServer { binds } => demo::server(&binds),
+fn run(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup::run(),
+        Task::Demo => demo::run(),
+        Task::Test { args } => test::run(&args),
+        Task::Bench(args) => bench::run(&args),
+        Task::DemoServer { binds } => demo::server(&binds),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            let code = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<util::CommandFailed>())
+                .map_or(1, util::CommandFailed::exit_code);
+            ExitCode::from(u8::try_from(code).ok().filter(|&c| c != 0).unwrap_or(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_args_after_double_dash_are_kept_whole() {
+        let cli = Cli::try_parse_from([
+            "xtask",
+            "test",
+            "--",
+            "--test",
+            "engines",
+            "--",
+            "--test-threads",
+            "1",
+        ])
+        .unwrap();
+        let Task::Test { args } = cli.command else {
+            panic!("not the test task");
+        };
+        assert_eq!(args, ["--test", "engines", "--", "--test-threads", "1"]);
     }
 }

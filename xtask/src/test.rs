@@ -1,31 +1,68 @@
-//! `cargo xtask test`: set-up, a release build of the whole workspace (the
-//! forwarder with its eBPF programs embedded), then every test: the unit
-//! tests and the netns integration suite in `tests/`, which runs the built
-//! binary (`FORWARDER_BIN`).
+//! `cargo xtask test`: `setup`, a release build of the workspace (the
+//! forwarder with its eBPF programs embedded: forwarder/build.rs compiles
+//! forwarder-ebpf with nightly and bpf-linker), then every test in release
+//! mode: the unit tests and the netns integration suite in `tests/`, which
+//! runs the built binary named by `FORWARDER_BIN`.
+//!
+//! `--workspace` excludes forwarder-ebpf: it is `no_std` for
+//! bpfel-unknown-none and cannot be built for the host (the workspace
+//! leaves it out of `default-members` for the same reason).
+//!
+//! Extra arguments after `--` go to the test binaries
+//! (`cargo xtask test -- --test-threads 2`, or a name filter). If they hold
+//! a second `--`, what comes before it goes to `cargo test` itself:
+//! `cargo xtask test -- --test engines -- --test-threads 1`.
+//! A failing build or test run makes xtask exit with cargo's exit code.
 
-use std::process::Command;
+use anyhow::{bail, Context as _, Result};
 
-use anyhow::{bail, Result};
+use crate::util::{cargo, is_root, run as run_cmd, target_dir};
 
-use crate::util::{is_root, root, run as run_cmd};
+/// Splits the extra arguments into (for `cargo test`, for the binaries).
+fn split(args: &[String]) -> (&[String], &[String]) {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => (&args[..i], &args[i + 1..]),
+        None => (&[], args),
+    }
+}
 
 pub fn run(args: &[String]) -> Result<()> {
     crate::setup::run()?;
     if !is_root() {
         bail!("the suite creates network namespaces and loads BPF programs: run it as root");
     }
-    let root = root();
-    run_cmd(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--all-targets",
-    ]))?;
-    let bin = root.join("target/release/forwarder");
+    let workspace = ["--workspace", "--exclude", "forwarder-ebpf"];
+    run_cmd(cargo().args(["build", "--release"]).args(workspace))
+        .context("building the workspace")?;
+    let bin = target_dir()?.join("release/forwarder");
+    let (cargo_args, test_args) = split(args);
     run_cmd(
-        Command::new("cargo")
-            .current_dir(&root)
+        cargo()
             .env("FORWARDER_BIN", &bin)
-            .args(["test", "--release", "--"])
-            .args(args),
+            .args(["test", "--release"])
+            .args(workspace)
+            .args(cargo_args)
+            .arg("--")
+            .args(test_args),
     )
+    .context("running the tests")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn extra_args_go_to_the_binaries_unless_split() {
+        let a = s(&["--test-threads", "2"]);
+        assert_eq!(split(&a), (&[][..], &a[..]));
+        let a = s(&["--test", "engines", "--", "--test-threads", "1"]);
+        let (c, t) = split(&a);
+        assert_eq!(c, &s(&["--test", "engines"])[..]);
+        assert_eq!(t, &s(&["--test-threads", "1"])[..]);
+    }
 }
