@@ -189,6 +189,11 @@ fn dialer(args: &RunArgs) -> Result<(netns::Dialer, Option<std::process::Child>)
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // Handlers first: a SIGUSR1 that arrives after "ready" but before its
+    // handler would otherwise kill the process (the default action).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let netns = match (&args.child_netns, args.child_pid) {
         (Some(p), _) => p.clone(),
         (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
@@ -250,9 +255,6 @@ async fn run(args: RunArgs) -> Result<()> {
         "listeners": listeners,
     }));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
     loop {
         tokio::select! {
             _ = term.recv() => break,
