@@ -24,37 +24,50 @@ fn bad_specs_are_refused_naming_the_spec() {
         ("127.0.0.1:8080:[::1]:80", "family"),
         ("[::1]:8080:80/tcp4", "does not match"),
     ];
+    // The test holds 127.0.0.1:9999 in the forwarder's namespace: a
+    // forwarder that listened on the valid spec before validating the bad
+    // one would fail with "address in use" instead of naming the bad spec.
+    let _taken = ns.run(|| std::net::TcpListener::bind("127.0.0.1:9999").expect("bind 9999"));
     for (spec, want) in cases {
-        // A valid spec first: if anything listened before validation,
-        // 127.0.0.1:9999 would be taken.
-        let out = Command::new(forwarder_bin())
-            .args(["run", "--child-netns"])
-            .arg(ns.path())
-            .args(["-p", "127.0.0.1:9999:80", "-p", spec])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .output()
-            .expect("run forwarder");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{spec}: {err}");
-        assert!(
-            err.contains(spec),
-            "{spec}: message does not name the spec: {err}"
-        );
-        assert!(err.contains(want), "{spec}: {err} (want {want:?})");
-        assert!(out.stdout.is_empty(), "{spec}: printed {:?}", out.stdout);
+        for order in [["127.0.0.1:9999:80", spec], [spec, "127.0.0.1:9999:80"]] {
+            let out = ns
+                .command(forwarder_bin())
+                .args(["run", "--child-netns"])
+                .arg(ns.path())
+                .args(["-p", order[0], "-p", order[1]])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .output()
+                .expect("run forwarder");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{order:?}: {err}");
+            assert!(
+                err.contains(spec),
+                "{order:?}: message does not name the spec: {err}"
+            );
+            assert!(err.contains(want), "{order:?}: {err} (want {want:?})");
+            assert!(
+                !err.to_lowercase().contains("in use"),
+                "{order:?}: listened before validating every spec: {err}"
+            );
+            assert!(out.stdout.is_empty(), "{order:?}: printed {:?}", out.stdout);
+        }
     }
 }
 
 #[test]
 fn nothing_to_publish_and_a_missing_namespace_are_errors() {
-    let out = Command::new(forwarder_bin())
+    require_root();
+    let ns = Netns::new("cli");
+    let out = ns
+        .command(forwarder_bin())
         .args(["run", "--child-netns", "/proc/self/ns/net"])
         .output()
         .expect("run");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to publish"));
-    let out = Command::new(forwarder_bin())
+    let out = ns
+        .command(forwarder_bin())
         .args([
             "run",
             "--child-netns",
@@ -72,9 +85,9 @@ fn nothing_to_publish_and_a_missing_namespace_are_errors() {
 }
 
 /// Runs the forwarder as root without CAP_BPF, CAP_NET_ADMIN and
-/// CAP_SYS_ADMIN (setpriv), in its own namespace as the "child".
-fn without_bpf(args: &[&str]) -> Command {
-    let mut c = Command::new("setpriv");
+/// CAP_SYS_ADMIN (setpriv), inside `ns`, which is also its "child".
+fn without_bpf(ns: &Netns, args: &[&str]) -> Command {
+    let mut c = ns.command("setpriv");
     c.args([
         "--bounding-set",
         "-bpf,-net_admin,-sys_admin",
@@ -90,7 +103,8 @@ fn without_bpf(args: &[&str]) -> Command {
 #[test]
 fn ebpf_mode_without_bpf_names_the_capability() {
     require_root();
-    let out = without_bpf(&["-p", "127.0.0.1:9998:80", "--mode", "ebpf"])
+    let ns = Netns::new("cli");
+    let out = without_bpf(&ns, &["-p", "127.0.0.1:9998:80", "--mode", "ebpf"])
         .output()
         .expect("setpriv (util-linux)");
     assert!(!out.status.success());
@@ -105,7 +119,8 @@ fn ebpf_mode_without_bpf_names_the_capability() {
 #[tokio::test]
 async fn auto_mode_without_bpf_runs_splice_and_says_why() {
     require_root();
-    let mut child = without_bpf(&["-p", "127.0.0.1:9997:80"])
+    let ns = Netns::new("cli");
+    let mut child = without_bpf(&ns, &["-p", "127.0.0.1:9997:80"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -171,11 +186,7 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
     let err = f.stderr();
     assert!(err.contains("discarding the IPv6 half"), "{err}");
     within(10, "IPv4 half", async {
-        let mut c = pair
-            .parent
-            .connect("127.0.0.1:8080")
-            .await
-            .expect("connect");
+        let mut c = pair.client("127.0.0.1:8080").await;
         c.write_all(b"v4").await.expect("write");
         let mut b = [0u8; 2];
         c.read_exact(&mut b).await.expect("read");
@@ -226,7 +237,7 @@ async fn api_ports_fall_back_to_ipv4_in_the_child() {
         .expect("rootlessctl");
     assert!(add.status.success(), "{add:?}");
     within(10, "v6 -> v4 through an API port", async {
-        let mut c = pair.parent.connect("[::1]:8080").await.expect("connect");
+        let mut c = pair.client("[::1]:8080").await;
         c.write_all(b"via the API").await.expect("write");
         let mut b = [0u8; 11];
         c.read_exact(&mut b).await.expect("read");
@@ -235,4 +246,96 @@ async fn api_ports_fall_back_to_ipv4_in_the_child() {
     .await;
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `forwarder ports add|ls|rm` and `forwarder status` against a running
+/// forwarder's API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_and_status_commands() {
+    let pair = Pair::new();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let dir = std::env::temp_dir().join(format!("fwt-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock").display().to_string();
+    let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock]);
+    let cli = |args: &[&str]| {
+        let out = Command::new(forwarder_bin())
+            .args(args)
+            .args(["--api-socket", &sock])
+            .output()
+            .expect("forwarder client");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&["ports", "add", "127.0.0.1:8080:80"]);
+    assert!(ok && out.trim() == "1", "{out}{err}");
+    let (ok, _, err) = cli(&["ports", "add", "127.0.0.1:8080:81"]);
+    assert!(!ok && err.contains("conflict with ID 1"), "{err}");
+    let (ok, out, _) = cli(&["ports", "ls"]);
+    assert!(
+        ok && out.contains("127.0.0.1") && out.contains("8080"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["ports", "ls", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"));
+    assert!(ok && v[0]["spec"]["childPort"] == 80, "{v}");
+    within(10, "traffic", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        c.write_all(b"12345").await.expect("write");
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.expect("read");
+    })
+    .await;
+    let (ok, out, _) = cli(&["status"]);
+    assert!(ok && out.contains("engine: copy"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("1 "))
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        row.contains("127.0.0.1:8080:80/tcp") && row.contains("5 B"),
+        "{out}"
+    );
+    let (ok, out, _) = cli(&["ports", "rm", "1"]);
+    assert!(ok && out.trim() == "1", "{out}");
+    let (ok, _, err) = cli(&["ports", "rm", "1"]);
+    assert!(!ok && err.contains("unknown id: 1"), "{err}");
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The dial agent goes away with its forwarder, even when the forwarder is
+/// killed outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_exits_with_its_forwarder() {
+    let pair = Pair::with(forwarder_tests::Privilege::User);
+    let f = Fwd::start(&pair, &["-p", "127.0.0.1:8080:80"]);
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", f.pid)).unwrap_or_default();
+    let agent: u32 = children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains("child-agent")
+        })
+        .expect("the forwarder started no agent");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(f.pid as i32, libc::SIGKILL) };
+    let mut gone = false;
+    for _ in 0..50 {
+        let state = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
+        if state.is_empty() || state.contains(") Z") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "agent {agent} outlived its forwarder");
+    drop(f);
 }

@@ -109,7 +109,7 @@ impl Netns {
     pub fn new(tag: &str) -> Netns {
         require_root();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("fwt{}-{n}-{tag}", std::process::id());
+        let name = format!("fwt-{}-{n}-{tag}", std::process::id());
         ip(&["netns", "add", &name]);
         let ns = Netns { name, holder: None };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
@@ -171,6 +171,24 @@ impl Netns {
             Some(c) => PathBuf::from(format!("/proc/{}/ns/net", c.id())),
             None => PathBuf::from(format!("/run/netns/{}", self.name)),
         }
+    }
+
+    /// A command that runs inside this namespace (it enters it between
+    /// fork and exec, so the PID is the program's own).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let nsfile = File::open(self.path()).expect("open netns");
+        let mut cmd = Command::new(program);
+        // SAFETY: only setns between fork and exec; the file moves into the
+        // closure and stays open as long as the Command.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
     }
 
     /// Sets a sysctl inside the namespace (written from a thread that
@@ -296,6 +314,17 @@ impl Pair {
             child,
             privilege,
         }
+    }
+}
+
+impl Pair {
+    /// A client connected from the parent namespace; panics naming the
+    /// address if the connection fails.
+    pub async fn client(&self, addr: &str) -> TcpStream {
+        self.parent
+            .connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
     }
 }
 
@@ -511,6 +540,25 @@ impl Fwd {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// Waits up to `timeout` for `needle` to appear on stderr (read by a
+    /// background thread, so a line logged before an event on stdout may
+    /// reach us after it). Returns stderr as it is then.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let err = self.stderr();
+            if err.contains(needle) || Instant::now() > deadline {
+                return err;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The hash and socket maps the forwarder holds, counted by the kernel.
+    pub fn bpf_maps(&self) -> Vec<bpf::MapInfo> {
+        bpf::map_entries(self.pid)
+    }
+
     fn event(&mut self, name: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
@@ -599,10 +647,14 @@ impl Fwd {
             let ok = st["active"] == 0 && fds <= self.base_fds && busy_maps.is_empty();
             if ok {
                 if self.engine() == "ebpf" {
-                    assert!(
-                        maps.len() >= 3,
-                        "expected the forwarder to hold its BPF maps, found {maps:?}"
-                    );
+                    // The contract's maps must be among those checked, or
+                    // the check would pass whatever the forwarder left.
+                    for name in ["FWD_SOCKS", "FWD_TARGETS", "FWD_PEERS"] {
+                        assert!(
+                            maps.iter().any(|m| m.name == name),
+                            "expected the forwarder to hold the map {name}, found {maps:?}"
+                        );
+                    }
                 }
                 return;
             }
@@ -619,7 +671,10 @@ impl Fwd {
     }
 
     /// SIGTERM; asserts a clean exit and returns the final stats line.
+    /// BPF maps the forwarder held must be gone from the kernel soon after
+    /// it exits (nothing pinned or left attached).
     pub fn stop(mut self) -> Value {
+        let map_ids: Vec<u32> = self.bpf_maps().iter().map(|m| m.id).collect();
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
@@ -642,7 +697,25 @@ impl Fwd {
             "forwarder exited with {status}; stderr:\n{}",
             self.stderr()
         );
-        self.event("stats", Duration::from_secs(10))
+        let stats = self.event("stats", Duration::from_secs(10));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left: Vec<u32> = map_ids
+                .iter()
+                .copied()
+                .filter(|&id| bpf::map_exists(id))
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "BPF maps {left:?} outlived the forwarder by 5 s; stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stats
     }
 }
 

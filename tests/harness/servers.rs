@@ -158,12 +158,12 @@ pub fn observes(l: TcpListener, report: mpsc::UnboundedSender<(io::Result<u64>, 
     });
 }
 
-/// A slow reader: reads 16 KiB every millisecond, then answers
-/// "COUNT HASH\n". Give its listener a small SO_RCVBUF.
+/// A slow reader: reads at most 4 KiB per millisecond (a few MB/s), then
+/// answers "COUNT HASH\n". Give its listener a small SO_RCVBUF.
 pub fn slow_sink(l: TcpListener) {
     serve(l, |mut s| async move {
         let mut t = Tally::default();
-        let mut buf = vec![0u8; 16 * 1024];
+        let mut buf = vec![0u8; 4 * 1024];
         loop {
             match s.read(&mut buf).await {
                 Ok(0) => break,
@@ -175,5 +175,39 @@ pub fn slow_sink(l: TcpListener) {
         let (n, h) = t.finish();
         let _ = s.write_all(format!("{n} {h}\n").as_bytes()).await;
         let _ = s.shutdown().await;
+    });
+}
+
+/// Streams data until a write fails, then reports the error and when it
+/// happened. Reads nothing.
+pub fn firehose(l: TcpListener, report: mpsc::UnboundedSender<(io::Error, Instant)>) {
+    serve(l, move |mut s| {
+        let report = report.clone();
+        async move {
+            let mut p = Pattern::new(9, u64::MAX);
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Some(n) = p.next_chunk(&mut buf) {
+                if let Err(e) = s.write_all(&buf[..n]).await {
+                    let _ = report.send((e, Instant::now()));
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// Reads `after` bytes, then resets the connection and reports when.
+pub fn resets_after(l: TcpListener, after: usize, report: mpsc::UnboundedSender<Instant>) {
+    serve(l, move |mut s| {
+        let report = report.clone();
+        async move {
+            let mut buf = vec![0u8; after];
+            if s.read_exact(&mut buf).await.is_err() {
+                return;
+            }
+            crate::reset_on_drop(&s);
+            drop(s);
+            let _ = report.send(Instant::now());
+        }
     });
 }
