@@ -39,7 +39,7 @@ pub fn run(args: &[String]) -> Result<()> {
     run_cmd(
         cargo()
             .env("FORWARDER_BIN", &bin)
-            .args(["test", "--release"])
+            .args(["test", "--release", "--no-fail-fast"])
             .args(workspace)
             .args(cargo_args)
             .arg("--")
