@@ -507,6 +507,23 @@ mod tests {
         assert_eq!(s, StatusCode::OK);
         assert_eq!(v["engine"], "copy");
         assert_eq!(v["total"]["connections"], 0);
+        let p = free_port();
+        let body =
+            format!(r#"{{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":{p},"childPort":80}}"#);
+        let (s, _) = call(&st, Method::POST, "/v1/ports", &body).await;
+        assert_eq!(s, StatusCode::CREATED);
+        let (_, v) = call(&st, Method::GET, "/v1/stats", "").await;
+        let port = &v["ports"][0];
+        assert_eq!(port["engine"], "copy", "{v}");
+        for key in [
+            "active",
+            "connections",
+            "dial_failures",
+            "bytes_to_child",
+            "bytes_to_parent",
+        ] {
+            assert_eq!(port[key], 0, "{key} in {v}");
+        }
     }
 
     /// Counts this process's open descriptors.

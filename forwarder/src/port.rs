@@ -78,6 +78,8 @@ pub struct PortStatus {
 pub struct PortReport {
     pub id: u32,
     pub spec: String,
+    /// The engine carrying the port's connections.
+    pub engine: String,
     #[serde(flatten)]
     pub stats: Snapshot,
 }
@@ -298,6 +300,7 @@ impl PortManager {
             .map(|(id, p)| PortReport {
                 id: *id,
                 spec: p.spec.to_string(),
+                engine: self.ctx.engine.kind().to_string(),
                 stats: p.stats.snapshot(live.get(id).copied().unwrap_or_default()),
             })
             .collect();
