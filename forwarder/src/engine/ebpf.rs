@@ -497,6 +497,10 @@ impl Inner {
         // throttled[i]: side i's window clamp before we throttled it.
         let mut throttled: [Option<u32>; 2] = [None, None];
         let mut backoff = Duration::from_millis(1);
+        // Re-checks right after a FIN usually need only microseconds (the
+        // FIN's wake-up comes before the verdict has run on the last skb),
+        // far less than the timer's 1 ms: yield a few times first.
+        let mut quick_checks = 0u32;
         let mut stalled_since: [Option<Instant>; 2] = [None, None];
         loop {
             let st = match sys::poll_states([fd(0), fd(1)]) {
@@ -582,7 +586,10 @@ impl Inner {
             if fin_sent[0] && fin_sent[1] {
                 return Outcome::Closed;
             }
-            if poll_again {
+            if poll_again && quick_checks < 8 && throttled.iter().all(Option::is_none) {
+                quick_checks += 1;
+                tokio::task::yield_now().await;
+            } else if poll_again {
                 // A throttled direction is re-checked every millisecond so
                 // the window reopens as soon as the backlog has drained; a
                 // draining FIN backs off to 20 ms.
@@ -598,6 +605,7 @@ impl Inner {
                 backoff = (backoff * 2).min(Duration::from_millis(20));
             } else {
                 backoff = Duration::from_millis(1);
+                quick_checks = 0;
                 notify.notified().await;
             }
         }
