@@ -8,7 +8,10 @@
 //! other errors exit 1.
 
 mod bench;
+mod chart;
 mod demo;
+mod load;
+mod peers;
 mod setup;
 mod test;
 mod util;
@@ -38,13 +41,19 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
-    /// Throughput against direct loopback, per engine, interleaved.
+    /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
     /// The demo's HTTP server (runs inside the demo namespace).
     #[command(hide = true)]
     DemoServer {
         #[arg(long = "bind", required = true)]
         binds: Vec<std::net::SocketAddr>,
+    },
+    /// The bench's echo server (runs inside the bench namespace).
+    #[command(hide = true)]
+    BenchEcho {
+        #[arg(long)]
+        bind: std::net::SocketAddr,
     },
 }
 
@@ -55,6 +64,7 @@ fn run(task: Task) -> Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
+        Task::BenchEcho { bind } => load::echo_server(bind),
     }
 }
 

@@ -1,0 +1,251 @@
+//! The bench's request/response workloads: an echo server (the hidden
+//! `bench-echo` subcommand, run inside the child namespace with
+//! `ip netns exec`) and a small tokio load generator.
+//!
+//! Method:
+//! - *ping-pong*: one connection (TCP_NODELAY on both ends), a message of
+//!   SIZE bytes written, the same SIZE bytes read back, N times in a row;
+//!   each round trip is timed with a monotonic clock. 100 unrecorded round
+//!   trips first. Reported as p50/p99/p99.9/max in microseconds.
+//! - *connection rate*: C tasks, each in a loop for a fixed duration:
+//!   connect, send the 1-byte request `!`, read the 1-byte answer, read EOF,
+//!   close. The echo server answers `!` and closes first, so the TIME_WAIT
+//!   state ends up on the server side (in the child), not on the client's
+//!   ephemeral ports. *setup time* = from before connect() to the answer
+//!   byte: it covers the forwarder's accept, its dial in the child and one
+//!   round trip (connect() alone returns as soon as the forwarder's kernel
+//!   accepted, before the child is dialed). Reported: completed connections
+//!   per second, p99 setup time, and failures (each operation has a 5 s
+//!   limit; a failure is counted, the task goes on).
+//! - the client runs on a current-thread tokio runtime on its own thread.
+//!   For *direct* that thread first enters the child namespace (setns), so
+//!   the sockets it creates live there.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+/// The line the echo server prints once it listens.
+pub const ECHO_READY: &str = "bench-echo: listening";
+/// The request byte that makes the echo server answer and close.
+const ONE_SHOT: u8 = b'!';
+/// The limit for any single network operation of the load generator.
+const OP_LIMIT: Duration = Duration::from_secs(5);
+
+/// `bench-echo --bind ADDR`: echoes every byte back; a read of exactly the
+/// one byte `!` is answered and the connection closed (the connection-rate
+/// workload).
+pub fn echo_server(bind: SocketAddr) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    rt.block_on(async move {
+        let l = TcpListener::bind(bind)
+            .await
+            .with_context(|| format!("bench-echo: binding {bind}"))?;
+        println!("{ECHO_READY} on {bind}");
+        std::io::stdout().flush().context("writing to stdout")?;
+        loop {
+            let (s, _) = match l.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("bench-echo: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            tokio::spawn(async move {
+                let _ = echo(s).await;
+            });
+        }
+    })
+}
+
+async fn echo(mut s: TcpStream) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        s.write_all(&buf[..n]).await?;
+        if n == 1 && buf[0] == ONE_SHOT {
+            return Ok(());
+        }
+    }
+}
+
+/// Runs `f` on a fresh current-thread tokio runtime in a new thread that
+/// first enters the network namespace `netns` (a namespace file), if any.
+pub fn in_netns<T, F, Fut>(netns: Option<String>, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let t = std::thread::spawn(move || -> Result<T> {
+        if let Some(path) = netns {
+            let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on a valid namespace fd affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error())
+                    .with_context(|| format!("entering network namespace {path}"));
+            }
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("building the tokio runtime")?;
+        rt.block_on(f())
+    });
+    match t.join() {
+        Ok(r) => r,
+        Err(_) => bail!("the load generator thread panicked"),
+    }
+}
+
+async fn within<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = std::io::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(OP_LIMIT, fut).await {
+        Ok(r) => r.with_context(|| what.to_string()),
+        Err(_) => bail!("{what}: no answer within {OP_LIMIT:?}"),
+    }
+}
+
+/// Round-trip times in nanoseconds of `n` ping-pongs of `size` bytes.
+pub async fn ping_pong(addr: SocketAddr, size: usize, n: usize) -> Result<Vec<u64>> {
+    let mut s = within(&format!("connecting to {addr}"), TcpStream::connect(addr)).await?;
+    s.set_nodelay(true).context("TCP_NODELAY")?;
+    let msg = vec![b'p'; size];
+    let mut back = vec![0u8; size];
+    let mut rtts = Vec::with_capacity(n);
+    for i in 0..n + 100 {
+        let t0 = Instant::now();
+        within("sending", s.write_all(&msg)).await?;
+        within("receiving the echo", s.read_exact(&mut back)).await?;
+        let dt = t0.elapsed();
+        if i >= 100 {
+            rtts.push(u64::try_from(dt.as_nanos()).unwrap_or(u64::MAX));
+        }
+    }
+    Ok(rtts)
+}
+
+/// What a connection-rate run measured.
+pub struct ConnRate {
+    pub completed: u64,
+    pub failed: u64,
+    pub secs: f64,
+    /// Setup times (connect to first answer byte), nanoseconds.
+    pub setup_ns: Vec<u64>,
+    /// The first failure, for the report.
+    pub first_error: Option<String>,
+}
+
+async fn one_connection(addr: SocketAddr) -> Result<u64> {
+    let t0 = Instant::now();
+    let mut s = within("connecting", TcpStream::connect(addr)).await?;
+    within("sending the request", s.write_all(&[ONE_SHOT])).await?;
+    let mut b = [0u8; 1];
+    within("reading the answer", s.read_exact(&mut b)).await?;
+    let setup = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut rest = [0u8; 16];
+    let n = within("reading EOF", s.read(&mut rest)).await?;
+    if n != 0 {
+        bail!("{n} unexpected bytes after the answer");
+    }
+    Ok(setup)
+}
+
+/// `clients` concurrent loops of connect, 1-byte request/response, close,
+/// for `dur`.
+pub async fn conn_rate(addr: SocketAddr, clients: usize, dur: Duration) -> Result<ConnRate> {
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        tasks.spawn(async move {
+            let (mut ok, mut failed, mut setups, mut first) = (0u64, 0u64, Vec::new(), None);
+            while Instant::now() < end {
+                match one_connection(addr).await {
+                    Ok(ns) => {
+                        ok += 1;
+                        setups.push(ns);
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                        // Do not spin on an immediate error.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (ok, failed, setups, first)
+        });
+    }
+    let mut r = ConnRate {
+        completed: 0,
+        failed: 0,
+        secs: 0.0,
+        setup_ns: Vec::new(),
+        first_error: None,
+    };
+    while let Some(j) = tasks.join_next().await {
+        let (ok, failed, setups, first) = j.context("a client task panicked")?;
+        r.completed += ok;
+        r.failed += failed;
+        r.setup_ns.extend(setups);
+        if r.first_error.is_none() {
+            r.first_error = first;
+        }
+    }
+    r.secs = start.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+/// The `q`-quantile (0..=1) of sorted samples, nearest rank.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// p50, p99, p99.9 and max of nanosecond samples, in microseconds.
+pub fn latency_summary(samples: &[u64]) -> [f64; 4] {
+    let mut v = samples.to_vec();
+    v.sort_unstable();
+    let us = |ns: u64| ns as f64 / 1e3;
+    [
+        us(quantile(&v, 0.5)),
+        us(quantile(&v, 0.99)),
+        us(quantile(&v, 0.999)),
+        us(v.last().copied().unwrap_or(0)),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=1000).collect();
+        assert_eq!(quantile(&v, 0.5), 500);
+        assert_eq!(quantile(&v, 0.99), 990);
+        assert_eq!(quantile(&v, 0.999), 999);
+        assert_eq!(quantile(&v, 1.0), 1000);
+        assert_eq!(quantile(&[], 0.5), 0);
+        assert_eq!(latency_summary(&[3000, 1000, 2000]), [2.0, 3.0, 3.0, 3.0]);
+    }
+}

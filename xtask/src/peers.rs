@@ -1,0 +1,294 @@
+//! Peers the bench measures next to the forwarder, each started in this
+//! (the parent, here the host's) network namespace listening on
+//! 127.0.0.1:PORT:
+//!
+//! - *socat*: `socat TCP-LISTEN:PORT,bind=127.0.0.1,fork,reuseaddr
+//!   EXEC:'ip netns exec CHILD socat STDIO TCP:127.0.0.1:TARGET'`. socat
+//!   1.7 cannot dial in another namespace, so every accepted connection
+//!   costs a fork of the listener plus a fork/exec of `ip netns exec` and a
+//!   second socat inside the child; bytes cross userspace twice (listener
+//!   socat, a socketpair, the child socat), 8 KiB per read (socat's
+//!   default). It measures the classic "socat + nsenter" recipe, per-
+//!   connection process start-up included. With socat's default half-close
+//!   timeout (`-t 0.5`) the client sees EOF about 0.5 s after the server
+//!   closed (the inner socat exits only then: measured 510 ms against 58 ms
+//!   with `-t 0.05`), which bounds its connection rate to about 2 per second
+//!   per client; the answer itself arrives after ~7 ms (fork + exec). The
+//!   recipe is kept as people use it, with socat's defaults.
+//! - *rootlesskit*: RootlessKit's `builtin` port driver, run as the
+//!   unprivileged user `fwdtest` in the host namespace
+//!   (`rootlesskit --net=slirp4netns --disable-host-loopback
+//!   --port-driver=builtin`), its own iperf3 server and echo server inside
+//!   *its* child namespace (not the bench's), the port added with
+//!   `rootlessctl add-ports 127.0.0.1:PORT:5201/tcp`. Its parent process
+//!   copies the bytes in userspace (Go).
+//! - *pasta* (Debian `passt`): `pasta --netns /run/netns/CHILD -f
+//!   --runas 0 -t 127.0.0.1/PORT:TARGET ...`; loopback-to-loopback
+//!   connections take pasta's splice path. pasta drops to `nobody` when
+//!   started as root and then cannot enter the namespace, hence `--runas 0`.
+//!   It also adds an (unconfigured) tap interface to the bench's child,
+//!   which loopback traffic does not use.
+//!
+//! A peer that cannot start yields an error that the bench shows as
+//! "not run: <reason>". Every process is stopped by its PID when the
+//! `Peer` is dropped (SIGTERM, then SIGKILL after 3 s); RootlessKit's state
+//! directory is removed.
+
+use std::collections::VecDeque;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::util::{die_with_parent, output, show, Netns, Proc};
+
+/// A running peer.
+pub struct Peer {
+    /// The port its echo traffic goes to, if it carries one.
+    pub echo_port: Option<u16>,
+    /// The process that carries the bytes, for CPU and memory figures
+    /// (none for socat, which forks per connection).
+    pub pid: Option<u32>,
+    procs: Vec<(Proc, Log)>,
+    dir: Option<PathBuf>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        while let Some((mut p, _)) = self.procs.pop() {
+            if p.pid().is_some() {
+                let _ = p.stop(libc::SIGTERM, Duration::from_secs(3));
+            }
+        }
+        if let Some(dir) = self.dir.take() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+type Log = Arc<Mutex<VecDeque<String>>>;
+
+/// Spawns `cmd` with stdout and stderr kept (last 20 lines).
+fn spawn_logged(cmd: &mut Command, name: &str) -> Result<(Proc, Log)> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut p = Proc::spawn(cmd, name)?;
+    let log: Log = Arc::new(Mutex::new(VecDeque::new()));
+    let child = p.child()?;
+    let pipes: Vec<Box<dyn std::io::Read + Send>> = [
+        child
+            .stdout
+            .take()
+            .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for pipe in pipes {
+        let keep = Arc::clone(&log);
+        let rx = crate::util::lines(pipe);
+        std::thread::spawn(move || {
+            for line in rx {
+                if line.contains("Failed to send") && line.contains("syslog") {
+                    continue;
+                }
+                if let Ok(mut l) = keep.lock() {
+                    if l.len() == 20 {
+                        l.pop_front();
+                    }
+                    l.push_back(line);
+                }
+            }
+        });
+    }
+    Ok((p, log))
+}
+
+fn tail(log: &Log) -> String {
+    match log.lock() {
+        Ok(l) if !l.is_empty() => format!(
+            "; its output: {}",
+            l.iter().cloned().collect::<Vec<_>>().join(" / ")
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Waits until something listens on 127.0.0.1:`port` (our own bind fails
+/// with EADDRINUSE; no connection is made), failing early if `p` exits.
+fn wait_listening(port: u16, p: &mut Proc, log: &Log, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match TcpListener::bind(("127.0.0.1", port)) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
+            _ => {}
+        }
+        if let Some(st) = p.try_wait()? {
+            bail!(
+                "it exited ({st}) before listening on port {port}{}",
+                tail(log)
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "nothing listens on 127.0.0.1:{port} after {limit:?}{}",
+                tail(log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One socat listener on `port` relaying into the child's `target`. The
+/// colons of the inner address are escaped (`TCP\:127.0.0.1\:PORT`):
+/// unescaped, the outer socat splits EXEC's command at them ("wrong number
+/// of parameters").
+fn socat_one(ns: &Netns, port: u16, target: u16) -> Result<(Proc, Log)> {
+    let mut cmd = Command::new("socat");
+    cmd.arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,fork,reuseaddr"))
+        .arg(format!(
+            "EXEC:ip netns exec {} socat STDIO TCP\\:127.0.0.1\\:{target}",
+            ns.name
+        ));
+    die_with_parent(&mut cmd, libc::SIGTERM);
+    let (mut p, log) = spawn_logged(&mut cmd, "socat")?;
+    wait_listening(port, &mut p, &log, Duration::from_secs(10))
+        .with_context(|| format!("starting `{}`", show(&cmd)))?;
+    Ok((p, log))
+}
+
+/// socat with fork, one listener per target port.
+pub fn socat(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
+    let a = socat_one(ns, iperf.0, iperf.1)?;
+    let b = socat_one(ns, echo.0, echo.1)?;
+    Ok(Peer {
+        echo_port: Some(echo.0),
+        pid: None,
+        procs: vec![a, b],
+        dir: None,
+    })
+}
+
+/// pasta attached to the bench's child namespace.
+pub fn pasta(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
+    let mut cmd = Command::new("pasta");
+    cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
+        .args(["-t", &format!("127.0.0.1/{}:{}", iperf.0, iperf.1)])
+        .args(["-t", &format!("127.0.0.1/{}:{}", echo.0, echo.1)])
+        .args(["-T", "none", "-u", "none", "-U", "none"]);
+    die_with_parent(&mut cmd, libc::SIGTERM);
+    let (mut p, log) = spawn_logged(&mut cmd, "pasta")?;
+    for port in [iperf.0, echo.0] {
+        wait_listening(port, &mut p, &log, Duration::from_secs(10))
+            .with_context(|| format!("starting `{}`", show(&cmd)))?;
+    }
+    Ok(Peer {
+        echo_port: Some(echo.0),
+        pid: p.pid(),
+        procs: vec![(p, log)],
+        dir: None,
+    })
+}
+
+/// The unprivileged user RootlessKit runs as (`cargo xtask setup`).
+const RK_USER: &str = "fwdtest";
+
+fn as_user(program: &str, home: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid",
+        RK_USER,
+        "--regid",
+        RK_USER,
+        "--init-groups",
+        "env",
+    ])
+    .arg(format!("HOME={}", home.display()))
+    .arg(program);
+    c
+}
+
+/// RootlessKit's builtin port driver with iperf3 and the echo server
+/// (`xtask`, the binary at `me`, which `fwdtest` must be able to run)
+/// inside its own child namespace.
+pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
+    output(Command::new("id").arg(RK_USER))
+        .with_context(|| format!("no user {RK_USER} (cargo xtask setup creates it)"))?;
+    let dir = PathBuf::from(format!("/tmp/fwd-bench-rk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut peer = Peer {
+        echo_port: None,
+        pid: None,
+        procs: Vec::new(),
+        dir: Some(dir.clone()),
+    };
+    output(
+        Command::new("chown")
+            .arg(format!("{RK_USER}:{RK_USER}"))
+            .arg(&dir),
+    )?;
+    let state = dir.join("state");
+    // The echo server is copied where fwdtest can run it. iperf3 dies with
+    // its parent, the shell that becomes the echo server, which RootlessKit
+    // kills when it stops (it makes no PID namespace here).
+    let echo_bin = dir.join("xtask");
+    std::fs::copy(me, &echo_bin).with_context(|| format!("copying {}", me.display()))?;
+    let script = format!(
+        "setpriv --pdeathsig KILL iperf3 -s -B 127.0.0.1 -p {} & exec {} bench-echo --bind 127.0.0.1:{}",
+        iperf.1,
+        echo_bin.display(),
+        echo.1
+    );
+    let mut cmd = as_user("rootlesskit", &dir);
+    cmd.args([
+        "--net=slirp4netns",
+        "--disable-host-loopback",
+        "--port-driver=builtin",
+    ])
+    .arg(format!("--state-dir={}", state.display()))
+    .args(["sh", "-c", &script])
+    .current_dir(&dir);
+    // (PR_SET_PDEATHSIG does not survive setpriv's change of user; the
+    // Peer's drop stops it.)
+    let (mut p, log) = spawn_logged(&mut cmd, "rootlesskit")?;
+    peer.pid = p.pid();
+    let sock = state.join("api.sock");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !sock.exists() {
+        if let Some(st) = p.try_wait()? {
+            bail!("rootlesskit exited ({st}){}", tail(&log));
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "rootlesskit made no {} within 15 s{}",
+                sock.display(),
+                tail(&log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    peer.procs.push((p, log));
+    for (port, target) in [iperf, echo] {
+        let mut add = as_user("rootlessctl", &dir);
+        add.arg("--socket")
+            .arg(&sock)
+            .args(["add-ports", &format!("127.0.0.1:{port}:{target}/tcp")]);
+        output(&mut add).context("rootlessctl add-ports")?;
+    }
+    let (p, log) = peer.procs.last_mut().context("rootlesskit")?;
+    for port in [iperf.0, echo.0] {
+        wait_listening(port, p, log, Duration::from_secs(10))?;
+    }
+    peer.echo_port = Some(echo.0);
+    // The servers inside start asynchronously; give them a moment.
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(peer)
+}
