@@ -318,6 +318,24 @@ fn echo_addr(sys: &System) -> Option<(bool, SocketAddr)> {
     ))
 }
 
+/// Runs a load-generator workload against a system's echo port (from
+/// inside the child namespace for direct), or says why it cannot run.
+fn on_echo<T, F, Fut>(sys: &System, ns: &Netns, work: F) -> std::result::Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match (&sys.failed, echo_addr(sys)) {
+        (Some(why), _) => Err(why.clone()),
+        (None, None) => Err("no echo port".to_string()),
+        (None, Some((in_child, addr))) => {
+            let netns = in_child.then(|| ns.path());
+            load::in_netns(netns, move || work(addr)).map_err(|e| format!("{e:#}"))
+        }
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
     // Processes orphaned below us (the iperf3 inside RootlessKit, killed by
     // its parent-death signal) are reparented to this process instead of
@@ -513,16 +531,11 @@ fn run_inner(args: &Args) -> Result<()> {
     for size in SIZES {
         for sys in &systems {
             check_interrupted()?;
-            let r = match (&sys.failed, echo_addr(sys)) {
-                (Some(why), _) => Err(why.clone()),
-                (None, None) => Err("no echo port".to_string()),
-                (None, Some((in_child, addr))) => {
-                    let netns = in_child.then(|| ns.path());
-                    load::in_netns(netns, move || load::ping_pong(addr, size, round_trips))
-                        .map(|rtts| load::latency_summary(&rtts))
-                        .map_err(|e| format!("{e:#}"))
-                }
-            };
+            let r = on_echo(sys, &ns, move |addr| async move {
+                load::ping_pong(addr, size, round_trips)
+                    .await
+                    .map(|rtts| load::latency_summary(&rtts))
+            });
             match &r {
                 Ok(l) => eprintln!(
                     "bench: ping-pong {size:4} B {:11} p50 {:.1} p99 {:.1} us",
@@ -538,20 +551,13 @@ fn run_inner(args: &Args) -> Result<()> {
     for clients in CLIENTS {
         for sys in &systems {
             check_interrupted()?;
-            let r = match (&sys.failed, echo_addr(sys)) {
-                (Some(why), _) => Err(why.clone()),
-                (None, None) => Err("no echo port".to_string()),
-                (None, Some((in_child, addr))) => {
-                    let netns = in_child.then(|| ns.path());
-                    let dur = Duration::from_secs(rate_secs);
-                    load::in_netns(netns, move || load::conn_rate(addr, clients, dur))
-                        .map(|c| {
-                            let p99 = load::latency_summary(&c.setup_ns)[1];
-                            (c.completed as f64 / c.secs, p99, c.failed, c.first_error)
-                        })
-                        .map_err(|e| format!("{e:#}"))
-                }
-            };
+            let dur = Duration::from_secs(rate_secs);
+            let r = on_echo(sys, &ns, move |addr| async move {
+                load::conn_rate(addr, clients, dur).await.map(|c| {
+                    let p99 = load::latency_summary(&c.setup_ns)[1];
+                    (c.completed as f64 / c.secs, p99, c.failed, c.first_error)
+                })
+            });
             match &r {
                 Ok((cps, p99, failed, _)) => eprintln!(
                     "bench: connect {clients:2} clients {:11} {cps:8.0} conn/s p99 {p99:.0} us, {failed} failed",
