@@ -64,8 +64,8 @@ use serde_json::{json, Value};
 use crate::load;
 use crate::peers::{self, Peer};
 use crate::util::{
-    build_forwarder, catch_interrupts, check_interrupted, die_with_parent, lines, output,
-    output_within, root, Forwarder, Netns, Proc,
+    build_forwarder, catch_interrupts, check_interrupted, die_with_parent, output, output_within,
+    root, spawn_ready, Forwarder, Netns, Proc,
 };
 #[derive(clap::Args)]
 pub struct Args {
@@ -250,21 +250,7 @@ fn echo_server(ns: &Netns, me: &Path) -> Result<Proc> {
     cmd.args(["bench-echo", "--bind", &format!("127.0.0.1:{ECHO_PORT}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
-    die_with_parent(&mut cmd, libc::SIGKILL);
-    let mut server = Proc::spawn(&mut cmd, "the echo server")?;
-    let out = server
-        .child()?
-        .stdout
-        .take()
-        .context("the echo server's stdout")?;
-    match lines(out).recv_timeout(Duration::from_secs(10)) {
-        Ok(l) if l.starts_with(load::ECHO_READY) => Ok(server),
-        Ok(l) => bail!(
-            "the echo server said {l:?} instead of {:?}",
-            load::ECHO_READY
-        ),
-        Err(_) => bail!("the echo server did not start (its errors are above)"),
-    }
+    spawn_ready(&mut cmd, "the echo server", load::ECHO_READY)
 }
 
 /// utime + stime of a process, in seconds.

@@ -24,9 +24,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{
-    build_forwarder, catch_interrupts, die_with_parent, lines, Forwarder, Netns, Proc,
-};
+use crate::util::{build_forwarder, catch_interrupts, spawn_ready, Forwarder, Netns};
 
 /// The line the server prints once all its sockets listen.
 const SERVER_READY: &str = "demo-server: listening";
@@ -154,18 +152,7 @@ pub fn run() -> Result<()> {
     ])
     .stdin(Stdio::null())
     .stdout(Stdio::piped());
-    die_with_parent(&mut cmd, libc::SIGKILL);
-    let mut server = Proc::spawn(&mut cmd, "the demo server")?;
-    let out = server
-        .child()?
-        .stdout
-        .take()
-        .context("the server's stdout")?;
-    match lines(out).recv_timeout(Duration::from_secs(10)) {
-        Ok(l) if l.starts_with(SERVER_READY) => {}
-        Ok(l) => bail!("the demo server said {l:?} instead of {SERVER_READY:?}"),
-        Err(_) => bail!("the demo server did not start (its errors are above)"),
-    }
+    let server = spawn_ready(&mut cmd, "the demo server", SERVER_READY)?;
     println!(
         "HTTP server in the child on {} and {} (PID {})",
         REQUESTS[0].1,

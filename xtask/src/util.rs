@@ -383,6 +383,23 @@ pub fn lines<R: Read + Send + 'static>(r: R) -> Receiver<String> {
     rx
 }
 
+/// Starts a helper server (`cmd`'s stdout must be piped), killed if xtask
+/// dies, and waits up to 10 s for its first line to start with `ready`.
+pub fn spawn_ready(cmd: &mut Command, name: &str, ready: &str) -> Result<Proc> {
+    die_with_parent(cmd, libc::SIGKILL);
+    let mut server = Proc::spawn(cmd, name)?;
+    let out = server
+        .child()?
+        .stdout
+        .take()
+        .with_context(|| format!("{name}'s stdout"))?;
+    match lines(out).recv_timeout(Duration::from_secs(10)) {
+        Ok(l) if l.starts_with(ready) => Ok(server),
+        Ok(l) => bail!("{name} said {l:?} instead of {ready:?}"),
+        Err(_) => bail!("{name} did not start (its errors are above)"),
+    }
+}
+
 /// How long a forwarder may take to report `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
