@@ -510,6 +510,60 @@ pub async fn many_concurrent(engine: &Engine) {
     assert_eq!(st["dial_failures"].as_u64(), Some(0), "{st}");
 }
 
+/// Connections that moved data and then went idle hold no pipe and no
+/// buffer (the splice and copy paths give them back to a bounded pool), so
+/// many idle connections cost only their sockets; and they still work, each
+/// with its own bytes, when they wake up.
+pub async fn idle_connections_hold_nothing(engine: &Engine) {
+    let pair = pair(engine);
+    servers::echo(pair.child.listen("127.0.0.1:88"));
+    let mut f = start(&pair, engine, &["127.0.0.1:8088:88"]);
+    // stdio to this test are pipes too.
+    let base_pipes = f.pipe_fd_count() as u64;
+    const N: usize = 300;
+    let msg = |i: usize, round: u8| -> Vec<u8> {
+        (0..32 * 1024)
+            .map(|k| (i * 31 + k) as u8 ^ round)
+            .collect::<Vec<u8>>()
+    };
+    let mut conns = Vec::with_capacity(N);
+    within(60, "300 connections echo 32 KiB each", async {
+        for i in 0..N {
+            let mut c = pair.client("127.0.0.1:8088").await;
+            echo_roundtrip(&mut c, &msg(i, 0)).await;
+            conns.push(c);
+        }
+    })
+    .await;
+    // Idle now: every mover back, at most 64 pipes kept, and no pipe
+    // descriptor other than the pooled ones.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.stats();
+        let p = &st["pooled"];
+        let pipes = p["pipes"].as_u64().unwrap_or(u64::MAX);
+        let held = (f.pipe_fd_count() as u64).saturating_sub(base_pipes);
+        if p["pipes_in_use"] == 0 && p["buffers_in_use"] == 0 && held == 2 * pipes && pipes <= 64 {
+            assert_eq!(st["active"].as_u64(), Some(N as u64), "{st}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{N} idle connections still hold movers: {p}, {held} pipe descriptors; {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    within(60, "the idle connections wake up", async {
+        for (i, c) in conns.iter_mut().enumerate() {
+            echo_roundtrip(c, &msg(i, 0x5a)).await;
+        }
+    })
+    .await;
+    drop(conns);
+    let st = finish(f).await;
+    assert_eq!(st["connections"].as_u64(), Some(N as u64), "{st}");
+}
+
 /// Uploads `n` bytes of stream `seeds.0` to the sink-hash server behind
 /// 127.0.0.1:8089, then downloads `n` bytes of stream `seeds.1` from the
 /// source server behind 8090, checking both hashes.
@@ -752,6 +806,8 @@ macro_rules! suite {
             async fn ipv6_fallback() { super::ipv6_fallback(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fd_exhaustion() { super::fd_exhaustion(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn idle_connections_hold_nothing() { super::idle_connections_hold_nothing(ARGS).await }
             $($(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $extra() { super::$extra(ARGS).await }

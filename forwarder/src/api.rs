@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::net::UnixListener;
 
-use crate::engine::MapEntries;
+use crate::engine::{MapEntries, Pooled};
 use crate::port::{PortError, PortManager, PortReport};
 use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::Snapshot;
@@ -235,6 +235,9 @@ pub struct StatsJson {
     pub ports: Vec<PortReport>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bpf_map_entries: Option<MapEntries>,
+    /// Idle pipes and buffers kept for reuse by the splice and copy paths.
+    #[serde(default)]
+    pub pooled: Pooled,
 }
 
 /// The statistics of a port manager, as the API and the stdout channel
@@ -246,6 +249,7 @@ pub fn stats(ports: &PortManager) -> StatsJson {
         total,
         ports: per_port,
         bpf_map_entries: ports.engine().map_entries(),
+        pooled: crate::engine::pooled(),
     }
 }
 

@@ -146,6 +146,7 @@ fn stats_event(ports: &PortManager) -> serde_json::Value {
         if let Some(m) = st.bpf_map_entries {
             obj.insert("bpf_map_entries".into(), json!(m));
         }
+        obj.insert("pooled".into(), json!(st.pooled));
     }
     v
 }

@@ -218,6 +218,14 @@ pub fn pipe(size: usize) -> io::Result<Pipe> {
     })
 }
 
+/// Bytes waiting in a pipe (`FIONREAD` on its read end).
+pub fn pipe_pending(p: &Pipe) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    cvt(unsafe { libc::ioctl(p.read.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// splice(2) with SPLICE_F_MOVE | SPLICE_F_NONBLOCK. `Ok(0)` is EOF.
 pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: null offsets: both fds use their file position (pipe/socket).

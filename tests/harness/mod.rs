@@ -603,6 +603,17 @@ impl Fwd {
             .unwrap_or(0)
     }
 
+    /// Open pipe descriptors of the forwarder.
+    pub fn pipe_fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
+            .map(|d| {
+                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                    .filter(|t| t.to_string_lossy().starts_with("pipe:"))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
     /// User + system CPU time in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
@@ -634,9 +645,11 @@ impl Fwd {
     }
 
     /// Waits until every connection has ended and checks that nothing
-    /// leaked: descriptors back to the count at start and, for the ebpf
-    /// engine, every BPF map the process holds empty (read from the kernel
-    /// directly, not from the forwarder).
+    /// leaked: descriptors back to the count at start (plus two for each
+    /// idle pipe the splice path keeps for reuse, at most 64 pipes), no
+    /// pipe or buffer in use and, for the ebpf engine, every BPF map the
+    /// process holds empty (read from the kernel directly, not from the
+    /// forwarder).
     pub async fn assert_clean(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
@@ -644,7 +657,14 @@ impl Fwd {
             let fds = self.fd_count();
             let maps = bpf::map_entries(self.pid);
             let busy_maps: Vec<_> = maps.iter().filter(|m| m.entries > 0).collect();
-            let ok = st["active"] == 0 && fds <= self.base_fds && busy_maps.is_empty();
+            let pooled = &st["pooled"];
+            let pooled_pipes = pooled["pipes"].as_u64().unwrap_or(u64::MAX);
+            let ok = st["active"] == 0
+                && pooled_pipes <= 64
+                && fds as u64 <= self.base_fds as u64 + 2 * pooled_pipes
+                && pooled["pipes_in_use"] == 0
+                && pooled["buffers_in_use"] == 0
+                && busy_maps.is_empty();
             if ok {
                 if self.engine() == "ebpf" {
                     // The contract's maps must be among those checked, or

@@ -6,21 +6,25 @@
 //! life (handoff, FIN each way, resets, teardown) is the shared driver's,
 //! see [`super::relay`]; this file only says how one chunk moves.
 //!
-//! State: per direction a 64 KiB buffer, allocated on the first readable
-//! event (idle connections cost none) and freed with the connection. The
-//! driver fills it with one read and writes it all out before reading again,
-//! so a connection holds at most 128 KiB however slow its reader.
+//! State: per direction a 64 KiB buffer, taken (from the driver's pool, or
+//! allocated) on a readable event and given back once the source has
+//! nothing more to read: idle connections hold none. The driver fills it
+//! with one read and writes it all out before reading again, so a
+//! connection holds at most 128 KiB however slow its reader.
 
 use std::io;
 
 use tokio::net::TcpStream;
 
-use super::relay::{self, Chunk};
+use super::relay::{self, Chunk, Pool};
 use super::{Conn, Engine, EngineKind};
 use crate::stats::DataPath;
 
 /// Size of each direction's buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
+
+/// Buffers of idle directions, for reuse.
+static BUFFERS: Pool<Vec<u8>> = Pool::new();
 
 /// The userspace copy engine.
 pub struct CopyEngine;
@@ -40,19 +44,21 @@ impl Chunk for CopyChunk {
 
     async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         loop {
-            src.readable().await?;
-            if self.buf.is_empty() {
-                self.buf = vec![0; BUF_SIZE];
-            }
-            match src.try_read(&mut self.buf) {
-                Ok(n) => {
-                    self.start = 0;
-                    self.end = n;
-                    return Ok(n);
+            if !self.buf.is_empty() {
+                match src.try_read(&mut self.buf) {
+                    Ok(n) => {
+                        self.start = 0;
+                        self.end = n;
+                        return Ok(n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                // Nothing to read: the direction is idle, so is the buffer.
+                BUFFERS.release(std::mem::take(&mut self.buf), true);
             }
+            src.readable().await?;
+            self.buf = BUFFERS.acquire(|| Ok(vec![0; BUF_SIZE]))?;
         }
     }
 
@@ -67,6 +73,19 @@ impl Chunk for CopyChunk {
         }
         Ok(())
     }
+}
+
+impl Drop for CopyChunk {
+    fn drop(&mut self) {
+        if !self.buf.is_empty() {
+            BUFFERS.release(std::mem::take(&mut self.buf), true);
+        }
+    }
+}
+
+/// Buffers idle in the pool, and in use by connections.
+pub fn pooled() -> (usize, usize) {
+    BUFFERS.counts()
 }
 
 impl Engine for CopyEngine {

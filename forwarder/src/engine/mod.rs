@@ -78,6 +78,29 @@ pub struct MapEntries {
     pub peers: u64,
 }
 
+/// The splice and copy paths' movers (see [`relay::Pool`]): idle ones kept
+/// for reuse, and ones in use by connections that are moving data. Each
+/// pipe holds two descriptors.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pooled {
+    pub pipes: usize,
+    pub pipes_in_use: usize,
+    pub buffers: usize,
+    pub buffers_in_use: usize,
+}
+
+/// What the pools hold now.
+pub fn pooled() -> Pooled {
+    let (pipes, pipes_in_use) = splice::pooled();
+    let (buffers, buffers_in_use) = copy::pooled();
+    Pooled {
+        pipes,
+        pipes_in_use,
+        buffers,
+        buffers_in_use,
+    }
+}
+
 /// One way of forwarding established connections.
 pub trait Engine: Send + Sync {
     fn kind(&self) -> EngineKind;

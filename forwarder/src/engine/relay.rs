@@ -6,10 +6,13 @@
 //! connections the ebpf engine could not take (its maps full).
 //!
 //! State: one tokio task per connection owns both sockets and, per
-//! direction, a [`Chunk`] mover (a pipe for splice, a buffer for copy)
-//! created lazily on the first readable event, so idle connections cost two
-//! sockets and a task, nothing more. Memory per connection is bounded by two
-//! movers' capacity.
+//! direction, a [`Chunk`] mover (a pipe for splice, a buffer for copy). A
+//! mover is held only while its direction has data: taken on a readable
+//! event and given back to a small process-wide [`Pool`] as soon as the
+//! source has nothing more to read (and the mover is empty), so idle
+//! connections, also ones that carried data before, cost two sockets and a
+//! task, nothing more. Memory per connection is bounded by two movers'
+//! capacity, and the pool by [`POOL_MAX`] movers.
 //!
 //! Events in a connection's life:
 //! - handoff: the port manager has accepted side 0 and dialed side 1; bytes
@@ -31,6 +34,8 @@ use std::future::Future;
 use std::io;
 use std::os::fd::AsFd;
 use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -38,6 +43,67 @@ use tokio::net::TcpStream;
 use crate::engine::Conn;
 use crate::stats::{DataPath, PortStats};
 use crate::sys;
+
+/// How many idle movers of one kind a [`Pool`] keeps for reuse.
+pub const POOL_MAX: usize = 64;
+
+/// Idle movers (empty pipes, buffers) kept for the next direction that
+/// becomes readable, so a busy connection that drains its source now and
+/// then does not create and destroy a pipe each time, and idle connections
+/// hold none. Keeps at most [`POOL_MAX`]; the rest are dropped. Also counts
+/// the movers in use, so tests and stats can tell that idle connections
+/// hold none.
+pub struct Pool<T> {
+    items: Mutex<Vec<T>>,
+    in_use: AtomicUsize,
+}
+
+impl<T> Pool<T> {
+    pub const fn new() -> Self {
+        Pool {
+            items: Mutex::new(Vec::new()),
+            in_use: AtomicUsize::new(0),
+        }
+    }
+
+    /// A pooled mover, or a new one from `make`. Every mover acquired must
+    /// be given back with [`Pool::release`].
+    pub fn acquire(&self, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let pooled = self.items.lock().ok().and_then(|mut i| i.pop());
+        let item = match pooled {
+            Some(item) => item,
+            None => make()?,
+        };
+        self.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(item)
+    }
+
+    /// Takes back a mover from [`Pool::acquire`]: kept for reuse when
+    /// `reusable` and the pool has room, dropped otherwise.
+    pub fn release(&self, item: T, reusable: bool) {
+        self.in_use.fetch_sub(1, Ordering::Relaxed);
+        if !reusable {
+            return;
+        }
+        if let Ok(mut items) = self.items.lock() {
+            if items.len() < POOL_MAX {
+                items.push(item);
+            }
+        }
+    }
+
+    /// Movers kept idle in the pool, and movers in use by connections.
+    pub fn counts(&self) -> (usize, usize) {
+        let idle = self.items.lock().map_or(0, |i| i.len());
+        (idle, self.in_use.load(Ordering::Relaxed))
+    }
+}
+
+impl<T> Default for Pool<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Moves bytes of one direction in chunks.
 pub trait Chunk: Send {
