@@ -68,7 +68,8 @@ pub fn echo_server(bind: SocketAddr) -> Result<()> {
 
 async fn echo(mut s: TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
-    let mut buf = vec![0u8; 64 * 1024];
+    // Small: the scale workload holds 10,000 connections open here.
+    let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = s.read(&mut buf).await?;
         if n == 0 {
@@ -210,6 +211,55 @@ pub async fn conn_rate(addr: SocketAddr, clients: usize, dur: Duration) -> Resul
     }
     r.secs = start.elapsed().as_secs_f64();
     Ok(r)
+}
+
+/// What the scale workload measured: connections opened and held.
+pub struct Held {
+    /// The open connections; dropping them closes them.
+    pub streams: Vec<TcpStream>,
+    /// From the first connect() to the last connection's echo.
+    pub open_secs: f64,
+    /// Setup times (connect to echo), nanoseconds.
+    pub setup_ns: Vec<u64>,
+}
+
+/// Opens `n` connections, at most `parallel` being set up at a time, and
+/// proves each end to end with a 1-byte round trip (connect() alone
+/// completes in the forwarder's kernel before the child is dialed). The
+/// first failure aborts: a scale run either holds all `n` or reports why.
+pub async fn hold(addr: SocketAddr, n: usize, parallel: usize) -> Result<Held> {
+    let start = Instant::now();
+    let mut streams = Vec::with_capacity(n);
+    let mut setup_ns = Vec::with_capacity(n);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut started = 0;
+    while streams.len() < n {
+        while started < n && tasks.len() < parallel {
+            started += 1;
+            tasks.spawn(async move {
+                let t0 = Instant::now();
+                let mut s = within("connecting", TcpStream::connect(addr)).await?;
+                within("sending", s.write_all(b"h")).await?;
+                let mut b = [0u8; 1];
+                within("reading the echo", s.read_exact(&mut b)).await?;
+                let dt = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                Ok::<_, anyhow::Error>((s, dt))
+            });
+        }
+        let Some(done) = tasks.join_next().await else {
+            break;
+        };
+        let (s, dt) = done
+            .context("a connecting task panicked")?
+            .with_context(|| format!("connection {} of {n}", streams.len() + 1))?;
+        streams.push(s);
+        setup_ns.push(dt);
+    }
+    Ok(Held {
+        streams,
+        open_secs: start.elapsed().as_secs_f64(),
+        setup_ns,
+    })
 }
 
 /// The `q`-quantile (0..=1) of sorted samples, nearest rank.

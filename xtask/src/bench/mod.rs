@@ -1,0 +1,1029 @@
+//! `cargo xtask bench`: the forwarder's engines against direct loopback and
+//! against the peers a user would otherwise run (socat, RootlessKit's
+//! builtin driver, pasta: see `peers.rs`), every system on the same
+//! workloads in one run:
+//!
+//! - *scale*: 10,000 concurrent idle connections (each proven end to end
+//!   with a 1-byte echo, 64 being opened at a time), held while the
+//!   carrier's RSS and descriptors are read, then closed; the time to open
+//!   them all. Runs first, so the carrier's peak RSS after it (VmHWM) is the
+//!   peak with 10,000 idle connections, before any bulk transfer;
+//! - *throughput*: iperf3, one stream and four streams (`-P 4`), each
+//!   direction, with the machine's CPU time (/proc/stat, all CPUs, softirq
+//!   and kernel workers included) around every run;
+//! - *latency*: 1-byte and 1 KiB ping-pong on one connection (`load.rs`);
+//! - *rate*: connect, 1-byte request/response, close, with 1 and 32
+//!   concurrent clients (`load.rs`);
+//! - with `--profile`, a profile of the ebpf engine's bulk, ping-pong and
+//!   connection-rate runs (`profile.rs`).
+//!
+//! Method:
+//! - one throw-away child namespace `fwd-bench-<pid>` with
+//!   `iperf3 -s -B 127.0.0.1 -p 5201` and the echo server
+//!   (`xtask bench-echo`, 127.0.0.1:7007) inside it;
+//! - *direct*: the client inside the child too (the load generator enters
+//!   the child with setns): the ceiling;
+//! - *ebpf*, *splice*, *copy*: one forwarder per engine (`--mode ...`) in
+//!   this namespace publishing `127.0.0.1:<free port>:5201` and
+//!   `127.0.0.1:<free port>:7007` into the child, the client here. Each
+//!   forwarder is started once and kept for all workloads and repetitions
+//!   (a leak or slowdown over time shows up as spread). Its `ready` line
+//!   must name the engine asked for; its final statistics (bytes by data
+//!   path) go into the report;
+//! - the peers likewise listen here on 127.0.0.1:<free port>; one that
+//!   cannot start, or fails a throughput run, is reported as "not run:
+//!   <reason>" and left out of the later runs; a failure in another
+//!   workload is reported in that workload's cell;
+//! - forward = the client sends (parent -> child through the forwarder),
+//!   reverse = `iperf3 -R` (the server in the child sends);
+//! - every workload is repeated `--reps` times (scale: at most 3) and the
+//!   systems are interleaved in each repetition (direct, ebpf, splice,
+//!   copy, peers, direct, ...), so drift of the machine hits all alike;
+//!   throughput starts with one unrecorded 1-s warm-up run of each system;
+//! - unless `--no-affinity`, iperf3 pins its client and its server to two
+//!   different CPUs (`-A a,b`) in every run, so scheduler placement does
+//!   not decide results; the forwarder is not pinned;
+//! - figures are medians over the repetitions with min-max; ratios are the
+//!   median of per-repetition ratios (system / direct of the same
+//!   repetition), so machine drift cancels pair by pair; likewise
+//!   ebpf / each peer and splice / copy;
+//! - resources: for each process that carries the bytes (a forwarder, the
+//!   RootlessKit parent, pasta), utime+stime from `/proc/PID/stat` around
+//!   the throughput runs per GB iperf3 moved through it; the machine's busy
+//!   CPU time (all processes and kernel threads) per GB over the same
+//!   runs, which is the honest figure for ebpf (its redirects run in
+//!   softirq and kernel-worker context, not charged to the forwarder);
+//!   peak RSS (`VmHWM`) after the scale workload and after all workloads.
+//!   socat forks per connection: not measured.
+//!
+//! Prints a Markdown report and writes it to `bench/results/latest.md`,
+//! the raw numbers to `bench/results/latest.json` and a chart to
+//! `bench/results/latest.svg` (with `--profile`, also
+//! `bench/results/profile.md`). Every process it starts is stopped by its
+//! PID; all traffic stays on loopback and in the bench's namespaces.
+
+mod profile;
+mod report;
+mod sample;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _, Result};
+use serde_json::Value;
+
+use crate::load;
+use crate::peers::{self, Peer};
+use crate::util::{
+    build_forwarder, catch_interrupts, check_interrupted, die_with_parent, output_within, root,
+    spawn_ready, Forwarder, Netns, Proc,
+};
+use sample::{CpuTimes, CpuUse};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Repetitions of every system and workload (scale: at most 3).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    reps: u32,
+    /// Seconds per iperf3 run.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    duration: u32,
+    /// A smoke version of about a minute: 1 repetition, 2-s iperf3 runs,
+    /// 2000 round trips, 1 s per connection-rate run, 1000 idle connections
+    /// (overrides --reps, --duration and --scale-conns).
+    #[arg(long)]
+    quick: bool,
+    /// Do not pin the iperf3 client and server to CPUs.
+    #[arg(long)]
+    no_affinity: bool,
+    /// Leave out the peers (socat, RootlessKit, pasta).
+    #[arg(long)]
+    no_peers: bool,
+    /// The workloads to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "scale,throughput,latency,rate"
+    )]
+    workloads: Vec<Workload>,
+    /// Idle connections of the scale workload.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    scale_conns: u32,
+    /// Also profile the ebpf engine (perf, BPF run-time statistics) and
+    /// write bench/results/profile.md.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// A workload of the bench.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Workload {
+    Scale,
+    Throughput,
+    Latency,
+    Rate,
+}
+
+/// The port iperf3 listens on in the child.
+const SERVER_PORT: u16 = 5201;
+/// The port the echo server listens on in the child.
+const ECHO_PORT: u16 = 7007;
+/// The engines, in the order they run after direct.
+const ENGINES: [&str; 3] = ["ebpf", "splice", "copy"];
+const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
+/// Parallel iperf3 streams.
+const STREAMS: [u32; 2] = [1, 4];
+/// Ping-pong message sizes.
+const SIZES: [usize; 2] = [1, 1024];
+/// Concurrent clients of the connection-rate workload.
+const CLIENTS: [usize; 2] = [1, 32];
+/// Connections being set up at once by the scale workload.
+const SCALE_PARALLEL: usize = 64;
+/// Descriptors the bench raises its limit to (inherited by the forwarders,
+/// the servers and the peers): 10,000 forwarded connections need 20,000.
+const NOFILE: u64 = 262_144;
+
+/// A system under test.
+pub struct System {
+    /// Short name: "direct", an engine, a peer.
+    pub name: String,
+    /// The row label in the report.
+    pub label: String,
+    /// The iperf3 port here; `None` is direct (client in the child).
+    iperf_port: Option<u16>,
+    /// The echo port here (direct: `ECHO_PORT`, reached from the child).
+    echo_port: Option<u16>,
+    /// The process carrying the bytes, for CPU and memory.
+    pub pid: Option<u32>,
+    /// Set when the system failed: it is left out from then on.
+    pub failed: Option<String>,
+}
+
+impl System {
+    fn is_peer(&self) -> bool {
+        !matches!(self.name.as_str(), "direct" | "ebpf" | "splice" | "copy")
+    }
+}
+
+/// One iperf3 run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ThrRun {
+    pub gbit: f64,
+    pub bytes: f64,
+    /// The machine's CPU use during the run.
+    pub cpu: CpuUse,
+}
+
+/// (streams, direction index).
+pub type ThrKey = (u32, usize);
+
+/// The runs of one system in one workload, or why it stopped.
+#[derive(Debug, serde::Serialize)]
+pub struct Cell<T> {
+    pub runs: Vec<T>,
+    pub failed: Option<String>,
+}
+
+impl<T> Default for Cell<T> {
+    fn default() -> Self {
+        Cell {
+            runs: Vec::new(),
+            failed: None,
+        }
+    }
+}
+
+/// One connection-rate run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RateRun {
+    pub conn_per_s: f64,
+    pub p99_setup_us: f64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+}
+
+/// One scale run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ScaleRun {
+    pub conns: usize,
+    pub open_secs: f64,
+    pub p99_setup_us: f64,
+    /// The carrier's VmRSS while all connections were held.
+    pub rss_mib: Option<f64>,
+    pub fds: Option<usize>,
+    /// A forwarder: seconds until it reported no active connection after
+    /// the clients closed.
+    pub drained_secs: Option<f64>,
+}
+
+/// Everything measured.
+#[derive(Default)]
+pub struct Results {
+    pub thr: BTreeMap<String, BTreeMap<ThrKey, Vec<ThrRun>>>,
+    pub lat: BTreeMap<usize, BTreeMap<String, Cell<[f64; 4]>>>,
+    pub rate: BTreeMap<usize, BTreeMap<String, Cell<RateRun>>>,
+    pub scale: BTreeMap<String, Cell<ScaleRun>>,
+    /// The carrier process's CPU seconds per GB over the throughput runs.
+    pub cpu_per_gb: BTreeMap<String, f64>,
+    /// Peak RSS after the scale workload, and after all workloads.
+    pub peak_rss_scale: BTreeMap<String, f64>,
+    pub peak_rss: BTreeMap<String, f64>,
+    /// Bytes iperf3 moved through each system, warm-ups included.
+    pub bytes: BTreeMap<String, f64>,
+    pub fwd_stats: Vec<(&'static str, Value)>,
+}
+
+/// The first two CPUs we may run on, for `iperf3 -A client,server`.
+fn two_cpus() -> Option<(usize, usize)> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; sched_getaffinity
+    // fills it for this thread.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    let mut cpus = (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) });
+    Some((cpus.next()?, cpus.next()?))
+}
+
+/// Raises this process's descriptor limit (soft and hard) to `NOFILE` or
+/// `fs.nr_open`, whichever is lower; children inherit it. Without
+/// CAP_SYS_RESOURCE the hard limit cannot rise: then the soft limit goes
+/// up to the hard one. Returns the limit and, when it is short of the
+/// goal, why.
+fn raise_nofile() -> Result<(u64, Option<String>)> {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(NOFILE);
+    let want = NOFILE.min(nr_open);
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading RLIMIT_NOFILE");
+    }
+    let raised = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(lim.rlim_max),
+    };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+        return Ok((want, None));
+    }
+    let hard = lim.rlim_max;
+    let soft = libc::rlimit {
+        rlim_cur: hard,
+        rlim_max: hard,
+    };
+    // SAFETY: as above; raising the soft limit up to the hard one needs no
+    // privilege.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+    }
+    Ok((
+        hard,
+        Some(format!(
+            "the hard descriptor limit here is {hard} and raising it needs CAP_SYS_RESOURCE, \
+             which this process lacks"
+        )),
+    ))
+}
+
+/// How many connections the scale workload can hold through carriers
+/// that keep two sockets each, given the descriptor limit and the most
+/// descriptors any carrier holds already.
+fn scale_fit(asked: usize, limit: u64, base_fds: usize) -> usize {
+    let room = limit.saturating_sub(base_fds as u64 + 16) / 2;
+    asked.min(usize::try_from(room).unwrap_or(usize::MAX))
+}
+
+/// Loopback ports free right now, distinct.
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let held = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("finding a free port"))
+        .collect::<Result<Vec<_>>>()?;
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
+/// One iperf3 client run with `streams` parallel streams; returns Gbit/s
+/// received and the bytes received.
+fn iperf(
+    ns: &Netns,
+    sys: &System,
+    secs: u32,
+    streams: u32,
+    reverse: bool,
+    cpus: Option<(usize, usize)>,
+) -> Result<(f64, f64)> {
+    let (mut cmd, port) = match sys.iperf_port {
+        None => (ns.cmd("iperf3"), SERVER_PORT),
+        Some(port) => (Command::new("iperf3"), port),
+    };
+    cmd.args(["-c", "127.0.0.1", "-J", "--connect-timeout", "5000"])
+        .args(["-p", &port.to_string(), "-t", &secs.to_string()]);
+    if streams > 1 {
+        cmd.args(["-P", &streams.to_string()]);
+    }
+    if reverse {
+        cmd.arg("-R");
+    }
+    if let Some((c, s)) = cpus {
+        cmd.args(["-A", &format!("{c},{s}")]);
+    }
+    let limit = Duration::from_secs(u64::from(secs) + 30);
+    // The server takes a moment to accept the next test after one ends
+    // ("the server is busy"): retry that, a few times.
+    for attempt in 1.. {
+        let done = output_within(&mut cmd, limit)?;
+        let v: Value = serde_json::from_str(&done.stdout).with_context(|| {
+            format!(
+                "iperf3 ({}) wrote no JSON: {}{}",
+                done.status,
+                done.stdout.trim(),
+                done.stderr.trim()
+            )
+        })?;
+        if let Some(err) = v["error"].as_str() {
+            if err.contains("busy") && attempt < 5 {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            bail!("iperf3 to {} failed: {err}", sys.name);
+        }
+        if !done.status.success() {
+            bail!("iperf3 to {} failed ({})", sys.name, done.status);
+        }
+        let recv = &v["end"]["sum_received"];
+        let bits = recv["bits_per_second"].as_f64().with_context(|| {
+            format!(
+                "no end.sum_received.bits_per_second from iperf3 to {}",
+                sys.name
+            )
+        })?;
+        return Ok((bits / 1e9, recv["bytes"].as_f64().unwrap_or(0.0)));
+    }
+    unreachable!("the retry loop returns")
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+pub fn min_max(v: &[f64]) -> (f64, f64) {
+    v.iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        })
+}
+
+/// Median of the element-wise ratios a[i] / b[i].
+pub fn ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(&a.iter().zip(b).map(|(x, y)| x / y).collect::<Vec<_>>())
+}
+
+/// Median of the element-wise differences a[i] - b[i].
+pub fn difference(a: &[f64], b: &[f64]) -> f64 {
+    median(&a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>())
+}
+
+/// Starts the iperf3 server in the child and waits until it listens. Its
+/// stdout is drained for as long as it runs.
+fn iperf_server(ns: &Netns) -> Result<Proc> {
+    let mut cmd = ns.cmd("iperf3");
+    cmd.args(["-s", "-B", "127.0.0.1", "-p", &SERVER_PORT.to_string()])
+        .arg("--forceflush")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    die_with_parent(&mut cmd, libc::SIGKILL);
+    let mut server = Proc::spawn(&mut cmd, "the iperf3 server")?;
+    let out = server.child()?.stdout.take().context("iperf3's stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("Server listening") {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(10))
+        .context("the iperf3 server did not start listening (its errors are above)")?;
+    Ok(server)
+}
+
+/// Starts the echo server (`xtask bench-echo`) in the child.
+fn echo_server(ns: &Netns, me: &Path) -> Result<Proc> {
+    let mut cmd = ns.cmd(me);
+    cmd.args(["bench-echo", "--bind", &format!("127.0.0.1:{ECHO_PORT}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    spawn_ready(&mut cmd, "the echo server", load::ECHO_READY)
+}
+
+/// Where the load generator reaches a system's echo server, and whether it
+/// must run inside the child (direct).
+fn echo_addr(sys: &System) -> Option<(bool, SocketAddr)> {
+    let port = sys.echo_port?;
+    Some((
+        sys.iperf_port.is_none(),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    ))
+}
+
+/// Runs a load-generator workload against a system's echo port (from
+/// inside the child namespace for direct), or says why it cannot run.
+fn on_echo<T, F, Fut>(sys: &System, ns: &Netns, work: F) -> std::result::Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    match (&sys.failed, echo_addr(sys)) {
+        (Some(why), _) => Err(why.clone()),
+        (None, None) => Err("no echo port".to_string()),
+        (None, Some((in_child, addr))) => {
+            let netns = in_child.then(|| ns.path());
+            load::in_netns(netns, move || work(addr)).map_err(|e| format!("{e:#}"))
+        }
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    // Processes orphaned below us (the iperf3 inside RootlessKit, killed by
+    // its parent-death signal) are reparented to this process instead of
+    // to PID 1, which may not reap them, and reaped once all is stopped.
+    // SAFETY: prctl with an integer argument.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let r = run_inner(args);
+    reap_orphans();
+    r
+}
+
+/// Reaps the orphans reparented to us (see `run`); every child we started
+/// ourselves was already waited for by its guard.
+fn reap_orphans() {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let mut status = 0;
+        // SAFETY: plain waitpid(2) for any child, not blocking.
+        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        if pid < 0 {
+            return; // ECHILD: none left
+        }
+        if pid == 0 {
+            if Instant::now() > deadline {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The run's settings after `--quick`.
+pub struct Plan {
+    pub reps: u32,
+    pub secs: u32,
+    pub round_trips: usize,
+    pub rate_secs: u64,
+    pub scale_conns: usize,
+    pub scale_reps: u32,
+    pub cpus: Option<(usize, usize)>,
+    pub workloads: Vec<Workload>,
+    /// Why the scale workload holds fewer connections than asked.
+    pub scale_note: Option<String>,
+}
+
+impl Plan {
+    fn new(args: &Args) -> Self {
+        let cpus = if args.no_affinity { None } else { two_cpus() };
+        let mut workloads = args.workloads.clone();
+        workloads.sort();
+        workloads.dedup();
+        if args.quick {
+            Plan {
+                reps: 1,
+                secs: 2,
+                round_trips: 2000,
+                rate_secs: 1,
+                scale_conns: 1000,
+                scale_reps: 1,
+                cpus,
+                workloads,
+                scale_note: None,
+            }
+        } else {
+            Plan {
+                reps: args.reps,
+                secs: args.duration,
+                round_trips: 20000,
+                rate_secs: 2,
+                scale_conns: args.scale_conns as usize,
+                scale_reps: args.reps.min(3),
+                cpus,
+                workloads,
+                scale_note: None,
+            }
+        }
+    }
+
+    fn has(&self, w: Workload) -> bool {
+        self.workloads.contains(&w)
+    }
+}
+
+fn run_inner(args: &Args) -> Result<()> {
+    crate::setup::run()?;
+    catch_interrupts();
+    let plan = Plan::new(args);
+    let (nofile, nofile_short) = raise_nofile()?;
+    let bin = build_forwarder()?;
+    let me = std::env::current_exe().context("locating the xtask binary")?;
+
+    // Other load skews every number: say how much there was.
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_string());
+    let ns = Netns::new(&format!("fwd-bench-{}", std::process::id()))?;
+    // The scale workload dials 10,000 connections per system and
+    // repetition from the child's 127.0.0.1 to one server port, and each
+    // leaves a TIME_WAIT there: give the child's dialers the whole port
+    // range (this namespace's setting only).
+    crate::util::run(
+        ns.cmd("sysctl")
+            .args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
+    )
+    .context("widening the child namespace's ephemeral port range")?;
+    let _server = iperf_server(&ns)?;
+    let _echo = echo_server(&ns, &me)?;
+
+    let ports = free_ports(2 * (ENGINES.len() + 3))?;
+    let mut ports = ports.into_iter();
+    let mut next_port = || ports.next().context("out of free ports");
+    let mut forwarders: Vec<(&'static str, Forwarder)> = Vec::new();
+    let mut systems = vec![System {
+        name: "direct".into(),
+        label: "direct (no forwarder)".into(),
+        iperf_port: None,
+        echo_port: Some(ECHO_PORT),
+        pid: None,
+        failed: None,
+    }];
+    for mode in ENGINES {
+        let (port, eport) = (next_port()?, next_port()?);
+        let args = [
+            "--child-netns".to_string(),
+            ns.path(),
+            "--mode".to_string(),
+            mode.to_string(),
+            "-p".to_string(),
+            format!("127.0.0.1:{port}:{SERVER_PORT}"),
+            "-p".to_string(),
+            format!("127.0.0.1:{eport}:{ECHO_PORT}"),
+        ];
+        let name = format!("forwarder --mode {mode}");
+        let fwd = Forwarder::start(&bin, &args, true, &name)?;
+        if fwd.engine() != mode {
+            bail!("{name} reports engine {:?}", fwd.engine());
+        }
+        systems.push(System {
+            name: mode.into(),
+            label: format!("forwarder `--mode {mode}`"),
+            iperf_port: Some(port),
+            echo_port: Some(eport),
+            pid: fwd.pid(),
+            failed: None,
+        });
+        forwarders.push((mode, fwd));
+    }
+
+    // The peers: each either runs or is reported with the reason it does not.
+    let mut running_peers: Vec<Peer> = Vec::new();
+    let peer_labels = [
+        ("socat", "socat, fork + `ip netns exec` per connection"),
+        ("rootlesskit", "RootlessKit 1.1 builtin port driver"),
+        ("pasta", "pasta (passt), splice path"),
+    ];
+    for (name, label) in peer_labels {
+        let (p, e) = (next_port()?, next_port()?);
+        let started = if args.no_peers {
+            Err(anyhow::anyhow!("--no-peers"))
+        } else {
+            eprintln!("bench: starting {name}");
+            match name {
+                "socat" => peers::socat(&ns, (p, SERVER_PORT), (e, ECHO_PORT)),
+                "rootlesskit" => peers::rootlesskit(&me, (p, SERVER_PORT), (e, ECHO_PORT)),
+                _ => peers::pasta(&ns, (p, SERVER_PORT), (e, ECHO_PORT)),
+            }
+        };
+        let mut sys = System {
+            name: name.into(),
+            label: label.into(),
+            iperf_port: Some(p),
+            echo_port: Some(e),
+            pid: None,
+            failed: None,
+        };
+        match started {
+            Ok(peer) => {
+                sys.pid = peer.pid;
+                sys.echo_port = peer.echo_port;
+                running_peers.push(peer);
+            }
+            Err(e) => {
+                eprintln!("bench: {name} not run: {e:#}");
+                sys.failed = Some(format!("{e:#}"));
+            }
+        }
+        systems.push(sys);
+    }
+
+    let mut res = Results::default();
+    let mut plan = plan;
+    if plan.has(Workload::Scale) {
+        let base = systems
+            .iter()
+            .filter_map(|s| sample::fd_count(s.pid?).ok())
+            .max()
+            .unwrap_or(0);
+        let fit = scale_fit(plan.scale_conns, nofile, base);
+        if fit < plan.scale_conns {
+            let why = format!(
+                "{fit} connections instead of {}: {}; a carrier holds two sockets per \
+                 connection and already {base} other descriptors",
+                plan.scale_conns,
+                nofile_short.as_deref().unwrap_or("the descriptor limit")
+            );
+            eprintln!("bench: scale: {why}");
+            plan.scale_note = Some(why);
+            plan.scale_conns = fit;
+        }
+        scale(&plan, &ns, &systems, &mut forwarders, &mut res)?;
+        for s in &systems {
+            if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {
+                res.peak_rss_scale.insert(s.name.clone(), rss);
+            }
+        }
+    }
+    if plan.has(Workload::Throughput) {
+        throughput(&plan, &ns, &mut systems, &mut res)?;
+    }
+    if plan.has(Workload::Latency) {
+        latency(&plan, &ns, &systems, &mut res)?;
+    }
+    if plan.has(Workload::Rate) {
+        rate(&plan, &ns, &systems, &mut res)?;
+    }
+    for s in &systems {
+        if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {
+            res.peak_rss.insert(s.name.clone(), rss);
+        }
+    }
+    let profile_md = if args.profile {
+        Some(profile::run(&plan, &ns, &systems)?)
+    } else {
+        None
+    };
+
+    // Final statistics of each forwarder, then a clean stop.
+    std::thread::sleep(Duration::from_millis(500));
+    for (mode, mut fwd) in forwarders {
+        let stats = fwd.stats()?;
+        fwd.stop()?;
+        res.fwd_stats.push((mode, stats));
+    }
+    drop(running_peers);
+
+    let report = report::Report {
+        plan: &plan,
+        systems: &systems,
+        res: &res,
+        load,
+        nofile,
+    };
+    let (md, json) = report.render()?;
+    print!("{md}");
+    let dir = root().join("bench/results");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join("latest.md"), md.as_bytes())?;
+    let json = serde_json::to_string_pretty(&json).context("serializing the results")?;
+    write_atomic(&dir.join("latest.json"), format!("{json}\n").as_bytes())?;
+    write_atomic(&dir.join("latest.svg"), report.svg().as_bytes())?;
+    if let Some(p) = profile_md {
+        write_atomic(&dir.join("profile.md"), p.as_bytes())?;
+    }
+    eprintln!(
+        "bench: wrote {0}/latest.md, {0}/latest.json and {0}/latest.svg{1}",
+        dir.display(),
+        if args.profile { " and profile.md" } else { "" }
+    );
+    Ok(())
+}
+
+/// Throughput: a warm-up of each system, then per repetition, stream
+/// count and direction one run of each system, the machine's CPU time
+/// read around every run, and the carriers' own CPU time around it all.
+fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results) -> Result<()> {
+    let cpu_before: BTreeMap<String, f64> = systems
+        .iter()
+        .filter_map(|s| Some((s.name.clone(), sample::cpu_seconds(s.pid?).ok()?)))
+        .collect();
+    let (reps, secs) = (plan.reps, plan.secs);
+    eprintln!(
+        "bench: throughput, {reps} repetitions x {} systems x {} stream counts x 2 directions x {secs} s, after a warm-up",
+        systems.iter().filter(|s| s.failed.is_none()).count(),
+        STREAMS.len()
+    );
+    for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
+        check_interrupted()?;
+        match iperf(ns, sys, 1, 1, false, plan.cpus) {
+            Ok((_, b)) => *res.bytes.entry(sys.name.clone()).or_default() += b,
+            Err(e) if sys.is_peer() => sys.failed = Some(format!("warm-up: {e:#}")),
+            Err(e) => return Err(e).with_context(|| format!("warm-up of {}", sys.name)),
+        }
+    }
+    for rep in 1..=reps {
+        for streams in STREAMS {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
+                    check_interrupted()?;
+                    let before = CpuTimes::now()?;
+                    let (gbit, bytes) = match iperf(ns, sys, secs, streams, d == 1, plan.cpus) {
+                        Ok(r) => r,
+                        Err(e) if sys.is_peer() => {
+                            sys.failed = Some(format!(
+                                "repetition {rep}, {streams} stream(s) {dir}: {e:#}"
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            return Err(e).with_context(|| {
+                                format!("repetition {rep}, {streams} stream(s) {dir}, {}", sys.name)
+                            })
+                        }
+                    };
+                    let cpu = before.until(&CpuTimes::now()?);
+                    eprintln!(
+                        "bench: rep {rep}/{reps} x{streams} {dir:7} {:11} {gbit:6.2} Gbit/s, CPUs busy {}",
+                        sys.name,
+                        cpu.per_cpu_busy
+                            .iter()
+                            .map(|f| format!("{:.0}%", f * 100.0))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    );
+                    res.thr
+                        .entry(sys.name.clone())
+                        .or_default()
+                        .entry((streams, d))
+                        .or_default()
+                        .push(ThrRun { gbit, bytes, cpu });
+                    *res.bytes.entry(sys.name.clone()).or_default() += bytes;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    for sys in systems.iter() {
+        let (Some(pid), Some(before)) = (sys.pid, cpu_before.get(&sys.name)) else {
+            continue;
+        };
+        if let (Ok(after), Some(b)) = (sample::cpu_seconds(pid), res.bytes.get(&sys.name)) {
+            if *b > 0.0 {
+                res.cpu_per_gb
+                    .insert(sys.name.clone(), (after - before) / (b / 1e9));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Ping-pong latency per repetition, size and system.
+fn latency(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
+    for rep in 1..=plan.reps {
+        for size in SIZES {
+            for sys in systems {
+                check_interrupted()?;
+                let cell = res
+                    .lat
+                    .entry(size)
+                    .or_default()
+                    .entry(sys.name.clone())
+                    .or_default();
+                if cell.failed.is_some() {
+                    continue;
+                }
+                let n = plan.round_trips;
+                let r = on_echo(sys, ns, move |addr| async move {
+                    load::ping_pong(addr, size, n)
+                        .await
+                        .map(|rtts| load::latency_summary(&rtts))
+                });
+                match r {
+                    Ok(l) => {
+                        eprintln!(
+                            "bench: rep {rep}/{} ping-pong {size:4} B {:11} p50 {:.1} p99 {:.1} p99.9 {:.1} us",
+                            plan.reps, sys.name, l[0], l[1], l[2]
+                        );
+                        cell.runs.push(l);
+                    }
+                    Err(e) => {
+                        eprintln!("bench: ping-pong {size:4} B {:11} not run: {e}", sys.name);
+                        cell.failed = Some(e);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connection rate per repetition, client count and system.
+fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
+    for rep in 1..=plan.reps {
+        for clients in CLIENTS {
+            for sys in systems {
+                check_interrupted()?;
+                let cell = res
+                    .rate
+                    .entry(clients)
+                    .or_default()
+                    .entry(sys.name.clone())
+                    .or_default();
+                if cell.failed.is_some() {
+                    continue;
+                }
+                let dur = Duration::from_secs(plan.rate_secs);
+                let r = on_echo(sys, ns, move |addr| async move {
+                    load::conn_rate(addr, clients, dur).await.map(|c| RateRun {
+                        conn_per_s: c.completed as f64 / c.secs,
+                        p99_setup_us: load::latency_summary(&c.setup_ns)[1],
+                        failed: c.failed,
+                        first_error: c.first_error,
+                    })
+                });
+                match r {
+                    Ok(run) => {
+                        eprintln!(
+                            "bench: rep {rep}/{} connect {clients:2} clients {:11} {:8.0} conn/s p99 {:.0} us, {} failed",
+                            plan.reps, sys.name, run.conn_per_s, run.p99_setup_us, run.failed
+                        );
+                        cell.runs.push(run);
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "bench: connect {clients:2} clients {:11} not run: {e}",
+                            sys.name
+                        );
+                        cell.failed = Some(e);
+                    }
+                }
+                // Let TIME_WAIT and the forwarder settle between systems.
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Scale: per repetition and system, open `scale_conns` connections, read
+/// the carrier's RSS and descriptors while they are held, close them and
+/// (a forwarder) wait until it reports none active.
+fn scale(
+    plan: &Plan,
+    ns: &Netns,
+    systems: &[System],
+    forwarders: &mut [(&'static str, Forwarder)],
+    res: &mut Results,
+) -> Result<()> {
+    let n = plan.scale_conns;
+    eprintln!(
+        "bench: scale, {} repetition(s) x {n} idle connections per system",
+        plan.scale_reps
+    );
+    for rep in 1..=plan.scale_reps {
+        for sys in systems {
+            check_interrupted()?;
+            let cell = res.scale.entry(sys.name.clone()).or_default();
+            if cell.failed.is_some() {
+                continue;
+            }
+            if sys.name == "socat" {
+                cell.failed = Some(format!(
+                    "socat forks two processes per connection: {n} connections would be {} processes",
+                    2 * n
+                ));
+                continue;
+            }
+            let pid = sys.pid;
+            let r = on_echo(sys, ns, move |addr| async move {
+                let held = load::hold(addr, n, SCALE_PARALLEL).await?;
+                // Let the carrier settle (tasks parked, buffers returned).
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let rss_mib = pid.map(sample::rss_mib).transpose()?;
+                let fds = pid.map(sample::fd_count).transpose()?;
+                let run = ScaleRun {
+                    conns: held.streams.len(),
+                    open_secs: held.open_secs,
+                    p99_setup_us: load::latency_summary(&held.setup_ns)[1],
+                    rss_mib,
+                    fds,
+                    drained_secs: None,
+                };
+                drop(held.streams);
+                Ok(run)
+            });
+            let mut run = match r {
+                Ok(run) => run,
+                Err(e) => {
+                    eprintln!("bench: scale {:11} not run: {e}", sys.name);
+                    cell.failed = Some(e);
+                    continue;
+                }
+            };
+            if let Some((_, fwd)) = forwarders.iter_mut().find(|(m, _)| *m == sys.name) {
+                let t0 = Instant::now();
+                loop {
+                    let st = fwd.stats()?;
+                    if st["active"] == 0 {
+                        run.drained_secs = Some(t0.elapsed().as_secs_f64());
+                        break;
+                    }
+                    if t0.elapsed() > Duration::from_secs(30) {
+                        cell.failed = Some(format!(
+                            "{} connections still active 30 s after the clients closed",
+                            st["active"]
+                        ));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            } else {
+                // A peer or direct: give the closes a moment.
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            eprintln!(
+                "bench: rep {rep}/{} scale {:11} {} connections in {:.2} s, RSS {} MiB, {} fds",
+                plan.scale_reps,
+                sys.name,
+                run.conns,
+                run.open_secs,
+                run.rss_mib.map_or("n/a".into(), |r| format!("{r:.1}")),
+                run.fds.map_or("n/a".into(), |f| f.to_string()),
+            );
+            cell.runs.push(run);
+        }
+    }
+    Ok(())
+}
+
+/// Writes via a temporary file and a rename, so an interrupted run leaves
+/// the previous results whole.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, data).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_ratios() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        assert_eq!(min_max(&[2.0, 5.0, 1.0]), (1.0, 5.0));
+        assert_eq!(ratio(&[2.0, 9.0, 3.0], &[4.0, 3.0, 3.0]), 1.0);
+        assert_eq!(difference(&[12.0, 9.0, 30.0], &[4.0, 3.0, 3.0]), 8.0);
+    }
+
+    #[test]
+    fn scale_fits_the_descriptor_limit() {
+        assert_eq!(scale_fit(10_000, 262_144, 30), 10_000);
+        // 20,000 descriptors, 30 in use, 16 spare: 9,977 pairs.
+        assert_eq!(scale_fit(10_000, 20_000, 30), 9_977);
+        assert_eq!(scale_fit(10_000, 10, 30), 0);
+    }
+}

@@ -1,0 +1,776 @@
+//! The bench's Markdown report, JSON and chart, from [`super::Results`].
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use super::{
+    difference, median, min_max, ratio, Cell, Plan, Results, System, ThrKey, Workload, CLIENTS,
+    DIRECTIONS, SIZES, STREAMS,
+};
+use crate::util::output;
+
+pub struct Report<'a> {
+    pub plan: &'a Plan,
+    pub systems: &'a [System],
+    pub res: &'a Results,
+    /// /proc/loadavg before the first run.
+    pub load: String,
+    /// The descriptor limit the bench ran with.
+    pub nofile: u64,
+}
+
+fn first_line(mut cmd: Command) -> String {
+    output(&mut cmd)
+        .ok()
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".to_string())
+}
+
+/// A reason fit for one table cell.
+fn cell(reason: &str) -> String {
+    let r = reason.replace(['|', '\n'], " ");
+    let r: String = r.chars().take(300).collect();
+    format!("not run: {r}")
+}
+
+/// A system's cell when it has runs, or why it has none.
+fn with_runs<'c, T>(c: Option<&'c Cell<T>>, sys: &System) -> Result<&'c Cell<T>, String> {
+    match c {
+        Some(c) if !c.runs.is_empty() => Ok(c),
+        other => Err(other
+            .and_then(|c| c.failed.clone())
+            .or_else(|| sys.failed.clone())
+            .unwrap_or_else(|| "no results".into())),
+    }
+}
+
+/// "median (min-max)" with `p` decimals.
+fn spread(v: &[f64], p: usize) -> String {
+    let (lo, hi) = min_max(v);
+    format!("{:.p$} ({lo:.p$}-{hi:.p$})", median(v))
+}
+
+/// A target line: what, the figure, the goal, met or not.
+struct Target {
+    what: String,
+    figure: Option<f64>,
+    unit: &'static str,
+    goal: String,
+    met: Option<bool>,
+}
+
+impl Report<'_> {
+    /// Gbit/s per repetition of a system for one stream count and direction.
+    fn gbits(&self, name: &str, key: ThrKey) -> Vec<f64> {
+        self.res
+            .thr
+            .get(name)
+            .and_then(|m| m.get(&key))
+            .map(|runs| runs.iter().map(|r| r.gbit).collect())
+            .unwrap_or_default()
+    }
+
+    /// Ratio of two systems' throughput, pair by pair; NaN without both.
+    fn thr_ratio(&self, a: &str, b: &str, key: ThrKey) -> f64 {
+        let (x, y) = (self.gbits(a, key), self.gbits(b, key));
+        if x.is_empty() || y.is_empty() {
+            return f64::NAN;
+        }
+        ratio(&x, &y)
+    }
+
+    /// One latency percentile (0 = p50 .. 3 = max) per repetition.
+    fn lat(&self, size: usize, name: &str, pct: usize) -> Vec<f64> {
+        self.res
+            .lat
+            .get(&size)
+            .and_then(|m| m.get(name))
+            .map(|c| c.runs.iter().map(|l| l[pct]).collect())
+            .unwrap_or_default()
+    }
+
+    /// Connections per second per repetition.
+    fn cps(&self, clients: usize, name: &str) -> Vec<f64> {
+        self.res
+            .rate
+            .get(&clients)
+            .and_then(|m| m.get(name))
+            .map(|c| c.runs.iter().map(|r| r.conn_per_s).collect())
+            .unwrap_or_default()
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let mut t = Vec::new();
+        let finite = |v: f64| v.is_finite().then_some(v);
+        if self.plan.has(Workload::Throughput) {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                for (peer, goal) in [("direct", 1.0), ("pasta", 1.5), ("rootlesskit", 2.5)] {
+                    let x = finite(self.thr_ratio("ebpf", peer, (1, d)));
+                    t.push(Target {
+                        what: format!("ebpf bulk throughput {dir}, one stream, x {peer}"),
+                        figure: x,
+                        unit: "x",
+                        goal: format!(">= {goal}"),
+                        met: x.map(|x| x >= goal),
+                    });
+                }
+            }
+        }
+        if self.plan.has(Workload::Latency) {
+            for size in SIZES {
+                let (e, d) = (self.lat(size, "ebpf", 0), self.lat(size, "direct", 0));
+                let x = (!e.is_empty() && !d.is_empty()).then(|| difference(&e, &d));
+                t.push(Target {
+                    what: format!("ebpf p50 latency {size} B, minus direct's"),
+                    figure: x,
+                    unit: "us",
+                    goal: "<= 10".into(),
+                    met: x.map(|x| x <= 10.0),
+                });
+                let (e, p) = (self.lat(size, "ebpf", 2), self.lat(size, "pasta", 2));
+                let x = (!e.is_empty() && !p.is_empty()).then(|| difference(&e, &p));
+                t.push(Target {
+                    what: format!("ebpf p99.9 latency {size} B, minus pasta's"),
+                    figure: x,
+                    unit: "us",
+                    goal: "<= 0".into(),
+                    met: x.map(|x| x <= 0.0),
+                });
+            }
+        }
+        if self.plan.has(Workload::Rate) {
+            for clients in CLIENTS {
+                let (e, r) = (self.cps(clients, "ebpf"), self.cps(clients, "rootlesskit"));
+                let x = (!e.is_empty() && !r.is_empty()).then(|| ratio(&e, &r));
+                t.push(Target {
+                    what: format!("ebpf connection rate, {clients} client(s), x RootlessKit"),
+                    figure: x,
+                    unit: "x",
+                    goal: ">= 2".into(),
+                    met: x.map(|x| x >= 2.0),
+                });
+            }
+        }
+        if self.plan.has(Workload::Scale) {
+            let mb = self
+                .res
+                .peak_rss_scale
+                .get("ebpf")
+                .map(|mib| mib * 1024.0 * 1024.0 / 1e6);
+            t.push(Target {
+                what: format!(
+                    "ebpf peak RSS with {} idle connections",
+                    self.plan.scale_conns
+                ),
+                figure: mb,
+                unit: "MB",
+                goal: "<= 30".into(),
+                met: mb.map(|m| m <= 30.0),
+            });
+        }
+        t
+    }
+
+    pub fn render(&self) -> Result<(String, Value)> {
+        let plan = self.plan;
+        let mut date = Command::new("date");
+        date.args(["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
+        let date = first_line(date);
+        let mut uname = Command::new("uname");
+        uname.arg("-r");
+        let kernel = first_line(uname);
+        let mut iperf = Command::new("iperf3");
+        iperf.arg("--version");
+        let iperf = first_line(iperf);
+        let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let command = std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let pinning = match plan.cpus {
+            Some((c, s)) => {
+                format!("iperf3 client pinned to CPU {c}, server to CPU {s} (`-A {c},{s}`)")
+            }
+            None => "no CPU pinning".to_string(),
+        };
+
+        let mut md = String::new();
+        writeln!(md, "# forwarder against direct loopback and its peers\n")?;
+        writeln!(md, "- date: {date}; kernel {kernel}; {ncpu} CPUs; {iperf}")?;
+        writeln!(
+            md,
+            "- load average (1, 5, 15 min) before the first run: {}",
+            self.load
+        )?;
+        writeln!(md, "- command: `{command}`")?;
+        writeln!(
+            md,
+            "- direct: client and server both in the child namespace; engines: one forwarder \
+             per engine, kept for all workloads, publishing 127.0.0.1:PORT into the child"
+        )?;
+        writeln!(
+            md,
+            "- peers, in the host namespace on 127.0.0.1:PORT: socat (`TCP-LISTEN:PORT,fork` + \
+             `EXEC:ip netns exec CHILD socat STDIO TCP\\:127.0.0.1\\:5201`, two processes started \
+             per connection); RootlessKit as user fwdtest (slirp4netns, builtin port driver, \
+             its servers in its own child namespace); pasta `--netns CHILD -t 127.0.0.1/PORT:5201`"
+        )?;
+        writeln!(
+            md,
+            "- every workload repeated and interleaved across the systems; figures are the \
+             median (min-max) over repetitions; ratios are medians of per-repetition ratios; \
+             descriptor limit {}\n",
+            self.nofile
+        )?;
+
+        // Targets.
+        let targets = self.targets();
+        let mut targets_json = Vec::new();
+        if !targets.is_empty() {
+            writeln!(md, "## Targets\n")?;
+            writeln!(md, "| target | figure | goal | |")?;
+            writeln!(md, "|---|---|---|---|")?;
+            for t in &targets {
+                let fig = t
+                    .figure
+                    .map_or_else(|| "n/a".to_string(), |f| format!("{f:.2} {}", t.unit));
+                let verdict = match t.met {
+                    Some(true) => "met",
+                    Some(false) => "**missed**",
+                    None => "not measured",
+                };
+                writeln!(
+                    md,
+                    "| {} | {fig} | {} {} | {verdict} |",
+                    t.what, t.goal, t.unit
+                )?;
+                targets_json.push(json!({"target": t.what, "figure": t.figure, "unit": t.unit,
+                    "goal": t.goal, "met": t.met}));
+            }
+            writeln!(md)?;
+        }
+
+        let mut thr_json = serde_json::Map::new();
+        if plan.has(Workload::Throughput) {
+            self.render_throughput(&mut md, &mut thr_json, &pinning)?;
+        }
+        let lat_json = if plan.has(Workload::Latency) {
+            self.render_latency(&mut md)?
+        } else {
+            Value::Null
+        };
+        let rate_json = if plan.has(Workload::Rate) {
+            self.render_rate(&mut md)?
+        } else {
+            Value::Null
+        };
+        let scale_json = if plan.has(Workload::Scale) {
+            self.render_scale(&mut md)?
+        } else {
+            Value::Null
+        };
+        let res_json = self.render_resources(&mut md)?;
+
+        let failed: Vec<_> = self
+            .systems
+            .iter()
+            .filter_map(|s| Some((s, s.failed.as_ref()?)))
+            .collect();
+        if !failed.is_empty() {
+            writeln!(md, "\nNot run, in full:\n")?;
+            for (s, why) in failed {
+                writeln!(md, "- {}: {}", s.name, why.replace('\n', " "))?;
+            }
+        }
+        writeln!(
+            md,
+            "\nBytes each forwarder carried, by data path (its final statistics):\n"
+        )?;
+        for (mode, st) in &self.res.fwd_stats {
+            let paths = st["bytes_by_path"]
+                .as_object()
+                .map(|p| {
+                    p.iter()
+                        .map(|(k, v)| format!("{k} {:.2} GB", v.as_f64().unwrap_or(f64::NAN) / 1e9))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_else(|| "none reported".to_string());
+            writeln!(
+                md,
+                "- {mode}: {paths}; {} connections, {} active at the end",
+                st["connections"], st["active"]
+            )?;
+        }
+
+        let json = json!({
+            "date": date,
+            "kernel": kernel,
+            "cpus": ncpu,
+            "iperf3": iperf,
+            "command": command,
+            "workloads": plan.workloads.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
+            "seconds_per_run": plan.secs,
+            "repetitions": plan.reps,
+            "iperf3_affinity": plan.cpus.map(|(c, s)| [c, s]),
+            "nofile": self.nofile,
+            "load_average_before": self.load,
+            "targets": targets_json,
+            "systems": self.systems.iter().map(|s| json!({"name": s.name, "label": s.label,
+                "pid": s.pid, "not_run": s.failed})).collect::<Vec<_>>(),
+            "throughput": thr_json,
+            "latency": lat_json,
+            "connection_rate": rate_json,
+            "scale": scale_json,
+            "resources": res_json,
+            "forwarder_stats": self
+                .res
+                .fwd_stats
+                .iter()
+                .map(|(m, st)| (m.to_string(), st.clone()))
+                .collect::<serde_json::Map<_, _>>(),
+        });
+        Ok((md, json))
+    }
+
+    fn render_throughput(
+        &self,
+        md: &mut String,
+        out: &mut serde_json::Map<String, Value>,
+        pinning: &str,
+    ) -> Result<()> {
+        let plan = self.plan;
+        writeln!(md, "## Throughput\n")?;
+        writeln!(
+            md,
+            "iperf3, {} s per run, {} repetitions after a 1-s warm-up of each system; {pinning}; \
+             forward = the client (parent) sends, reverse = `-R`. Gbit/s is iperf3's received \
+             rate; x direct is the median of the per-repetition ratios to direct.\n",
+            plan.secs, plan.reps
+        )?;
+        for streams in STREAMS {
+            writeln!(
+                md,
+                "### {streams} stream{}\n",
+                if streams > 1 { "s (`-P 4`)" } else { "" }
+            )?;
+            writeln!(
+                md,
+                "| system | forward Gbit/s | forward x direct | reverse Gbit/s | reverse x direct |"
+            )?;
+            writeln!(md, "|---|---|---|---|---|")?;
+            for sys in self.systems {
+                let mut row = format!("| {} |", sys.label);
+                let mut entry = serde_json::Map::new();
+                let have = (0..2).all(|d| !self.gbits(&sys.name, (streams, d)).is_empty());
+                if have {
+                    for (d, dir) in DIRECTIONS.iter().enumerate() {
+                        let g = self.gbits(&sys.name, (streams, d));
+                        let x = self.thr_ratio(&sys.name, "direct", (streams, d));
+                        write!(row, " {} | {x:.2} |", spread(&g, 1))?;
+                        let runs = &self.res.thr[&sys.name][&(streams, d)];
+                        entry.insert(
+                            dir.to_string(),
+                            json!({"gbit_per_s": g, "median": median(&g), "ratio_to_direct": x,
+                                   "runs": runs}),
+                        );
+                    }
+                } else {
+                    let why = sys.failed.as_deref().unwrap_or("no results");
+                    write!(row, " {} | | | |", cell(why))?;
+                }
+                writeln!(md, "{row}")?;
+                out.entry(sys.name.clone())
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()
+                    .map(|o| o.insert(format!("streams_{streams}"), Value::Object(entry)));
+            }
+            // ebpf against each peer, and splice against copy.
+            let mut pairs = Vec::new();
+            for (a, b) in [
+                ("ebpf", "pasta"),
+                ("ebpf", "rootlesskit"),
+                ("ebpf", "socat"),
+                ("splice", "copy"),
+            ] {
+                let f = self.thr_ratio(a, b, (streams, 0));
+                let r = self.thr_ratio(a, b, (streams, 1));
+                if f.is_finite() && r.is_finite() {
+                    pairs.push(format!("{a} / {b} {f:.2} forward, {r:.2} reverse"));
+                    out.entry(format!("{a}_over_{b}"))
+                        .or_insert_with(|| json!({}))
+                        .as_object_mut()
+                        .map(|o| {
+                            o.insert(
+                                format!("streams_{streams}"),
+                                json!({"forward": f, "reverse": r}),
+                            )
+                        });
+                }
+            }
+            if !pairs.is_empty() {
+                writeln!(md, "\nPair by pair: {}.", pairs.join("; "))?;
+            }
+            writeln!(md)?;
+        }
+
+        // Where the CPU goes.
+        writeln!(
+            md,
+            "### CPU during the throughput runs\n\n\
+             From /proc/stat around every run: busy time of all CPUs (user, system, irq, \
+             softirq, steal; every process and kernel thread, iperf3 included) per GB \
+             received, and of that the kernel part (system + irq + softirq, where the ebpf \
+             engine's redirects and the loopback stack run); and each CPU's busy share during \
+             the one-stream runs (medians). direct's row is the cost of iperf3 and loopback \
+             TCP alone.\n"
+        )?;
+        let ncpu = self
+            .res
+            .thr
+            .values()
+            .flat_map(|m| m.values())
+            .flat_map(|v| v.iter())
+            .map(|r| r.cpu.per_cpu_busy.len())
+            .max()
+            .unwrap_or(0);
+        let cpus_hdr = (0..ncpu)
+            .map(|c| format!("CPU{c}"))
+            .collect::<Vec<_>>()
+            .join(" / ");
+        writeln!(
+            md,
+            "| system | machine CPU s per GB | of which kernel | busy {cpus_hdr}, 1 stream forward | busy {cpus_hdr}, 1 stream reverse |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for sys in self.systems {
+            let Some(m) = self.res.thr.get(&sys.name) else {
+                continue;
+            };
+            let all: Vec<_> = m.values().flatten().collect();
+            let gb: f64 = all.iter().map(|r| r.bytes).sum::<f64>() / 1e9;
+            let busy: f64 = all.iter().map(|r| r.cpu.busy_s).sum();
+            let kernel: f64 = all.iter().map(|r| r.cpu.kernel_s).sum();
+            let per_cpu = |d: usize| {
+                m.get(&(1, d))
+                    .map(|runs| {
+                        (0..ncpu)
+                            .map(|c| {
+                                let v: Vec<f64> = runs
+                                    .iter()
+                                    .filter_map(|r| r.cpu.per_cpu_busy.get(c).copied())
+                                    .collect();
+                                format!("{:.0}%", median(&v) * 100.0)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    })
+                    .unwrap_or_default()
+            };
+            if gb > 0.0 {
+                writeln!(
+                    md,
+                    "| {} | {:.3} | {:.3} | {} | {} |",
+                    sys.label,
+                    busy / gb,
+                    kernel / gb,
+                    per_cpu(0),
+                    per_cpu(1)
+                )?;
+                out.entry(sys.name.clone())
+                    .or_insert_with(|| json!({}))
+                    .as_object_mut()
+                    .map(|o| {
+                        o.insert(
+                            "machine_cpu".into(),
+                            json!({"busy_s_per_gb": busy / gb, "kernel_s_per_gb": kernel / gb}),
+                        )
+                    });
+            }
+        }
+        writeln!(md)?;
+        Ok(())
+    }
+
+    fn render_latency(&self, md: &mut String) -> Result<Value> {
+        writeln!(
+            md,
+            "## Request/response latency\n\n\
+             One connection, TCP_NODELAY, a message of SIZE bytes echoed back, {} round trips \
+             after 100 unrecorded, per repetition; the load generator is a single-threaded \
+             tokio client (in the child for direct), the echo server `xtask bench-echo` in the \
+             child (RootlessKit: in its own child). Microseconds: median (min-max) over the \
+             repetitions of each run's percentile; max is the largest of all runs; \"- direct\" \
+             is the median of per-repetition differences of p50.\n",
+            self.plan.round_trips
+        )?;
+        writeln!(
+            md,
+            "| system | size | p50 us | p50 - direct us | p99 us | p99.9 us | max us |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        let mut out = serde_json::Map::new();
+        for size in SIZES {
+            let mut m = serde_json::Map::new();
+            for sys in self.systems {
+                let c = match with_runs(self.res.lat.get(&size).and_then(|m| m.get(&sys.name)), sys)
+                {
+                    Ok(c) => c,
+                    Err(why) => {
+                        writeln!(md, "| {} | {size} B | {} | | | | |", sys.label, cell(&why))?;
+                        m.insert(sys.name.clone(), json!({"not_run": why}));
+                        continue;
+                    }
+                };
+                let p = |i: usize| self.lat(size, &sys.name, i);
+                let direct = self.lat(size, "direct", 0);
+                let diff = if direct.is_empty() {
+                    f64::NAN
+                } else {
+                    difference(&p(0), &direct)
+                };
+                writeln!(
+                    md,
+                    "| {} | {size} B | {} | {diff:+.1} | {} | {} | {:.0} |",
+                    sys.label,
+                    spread(&p(0), 1),
+                    spread(&p(1), 1),
+                    spread(&p(2), 1),
+                    min_max(&p(3)).1
+                )?;
+                m.insert(sys.name.clone(), json!({"runs": c.runs.iter().map(|l| json!({
+                    "p50_us": l[0], "p99_us": l[1], "p999_us": l[2], "max_us": l[3]})).collect::<Vec<_>>(),
+                    "p50_minus_direct_us": diff, "not_run": c.failed}));
+            }
+            out.insert(format!("{size}"), Value::Object(m));
+        }
+        writeln!(md)?;
+        Ok(json!({"round_trips": self.plan.round_trips, "by_size_bytes": out}))
+    }
+
+    fn render_rate(&self, md: &mut String) -> Result<Value> {
+        writeln!(
+            md,
+            "## Connection rate\n\n\
+             Each client in a loop for {} s per repetition: connect, 1-byte request, 1-byte \
+             answer, the server closes, the client closes. setup = connect() to the answer \
+             byte. x RootlessKit: median of per-repetition ratios. socat: each connection's EOF \
+             reaches the client only when the inner socat exits, 0.5 s after the server closed \
+             (socat's default `-t 0.5`), which bounds its rate.\n",
+            self.plan.rate_secs
+        )?;
+        writeln!(
+            md,
+            "| system | clients | conn/s | x RootlessKit | p99 setup us | failed |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|")?;
+        let mut out = serde_json::Map::new();
+        for clients in CLIENTS {
+            let mut m = serde_json::Map::new();
+            let rk = self.cps(clients, "rootlesskit");
+            for sys in self.systems {
+                let c = match with_runs(
+                    self.res.rate.get(&clients).and_then(|m| m.get(&sys.name)),
+                    sys,
+                ) {
+                    Ok(c) => c,
+                    Err(why) => {
+                        writeln!(md, "| {} | {clients} | {} | | | |", sys.label, cell(&why))?;
+                        m.insert(sys.name.clone(), json!({"not_run": why}));
+                        continue;
+                    }
+                };
+                let cps = self.cps(clients, &sys.name);
+                let x = if rk.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.2}", ratio(&cps, &rk))
+                };
+                let p99: Vec<f64> = c.runs.iter().map(|r| r.p99_setup_us).collect();
+                let failed: u64 = c.runs.iter().map(|r| r.failed).sum();
+                let f = match c.runs.iter().find_map(|r| r.first_error.clone()) {
+                    Some(e) if failed > 0 => format!("{failed} (first: {})", e.replace('|', " ")),
+                    _ => failed.to_string(),
+                };
+                writeln!(
+                    md,
+                    "| {} | {clients} | {} | {x} | {} | {f} |",
+                    sys.label,
+                    spread(&cps, 0),
+                    spread(&p99, 0)
+                )?;
+                m.insert(
+                    sys.name.clone(),
+                    json!({"runs": c.runs, "not_run": c.failed}),
+                );
+            }
+            out.insert(format!("{clients}"), Value::Object(m));
+        }
+        writeln!(md)?;
+        Ok(json!({"seconds": self.plan.rate_secs, "by_clients": out}))
+    }
+
+    fn render_scale(&self, md: &mut String) -> Result<Value> {
+        let plan = self.plan;
+        writeln!(
+            md,
+            "## Scale: {} idle connections\n\n\
+             {} repetition(s): open {} connections through the system, 64 being set up at a \
+             time, each proven end to end by a 1-byte echo; hold them all, read the carrier's \
+             RSS (VmRSS) and descriptors, close them all. A forwarder must then report no \
+             active connection (\"drained\"). This runs before every other workload, so the \
+             peak RSS after it (VmHWM) is the peak with the connections held. RootlessKit: its \
+             parent process; direct: no carrier.\n",
+            plan.scale_conns, plan.scale_reps, plan.scale_conns
+        )?;
+        if let Some(note) = &plan.scale_note {
+            writeln!(md, "Connections held: {note}.\n")?;
+        }
+        writeln!(
+            md,
+            "| system | time to open s | p99 setup us | RSS held MiB | peak RSS MiB | fds held | drained s |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|")?;
+        let mut out = serde_json::Map::new();
+        for sys in self.systems {
+            let c = self.res.scale.get(&sys.name);
+            let c = match c {
+                Some(c) if !c.runs.is_empty() && c.failed.is_none() => c,
+                other => {
+                    let why = other
+                        .and_then(|c| c.failed.clone())
+                        .or_else(|| sys.failed.clone())
+                        .unwrap_or_else(|| "no results".into());
+                    writeln!(md, "| {} | {} | | | | | |", sys.label, cell(&why))?;
+                    out.insert(
+                        sys.name.clone(),
+                        json!({"not_run": why,
+                        "runs": other.map(|c| &c.runs)}),
+                    );
+                    continue;
+                }
+            };
+            let open: Vec<f64> = c.runs.iter().map(|r| r.open_secs).collect();
+            let p99: Vec<f64> = c.runs.iter().map(|r| r.p99_setup_us).collect();
+            let rss = c
+                .runs
+                .iter()
+                .filter_map(|r| r.rss_mib)
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+            let fds = c.runs.iter().filter_map(|r| r.fds).max();
+            let drained: Vec<f64> = c.runs.iter().filter_map(|r| r.drained_secs).collect();
+            let show = |v: Option<f64>| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.1}"));
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                sys.label,
+                spread(&open, 2),
+                spread(&p99, 0),
+                show(rss),
+                show(self.res.peak_rss_scale.get(&sys.name).copied()),
+                fds.map_or_else(|| "n/a".to_string(), |f| f.to_string()),
+                if drained.is_empty() {
+                    "n/a".to_string()
+                } else {
+                    format!("{:.1}", min_max(&drained).1)
+                }
+            )?;
+            out.insert(
+                sys.name.clone(),
+                json!({"runs": c.runs, "peak_rss_mib": self.res.peak_rss_scale.get(&sys.name)}),
+            );
+        }
+        writeln!(md)?;
+        Ok(
+            json!({"connections": plan.scale_conns, "parallel": super::SCALE_PARALLEL,
+            "by_system": out}),
+        )
+    }
+
+    fn render_resources(&self, md: &mut String) -> Result<Value> {
+        writeln!(
+            md,
+            "## Resources of the process that carries the bytes\n\n\
+             CPU: the process's utime+stime over the throughput runs (warm-ups included) per GB \
+             iperf3 received through it. ebpf: the redirects run in softirq and kernel-worker \
+             context, not charged to the forwarder, so this counts only its controller; the \
+             machine-wide figures above count everything. Peak RSS: VmHWM after the scale \
+             workload and after all workloads. socat starts processes per connection and is \
+             not measured; RootlessKit: its parent process (slirp4netns not included).\n"
+        )?;
+        writeln!(
+            md,
+            "| system | GB moved | process CPU s per GB | peak RSS MiB, scale | peak RSS MiB, all |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        let mut out = serde_json::Map::new();
+        let show =
+            |v: Option<f64>, p: usize| v.map_or_else(|| "n/a".to_string(), |v| format!("{v:.p$}"));
+        for sys in self.systems.iter().filter(|s| s.name != "direct") {
+            let gb = self.res.bytes.get(&sys.name).map(|b| b / 1e9);
+            let cpu = self.res.cpu_per_gb.get(&sys.name).copied();
+            let scale = self.res.peak_rss_scale.get(&sys.name).copied();
+            let all = self.res.peak_rss.get(&sys.name).copied();
+            writeln!(
+                md,
+                "| {} | {} | {} | {} | {} |",
+                sys.label,
+                show(gb, 2),
+                show(cpu, 3),
+                show(scale, 1),
+                show(all, 1)
+            )?;
+            out.insert(
+                sys.name.clone(),
+                json!({"gb_moved": gb, "cpu_s_per_gb": cpu, "peak_rss_mib_after_scale": scale,
+                       "peak_rss_mib": all, "pid": sys.pid}),
+            );
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// Bar charts: throughput (one and four streams), 1-byte latency.
+    pub fn svg(&self) -> String {
+        let thr = |streams: u32| -> Vec<(String, Vec<f64>)> {
+            self.systems
+                .iter()
+                .filter_map(|s| {
+                    let f = self.gbits(&s.name, (streams, 0));
+                    let r = self.gbits(&s.name, (streams, 1));
+                    (!f.is_empty() && !r.is_empty())
+                        .then(|| (s.name.clone(), vec![median(&f), median(&r)]))
+                })
+                .collect()
+        };
+        let (one, four) = (thr(1), thr(4));
+        let lat: Vec<(String, Vec<f64>)> = self
+            .systems
+            .iter()
+            .filter_map(|s| {
+                let p50 = self.lat(1, &s.name, 0);
+                let p99 = self.lat(1, &s.name, 1);
+                (!p50.is_empty()).then(|| (s.name.clone(), vec![median(&p50), median(&p99)]))
+            })
+            .collect();
+        crate::chart::svg(&[
+            crate::chart::Panel {
+                title: "Throughput, iperf3 one stream (Gbit/s, median)",
+                series: &["forward", "reverse"],
+                rows: &one,
+            },
+            crate::chart::Panel {
+                title: "Throughput, iperf3 four streams (Gbit/s, median)",
+                series: &["forward", "reverse"],
+                rows: &four,
+            },
+            crate::chart::Panel {
+                title: "Ping-pong latency, 1 byte (microseconds, median of runs)",
+                series: &["p50", "p99"],
+                rows: &lat,
+            },
+        ])
+    }
+}
