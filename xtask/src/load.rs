@@ -221,19 +221,23 @@ pub struct Held {
     pub open_secs: f64,
     /// Setup times (connect to echo), nanoseconds.
     pub setup_ns: Vec<u64>,
+    /// The first failure, which stopped the opening; the connections
+    /// opened until then are still held, so the carrier can be inspected.
+    pub error: Option<String>,
 }
 
 /// Opens `n` connections, at most `parallel` being set up at a time, and
 /// proves each end to end with a 1-byte round trip (connect() alone
 /// completes in the forwarder's kernel before the child is dialed). The
-/// first failure aborts: a scale run either holds all `n` or reports why.
-pub async fn hold(addr: SocketAddr, n: usize, parallel: usize) -> Result<Held> {
+/// first failure stops the opening.
+pub async fn hold(addr: SocketAddr, n: usize, parallel: usize) -> Held {
     let start = Instant::now();
     let mut streams = Vec::with_capacity(n);
     let mut setup_ns = Vec::with_capacity(n);
     let mut tasks = tokio::task::JoinSet::new();
     let mut started = 0;
-    while streams.len() < n {
+    let mut error = None;
+    while streams.len() < n && error.is_none() {
         while started < n && tasks.len() < parallel {
             started += 1;
             tasks.spawn(async move {
@@ -249,17 +253,23 @@ pub async fn hold(addr: SocketAddr, n: usize, parallel: usize) -> Result<Held> {
         let Some(done) = tasks.join_next().await else {
             break;
         };
-        let (s, dt) = done
-            .context("a connecting task panicked")?
-            .with_context(|| format!("connection {} of {n}", streams.len() + 1))?;
-        streams.push(s);
-        setup_ns.push(dt);
+        match done {
+            Ok(Ok((s, dt))) => {
+                streams.push(s);
+                setup_ns.push(dt);
+            }
+            Ok(Err(e)) => {
+                error = Some(format!("connection {} of {n}: {e:#}", streams.len() + 1));
+            }
+            Err(e) => error = Some(format!("a connecting task failed: {e}")),
+        }
     }
-    Ok(Held {
+    Held {
         streams,
         open_secs: start.elapsed().as_secs_f64(),
         setup_ns,
-    })
+        error,
+    }
 }
 
 /// The `q`-quantile (0..=1) of sorted samples, nearest rank.

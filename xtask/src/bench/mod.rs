@@ -3,17 +3,17 @@
 //! builtin driver, pasta: see `peers.rs`), every system on the same
 //! workloads in one run:
 //!
-//! - *scale*: 10,000 concurrent idle connections (each proven end to end
-//!   with a 1-byte echo, 64 being opened at a time), held while the
-//!   carrier's RSS and descriptors are read, then closed; the time to open
-//!   them all. Runs first, so the carrier's peak RSS after it (VmHWM) is the
-//!   peak with 10,000 idle connections, before any bulk transfer;
 //! - *throughput*: iperf3, one stream and four streams (`-P 4`), each
 //!   direction, with the machine's CPU time (/proc/stat, all CPUs, softirq
 //!   and kernel workers included) around every run;
 //! - *latency*: 1-byte and 1 KiB ping-pong on one connection (`load.rs`);
 //! - *rate*: connect, 1-byte request/response, close, with 1 and 32
 //!   concurrent clients (`load.rs`);
+//! - *scale*: 10,000 concurrent idle connections (each proven end to end
+//!   with a 1-byte echo, 64 being opened at a time), held while the
+//!   carrier's RSS and descriptors are read, then closed; the time to open
+//!   them all. Runs last: a peer that runs out of descriptors may not
+//!   recover, which must not cost it the other workloads;
 //! - with `--profile`, a profile of the ebpf engine's bulk, ping-pong and
 //!   connection-rate runs (`profile.rs`).
 //!
@@ -53,7 +53,8 @@
 //!   CPU time (all processes and kernel threads) per GB over the same
 //!   runs, which is the honest figure for ebpf (its redirects run in
 //!   softirq and kernel-worker context, not charged to the forwarder);
-//!   peak RSS (`VmHWM`) after the scale workload and after all workloads.
+//!   RSS while the idle connections are held (VmRSS), and the peak over
+//!   the whole run (VmHWM, read at the end).
 //!   socat forks per connection: not measured.
 //!
 //! Prints a Markdown report and writes it to `bench/results/latest.md`,
@@ -230,8 +231,7 @@ pub struct Results {
     pub scale: BTreeMap<String, Cell<ScaleRun>>,
     /// The carrier process's CPU seconds per GB over the throughput runs.
     pub cpu_per_gb: BTreeMap<String, f64>,
-    /// Peak RSS after the scale workload, and after all workloads.
-    pub peak_rss_scale: BTreeMap<String, f64>,
+    /// Peak RSS (VmHWM) after all workloads.
     pub peak_rss: BTreeMap<String, f64>,
     /// Bytes iperf3 moved through each system, warm-ups included.
     pub bytes: BTreeMap<String, f64>,
@@ -659,16 +659,29 @@ fn run_inner(args: &Args) -> Result<()> {
 
     let mut res = Results::default();
     let mut plan = plan;
+    if plan.has(Workload::Throughput) {
+        throughput(&plan, &ns, &mut systems, &mut res)?;
+    }
+    if plan.has(Workload::Latency) {
+        latency(&plan, &ns, &systems, &mut res)?;
+    }
+    if plan.has(Workload::Rate) {
+        rate(&plan, &ns, &systems, &mut res)?;
+    }
+    // Scale last: a peer that runs out of descriptors may not recover
+    // (RootlessKit's listener stops accepting), which must not cost it the
+    // other workloads.
     if plan.has(Workload::Scale) {
         let base = systems
             .iter()
+            .filter(|s| ENGINES.contains(&s.name.as_str()))
             .filter_map(|s| sample::fd_count(s.pid?).ok())
             .max()
             .unwrap_or(0);
         let fit = scale_fit(plan.scale_conns, nofile, base);
         if fit < plan.scale_conns {
             let why = format!(
-                "{fit} connections instead of {}: {}; a carrier holds two sockets per \
+                "{fit} connections instead of {}: {}; a forwarder holds two sockets per \
                  connection and already {base} other descriptors",
                 plan.scale_conns,
                 nofile_short.as_deref().unwrap_or("the descriptor limit")
@@ -678,20 +691,6 @@ fn run_inner(args: &Args) -> Result<()> {
             plan.scale_conns = fit;
         }
         scale(&plan, &ns, &systems, &mut forwarders, &mut res)?;
-        for s in &systems {
-            if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {
-                res.peak_rss_scale.insert(s.name.clone(), rss);
-            }
-        }
-    }
-    if plan.has(Workload::Throughput) {
-        throughput(&plan, &ns, &mut systems, &mut res)?;
-    }
-    if plan.has(Workload::Latency) {
-        latency(&plan, &ns, &systems, &mut res)?;
-    }
-    if plan.has(Workload::Rate) {
-        rate(&plan, &ns, &systems, &mut res)?;
     }
     for s in &systems {
         if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {
@@ -881,6 +880,11 @@ fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Resul
                         first_error: c.first_error,
                     })
                 });
+                // Not one connection completed: that is a failure, not a rate.
+                let r = r.and_then(|run| match (&run.first_error, run.conn_per_s > 0.0) {
+                    (Some(e), false) => Err(format!("no connection completed; first error: {e}")),
+                    _ => Ok(run),
+                });
                 match r {
                     Ok(run) => {
                         eprintln!(
@@ -936,11 +940,18 @@ fn scale(
             }
             let pid = sys.pid;
             let r = on_echo(sys, ns, move |addr| async move {
-                let held = load::hold(addr, n, SCALE_PARALLEL).await?;
+                let held = load::hold(addr, n, SCALE_PARALLEL).await;
                 // Let the carrier settle (tasks parked, buffers returned).
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                let rss_mib = pid.map(sample::rss_mib).transpose()?;
-                let fds = pid.map(sample::fd_count).transpose()?;
+                let rss_mib = pid.and_then(|p| sample::rss_mib(p).ok());
+                let fds = pid.and_then(|p| sample::fd_count(p).ok());
+                if let Some(e) = held.error {
+                    bail!(
+                        "{e} (with {} connections open; the carrier held {} descriptors)",
+                        held.streams.len(),
+                        fds.map_or_else(|| "n/a".to_string(), |f| f.to_string())
+                    );
+                }
                 let run = ScaleRun {
                     conns: held.streams.len(),
                     open_secs: held.open_secs,

@@ -155,21 +155,31 @@ impl Report<'_> {
             }
         }
         if self.plan.has(Workload::Scale) {
-            let mb = self
+            let held = self
                 .res
-                .peak_rss_scale
+                .scale
                 .get("ebpf")
-                .map(|mib| mib * 1024.0 * 1024.0 / 1e6);
-            t.push(Target {
-                what: format!(
-                    "ebpf peak RSS with {} idle connections",
-                    self.plan.scale_conns
+                .and_then(|c| c.runs.iter().filter_map(|r| r.rss_mib).reduce(f64::max));
+            let mb = |mib: f64| mib * 1024.0 * 1024.0 / 1e6;
+            for (what, v) in [
+                ("RSS while holding", held),
+                (
+                    "peak RSS over the whole run, which includes holding",
+                    self.res.peak_rss.get("ebpf").copied(),
                 ),
-                figure: mb,
-                unit: "MB",
-                goal: "<= 30".into(),
-                met: mb.map(|m| m <= 30.0),
-            });
+            ] {
+                let v = v.map(mb);
+                t.push(Target {
+                    what: format!(
+                        "ebpf forwarder {what} {} idle connections",
+                        self.plan.scale_conns
+                    ),
+                    figure: v,
+                    unit: "MB",
+                    goal: "<= 30".into(),
+                    met: v.map(|m| m <= 30.0),
+                });
+            }
         }
         t
     }
@@ -670,7 +680,7 @@ impl Report<'_> {
                 spread(&open, 2),
                 spread(&p99, 0),
                 show(rss),
-                show(self.res.peak_rss_scale.get(&sys.name).copied()),
+                show(self.res.peak_rss.get(&sys.name).copied()),
                 fds.map_or_else(|| "n/a".to_string(), |f| f.to_string()),
                 if drained.is_empty() {
                     "n/a".to_string()
@@ -678,10 +688,7 @@ impl Report<'_> {
                     format!("{:.1}", min_max(&drained).1)
                 }
             )?;
-            out.insert(
-                sys.name.clone(),
-                json!({"runs": c.runs, "peak_rss_mib": self.res.peak_rss_scale.get(&sys.name)}),
-            );
+            out.insert(sys.name.clone(), json!({"runs": c.runs}));
         }
         writeln!(md)?;
         Ok(
@@ -697,13 +704,13 @@ impl Report<'_> {
              CPU: the process's utime+stime over the throughput runs (warm-ups included) per GB \
              iperf3 received through it. ebpf: the redirects run in softirq and kernel-worker \
              context, not charged to the forwarder, so this counts only its controller; the \
-             machine-wide figures above count everything. Peak RSS: VmHWM after the scale \
-             workload and after all workloads. socat starts processes per connection and is \
+             machine-wide figures above count everything. RSS holding the idle connections: \
+             VmRSS during the scale workload; peak RSS: VmHWM at the end of the run. socat starts processes per connection and is \
              not measured; RootlessKit: its parent process (slirp4netns not included).\n"
         )?;
         writeln!(
             md,
-            "| system | GB moved | process CPU s per GB | peak RSS MiB, scale | peak RSS MiB, all |"
+            "| system | GB moved | process CPU s per GB | RSS MiB holding idle connections | peak RSS MiB |"
         )?;
         writeln!(md, "|---|---|---|---|---|")?;
         let mut out = serde_json::Map::new();
@@ -712,7 +719,11 @@ impl Report<'_> {
         for sys in self.systems.iter().filter(|s| s.name != "direct") {
             let gb = self.res.bytes.get(&sys.name).map(|b| b / 1e9);
             let cpu = self.res.cpu_per_gb.get(&sys.name).copied();
-            let scale = self.res.peak_rss_scale.get(&sys.name).copied();
+            let scale = self
+                .res
+                .scale
+                .get(&sys.name)
+                .and_then(|c| c.runs.iter().filter_map(|r| r.rss_mib).reduce(f64::max));
             let all = self.res.peak_rss.get(&sys.name).copied();
             writeln!(
                 md,
@@ -725,7 +736,7 @@ impl Report<'_> {
             )?;
             out.insert(
                 sys.name.clone(),
-                json!({"gb_moved": gb, "cpu_s_per_gb": cpu, "peak_rss_mib_after_scale": scale,
+                json!({"gb_moved": gb, "cpu_s_per_gb": cpu, "rss_mib_holding_idle": scale,
                        "peak_rss_mib": all, "pid": sys.pid}),
             );
         }
