@@ -22,6 +22,24 @@ use super::{iperf, on_echo, Plan, System};
 use crate::load;
 use crate::util::{output_within, Netns, Proc};
 
+/// Kernel functions that mark the stages of the data path: the sending
+/// and receiving system calls, the TCP receive, the verdict, the psock
+/// worker that sends redirected skbs, and the copies to and from user
+/// memory.
+const STAGES: &[&str] = &[
+    "__x64_sys_sendto",
+    "__x64_sys_write",
+    "__x64_sys_read",
+    "__x64_sys_recvfrom",
+    "tcp_v4_rcv",
+    "sk_psock_verdict_recv",
+    "sk_psock_backlog",
+    "tcp_sendmsg_locked",
+    "_copy_from_iter",
+    "_copy_to_iter",
+    "process_backlog",
+];
+
 const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 /// Turns on BPF run-time statistics; restores the old value when dropped.
@@ -99,18 +117,47 @@ struct Recorded {
 }
 
 impl Recorded {
+    /// The report's lines for `sort` (e.g. "comm", "sym"), self time,
+    /// entries above `limit` percent, at most `top`.
     fn report(&self, sort: &str, limit: f64, top: usize) -> Result<String> {
+        let lines = self.lines(&["--no-children", "--sort", sort])?;
+        Ok(lines
+            .into_iter()
+            .filter(|l| percent(l) >= limit)
+            .take(top)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    /// Time inside each system call, callees included, above `limit`
+    /// percent: where a process's kernel time goes, call by call.
+    fn syscalls(&self, limit: f64) -> Result<String> {
+        let lines = self.lines(&["--children", "--sort", "sym"])?;
+        Ok(lines
+            .into_iter()
+            .filter(|l| l.contains("__x64_sys_") && percent(l) >= limit)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    /// Time inside each of the kernel functions `syms`, callees included.
+    fn inclusive(&self, syms: &[&str]) -> Result<String> {
+        let lines = self.lines(&["--children", "--sort", "sym"])?;
+        Ok(lines
+            .into_iter()
+            .filter(|l| {
+                l.split_whitespace()
+                    .last()
+                    .is_some_and(|name| syms.contains(&name))
+            })
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    fn lines(&self, args: &[&str]) -> Result<Vec<String>> {
         let mut cmd = Command::new("perf");
-        cmd.args([
-            "report",
-            "-i",
-            &self.data,
-            "--stdio",
-            "--no-children",
-            "-g",
-            "none",
-        ])
-        .args(["--sort", sort, "--percent-limit", &limit.to_string()]);
+        cmd.args(["report", "-i", &self.data, "--stdio", "-g", "none"])
+            .args(args);
         let out = output_within(&mut cmd, Duration::from_secs(120))?;
         if !out.status.success() {
             bail!("perf report failed: {}", out.stderr.trim());
@@ -119,11 +166,18 @@ impl Recorded {
             .stdout
             .lines()
             .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-            .take(top)
             .map(|l| l.trim_end().to_string())
-            .collect::<Vec<_>>()
-            .join("\n"))
+            .collect())
     }
+}
+
+/// The first percentage on a perf report line.
+fn percent(line: &str) -> f64 {
+    line.split_whitespace()
+        .next()
+        .and_then(|f| f.strip_suffix('%'))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0.0)
 }
 
 impl Drop for Recorded {
@@ -172,6 +226,11 @@ impl Profiled {
             writeln!(md, "{}", bpf_delta(pid, &self.bpf0, self.secs, bytes)?)?;
         }
         block(md, "Samples by command", &self.rec.report("comm", 1.0, 12)?)?;
+        block(
+            md,
+            "The data path's stages, callees included (all CPUs)",
+            &self.rec.inclusive(STAGES)?,
+        )?;
         block(
             md,
             "Hottest symbols",
@@ -236,9 +295,13 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
     let kernel = crate::util::output(&mut uname).unwrap_or_default();
     writeln!(
         md,
-        "Made by `cargo xtask bench --profile` on {}, kernel {}; `perf record -e cpu-clock -F 999 -g`, \
+        "Made by `{}` on {}, kernel {}; `perf record -e cpu-clock -F 999 -g`, \
          BPF run-time statistics from /proc/PID/fdinfo with kernel.bpf_stats_enabled=1 for the \
          duration. Percentages are shares of all samples (idle CPUs appear as `swapper`).\n",
+        std::iter::once("cargo xtask".to_string())
+            .chain(std::env::args().skip(1))
+            .collect::<Vec<_>>()
+            .join(" "),
         utc_now(),
         kernel.trim()
     )?;
@@ -326,6 +389,11 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
         c.completed as f64 / c.secs,
         fwd_cpu,
         fwd_cpu / c.completed.max(1) as f64 * 1e6
+    )?;
+    block(
+        &mut md,
+        "Time inside each system call, callees included (forwarder threads)",
+        &rec.syscalls(1.0)?,
     )?;
     block(
         &mut md,

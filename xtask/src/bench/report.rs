@@ -630,9 +630,9 @@ impl Report<'_> {
             "## Scale: {} idle connections\n\n\
              {} repetition(s): open {} connections through the system, 64 being set up at a \
              time, each proven end to end by a 1-byte echo; hold them all, read the carrier's \
-             RSS (VmRSS) and descriptors, close them all. A forwarder must then report no \
-             active connection (\"drained\"). This runs before every other workload, so the \
-             peak RSS after it (VmHWM) is the peak with the connections held. RootlessKit: its \
+             RSS (VmRSS, the largest of the repetitions) and descriptors, close them all. A \
+             forwarder must then report no active connection (\"drained\"). Runs after the \
+             other workloads; peak RSS is VmHWM at the end of the whole run. RootlessKit: its \
              parent process; direct: no carrier.\n",
             plan.scale_conns, plan.scale_reps, plan.scale_conns
         )?;
