@@ -298,6 +298,52 @@ pub fn latency_summary(samples: &[u64]) -> [f64; 4] {
 mod tests {
     use super::*;
 
+    /// An echo server (the bench's own handler) on a free loopback port.
+    async fn echo_here() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                tokio::spawn(echo(s));
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn hold_opens_and_proves_every_connection() {
+        let addr = echo_here().await;
+        let held = hold(addr, 50, 8).await;
+        assert_eq!(held.error, None);
+        assert_eq!(held.streams.len(), 50);
+        assert_eq!(held.setup_ns.len(), 50);
+        // A server that closes at once: the first failure stops the
+        // opening and is reported, with what was opened until then.
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let closing = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                drop(s);
+            }
+        });
+        let held = hold(closing, 5, 1).await;
+        let err = held.error.expect("a failure");
+        assert!(err.starts_with("connection 1 of 5"), "{err}");
+        assert!(held.streams.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ping_pong_and_connection_rate_against_the_echo_server() {
+        let addr = echo_here().await;
+        let rtts = ping_pong(addr, 1024, 50).await.expect("ping-pong");
+        assert_eq!(rtts.len(), 50);
+        let c = conn_rate(addr, 4, Duration::from_millis(200))
+            .await
+            .expect("rate");
+        assert!(c.completed > 0 && c.failed == 0, "{:?}", c.first_error);
+        assert_eq!(c.setup_ns.len() as u64, c.completed);
+    }
+
     #[test]
     fn quantiles_by_nearest_rank() {
         let v: Vec<u64> = (1..=1000).collect();

@@ -145,12 +145,10 @@ impl Chunk for SpliceChunk {
 
 impl Drop for SpliceChunk {
     fn drop(&mut self) {
+        // A pipe with bytes left (a connection that ended mid-chunk) fails
+        // release's emptiness check and is closed.
         if let Some(p) = self.pipe.take() {
-            if self.pending == 0 {
-                release(p);
-            } else {
-                PIPES.release(p, false);
-            }
+            release(p);
         }
     }
 }

@@ -816,97 +816,105 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
     Ok(())
 }
 
-/// Ping-pong latency per repetition, size and system.
-fn latency(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
+/// Runs a repeated workload: per repetition, key (size, clients) and
+/// system, `run` (given the repetition) once into that system's cell, skipping a cell once it has
+/// failed. `pause` separates the systems.
+fn repeated<K: Copy + Ord, T>(
+    plan: &Plan,
+    systems: &[System],
+    keys: &[K],
+    cells: &mut BTreeMap<K, BTreeMap<String, Cell<T>>>,
+    pause: Duration,
+    mut run: impl FnMut(&System, K, u32) -> std::result::Result<T, String>,
+) -> Result<()> {
     for rep in 1..=plan.reps {
-        for size in SIZES {
+        for &key in keys {
             for sys in systems {
                 check_interrupted()?;
-                let cell = res
-                    .lat
-                    .entry(size)
+                let cell = cells
+                    .entry(key)
                     .or_default()
                     .entry(sys.name.clone())
                     .or_default();
                 if cell.failed.is_some() {
                     continue;
                 }
-                let n = plan.round_trips;
-                let r = on_echo(sys, ns, move |addr| async move {
-                    load::ping_pong(addr, size, n)
-                        .await
-                        .map(|rtts| load::latency_summary(&rtts))
-                });
-                match r {
-                    Ok(l) => {
-                        eprintln!(
-                            "bench: rep {rep}/{} ping-pong {size:4} B {:11} p50 {:.1} p99 {:.1} p99.9 {:.1} us",
-                            plan.reps, sys.name, l[0], l[1], l[2]
-                        );
-                        cell.runs.push(l);
-                    }
-                    Err(e) => {
-                        eprintln!("bench: ping-pong {size:4} B {:11} not run: {e}", sys.name);
-                        cell.failed = Some(e);
-                    }
+                match run(sys, key, rep) {
+                    Ok(r) => cell.runs.push(r),
+                    Err(e) => cell.failed = Some(e),
                 }
+                std::thread::sleep(pause);
             }
         }
     }
     Ok(())
 }
 
-/// Connection rate per repetition, client count and system.
-fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
-    for rep in 1..=plan.reps {
-        for clients in CLIENTS {
-            for sys in systems {
-                check_interrupted()?;
-                let cell = res
-                    .rate
-                    .entry(clients)
-                    .or_default()
-                    .entry(sys.name.clone())
-                    .or_default();
-                if cell.failed.is_some() {
-                    continue;
-                }
-                let dur = Duration::from_secs(plan.rate_secs);
-                let r = on_echo(sys, ns, move |addr| async move {
-                    load::conn_rate(addr, clients, dur).await.map(|c| RateRun {
-                        conn_per_s: c.completed as f64 / c.secs,
-                        p99_setup_us: load::latency_summary(&c.setup_ns)[1],
-                        failed: c.failed,
-                        first_error: c.first_error,
-                    })
-                });
-                // Not one connection completed: that is a failure, not a rate.
-                let r = r.and_then(|run| match (&run.first_error, run.conn_per_s > 0.0) {
-                    (Some(e), false) => Err(format!("no connection completed; first error: {e}")),
-                    _ => Ok(run),
-                });
-                match r {
-                    Ok(run) => {
-                        eprintln!(
-                            "bench: rep {rep}/{} connect {clients:2} clients {:11} {:8.0} conn/s p99 {:.0} us, {} failed",
-                            plan.reps, sys.name, run.conn_per_s, run.p99_setup_us, run.failed
-                        );
-                        cell.runs.push(run);
-                    }
-                    Err(e) => {
-                        eprintln!(
-                            "bench: connect {clients:2} clients {:11} not run: {e}",
-                            sys.name
-                        );
-                        cell.failed = Some(e);
-                    }
-                }
-                // Let TIME_WAIT and the forwarder settle between systems.
-                std::thread::sleep(Duration::from_millis(300));
+/// Ping-pong latency per repetition, size and system.
+fn latency(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
+    let n = plan.round_trips;
+    repeated(
+        plan,
+        systems,
+        &SIZES,
+        &mut res.lat,
+        Duration::ZERO,
+        |sys, size, rep| {
+            let r = on_echo(sys, ns, move |addr| async move {
+                load::ping_pong(addr, size, n)
+                    .await
+                    .map(|rtts| load::latency_summary(&rtts))
+            });
+            match &r {
+                Ok(l) => eprintln!(
+                    "bench: rep {rep}/{} ping-pong {size:4} B {:11} p50 {:.1} p99 {:.1} p99.9 {:.1} us",
+                    plan.reps, sys.name, l[0], l[1], l[2]
+                ),
+                Err(e) => eprintln!("bench: ping-pong {size:4} B {:11} not run: {e}", sys.name),
             }
-        }
-    }
-    Ok(())
+            r
+        },
+    )
+}
+
+/// Connection rate per repetition, client count and system; between
+/// systems a pause lets TIME_WAIT and the forwarder settle.
+fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
+    let dur = Duration::from_secs(plan.rate_secs);
+    let pause = Duration::from_millis(300);
+    repeated(
+        plan,
+        systems,
+        &CLIENTS,
+        &mut res.rate,
+        pause,
+        |sys, clients, rep| {
+            let r = on_echo(sys, ns, move |addr| async move {
+                load::conn_rate(addr, clients, dur).await.map(|c| RateRun {
+                    conn_per_s: c.completed as f64 / c.secs,
+                    p99_setup_us: load::latency_summary(&c.setup_ns)[1],
+                    failed: c.failed,
+                    first_error: c.first_error,
+                })
+            });
+            // Not one connection completed: that is a failure, not a rate.
+            let r = r.and_then(|run| match (&run.first_error, run.conn_per_s > 0.0) {
+                (Some(e), false) => Err(format!("no connection completed; first error: {e}")),
+                _ => Ok(run),
+            });
+            match &r {
+                Ok(run) => eprintln!(
+                "bench: rep {rep}/{} connect {clients:2} clients {:11} {:8.0} conn/s p99 {:.0} us, {} failed",
+                plan.reps, sys.name, run.conn_per_s, run.p99_setup_us, run.failed
+            ),
+                Err(e) => eprintln!(
+                    "bench: connect {clients:2} clients {:11} not run: {e}",
+                    sys.name
+                ),
+            }
+            r
+        },
+    )
 }
 
 /// Scale: per repetition and system, open `scale_conns` connections, read

@@ -62,6 +62,30 @@ struct Target {
     met: Option<bool>,
 }
 
+impl Target {
+    /// Met when `figure` is at least `bound`.
+    fn at_least(what: String, figure: Option<f64>, unit: &'static str, bound: f64) -> Self {
+        Target {
+            what,
+            figure,
+            unit,
+            goal: format!(">= {bound}"),
+            met: figure.map(|x| x >= bound),
+        }
+    }
+
+    /// Met when `figure` is at most `bound`.
+    fn at_most(what: String, figure: Option<f64>, unit: &'static str, bound: f64) -> Self {
+        Target {
+            what,
+            figure,
+            unit,
+            goal: format!("<= {bound}"),
+            met: figure.map(|x| x <= bound),
+        }
+    }
+}
+
 impl Report<'_> {
     /// Gbit/s per repetition of a system for one stream count and direction.
     fn gbits(&self, name: &str, key: ThrKey) -> Vec<f64> {
@@ -109,13 +133,12 @@ impl Report<'_> {
             for (d, dir) in DIRECTIONS.iter().enumerate() {
                 for (peer, goal) in [("direct", 1.0), ("pasta", 1.5), ("rootlesskit", 2.5)] {
                     let x = finite(self.thr_ratio("ebpf", peer, (1, d)));
-                    t.push(Target {
-                        what: format!("ebpf bulk throughput {dir}, one stream, x {peer}"),
-                        figure: x,
-                        unit: "x",
-                        goal: format!(">= {goal}"),
-                        met: x.map(|x| x >= goal),
-                    });
+                    t.push(Target::at_least(
+                        format!("ebpf bulk throughput {dir}, one stream, x {peer}"),
+                        x,
+                        "x",
+                        goal,
+                    ));
                 }
             }
         }
@@ -123,35 +146,32 @@ impl Report<'_> {
             for size in SIZES {
                 let (e, d) = (self.lat(size, "ebpf", 0), self.lat(size, "direct", 0));
                 let x = (!e.is_empty() && !d.is_empty()).then(|| difference(&e, &d));
-                t.push(Target {
-                    what: format!("ebpf p50 latency {size} B, minus direct's"),
-                    figure: x,
-                    unit: "us",
-                    goal: "<= 10".into(),
-                    met: x.map(|x| x <= 10.0),
-                });
+                t.push(Target::at_most(
+                    format!("ebpf p50 latency {size} B, minus direct's"),
+                    x,
+                    "us",
+                    10.0,
+                ));
                 let (e, p) = (self.lat(size, "ebpf", 2), self.lat(size, "pasta", 2));
                 let x = (!e.is_empty() && !p.is_empty()).then(|| difference(&e, &p));
-                t.push(Target {
-                    what: format!("ebpf p99.9 latency {size} B, minus pasta's"),
-                    figure: x,
-                    unit: "us",
-                    goal: "<= 0".into(),
-                    met: x.map(|x| x <= 0.0),
-                });
+                t.push(Target::at_most(
+                    format!("ebpf p99.9 latency {size} B, minus pasta's"),
+                    x,
+                    "us",
+                    0.0,
+                ));
             }
         }
         if self.plan.has(Workload::Rate) {
             for clients in CLIENTS {
                 let (e, r) = (self.cps(clients, "ebpf"), self.cps(clients, "rootlesskit"));
                 let x = (!e.is_empty() && !r.is_empty()).then(|| ratio(&e, &r));
-                t.push(Target {
-                    what: format!("ebpf connection rate, {clients} client(s), x RootlessKit"),
-                    figure: x,
-                    unit: "x",
-                    goal: ">= 2".into(),
-                    met: x.map(|x| x >= 2.0),
-                });
+                t.push(Target::at_least(
+                    format!("ebpf connection rate, {clients} client(s), x RootlessKit"),
+                    x,
+                    "x",
+                    2.0,
+                ));
             }
         }
         if self.plan.has(Workload::Scale) {
@@ -168,17 +188,15 @@ impl Report<'_> {
                     self.res.peak_rss.get("ebpf").copied(),
                 ),
             ] {
-                let v = v.map(mb);
-                t.push(Target {
-                    what: format!(
+                t.push(Target::at_most(
+                    format!(
                         "ebpf forwarder {what} {} idle connections",
                         self.plan.scale_conns
                     ),
-                    figure: v,
-                    unit: "MB",
-                    goal: "<= 30".into(),
-                    met: v.map(|m| m <= 30.0),
-                });
+                    v.map(mb),
+                    "MB",
+                    30.0,
+                ));
             }
         }
         t
@@ -783,5 +801,160 @@ impl Report<'_> {
                 rows: &lat,
             },
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Cell, RateRun, ScaleRun, ThrRun};
+    use super::*;
+
+    fn system(name: &str, failed: Option<&str>) -> System {
+        System {
+            name: name.into(),
+            label: format!("label {name}"),
+            iperf_port: None,
+            echo_port: None,
+            pid: None,
+            failed: failed.map(str::to_string),
+        }
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            reps: 2,
+            secs: 1,
+            round_trips: 10,
+            rate_secs: 1,
+            scale_conns: 100,
+            scale_reps: 1,
+            cpus: None,
+            workloads: vec![
+                Workload::Scale,
+                Workload::Throughput,
+                Workload::Latency,
+                Workload::Rate,
+            ],
+            scale_note: None,
+        }
+    }
+
+    /// Two repetitions per system: throughput `gbit` each way (one stream),
+    /// p50 `p50` us, `cps` connections per second.
+    fn results(rows: &[(&str, f64, f64, f64)]) -> Results {
+        let mut res = Results::default();
+        for &(name, gbit, p50, cps) in rows {
+            let thr = res.thr.entry(name.into()).or_default();
+            for d in 0..2 {
+                thr.insert(
+                    (1, d),
+                    (0..2)
+                        .map(|_| ThrRun {
+                            gbit,
+                            bytes: 1e9,
+                            cpu: Default::default(),
+                        })
+                        .collect(),
+                );
+            }
+            let lat = Cell {
+                runs: vec![[p50, 2.0 * p50, 3.0 * p50, 4.0 * p50]; 2],
+                failed: None,
+            };
+            res.lat.entry(1).or_default().insert(name.into(), lat);
+            let rate = Cell {
+                runs: vec![
+                    RateRun {
+                        conn_per_s: cps,
+                        p99_setup_us: 100.0,
+                        failed: 0,
+                        first_error: None,
+                    };
+                    2
+                ],
+                failed: None,
+            };
+            res.rate.entry(1).or_default().insert(name.into(), rate);
+        }
+        res
+    }
+
+    #[test]
+    fn targets_are_judged_from_the_run() {
+        let systems = [
+            system("direct", None),
+            system("ebpf", None),
+            system("rootlesskit", None),
+            system("pasta", None),
+            system("socat", Some("socat exploded")),
+        ];
+        let mut res = results(&[
+            ("direct", 30.0, 50.0, 6000.0),
+            ("ebpf", 15.0, 55.0, 3000.0),
+            ("rootlesskit", 5.0, 80.0, 1000.0),
+            ("pasta", 10.0, 70.0, 2000.0),
+        ]);
+        res.scale.insert(
+            "ebpf".into(),
+            Cell {
+                runs: vec![ScaleRun {
+                    conns: 100,
+                    open_secs: 0.1,
+                    p99_setup_us: 10.0,
+                    rss_mib: Some(20.0),
+                    fds: Some(230),
+                    drained_secs: Some(0.1),
+                }],
+                failed: None,
+            },
+        );
+        res.peak_rss.insert("ebpf".into(), 40.0);
+        let plan = plan();
+        let report = Report {
+            plan: &plan,
+            systems: &systems,
+            res: &res,
+            load: "0 0 0".into(),
+            nofile: 1024,
+        };
+        let verdict = |what: &str| {
+            report
+                .targets()
+                .into_iter()
+                .find(|t| t.what == what)
+                .unwrap_or_else(|| panic!("no target {what}"))
+                .met
+        };
+        let thr = "ebpf bulk throughput forward, one stream, x";
+        assert_eq!(verdict(&format!("{thr} direct")), Some(false)); // 0.5
+        assert_eq!(verdict(&format!("{thr} pasta")), Some(true)); // 1.5
+        assert_eq!(verdict(&format!("{thr} rootlesskit")), Some(true)); // 3.0
+        assert_eq!(verdict("ebpf p50 latency 1 B, minus direct's"), Some(true)); // +5
+        assert_eq!(verdict("ebpf p99.9 latency 1 B, minus pasta's"), Some(true)); // -45
+                                                                                  // No 1 KiB runs: not measured rather than met.
+        assert_eq!(verdict("ebpf p50 latency 1024 B, minus direct's"), None);
+        assert_eq!(
+            verdict("ebpf connection rate, 1 client(s), x RootlessKit"),
+            Some(true)
+        );
+        let rss = "ebpf forwarder RSS while holding 100 idle connections";
+        assert_eq!(verdict(rss), Some(true)); // 21 MB
+        let peak = "ebpf forwarder peak RSS over the whole run, which includes holding 100 idle connections";
+        assert_eq!(verdict(peak), Some(false)); // 42 MB
+
+        let (md, json) = report.render().expect("render");
+        assert!(
+            md.contains(&format!("| {thr} direct | 0.50 x | >= 1 x | **missed** |")),
+            "{md}"
+        );
+        assert!(
+            md.contains("| label socat | not run: socat exploded |"),
+            "{md}"
+        );
+        assert_eq!(json["systems"][4]["not_run"], "socat exploded");
+        assert_eq!(
+            json["throughput"]["ebpf"]["streams_1"]["forward"]["ratio_to_direct"],
+            0.5
+        );
     }
 }
