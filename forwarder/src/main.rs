@@ -1,17 +1,9 @@
 //! forwarder: publishes ports of a rootless container's network namespace
 //! on the host, splicing each connection inside the kernel where BPF is
-//! permitted.
+//! permitted. This file is the command line; the work is in the library
+//! (`lib.rs`).
 
-mod agent;
-mod api;
-mod client;
-mod dial;
-mod engine;
-mod netns;
-mod port;
-mod spec;
-mod stats;
-mod sys;
+use forwarder::{agent, api, client, engine, netns, port, spec, sys};
 
 use std::io::Write as _;
 use std::path::PathBuf;

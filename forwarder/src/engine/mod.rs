@@ -15,6 +15,10 @@
 //! chunk is moved.
 
 pub mod copy;
+#[cfg(feature = "ebpf")]
+pub mod ebpf;
+#[cfg(not(feature = "ebpf"))]
+#[path = "ebpf_disabled.rs"]
 pub mod ebpf;
 pub mod relay;
 pub mod splice;

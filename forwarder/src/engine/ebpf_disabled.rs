@@ -1,0 +1,59 @@
+//! Stand-in for the ebpf engine in a build without the `ebpf` cargo
+//! feature (no BPF object embedded, so no nightly or bpf-linker needed):
+//! the engine never loads. Auto mode therefore runs splice, and `--mode
+//! ebpf` fails at start with [`EbpfError::NotBuilt`].
+
+use super::{Conn, Engine, EngineKind};
+
+/// Options of the ebpf engine (accepted and ignored here).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Also attach the stream parser program.
+    pub parser: bool,
+}
+
+/// Why the ebpf engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "this forwarder was built without the `ebpf` cargo feature, so it holds no BPF \
+         programs (build it with default features: `cargo xtask setup` installs the nightly \
+         toolchain and bpf-linker they need); --mode splice runs without BPF"
+    )]
+    NotBuilt,
+}
+
+/// The ebpf engine of a build without BPF programs: cannot exist.
+pub enum EbpfEngine {}
+
+impl EbpfEngine {
+    /// Always fails with [`EbpfError::NotBuilt`].
+    pub fn new(_opts: Options) -> Result<Self, EbpfError> {
+        Err(EbpfError::NotBuilt)
+    }
+}
+
+impl Engine for EbpfEngine {
+    fn kind(&self) -> EngineKind {
+        match *self {}
+    }
+
+    fn spawn(&self, _conn: Conn) {
+        match *self {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn never_loads_and_says_why() {
+        let err = match EbpfEngine::new(Options::default()) {
+            Ok(_) => panic!("a build without the ebpf feature loaded the ebpf engine"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains("without the `ebpf` cargo feature"), "{err}");
+        assert!(err.contains("--mode splice"), "{err}");
+    }
+}
