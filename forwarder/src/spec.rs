@@ -204,8 +204,13 @@ impl fmt::Display for PortSpec {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("[{v6}]"),
         };
-        if let Some(p) = &self.parent_ip {
-            write!(f, "{}:", ip(p))?;
+        // With a child IP, four fields are needed: "all addresses" is then
+        // an empty parent IP field (":8080:10.0.0.2:80"), or the text would
+        // read as PARENTIP:PARENTPORT:CHILDPORT.
+        match (&self.parent_ip, &self.child_ip) {
+            (Some(p), _) => write!(f, "{}:", ip(p))?,
+            (None, Some(_)) => f.write_str(":")?,
+            (None, None) => {}
         }
         write!(f, "{}:", self.parent_port)?;
         if let Some(c) = &self.child_ip {
@@ -440,6 +445,24 @@ mod tests {
         ] {
             let spec = ok(s);
             assert_eq!(ok(&spec.to_string()), spec);
+        }
+    }
+
+    /// Found by the fuzz targets' round-trip property: a spec for all
+    /// addresses with a child IP printed as `80:10.0.0.2:8080/tcp4`, which
+    /// reads as PARENTIP:PARENTPORT:CHILDPORT and is refused (seen in
+    /// `forwarder status` and the logs).
+    #[test]
+    fn all_addresses_with_a_child_ip_print_as_a_spec_that_parses() {
+        for (input, shown) in [
+            ("0.0.0.0:80:10.0.0.2:8080", ":80:10.0.0.2:8080/tcp4"),
+            ("[::]:1:[fd00::1]:2", ":1:[fd00::1]:2/tcp6"),
+            (":8080:127.0.0.1:80", ":8080:127.0.0.1:80/tcp"),
+        ] {
+            let spec = ok(input);
+            assert_eq!(spec.parent_ip, None, "{input}");
+            assert_eq!(spec.to_string(), shown, "{input}");
+            assert_eq!(ok(shown), spec, "{input}");
         }
     }
 
