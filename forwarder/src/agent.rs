@@ -57,15 +57,15 @@ struct Request {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Reply {
-    id: u64,
-    ok: bool,
+pub(crate) struct Reply {
+    pub(crate) id: u64,
+    pub(crate) ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    reached: Option<String>,
+    pub(crate) reached: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    errno: Option<i32>,
+    pub(crate) errno: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
+    pub(crate) message: Option<String>,
 }
 
 /// A SOCK_SEQPACKET socket registered with tokio.
@@ -153,36 +153,57 @@ impl Packet {
     }
 }
 
+/// Longest error message sent, in bytes: JSON escaping at most sextuples
+/// it, so the reply stays within one [`MAX_MESSAGE`] datagram whatever the
+/// request quoted back (a longer reply would be cut by the reader and its
+/// dial never answered).
+const MAX_ERROR_TEXT: usize = 512;
+
 fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
+    let mut message = message.into();
+    if message.len() > MAX_ERROR_TEXT {
+        let mut end = MAX_ERROR_TEXT;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("...");
+    }
     Reply {
         id,
         ok: false,
         errno: Some(errno),
-        message: Some(message.into()),
+        message: Some(message),
         ..Default::default()
     }
 }
 
+/// Decodes and validates one request: its id, the spec (checked as the API
+/// checks one) and whether the connection was accepted on IPv6; or the
+/// error reply to send.
+pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), Reply> {
+    let req: Request = serde_json::from_slice(data)
+        .map_err(|e| error_reply(0, libc::EINVAL, format!("malformed request: {e}")))?;
+    let spec = PortSpec::try_from(&req.spec).map_err(|e| error_reply(req.id, libc::EINVAL, e))?;
+    Ok((req.id, spec, req.ipv6_listener))
+}
+
+/// Decodes a reply from the agent (the forwarder's side).
+pub(crate) fn decode_reply(data: &[u8]) -> Option<Reply> {
+    serde_json::from_slice(data).ok()
+}
+
 /// Handles one request: parse, validate, dial in this namespace.
 async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<TcpStream>) {
-    let req: Request = match serde_json::from_slice(data) {
+    let (id, spec, ipv6_listener) = match decode_request(data) {
         Ok(r) => r,
-        Err(e) => {
-            return (
-                error_reply(0, libc::EINVAL, format!("malformed request: {e}")),
-                None,
-            )
-        }
+        Err(reply) => return (reply, None),
     };
-    let spec = match PortSpec::try_from(&req.spec) {
-        Ok(s) => s,
-        Err(e) => return (error_reply(req.id, libc::EINVAL, e), None),
-    };
-    let plan = crate::dial::plan(&spec, req.ipv6_listener);
+    let plan = crate::dial::plan(&spec, ipv6_listener);
     match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(plan)).await {
         Ok(Ok((stream, reached))) => (
             Reply {
-                id: req.id,
+                id,
                 ok: true,
                 reached: Some(reached.to_string()),
                 ..Default::default()
@@ -190,10 +211,10 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<TcpStream>)
             Some(stream),
         ),
         Ok(Err(f)) => (
-            error_reply(req.id, f.errno.unwrap_or(libc::EIO), f.message),
+            error_reply(id, f.errno.unwrap_or(libc::EIO), f.message),
             None,
         ),
-        Err(_) => (error_reply(req.id, libc::ETIMEDOUT, "dial timed out"), None),
+        Err(_) => (error_reply(id, libc::ETIMEDOUT, "dial timed out"), None),
     }
 }
 
@@ -396,7 +417,7 @@ impl AgentClient {
             loop {
                 match s.recv(&mut buf).await {
                     Ok(Some((n, _, mut fds))) => {
-                        let Ok(reply) = serde_json::from_slice::<Reply>(&buf[..n]) else {
+                        let Some(reply) = decode_reply(&buf[..n]) else {
                             tracing::warn!("malformed reply from the dial agent");
                             continue;
                         };

@@ -162,14 +162,7 @@ async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Respons
             MAX_BODY / 1024
         ))
     })?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| bad_request(format!("invalid PortSpec JSON: {e}")))?;
-    if !value.is_object() {
-        return Err(bad_request("invalid PortSpec JSON: expected an object"));
-    }
-    let api: ApiSpec = serde_json::from_value(value)
-        .map_err(|e| bad_request(format!("invalid PortSpec JSON: {e}")))?;
-    let spec = PortSpec::try_from(&api).map_err(bad_request)?;
+    let (spec, api) = decode_port_spec(&bytes).map_err(bad_request)?;
     let st = s.ports.add(spec, api).map_err(|e| match e {
         PortError::Conflict(_)
         | PortError::UnknownId(_)
@@ -184,6 +177,21 @@ async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Respons
         }),
     )
         .into_response())
+}
+
+/// Decodes a `POST /v1/ports` body: the spec to publish, validated with the
+/// command line's rules, and the JSON spec as given (reported back by `GET
+/// /v1/ports`), or the message of the 400 reply.
+pub fn decode_port_spec(body: &[u8]) -> Result<(PortSpec, ApiSpec), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("invalid PortSpec JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("invalid PortSpec JSON: expected an object".into());
+    }
+    let api: ApiSpec =
+        serde_json::from_value(value).map_err(|e| format!("invalid PortSpec JSON: {e}"))?;
+    let spec = PortSpec::try_from(&api)?;
+    Ok((spec, api))
 }
 
 async fn delete_port(

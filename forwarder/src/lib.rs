@@ -15,6 +15,7 @@ pub mod api;
 pub mod client;
 pub mod dial;
 pub mod engine;
+pub mod fuzz;
 pub mod netns;
 pub mod port;
 pub mod spec;
