@@ -126,8 +126,10 @@ impl PortSpec {
                     format!("child IP {ip} cannot be dialed (unspecified or multicast)"),
                 ));
             }
+            // An unspecified parent IP fixes the family too: 0.0.0.0 means
+            // tcp4 and :: tcp6 (see below), whose child IP must match.
             if let Some(pip) = &self.parent_ip {
-                if !pip.is_unspecified() && pip.is_ipv4() != ip.is_ipv4() {
+                if pip.is_ipv4() != ip.is_ipv4() {
                     return Err(invalid(
                         spec,
                         format!("child IP {ip} is not of the parent IP {pip}'s family"),
@@ -426,6 +428,10 @@ mod tests {
             ("[::1]:8080:80/tcp4", "does not match protocol tcp4"),
             ("8080:0.0.0.0:80", "parent IP \"8080\" is not an IP address"),
             ("1.2.3.4:8080:0.0.0.0:80", "cannot be dialed"),
+            // Found by the port_spec_text fuzz target: accepted, it became
+            // tcp6 with an IPv4 child, which prints as a refused spec.
+            ("[::]:80:1.0.0.0:80", "not of the parent IP ::'s family"),
+            ("0.0.0.0:80:[fd00::1]:80", "not of the parent IP 0.0.0.0's family"),
             ("", "empty"),
             ("8080:80:", "is not an IP address"),
         ];
