@@ -10,9 +10,11 @@
 mod bench;
 mod chart;
 mod demo;
+mod fuzz;
 mod load;
 mod peers;
 mod setup;
+mod soak;
 mod test;
 mod util;
 
@@ -34,13 +36,23 @@ enum Task {
     Setup,
     /// Run the forwarder on a built-in default: a demo namespace and server.
     Demo,
-    /// Build everything in release mode and run the whole suite.
+    /// Build everything in release mode and run the whole suite, then the
+    /// fuzz targets (20 s each).
     Test {
+        /// Leave out the fuzzing stage (also left out when arguments pick
+        /// tests).
+        #[arg(long)]
+        no_fuzz: bool,
         /// Arguments for the test binaries, after `--` (e.g. `--
         /// --test-threads 2`); before a second `--`, for `cargo test`.
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run the fuzz targets (cargo-fuzz, nightly) for a bounded time.
+    Fuzz(fuzz::Args),
+    /// The soak test alone, for longer: 2,000 connections of mixed traffic
+    /// through each engine, leak checks at every checkpoint.
+    Soak(soak::Args),
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
     /// The demo's HTTP server (runs inside the demo namespace).
@@ -61,7 +73,12 @@ fn run(task: Task) -> Result<()> {
     match task {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
-        Task::Test { args } => test::run(&args),
+        Task::Test { no_fuzz, args } => test::run(&args, !no_fuzz),
+        Task::Fuzz(args) => {
+            setup::run()?;
+            fuzz::run(&args)
+        }
+        Task::Soak(args) => soak::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
@@ -100,7 +117,7 @@ mod tests {
             "1",
         ])
         .unwrap();
-        let Task::Test { args } = cli.command else {
+        let Task::Test { args, .. } = cli.command else {
             panic!("not the test task");
         };
         assert_eq!(args, ["--test", "engines", "--", "--test-threads", "1"]);

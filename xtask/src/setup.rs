@@ -16,6 +16,7 @@
 //!   LLVM it uses is read from `ldd` (it links libLLVM.so.22.x
 //!   dynamically) or, for a static build, from the features cargo recorded
 //!   when it installed it (`$CARGO_HOME/.crates2.json`).
+//! - cargo-fuzz (`cargo install`), for the fuzz targets in `fuzz/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -257,7 +258,48 @@ fn bpf_linker() -> Result<()> {
     Ok(())
 }
 
-/// Installs whatever is missing.
+/// The cargo-fuzz release installed (0.13.2 builds with this toolchain;
+/// pinned so a fresh machine gets the same one).
+const CARGO_FUZZ: &str = "0.13.2";
+
+/// cargo-fuzz, which `cargo xtask fuzz` and the fuzzing stage of `cargo
+/// xtask test` run (`cargo +nightly fuzz`).
+fn cargo_fuzz() -> Result<()> {
+    let found = on_path("cargo-fuzz").or_else(|| {
+        let p = cargo_home()?.join("bin/cargo-fuzz");
+        p.is_file().then_some(p)
+    });
+    let works = found.as_ref().is_some_and(|bin| {
+        Command::new(bin)
+            .args(["fuzz", "--version"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    });
+    if works {
+        item("cargo-fuzz", "ok");
+        return Ok(());
+    }
+    item(
+        "cargo-fuzz",
+        &format!("installing {CARGO_FUZZ} (cargo install takes a few minutes)"),
+    );
+    let install = |locked: bool| {
+        let mut c = Command::new("cargo");
+        c.args(["install", "cargo-fuzz", "--force", "--version", CARGO_FUZZ]);
+        if locked {
+            c.arg("--locked");
+        }
+        let shown = show(&c);
+        run_cmd(&mut c).with_context(|| format!("installing cargo-fuzz (`{shown}`)"))
+    };
+    if let Err(e) = install(true) {
+        eprintln!("setup: {e:#}; trying again without --locked");
+        install(false)?;
+    }
+    Ok(())
+}
+
 /// The unprivileged user the rootless tests run as.
 pub const TEST_USER: &str = "fwdtest";
 
@@ -315,10 +357,12 @@ fn rootless() -> Result<()> {
     Ok(())
 }
 
+/// Installs whatever is missing.
 pub fn run() -> Result<()> {
     packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     rootless()?;
     Ok(())
 }

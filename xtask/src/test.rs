@@ -6,7 +6,14 @@
 //!
 //! `--workspace` excludes forwarder-ebpf: it is `no_std` for
 //! bpfel-unknown-none and cannot be built for the host (the workspace
-//! leaves it out of `default-members` for the same reason).
+//! leaves it out of `default-members` for the same reason); and
+//! forwarder-fuzz, which only `cargo fuzz` builds (nightly, coverage
+//! instrumentation).
+//!
+//! The suite includes the soak (`tests/soak.rs`, about 3.5 min). After the
+//! tests, each fuzz target runs for [`fuzz::SUITE_SECONDS`] (see
+//! [`crate::fuzz`]), unless `--no-fuzz` is given or the extra arguments pick
+//! tests.
 //!
 //! Extra arguments after `--` go to the test binaries
 //! (`cargo xtask test -- --test-threads 2`, or a name filter). If they hold
@@ -16,7 +23,17 @@
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::fuzz;
 use crate::util::{cargo, is_root, run as run_cmd, target_dir};
+
+/// The workspace less the crates plain cargo cannot build for the host.
+pub const WORKSPACE: [&str; 5] = [
+    "--workspace",
+    "--exclude",
+    "forwarder-ebpf",
+    "--exclude",
+    "forwarder-fuzz",
+];
 
 /// Splits the extra arguments into (for `cargo test`, for the binaries).
 fn split(args: &[String]) -> (&[String], &[String]) {
@@ -26,26 +43,35 @@ fn split(args: &[String]) -> (&[String], &[String]) {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
+pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
     crate::setup::run()?;
     if !is_root() {
         bail!("the suite creates network namespaces and loads BPF programs: run it as root");
     }
-    let workspace = ["--workspace", "--exclude", "forwarder-ebpf"];
-    run_cmd(cargo().args(["build", "--release"]).args(workspace))
+    run_cmd(cargo().args(["build", "--release"]).args(WORKSPACE))
         .context("building the workspace")?;
     let bin = target_dir()?.join("release/forwarder");
     let (cargo_args, test_args) = split(args);
-    run_cmd(
+    let tests = run_cmd(
         cargo()
             .env("FORWARDER_BIN", &bin)
             .args(["test", "--release", "--no-fail-fast"])
-            .args(workspace)
+            .args(WORKSPACE)
             .args(cargo_args)
             .arg("--")
             .args(test_args),
     )
-    .context("running the tests")
+    .context("running the tests");
+    if !with_fuzz || !args.is_empty() {
+        println!("fuzz: skipped (--no-fuzz, or arguments picked tests)");
+        return tests;
+    }
+    // Fuzz even when a test failed: both results are worth having.
+    let fuzzed = fuzz::run(&fuzz::Args {
+        seconds: fuzz::SUITE_SECONDS,
+        targets: Vec::new(),
+    });
+    tests.and(fuzzed)
 }
 
 #[cfg(test)]
