@@ -431,7 +431,10 @@ mod tests {
             // Found by the port_spec_text fuzz target: accepted, it became
             // tcp6 with an IPv4 child, which prints as a refused spec.
             ("[::]:80:1.0.0.0:80", "not of the parent IP ::'s family"),
-            ("0.0.0.0:80:[fd00::1]:80", "not of the parent IP 0.0.0.0's family"),
+            (
+                "0.0.0.0:80:[fd00::1]:80",
+                "not of the parent IP 0.0.0.0's family",
+            ),
             ("", "empty"),
             ("8080:80:", "is not an IP address"),
         ];
