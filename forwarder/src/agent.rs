@@ -13,6 +13,8 @@
 //! Wire format, one datagram each way per dial (at most [`MAX_MESSAGE`]
 //! bytes of JSON):
 //! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool}`;
+//! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready"}` once
+//!   the agent has dropped its capabilities (the forwarder waits for it);
 //! - reply `{"id": N, "ok": true, "reached": "ADDR"}` with the socket
 //!   attached, or `{"id": N, "ok": false, "errno": E, "message": "..."}`.
 //!
@@ -218,9 +220,20 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<TcpStream>)
     }
 }
 
+/// The greeting the agent sends first on every connection, once it holds
+/// no capability and is ready to dial (a reply with id 0).
+const HELLO: &str = "agent ready";
+
 /// Serves one connected socket until the peer goes away.
 async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     let sock = Arc::new(Packet::new(fd)?);
+    let hello = Reply {
+        id: 0,
+        ok: true,
+        message: Some(HELLO.into()),
+        ..Default::default()
+    };
+    send_reply(&sock, &hello, None).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     while let Some((n, truncated, fds)) = sock.recv(&mut buf).await? {
         drop(fds); // requests carry no descriptors; close any sent anyway
@@ -259,9 +272,9 @@ pub async fn run(fd: Option<RawFd>, path: Option<&Path>) -> anyhow::Result<()> {
     // Die with whoever started us (the forwarder, or a runtime).
     // SAFETY: prctl with constant arguments.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    // Capabilities were dropped by main() before the runtime started: the
+    // agent needs none to create and connect sockets.
     let dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
-    // The agent needs no privilege to create and connect sockets.
-    crate::sys::drop_capabilities();
     match (fd, path) {
         (Some(fd), _) => {
             // SAFETY: the descriptor was handed to us by our parent and is
@@ -340,9 +353,9 @@ impl SeqpacketListener {
 /// Starts `forwarder child-agent` inside the user and network namespaces
 /// of `pid`: the child process joins the target's user namespace (allowed
 /// to the namespace's owner) and then its network namespace before exec,
-/// and serves one end of a socket pair. Returns the process and a client
-/// on the other end.
-pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, AgentClient)> {
+/// and serves one end of a socket pair. Returns the process and the other
+/// end, for [`AgentClient::new`]. Needs no runtime.
+pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     use anyhow::Context as _;
     use std::os::unix::process::CommandExt;
     let open = |ns: &str| {
@@ -370,13 +383,20 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, AgentClient)> 
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(agent_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            // Namespaces first: the namespace files may sit on descriptor
+            // 3, which the dup2 below replaces.
             if !same_user && libc::setns(user_fd, libc::CLONE_NEWUSER) != 0 {
                 return Err(io::Error::last_os_error());
             }
             if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if agent_fd == 3 {
+                // dup2 onto itself would leave close-on-exec set.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(agent_fd, 3) < 0 {
                 return Err(io::Error::last_os_error());
             }
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
@@ -391,7 +411,13 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, AgentClient)> 
         )
     })?;
     drop(theirs);
-    Ok((child, AgentClient::new(ours)?))
+    let mut child = child;
+    if let Err(e) = await_hello(&ours, HELLO_TIMEOUT) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e).context("the dial agent did not start");
+    }
+    Ok((child, ours))
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<OwnedFd>)>>>>;
@@ -443,8 +469,9 @@ impl AgentClient {
         })
     }
 
-    /// Connects to an agent listening at `path`.
-    pub fn connect(path: &Path) -> io::Result<AgentClient> {
+    /// Connects to an agent listening at `path`; the socket is for
+    /// [`AgentClient::new`]. Needs no runtime.
+    pub fn connect(path: &Path) -> io::Result<OwnedFd> {
         let fd = nix::sys::socket::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -453,7 +480,8 @@ impl AgentClient {
         )?;
         let addr = nix::sys::socket::UnixAddr::new(path)?;
         nix::sys::socket::connect(fd.as_raw_fd(), &addr)?;
-        AgentClient::new(fd)
+        await_hello(&fd, HELLO_TIMEOUT)?;
+        Ok(fd)
     }
 
     /// Asks the agent to dial for a connection accepted by a listener of
@@ -507,6 +535,55 @@ impl AgentClient {
     }
 }
 
+/// How long a starting agent may take to greet.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits (blocking, no runtime needed) for the agent's greeting on a
+/// connected socket.
+fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no greeting from the dial agent within {timeout:?}"),
+        ));
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    // SAFETY: buf is writable for its length.
+    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    check_hello(&buf[..r as usize])
+}
+
+/// Whether a datagram is the agent's greeting.
+fn check_hello(data: &[u8]) -> io::Result<()> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    if data.is_empty() {
+        return Err(bad("the dial agent exited before greeting".into()));
+    }
+    let hello: Reply = serde_json::from_slice(data)
+        .map_err(|e| bad(format!("the dial agent's greeting is not valid: {e}")))?;
+    if hello.id == 0 && hello.ok && hello.message.as_deref() == Some(HELLO) {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "unexpected greeting from the dial agent: {hello:?}"
+        )))
+    }
+}
+
 /// A connected pair of SOCK_SEQPACKET sockets (forwarder end, agent end).
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
     socketpair(
@@ -526,11 +603,15 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn agent() -> (Packet, tokio::task::JoinHandle<io::Result<()>>) {
+    async fn agent() -> (Packet, tokio::task::JoinHandle<io::Result<()>>) {
         let (ours, theirs) = pair().expect("socketpair");
         let dialer = ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns");
         let task = tokio::spawn(serve_conn(theirs, dialer));
-        (Packet::new(ours).expect("packet"), task)
+        let p = Packet::new(ours).expect("packet");
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        let (n, _, _) = p.recv(&mut buf).await.expect("recv").expect("greeting");
+        check_hello(&buf[..n]).expect("greeting");
+        (p, task)
     }
 
     async fn ask(p: &Packet, data: &[u8]) -> (Reply, Vec<OwnedFd>) {
@@ -548,7 +629,7 @@ mod tests {
             let (mut s, _) = server.accept().await.unwrap();
             s.write_all(b"from the child").await.unwrap();
         });
-        let (p, _t) = agent();
+        let (p, _t) = agent().await;
         let req = format!(
             r#"{{"id":7,"spec":{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
         );
@@ -567,7 +648,7 @@ mod tests {
 
     #[tokio::test]
     async fn bad_requests_get_error_replies() {
-        let (p, task) = agent();
+        let (p, task) = agent().await;
         let (r, fds) = ask(&p, b"not json").await;
         assert!(
             !r.ok && r.errno == Some(libc::EINVAL) && fds.is_empty(),
@@ -594,7 +675,7 @@ mod tests {
         // A server that accepts but never answers keeps the dial pending.
         let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = server.local_addr().unwrap().port();
-        let (p, task) = agent();
+        let (p, task) = agent().await;
         let req = format!(
             r#"{{"id":3,"spec":{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
         );

@@ -52,7 +52,9 @@ pub enum ApiSocketError {
 
 /// Binds the API socket with mode 0600. A stale socket file (nobody
 /// listening) is replaced; a live one is refused.
-pub fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
+/// Needs no runtime (the socket is non-blocking, ready for
+/// `tokio::net::UnixListener::from_std`).
+pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, ApiSocketError> {
     let io_err = |cause| ApiSocketError::Io {
         path: path.to_owned(),
         cause,
@@ -72,8 +74,9 @@ pub fn bind(path: &Path) -> Result<UnixListener, ApiSocketError> {
     // on the host.
     let listener = {
         let _mask = sys::Umask::set(0o177);
-        UnixListener::bind(path).map_err(io_err)?
+        std::os::unix::net::UnixListener::bind(path).map_err(io_err)?
     };
+    listener.set_nonblocking(true).map_err(io_err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
     Ok(listener)
 }
@@ -689,7 +692,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let st = state();
-        let listener = bind(&sock).unwrap();
+        let listener = UnixListener::from_std(bind(&sock).unwrap()).unwrap();
         tokio::spawn(serve(listener, st.clone(), std::future::pending()));
 
         let server = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

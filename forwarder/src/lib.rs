@@ -19,5 +19,6 @@ pub mod fuzz;
 pub mod netns;
 pub mod port;
 pub mod spec;
+pub mod startup;
 pub mod stats;
 pub mod sys;

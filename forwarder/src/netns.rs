@@ -43,8 +43,8 @@ pub struct ChildDialer {
 
 impl ChildDialer {
     /// Opens `path` (`/run/netns/NAME` or `/proc/PID/ns/net`) and starts the
-    /// socket thread inside it. Fails at once if the namespace cannot be
-    /// entered.
+    /// socket thread inside it; the thread then drops every capability.
+    /// Fails at once if the namespace cannot be entered. Needs no runtime.
     pub fn new(path: &Path) -> Result<Self, NetnsError> {
         let ns = File::open(path).map_err(|cause| NetnsError::Open {
             path: path.to_owned(),
@@ -61,14 +61,17 @@ impl ChildDialer {
         };
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
-        thread::Builder::new()
+        let thread = thread::Builder::new()
             .name("child-netns".into())
             .spawn(move || {
+                // Once inside, this thread gives up every capability: it
+                // only creates sockets, which needs none.
                 let entered = if same {
                     Ok(())
                 } else {
                     sys::setns_net(ns.as_fd())
-                };
+                }
+                .and_then(|()| sys::drop_thread_capabilities(&[]));
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 drop(ns);
@@ -83,14 +86,20 @@ impl ChildDialer {
                 path: path.to_owned(),
                 cause,
             })?;
-        match ready_rx.recv() {
-            Ok(Ok(())) => Ok(ChildDialer { tx }),
+        let r = match ready_rx.recv() {
+            Ok(Ok(())) => return Ok(ChildDialer { tx }),
             Ok(Err(cause)) => Err(NetnsError::Enter {
                 path: path.to_owned(),
                 cause,
             }),
             Err(_) => Err(NetnsError::Gone),
-        }
+        };
+        // The thread has ended or is ending: wait for it, so the process is
+        // single-threaded again when the caller goes on (joining a user
+        // namespace, as the agent's start does, needs that of the forking
+        // process's child only, but a clean state is cheap).
+        let _ = thread.join();
+        r
     }
 
     /// Creates a TCP socket of the given family inside the child namespace.

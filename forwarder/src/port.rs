@@ -142,7 +142,7 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 
 /// Binds a listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so
 /// the IPv4 half can bind the same port).
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
@@ -151,7 +151,45 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
+}
+
+/// The listeners of one spec, bound and listening but not yet accepting.
+pub type Bound = Vec<(SocketAddr, std::net::TcpListener)>;
+
+/// Binds every listener of `spec` (all or nothing). Needs no runtime, so
+/// start-up binds the command line's ports before dropping capabilities.
+pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
+    let mut bound = Vec::new();
+    for (addr, optional) in spec.listen_addrs() {
+        // An IPv6 wildcard still binds where IPv6 is disabled by sysctl,
+        // but could never be reached: treat it as unavailable.
+        if addr.is_ipv6() && !sys::ipv6_available() {
+            if optional {
+                tracing::warn!(spec = %spec,
+                    "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
+                    addr.ip(), addr.port());
+                continue;
+            }
+            return Err(PortError::NoIpv6 { addr });
+        }
+        match bind(addr) {
+            Ok(l) => bound.push((addr, l)),
+            Err(e)
+                if optional
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) =>
+            {
+                tracing::warn!(spec = %spec, error = %e,
+                    "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
+                    addr.ip(), addr.port());
+            }
+            Err(e) => return Err(PortError::listen(addr, e)),
+        }
+    }
+    Ok(bound)
 }
 
 impl PortManager {
@@ -176,35 +214,38 @@ impl PortManager {
         if let Some((id, _)) = st.ports.iter().find(|(_, p)| p.spec.conflicts_with(&spec)) {
             return Err(PortError::Conflict(*id));
         }
-        let mut bound = Vec::new();
-        for (addr, optional) in spec.listen_addrs() {
-            // An IPv6 wildcard still binds where IPv6 is disabled by sysctl,
-            // but could never be reached: treat it as unavailable.
-            if addr.is_ipv6() && !sys::ipv6_available() {
-                if optional {
-                    tracing::warn!(spec = %spec,
-                        "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
-                        addr.ip(), addr.port());
-                    continue;
-                }
-                return Err(PortError::NoIpv6 { addr });
-            }
-            match bind(addr) {
-                Ok(l) => bound.push((addr, l)),
-                Err(e)
-                    if optional
-                        && matches!(
-                            e.raw_os_error(),
-                            Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-                        ) =>
-                {
-                    tracing::warn!(spec = %spec, error = %e,
-                        "the parent namespace has no IPv6: discarding the IPv6 half [{}]:{} and keeping IPv4",
-                        addr.ip(), addr.port());
-                }
-                Err(e) => return Err(PortError::listen(addr, e)),
-            }
+        let bound = bind_spec(&spec)?;
+        self.publish(&mut st, spec, api, bound)
+    }
+
+    /// Publishes a port whose listeners [`bind_spec`] bound earlier. Must
+    /// run inside the tokio runtime.
+    pub fn add_bound(
+        &self,
+        spec: PortSpec,
+        api: ApiSpec,
+        bound: Bound,
+    ) -> Result<PortStatus, PortError> {
+        let mut st = lock(&self.state);
+        if let Some((id, _)) = st.ports.iter().find(|(_, p)| p.spec.conflicts_with(&spec)) {
+            return Err(PortError::Conflict(*id));
         }
+        self.publish(&mut st, spec, api, bound)
+    }
+
+    fn publish(
+        &self,
+        st: &mut State,
+        spec: PortSpec,
+        api: ApiSpec,
+        bound: Bound,
+    ) -> Result<PortStatus, PortError> {
+        let mut listening = Vec::with_capacity(bound.len());
+        for (addr, l) in bound {
+            let l = TcpListener::from_std(l).map_err(|e| PortError::listen(addr, e))?;
+            listening.push((addr, l));
+        }
+        let bound = listening;
         let id = st.next_id;
         st.next_id += 1;
         let stats = PortStats::new(id);

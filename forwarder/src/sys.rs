@@ -296,25 +296,78 @@ pub fn ipv6_available() -> bool {
     sock.bind(&addr.into()).is_ok()
 }
 
-/// Drops every capability but CAP_NET_BIND_SERVICE (ports added later may
-/// be privileged). Called once the BPF objects are loaded and the child
-/// namespace is entered: map updates through held descriptors, socket
-/// options and accept need no capability.
-pub fn drop_capabilities() {
-    use caps::{CapSet, Capability, CapsHashSet};
-    let keep: CapsHashSet = caps::read(None, CapSet::Permitted)
-        .map(|p| {
-            p.into_iter()
-                .filter(|c| *c == Capability::CAP_NET_BIND_SERVICE)
-                .collect()
-        })
-        .unwrap_or_default();
-    let _ = caps::clear(None, CapSet::Ambient);
-    let _ = caps::set(None, CapSet::Inheritable, &CapsHashSet::new());
-    let _ = caps::set(None, CapSet::Effective, &keep);
-    if let Err(e) = caps::set(None, CapSet::Permitted, &keep) {
-        tracing::warn!(error = %e, "cannot drop capabilities");
+/// Reduces the calling thread's capabilities to `keep` (those of them it
+/// holds): the bounding set first (while CAP_SETPCAP may still be
+/// effective), then ambient, inheritable, effective and permitted, and sets
+/// no_new_privs so no later exec can gain any back.
+///
+/// capset(2) changes only the calling thread, so every thread that existed
+/// before must drop its own; threads created afterwards inherit the reduced
+/// sets. Returns an error only when the permitted set could not be reduced.
+pub fn drop_thread_capabilities(keep: &[caps::Capability]) -> io::Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let permitted = caps::read(None, CapSet::Permitted).map_err(io::Error::other)?;
+    let keep: CapsHashSet = permitted
+        .iter()
+        .filter(|c| keep.contains(c))
+        .copied()
+        .collect();
+    // Best effort: without CAP_SETPCAP the bounding set stays, which only
+    // matters to exec of a binary with file capabilities (no_new_privs
+    // below covers that too).
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
     }
+    let _ = caps::clear(None, CapSet::Ambient);
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(io::Error::other)?;
+    caps::set(None, CapSet::Effective, &keep).map_err(io::Error::other)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(io::Error::other)?;
+    // SAFETY: prctl with constant arguments.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    Ok(())
+}
+
+/// The calling thread's effective capability set as a bit mask (CapEff of
+/// `/proc/thread-self/status`), for logs and checks.
+pub fn thread_cap_eff() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Opens a pidfd for `pid` (Linux 5.3): readable once the process exits.
+#[allow(dead_code)]
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; returns a fresh descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The peer's credentials of a connected Unix socket (`SO_PEERCRED`): the
+/// pid, uid and gid of the process that connected, as of connect().
+#[allow(dead_code)]
+pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
+    getsockopt::<libc::ucred>(fd, libc::SOL_SOCKET, libc::SO_PEERCRED)
+}
+
+/// The soft RLIMIT_NOFILE.
+pub fn nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out-pointer.
+    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
+    Ok(lim.rlim_cur)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a forwarder holds two

@@ -139,11 +139,16 @@ impl Netns {
         }
         let holder = cmd.spawn().expect("unshare (util-linux)");
         let pid = holder.id();
-        // Wait until the holder is in its new namespace.
+        // Wait until the holder is in its new namespace and its user
+        // namespace has its uid and gid maps (unshare writes them after
+        // unsharing; joining it before fails with EINVAL).
         let own = std::fs::read_link("/proc/self/ns/net").ok();
         for _ in 0..200 {
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            if theirs.is_some() && theirs != own {
+            // unshare execs sleep once the maps are written.
+            let mapped = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "sleep");
+            if theirs.is_some() && theirs != own && mapped {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -625,6 +630,53 @@ impl Fwd {
             + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
     }
 
+    /// Every thread of the forwarder with its effective capabilities.
+    pub fn thread_caps(&self) -> Vec<ThreadCaps> {
+        thread_caps(self.pid)
+    }
+
+    /// The child-side dial agents the forwarder started (its children
+    /// running `child-agent`).
+    pub fn agent_pids(&self) -> Vec<u32> {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+            .unwrap_or_default();
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .unwrap_or_default()
+                    .contains("child-agent")
+            })
+            .collect()
+    }
+
+    /// Asserts that every thread of the forwarder holds at most
+    /// CAP_NET_BIND_SERVICE and every thread of its agents nothing.
+    pub fn assert_least_privilege(&self) {
+        let threads = self.thread_caps();
+        assert!(!threads.is_empty(), "no threads read for {}", self.pid);
+        let bad: Vec<_> = threads
+            .iter()
+            .filter(|t| t.eff & !CAP_NET_BIND_SERVICE != 0 || t.prm & !CAP_NET_BIND_SERVICE != 0)
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "forwarder threads hold more than CAP_NET_BIND_SERVICE: {bad:?} (all: {threads:?})"
+        );
+        for agent in self.agent_pids() {
+            let threads = thread_caps(agent);
+            let bad: Vec<_> = threads
+                .iter()
+                .filter(|t| t.eff != 0 || t.prm != 0)
+                .collect();
+            assert!(
+                bad.is_empty(),
+                "dial agent {agent} threads hold capabilities: {bad:?}"
+            );
+        }
+    }
+
     /// The effective capability set (CapEff of /proc/PID/status).
     pub fn cap_eff(&self) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.pid))
@@ -747,6 +799,54 @@ impl Drop for Fwd {
             let _ = c.wait();
         }
     }
+}
+
+/// CAP_NET_BIND_SERVICE as a bit of a capability set.
+pub const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
+
+/// One thread's name and capability sets, from /proc/PID/task/TID/status.
+#[derive(Debug, Clone)]
+pub struct ThreadCaps {
+    pub tid: u32,
+    pub name: String,
+    /// CapEff.
+    pub eff: u64,
+    /// CapPrm.
+    pub prm: u64,
+}
+
+/// Every thread of `pid` with its capability sets.
+pub fn thread_caps(pid: u32) -> Vec<ThreadCaps> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        let hex = |k: &str| {
+            field(k)
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .unwrap_or(u64::MAX)
+        };
+        out.push(ThreadCaps {
+            tid,
+            name: field("Name:").unwrap_or_default(),
+            eff: hex("CapEff:"),
+            prm: hex("CapPrm:"),
+        });
+    }
+    out
 }
 
 /// Makes dropping `s` send a reset (SO_LINGER with a zero timeout).

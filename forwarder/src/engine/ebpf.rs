@@ -179,6 +179,85 @@ impl Maps {
     }
 }
 
+type MapJob = Box<dyn FnOnce(&mut Maps) + Send>;
+
+/// Where map operations run. On this kernel line any thread may update
+/// the maps through the descriptors the engine holds, with no capability
+/// (bpf() checks CAP_BPF only to create maps and load programs). Where
+/// bpf() checks it on every command (before Linux 5.19 with
+/// `kernel.unprivileged_bpf_disabled` set), one thread keeps exactly
+/// CAP_BPF and runs every map operation; see `startup::map_privilege`.
+enum MapHost {
+    Local(Box<Mutex<Maps>>),
+    Thread(std::sync::mpsc::Sender<MapJob>),
+}
+
+impl MapHost {
+    /// Runs `f` on the maps, on the privileged map thread if there is one.
+    fn with<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Maps) -> R + Send + 'static,
+    ) -> io::Result<R> {
+        match self {
+            MapHost::Local(m) => Ok(f(&mut lock(m))),
+            MapHost::Thread(tx) => {
+                let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
+                let job: MapJob = Box::new(move |m| {
+                    let _ = rtx.send(f(m));
+                });
+                let gone = || io::Error::other("the BPF map thread has stopped");
+                tx.send(job).map_err(|_| gone())?;
+                rrx.recv().map_err(|_| gone())
+            }
+        }
+    }
+
+    fn insert(&self, cookies: [u64; 2], fds: [RawFd; 2], port_id: u32) -> io::Result<()> {
+        self.with(move |m| m.insert(cookies, fds, port_id))?
+    }
+
+    fn peer(&self, cookie: u64) -> Option<Peer> {
+        self.with(move |m| m.peer(cookie)).ok().flatten()
+    }
+
+    fn remove(&self, cookies: [u64; 2]) -> [Option<Peer>; 2] {
+        self.with(move |m| m.remove(cookies))
+            .unwrap_or([None, None])
+    }
+
+    /// Moves the maps to a new thread `bpf-maps` that keeps exactly `cap`
+    /// (and drops everything else) and serves every map operation
+    /// from then on. Called before the process drops its capabilities.
+    fn move_to_thread(&mut self, cap: caps::Capability) -> io::Result<()> {
+        if matches!(self, MapHost::Thread(_)) {
+            return Ok(());
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<MapJob>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+        // On failure the host is left without maps: start-up fails then.
+        let MapHost::Local(maps) = std::mem::replace(self, MapHost::Thread(tx)) else {
+            return Ok(());
+        };
+        let mut maps = (*maps).into_inner().unwrap_or_else(|p| p.into_inner());
+        std::thread::Builder::new()
+            .name("bpf-maps".into())
+            .spawn(move || {
+                let dropped = sys::drop_thread_capabilities(&[cap]);
+                let ok = dropped.is_ok();
+                let _ = ready_tx.send(dropped);
+                if !ok {
+                    return;
+                }
+                while let Ok(job) = rx.recv() {
+                    job(&mut maps);
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("the BPF map thread did not start"))?
+    }
+}
+
 /// Whether direction `i -> j` has drained after side i saw FIN: every byte
 /// received on i was redirected, and all of it is in j's send queue.
 ///
@@ -190,7 +269,7 @@ pub fn direction_drained(received_i: u64, redirected_i: u64, queued_j: u64) -> b
 }
 
 struct Inner {
-    maps: Mutex<Maps>,
+    maps: MapHost,
     epoll: AsyncFd<EpollFd>,
     events: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
     waiters: Mutex<HashMap<u64, Arc<Notify>>>,
@@ -215,10 +294,20 @@ pub struct EbpfEngine {
     tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
+/// The programs loaded and attached and the maps created, before any
+/// runtime exists: the privileged half of the engine's start-up.
+pub struct Loaded {
+    maps: MapHost,
+    events: RingBuf<MapData>,
+    epoll: Epoll,
+    bpf: Ebpf,
+}
+
 impl EbpfEngine {
-    /// Loads and attaches the programs and creates the maps. Must run inside
-    /// the tokio runtime.
-    pub fn new(opts: Options) -> Result<Self, EbpfError> {
+    /// Loads and attaches the programs and creates the maps and the epoll
+    /// set (needs CAP_BPF and CAP_NET_ADMIN). Needs no runtime: call it
+    /// before dropping capabilities, then [`Loaded::start`] in the runtime.
+    pub fn load(opts: Options) -> Result<Loaded, EbpfError> {
         raise_memlock_limit();
         let mut bpf = EbpfLoader::new()
             .load(PROGRAMS)
@@ -258,6 +347,60 @@ impl EbpfEngine {
         }
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| load_err("cannot create an epoll set")(e.into()))?;
+        Ok(Loaded {
+            maps: MapHost::Local(Box::new(Mutex::new(Maps {
+                socks,
+                targets,
+                peers,
+            }))),
+            events,
+            epoll,
+            bpf,
+        })
+    }
+}
+
+impl Loaded {
+    /// Probes whether a thread without any capability may operate on the
+    /// maps through the held descriptors: a lookup of a missing key on a
+    /// short-lived thread that first drops every capability. `Ok` when the
+    /// kernel answered "no such key", the errno otherwise.
+    pub fn probe_unprivileged_map_access(&self) -> io::Result<()> {
+        let MapHost::Local(maps) = &self.maps else {
+            return Ok(());
+        };
+        let maps = lock(maps);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                sys::drop_thread_capabilities(&[])?;
+                match maps.peers.get(&0, 0) {
+                    Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                    Err(aya::maps::MapError::SyscallError(e)) => Err(e.io_error),
+                    Err(e) => Err(io::Error::other(e)),
+                }
+            })
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the probe thread panicked")))
+        })
+    }
+
+    /// Moves every map operation to one thread that keeps exactly `cap`
+    /// (CAP_BPF, for kernels where bpf() checks it on every command). Must
+    /// be called before the process drops its capabilities.
+    pub fn keep_capability_on_map_thread(&mut self, cap: caps::Capability) -> io::Result<()> {
+        self.maps.move_to_thread(cap)
+    }
+
+    /// Registers the epoll set and the event ring with the runtime and
+    /// starts the engine's two tasks. Must run inside the tokio runtime;
+    /// needs no capability.
+    pub fn start(self) -> Result<EbpfEngine, EbpfError> {
+        let Loaded {
+            maps,
+            events,
+            epoll,
+            bpf,
+        } = self;
         // SAFETY: EpollFd owns the epoll descriptor, which stays open and
         // the same for the AsyncFd's whole life.
         let epoll = unsafe { AsyncFd::register_with_interest(EpollFd(epoll), Interest::READABLE) }
@@ -266,11 +409,7 @@ impl EbpfEngine {
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| load_err("cannot register the event ring")(e.into_parts().1.into()))?;
         let inner = Arc::new(Inner {
-            maps: Mutex::new(Maps {
-                socks,
-                targets,
-                peers,
-            }),
+            maps,
             epoll,
             events: tokio::sync::Mutex::new(events),
             waiters: Mutex::new(HashMap::new()),
@@ -398,7 +537,7 @@ impl Inner {
                 sys::tcp_counters(socks[0].as_fd())?.queued(),
                 sys::tcp_counters(socks[1].as_fd())?.queued(),
             ];
-            lock(&self.maps).insert(cookies, fds, port.id)?;
+            self.maps.insert(cookies, fds, port.id)?;
             Ok((cookies, base))
         })();
         let (cookies, base) = match handoff {
@@ -434,7 +573,7 @@ impl Inner {
             w.remove(&cookies[0]);
             w.remove(&cookies[1]);
         }
-        let finals = lock(&self.maps).remove(cookies);
+        let finals = self.maps.remove(cookies);
         for (i, p) in finals.iter().enumerate() {
             if let Some(p) = p {
                 port.add_bytes(i, p.bytes, DataPath::Bpf);
@@ -522,7 +661,7 @@ impl Inner {
                 if fin_sent[j] {
                     continue;
                 }
-                let Some(peer) = lock(&self.maps).peer(cookies[i]) else {
+                let Some(peer) = self.maps.peer(cookies[i]) else {
                     return Outcome::Reset("peer entry vanished".into());
                 };
                 if peer.dropped > 0 {
@@ -628,23 +767,29 @@ impl Engine for EbpfEngine {
     }
 
     fn live_bytes(&self) -> HashMap<u32, [u64; 2]> {
-        let maps = lock(&self.inner.maps);
-        let mut out: HashMap<u32, [u64; 2]> = HashMap::new();
-        for (_, p) in maps.peers.iter().flatten() {
-            if let Some(slot) = out.entry(p.port_id).or_default().get_mut(p.side as usize) {
-                *slot += p.bytes;
-            }
-        }
-        out
+        self.inner
+            .maps
+            .with(|maps| {
+                let mut out: HashMap<u32, [u64; 2]> = HashMap::new();
+                for (_, p) in maps.peers.iter().flatten() {
+                    if let Some(slot) = out.entry(p.port_id).or_default().get_mut(p.side as usize) {
+                        *slot += p.bytes;
+                    }
+                }
+                out
+            })
+            .unwrap_or_default()
     }
 
     fn map_entries(&self) -> Option<MapEntries> {
-        let maps = lock(&self.inner.maps);
-        Some(MapEntries {
-            sockets: maps.socks.keys().count() as u64,
-            targets: maps.targets.keys().count() as u64,
-            peers: maps.peers.keys().count() as u64,
-        })
+        self.inner
+            .maps
+            .with(|maps| MapEntries {
+                sockets: maps.socks.keys().count() as u64,
+                targets: maps.targets.keys().count() as u64,
+                peers: maps.peers.keys().count() as u64,
+            })
+            .ok()
     }
 }
 

@@ -125,30 +125,44 @@ pub trait Engine: Send + Sync {
     }
 }
 
-/// Builds the engine for `mode`, with the reason it was chosen.
-pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Arc<dyn Engine>, String)> {
+/// An engine chosen and, for ebpf, loaded, but not started: the
+/// privileged part of start-up is done, no runtime is needed yet.
+pub enum Prepared {
+    Ebpf(Box<ebpf::Loaded>),
+    Splice,
+    Copy,
+}
+
+impl Prepared {
+    /// Starts the engine. Must run inside the tokio runtime.
+    pub fn start(self) -> anyhow::Result<Arc<dyn Engine>> {
+        Ok(match self {
+            Prepared::Ebpf(l) => Arc::new(l.start()?),
+            Prepared::Splice => Arc::new(splice::SpliceEngine::new()),
+            Prepared::Copy => Arc::new(copy::CopyEngine),
+        })
+    }
+}
+
+/// Chooses the engine for `mode` and loads the BPF programs if it is
+/// ebpf, with the reason it was chosen. Runs before any runtime exists.
+pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Prepared, String)> {
     match mode {
-        Mode::Copy => Ok((
-            Arc::new(copy::CopyEngine),
-            "requested with --mode copy".into(),
-        )),
-        Mode::Splice => Ok((
-            Arc::new(splice::SpliceEngine::new()),
-            "requested with --mode splice".into(),
-        )),
+        Mode::Copy => Ok((Prepared::Copy, "requested with --mode copy".into())),
+        Mode::Splice => Ok((Prepared::Splice, "requested with --mode splice".into())),
         Mode::Ebpf => {
-            let e = ebpf::EbpfEngine::new(ebpf_opts)?;
-            Ok((Arc::new(e), "requested with --mode ebpf".into()))
+            let e = ebpf::EbpfEngine::load(ebpf_opts)?;
+            Ok((
+                Prepared::Ebpf(Box::new(e)),
+                "requested with --mode ebpf".into(),
+            ))
         }
-        Mode::Auto => match ebpf::EbpfEngine::new(ebpf_opts) {
+        Mode::Auto => match ebpf::EbpfEngine::load(ebpf_opts) {
             Ok(e) => Ok((
-                Arc::new(e),
+                Prepared::Ebpf(Box::new(e)),
                 "BPF sockmap programs loaded and attached".into(),
             )),
-            Err(err) => Ok((
-                Arc::new(splice::SpliceEngine::new()),
-                format!("ebpf unavailable: {err:#}"),
-            )),
+            Err(err) => Ok((Prepared::Splice, format!("ebpf unavailable: {err:#}"))),
         },
     }
 }

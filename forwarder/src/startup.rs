@@ -1,0 +1,529 @@
+//! Start-up and life of `forwarder run`, in the order least privilege
+//! needs.
+//!
+//! capset(2) changes only the calling thread, so every privileged step runs
+//! while the process has a single thread, and one drop follows:
+//!
+//! 1. validate the configuration;
+//! 2. claim the API socket (a second forwarder on it fails here, before it
+//!    loads BPF or listens anywhere);
+//! 3. load and attach the BPF programs, create the maps (CAP_BPF,
+//!    CAP_NET_ADMIN), and probe whether map updates through the held
+//!    descriptors need a capability on this kernel ([`map_privilege`]);
+//! 4. open the child's namespace: its socket thread enters it (CAP_SYS_ADMIN
+//!    over the namespace's user namespace) and drops every capability once
+//!    inside; or start or connect the dial agent;
+//! 5. bind the command line's listeners;
+//! 6. drop capabilities: the main thread keeps at most CAP_NET_BIND_SERVICE
+//!    (ports added later through the API may be privileged);
+//! 7. only then start the runtime, whose threads inherit the reduced sets.
+//!
+//! After that every thread holds at most CAP_NET_BIND_SERVICE, except, on
+//! kernels where bpf() checks CAP_BPF on every command, one `bpf-maps`
+//! thread that keeps exactly CAP_BPF and runs every map operation.
+
+use std::io::Write as _;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::oneshot;
+
+use crate::engine::{self, Mode, Prepared};
+use crate::port::{self, PortManager};
+use crate::spec::{self, PortSpec};
+use crate::{agent, api, netns, sys};
+
+/// What `forwarder run` was asked to do.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub child_netns: Option<PathBuf>,
+    pub child_pid: Option<u32>,
+    pub child_agent: Option<PathBuf>,
+    pub publish: Vec<PortSpec>,
+    pub mode: Mode,
+    pub ebpf_parser: bool,
+    pub api_socket: Option<PathBuf>,
+    /// `None`: derived from the descriptor limit ([`default_max_connections`]).
+    pub max_connections: Option<usize>,
+}
+
+/// How a run is told to stop.
+pub enum Shutdown {
+    /// SIGTERM or SIGINT; SIGUSR1 prints a stats line.
+    Signals,
+    /// The sender is sent to or dropped (tests, library callers).
+    #[allow(dead_code)]
+    Channel(oneshot::Receiver<()>),
+}
+
+/// Why the run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// Asked to (signal or channel).
+    Requested,
+}
+
+/// What a run did, for the caller and tests.
+#[allow(dead_code)] // read by tests and library callers
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The ready line's contents (engine, reason, listeners).
+    pub ready: serde_json::Value,
+    /// The final stats line's contents.
+    pub stats: serde_json::Value,
+    pub ending: Ending,
+    /// The capability kept on the map thread, if any.
+    pub map_thread_keeps: Option<caps::Capability>,
+}
+
+/// Writes one JSON object as a line on stdout (the machine-readable
+/// channel; logs go to stderr).
+pub fn emit(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// The stats line of the stdout channel: the totals at top level, then the
+/// ports and (ebpf) the map occupancy.
+fn stats_event(ports: &PortManager) -> serde_json::Value {
+    let st = api::stats(ports);
+    let mut v = json!({ "event": "stats", "engine": st.engine, "ports": st.ports });
+    if let (Some(obj), Ok(serde_json::Value::Object(t))) =
+        (v.as_object_mut(), serde_json::to_value(st.total))
+    {
+        obj.extend(t);
+        if let Some(m) = st.bpf_map_entries {
+            obj.insert("bpf_map_entries".into(), json!(m));
+        }
+        obj.insert("pooled".into(), json!(st.pooled));
+    }
+    v
+}
+
+/// The PID behind a `/proc/PID/ns/net` path, for `/v1/info`.
+fn pid_of_netns(path: &Path) -> Option<u32> {
+    let mut parts = path.strip_prefix("/proc").ok()?.components();
+    let pid = parts.next()?.as_os_str().to_str()?.parse().ok()?;
+    (parts.as_path() == Path::new("ns/net")).then_some(pid)
+}
+
+/// What map operations need on this kernel, decided from a probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapPrivilege {
+    /// Any thread may update the maps through the held descriptors.
+    None,
+    /// bpf() checks this capability on every command: one thread keeps it
+    /// and runs every map operation.
+    Keep(caps::Capability),
+}
+
+/// Decides what the thread that updates the BPF maps must keep, from the
+/// errno of the probe (a lookup through a held map descriptor by a thread
+/// without any capability; `None` = it worked) and the kernel version.
+///
+/// Since Linux 5.19 bpf() checks `kernel.unprivileged_bpf_disabled` only
+/// when creating maps and loading programs; before, on every command, so a
+/// map update after the drop fails with EPERM. CAP_BPF exists since 5.8;
+/// before it, CAP_SYS_ADMIN is what bpf() wants. Any other probe failure is
+/// treated as "needs it" too: keeping one capability on one thread is
+/// safer than an engine that fails on its first connection.
+pub fn map_privilege(probe_errno: Option<i32>, kernel: (u32, u32)) -> MapPrivilege {
+    match probe_errno {
+        None => MapPrivilege::None,
+        Some(_) if kernel < (5, 8) => MapPrivilege::Keep(caps::Capability::CAP_SYS_ADMIN),
+        Some(_) => MapPrivilege::Keep(caps::Capability::CAP_BPF),
+    }
+}
+
+/// The running kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let rel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut it = rel
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse().ok());
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
+/// The default `--max-connections` for a descriptor limit: each connection
+/// holds two sockets (accepted and dialed); splice also borrows pipes from
+/// a bounded pool. Headroom covers the listeners, the API, the engine's
+/// own descriptors and the pool.
+pub fn default_max_connections(nofile: u64) -> usize {
+    let headroom = (nofile / 4).min(256);
+    (nofile.saturating_sub(headroom) / 2).max(1) as usize
+}
+
+/// How the child is dialed, prepared before the runtime starts.
+enum DialSetup {
+    Netns(netns::ChildDialer),
+    Agent {
+        fd: OwnedFd,
+        process: Option<std::process::Child>,
+    },
+}
+
+fn prepare_dialer(config: &Config) -> Result<DialSetup> {
+    if let Some(sock) = &config.child_agent {
+        let fd = agent::AgentClient::connect(sock)
+            .with_context(|| format!("cannot connect to the dial agent at {}", sock.display()))?;
+        tracing::info!(agent = %sock.display(), "dialing through the child-side agent");
+        return Ok(DialSetup::Agent { fd, process: None });
+    }
+    let path = match (&config.child_netns, config.child_pid) {
+        (Some(p), _) => p.clone(),
+        (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        (None, None) => {
+            anyhow::bail!("one of --child-netns, --child-pid or --child-agent is required")
+        }
+    };
+    match (netns::ChildDialer::new(&path), config.child_pid) {
+        (Ok(d), _) => Ok(DialSetup::Netns(d)),
+        (Err(netns::NetnsError::Enter { cause, .. }), Some(pid))
+            if cause.raw_os_error() == Some(libc::EPERM) =>
+        {
+            let (child, fd) = agent::spawn_in(pid)?;
+            tracing::info!(pid, agent_pid = child.id(),
+                "not permitted to enter the child's network namespace; dialing through a child-side agent");
+            Ok(DialSetup::Agent {
+                fd,
+                process: Some(child),
+            })
+        }
+        (Err(e), _) => Err(e.into()),
+    }
+}
+
+/// Runs the forwarder: start-up in the order the module comment gives,
+/// then serving until `shutdown`. Returns what the run did.
+pub fn run(config: Config, shutdown: Shutdown) -> Result<Report> {
+    // 1. Validate.
+    if config.publish.is_empty() && config.api_socket.is_none() {
+        anyhow::bail!(
+            "nothing to publish: give at least one -p SPEC, or --api-socket to add ports later"
+        );
+    }
+    for (i, a) in config.publish.iter().enumerate() {
+        if let Some(b) = config.publish[..i].iter().find(|b| b.conflicts_with(a)) {
+            anyhow::bail!("cannot publish {a}: conflicts with {b}");
+        }
+    }
+    let nofile = match sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE");
+            sys::nofile_limit().unwrap_or(1024)
+        }
+    };
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(nofile));
+    tracing::debug!(nofile, max_connections, "limits");
+    // 2. The API socket.
+    let api_listener = config.api_socket.as_deref().map(api::bind).transpose()?;
+    // 3. BPF.
+    let (mut prepared, reason) = engine::select(
+        config.mode,
+        engine::ebpf::Options {
+            parser: config.ebpf_parser,
+        },
+    )?;
+    let mut map_thread_keeps = None;
+    if let Prepared::Ebpf(loaded) = &mut prepared {
+        let probe = loaded.probe_unprivileged_map_access();
+        let errno = probe.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
+        match map_privilege(errno, kernel_version()) {
+            MapPrivilege::None => {
+                tracing::debug!("BPF map updates through held descriptors need no capability here")
+            }
+            MapPrivilege::Keep(cap) => {
+                loaded
+                    .keep_capability_on_map_thread(cap)
+                    .context("cannot start the BPF map thread")?;
+                tracing::info!(capability = %cap,
+                    "bpf() checks a capability on every command on this kernel (unprivileged_bpf_disabled before Linux 5.19): the bpf-maps thread keeps it, every other thread drops it");
+                map_thread_keeps = Some(cap);
+            }
+        }
+    }
+    // 4. The child's namespace, or the agent.
+    let dial = prepare_dialer(&config)?;
+    // 5. Listeners.
+    let mut bound = Vec::new();
+    for spec in &config.publish {
+        let b = port::bind_spec(spec).with_context(|| format!("cannot publish {spec}"))?;
+        bound.push((spec.clone(), b));
+    }
+    // 6. One drop. Ports added later may be privileged: keep
+    // CAP_NET_BIND_SERVICE (where we hold it).
+    sys::drop_thread_capabilities(&[caps::Capability::CAP_NET_BIND_SERVICE])
+        .context("cannot drop capabilities")?;
+    tracing::debug!(
+        cap_eff = format!("{:#x}", sys::thread_cap_eff()),
+        "capabilities dropped"
+    );
+    // 7. The runtime.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let netns_path = match (&config.child_netns, config.child_pid) {
+        (Some(p), _) => p.clone(),
+        (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
+        (None, None) => PathBuf::new(),
+    };
+    let child_pid = config.child_pid.or_else(|| pid_of_netns(&netns_path));
+    let serve = Serve {
+        config,
+        prepared,
+        reason,
+        dial,
+        bound,
+        api_listener,
+        child_pid,
+        max_connections,
+    };
+    let result = rt.block_on(serve.run(shutdown));
+    // Connections still running are torn down with the runtime; the BPF
+    // programs and maps are released when the engine is dropped.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result.map(|(ready, stats, ending)| Report {
+        ready,
+        stats,
+        ending,
+        map_thread_keeps,
+    })
+}
+
+/// Everything start-up prepared, for the runtime half.
+struct Serve {
+    config: Config,
+    prepared: Prepared,
+    reason: String,
+    dial: DialSetup,
+    bound: Vec<(PortSpec, port::Bound)>,
+    api_listener: Option<std::os::unix::net::UnixListener>,
+    child_pid: Option<u32>,
+    #[allow(dead_code)]
+    max_connections: usize,
+}
+
+impl Serve {
+    async fn run(
+        self,
+        shutdown: Shutdown,
+    ) -> Result<(serde_json::Value, serde_json::Value, Ending)> {
+        let Serve {
+            config,
+            prepared,
+            reason,
+            dial,
+            bound,
+            api_listener,
+            child_pid,
+            max_connections: _,
+        } = self;
+        // Handlers first: a SIGUSR1 that arrives after "ready" but before
+        // its handler would otherwise kill the process (the default action).
+        let (mut term, mut int, mut usr1, mut stop_rx) = match shutdown {
+            Shutdown::Signals => (
+                Some(signal(SignalKind::terminate())?),
+                Some(signal(SignalKind::interrupt())?),
+                Some(signal(SignalKind::user_defined1())?),
+                None,
+            ),
+            Shutdown::Channel(rx) => (None, None, None, Some(rx)),
+        };
+        let engine = prepared.start()?;
+        let (dialer, mut agent_process) = match dial {
+            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None),
+            DialSetup::Agent { fd, process } => (
+                netns::Dialer::Agent(
+                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?,
+                ),
+                process,
+            ),
+        };
+        tracing::info!(engine = %engine.kind(), %reason, "engine selected");
+        let ports = Arc::new(PortManager::new(dialer, engine));
+        let mut listeners = Vec::new();
+        for (spec, b) in bound {
+            let st = ports
+                .add_bound(spec.clone(), spec::ApiSpec::from(&spec), b)
+                .with_context(|| format!("cannot publish {spec}"))?;
+            listeners.extend(st.listeners.iter().map(|a| a.to_string()));
+        }
+        let (stop_api, api_stopped) = oneshot::channel::<()>();
+        let api_task = match (&config.api_socket, api_listener) {
+            (Some(path), Some(listener)) => {
+                let listener = tokio::net::UnixListener::from_std(listener)
+                    .context("cannot serve the API socket")?;
+                let state = Arc::new(api::ApiState {
+                    ports: ports.clone(),
+                    state_dir: path
+                        .parent()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
+                    child_pid,
+                });
+                tracing::info!(socket = %path.display(), "serving the port API");
+                Some(tokio::spawn(api::serve(listener, state, async {
+                    let _ = api_stopped.await;
+                })))
+            }
+            _ => None,
+        };
+        let ready = json!({
+            "event": "ready",
+            "engine": ports.engine().kind(),
+            "reason": reason,
+            "listeners": listeners,
+        });
+        emit(&ready);
+
+        let ending = loop {
+            tokio::select! {
+                _ = recv(&mut term) => break Ending::Requested,
+                _ = recv(&mut int) => break Ending::Requested,
+                _ = async {
+                    match stop_rx.as_mut() {
+                        Some(rx) => {
+                            let _ = rx.await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => break Ending::Requested,
+                _ = recv(&mut usr1) => emit(&stats_event(&ports)),
+            }
+        };
+        tracing::info!("shutting down");
+        let _ = stop_api.send(());
+        if let Some(t) = api_task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Some(path) = &config.api_socket {
+            let _ = std::fs::remove_file(path);
+        }
+        ports.close_all().await;
+        let stats = stats_event(&ports);
+        emit(&stats);
+        if let Some(c) = agent_process.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok((ready, stats, ending))
+    }
+}
+
+/// Waits for a signal, or forever without a handler.
+async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use caps::Capability::{CAP_BPF, CAP_SYS_ADMIN};
+
+    #[test]
+    fn map_privilege_table() {
+        // (probe errno, kernel) -> what the map thread keeps
+        let cases = [
+            (None, (6, 18), MapPrivilege::None),
+            (None, (5, 4), MapPrivilege::None),
+            (Some(libc::EPERM), (5, 15), MapPrivilege::Keep(CAP_BPF)),
+            (Some(libc::EPERM), (5, 8), MapPrivilege::Keep(CAP_BPF)),
+            (Some(libc::EPERM), (5, 4), MapPrivilege::Keep(CAP_SYS_ADMIN)),
+            (Some(libc::EACCES), (5, 10), MapPrivilege::Keep(CAP_BPF)),
+            (Some(libc::EIO), (6, 1), MapPrivilege::Keep(CAP_BPF)),
+        ];
+        for (errno, kernel, want) in cases {
+            assert_eq!(map_privilege(errno, kernel), want, "{errno:?} {kernel:?}");
+        }
+    }
+
+    #[test]
+    fn default_max_connections_leaves_headroom() {
+        assert_eq!(default_max_connections(1024), 384);
+        assert_eq!(default_max_connections(1 << 20), ((1 << 20) - 256) / 2);
+        assert_eq!(default_max_connections(64), 24);
+        assert_eq!(default_max_connections(1), 1);
+    }
+
+    /// The whole start-up in this process, on a thread of its own (the
+    /// capability drop is per thread): serves, stops when told, reports.
+    #[test]
+    fn run_serves_until_told_to_stop() {
+        use std::io::{Read, Write};
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let sp = server.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = server.accept() {
+                let mut b = [0u8; 5];
+                if s.read_exact(&mut b).is_ok() {
+                    let _ = s.write_all(&b);
+                }
+            }
+        });
+        let fp = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = Config {
+            child_netns: Some(PathBuf::from("/proc/self/ns/net")),
+            child_pid: None,
+            child_agent: None,
+            publish: vec![format!("127.0.0.1:{fp}:{sp}").parse().unwrap()],
+            mode: Mode::Copy,
+            ebpf_parser: false,
+            api_socket: None,
+            max_connections: None,
+        };
+        let (stop, stopped) = oneshot::channel();
+        let t = std::thread::spawn(move || {
+            let r = run(config, Shutdown::Channel(stopped));
+            (r, sys::thread_cap_eff())
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut c = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", fp)) {
+                Ok(c) => break c,
+                Err(e) if std::time::Instant::now() > deadline => panic!("connect: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"hello").unwrap();
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hello");
+        drop(c);
+        let _ = stop.send(());
+        let (r, eff) = t.join().unwrap();
+        let r = r.unwrap();
+        assert_eq!(r.ending, Ending::Requested);
+        assert_eq!(r.ready["engine"], "copy", "{}", r.ready);
+        assert_eq!(r.stats["connections"], 1, "{}", r.stats);
+        assert_eq!(r.map_thread_keeps, None);
+        assert_eq!(eff & !(1 << 10), 0, "the thread kept {eff:#x}");
+    }
+
+    #[test]
+    fn netns_paths_name_their_pid() {
+        assert_eq!(pid_of_netns(Path::new("/proc/42/ns/net")), Some(42));
+        assert_eq!(pid_of_netns(Path::new("/run/netns/x")), None);
+    }
+}
