@@ -335,10 +335,12 @@ fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
             return None;
         }
     };
-    let mut fd = match AsyncFd::with_interest(logger, Interest::READABLE) {
+    // SAFETY: the logger owns its ring buffer's map fd, open for the
+    // AsyncFd's whole life.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot watch the BPF programs' log");
+            tracing::warn!(error = %e.into_parts().1, "cannot watch the BPF programs' log");
             return None;
         }
     };

@@ -99,7 +99,7 @@ pub struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     duration: u32,
-    /// A smoke version of about a minute: 1 repetition, 1-s iperf3 runs,
+    /// A smoke version of a few minutes: 1 repetition, 1-s iperf3 runs,
     /// 2000 round trips, 1 s per connection-rate run, 1000 idle connections
     /// (overrides --reps, --duration and --scale-conns).
     #[arg(long)]
