@@ -861,6 +861,9 @@ suite! {
     ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"] => "ebpf", Root + [bytes_stay_in_the_kernel];
     splice: ["--mode", "splice"] => "splice", Root;
     copy: ["--mode", "copy"] => "copy", Root;
+    // auto mode as root, where BPF would load: splice, which measures
+    // faster than ebpf when nothing is pinned (see bench/results/profile.md).
+    auto: [] => "splice", Root;
     // Rootless: an unprivileged forwarder given the container's PID dials
     // through its child-side agent; auto mode runs splice without BPF...
     rootless: [] => "splice", User;

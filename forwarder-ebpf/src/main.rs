@@ -20,6 +20,11 @@
 //! socket's cookie to [`FWD_EVENTS`] so the controller checks that
 //! connection's backlog: the kernel itself applies no back-pressure to
 //! egress redirects.
+//!
+//! Rare events (an skb of a socket without a [`Peer`] entry, a redirect to
+//! a peer missing from [`FWD_TARGETS`], which the kernel drops) are logged
+//! with aya-log at debug level; the controller prints them in its log.
+//! Nothing is logged per packet on the normal path.
 #![no_std]
 #![no_main]
 
@@ -30,6 +35,7 @@ use aya_ebpf::{
     maps::{HashMap, RingBuf, SockHash},
     programs::SkBuffContext,
 };
+use aya_log_ebpf::debug;
 use forwarder_common::{Peer, CHECK_SHIFT, MAX_SOCKETS};
 
 /// Sockets whose incoming bytes the verdict handles, by cookie.
@@ -62,6 +68,12 @@ pub fn fwd_verdict(ctx: SkBuffContext) -> u32 {
     let Some(peer) = FWD_PEERS.get_ptr_mut(&cookie) else {
         // Not a socket of ours (cannot happen: entries are added before the
         // socket enters FWD_SOCKS): leave the bytes to userspace.
+        debug!(
+            &ctx,
+            "socket {} has no peer entry: {} bytes left in its receive queue",
+            cookie,
+            ctx.len()
+        );
         return SK_PASS;
     };
     let len = u64::from(ctx.len());
@@ -97,6 +109,13 @@ pub fn fwd_verdict(ctx: SkBuffContext) -> u32 {
     if verdict == SK_PASS {
         SK_PASS
     } else {
+        debug!(
+            &ctx,
+            "redirect from socket {} to missing peer {}: {} bytes dropped",
+            cookie,
+            peer_cookie,
+            len
+        );
         SK_DROP
     }
 }

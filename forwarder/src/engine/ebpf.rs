@@ -4,9 +4,9 @@
 //!
 //! How it works
 //! ------------
-//! Traffic: every connection when the mode is ebpf, or auto and the
-//! programs loaded. A connection that cannot enter the maps (full) runs on
-//! the splice engine instead, which is logged.
+//! Traffic: every connection when the mode is ebpf (auto mode runs splice,
+//! see below). A connection that cannot enter the maps (full) runs on the
+//! splice engine instead, which is logged.
 //!
 //! State: in the kernel, three maps (see `forwarder-common`): FWD_PEERS
 //! (cookie -> peer cookie and byte counters), FWD_TARGETS (a SOCKHASH of
@@ -48,9 +48,33 @@
 //!   PEERS; the final counts go to the port's statistics; both sockets
 //!   close.
 //!
-//! Fallback: the splice engine ([`super::splice`]), for the whole run in
-//! auto mode when BPF is not permitted, or per connection when the maps are
-//! full.
+//! - rare events in the program (a redirect to a peer missing from
+//!   TARGETS, an skb of a socket without a PEERS entry) are logged through
+//!   aya-log and appear in this process's log at debug level.
+//!
+//! Fallback: the splice engine ([`super::splice`]), per connection when the
+//! maps are full.
+//!
+//! Speed, and why auto mode does not pick this engine
+//! --------------------------------------------------
+//! The kernel never sends a redirected skb from the verdict: it queues it
+//! on the target's psock and a kernel worker (`sk_psock_backlog`, queued on
+//! the CPU that ran the verdict) sends it. When the target's send buffer is
+//! full the worker gets EAGAIN and re-arms itself one jiffy later (4 ms at
+//! HZ=250); while that timer is pending, the kicks from later verdicts and
+//! from the target's write-space callback are no-ops. Once the target has
+//! filled, the direction moves about one send buffer per worker run, and
+//! the runs are timer-paced: measured on 6.18 with 2 vCPUs, 60-66 runs and
+//! 50-59 one-jiffy re-arms a second for 2.2 Gbit/s, in every placement
+//! under load, while splice moved 3.4-8.6 Gbit/s in the same rounds. With
+//! client and server on one CPU the worker, which cannot move, shares that
+//! CPU with both. The controller's flow control below keeps memory bounded
+//! but cannot keep the worker clear of EAGAIN: clamping earlier (at the
+//! target's send buffer) made it slower, and pausing the verdict instead
+//! (out of FWD_SOCKS, back in with SO_RCVLOWAT) helped 30-50% but stays
+//! below splice and cannot resume a socket that got its FIN while paused.
+//! Figures and commands: `bench/results/profile.md`. So auto mode runs
+//! splice ([`super::AUTO_REASON`]); this engine runs with `--mode ebpf`.
 
 use std::collections::HashMap;
 use std::io;
@@ -291,7 +315,7 @@ impl AsRawFd for EpollFd {
 /// parser); developed and tested on 6.18.
 pub struct EbpfEngine {
     inner: Arc<Inner>,
-    tasks: [tokio::task::JoinHandle<()>; 2],
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// The programs loaded and attached and the maps created, before any
@@ -399,7 +423,7 @@ impl Loaded {
             maps,
             events,
             epoll,
-            bpf,
+            mut bpf,
         } = self;
         // SAFETY: EpollFd owns the epoll descriptor, which stays open and
         // the same for the AsyncFd's whole life.
@@ -408,6 +432,7 @@ impl Loaded {
         // SAFETY: the RingBuf owns its map fd, open for the AsyncFd's life.
         let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
             .map_err(|e| load_err("cannot register the event ring")(e.into_parts().1.into()))?;
+        let logger = spawn_bpf_logger(&mut bpf);
         let inner = Arc::new(Inner {
             maps,
             epoll,
@@ -421,7 +446,10 @@ impl Loaded {
         let ring = tokio::spawn(dispatch_events(inner.clone()));
         Ok(EbpfEngine {
             inner,
-            tasks: [dispatcher, ring],
+            tasks: [Some(dispatcher), Some(ring), logger]
+                .into_iter()
+                .flatten()
+                .collect(),
         })
     }
 }
@@ -432,6 +460,42 @@ impl Drop for EbpfEngine {
             t.abort();
         }
     }
+}
+
+/// Forwards the programs' aya-log records (rare events such as a redirect
+/// to a missing peer, at debug level; see `forwarder-ebpf`) to this
+/// process's log until the engine stops. Without the log map the engine
+/// still runs, without those messages.
+fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
+    let logger = match aya_log::EbpfLogger::init(bpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "the BPF programs' log is unavailable");
+            return None;
+        }
+    };
+    // SAFETY: the logger owns its ring buffer's map fd, open for the
+    // AsyncFd's whole life.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e.into_parts().1, "cannot watch the BPF programs' log");
+            return None;
+        }
+    };
+    Some(tokio::spawn(async move {
+        loop {
+            let mut guard = match fd.readable_mut().await {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::warn!(error = %e, "the BPF programs' log failed; no more messages from it");
+                    return;
+                }
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    }))
 }
 
 /// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it.

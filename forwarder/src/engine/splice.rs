@@ -4,8 +4,9 @@
 //!
 //! How it works
 //! ------------
-//! Traffic: every connection when the mode is splice, or auto without BPF;
-//! also the ebpf engine's overflow (connections that do not fit its maps).
+//! Traffic: every connection when the mode is splice or auto (see
+//! [`super::AUTO_REASON`]); also the ebpf engine's overflow (connections
+//! that do not fit its maps).
 //! The connection's life (handoff, FIN each way, resets, teardown) is the
 //! shared driver's, see [`super::relay`]; this file only moves chunks.
 //!

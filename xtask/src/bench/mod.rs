@@ -40,9 +40,14 @@
 //!   systems are interleaved in each repetition (direct, ebpf, splice,
 //!   copy, peers, direct, ...), so drift of the machine hits all alike;
 //!   throughput starts with one unrecorded 1-s warm-up run of each system;
-//! - unless `--no-affinity`, iperf3 pins its client and its server to two
-//!   different CPUs (`-A a,b`) in every run, so scheduler placement does
-//!   not decide results; the forwarder is not pinned;
+//! - throughput runs in three placements of iperf3's client and server
+//!   (`--placements`): *unpinned* (as users run it; the primary table and
+//!   the one the targets are judged on), *split* (client and server pinned
+//!   to two different CPUs, `-A a,b`) and *same* (both pinned to one CPU,
+//!   `-A a,a`), so no placement can hide a collapse; the forwarder is never
+//!   pinned;
+//! - *auto*: a forwarder with `--mode auto`, whatever engine it picks, so
+//!   the report shows that auto mode is as fast as the best engine;
 //! - figures are medians over the repetitions with min-max; ratios are the
 //!   median of per-repetition ratios (system / direct of the same
 //!   repetition), so machine drift cancels pair by pair; likewise
@@ -94,14 +99,18 @@ pub struct Args {
     /// Seconds per iperf3 run.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     duration: u32,
-    /// A smoke version of about a minute: 1 repetition, 1-s iperf3 runs,
+    /// A smoke version of a few minutes: 1 repetition, 1-s iperf3 runs,
     /// 2000 round trips, 1 s per connection-rate run, 1000 idle connections
     /// (overrides --reps, --duration and --scale-conns).
     #[arg(long)]
     quick: bool,
-    /// Do not pin the iperf3 client and server to CPUs.
+    /// Only the unpinned placement (same as `--placements unpinned`).
     #[arg(long)]
     no_affinity: bool,
+    /// Placements of iperf3's client and server for the throughput runs,
+    /// comma-separated; the first is the primary table.
+    #[arg(long, value_delimiter = ',', default_value = "unpinned,split,same")]
+    placements: Vec<Placement>,
     /// Leave out the peers (socat, RootlessKit, pasta).
     #[arg(long)]
     no_peers: bool,
@@ -130,12 +139,63 @@ pub enum Workload {
     Rate,
 }
 
+/// Where iperf3's client and server run during a throughput run.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, clap::ValueEnum, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Placement {
+    /// Nothing pinned: the scheduler decides, as for a user.
+    Unpinned,
+    /// Client and server pinned to two different CPUs.
+    Split,
+    /// Client and server pinned to the same CPU.
+    Same,
+}
+
+impl Placement {
+    /// iperf3's `-A client,server`, given the first two CPUs we may use.
+    pub fn affinity(self, cpus: Option<(usize, usize)>) -> Option<(usize, usize)> {
+        match self {
+            Placement::Unpinned => None,
+            Placement::Split => cpus,
+            Placement::Same => cpus.map(|(c, _)| (c, c)),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Unpinned => "unpinned",
+            Placement::Split => "split",
+            Placement::Same => "same",
+        }
+    }
+
+    /// How the runs of this placement were made, for the report.
+    pub fn describe(self, cpus: Option<(usize, usize)>) -> String {
+        match self.affinity(cpus) {
+            None => "nothing pinned (the scheduler places iperf3's client and server, as for \
+                     a user)"
+                .to_string(),
+            Some((c, s)) if c == s => {
+                format!("iperf3 client and server both pinned to CPU {c} (`-A {c},{s}`)")
+            }
+            Some((c, s)) => {
+                format!("iperf3 client pinned to CPU {c}, server to CPU {s} (`-A {c},{s}`)")
+            }
+        }
+    }
+}
+
 /// The port iperf3 listens on in the child.
 const SERVER_PORT: u16 = 5201;
 /// The port the echo server listens on in the child.
 const ECHO_PORT: u16 = 7007;
-/// The engines, in the order they run after direct.
-const ENGINES: [&str; 3] = ["ebpf", "splice", "copy"];
+/// The forwarder's modes, in the order they run after direct; `auto` runs
+/// whatever engine auto mode picks here.
+const ENGINES: [&str; 4] = ["ebpf", "splice", "copy", "auto"];
+/// The engines auto mode may pick, against which it is judged.
+pub const AUTO_CHOICES: [&str; 3] = ["ebpf", "splice", "copy"];
 const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
 /// Parallel iperf3 streams.
 const STREAMS: [u32; 2] = [1, 4];
@@ -167,7 +227,7 @@ pub struct System {
 
 impl System {
     fn is_peer(&self) -> bool {
-        !matches!(self.name.as_str(), "direct" | "ebpf" | "splice" | "copy")
+        self.name != "direct" && !ENGINES.contains(&self.name.as_str())
     }
 }
 
@@ -180,8 +240,8 @@ pub struct ThrRun {
     pub cpu: CpuUse,
 }
 
-/// (streams, direction index).
-pub type ThrKey = (u32, usize);
+/// (placement, streams, direction index).
+pub type ThrKey = (Placement, u32, usize);
 
 /// The runs of one system in one workload, or why it stopped.
 #[derive(Debug, serde::Serialize)]
@@ -507,7 +567,10 @@ pub struct Plan {
     pub rate_secs: u64,
     pub scale_conns: usize,
     pub scale_reps: u32,
+    /// The first two CPUs we may use (pinned placements).
     pub cpus: Option<(usize, usize)>,
+    /// Placements of the throughput runs; the first is the primary one.
+    pub placements: Vec<Placement>,
     pub workloads: Vec<Workload>,
     /// Why the scale workload holds fewer connections than asked.
     pub scale_note: Option<String>,
@@ -515,7 +578,23 @@ pub struct Plan {
 
 impl Plan {
     fn new(args: &Args) -> Self {
-        let cpus = if args.no_affinity { None } else { two_cpus() };
+        let cpus = two_cpus();
+        let mut placements = if args.no_affinity {
+            vec![Placement::Unpinned]
+        } else {
+            args.placements.clone()
+        };
+        // Keep the order given, without repeats; with one CPU nothing can
+        // be split.
+        let mut seen = Vec::new();
+        placements.retain(|p| {
+            let keep = !seen.contains(p) && (cpus.is_some() || *p == Placement::Unpinned);
+            seen.push(*p);
+            keep
+        });
+        if placements.is_empty() {
+            placements.push(Placement::Unpinned);
+        }
         let mut workloads = args.workloads.clone();
         workloads.sort();
         workloads.dedup();
@@ -528,6 +607,7 @@ impl Plan {
                 scale_conns: 1000,
                 scale_reps: 1,
                 cpus,
+                placements,
                 workloads,
                 scale_note: None,
             }
@@ -540,6 +620,7 @@ impl Plan {
                 scale_conns: args.scale_conns as usize,
                 scale_reps: args.reps.min(3),
                 cpus,
+                placements,
                 workloads,
                 scale_note: None,
             }
@@ -602,12 +683,17 @@ fn run_inner(args: &Args) -> Result<()> {
         ];
         let name = format!("forwarder --mode {mode}");
         let fwd = Forwarder::start(&bin, &args, true, &name)?;
-        if fwd.engine() != mode {
+        if mode != "auto" && fwd.engine() != mode {
             bail!("{name} reports engine {:?}", fwd.engine());
         }
+        let label = if mode == "auto" {
+            format!("forwarder `--mode auto` (picked {})", fwd.engine())
+        } else {
+            format!("forwarder `--mode {mode}`")
+        };
         systems.push(System {
             name: mode.into(),
-            label: format!("forwarder `--mode {mode}`"),
+            label,
             iperf_port: Some(port),
             echo_port: Some(eport),
             pid: fwd.pid(),
@@ -728,7 +814,14 @@ fn run_inner(args: &Args) -> Result<()> {
     write_atomic(&dir.join("latest.json"), format!("{json}\n").as_bytes())?;
     write_atomic(&dir.join("latest.svg"), report.svg().as_bytes())?;
     if let Some(p) = profile_md {
-        write_atomic(&dir.join("profile.md"), p.as_bytes())?;
+        // The hand-written investigation at the end of profile.md (from
+        // its marker on) is kept across regenerations.
+        let path = dir.join("profile.md");
+        let kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find(profile::KEPT_MARKER).map(|i| old[i..].to_string()))
+            .unwrap_or_default();
+        write_atomic(&path, format!("{p}\n{kept}").as_bytes())?;
     }
     eprintln!(
         "bench: wrote {0}/latest.md, {0}/latest.json and {0}/latest.svg{1}",
@@ -748,41 +841,48 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
         .collect();
     let (reps, secs) = (plan.reps, plan.secs);
     eprintln!(
-        "bench: throughput, {reps} repetitions x {} systems x {} stream counts x 2 directions x {secs} s, after a warm-up",
+        "bench: throughput, {reps} repetitions x {} placements x {} systems x {} stream counts x 2 directions x {secs} s, after a warm-up",
+        plan.placements.len(),
         systems.iter().filter(|s| s.failed.is_none()).count(),
         STREAMS.len()
     );
     for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
         check_interrupted()?;
-        match iperf(ns, sys, 1, 1, false, plan.cpus) {
+        match iperf(ns, sys, 1, 1, false, None) {
             Ok((_, b)) => *res.bytes.entry(sys.name.clone()).or_default() += b,
             Err(e) if sys.is_peer() => sys.failed = Some(format!("warm-up: {e:#}")),
             Err(e) => return Err(e).with_context(|| format!("warm-up of {}", sys.name)),
         }
     }
     for rep in 1..=reps {
-        for streams in STREAMS {
-            for (d, dir) in DIRECTIONS.iter().enumerate() {
-                for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
-                    check_interrupted()?;
-                    let before = CpuTimes::now()?;
-                    let (gbit, bytes) = match iperf(ns, sys, secs, streams, d == 1, plan.cpus) {
-                        Ok(r) => r,
-                        Err(e) if sys.is_peer() => {
-                            sys.failed = Some(format!(
-                                "repetition {rep}, {streams} stream(s) {dir}: {e:#}"
-                            ));
-                            continue;
-                        }
-                        Err(e) => {
-                            return Err(e).with_context(|| {
-                                format!("repetition {rep}, {streams} stream(s) {dir}, {}", sys.name)
-                            })
-                        }
-                    };
-                    let cpu = before.until(&CpuTimes::now()?);
-                    eprintln!(
-                        "bench: rep {rep}/{reps} x{streams} {dir:7} {:11} {gbit:6.2} Gbit/s, CPUs busy {}",
+        for &place in &plan.placements {
+            let pin = place.affinity(plan.cpus);
+            let pname = place.name();
+            for streams in STREAMS {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
+                        check_interrupted()?;
+                        let before = CpuTimes::now()?;
+                        let (gbit, bytes) = match iperf(ns, sys, secs, streams, d == 1, pin) {
+                            Ok(r) => r,
+                            Err(e) if sys.is_peer() => {
+                                sys.failed = Some(format!(
+                                    "repetition {rep}, {pname}, {streams} stream(s) {dir}: {e:#}"
+                                ));
+                                continue;
+                            }
+                            Err(e) => {
+                                return Err(e).with_context(|| {
+                                    format!(
+                                        "repetition {rep}, {pname}, {streams} stream(s) {dir}, {}",
+                                        sys.name
+                                    )
+                                })
+                            }
+                        };
+                        let cpu = before.until(&CpuTimes::now()?);
+                        eprintln!(
+                        "bench: rep {rep}/{reps} {pname:8} x{streams} {dir:7} {:11} {gbit:6.2} Gbit/s, CPUs busy {}",
                         sys.name,
                         cpu.per_cpu_busy
                             .iter()
@@ -790,14 +890,15 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
                             .collect::<Vec<_>>()
                             .join(" ")
                     );
-                    res.thr
-                        .entry(sys.name.clone())
-                        .or_default()
-                        .entry((streams, d))
-                        .or_default()
-                        .push(ThrRun { gbit, bytes, cpu });
-                    *res.bytes.entry(sys.name.clone()).or_default() += bytes;
-                    std::thread::sleep(Duration::from_millis(200));
+                        res.thr
+                            .entry(sys.name.clone())
+                            .or_default()
+                            .entry((place, streams, d))
+                            .or_default()
+                            .push(ThrRun { gbit, bytes, cpu });
+                        *res.bytes.entry(sys.name.clone()).or_default() += bytes;
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
                 }
             }
         }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 
 use super::sample::{self, CpuTimes};
-use super::{iperf, on_echo, Plan, System};
+use super::{iperf, on_echo, Placement, Plan, System};
 use crate::load;
 use crate::util::{output_within, Netns, Proc};
 
@@ -287,6 +287,10 @@ fn block(md: &mut String, title: &str, body: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where the hand-written part of `profile.md` starts; `--profile` keeps
+/// everything from this line on when it rewrites the file.
+pub const KEPT_MARKER: &str = "<!-- kept by `cargo xtask bench --profile` -->";
+
 pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# Profile of the ebpf engine\n")?;
@@ -330,7 +334,14 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
             eprintln!("bench: profiling {dir} bulk through {}", sys.name);
             let (run, (gbit, bytes)) =
                 Profiled::run(pid, &format!("bulk-{d}-{}", sys.name), || {
-                    iperf(ns, sys, plan.secs, 1, d == 1, plan.cpus)
+                    iperf(
+                        ns,
+                        sys,
+                        plan.secs,
+                        1,
+                        d == 1,
+                        Placement::Split.affinity(plan.cpus),
+                    )
                 })?;
             writeln!(
                 md,

@@ -7,8 +7,8 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use super::{
-    difference, median, min_max, ratio, Cell, Plan, Results, System, ThrKey, Workload, CLIENTS,
-    DIRECTIONS, SIZES, STREAMS,
+    difference, median, min_max, ratio, Cell, Placement, Plan, Results, System, ThrKey, Workload,
+    AUTO_CHOICES, CLIENTS, DIRECTIONS, SIZES, STREAMS,
 };
 use crate::util::output;
 
@@ -126,23 +126,127 @@ impl Report<'_> {
             .unwrap_or_default()
     }
 
+    /// The placement the targets are judged on: unpinned, as users run it.
+    const PRIMARY: Placement = Placement::Unpinned;
+
+    /// Among the engines auto mode may pick, the one with the best median
+    /// of `figure` (higher is better unless `lower`), with its values.
+    fn best_engine(
+        &self,
+        figure: impl Fn(&str) -> Vec<f64>,
+        lower: bool,
+    ) -> Option<(&'static str, Vec<f64>)> {
+        AUTO_CHOICES
+            .iter()
+            .map(|&e| (e, figure(e)))
+            .filter(|(_, v)| !v.is_empty())
+            .max_by(|a, b| {
+                let (x, y) = (median(&a.1), median(&b.1));
+                if lower {
+                    y.total_cmp(&x)
+                } else {
+                    x.total_cmp(&y)
+                }
+            })
+    }
+
+    /// auto mode against the best engine: the median of per-repetition
+    /// ratios auto / best (best / auto when `lower` is better), so 1.0 is
+    /// as good as the best.
+    fn auto_target(&self, what: String, figure: impl Fn(&str) -> Vec<f64>, lower: bool) -> Target {
+        let auto = figure("auto");
+        let x = self.best_engine(&figure, lower).and_then(|(best, b)| {
+            (!auto.is_empty()).then(|| {
+                if lower {
+                    (best, ratio(&b, &auto))
+                } else {
+                    (best, ratio(&auto, &b))
+                }
+            })
+        });
+        let what = match x {
+            Some((best, _)) => format!("{what} (best: {best})"),
+            None => what,
+        };
+        Target::at_least(what, x.map(|x| x.1), "x", 0.95)
+    }
+
+    /// The machine's busy CPU seconds per GB over a system's runs in one
+    /// placement; NaN without runs.
+    fn cpu_per_gb(&self, name: &str, place: Placement) -> f64 {
+        let Some(m) = self.res.thr.get(name) else {
+            return f64::NAN;
+        };
+        let runs: Vec<_> = m
+            .iter()
+            .filter(|(k, _)| k.0 == place)
+            .flat_map(|(_, v)| v)
+            .collect();
+        let gb: f64 = runs.iter().map(|r| r.bytes).sum::<f64>() / 1e9;
+        if gb > 0.0 {
+            runs.iter().map(|r| r.cpu.busy_s).sum::<f64>() / gb
+        } else {
+            f64::NAN
+        }
+    }
+
     fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
         let finite = |v: f64| v.is_finite().then_some(v);
+        let p = Self::PRIMARY;
+        let streams_name = |n: u32| {
+            if n == 1 {
+                "one stream".to_string()
+            } else {
+                format!("{n} streams")
+            }
+        };
         if self.plan.has(Workload::Throughput) {
-            for (d, dir) in DIRECTIONS.iter().enumerate() {
-                for (peer, goal) in [("direct", 1.0), ("pasta", 1.5), ("rootlesskit", 2.5)] {
-                    let x = finite(self.thr_ratio("ebpf", peer, (1, d)));
-                    t.push(Target::at_least(
-                        format!("ebpf bulk throughput {dir}, one stream, x {peer}"),
-                        x,
-                        "x",
-                        goal,
+            for streams in STREAMS {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    for (other, goal) in [("splice", 1.0), ("pasta", 1.2)] {
+                        let x = finite(self.thr_ratio("ebpf", other, (p, streams, d)));
+                        t.push(Target::at_least(
+                            format!(
+                                "ebpf bulk throughput {dir}, {}, unpinned, x {other}",
+                                streams_name(streams)
+                            ),
+                            x,
+                            "x",
+                            goal,
+                        ));
+                    }
+                }
+            }
+            for streams in STREAMS {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    t.push(self.auto_target(
+                        format!(
+                            "auto bulk throughput {dir}, {}, unpinned, x the best engine",
+                            streams_name(streams)
+                        ),
+                        |n| self.gbits(n, (p, streams, d)),
+                        false,
                     ));
                 }
             }
+            let (e, s) = (self.cpu_per_gb("ebpf", p), self.cpu_per_gb("splice", p));
+            t.push(Target::at_most(
+                "ebpf machine CPU per GB, unpinned, x splice's".into(),
+                finite(e / s),
+                "x",
+                0.8,
+            ));
         }
         if self.plan.has(Workload::Latency) {
+            let (e, s) = (self.lat(1, "ebpf", 0), self.lat(1, "splice", 0));
+            let x = (!e.is_empty() && !s.is_empty()).then(|| difference(&e, &s));
+            t.push(Target::at_most(
+                "ebpf p50 latency 1 B, minus splice's (required)".into(),
+                x,
+                "us",
+                0.0,
+            ));
             for size in SIZES {
                 let (e, d) = (self.lat(size, "ebpf", 0), self.lat(size, "direct", 0));
                 let x = (!e.is_empty() && !d.is_empty()).then(|| difference(&e, &d));
@@ -161,16 +265,39 @@ impl Report<'_> {
                     0.0,
                 ));
             }
+            for size in SIZES {
+                t.push(self.auto_target(
+                    format!("auto p50 latency {size} B, the best engine's / auto's"),
+                    |n| self.lat(size, n, 0),
+                    true,
+                ));
+            }
         }
         if self.plan.has(Workload::Rate) {
             for clients in CLIENTS {
-                let (e, r) = (self.cps(clients, "ebpf"), self.cps(clients, "rootlesskit"));
-                let x = (!e.is_empty() && !r.is_empty()).then(|| ratio(&e, &r));
+                let (a, s, r) = (
+                    self.cps(clients, "auto"),
+                    self.cps(clients, "splice"),
+                    self.cps(clients, "rootlesskit"),
+                );
+                let x = (!a.is_empty() && !s.is_empty()).then(|| ratio(&a, &s));
                 t.push(Target::at_least(
-                    format!("ebpf connection rate, {clients} client(s), x RootlessKit"),
+                    format!("auto connection rate, {clients} client(s), x splice"),
+                    x,
+                    "x",
+                    1.0,
+                ));
+                let x = (!a.is_empty() && !r.is_empty()).then(|| ratio(&a, &r));
+                t.push(Target::at_least(
+                    format!("auto connection rate, {clients} client(s), x RootlessKit"),
                     x,
                     "x",
                     2.0,
+                ));
+                t.push(self.auto_target(
+                    format!("auto connection rate, {clients} client(s), x the best engine"),
+                    |n| self.cps(clients, n),
+                    false,
                 ));
             }
         }
@@ -218,12 +345,6 @@ impl Report<'_> {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" ");
-        let pinning = match plan.cpus {
-            Some((c, s)) => {
-                format!("iperf3 client pinned to CPU {c}, server to CPU {s} (`-A {c},{s}`)")
-            }
-            None => "no CPU pinning".to_string(),
-        };
 
         let mut md = String::new();
         writeln!(md, "# forwarder against direct loopback and its peers\n")?;
@@ -283,7 +404,7 @@ impl Report<'_> {
 
         let mut thr_json = serde_json::Map::new();
         if plan.has(Workload::Throughput) {
-            self.render_throughput(&mut md, &mut thr_json, &pinning)?;
+            self.render_throughput(&mut md, &mut thr_json)?;
         }
         let lat_json = if plan.has(Workload::Latency) {
             self.render_latency(&mut md)?
@@ -343,7 +464,8 @@ impl Report<'_> {
             "workloads": plan.workloads.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
             "seconds_per_run": plan.secs,
             "repetitions": plan.reps,
-            "iperf3_affinity": plan.cpus.map(|(c, s)| [c, s]),
+            "placements": plan.placements.iter().map(|p| json!({"name": p.name(),
+                "iperf3_affinity": p.affinity(plan.cpus).map(|(c, s)| [c, s])})).collect::<Vec<_>>(),
             "nofile": self.nofile,
             "load_average_before": self.load,
             "targets": targets_json,
@@ -368,83 +490,31 @@ impl Report<'_> {
         &self,
         md: &mut String,
         out: &mut serde_json::Map<String, Value>,
-        pinning: &str,
     ) -> Result<()> {
         let plan = self.plan;
         writeln!(md, "## Throughput\n")?;
         writeln!(
             md,
-            "iperf3, {} s per run, {} repetitions after a 1-s warm-up of each system; {pinning}; \
+            "iperf3, {} s per run, {} repetitions after a 1-s unpinned warm-up of each system, \
+             in {} placement(s) of iperf3's client and server (the forwarder is never pinned): \
+             the first table is how users run it and the one the targets are judged on. \
              forward = the client (parent) sends, reverse = `-R`. Gbit/s is iperf3's received \
              rate; x direct is the median of the per-repetition ratios to direct.\n",
-            plan.secs, plan.reps
+            plan.secs,
+            plan.reps,
+            plan.placements.len()
         )?;
-        for streams in STREAMS {
-            writeln!(
-                md,
-                "### {streams} stream{}\n",
-                if streams > 1 { "s (`-P 4`)" } else { "" }
-            )?;
-            writeln!(
-                md,
-                "| system | forward Gbit/s | forward x direct | reverse Gbit/s | reverse x direct |"
-            )?;
-            writeln!(md, "|---|---|---|---|---|")?;
-            for sys in self.systems {
-                let mut row = format!("| {} |", sys.label);
-                let mut entry = serde_json::Map::new();
-                let have = (0..2).all(|d| !self.gbits(&sys.name, (streams, d)).is_empty());
-                if have {
-                    for (d, dir) in DIRECTIONS.iter().enumerate() {
-                        let g = self.gbits(&sys.name, (streams, d));
-                        let x = self.thr_ratio(&sys.name, "direct", (streams, d));
-                        write!(row, " {} | {x:.2} |", spread(&g, 1))?;
-                        let runs = &self.res.thr[&sys.name][&(streams, d)];
-                        entry.insert(
-                            dir.to_string(),
-                            json!({"gbit_per_s": g, "median": median(&g), "ratio_to_direct": x,
-                                   "runs": runs}),
-                        );
-                    }
-                } else {
-                    let why = sys.failed.as_deref().unwrap_or("no results");
-                    write!(row, " {} | | | |", cell(why))?;
-                }
-                writeln!(md, "{row}")?;
-                out.entry(sys.name.clone())
-                    .or_insert_with(|| json!({}))
-                    .as_object_mut()
-                    .map(|o| o.insert(format!("streams_{streams}"), Value::Object(entry)));
+        for &place in &plan.placements {
+            let title = match place {
+                Placement::Unpinned => "Unpinned (as users run it)",
+                Placement::Split => "Client and server pinned to different CPUs",
+                Placement::Same => "Client and server pinned to the same CPU",
+            };
+            writeln!(md, "### {title}\n\n{}.\n", place.describe(plan.cpus))?;
+            for streams in STREAMS {
+                self.render_thr_table(md, out, place, streams)?;
             }
-            // ebpf against each peer, and splice against copy.
-            let mut pairs = Vec::new();
-            for (a, b) in [
-                ("ebpf", "pasta"),
-                ("ebpf", "rootlesskit"),
-                ("ebpf", "socat"),
-                ("splice", "copy"),
-            ] {
-                let f = self.thr_ratio(a, b, (streams, 0));
-                let r = self.thr_ratio(a, b, (streams, 1));
-                if f.is_finite() && r.is_finite() {
-                    pairs.push(format!("{a} / {b} {f:.2} forward, {r:.2} reverse"));
-                    out.entry(format!("{a}_over_{b}"))
-                        .or_insert_with(|| json!({}))
-                        .as_object_mut()
-                        .map(|o| {
-                            o.insert(
-                                format!("streams_{streams}"),
-                                json!({"forward": f, "reverse": r}),
-                            )
-                        });
-                }
-            }
-            if !pairs.is_empty() {
-                writeln!(md, "\nPair by pair: {}.", pairs.join("; "))?;
-            }
-            writeln!(md)?;
         }
-
         // Where the CPU goes.
         writeln!(
             md,
@@ -454,8 +524,10 @@ impl Report<'_> {
              received, and of that the kernel part (system + irq + softirq, where the ebpf \
              engine's redirects and the loopback stack run); and each CPU's busy share during \
              the one-stream runs (medians). direct's row is the cost of iperf3 and loopback \
-             TCP alone.\n"
+             TCP alone. Over the {} runs only.\n",
+            self.plan.placements[0].name()
         )?;
+        let primary = self.plan.placements[0];
         let ncpu = self
             .res
             .thr
@@ -478,12 +550,16 @@ impl Report<'_> {
             let Some(m) = self.res.thr.get(&sys.name) else {
                 continue;
             };
-            let all: Vec<_> = m.values().flatten().collect();
+            let all: Vec<_> = m
+                .iter()
+                .filter(|(k, _)| k.0 == primary)
+                .flat_map(|(_, v)| v)
+                .collect();
             let gb: f64 = all.iter().map(|r| r.bytes).sum::<f64>() / 1e9;
             let busy: f64 = all.iter().map(|r| r.cpu.busy_s).sum();
             let kernel: f64 = all.iter().map(|r| r.cpu.kernel_s).sum();
             let per_cpu = |d: usize| {
-                m.get(&(1, d))
+                m.get(&(primary, 1, d))
                     .map(|runs| {
                         (0..ncpu)
                             .map(|c| {
@@ -518,6 +594,91 @@ impl Report<'_> {
                         )
                     });
             }
+        }
+        writeln!(md)?;
+        Ok(())
+    }
+
+    /// One placement's table for one stream count, and its pairs.
+    fn render_thr_table(
+        &self,
+        md: &mut String,
+        out: &mut serde_json::Map<String, Value>,
+        place: Placement,
+        streams: u32,
+    ) -> Result<()> {
+        let pname = place.name();
+        writeln!(
+            md,
+            "#### {pname}, {streams} stream{}\n",
+            if streams > 1 { "s (`-P 4`)" } else { "" }
+        )?;
+        writeln!(
+            md,
+            "| system | forward Gbit/s | forward x direct | reverse Gbit/s | reverse x direct |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for sys in self.systems {
+            let mut row = format!("| {} |", sys.label);
+            let mut entry = serde_json::Map::new();
+            let have = (0..2).all(|d| !self.gbits(&sys.name, (place, streams, d)).is_empty());
+            if have {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    let g = self.gbits(&sys.name, (place, streams, d));
+                    let x = self.thr_ratio(&sys.name, "direct", (place, streams, d));
+                    write!(row, " {} | {x:.2} |", spread(&g, 1))?;
+                    let runs = &self.res.thr[&sys.name][&(place, streams, d)];
+                    entry.insert(
+                        dir.to_string(),
+                        json!({"gbit_per_s": g, "median": median(&g), "ratio_to_direct": x,
+                               "runs": runs}),
+                    );
+                }
+            } else {
+                let why = sys.failed.as_deref().unwrap_or("no results");
+                write!(row, " {} | | | |", cell(why))?;
+            }
+            writeln!(md, "{row}")?;
+            let sys_out = out
+                .entry(sys.name.clone())
+                .or_insert_with(|| json!({}))
+                .as_object_mut();
+            if let Some(o) = sys_out {
+                let p = o.entry(pname).or_insert_with(|| json!({}));
+                if let Some(p) = p.as_object_mut() {
+                    p.insert(format!("streams_{streams}"), Value::Object(entry));
+                }
+            }
+        }
+        // ebpf against splice and each peer, and splice against copy.
+        let mut pairs = Vec::new();
+        for (a, b) in [
+            ("ebpf", "splice"),
+            ("ebpf", "pasta"),
+            ("ebpf", "rootlesskit"),
+            ("ebpf", "socat"),
+            ("splice", "copy"),
+        ] {
+            let f = self.thr_ratio(a, b, (place, streams, 0));
+            let r = self.thr_ratio(a, b, (place, streams, 1));
+            if f.is_finite() && r.is_finite() {
+                pairs.push(format!("{a} / {b} {f:.2} forward, {r:.2} reverse"));
+                let pair = out
+                    .entry(format!("{a}_over_{b}"))
+                    .or_insert_with(|| json!({}));
+                if let Some(o) = pair.as_object_mut() {
+                    let p = o.entry(pname).or_insert_with(|| json!({}));
+                    if let Some(p) = p.as_object_mut() {
+                        p.insert(
+                            format!("streams_{streams}"),
+                            json!({"forward": f, "reverse": r}),
+                        );
+                    }
+                }
+            }
+        }
+        if !pairs.is_empty() {
+            writeln!(md, "\nPair by pair: {}.", pairs.join("; "))?;
         }
         writeln!(md)?;
         Ok(())
@@ -767,8 +928,8 @@ impl Report<'_> {
             self.systems
                 .iter()
                 .filter_map(|s| {
-                    let f = self.gbits(&s.name, (streams, 0));
-                    let r = self.gbits(&s.name, (streams, 1));
+                    let f = self.gbits(&s.name, (Self::PRIMARY, streams, 0));
+                    let r = self.gbits(&s.name, (Self::PRIMARY, streams, 1));
                     (!f.is_empty() && !r.is_empty())
                         .then(|| (s.name.clone(), vec![median(&f), median(&r)]))
                 })
@@ -786,12 +947,12 @@ impl Report<'_> {
             .collect();
         crate::chart::svg(&[
             crate::chart::Panel {
-                title: "Throughput, iperf3 one stream (Gbit/s, median)",
+                title: "Throughput, iperf3 one stream, unpinned (Gbit/s, median)",
                 series: &["forward", "reverse"],
                 rows: &one,
             },
             crate::chart::Panel {
-                title: "Throughput, iperf3 four streams (Gbit/s, median)",
+                title: "Throughput, iperf3 four streams, unpinned (Gbit/s, median)",
                 series: &["forward", "reverse"],
                 rows: &four,
             },
@@ -829,6 +990,7 @@ mod tests {
             scale_conns: 100,
             scale_reps: 1,
             cpus: None,
+            placements: vec![Placement::Unpinned],
             workloads: vec![
                 Workload::Scale,
                 Workload::Throughput,
@@ -847,7 +1009,7 @@ mod tests {
             let thr = res.thr.entry(name.into()).or_default();
             for d in 0..2 {
                 thr.insert(
-                    (1, d),
+                    (Placement::Unpinned, 1, d),
                     (0..2)
                         .map(|_| ThrRun {
                             gbit,
@@ -884,6 +1046,8 @@ mod tests {
         let systems = [
             system("direct", None),
             system("ebpf", None),
+            system("splice", None),
+            system("auto", None),
             system("rootlesskit", None),
             system("pasta", None),
             system("socat", Some("socat exploded")),
@@ -891,6 +1055,8 @@ mod tests {
         let mut res = results(&[
             ("direct", 30.0, 50.0, 6000.0),
             ("ebpf", 15.0, 55.0, 3000.0),
+            ("splice", 20.0, 60.0, 4000.0),
+            ("auto", 20.0, 60.0, 4000.0),
             ("rootlesskit", 5.0, 80.0, 1000.0),
             ("pasta", 10.0, 70.0, 2000.0),
         ]);
@@ -925,17 +1091,48 @@ mod tests {
                 .unwrap_or_else(|| panic!("no target {what}"))
                 .met
         };
-        let thr = "ebpf bulk throughput forward, one stream, x";
-        assert_eq!(verdict(&format!("{thr} direct")), Some(false)); // 0.5
+        let thr = "ebpf bulk throughput forward, one stream, unpinned, x";
+        assert_eq!(verdict(&format!("{thr} splice")), Some(false)); // 0.75
         assert_eq!(verdict(&format!("{thr} pasta")), Some(true)); // 1.5
-        assert_eq!(verdict(&format!("{thr} rootlesskit")), Some(true)); // 3.0
+                                                                  // No four-stream runs: not measured rather than met.
+        assert_eq!(
+            verdict("ebpf bulk throughput forward, 4 streams, unpinned, x pasta"),
+            None
+        );
+        assert_eq!(
+            verdict(
+                "auto bulk throughput forward, one stream, unpinned, x the best engine (best: splice)"
+            ),
+            Some(true)
+        );
+        assert_eq!(
+            verdict("ebpf p50 latency 1 B, minus splice's (required)"),
+            Some(true)
+        ); // -5
         assert_eq!(verdict("ebpf p50 latency 1 B, minus direct's"), Some(true)); // +5
         assert_eq!(verdict("ebpf p99.9 latency 1 B, minus pasta's"), Some(true)); // -45
-                                                                                  // No 1 KiB runs: not measured rather than met.
         assert_eq!(verdict("ebpf p50 latency 1024 B, minus direct's"), None);
+        // auto is 60 us where ebpf does 55: 0.92 of the best.
         assert_eq!(
-            verdict("ebpf connection rate, 1 client(s), x RootlessKit"),
+            verdict("auto p50 latency 1 B, the best engine's / auto's (best: ebpf)"),
+            Some(false)
+        );
+        assert_eq!(
+            verdict("auto connection rate, 1 client(s), x splice"),
             Some(true)
+        );
+        assert_eq!(
+            verdict("auto connection rate, 1 client(s), x RootlessKit"),
+            Some(true)
+        );
+        assert_eq!(
+            verdict("auto connection rate, 1 client(s), x the best engine (best: splice)"),
+            Some(true)
+        );
+        // No CPU time recorded: not measured.
+        assert_eq!(
+            verdict("ebpf machine CPU per GB, unpinned, x splice's"),
+            None
         );
         let rss = "ebpf forwarder RSS while holding 100 idle connections";
         assert_eq!(verdict(rss), Some(true)); // 21 MB
@@ -944,17 +1141,18 @@ mod tests {
 
         let (md, json) = report.render().expect("render");
         assert!(
-            md.contains(&format!("| {thr} direct | 0.50 x | >= 1 x | **missed** |")),
+            md.contains(&format!("| {thr} splice | 0.75 x | >= 1 x | **missed** |")),
             "{md}"
         );
         assert!(
             md.contains("| label socat | not run: socat exploded |"),
             "{md}"
         );
-        assert_eq!(json["systems"][4]["not_run"], "socat exploded");
+        assert_eq!(json["systems"][6]["not_run"], "socat exploded");
         assert_eq!(
-            json["throughput"]["ebpf"]["streams_1"]["forward"]["ratio_to_direct"],
+            json["throughput"]["ebpf"]["unpinned"]["streams_1"]["forward"]["ratio_to_direct"],
             0.5
         );
+        assert!(md.contains("### Unpinned (as users run it)"), "{md}");
     }
 }
