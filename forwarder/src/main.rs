@@ -7,6 +7,7 @@ mod api;
 mod client;
 mod dial;
 mod engine;
+mod kernel;
 mod netns;
 mod port;
 mod spec;
@@ -53,6 +54,13 @@ enum Command {
         /// Serve an inherited, connected SOCK_SEQPACKET socket.
         #[arg(long, value_name = "N")]
         fd: Option<i32>,
+    },
+    /// Show the kernel, which engines can run here and which one auto
+    /// mode would pick, and why.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Add, list or remove ports of a running forwarder.
     Ports {
@@ -305,6 +313,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run(args).await,
             Command::Status { api_socket } => client::status(&api_socket).await,
             Command::ChildAgent { socket, fd } => agent::run(fd, socket.as_deref()).await,
+            Command::Check { json } => kernel::check(json),
             Command::Ports { api_socket, action } => {
                 let socket =
                     api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;

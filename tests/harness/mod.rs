@@ -200,8 +200,14 @@ impl Netns {
         assert!(r.is_ok(), "sysctl {key} in {}: {r:?}", self.name);
     }
 
-    /// Disables IPv6 on every interface of the namespace.
+    /// Disables IPv6 on every interface of the namespace. On a kernel
+    /// booted with `ipv6.disable=1` (no IPv6 at all, `cargo xtask vm-test`)
+    /// there is nothing to disable.
     pub fn disable_ipv6(&self) {
+        if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            eprintln!("this kernel has no IPv6 (ipv6.disable=1): nothing to disable");
+            return;
+        }
         self.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
         self.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         self.sysctl("net.ipv6.conf.lo.disable_ipv6", "1");

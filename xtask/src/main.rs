@@ -15,6 +15,7 @@ mod peers;
 mod setup;
 mod test;
 mod util;
+mod vmtest;
 
 use std::process::ExitCode;
 
@@ -43,6 +44,9 @@ enum Task {
     },
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
+    /// The engine suite on Debian's 6.1 and 6.12 kernels, booted with
+    /// virtme-ng under QEMU; writes a kernel x engine x case report.
+    VmTest(vmtest::Args),
     /// The demo's HTTP server (runs inside the demo namespace).
     #[command(hide = true)]
     DemoServer {
@@ -63,6 +67,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::VmTest(args) => vmtest::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }

@@ -13,6 +13,10 @@
 //! a second `--`, what comes before it goes to `cargo test` itself:
 //! `cargo xtask test -- --test engines -- --test-threads 1`.
 //! A failing build or test run makes xtask exit with cargo's exit code.
+//!
+//! Without extra arguments the VM suite follows: `cargo xtask vm-test
+//! --kernel 6.1` (see `vmtest.rs`), unless FWD_SKIP_VM_TEST=1 (for local
+//! quick runs; CI runs it).
 
 use anyhow::{bail, Context as _, Result};
 
@@ -36,7 +40,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .context("building the workspace")?;
     let bin = target_dir()?.join("release/forwarder");
     let (cargo_args, test_args) = split(args);
-    run_cmd(
+    let host = run_cmd(
         cargo()
             .env("FORWARDER_BIN", &bin)
             .args(["test", "--release", "--no-fail-fast"])
@@ -45,7 +49,23 @@ pub fn run(args: &[String]) -> Result<()> {
             .arg("--")
             .args(test_args),
     )
-    .context("running the tests")
+    .context("running the tests");
+    // The VM suite (the 6.1 kernel line) runs with the whole suite only:
+    // not when arguments select cases, nor with FWD_SKIP_VM_TEST=1 (local
+    // quick runs; CI never sets it).
+    let skip = std::env::var_os("FWD_SKIP_VM_TEST").is_some_and(|v| v == "1");
+    if !args.is_empty() || skip {
+        if skip {
+            println!("test: FWD_SKIP_VM_TEST=1: the VM suite is skipped");
+        }
+        return host;
+    }
+    let vm = crate::vmtest::run(&crate::vmtest::Args::for_ci());
+    match (host, vm) {
+        (Ok(()), vm) => vm.context("the VM suite (cargo xtask vm-test --kernel 6.1)"),
+        (Err(h), Ok(())) => Err(h),
+        (Err(h), Err(v)) => Err(h.context(format!("and the VM suite failed too: {v:#}"))),
+    }
 }
 
 #[cfg(test)]

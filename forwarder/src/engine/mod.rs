@@ -123,6 +123,11 @@ pub trait Engine: Send + Sync {
 
 /// Builds the engine for `mode`, with the reason it was chosen.
 pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Arc<dyn Engine>, String)> {
+    // Kernel lines where the ebpf engine loads but is not safe (crate::kernel).
+    if let (Mode::Auto, Some(why)) = (mode, crate::kernel::auto_refuses_ebpf()) {
+        let reason = format!("ebpf not chosen automatically: {why}");
+        return Ok((Arc::new(splice::SpliceEngine::new()), reason));
+    }
     match mode {
         Mode::Copy => Ok((
             Arc::new(copy::CopyEngine),
