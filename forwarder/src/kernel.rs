@@ -217,6 +217,20 @@ pub fn probe() -> Probes {
         }
     };
     let bpf = bpf_permitted();
+    if let Err(e) = &bpf {
+        // The type probes would fail the same way and prove nothing.
+        let skipped = || Err(format!("not probed: {e}"));
+        return Probes {
+            bpf: bpf.clone(),
+            sockhash: skipped(),
+            ringbuf: skipped(),
+            sk_skb: skipped(),
+            redirect_helper: skipped(),
+            programs_verdict: skipped(),
+            programs_parser: skipped(),
+            splice: splice_works(),
+        };
+    }
     let sockhash = map(MapType::SockHash, "SOCKHASH");
     let ringbuf = map(MapType::RingBuf, "RINGBUF");
     let sk_skb = match is_program_supported(ProgramType::SkSkb) {
@@ -254,18 +268,18 @@ fn bpf_permitted() -> Probe {
         Ok(true) => Ok(()),
         Ok(false) => Err("BPF map creation failed".into()),
         Err(e) => {
-            let eperm = std::error::Error::source(&e)
-                .and_then(|s| s.downcast_ref::<std::io::Error>())
-                .and_then(std::io::Error::raw_os_error)
-                == Some(libc::EPERM);
-            Err(if eperm || e.to_string().contains("ermission") {
-                format!(
-                    "{e} (needs CAP_BPF, or root; kernel.unprivileged_bpf_disabled does not \
-                     matter with CAP_BPF)"
-                )
-            } else {
-                format!("{e}")
-            })
+            let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+            let what = io.map_or_else(|| e.to_string(), |io| format!("{e}: {io}"));
+            Err(
+                if io.and_then(std::io::Error::raw_os_error) == Some(libc::EPERM) {
+                    format!(
+                        "{what} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root: \
+                     `setcap cap_bpf,cap_net_admin+ep` on the binary)"
+                    )
+                } else {
+                    what
+                },
+            )
         }
     }
 }

@@ -53,6 +53,9 @@ const BIG_BYTES: u64 = 64 << 20;
 /// The engines the matrix covers: the suite's module names.
 const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "splice", "copy"];
 
+/// The engines `cargo xtask test` (CI) runs in the VM.
+const CI_ENGINES: &[&str] = ENGINES;
+
 /// The IPv6 publishing-rule test run in the `ipv6.disable=1` boot.
 const IPV6_TEST: &str = "parent_without_ipv6_keeps_the_ipv4_half";
 
@@ -85,9 +88,12 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     threads: u32,
     /// Limit per boot, in minutes; QEMU is killed after it.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 45)]
     timeout: u64,
-    /// Only these cases (libtest name filters, e.g. `big_transfers`).
+    /// Only these engines (comma-separated: ebpf, ebpf_parser, splice, copy).
+    #[arg(long = "engine", value_delimiter = ',', default_values_t = ENGINES.iter().map(|e| e.to_string()))]
+    engines: Vec<String>,
+    /// Only cases whose name contains one of these (e.g. `big_transfers`).
     #[arg(long = "case")]
     cases: Vec<String>,
     /// Skip the host column.
@@ -107,7 +113,8 @@ impl Args {
         Args {
             kernel: "6.1".into(),
             threads: 2,
-            timeout: 30,
+            timeout: 45,
+            engines: CI_ENGINES.iter().map(|e| e.to_string()).collect(),
             cases: Vec::new(),
             no_host: true,
             no_ipv6_boot: false,
@@ -143,10 +150,7 @@ const BACKPORTS_LIST: &str = "/etc/apt/sources.list.d/bookworm-backports.sources
 /// Adds bookworm-backports to apt's sources if no source names it yet.
 /// Returns whether it was added (the lists then need an update).
 fn ensure_backports() -> Result<bool> {
-    let mut texts = Vec::new();
-    for p in ["/etc/apt/sources.list"] {
-        texts.push(fs::read_to_string(p).unwrap_or_default());
-    }
+    let mut texts = vec![fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         for e in dir.flatten() {
             texts.push(fs::read_to_string(e.path()).unwrap_or_default());
@@ -421,6 +425,8 @@ struct Column {
     /// Header: kernel release.
     title: String,
     results: BTreeMap<String, Outcome>,
+    /// A failed case's panic message.
+    details: BTreeMap<String, String>,
     /// Why the run as a whole failed, if it did.
     error: Option<String>,
     took: Duration,
@@ -446,6 +452,40 @@ fn parse_libtest(text: &str) -> BTreeMap<String, Outcome> {
     r
 }
 
+/// Each failed case's panic message, from libtest's `---- NAME stdout
+/// ----` sections (the lines after "panicked at", up to three).
+fn failure_details(text: &str) -> BTreeMap<String, String> {
+    let mut r = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        if let Some(name) = l
+            .strip_prefix("---- ")
+            .and_then(|x| x.strip_suffix(" stdout ----"))
+        {
+            current = Some(name.to_string());
+            continue;
+        }
+        if let (Some(name), true) = (&current, l.contains("panicked at")) {
+            let mut msg = Vec::new();
+            while let Some(m) = lines.peek() {
+                if m.is_empty()
+                    || m.starts_with("note:")
+                    || m.starts_with("---- ")
+                    || msg.len() == 3
+                {
+                    break;
+                }
+                msg.push(m.trim().to_string());
+                lines.next();
+            }
+            r.entry(name.clone()).or_insert_with(|| msg.join(" "));
+            current = None;
+        }
+    }
+    r
+}
+
 /// The libtest arguments selecting the matrix's cases.
 fn test_args() -> Vec<String> {
     let mut v: Vec<String> = ENGINES.iter().map(|e| format!("{e}::")).collect();
@@ -454,9 +494,12 @@ fn test_args() -> Vec<String> {
     v
 }
 
-/// Keeps only cases whose name contains one of the `--case` filters.
+/// Keeps only cases of the `--engine`s whose name contains one of the
+/// `--case` filters.
 fn case_filter(args: &Args, name: &str) -> bool {
-    args.cases.is_empty() || args.cases.iter().any(|c| name.contains(c.as_str()))
+    let engine = name.split_once("::").map_or("", |(e, _)| e);
+    args.engines.iter().any(|e| e == engine)
+        && (args.cases.is_empty() || args.cases.iter().any(|c| name.contains(c.as_str())))
 }
 
 /// The names libtest would run with these arguments.
@@ -491,6 +534,7 @@ fn host_column(bins: &Binaries, cases: &[String], args: &Args, dir: &Path) -> Re
     let mut col = Column {
         title: format!("host {release}"),
         results: parse_libtest(&text),
+        details: failure_details(&text),
         error: None,
         took: t0.elapsed(),
     };
@@ -556,8 +600,13 @@ fn tail(path: &Path, n: usize) -> String {
 
 /// One boot: runs `script` (a shell script written to the scratch
 /// directory) and waits for it. Returns the scratch directory.
+/// The scratch directory of a boot.
+fn run_dir(label: &str) -> Result<PathBuf> {
+    Ok(target_dir()?.join("vm/run").join(label))
+}
+
 fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> Result<PathBuf> {
-    let dir = target_dir()?.join("vm/run").join(label);
+    let dir = run_dir(label)?;
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script_path = dir.join("run.sh");
@@ -713,16 +762,20 @@ fn vm_column(k: &Kernel, bins: &Binaries, cases: &[String], args: &Args) -> Colu
         title: k.release.clone(),
         ..Default::default()
     };
-    match boot(k, k.line, &[], &script, args) {
-        Ok(dir) => {
-            col.results =
-                parse_libtest(&fs::read_to_string(dir.join("engines.out")).unwrap_or_default());
-            let rel = read_trim(&dir.join("kernel"));
-            if rel != k.release {
-                col.error = Some(format!("the guest ran {rel}, not {}", k.release));
-            }
+    let booted = boot(k, k.line, &[], &script, args);
+    // Whatever the guest wrote is read even when the boot failed (a hang
+    // or panic part-way still tells which cases had finished).
+    if let Ok(dir) = run_dir(k.line) {
+        let text = fs::read_to_string(dir.join("engines.out")).unwrap_or_default();
+        col.results = parse_libtest(&text);
+        col.details = failure_details(&text);
+        let rel = read_trim(&dir.join("kernel"));
+        if booted.is_ok() && rel != k.release {
+            col.error = Some(format!("the guest ran {rel}, not {}", k.release));
         }
-        Err(e) => col.error = Some(format!("{e:#}")),
+    }
+    if let Err(e) = booted {
+        col.error = Some(format!("{e:#}"));
     }
     col.took = t0.elapsed();
     complete(&mut col, cases);
@@ -830,6 +883,12 @@ fn report(cols: &[Column], ipv6: Option<&(String, Outcome, String)>, date: &str)
                 e.lines().next().unwrap_or_default()
             );
         }
+        if !c.details.is_empty() {
+            let _ = writeln!(s, "\nFailures on {}:\n", c.title);
+            for (n, d) in &c.details {
+                let _ = writeln!(s, "- `{n}`: {d}");
+            }
+        }
     }
     s
 }
@@ -873,6 +932,11 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|l| kernel(l, &debs))
         .collect::<Result<Vec<_>>>()?;
     let bins = build()?;
+    for e in &args.engines {
+        if !ENGINES.contains(&e.as_str()) {
+            bail!("--engine {e}: expected one of {}", ENGINES.join(", "));
+        }
+    }
     let cases: Vec<String> = list_cases(&bins.engines, &test_args())?
         .into_iter()
         .filter(|c| case_filter(args, c))
@@ -885,29 +949,47 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.no_host {
         cols.push(host_column(&bins, &cases, args, &vmdir)?);
     }
-    for k in &kernels {
-        check_interrupted()?;
-        let col = vm_column(k, &bins, &cases, args);
-        say(&format!(
-            "{}: {} of {} cases passed in {:.0} s",
-            col.title,
-            col.results
-                .values()
-                .filter(|o| **o == Outcome::Pass)
-                .count(),
-            cases.len(),
-            col.took.as_secs_f64()
-        ));
-        cols.push(col);
+    // The boots run at the same time: each guest's vCPUs are host
+    // threads, and on a shared machine several guests finish sooner than
+    // one after the other.
+    let (vm_cols, ipv6) = std::thread::scope(|scope| {
+        let ipv6 = (!args.no_ipv6_boot).then(|| {
+            let k = &kernels[0];
+            let bins = &bins;
+            scope.spawn(move || {
+                let (o, detail) = ipv6_boot(k, bins, args);
+                say(&format!("ipv6.disable=1 boot: {}", mark(Some(&o))));
+                (k.release.clone(), o, detail)
+            })
+        });
+        let handles: Vec<_> = kernels
+            .iter()
+            .map(|k| {
+                let (bins, cases) = (&bins, &cases);
+                scope.spawn(move || {
+                    let col = vm_column(k, bins, cases, args);
+                    say(&format!(
+                        "{}: {} of {} cases passed in {:.0} s",
+                        col.title,
+                        col.results
+                            .values()
+                            .filter(|o| **o == Outcome::Pass)
+                            .count(),
+                        cases.len(),
+                        col.took.as_secs_f64()
+                    ));
+                    col
+                })
+            })
+            .collect();
+        let cols: Vec<Column> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
+        (cols, ipv6.and_then(|h| h.join().ok()))
+    });
+    if vm_cols.len() != kernels.len() {
+        bail!("a boot's thread panicked");
     }
-    let ipv6 = if args.no_ipv6_boot {
-        None
-    } else {
-        let k = &kernels[0];
-        let (o, detail) = ipv6_boot(k, &bins, args);
-        say(&format!("ipv6.disable=1 boot: {}", mark(Some(&o))));
-        Some((k.release.clone(), o, detail))
-    };
+    cols.extend(vm_cols);
+    check_interrupted()?;
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?
         .trim()
         .to_string();
