@@ -536,7 +536,7 @@ impl Fwd {
             ready: Value::Null,
             base_fds: 0,
         };
-        f.ready = f.event("ready", Duration::from_secs(20));
+        f.ready = f.event("ready", limit(Duration::from_secs(20)));
         f.base_fds = f.fd_count();
         f
     }
@@ -599,7 +599,7 @@ impl Fwd {
     pub fn stats(&mut self) -> Value {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGUSR1) };
-        self.event("stats", Duration::from_secs(30))
+        self.event("stats", limit(Duration::from_secs(30)))
     }
 
     /// Open descriptors of the forwarder.
@@ -657,7 +657,7 @@ impl Fwd {
     /// process holds empty (read from the kernel directly, not from the
     /// forwarder).
     pub async fn assert_clean(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + limit(Duration::from_secs(10));
         loop {
             let st = self.stats();
             let fds = self.fd_count();
@@ -704,7 +704,7 @@ impl Fwd {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + limit(Duration::from_secs(10));
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 break st;
@@ -723,8 +723,8 @@ impl Fwd {
             "forwarder exited with {status}; stderr:\n{}",
             self.stderr()
         );
-        let stats = self.event("stats", Duration::from_secs(10));
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let stats = self.event("stats", limit(Duration::from_secs(10)));
+        let deadline = Instant::now() + limit(Duration::from_secs(5));
         loop {
             let left: Vec<u32> = map_ids
                 .iter()
@@ -761,8 +761,27 @@ pub fn reset_on_drop(s: &TcpStream) {
         .expect("SO_LINGER");
 }
 
-/// Runs `f` with an overall time limit so no test can hang.
+/// How much longer than on real hardware the suite waits before calling a
+/// case hung: FWD_TEST_TIME_SCALE (default 1). `cargo xtask vm-test` sets it
+/// for guests on an emulated CPU, which run the same cases many times
+/// slower. It stretches the time limits only, never what a case checks.
+pub fn time_scale() -> u32 {
+    std::env::var("FWD_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// A time limit, stretched by [`time_scale`].
+pub fn limit(d: Duration) -> Duration {
+    d * time_scale()
+}
+
+/// Runs `f` with an overall time limit (stretched by [`time_scale`]) so no
+/// test can hang.
 pub async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let secs = secs * u64::from(time_scale());
     match tokio::time::timeout(Duration::from_secs(secs), f).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: did not finish within {secs} s"),

@@ -50,6 +50,12 @@ use crate::util::{cargo, check_interrupted, is_root, output, root, run as run_cm
 /// Big transfers inside the VMs (and in the host column): 64 MiB.
 const BIG_BYTES: u64 = 64 << 20;
 
+/// Time limits inside the guests are stretched this much
+/// (`FWD_TEST_TIME_SCALE`): under TCG on a shared 2-core machine the
+/// 256-connection, 300-idle-connection and slow-reader cases took longer
+/// than their real-hardware limits on every engine, copy included.
+const TIME_SCALE: u32 = 6;
+
 /// The engines the matrix covers: the suite's module names.
 const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "splice", "copy"];
 
@@ -726,6 +732,7 @@ fn guest_script(
     );
     let _ = writeln!(s, "export FORWARDER_BIN='{}'", bins.forwarder.display());
     let _ = writeln!(s, "export FWD_TEST_BIG_BYTES={BIG_BYTES}");
+    let _ = writeln!(s, "export FWD_TEST_TIME_SCALE={TIME_SCALE}");
     for (name, bin, args) in runs {
         let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
         let _ = writeln!(
