@@ -59,8 +59,12 @@ const TIME_SCALE: u32 = 6;
 /// The engines the matrix covers: the suite's module names.
 const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "splice", "copy"];
 
-/// The engines `cargo xtask test` (CI) runs in the VM.
-const CI_ENGINES: &[&str] = ENGINES;
+/// The engines `cargo xtask test` (CI) runs in the 6.1 guest: the two
+/// ebpf variants, whose data path is the kernel's sockmap code. The whole
+/// 6.1 matrix took 23 minutes in the guest here (QEMU TCG, a shared 2-core
+/// machine), too close to CI's 35-minute share with boot and build; splice
+/// and copy (plain syscalls, the same on every kernel line) run on demand.
+const CI_ENGINES: &[&str] = &["ebpf", "ebpf_parser"];
 
 /// The IPv6 publishing-rule test run in the `ipv6.disable=1` boot.
 const IPV6_TEST: &str = "parent_without_ipv6_keeps_the_ipv4_half";
