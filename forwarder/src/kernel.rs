@@ -103,13 +103,16 @@ const AVOID: &[Avoid] = &[];
 
 /// Why auto mode must not pick ebpf on kernel `v`, if it must not.
 pub fn avoid_ebpf(v: Version) -> Option<String> {
+    avoid_in(AVOID, v)
+}
+
+fn avoid_in(list: &[Avoid], v: Version) -> Option<String> {
     if v < MIN_EBPF {
         return Some(format!(
             "kernel {v} is older than {MIN_EBPF}, which added the sk_skb verdict-only mode"
         ));
     }
-    AVOID
-        .iter()
+    list.iter()
         .find(|a| a.from <= v.line() && v.line() <= a.through)
         .map(|a| format!("kernel {v}: {}", a.why))
 }
@@ -422,15 +425,16 @@ mod tests {
         no_bpf.programs_parser = eperm();
         let mut no_load = all_ok();
         no_load.programs_verdict = Err("verifier".into());
+        let ok = all_ok();
         let mut nothing = no_bpf.clone();
         nothing.splice = Err("ENOSYS".into());
         // (kernel, probes, engine, words the reason must hold)
         let rows: Vec<(&str, &Probes, EngineKind, &str)> = vec![
-            ("6.18.44", &all_ok(), EngineKind::Ebpf, "loaded"),
-            ("6.12.117+deb12", &all_ok(), EngineKind::Ebpf, "loaded"),
+            ("6.18.44", &ok, EngineKind::Ebpf, "loaded"),
+            ("6.12.117+deb12", &ok, EngineKind::Ebpf, "loaded"),
             ("6.18.44", &no_bpf, EngineKind::Splice, "BPF not permitted"),
             ("6.18.44", &no_load, EngineKind::Splice, "did not load"),
-            ("5.10.0", &all_ok(), EngineKind::Splice, "older than 5.13"),
+            ("5.10.0", &ok, EngineKind::Splice, "older than 5.13"),
             ("4.19.0", &no_bpf, EngineKind::Splice, "older than 5.13"),
             ("4.19.0", &nothing, EngineKind::Copy, "splice(2) failed"),
         ];
@@ -439,6 +443,28 @@ mod tests {
             assert_eq!(d.engine, want, "{k}: {d:?}");
             assert!(d.reason.contains(words), "{k}: {d:?}");
         }
+    }
+
+    #[test]
+    fn a_listed_line_is_avoided_and_its_neighbours_are_not() {
+        let list = [Avoid {
+            from: (6, 1),
+            through: (6, 3),
+            why: "loses bytes",
+        }];
+        for (k, avoided) in [
+            ("6.0.19", false),
+            ("6.1.0-57-cloud-amd64", true),
+            ("6.3.13", true),
+            ("6.4.0", false),
+            ("6.12.117+deb12", false),
+            ("5.12.0", true),
+        ] {
+            let r = avoid_in(&list, v(k));
+            assert_eq!(r.is_some(), avoided, "{k}: {r:?}");
+        }
+        assert!(avoid_in(&list, v("6.2.1"))
+            .is_some_and(|w| w.contains("loses bytes") && w.contains("6.2.1")));
     }
 
     #[test]

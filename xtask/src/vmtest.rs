@@ -1079,4 +1079,21 @@ mod tests {
         assert_eq!(r.get("copy::x"), Some(&Outcome::Fail));
         assert_eq!(r.get("splice::y"), None);
     }
+
+    #[test]
+    fn failure_messages_come_from_the_stdout_sections() {
+        let out = "failures:\n\n---- copy::slow stdout ----\n\
+                   thread 'copy::slow' (9) panicked at tests/harness/mod.rs:768:19:\n\
+                   slow reader: did not finish within 90 s\n\
+                   note: run with `RUST_BACKTRACE=1`\n\n\
+                   ---- ebpf::x stdout ----\nnoise\n\
+                   thread 'ebpf::x' (3) panicked at tests/engines.rs:1:1:\nbad\nhash\n\n";
+        let d = failure_details(out);
+        assert_eq!(
+            d.get("copy::slow").map(String::as_str),
+            Some("slow reader: did not finish within 90 s")
+        );
+        assert_eq!(d.get("ebpf::x").map(String::as_str), Some("bad hash"));
+        assert_eq!(d.len(), 2);
+    }
 }
