@@ -339,3 +339,60 @@ async fn the_agent_exits_with_its_forwarder() {
     assert!(gone, "agent {agent} outlived its forwarder");
     drop(f);
 }
+
+/// `forwarder check --json` as root: the programs load, both variants, and
+/// auto mode picks ebpf unless the kernel rule says otherwise; as the
+/// unprivileged test user: BPF is refused with the capability named and
+/// auto mode picks splice. The text form says the same.
+#[test]
+fn check_reports_engines_and_the_auto_choice() {
+    require_root();
+    let run = |mut cmd: Command| -> (serde_json::Value, String) {
+        let out = cmd
+            .arg("check")
+            .arg("--json")
+            .stderr(Stdio::piped())
+            .output()
+            .expect("forwarder check");
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        (v, text)
+    };
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let (root, text) = run(Command::new(forwarder_bin()));
+    assert_eq!(root["kernel"]["release"], release.trim(), "{text}");
+    assert_eq!(root["probes"]["bpf"]["ok"], true, "{text}");
+    assert_eq!(root["engines"]["ebpf"], true, "{text}");
+    assert_eq!(root["engines"]["ebpf_parser"], true, "{text}");
+    assert_eq!(root["engines"]["splice"], true, "{text}");
+    let want = if root["avoid_ebpf"].is_null() {
+        "ebpf"
+    } else {
+        "splice"
+    };
+    assert_eq!(root["auto"]["engine"], want, "{text}");
+    // The same choice as `run` in auto mode makes here.
+    let pair = Pair::new();
+    let f = Fwd::start(&pair, &[]);
+    assert_eq!(f.engine(), want, "{}", f.ready);
+    f.stop();
+
+    let (user, text) = run(forwarder_tests::user_command(
+        &forwarder_bin().display().to_string(),
+    ));
+    assert_eq!(user["probes"]["bpf"]["ok"], false, "{text}");
+    let err = user["probes"]["bpf"]["error"].as_str().unwrap_or_default();
+    assert!(err.contains("CAP_BPF"), "{text}");
+    assert_eq!(user["engines"]["ebpf"], false, "{text}");
+    assert_eq!(user["auto"]["engine"], "splice", "{text}");
+
+    let out = forwarder_tests::user_command(&forwarder_bin().display().to_string())
+        .arg("check")
+        .output()
+        .expect("forwarder check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("auto mode picks: splice"), "{text}");
+    assert!(text.contains(release.trim()), "{text}");
+}

@@ -533,7 +533,7 @@ pub async fn idle_connections_hold_nothing(engine: &Engine) {
     .await;
     // Idle now: every mover back, at most 64 pipes kept, and no pipe
     // descriptor other than the pooled ones.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(10));
     loop {
         let st = f.stats();
         let p = &st["pooled"];

@@ -16,6 +16,7 @@ pub mod client;
 pub mod dial;
 pub mod engine;
 pub mod fuzz;
+pub mod kernel;
 pub mod netns;
 pub mod port;
 pub mod spec;

@@ -3,7 +3,7 @@
 //! permitted. This file is the command line; the work is in the library
 //! (`lib.rs`).
 
-use forwarder::{agent, client, engine, spec, startup, sys};
+use forwarder::{agent, client, engine, kernel, spec, startup, sys};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +40,13 @@ enum Command {
         /// Serve an inherited, connected SOCK_SEQPACKET socket.
         #[arg(long, value_name = "N")]
         fd: Option<i32>,
+    },
+    /// Show the kernel, which engines can run here and which one auto
+    /// mode would pick, and why.
+    Check {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Add, list or remove ports of a running forwarder.
     Ports {
@@ -155,6 +162,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Status { api_socket } => with_runtime(client::status(&api_socket)),
+        Command::Check { json } => kernel::check(json),
         Command::Ports { api_socket, action } => with_runtime(async move {
             let socket =
                 api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;

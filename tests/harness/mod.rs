@@ -206,8 +206,14 @@ impl Netns {
         assert!(r.is_ok(), "sysctl {key} in {}: {r:?}", self.name);
     }
 
-    /// Disables IPv6 on every interface of the namespace.
+    /// Disables IPv6 on every interface of the namespace. On a kernel
+    /// booted with `ipv6.disable=1` (no IPv6 at all, `cargo xtask vm-test`)
+    /// there is nothing to disable.
     pub fn disable_ipv6(&self) {
+        if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
+            eprintln!("this kernel has no IPv6 (ipv6.disable=1): nothing to disable");
+            return;
+        }
         self.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
         self.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
         self.sysctl("net.ipv6.conf.lo.disable_ipv6", "1");
@@ -536,7 +542,7 @@ impl Fwd {
             ready: Value::Null,
             base_fds: 0,
         };
-        f.ready = f.event("ready", Duration::from_secs(20));
+        f.ready = f.event("ready", limit(Duration::from_secs(20)));
         f.base_fds = f.fd_count();
         f
     }
@@ -599,7 +605,7 @@ impl Fwd {
     pub fn stats(&mut self) -> Value {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGUSR1) };
-        self.event("stats", Duration::from_secs(30))
+        self.event("stats", limit(Duration::from_secs(30)))
     }
 
     /// Open descriptors of the forwarder.
@@ -704,7 +710,7 @@ impl Fwd {
     /// process holds empty (read from the kernel directly, not from the
     /// forwarder).
     pub async fn assert_clean(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + limit(Duration::from_secs(10));
         loop {
             let st = self.stats();
             let fds = self.fd_count();
@@ -751,7 +757,7 @@ impl Fwd {
         let mut child = self.child.take().expect("running");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + limit(Duration::from_secs(10));
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 break st;
@@ -770,8 +776,8 @@ impl Fwd {
             "forwarder exited with {status}; stderr:\n{}",
             self.stderr()
         );
-        let stats = self.event("stats", Duration::from_secs(10));
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let stats = self.event("stats", limit(Duration::from_secs(10)));
+        let deadline = Instant::now() + limit(Duration::from_secs(5));
         loop {
             let left: Vec<u32> = map_ids
                 .iter()
@@ -856,8 +862,27 @@ pub fn reset_on_drop(s: &TcpStream) {
         .expect("SO_LINGER");
 }
 
-/// Runs `f` with an overall time limit so no test can hang.
+/// How much longer than on real hardware the suite waits before calling a
+/// case hung: FWD_TEST_TIME_SCALE (default 1). `cargo xtask vm-test` sets it
+/// for guests on an emulated CPU, which run the same cases many times
+/// slower. It stretches the time limits only, never what a case checks.
+pub fn time_scale() -> u32 {
+    std::env::var("FWD_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// A time limit, stretched by [`time_scale`].
+pub fn limit(d: Duration) -> Duration {
+    d * time_scale()
+}
+
+/// Runs `f` with an overall time limit (stretched by [`time_scale`]) so no
+/// test can hang.
 pub async fn within<T>(secs: u64, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    let secs = secs * u64::from(time_scale());
     match tokio::time::timeout(Duration::from_secs(secs), f).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: did not finish within {secs} s"),

@@ -17,6 +17,7 @@ mod setup;
 mod soak;
 mod test;
 mod util;
+mod vmtest;
 
 use std::process::ExitCode;
 
@@ -55,6 +56,9 @@ enum Task {
     Soak(soak::Args),
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
+    /// The engine suite on Debian's 6.1 and 6.12 kernels, booted with
+    /// virtme-ng under QEMU; writes a kernel x engine x case report.
+    VmTest(vmtest::Args),
     /// The demo's HTTP server (runs inside the demo namespace).
     #[command(hide = true)]
     DemoServer {
@@ -80,6 +84,7 @@ fn run(task: Task) -> Result<()> {
         }
         Task::Soak(args) => soak::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::VmTest(args) => vmtest::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }

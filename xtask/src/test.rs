@@ -20,6 +20,10 @@
 //! a second `--`, what comes before it goes to `cargo test` itself:
 //! `cargo xtask test -- --test engines -- --test-threads 1`.
 //! A failing build or test run makes xtask exit with cargo's exit code.
+//!
+//! Without extra arguments the VM suite follows: `cargo xtask vm-test
+//! --kernel 6.1` (see `vmtest.rs`), unless FWD_SKIP_VM_TEST=1 (for local
+//! quick runs; CI runs it).
 
 use anyhow::{bail, Context as _, Result};
 
@@ -52,7 +56,7 @@ pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
         .context("building the workspace")?;
     let bin = target_dir()?.join("release/forwarder");
     let (cargo_args, test_args) = split(args);
-    let tests = run_cmd(
+    let host = run_cmd(
         cargo()
             .env("FORWARDER_BIN", &bin)
             .args(["test", "--release", "--no-fail-fast"])
@@ -62,16 +66,44 @@ pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
             .args(test_args),
     )
     .context("running the tests");
-    if !with_fuzz || !args.is_empty() {
-        println!("fuzz: skipped (--no-fuzz, or arguments picked tests)");
-        return tests;
+    if !args.is_empty() {
+        println!("test: arguments picked tests: fuzzing and the VM suite are skipped");
+        return host;
     }
-    // Fuzz even when a test failed: both results are worth having.
-    let fuzzed = fuzz::run(&fuzz::Args {
-        seconds: fuzz::SUITE_SECONDS,
-        targets: Vec::new(),
-    });
-    tests.and(fuzzed)
+    // Each later part runs even when an earlier one failed: every result
+    // is worth having.
+    let mut failures: Vec<anyhow::Error> = host.err().into_iter().collect();
+    if with_fuzz {
+        if let Err(e) = fuzz::run(&fuzz::Args {
+            seconds: fuzz::SUITE_SECONDS,
+            targets: Vec::new(),
+        }) {
+            failures.push(e.context("fuzzing"));
+        }
+    } else {
+        println!("fuzz: skipped (--no-fuzz)");
+    }
+    // The VM suite (the 6.1 kernel line): FWD_SKIP_VM_TEST=1 skips it for
+    // local quick runs; CI never sets it.
+    if std::env::var_os("FWD_SKIP_VM_TEST").is_some_and(|v| v == "1") {
+        println!("test: FWD_SKIP_VM_TEST=1: the VM suite is skipped");
+    } else if let Err(e) = crate::vmtest::run(&crate::vmtest::Args::for_ci()) {
+        failures.push(e.context("the VM suite (cargo xtask vm-test --kernel 6.1)"));
+    }
+    finish(failures)
+}
+
+/// Ok if nothing failed; otherwise the first failure, naming the others.
+fn finish(mut failures: Vec<anyhow::Error>) -> Result<()> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let first = failures.remove(0);
+    if failures.is_empty() {
+        return Err(first);
+    }
+    let others: Vec<String> = failures.iter().map(|e| format!("{e:#}")).collect();
+    Err(first.context(format!("also failed: {}", others.join("; "))))
 }
 
 #[cfg(test)]

@@ -26,10 +26,30 @@ pub enum EbpfError {
 /// The ebpf engine of a build without BPF programs: cannot exist.
 pub enum EbpfEngine {}
 
+/// Loaded programs of a build without BPF programs: cannot exist.
+pub enum Loaded {}
+
 impl EbpfEngine {
     /// Always fails with [`EbpfError::NotBuilt`].
-    pub fn new(_opts: Options) -> Result<Self, EbpfError> {
+    pub fn load(_opts: Options) -> Result<Loaded, EbpfError> {
         Err(EbpfError::NotBuilt)
+    }
+}
+
+impl Loaded {
+    /// Unreachable: no `Loaded` exists.
+    pub fn probe_unprivileged_map_access(&self) -> std::io::Result<()> {
+        match *self {}
+    }
+
+    /// Unreachable: no `Loaded` exists.
+    pub fn keep_capability_on_map_thread(&mut self, _cap: caps::Capability) -> std::io::Result<()> {
+        match *self {}
+    }
+
+    /// Unreachable: no `Loaded` exists.
+    pub fn start(self) -> Result<EbpfEngine, EbpfError> {
+        match self {}
     }
 }
 
@@ -49,7 +69,7 @@ mod tests {
 
     #[test]
     fn never_loads_and_says_why() {
-        let err = match EbpfEngine::new(Options::default()) {
+        let err = match EbpfEngine::load(Options::default()) {
             Ok(_) => panic!("a build without the ebpf feature loaded the ebpf engine"),
             Err(e) => e.to_string(),
         };

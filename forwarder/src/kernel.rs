@@ -1,0 +1,500 @@
+//! What this kernel can do for the engines, and which engine auto mode
+//! picks on it: the probes behind `forwarder check` and the kernel rule in
+//! [`crate::engine::select`].
+//!
+//! The decision ([`decide`]) is a pure function of the kernel version and
+//! the probe results, so it is tested by table without a kernel. The
+//! probes ([`probe`]) ask the running kernel: BPF permission (creating a
+//! small hash map), the map types the ebpf engine uses (SOCKHASH since
+//! 4.18, RINGBUF since 5.8), the sk_skb program type and its
+//! `bpf_sk_redirect_hash` helper, and finally loading and attaching the
+//! engine's real programs, both variants (verdict only, and stream parser
+//! in front of it) — the same step auto mode takes.
+//!
+//! Kernel rule: [`avoid_ebpf`] names kernel lines on which the ebpf engine
+//! must not be chosen automatically even though its programs load, with
+//! the evidence. The VM matrix (`cargo xtask vm-test`, bench/results/
+//! vm-matrix.md) is what justifies each entry.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::engine::EngineKind;
+
+/// A kernel version, as `uname -r` starts (`6.1.0-57-cloud-amd64` is
+/// 6.1.0: Debian keeps the third number at 0 for its ABI; the line is what
+/// the rules look at).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Version {
+    pub major: u32,
+    pub minor: u32,
+    pub patch: u32,
+}
+
+impl Version {
+    /// Parses the leading `MAJOR.MINOR[.PATCH]` of a release string.
+    pub fn parse(release: &str) -> Option<Version> {
+        let head = release
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()?;
+        let mut it = head.split('.').filter(|s| !s.is_empty());
+        let major = it.next()?.parse().ok()?;
+        let minor = it.next()?.parse().ok()?;
+        let patch = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Some(Version {
+            major,
+            minor,
+            patch,
+        })
+    }
+
+    const fn new(major: u32, minor: u32) -> Version {
+        Version {
+            major,
+            minor,
+            patch: 0,
+        }
+    }
+
+    fn line(self) -> (u32, u32) {
+        (self.major, self.minor)
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}.{}", self.major, self.minor, self.patch)
+    }
+}
+
+/// The running kernel's release string (`uname -r`).
+pub fn release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The oldest kernel the ebpf engine is offered on at all: sk_skb
+/// verdict-only mode (a verdict without a parser) arrived in 5.13.
+pub const MIN_EBPF: Version = Version::new(5, 13);
+
+/// A kernel line on which auto mode does not pick ebpf, and why.
+struct Avoid {
+    /// Lines from `from` up to and including `through` (major, minor).
+    from: (u32, u32),
+    through: (u32, u32),
+    why: &'static str,
+}
+
+/// Kernel lines where the ebpf engine's programs load but the VM matrix
+/// showed it is not safe.
+///
+/// Empty, on the evidence so far (bench/results/vm-matrix.md): on Debian's
+/// 6.1 (6.1.0-57, upstream stable 6.1.192, not the 6.1.0 that the
+/// 6.4-era sockmap fixes post-date) both program variants load and the ebpf
+/// engine passes every case that tests kernel behaviour: early data, half
+/// close each way, resets, 64 MiB each way with SHA-256, bytes staying in
+/// the kernel, resets under load. The only failures of the first run were
+/// time limits under QEMU TCG that copy and splice missed as well, gone
+/// with the limits stretched (FWD_TEST_TIME_SCALE). A line that fails an
+/// ebpf case that splice passes gets an entry here, with the failing cases.
+const AVOID: &[Avoid] = &[];
+
+/// Why auto mode must not pick ebpf on kernel `v`, if it must not.
+pub fn avoid_ebpf(v: Version) -> Option<String> {
+    avoid_in(AVOID, v)
+}
+
+fn avoid_in(list: &[Avoid], v: Version) -> Option<String> {
+    if v < MIN_EBPF {
+        return Some(format!(
+            "kernel {v} is older than {MIN_EBPF}, which added the sk_skb verdict-only mode"
+        ));
+    }
+    list.iter()
+        .find(|a| a.from <= v.line() && v.line() <= a.through)
+        .map(|a| format!("kernel {v}: {}", a.why))
+}
+
+/// Why the ebpf engine must not be trusted on the running kernel, if so.
+pub fn auto_refuses_ebpf() -> Option<String> {
+    Version::parse(&release()).and_then(avoid_ebpf)
+}
+
+/// One probe's result: `Ok(())` or what failed.
+pub type Probe = Result<(), String>;
+
+/// What the running kernel offers the engines.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probes {
+    /// Creating a BPF map is permitted (CAP_BPF, or root).
+    #[serde(serialize_with = "ser_probe")]
+    pub bpf: Probe,
+    /// SOCKHASH maps (4.18+).
+    #[serde(serialize_with = "ser_probe")]
+    pub sockhash: Probe,
+    /// RINGBUF maps (5.8+), the engine's event ring.
+    #[serde(serialize_with = "ser_probe")]
+    pub ringbuf: Probe,
+    /// The sk_skb program type.
+    #[serde(serialize_with = "ser_probe")]
+    pub sk_skb: Probe,
+    /// `bpf_sk_redirect_hash` from sk_skb programs.
+    #[serde(serialize_with = "ser_probe")]
+    pub redirect_helper: Probe,
+    /// The engine's real programs, verdict only, load and attach.
+    #[serde(serialize_with = "ser_probe")]
+    pub programs_verdict: Probe,
+    /// The same with the stream parser in front.
+    #[serde(serialize_with = "ser_probe")]
+    pub programs_parser: Probe,
+    /// splice(2) between a pipe and a socket's kind of descriptor works.
+    #[serde(serialize_with = "ser_probe")]
+    pub splice: Probe,
+}
+
+fn ser_probe<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(Some(2))?;
+    m.serialize_entry("ok", &p.is_ok())?;
+    if let Err(e) = p {
+        m.serialize_entry("error", e)?;
+    }
+    m.end()
+}
+
+/// Auto mode's choice and its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    pub engine: EngineKind,
+    pub reason: String,
+}
+
+/// Whether the ebpf engine can run safely here, from the kernel version
+/// and the probes: its programs must load (the verdict-only variant, the
+/// default) and the kernel must not be on the [`avoid_ebpf`] list.
+pub fn ebpf_usable(v: Version, p: &Probes) -> Result<(), String> {
+    if let Some(why) = avoid_ebpf(v) {
+        return Err(format!("not safe here: {why}"));
+    }
+    let steps: [(&str, &Probe); 5] = [
+        ("BPF not permitted", &p.bpf),
+        ("no SOCKHASH maps", &p.sockhash),
+        ("no RINGBUF maps", &p.ringbuf),
+        ("no sk_skb programs", &p.sk_skb),
+        ("the programs did not load", &p.programs_verdict),
+    ];
+    for (what, probe) in steps {
+        if let Err(e) = probe {
+            return Err(format!("unavailable: {what}: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// The pure decision: what auto mode picks given the kernel version and
+/// what the probes found. Auto mode runs splice, which every supported
+/// kernel has, also where ebpf could run (see
+/// [`crate::engine::AUTO_REASON`]); the reason says whether `--mode ebpf`
+/// would work here. Copy only if even splice failed.
+pub fn decide(v: Version, p: &Probes) -> Decision {
+    let ebpf = match ebpf_usable(v, p) {
+        Ok(()) => format!("ebpf is available on kernel {v} with --mode ebpf"),
+        Err(why) => format!("ebpf {why}"),
+    };
+    if p.splice.is_ok() {
+        Decision {
+            engine: EngineKind::Splice,
+            reason: format!("{}; {ebpf}", crate::engine::AUTO_REASON),
+        }
+    } else {
+        Decision {
+            engine: EngineKind::Copy,
+            reason: format!(
+                "splice(2) failed ({}); {ebpf}",
+                p.splice.as_ref().err().map_or("", String::as_str)
+            ),
+        }
+    }
+}
+
+/// Without the `ebpf` cargo feature there is no BPF object to probe with.
+#[cfg(not(feature = "ebpf"))]
+pub fn probe() -> Probes {
+    let no = || Err("built without the `ebpf` cargo feature".to_string());
+    Probes {
+        bpf: no(),
+        sockhash: no(),
+        ringbuf: no(),
+        sk_skb: no(),
+        redirect_helper: no(),
+        programs_verdict: no(),
+        programs_parser: no(),
+        splice: splice_works(),
+    }
+}
+
+/// Runs every probe against the running kernel (the program probes load
+/// the real programs into an engine that is never started).
+#[cfg(feature = "ebpf")]
+pub fn probe() -> Probes {
+    use aya::maps::MapType;
+    use aya::programs::ProgramType;
+    use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
+    let map = |t: MapType, name: &str| -> Probe {
+        match is_map_supported(t) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(format!("the kernel has no {name} maps")),
+            Err(e) => Err(format!("{e}")),
+        }
+    };
+    let bpf = bpf_permitted();
+    if let Err(e) = &bpf {
+        // The type probes would fail the same way and prove nothing.
+        let skipped = || Err(format!("not probed: {e}"));
+        return Probes {
+            bpf: bpf.clone(),
+            sockhash: skipped(),
+            ringbuf: skipped(),
+            sk_skb: skipped(),
+            redirect_helper: skipped(),
+            programs_verdict: skipped(),
+            programs_parser: skipped(),
+            splice: splice_works(),
+        };
+    }
+    let sockhash = map(MapType::SockHash, "SOCKHASH");
+    let ringbuf = map(MapType::RingBuf, "RINGBUF");
+    let sk_skb = match is_program_supported(ProgramType::SkSkb) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the kernel has no sk_skb programs (CONFIG_BPF_STREAM_PARSER)".into()),
+        Err(e) => Err(format!("{e}")),
+    };
+    let redirect_helper =
+        match is_helper_supported(ProgramType::SkSkb, BpfHelper::BPF_FUNC_sk_redirect_hash) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err("bpf_sk_redirect_hash is not available to sk_skb programs".into()),
+            Err(e) => Err(format!("{e}")),
+        };
+    let load = |parser: bool| -> Probe {
+        crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options { parser })
+            .map(drop)
+            .map_err(|e| format!("{e:#}"))
+    };
+    Probes {
+        bpf,
+        sockhash,
+        ringbuf,
+        sk_skb,
+        redirect_helper,
+        programs_verdict: load(false),
+        programs_parser: load(true),
+        splice: splice_works(),
+    }
+}
+
+/// Creating a one-entry hash map is the least a BPF user must be allowed.
+#[cfg(feature = "ebpf")]
+fn bpf_permitted() -> Probe {
+    use aya::maps::MapType;
+    match aya::sys::is_map_supported(MapType::Hash) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("BPF map creation failed".into()),
+        Err(e) => {
+            let io = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<std::io::Error>());
+            let what = io.map_or_else(|| e.to_string(), |io| format!("{e}: {io}"));
+            Err(
+                if io.and_then(std::io::Error::raw_os_error) == Some(libc::EPERM) {
+                    format!(
+                        "{what} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root: \
+                     `setcap cap_bpf,cap_net_admin+ep` on the binary)"
+                    )
+                } else {
+                    what
+                },
+            )
+        }
+    }
+}
+
+/// splice(2) from a pipe into another pipe: the syscall exists and works.
+fn splice_works() -> Probe {
+    let r = (|| -> std::io::Result<()> {
+        let (r1, w1) = nix::unistd::pipe()?;
+        let (r2, w2) = nix::unistd::pipe()?;
+        nix::unistd::write(&w1, b"x")?;
+        let n = nix::fcntl::splice(&r1, None, &w2, None, 1, nix::fcntl::SpliceFFlags::empty())?;
+        drop((r2, w2));
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(std::io::Error::other("splice moved nothing"))
+        }
+    })();
+    r.map_err(|e| format!("splice(2): {e}"))
+}
+
+/// `forwarder check`: prints the kernel, the probes, the engines that can
+/// run and auto mode's choice, as text or JSON.
+pub fn check(json: bool) -> anyhow::Result<()> {
+    let release = release();
+    let version = Version::parse(&release);
+    let p = probe();
+    let decision = version.map(|v| decide(v, &p));
+    let ebpf_ok = p.programs_verdict.is_ok() || p.programs_parser.is_ok();
+    if json {
+        let v = serde_json::json!({
+            "kernel": { "release": release, "version": version },
+            "probes": p,
+            "engines": {
+                "ebpf": p.programs_verdict.is_ok(),
+                "ebpf_parser": p.programs_parser.is_ok(),
+                "splice": p.splice.is_ok(),
+                "copy": true,
+            },
+            "avoid_ebpf": version.and_then(avoid_ebpf),
+            "auto": decision,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let show = |p: &Probe| match p {
+        Ok(()) => "yes".to_string(),
+        Err(e) => format!("no: {e}"),
+    };
+    println!(
+        "kernel: {release} ({})",
+        version.map_or("version not recognised".into(), |v| v.to_string())
+    );
+    println!("probes:");
+    println!("  BPF permitted:                  {}", show(&p.bpf));
+    println!("  SOCKHASH maps:                  {}", show(&p.sockhash));
+    println!("  RINGBUF maps:                   {}", show(&p.ringbuf));
+    println!("  sk_skb programs:                {}", show(&p.sk_skb));
+    println!(
+        "  bpf_sk_redirect_hash in sk_skb: {}",
+        show(&p.redirect_helper)
+    );
+    println!("engines:");
+    println!(
+        "  ebpf (verdict only):            {}",
+        show(&p.programs_verdict)
+    );
+    println!(
+        "  ebpf (stream parser, --ebpf-parser): {}",
+        show(&p.programs_parser)
+    );
+    println!("  splice:                         {}", show(&p.splice));
+    println!("  copy:                           yes");
+    if ebpf_ok {
+        if let Some(why) = version.and_then(avoid_ebpf) {
+            println!("  note: the ebpf programs load, but {why}");
+        }
+    }
+    match decision {
+        Some(d) => println!("auto mode picks: {} ({})", d.engine, d.reason),
+        None => println!("auto mode: kernel version {release:?} not recognised"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all_ok() -> Probes {
+        Probes {
+            bpf: Ok(()),
+            sockhash: Ok(()),
+            ringbuf: Ok(()),
+            sk_skb: Ok(()),
+            redirect_helper: Ok(()),
+            programs_verdict: Ok(()),
+            programs_parser: Ok(()),
+            splice: Ok(()),
+        }
+    }
+
+    fn v(s: &str) -> Version {
+        Version::parse(s).unwrap()
+    }
+
+    #[test]
+    fn versions_parse_from_release_strings() {
+        assert_eq!(v("6.1.0-57-cloud-amd64"), Version::new(6, 1));
+        assert_eq!(
+            v("6.12.117+deb12-cloud-amd64"),
+            Version {
+                major: 6,
+                minor: 12,
+                patch: 117
+            }
+        );
+        assert_eq!(v("6.18.44-fc-v669").minor, 18);
+        assert_eq!(v("5.14.0-427.el9.x86_64").line(), (5, 14));
+        assert_eq!(v("6.8"), Version::new(6, 8));
+        assert_eq!(Version::parse("linux"), None);
+        assert_eq!(Version::parse("6"), None);
+    }
+
+    #[test]
+    fn decision_table() {
+        let eperm = || Err("Operation not permitted".to_string());
+        let mut no_bpf = all_ok();
+        no_bpf.bpf = eperm();
+        no_bpf.programs_verdict = eperm();
+        no_bpf.programs_parser = eperm();
+        let mut no_load = all_ok();
+        no_load.programs_verdict = Err("verifier".into());
+        let ok = all_ok();
+        let mut nothing = no_bpf.clone();
+        nothing.splice = Err("ENOSYS".into());
+        // (kernel, probes, engine, words the reason must hold)
+        let rows: Vec<(&str, &Probes, EngineKind, &str)> = vec![
+            ("6.18.44", &ok, EngineKind::Splice, "available on kernel 6.18"),
+            ("6.12.117+deb12", &ok, EngineKind::Splice, "with --mode ebpf"),
+            ("6.18.44", &no_bpf, EngineKind::Splice, "BPF not permitted"),
+            ("6.18.44", &no_load, EngineKind::Splice, "did not load"),
+            ("5.10.0", &ok, EngineKind::Splice, "older than 5.13"),
+            ("4.19.0", &no_bpf, EngineKind::Splice, "older than 5.13"),
+            ("4.19.0", &nothing, EngineKind::Copy, "splice(2) failed"),
+        ];
+        for (k, p, want, words) in rows {
+            let d = decide(v(k), p);
+            assert_eq!(d.engine, want, "{k}: {d:?}");
+            assert!(d.reason.contains(words), "{k}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_listed_line_is_avoided_and_its_neighbours_are_not() {
+        let list = [Avoid {
+            from: (6, 1),
+            through: (6, 3),
+            why: "loses bytes",
+        }];
+        for (k, avoided) in [
+            ("6.0.19", false),
+            ("6.1.0-57-cloud-amd64", true),
+            ("6.3.13", true),
+            ("6.4.0", false),
+            ("6.12.117+deb12", false),
+            ("5.12.0", true),
+        ] {
+            let r = avoid_in(&list, v(k));
+            assert_eq!(r.is_some(), avoided, "{k}: {r:?}");
+        }
+        assert!(avoid_in(&list, v("6.2.1"))
+            .is_some_and(|w| w.contains("loses bytes") && w.contains("6.2.1")));
+    }
+
+    #[test]
+    fn avoid_list_is_consistent() {
+        for a in AVOID {
+            assert!(a.from <= a.through, "{}", a.why);
+            let inside = Version::new(a.from.0, a.from.1);
+            assert!(avoid_ebpf(inside).is_some());
+        }
+    }
+}
