@@ -129,7 +129,7 @@ pub trait Engine: Send + Sync {
 pub const AUTO_REASON: &str = "splice is faster than the ebpf engine for bulk traffic when \
      nothing is pinned to CPUs (the kernel sends sk_skb-redirected bytes from a per-socket \
      worker that waits a timer tick whenever the target's send buffer is full); \
-     --mode ebpf runs the in-kernel path on request";
+     --mode ebpf runs the in-kernel path on request (it needs CAP_BPF and CAP_NET_ADMIN)";
 
 /// Builds the engine for `mode`, with the reason it was chosen.
 pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Arc<dyn Engine>, String)> {
