@@ -70,10 +70,11 @@ fn start(pair: &Pair, engine: &Engine, specs: &[&str]) -> Fwd {
         assert!(err.contains(needle), "{err}");
     }
     if engine.privilege == Privilege::User {
-        // Auto mode without BPF says why, and how to get the fast path.
+        // Auto mode says why it runs splice, and how to get the in-kernel
+        // path.
         let reason = f.ready["reason"].as_str().unwrap_or_default();
         assert!(
-            reason.contains("CAP_BPF") && reason.contains("setcap"),
+            reason.contains("--mode ebpf") && reason.contains("CAP_BPF"),
             "{reason}"
         );
     }

@@ -133,7 +133,7 @@ pub trait Engine: Send + Sync {
 pub const AUTO_REASON: &str = "splice is faster than the ebpf engine for bulk traffic when \
      nothing is pinned to CPUs (the kernel sends sk_skb-redirected bytes from a per-socket \
      worker that waits a timer tick whenever the target's send buffer is full); \
-     --mode ebpf runs the in-kernel path on request";
+     --mode ebpf runs the in-kernel path on request (it needs CAP_BPF and CAP_NET_ADMIN)";
 
 /// An engine chosen and, for ebpf, loaded, but not started: the
 /// privileged part of start-up is done, no runtime is needed yet.
