@@ -374,7 +374,7 @@ fn check_reports_engines_and_the_auto_choice() {
     assert_eq!(root["auto"]["engine"], want, "{text}");
     // The same choice as `run` in auto mode makes here.
     let pair = Pair::new();
-    let f = Fwd::start(&pair, &[]);
+    let f = Fwd::start(&pair, &["-p", "127.0.0.1:8095:95"]);
     assert_eq!(f.engine(), want, "{}", f.ready);
     f.stop();
 
