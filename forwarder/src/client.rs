@@ -64,6 +64,33 @@ fn check(status: StatusCode, body: &Bytes) -> Result<()> {
     bail!("{status}: {msg}")
 }
 
+/// `GET /v1/info` of any RootlessKit-compatible API socket.
+pub async fn info(socket: &Path) -> Result<serde_json::Value> {
+    let (status, bytes) = request(socket, Method::GET, "/v1/info", None).await?;
+    check(status, &bytes)?;
+    serde_json::from_slice(&bytes).context("decoding the reply")
+}
+
+/// [`info`] for callers outside a runtime (start-up): runs it on a
+/// short-lived thread of its own, with a 5 s limit.
+pub fn info_blocking(socket: &Path) -> Result<serde_json::Value> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a runtime")?;
+            rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(5), info(socket))
+                    .await
+                    .context("no answer within 5 s")?
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the request thread panicked")))
+    })
+}
+
 /// `forwarder ports add SPEC...`
 pub async fn add(socket: &Path, specs: &[PortSpec]) -> Result<()> {
     for spec in specs {

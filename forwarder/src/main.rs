@@ -9,6 +9,7 @@ mod dial;
 mod engine;
 mod netns;
 mod port;
+mod rootlesskit;
 mod spec;
 mod stats;
 mod sys;
@@ -54,6 +55,10 @@ enum Command {
         #[arg(long, value_name = "N")]
         fd: Option<i32>,
     },
+    /// Attach to the current user's running rootless dockerd: find its
+    /// RootlessKit state directory (ROOTLESSKIT_STATE_DIR in dockerd's
+    /// environment) and run as with `run --rootlesskit-state-dir DIR`.
+    AttachDocker(AttachArgs),
     /// Add, list or remove ports of a running forwarder.
     Ports {
         /// The forwarder's API socket.
@@ -92,19 +97,29 @@ struct RunArgs {
     #[arg(
         long,
         value_name = "PATH",
-        required_unless_present_any = ["child_pid", "child_agent"],
-        conflicts_with_all = ["child_pid", "child_agent"]
+        required_unless_present_any = ["child_pid", "child_agent", "rootlesskit_state_dir"],
+        conflicts_with_all = ["child_pid", "child_agent", "rootlesskit_state_dir"]
     )]
     child_netns: Option<PathBuf>,
     /// The container's PID: its network namespace is entered directly when
     /// permitted, otherwise a child-side dial agent is started in its user
     /// and network namespaces.
-    #[arg(long, value_name = "PID", conflicts_with = "child_agent")]
+    #[arg(long, value_name = "PID", conflicts_with_all = ["child_agent", "rootlesskit_state_dir"])]
     child_pid: Option<u32>,
     /// Dial through an agent (`forwarder child-agent --socket PATH`) that a
     /// runtime started inside the container.
-    #[arg(long, value_name = "SOCKET")]
+    #[arg(long, value_name = "SOCKET", conflicts_with = "rootlesskit_state_dir")]
     child_agent: Option<PathBuf>,
+    /// Attach to a RootlessKit started with --port-driver=none: dial in the
+    /// namespaces of its child_pid and serve the port API at its api.sock
+    /// (RootlessKit's own socket is set aside and restored on exit).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "ROOTLESSKIT_STATE_DIR",
+        conflicts_with = "api_socket"
+    )]
+    rootlesskit_state_dir: Option<PathBuf>,
     /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/tcp|/tcp4|/tcp6],
     /// IPv6 addresses in brackets. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
@@ -120,6 +135,23 @@ struct RunArgs {
     /// rootlessctl, dockerd and nerdctl can add and remove ports.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+}
+
+/// `attach-docker`: `run` without the child options, which it finds.
+#[derive(Args)]
+struct AttachArgs {
+    /// The dockerd's user (default: the caller's uid).
+    #[arg(long, value_name = "UID")]
+    uid: Option<u32>,
+    /// Only print the state directory found, and exit.
+    #[arg(long)]
+    print: bool,
+    #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
+    publish: Vec<PortSpec>,
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    #[arg(long)]
+    ebpf_parser: bool,
 }
 
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
@@ -189,12 +221,27 @@ fn dialer(args: &RunArgs) -> Result<(netns::Dialer, Option<std::process::Child>)
     }
 }
 
-async fn run(args: RunArgs) -> Result<()> {
+async fn run(mut args: RunArgs) -> Result<()> {
     // Handlers first: a SIGUSR1 that arrives after "ready" but before its
     // handler would otherwise kill the process (the default action).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    // Attached to a RootlessKit: its child_pid and api.sock stand in for
+    // --child-pid and --api-socket; its socket is put back on exit (drop).
+    let mut attachment = match &args.rootlesskit_state_dir {
+        Some(dir) => {
+            let a = rootlesskit::Attachment::attach(dir, |sock| {
+                client::info_blocking(sock).map_err(|e| format!("{e:#}"))
+            })?;
+            tracing::info!(state_dir = %dir.display(), child_pid = a.child_pid,
+                "attached to RootlessKit");
+            args.child_pid = Some(a.child_pid);
+            args.api_socket = Some(a.api_socket.clone());
+            Some(a)
+        }
+        None => None,
+    };
     let netns = match (&args.child_netns, args.child_pid) {
         (Some(p), _) => p.clone(),
         (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
@@ -241,6 +288,7 @@ async fn run(args: RunArgs) -> Result<()> {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
                 child_pid: args.child_pid.or_else(|| pid_of_netns(&netns)),
+                network_driver: attachment.as_ref().and_then(|a| a.network_driver.clone()),
             });
             tracing::info!(socket = %path.display(), "serving the port API");
             Some(tokio::spawn(api::serve(listener, state, async {
@@ -271,6 +319,9 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(path) = &args.api_socket {
         let _ = std::fs::remove_file(path);
     }
+    if let Some(a) = attachment.as_mut() {
+        a.restore();
+    }
     ports.close_all().await;
     emit(stats_event(&ports));
     if let Some(c) = agent_child.as_mut() {
@@ -278,6 +329,30 @@ async fn run(args: RunArgs) -> Result<()> {
         let _ = c.wait();
     }
     Ok(())
+}
+
+/// `forwarder attach-docker`: finds the dockerd's state directory, then
+/// runs attached to it.
+async fn attach_docker(a: AttachArgs) -> Result<()> {
+    // SAFETY: getuid cannot fail.
+    let uid = a.uid.unwrap_or_else(|| unsafe { libc::getuid() });
+    let dir = rootlesskit::find_docker_state_dir(uid)?;
+    if a.print {
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    tracing::info!(state_dir = %dir.display(), uid, "found a rootless dockerd");
+    run(RunArgs {
+        child_netns: None,
+        child_pid: None,
+        child_agent: None,
+        rootlesskit_state_dir: Some(dir),
+        publish: a.publish,
+        mode: a.mode,
+        ebpf_parser: a.ebpf_parser,
+        api_socket: None,
+    })
+    .await
 }
 
 fn main() -> ExitCode {
@@ -303,6 +378,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
+            Command::AttachDocker(a) => attach_docker(a).await,
             Command::Status { api_socket } => client::status(&api_socket).await,
             Command::ChildAgent { socket, fd } => agent::run(fd, socket.as_deref()).await,
             Command::Ports { api_socket, action } => {
