@@ -10,6 +10,7 @@
 mod bench;
 mod chart;
 mod demo;
+mod e2e;
 mod load;
 mod peers;
 mod setup;
@@ -41,6 +42,8 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Rootless Docker publishes through forwarder, end to end.
+    E2e,
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
     /// The demo's HTTP server (runs inside the demo namespace).
@@ -63,6 +66,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::E2e => e2e::run(),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }
