@@ -59,9 +59,21 @@ enum Command {
     /// RootlessKit state directory (ROOTLESSKIT_STATE_DIR in dockerd's
     /// environment) and run as with `run --rootlesskit-state-dir DIR`.
     AttachDocker(AttachArgs),
+    /// Print a shell completion script: `forwarder completions bash >
+    /// /etc/bash_completion.d/forwarder` (also zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (forwarder.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Add, list or remove ports of a running forwarder.
     Ports {
-        /// The forwarder's API socket.
+        /// The forwarder's API socket (required).
         #[arg(long, value_name = "PATH", global = true)]
         api_socket: Option<PathBuf>,
         #[command(subcommand)]
@@ -91,24 +103,27 @@ enum PortsAction {
     },
 }
 
+/// `run`'s options; exactly one of the four child options says where to
+/// dial.
 #[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("child")
+        .required(true)
+        .multiple(false)
+        .args(["child_netns", "child_pid", "child_agent", "rootlesskit_state_dir"])
+))]
 struct RunArgs {
     /// The child's network namespace file (/run/netns/NAME, /proc/PID/ns/net).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present_any = ["child_pid", "child_agent", "rootlesskit_state_dir"],
-        conflicts_with_all = ["child_pid", "child_agent", "rootlesskit_state_dir"]
-    )]
+    #[arg(long, value_name = "PATH")]
     child_netns: Option<PathBuf>,
     /// The container's PID: its network namespace is entered directly when
     /// permitted, otherwise a child-side dial agent is started in its user
     /// and network namespaces.
-    #[arg(long, value_name = "PID", conflicts_with_all = ["child_agent", "rootlesskit_state_dir"])]
+    #[arg(long, value_name = "PID")]
     child_pid: Option<u32>,
     /// Dial through an agent (`forwarder child-agent --socket PATH`) that a
     /// runtime started inside the container.
-    #[arg(long, value_name = "SOCKET", conflicts_with = "rootlesskit_state_dir")]
+    #[arg(long, value_name = "SOCKET")]
     child_agent: Option<PathBuf>,
     /// Attach to a RootlessKit started with --port-driver=none: dial in the
     /// namespaces of its child_pid and serve the port API at its api.sock
@@ -128,7 +143,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     /// ebpf engine variant: attach a stream parser program in front of the
-    /// verdict (the default runs the verdict alone).
+    /// verdict (the default runs the verdict alone). Only with --mode ebpf
+    /// or auto.
     #[arg(long)]
     ebpf_parser: bool,
     /// Serve RootlessKit's port API on this Unix socket (mode 0600), so
@@ -152,6 +168,43 @@ struct AttachArgs {
     mode: Mode,
     #[arg(long)]
     ebpf_parser: bool,
+}
+
+/// Checks across options that clap's attributes cannot express, so that
+/// every bad command line exits 2 before anything listens.
+fn validate(cli: &Cli) -> Result<(), clap::Error> {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory as _;
+    let err = |kind, msg: String| Err(Cli::command().error(kind, msg));
+    let (publish, mode, parser) = match &cli.command {
+        Command::Run(a) => (&a.publish, a.mode, a.ebpf_parser),
+        Command::AttachDocker(a) => (&a.publish, a.mode, a.ebpf_parser),
+        Command::Ports {
+            api_socket: None, ..
+        } => {
+            return err(
+                ErrorKind::MissingRequiredArgument,
+                "`ports` needs --api-socket PATH (the forwarder's API socket)".into(),
+            )
+        }
+        _ => return Ok(()),
+    };
+    if parser && matches!(mode, Mode::Splice | Mode::Copy) {
+        return err(
+            ErrorKind::ArgumentConflict,
+            "--ebpf-parser chooses a variant of the ebpf engine: it needs --mode ebpf or auto"
+                .into(),
+        );
+    }
+    for (i, a) in publish.iter().enumerate() {
+        if let Some(b) = publish[..i].iter().find(|b| b.conflicts_with(a)) {
+            return err(
+                ErrorKind::ArgumentConflict,
+                format!("-p {b} and -p {a} would listen on the same address and port"),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
@@ -266,7 +319,13 @@ async fn run(mut args: RunArgs) -> Result<()> {
         },
     )?;
     let (dialer, mut agent_child) = dialer(&args)?;
-    tracing::info!(engine = %engine.kind(), %reason, "engine selected");
+    // The ebpf engine's program layout, named in the log and the ready line.
+    let variant = (engine.kind() == engine::EngineKind::Ebpf).then_some(if args.ebpf_parser {
+        "parser+verdict"
+    } else {
+        "verdict"
+    });
+    tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
     let ports = Arc::new(PortManager::new(dialer, engine));
     let mut listeners = Vec::new();
     for spec in &args.publish {
@@ -300,6 +359,7 @@ async fn run(mut args: RunArgs) -> Result<()> {
     emit(json!({
         "event": "ready",
         "engine": ports.engine().kind(),
+        "variant": variant,
         "reason": reason,
         "listeners": listeners,
     }));
@@ -355,8 +415,38 @@ async fn attach_docker(a: AttachArgs) -> Result<()> {
     .await
 }
 
+/// `completions` and `man`: generated from the clap definitions above.
+fn generate(command: &Command) -> Option<Result<()>> {
+    use clap::CommandFactory as _;
+    match command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "forwarder", &mut std::io::stdout());
+            Some(Ok(()))
+        }
+        Command::Man { dir } => Some(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+                .with_context(|| format!("writing man pages into {}", dir.display())),
+        ),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = validate(&cli) {
+        e.exit();
+    }
+    if let Some(r) = generate(&cli.command) {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -377,13 +467,14 @@ fn main() -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
+            Command::Completions { .. } | Command::Man { .. } => Ok(()),
             Command::Run(args) => run(args).await,
             Command::AttachDocker(a) => attach_docker(a).await,
             Command::Status { api_socket } => client::status(&api_socket).await,
             Command::ChildAgent { socket, fd } => agent::run(fd, socket.as_deref()).await,
             Command::Ports { api_socket, action } => {
-                let socket =
-                    api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;
+                // validate() has refused a missing socket already.
+                let socket = api_socket.unwrap_or_default();
                 match action {
                     PortsAction::Add { specs } => client::add(&socket, &specs).await,
                     PortsAction::Ls { json } => client::list(&socket, json).await,
@@ -401,5 +492,121 @@ fn main() -> ExitCode {
             eprintln!("forwarder: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    /// Parses and validates a command line as `main` does.
+    fn parse(args: &[&str]) -> Result<Cli, ErrorKind> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.kind())?;
+        validate(&cli).map_err(|e| e.kind())?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn run_needs_exactly_one_child_option() {
+        let e = Cli::try_parse_from(["forwarder", "run", "-p", "8080:80"])
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        for opt in [
+            "--child-netns",
+            "--child-pid",
+            "--child-agent",
+            "--rootlesskit-state-dir",
+        ] {
+            assert!(text.contains(opt), "usage names {opt}: {text}");
+        }
+        assert_eq!(
+            parse(&[
+                "forwarder",
+                "run",
+                "--child-pid",
+                "1",
+                "--child-netns",
+                "/x"
+            ])
+            .err(),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert!(parse(&["forwarder", "run", "--child-pid", "1", "-p", "8080:80"]).is_ok());
+    }
+
+    #[test]
+    fn conflicting_specs_are_refused_before_anything_listens() {
+        let run = |specs: &[&str]| {
+            let mut a = vec!["forwarder", "run", "--child-pid", "1"];
+            for s in specs {
+                a.extend(["-p", s]);
+            }
+            parse(&a).err()
+        };
+        assert_eq!(
+            run(&["8080:80", "8080:81"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            run(&["127.0.0.1:8080:80", "8080:81"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(run(&["127.0.0.1:8080:80", "127.0.0.2:8080:80"]), None);
+        assert_eq!(run(&["0.0.0.0:8080:80", "[::]:8080:80"]), None);
+        // A bad spec is clap's own error, as before.
+        assert_eq!(run(&["8080:0"]), Some(ErrorKind::ValueValidation));
+    }
+
+    #[test]
+    fn parser_variant_only_with_the_ebpf_engine() {
+        let base = ["forwarder", "run", "--child-pid", "1", "-p", "8080:80"];
+        for (mode, ok) in [
+            ("ebpf", true),
+            ("auto", true),
+            ("splice", false),
+            ("copy", false),
+        ] {
+            let mut a = base.to_vec();
+            a.extend(["--mode", mode, "--ebpf-parser"]);
+            assert_eq!(parse(&a).is_ok(), ok, "--mode {mode}");
+        }
+    }
+
+    #[test]
+    fn ports_and_status_need_the_socket_alike() {
+        assert_eq!(
+            parse(&["forwarder", "ports", "ls"]).err(),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            parse(&["forwarder", "status"]).err(),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert!(parse(&["forwarder", "ports", "ls", "--api-socket", "/s"]).is_ok());
+    }
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_definitions() {
+        use clap::CommandFactory as _;
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "forwarder",
+            &mut out,
+        );
+        let bash = String::from_utf8_lossy(&out);
+        for word in ["attach-docker", "--rootlesskit-state-dir", "--child-pid"] {
+            assert!(bash.contains(word), "{word}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = generate(&Command::Man {
+            dir: dir.path().to_owned(),
+        });
+        assert!(matches!(r, Some(Ok(()))));
+        let page = std::fs::read_to_string(dir.path().join("forwarder-run.1")).expect("page");
+        assert!(page.contains("rootlesskit\\-state\\-dir"), "{page}");
     }
 }

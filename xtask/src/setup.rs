@@ -9,7 +9,7 @@
 //!   socat, uidmap, slirp4netns (peers to compare with), libcap2-bin
 //!   (`setcap`), procps (`sysctl`, used by the tests), docker.io and
 //!   busybox-static (`cargo xtask e2e`: rootless dockerd and an offline
-//!   image). Missing ones are
+//!   image), systemd (`systemd-analyze verify` of the shipped units). Missing ones are
 //!   installed with `apt-get update` + `apt-get install -y`.
 //! - rust-src for the nightly toolchain (the eBPF crate builds `core` for
 //!   bpfel-unknown-none); the nightly toolchain itself if it is missing.
@@ -40,6 +40,7 @@ const PACKAGES: &[&str] = &[
     "procps",
     "docker.io",
     "busybox-static",
+    "systemd",
 ];
 
 /// The LLVM major version nightly uses, which bpf-linker must match.
