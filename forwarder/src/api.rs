@@ -86,6 +86,9 @@ pub struct ApiState {
     pub ports: Arc<PortManager>,
     pub state_dir: String,
     pub child_pid: Option<u32>,
+    /// RootlessKit's `networkDriver` info when attached to a RootlessKit
+    /// (`run --rootlesskit-state-dir`), passed on unchanged.
+    pub network_driver: Option<serde_json::Value>,
 }
 
 /// An error reply: a status and `{"message": ...}`.
@@ -232,8 +235,13 @@ async fn get_info(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
             "disallowLoopbackChildIP": false,
         },
     });
-    if let (Some(pid), Some(obj)) = (s.child_pid, info.as_object_mut()) {
-        obj.insert("childPID".into(), json!(pid));
+    if let Some(obj) = info.as_object_mut() {
+        if let Some(pid) = s.child_pid {
+            obj.insert("childPID".into(), json!(pid));
+        }
+        if let Some(nd) = &s.network_driver {
+            obj.insert("networkDriver".into(), nd.clone());
+        }
     }
     Json(info)
 }
@@ -290,6 +298,7 @@ mod tests {
         Arc::new(ApiState {
             ports: Arc::new(PortManager::new(dialer, engine)),
             state_dir: "/tmp".into(),
+            network_driver: None,
             child_pid: None,
         })
     }

@@ -64,14 +64,76 @@ fn check(status: StatusCode, body: &Bytes) -> Result<()> {
     bail!("{status}: {msg}")
 }
 
-/// `forwarder ports add SPEC...`
+/// `GET /v1/info` of any RootlessKit-compatible API socket.
+pub async fn info(socket: &Path) -> Result<serde_json::Value> {
+    let (status, bytes) = request(socket, Method::GET, "/v1/info", None).await?;
+    check(status, &bytes)?;
+    serde_json::from_slice(&bytes).context("decoding the reply")
+}
+
+/// [`info`] for callers outside a runtime (start-up): runs it on a
+/// short-lived thread of its own, with a 5 s limit.
+pub fn info_blocking(socket: &Path) -> Result<serde_json::Value> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a runtime")?;
+            rt.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(5), info(socket))
+                    .await
+                    .context("no answer within 5 s")?
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the request thread panicked")))
+    })
+}
+
+/// `forwarder ports add SPEC...`: all or nothing. If one spec is refused,
+/// the ports this call already added are removed again before the error is
+/// reported, and no ID is printed.
 pub async fn add(socket: &Path, specs: &[PortSpec]) -> Result<()> {
+    let mut added: Vec<u32> = Vec::new();
     for spec in specs {
-        let body = serde_json::to_string(&ApiSpec::from(spec))?;
-        let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
-        check(status, &bytes).with_context(|| format!("adding {spec}"))?;
-        let st: PortStatusJson = serde_json::from_slice(&bytes).context("decoding the reply")?;
-        println!("{}", st.id);
+        let r = async {
+            let body = serde_json::to_string(&ApiSpec::from(spec))?;
+            let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
+            check(status, &bytes)?;
+            let st: PortStatusJson =
+                serde_json::from_slice(&bytes).context("decoding the reply")?;
+            anyhow::Ok(st.id)
+        }
+        .await;
+        match r {
+            Ok(id) => added.push(id),
+            Err(e) => {
+                let mut undone = Vec::new();
+                for id in added.iter().rev() {
+                    let path = format!("/v1/ports/{id}");
+                    if let Ok((st, b)) = request(socket, Method::DELETE, &path, None).await {
+                        if check(st, &b).is_ok() {
+                            undone.push(*id);
+                        }
+                    }
+                }
+                let note = match (added.len(), undone.len()) {
+                    (0, _) => String::new(),
+                    (a, u) if a == u => {
+                        format!(" (the {a} port(s) added before it were removed again)")
+                    }
+                    (a, u) => format!(
+                        " ({a} port(s) were added before it; only {u} could be removed again: \
+                         check `forwarder ports ls`)"
+                    ),
+                };
+                return Err(e.context(format!("adding {spec}{note}")));
+            }
+        }
+    }
+    for id in added {
+        println!("{id}");
     }
     Ok(())
 }
@@ -162,7 +224,8 @@ pub async fn status(socket: &Path) -> Result<()> {
     for p in &st.ports {
         row(&p.id.to_string(), &p.spec, &p.stats);
     }
-    row("total", "", &st.total);
+    // The total also counts ports removed since the start.
+    row("total", "(incl. removed ports)", &st.total);
     let b = st.total.bytes_by_path;
     println!(
         "bytes by path: bpf {}, splice {}, copy {}",

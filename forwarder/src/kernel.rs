@@ -454,8 +454,18 @@ mod tests {
         nothing.splice = Err("ENOSYS".into());
         // (kernel, probes, engine, words the reason must hold)
         let rows: Vec<(&str, &Probes, EngineKind, &str)> = vec![
-            ("6.18.44", &ok, EngineKind::Splice, "available on kernel 6.18"),
-            ("6.12.117+deb12", &ok, EngineKind::Splice, "with --mode ebpf"),
+            (
+                "6.18.44",
+                &ok,
+                EngineKind::Splice,
+                "available on kernel 6.18",
+            ),
+            (
+                "6.12.117+deb12",
+                &ok,
+                EngineKind::Splice,
+                "with --mode ebpf",
+            ),
             ("6.18.44", &no_bpf, EngineKind::Splice, "BPF not permitted"),
             ("6.18.44", &no_load, EngineKind::Splice, "did not load"),
             ("5.10.0", &ok, EngineKind::Splice, "older than 5.13"),

@@ -3,12 +3,12 @@
 //! permitted. This file is the command line; the work is in the library
 //! (`lib.rs`).
 
-use forwarder::{agent, client, engine, kernel, spec, startup, sys};
+use forwarder::{agent, client, engine, kernel, rootlesskit, spec, startup, sys};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use engine::Mode;
@@ -48,9 +48,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Attach to the current user's running rootless dockerd: find its
+    /// RootlessKit state directory (ROOTLESSKIT_STATE_DIR in dockerd's
+    /// environment) and run as with `run --rootlesskit-state-dir DIR`.
+    AttachDocker(AttachArgs),
+    /// Print a shell completion script: `forwarder completions bash >
+    /// /etc/bash_completion.d/forwarder` (also zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (forwarder.1 and one per subcommand) into DIR.
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Add, list or remove ports of a running forwarder.
     Ports {
-        /// The forwarder's API socket.
+        /// The forwarder's API socket (required).
         #[arg(long, value_name = "PATH", global = true)]
         api_socket: Option<PathBuf>,
         #[command(subcommand)]
@@ -80,25 +96,38 @@ enum PortsAction {
     },
 }
 
+/// `run`'s options; exactly one of the four child options says where to
+/// dial.
 #[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("child")
+        .required(true)
+        .multiple(false)
+        .args(["child_netns", "child_pid", "child_agent", "rootlesskit_state_dir"])
+))]
 struct RunArgs {
     /// The child's network namespace file (/run/netns/NAME, /proc/PID/ns/net).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present_any = ["child_pid", "child_agent"],
-        conflicts_with_all = ["child_pid", "child_agent"]
-    )]
+    #[arg(long, value_name = "PATH")]
     child_netns: Option<PathBuf>,
     /// The container's PID: its network namespace is entered directly when
     /// permitted, otherwise a child-side dial agent is started in its user
     /// and network namespaces.
-    #[arg(long, value_name = "PID", conflicts_with = "child_agent")]
+    #[arg(long, value_name = "PID")]
     child_pid: Option<u32>,
     /// Dial through an agent (`forwarder child-agent --socket PATH`) that a
     /// runtime started inside the container.
     #[arg(long, value_name = "SOCKET")]
     child_agent: Option<PathBuf>,
+    /// Attach to a RootlessKit started with --port-driver=none: dial in the
+    /// namespaces of its child_pid and serve the port API at its api.sock
+    /// (RootlessKit's own socket is set aside and restored on exit).
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "ROOTLESSKIT_STATE_DIR",
+        conflicts_with = "api_socket"
+    )]
+    rootlesskit_state_dir: Option<PathBuf>,
     /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/tcp|/tcp4|/tcp6],
     /// IPv6 addresses in brackets. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
@@ -107,7 +136,8 @@ struct RunArgs {
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     /// ebpf engine variant: attach a stream parser program in front of the
-    /// verdict (the default runs the verdict alone).
+    /// verdict (the default runs the verdict alone). Only with --mode ebpf
+    /// or auto.
     #[arg(long)]
     ebpf_parser: bool,
     /// Serve RootlessKit's port API on this Unix socket (mode 0600), so
@@ -127,6 +157,7 @@ impl From<RunArgs> for startup::Config {
             child_netns: a.child_netns,
             child_pid: a.child_pid,
             child_agent: a.child_agent,
+            rootlesskit_state_dir: a.rootlesskit_state_dir,
             publish: a.publish,
             mode: a.mode,
             ebpf_parser: a.ebpf_parser,
@@ -136,12 +167,98 @@ impl From<RunArgs> for startup::Config {
     }
 }
 
+/// `attach-docker`: `run` without the child options, which it finds.
+#[derive(Args)]
+struct AttachArgs {
+    /// The dockerd's user (default: the caller's uid).
+    #[arg(long, value_name = "UID")]
+    uid: Option<u32>,
+    /// Only print the state directory found, and exit.
+    #[arg(long)]
+    print: bool,
+    #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
+    publish: Vec<PortSpec>,
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
+    mode: Mode,
+    #[arg(long)]
+    ebpf_parser: bool,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections: Option<u32>,
+}
+
+/// Checks across options that clap's attributes cannot express, so that
+/// every bad command line exits 2 before anything listens.
+fn validate(cli: &Cli) -> Result<(), clap::Error> {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory as _;
+    let err = |kind, msg: String| Err(Cli::command().error(kind, msg));
+    let (publish, mode, parser) = match &cli.command {
+        Command::Run(a) => (&a.publish, a.mode, a.ebpf_parser),
+        Command::AttachDocker(a) => (&a.publish, a.mode, a.ebpf_parser),
+        Command::Ports {
+            api_socket: None, ..
+        } => {
+            return err(
+                ErrorKind::MissingRequiredArgument,
+                "`ports` needs --api-socket PATH (the forwarder's API socket)".into(),
+            )
+        }
+        _ => return Ok(()),
+    };
+    if parser && matches!(mode, Mode::Splice | Mode::Copy) {
+        return err(
+            ErrorKind::ArgumentConflict,
+            "--ebpf-parser chooses a variant of the ebpf engine: it needs --mode ebpf or auto"
+                .into(),
+        );
+    }
+    for (i, a) in publish.iter().enumerate() {
+        if let Some(b) = publish[..i].iter().find(|b| b.conflicts_with(a)) {
+            return err(
+                ErrorKind::ArgumentConflict,
+                format!("-p {b} and -p {a} would listen on the same address and port"),
+            );
+        }
+    }
+    Ok(())
+}
+
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
     s.parse::<PortSpec>().map_err(|e| e.to_string())
 }
 
+/// `completions` and `man`: generated from the clap definitions above.
+fn generate(command: &Command) -> Option<Result<()>> {
+    use clap::CommandFactory as _;
+    match command {
+        Command::Completions { shell } => {
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "forwarder", &mut std::io::stdout());
+            Some(Ok(()))
+        }
+        Command::Man { dir } => Some(
+            std::fs::create_dir_all(dir)
+                .and_then(|()| clap_mangen::generate_to(Cli::command(), dir))
+                .with_context(|| format!("writing man pages into {}", dir.display())),
+        ),
+        _ => None,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = validate(&cli) {
+        e.exit();
+    }
+    if let Some(r) = generate(&cli.command) {
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("forwarder: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -163,9 +280,11 @@ fn main() -> ExitCode {
         }
         Command::Status { api_socket } => with_runtime(client::status(&api_socket)),
         Command::Check { json } => kernel::check(json),
+        Command::AttachDocker(a) => attach_docker(a),
+        Command::Completions { .. } | Command::Man { .. } => Ok(()),
         Command::Ports { api_socket, action } => with_runtime(async move {
-            let socket =
-                api_socket.ok_or_else(|| anyhow::anyhow!("--api-socket PATH is required"))?;
+            // validate() has refused a missing socket already.
+            let socket = api_socket.unwrap_or_default();
             match action {
                 PortsAction::Add { specs } => client::add(&socket, &specs).await,
                 PortsAction::Ls { json } => client::list(&socket, json).await,
@@ -182,6 +301,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// `forwarder attach-docker`: finds the dockerd's state directory, then
+/// runs attached to it.
+fn attach_docker(a: AttachArgs) -> Result<()> {
+    let uid = a.uid.unwrap_or_else(|| nix::unistd::getuid().as_raw());
+    let dir = rootlesskit::find_docker_state_dir(uid)?;
+    if a.print {
+        println!("{}", dir.display());
+        return Ok(());
+    }
+    tracing::info!(state_dir = %dir.display(), uid, "found a rootless dockerd");
+    let config = startup::Config {
+        child_netns: None,
+        child_pid: None,
+        child_agent: None,
+        rootlesskit_state_dir: Some(dir),
+        publish: a.publish,
+        mode: a.mode,
+        ebpf_parser: a.ebpf_parser,
+        api_socket: None,
+        max_connections: a.max_connections.map(|n| n as usize),
+    };
+    startup::run(config, startup::Shutdown::Signals).map(drop)
+}
+
 /// Runs `f` on a multi-threaded runtime.
 fn with_runtime(f: impl std::future::Future<Output = Result<()>>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -191,4 +334,120 @@ fn with_runtime(f: impl std::future::Future<Output = Result<()>>) -> Result<()> 
     let r = rt.block_on(f);
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::error::ErrorKind;
+
+    /// Parses and validates a command line as `main` does.
+    fn parse(args: &[&str]) -> Result<Cli, ErrorKind> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.kind())?;
+        validate(&cli).map_err(|e| e.kind())?;
+        Ok(cli)
+    }
+
+    #[test]
+    fn run_needs_exactly_one_child_option() {
+        let e = Cli::try_parse_from(["forwarder", "run", "-p", "8080:80"])
+            .err()
+            .expect("refused");
+        let text = e.to_string();
+        for opt in [
+            "--child-netns",
+            "--child-pid",
+            "--child-agent",
+            "--rootlesskit-state-dir",
+        ] {
+            assert!(text.contains(opt), "usage names {opt}: {text}");
+        }
+        assert_eq!(
+            parse(&[
+                "forwarder",
+                "run",
+                "--child-pid",
+                "1",
+                "--child-netns",
+                "/x"
+            ])
+            .err(),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert!(parse(&["forwarder", "run", "--child-pid", "1", "-p", "8080:80"]).is_ok());
+    }
+
+    #[test]
+    fn conflicting_specs_are_refused_before_anything_listens() {
+        let run = |specs: &[&str]| {
+            let mut a = vec!["forwarder", "run", "--child-pid", "1"];
+            for s in specs {
+                a.extend(["-p", s]);
+            }
+            parse(&a).err()
+        };
+        assert_eq!(
+            run(&["8080:80", "8080:81"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(
+            run(&["127.0.0.1:8080:80", "8080:81"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(run(&["127.0.0.1:8080:80", "127.0.0.2:8080:80"]), None);
+        assert_eq!(run(&["0.0.0.0:8080:80", "[::]:8080:80"]), None);
+        // A bad spec is clap's own error, as before.
+        assert_eq!(run(&["8080:0"]), Some(ErrorKind::ValueValidation));
+    }
+
+    #[test]
+    fn parser_variant_only_with_the_ebpf_engine() {
+        let base = ["forwarder", "run", "--child-pid", "1", "-p", "8080:80"];
+        for (mode, ok) in [
+            ("ebpf", true),
+            ("auto", true),
+            ("splice", false),
+            ("copy", false),
+        ] {
+            let mut a = base.to_vec();
+            a.extend(["--mode", mode, "--ebpf-parser"]);
+            assert_eq!(parse(&a).is_ok(), ok, "--mode {mode}");
+        }
+    }
+
+    #[test]
+    fn ports_and_status_need_the_socket_alike() {
+        assert_eq!(
+            parse(&["forwarder", "ports", "ls"]).err(),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert_eq!(
+            parse(&["forwarder", "status"]).err(),
+            Some(ErrorKind::MissingRequiredArgument)
+        );
+        assert!(parse(&["forwarder", "ports", "ls", "--api-socket", "/s"]).is_ok());
+    }
+
+    #[test]
+    fn completions_and_man_pages_come_from_the_definitions() {
+        use clap::CommandFactory as _;
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "forwarder",
+            &mut out,
+        );
+        let bash = String::from_utf8_lossy(&out);
+        for word in ["attach-docker", "--rootlesskit-state-dir", "--child-pid"] {
+            assert!(bash.contains(word), "{word}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let r = generate(&Command::Man {
+            dir: dir.path().to_owned(),
+        });
+        assert!(matches!(r, Some(Ok(()))));
+        let page = std::fs::read_to_string(dir.path().join("forwarder-run.1")).expect("page");
+        assert!(page.contains("rootlesskit\\-state\\-dir"), "{page}");
+    }
 }

@@ -29,6 +29,8 @@ pub enum NetnsError {
          namespace needs CAP_SYS_ADMIN over its user namespace: run as root or as the namespace's owner)"
     )]
     Enter { path: PathBuf, cause: io::Error },
+    #[error("{path} is not a network namespace (expected /run/netns/NAME or /proc/PID/ns/net)")]
+    NotNetns { path: PathBuf },
     #[error("the child namespace's socket thread has stopped")]
     Gone,
 }
@@ -88,6 +90,13 @@ impl ChildDialer {
             })?;
         let r = match ready_rx.recv() {
             Ok(Ok(())) => return Ok(ChildDialer { tx }),
+            // setns(CLONE_NEWNET) answers EINVAL for a file that is not a
+            // network namespace (EPERM is the permission case).
+            Ok(Err(cause)) if cause.raw_os_error() == Some(libc::EINVAL) => {
+                Err(NetnsError::NotNetns {
+                    path: path.to_owned(),
+                })
+            }
             Ok(Err(cause)) => Err(NetnsError::Enter {
                 path: path.to_owned(),
                 cause,

@@ -44,6 +44,10 @@ pub struct Config {
     pub child_netns: Option<PathBuf>,
     pub child_pid: Option<u32>,
     pub child_agent: Option<PathBuf>,
+    /// Attach to this RootlessKit state directory: its `child_pid` and
+    /// `api.sock` stand in for `child_pid` and `api_socket`
+    /// ([`crate::rootlesskit`]).
+    pub rootlesskit_state_dir: Option<PathBuf>,
     pub publish: Vec<PortSpec>,
     pub mode: Mode,
     pub ebpf_parser: bool,
@@ -203,7 +207,23 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
 
 /// Runs the forwarder: start-up in the order the module comment gives,
 /// then serving until `shutdown`. Returns what the run did.
-pub fn run(config: Config, shutdown: Shutdown) -> Result<Report> {
+pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
+    // 0. Attached to a RootlessKit: its child_pid and api.sock stand in for
+    // --child-pid and --api-socket; its own socket is put back on exit
+    // (also on an error from here on: the attachment's drop).
+    let mut attachment = match &config.rootlesskit_state_dir {
+        Some(dir) => {
+            let a = crate::rootlesskit::Attachment::attach(dir, |sock| {
+                crate::client::info_blocking(sock).map_err(|e| format!("{e:#}"))
+            })?;
+            tracing::info!(state_dir = %dir.display(), child_pid = a.child_pid,
+                "attached to RootlessKit");
+            config.child_pid = Some(a.child_pid);
+            config.api_socket = Some(a.api_socket.clone());
+            Some(a)
+        }
+        None => None,
+    };
     // 1. Validate.
     if config.publish.is_empty() && config.api_socket.is_none() {
         anyhow::bail!(
@@ -290,10 +310,14 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<Report> {
         child_pid,
         max_connections,
     };
-    let result = rt.block_on(serve.run(shutdown));
+    let network_driver = attachment.as_ref().and_then(|a| a.network_driver.clone());
+    let result = rt.block_on(serve.run(shutdown, network_driver));
     // Connections still running are torn down with the runtime; the BPF
     // programs and maps are released when the engine is dropped.
     rt.shutdown_timeout(Duration::from_secs(1));
+    if let Some(a) = attachment.as_mut() {
+        a.restore();
+    }
     result.map(|(ready, stats, ending)| Report {
         ready,
         stats,
@@ -319,6 +343,7 @@ impl Serve {
     async fn run(
         self,
         shutdown: Shutdown,
+        network_driver: Option<serde_json::Value>,
     ) -> Result<(serde_json::Value, serde_json::Value, Ending)> {
         let Serve {
             config,
@@ -351,7 +376,15 @@ impl Serve {
                 process,
             ),
         };
-        tracing::info!(engine = %engine.kind(), %reason, "engine selected");
+        // The ebpf engine's program layout, named in the log and the ready
+        // line.
+        let variant =
+            (engine.kind() == engine::EngineKind::Ebpf).then_some(if config.ebpf_parser {
+                "parser+verdict"
+            } else {
+                "verdict"
+            });
+        tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
         let ports = Arc::new(PortManager::new(dialer, engine));
         let mut listeners = Vec::new();
         for (spec, b) in bound {
@@ -372,6 +405,7 @@ impl Serve {
                         .map(|p| p.display().to_string())
                         .unwrap_or_default(),
                     child_pid,
+                    network_driver,
                 });
                 tracing::info!(socket = %path.display(), "serving the port API");
                 Some(tokio::spawn(api::serve(listener, state, async {
@@ -383,6 +417,7 @@ impl Serve {
         let ready = json!({
             "event": "ready",
             "engine": ports.engine().kind(),
+            "variant": variant,
             "reason": reason,
             "listeners": listeners,
         });
@@ -486,6 +521,7 @@ mod tests {
             child_netns: Some(PathBuf::from("/proc/self/ns/net")),
             child_pid: None,
             child_agent: None,
+            rootlesskit_state_dir: None,
             publish: vec![format!("127.0.0.1:{fp}:{sp}").parse().unwrap()],
             mode: Mode::Copy,
             ebpf_parser: false,

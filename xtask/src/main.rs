@@ -10,6 +10,7 @@
 mod bench;
 mod chart;
 mod demo;
+mod e2e;
 mod fuzz;
 mod load;
 mod peers;
@@ -54,6 +55,8 @@ enum Task {
     /// The soak test alone, for longer: 2,000 connections of mixed traffic
     /// through each engine, leak checks at every checkpoint.
     Soak(soak::Args),
+    /// Rootless Docker publishes through forwarder, end to end.
+    E2e,
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
     /// The engine suite on Debian's 6.1 and 6.12 kernels, booted with
@@ -85,6 +88,7 @@ fn run(task: Task) -> Result<()> {
         Task::Soak(args) => soak::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vmtest::run(&args),
+        Task::E2e => e2e::run(),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }

@@ -7,7 +7,9 @@
 //!   (bpf-linker links against LLVM 22), iproute2 (`ip netns`), iperf3
 //!   (benchmark), rootlesskit (`rootlessctl`, a real API client), passt,
 //!   socat, uidmap, slirp4netns (peers to compare with), libcap2-bin
-//!   (`setcap`), procps (`sysctl`, used by the tests). Missing ones are
+//!   (`setcap`), procps (`sysctl`, used by the tests), docker.io and
+//!   busybox-static (`cargo xtask e2e`: rootless dockerd and an offline
+//!   image), systemd (`systemd-analyze verify` of the shipped units). Missing ones are
 //!   installed with `apt-get update` + `apt-get install -y`.
 //! - rust-src for the nightly toolchain (the eBPF crate builds `core` for
 //!   bpfel-unknown-none); the nightly toolchain itself if it is missing.
@@ -37,6 +39,9 @@ const PACKAGES: &[&str] = &[
     "slirp4netns",
     "libcap2-bin",
     "procps",
+    "docker.io",
+    "busybox-static",
+    "systemd",
 ];
 
 /// The LLVM major version nightly uses, which bpf-linker must match.

@@ -127,15 +127,32 @@ pub struct Options {
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(
-        "{what}: {cause:#} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
+        "{what}: {} (the ebpf engine needs CAP_BPF and CAP_NET_ADMIN, or root, and a \
          kernel with sockmap support (CONFIG_BPF_STREAM_PARSER, Linux 5.13+): grant them with \
          `setcap cap_bpf,cap_net_admin+ep` on the binary or as ambient capabilities; \
-         --mode splice runs without BPF)"
+         --mode splice runs without BPF)",
+        chain(.cause)
     )]
     Load {
         what: &'static str,
         cause: anyhow::Error,
     },
+}
+
+/// An error and its causes, joined with ": ", each message once: aya's
+/// errors repeat their cause's text ("failed to create map X: failed to
+/// create map X: ...").
+fn chain(e: &anyhow::Error) -> String {
+    let mut out: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        match out.last_mut() {
+            Some(last) if last.contains(&m) => {}
+            Some(last) if m.contains(last.as_str()) => *last = m,
+            _ => out.push(m),
+        }
+    }
+    out.join(": ")
 }
 
 fn load_err(what: &'static str) -> impl FnOnce(anyhow::Error) -> EbpfError {
@@ -859,7 +876,18 @@ impl Engine for EbpfEngine {
 
 #[cfg(test)]
 mod tests {
-    use super::direction_drained;
+    use super::{chain, direction_drained};
+
+    #[test]
+    fn error_chains_say_each_thing_once() {
+        let e = anyhow::anyhow!("failed to create map `M`: Operation not permitted")
+            .context("failed to create map `M`")
+            .context("map error");
+        assert_eq!(
+            chain(&e),
+            "map error: failed to create map `M`: Operation not permitted"
+        );
+    }
 
     #[test]
     fn drain_rule() {

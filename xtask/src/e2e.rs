@@ -1,0 +1,589 @@
+//! `cargo xtask e2e`: rootless Docker publishes ports through forwarder,
+//! end to end, as a user would run it.
+//!
+//! For each configuration (forwarder in auto mode as a plain user, and with
+//! CAP_BPF + CAP_NET_ADMIN as ambient capabilities):
+//!
+//! 1. rootless dockerd (Debian's `dockerd-rootless.sh`, RootlessKit with
+//!    `--port-driver=none`, slirp4netns, vfs storage) starts as the
+//!    unprivileged test user, with its data under `target/e2e`;
+//! 2. `forwarder attach-docker` starts as the same user and takes over
+//!    RootlessKit's API socket;
+//! 3. a busybox image (imported from Debian's `busybox-static`, no
+//!    registry) runs `httpd` with `-p 127.0.0.2:8080:80 -p 8081:80
+//!    -p 127.0.0.1:8082:80/tcp`, serving a 1 GiB file of known SHA-256
+//!    from a read-only bind mount;
+//! 4. checks: each published address answers (8081 over IPv4 and IPv6),
+//!    the 1 GiB download's checksum, `docker restart` re-adds the ports,
+//!    `docker rm -f` removes them, and stopping dockerd leaves no listener
+//!    (the forwarder exits when the container's namespaces go) and puts
+//!    RootlessKit's socket back.
+//!
+//! Every check is reported as a row; the task fails if any failed.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use sha2::{Digest, Sha256};
+
+use crate::util::{self, die_with_parent, output, Proc};
+
+/// The unprivileged user dockerd and forwarder run as (`setup` creates it).
+const USER: &str = "fwdtest";
+/// The image the suite imports.
+const IMAGE: &str = "forwarder-e2e-busybox:1";
+/// Size of the download checked end to end.
+const BIG: u64 = 1 << 30;
+/// The published ports: (what `docker run -p` is given, addresses to try).
+const PUBLISH: &[(&str, &[&str])] = &[
+    ("127.0.0.2:8080:80", &["127.0.0.2:8080"]),
+    ("8081:80", &["127.0.0.1:8081", "[::1]:8081"]),
+    ("127.0.0.1:8082:80/tcp", &["127.0.0.1:8082"]),
+];
+
+/// How the forwarder runs.
+#[derive(Clone, Copy, Debug)]
+enum Config {
+    /// As the plain user: auto mode finds no BPF permission.
+    Plain,
+    /// With CAP_BPF + CAP_NET_ADMIN as ambient capabilities.
+    WithBpf,
+}
+
+impl Config {
+    fn name(self) -> &'static str {
+        match self {
+            Config::Plain => "auto, plain user",
+            Config::WithBpf => "auto, CAP_BPF+CAP_NET_ADMIN",
+        }
+    }
+}
+
+/// The test user's ids and the suite's directories.
+struct Env {
+    uid: u32,
+    gid: u32,
+    work: PathBuf,
+    home: PathBuf,
+    runtime: PathBuf,
+    www: PathBuf,
+    big_sha: String,
+}
+
+impl Env {
+    /// `setpriv` to the test user (with the ambient capabilities of
+    /// `caps`, if any), then `program`, with the user's environment.
+    fn as_user(&self, caps: Option<&str>, program: &str) -> Command {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid",
+            &self.uid.to_string(),
+            "--regid",
+            &self.gid.to_string(),
+            "--clear-groups",
+        ]);
+        if let Some(caps) = caps {
+            c.args(["--inh-caps", caps, "--ambient-caps", caps]);
+        }
+        c.arg(program)
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/share/docker.io/contrib:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .env("HOME", &self.home)
+            .env("XDG_RUNTIME_DIR", &self.runtime)
+            .env(
+                "DOCKER_HOST",
+                format!("unix://{}/docker.sock", self.runtime.display()),
+            )
+            .env("DOCKER_CONFIG", self.home.join(".docker"))
+            .current_dir(&self.home);
+        c
+    }
+
+    fn docker(&self, args: &[&str]) -> Result<String> {
+        output(self.as_user(None, "docker").args(args))
+    }
+}
+
+fn id(flag: &str) -> Result<u32> {
+    output(Command::new("id").args([flag, USER]))?
+        .trim()
+        .parse()
+        .with_context(|| format!("`id {flag} {USER}`"))
+}
+
+fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))
+        .with_context(|| format!("chown {}", path.display()))
+}
+
+/// Makes the directories, the image tarball and the 1 GiB file (kept
+/// between runs; its hash is recomputed, cheaply, from the generator).
+fn prepare() -> Result<Env> {
+    let (uid, gid) = (id("-u")?, id("-g")?);
+    let work = util::target_dir()?.join("e2e");
+    let home = work.join("home");
+    let runtime = PathBuf::from(format!("/run/user/{uid}"));
+    let www = work.join("www");
+    for d in [&work, &home, &runtime, &www] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    // The test user must reach its home and the served files through
+    // target/.
+    use std::os::unix::fs::PermissionsExt as _;
+    for d in [&work, &www] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    for a in work.ancestors().skip(1) {
+        let mode = std::fs::metadata(a)?.permissions().mode();
+        ensure!(
+            mode & 0o001 != 0,
+            "{} (mode {mode:o}) is not searchable by others: the test user cannot reach {}",
+            a.display(),
+            work.display()
+        );
+    }
+    chown(&home, uid, gid)?;
+    chown(&runtime, uid, gid)?;
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700))?;
+    std::fs::write(www.join("index.html"), "hello from the container\n")?;
+    let big = www.join("big");
+    let big_sha = write_big(&big)?;
+    Ok(Env {
+        uid,
+        gid,
+        work,
+        home,
+        runtime,
+        www,
+        big_sha,
+    })
+}
+
+/// The 1 GiB file: a xorshift stream, written once; returns its SHA-256.
+fn write_big(path: &Path) -> Result<String> {
+    let fresh = std::fs::metadata(path)
+        .map(|m| m.len() != BIG)
+        .unwrap_or(true);
+    let mut file = if fresh {
+        Some(std::io::BufWriter::new(std::fs::File::create(path)?))
+    } else {
+        None
+    };
+    let mut h = Sha256::new();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    for _ in 0..(BIG >> 20) {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes());
+        }
+        h.update(&buf);
+        if let Some(f) = file.as_mut() {
+            f.write_all(&buf)?;
+        }
+    }
+    if let Some(mut f) = file {
+        f.flush()?;
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+/// A rootless dockerd of the test user; stopped (SIGTERM to RootlessKit,
+/// by PID) on drop.
+struct Dockerd {
+    proc: Proc,
+    log: PathBuf,
+}
+
+impl Dockerd {
+    fn start(env: &Env) -> Result<Dockerd> {
+        let log = env.work.join("dockerd.log");
+        let logf = std::fs::File::create(&log)?;
+        let mut cmd = env.as_user(None, "dockerd-rootless.sh");
+        cmd.env("DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER", "none")
+            .args(["--storage-driver=vfs", "--data-root"])
+            .arg(env.home.join("docker"))
+            .arg("--exec-root")
+            .arg(env.runtime.join("docker-exec"))
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf);
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let proc = Proc::spawn(&mut cmd, "rootless dockerd")?;
+        let d = Dockerd { proc, log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while env
+            .docker(&["info", "--format", "{{.ServerVersion}}"])
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "rootless dockerd did not answer within 60 s{}",
+                    d.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(d)
+    }
+
+    fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = s.lines().collect();
+        format!(
+            "\ndockerd's last log lines:\n  {}",
+            lines[lines.len().saturating_sub(15)..].join("\n  ")
+        )
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.proc
+            .stop(libc::SIGTERM, Duration::from_secs(30))
+            .map(|_| ())
+    }
+}
+
+/// `forwarder attach-docker` as the test user.
+struct Fwd {
+    proc: Proc,
+    ready: serde_json::Value,
+    log: PathBuf,
+}
+
+impl Fwd {
+    fn start(env: &Env, bin: &Path, config: Config) -> Result<Fwd> {
+        let caps = match config {
+            Config::Plain => None,
+            Config::WithBpf => Some("+bpf,+net_admin"),
+        };
+        let log = env.work.join("forwarder.log");
+        let mut cmd = env.as_user(caps, &bin.display().to_string());
+        cmd.arg("attach-docker")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
+        die_with_parent(&mut cmd, libc::SIGTERM);
+        let mut proc = Proc::spawn(&mut cmd, "forwarder attach-docker")?;
+        let out = proc.child()?.stdout.take().context("stdout")?;
+        let lines = util::lines(out);
+        let line = lines.recv_timeout(Duration::from_secs(20)).map_err(|_| {
+            anyhow::anyhow!(
+                "forwarder attach-docker wrote no ready line: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        })?;
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("the forwarder's first line is not JSON: {line:?}"))?;
+        ensure!(
+            ready["event"] == "ready",
+            "expected a ready line, got {line}"
+        );
+        // Keep reading stdout so the forwarder never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Fwd { proc, ready, log })
+    }
+}
+
+/// One HTTP GET over a fresh connection; the body's SHA-256 and length.
+fn get(addr: &str, path: &str) -> Result<(String, u64, Vec<u8>)> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: e2e\r\n\r\n")?;
+    // Headers, up to the blank line.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ensure!(
+            s.read(&mut byte)? == 1,
+            "{addr} closed before the end of the headers"
+        );
+        head.push(byte[0]);
+        ensure!(head.len() < 16 * 1024, "{addr}: headers too long");
+    }
+    let status = String::from_utf8_lossy(&head);
+    ensure!(
+        status.starts_with("HTTP/1.") && status.contains(" 200 "),
+        "{addr}{path}: {}",
+        status.lines().next().unwrap_or("")
+    );
+    let mut h = Sha256::new();
+    let mut n = 0u64;
+    let mut first = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let k = s
+            .read(&mut buf)
+            .with_context(|| format!("reading from {addr}"))?;
+        if k == 0 {
+            break;
+        }
+        if first.len() < 256 {
+            first.extend_from_slice(&buf[..k.min(256 - first.len())]);
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((format!("{:x}", h.finalize()), n, first))
+}
+
+/// Every published address answers with the index page.
+fn all_answer() -> Result<String> {
+    let mut tried = Vec::new();
+    for (_, addrs) in PUBLISH {
+        for a in *addrs {
+            let (_, _, body) = get(a, "/")?;
+            ensure!(
+                body.starts_with(b"hello from the container"),
+                "{a} answered {:?}",
+                String::from_utf8_lossy(&body)
+            );
+            tried.push(*a);
+        }
+    }
+    Ok(tried.join(", "))
+}
+
+/// Connections to every published address are refused.
+fn none_answer() -> Result<String> {
+    for (_, addrs) in PUBLISH {
+        for a in *addrs {
+            let addr: SocketAddr = a.parse()?;
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(e) => bail!("{a}: {e} (expected a refusal)"),
+                Ok(_) => bail!("{a} still accepts connections"),
+            }
+        }
+    }
+    Ok("every published address refuses".into())
+}
+
+/// How many ports the forwarder's API lists (asked with its own client).
+fn api_ports(env: &Env, bin: &Path, state_dir: &Path) -> Result<usize> {
+    let out = output(
+        env.as_user(None, &bin.display().to_string())
+            .args(["ports", "ls", "--json", "--api-socket"])
+            .arg(state_dir.join("api.sock")),
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("the API's port list")?;
+    Ok(v.as_array().map_or(0, Vec::len))
+}
+
+/// Waits up to `limit` for `check` to pass; returns its last result.
+fn within<T>(limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match check() {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// A check's outcome.
+struct Row {
+    config: &'static str,
+    check: &'static str,
+    secs: f64,
+    result: Result<String>,
+}
+
+/// Runs one configuration's checks, appending a row each.
+fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> Result<()> {
+    let mut row = |check: &'static str, f: &mut dyn FnMut() -> Result<String>| -> bool {
+        let t = Instant::now();
+        let result = f();
+        let ok = result.is_ok();
+        eprintln!(
+            "e2e: {:<28} {:<40} {}",
+            config.name(),
+            check,
+            match &result {
+                Ok(s) => format!("ok ({s})"),
+                Err(e) => format!("FAILED: {e:#}"),
+            }
+        );
+        rows.push(Row {
+            config: config.name(),
+            check,
+            secs: t.elapsed().as_secs_f64(),
+            result,
+        });
+        ok
+    };
+    let mut dockerd = Dockerd::start(env)?;
+    let image = env.work.join("busybox.tar");
+    if env.docker(&["image", "inspect", IMAGE]).is_err() {
+        make_image_tar(&image)?;
+        env.docker(&["import", &image.display().to_string(), IMAGE])?;
+    }
+    let state_dir = PathBuf::from(
+        output(Command::new(bin).args([
+            "attach-docker",
+            "--print",
+            "--uid",
+            &env.uid.to_string(),
+        ]))?
+        .trim(),
+    );
+    let mut fwd = Fwd::start(env, bin, config)?;
+    let engine = fwd.ready["engine"].as_str().unwrap_or("?").to_string();
+    row("forwarder attached", &mut || {
+        ensure!(
+            state_dir.join("api.sock.rootlesskit").exists(),
+            "RootlessKit's socket was not set aside"
+        );
+        Ok(format!(
+            "engine {engine}, state dir {}",
+            state_dir.display()
+        ))
+    });
+    let _ = env.docker(&["rm", "-f", "web"]);
+    let mut run = vec!["run", "-d", "--name", "web"];
+    for (p, _) in PUBLISH {
+        run.extend(["-p", p]);
+    }
+    let mount = format!("{}:/www:ro", env.www.display());
+    run.extend([
+        "-v",
+        &mount,
+        IMAGE,
+        "/bin/busybox",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/www",
+    ]);
+    row("docker run -p publishes", &mut || {
+        env.docker(&run)?;
+        within(Duration::from_secs(10), all_answer)
+    });
+    row("1 GiB download, SHA-256", &mut || {
+        let t = Instant::now();
+        let (sha, n, _) = get("127.0.0.1:8081", "/big")?;
+        ensure!(n == BIG, "received {n} bytes of {BIG}");
+        ensure!(
+            sha == env.big_sha,
+            "checksum {sha}, expected {}",
+            env.big_sha
+        );
+        Ok(format!(
+            "{:.1} Gbit/s",
+            (BIG * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
+        ))
+    });
+    row("docker restart re-adds", &mut || {
+        env.docker(&["restart", "-t", "1", "web"])?;
+        let s = within(Duration::from_secs(10), all_answer)?;
+        let n = api_ports(env, bin, &state_dir)?;
+        ensure!(n == 4, "{n} ports in the API, expected 4");
+        Ok(s)
+    });
+    row("docker rm -f removes", &mut || {
+        env.docker(&["rm", "-f", "web"])?;
+        let n = within(Duration::from_secs(10), || {
+            let n = api_ports(env, bin, &state_dir)?;
+            ensure!(n == 0, "{n} ports left in the API");
+            Ok(n)
+        })?;
+        Ok(format!("{n} ports; {}", none_answer()?))
+    });
+    // Leave a container publishing, then stop dockerd under it.
+    env.docker(&run)?;
+    within(Duration::from_secs(10), all_answer)?;
+    row("dockerd stops: no listener", &mut || {
+        dockerd.stop()?;
+        let st = within(Duration::from_secs(15), || {
+            fwd.proc
+                .try_wait()?
+                .context("the forwarder is still running")
+        })?;
+        let log = std::fs::read_to_string(&fwd.log).unwrap_or_default();
+        let last = log.lines().last().unwrap_or("").to_string();
+        Ok(format!(
+            "forwarder exited ({st}): {last}; {}",
+            none_answer()?
+        ))
+    });
+    Ok(())
+}
+
+/// A tarball holding only `/bin/busybox` (Debian's busybox-static).
+fn make_image_tar(path: &Path) -> Result<()> {
+    let root = path.with_extension("root");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::create_dir_all(root.join("www"))?;
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("copying /bin/busybox (Debian's busybox-static)")?;
+    util::run(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(path)
+            .arg("."),
+    )?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    crate::setup::run()?;
+    ensure!(
+        util::is_root(),
+        "the e2e suite starts rootless dockerd as the test user: run it as root"
+    );
+    util::catch_interrupts();
+    let bin = util::build_forwarder()?;
+    let t = Instant::now();
+    let env = prepare()?;
+    let mut rows = Vec::new();
+    for config in [Config::Plain, Config::WithBpf] {
+        if let Err(e) = configuration(&env, &bin, config, &mut rows) {
+            rows.push(Row {
+                config: config.name(),
+                check: "set-up",
+                secs: 0.0,
+                result: Err(e),
+            });
+        }
+    }
+    println!("\n| configuration | check | s | result |\n|---|---|---|---|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.1} | {} |",
+            r.config,
+            r.check,
+            r.secs,
+            match &r.result {
+                Ok(s) => format!("ok: {s}"),
+                Err(e) => format!("FAILED: {e:#}"),
+            }
+        );
+    }
+    let failed = rows.iter().filter(|r| r.result.is_err()).count();
+    println!(
+        "\ne2e: {} passed, {failed} failed in {:.0} s",
+        rows.len() - failed,
+        t.elapsed().as_secs_f64()
+    );
+    if failed > 0 {
+        bail!("{failed} end-to-end checks failed");
+    }
+    Ok(())
+}
