@@ -12,6 +12,7 @@ mod port;
 mod spec;
 mod stats;
 mod sys;
+mod udp;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -105,8 +106,9 @@ struct RunArgs {
     /// runtime started inside the container.
     #[arg(long, value_name = "SOCKET")]
     child_agent: Option<PathBuf>,
-    /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/tcp|/tcp4|/tcp6],
-    /// IPv6 addresses in brackets. Repeatable.
+    /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/PROTO],
+    /// PROTO one of tcp (the default), tcp4, tcp6, udp, udp4, udp6; IPv6
+    /// addresses in brackets. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
     publish: Vec<PortSpec>,
     /// Which engine carries the bytes.
@@ -120,6 +122,22 @@ struct RunArgs {
     /// rootlessctl, dockerd and nerdctl can add and remove ports.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// A UDP flow (one client address) with no datagram either way for this
+    /// many seconds is closed. Fractions allowed (0.5).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    udp_idle_timeout: std::time::Duration,
+    /// Live UDP flows per published address; a new client beyond it evicts
+    /// the least recently active flow.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    udp_max_flows: u32,
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
+    }
 }
 
 fn parse_spec(s: &str) -> Result<PortSpec, String> {
@@ -220,7 +238,10 @@ async fn run(args: RunArgs) -> Result<()> {
     )?;
     let (dialer, mut agent_child) = dialer(&args)?;
     tracing::info!(engine = %engine.kind(), %reason, "engine selected");
-    let ports = Arc::new(PortManager::new(dialer, engine));
+    let ports = Arc::new(PortManager::new(dialer, engine).with_udp_options(udp::UdpOptions {
+        idle_timeout: args.udp_idle_timeout,
+        max_flows: args.udp_max_flows as usize,
+    }));
     let mut listeners = Vec::new();
     for spec in &args.publish {
         let st = ports
