@@ -165,6 +165,7 @@ fn stats_event(ports: &PortManager) -> serde_json::Value {
             obj.insert("bpf_map_entries".into(), json!(m));
         }
         obj.insert("pooled".into(), json!(st.pooled));
+        obj.insert("udp".into(), json!(st.udp));
     }
     v
 }

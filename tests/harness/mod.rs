@@ -9,6 +9,7 @@
 pub mod bpf;
 pub mod data;
 pub mod servers;
+pub mod udp;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
