@@ -58,14 +58,15 @@ pub async fn echo_both_families(privilege: Privilege) {
     let mut f = start(
         &pair,
         &[],
-        &[
-            "127.0.0.1:5353:53/udp",
-            "[::1]:5353:53/udp6",
-            "5354:53/udp",
-        ],
+        &["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp6", "5354:53/udp"],
     );
     within(30, "echo", async {
-        for to in ["127.0.0.1:5353", "[::1]:5353", "127.0.0.1:5354", "[::1]:5354"] {
+        for to in [
+            "127.0.0.1:5353",
+            "[::1]:5353",
+            "127.0.0.1:5354",
+            "[::1]:5354",
+        ] {
             let c = client_in(&pair.parent, to);
             for k in 0..3 {
                 let msg = format!("hello {to} #{k}");
@@ -136,11 +137,7 @@ pub async fn largest_datagrams(privilege: Privilege) {
     let pair = Pair::with(privilege);
     udp::echo(bind_in(&pair.child, "127.0.0.1:53", Some(1 << 20)));
     udp::echo(bind_in(&pair.child, "[::1]:53", Some(1 << 20)));
-    let mut f = start(
-        &pair,
-        &[],
-        &["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp"],
-    );
+    let mut f = start(&pair, &[], &["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp"]);
     within(30, "largest datagrams", async {
         for (to, max) in [("127.0.0.1:5353", 65_507usize), ("[::1]:5353", 65_527)] {
             let c = client_in(&pair.parent, to);
@@ -211,7 +208,11 @@ pub async fn ipv6_fallback(privilege: Privilege) {
     .await;
     let st = f.stats();
     f.stop();
-    assert_eq!(n(&port_udp(&st, "[::1]:5353:53/udp")["dial_failures"]), 0, "{st}");
+    assert_eq!(
+        n(&port_udp(&st, "[::1]:5353:53/udp")["dial_failures"]),
+        0,
+        "{st}"
+    );
 }
 
 /// Polls the forwarder's stats until `ok` holds for the port, or panics.
@@ -365,7 +366,10 @@ pub async fn rootlessctl_api(privilege: Privilege) {
         (out.status.success(), text)
     };
     let (ok, out) = ctl(&["info", "--json"]);
-    assert!(ok && out.contains("\"udp\"") && out.contains("\"udp4\""), "{out}");
+    assert!(
+        ok && out.contains("\"udp\"") && out.contains("\"udp4\""),
+        "{out}"
+    );
     // TCP and UDP on the same port are separate ports.
     let (ok, out) = ctl(&["add-ports", "127.0.0.1:5353:53/udp"]);
     assert!(ok && out.trim() == "1", "{out}");

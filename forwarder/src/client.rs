@@ -171,9 +171,19 @@ pub async fn status(socket: &Path) -> Result<()> {
     if !udp.is_empty() {
         println!(
             "{:<6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>9}",
-            "UDP", "FLOWS", "EVICTED", "DGRAMS-IN", "DGRAMS-OUT", "TO-CHILD", "TO-PARENT", "DROPPED"
+            "UDP",
+            "FLOWS",
+            "EVICTED",
+            "DGRAMS-IN",
+            "DGRAMS-OUT",
+            "TO-CHILD",
+            "TO-PARENT",
+            "DROPPED"
         );
-        for (id, u) in udp.iter().chain(std::iter::once(&("total".to_string(), st.udp))) {
+        for (id, u) in udp
+            .iter()
+            .chain(std::iter::once(&("total".to_string(), st.udp)))
+        {
             println!(
                 "{:<6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>9}",
                 id,

@@ -239,10 +239,12 @@ async fn run(args: RunArgs) -> Result<()> {
     )?;
     let (dialer, mut agent_child) = dialer(&args)?;
     tracing::info!(engine = %engine.kind(), %reason, "engine selected");
-    let ports = Arc::new(PortManager::new(dialer, engine).with_udp_options(udp::UdpOptions {
-        idle_timeout: args.udp_idle_timeout,
-        max_flows: args.udp_max_flows as usize,
-    }));
+    let ports = Arc::new(
+        PortManager::new(dialer, engine).with_udp_options(udp::UdpOptions {
+            idle_timeout: args.udp_idle_timeout,
+            max_flows: args.udp_max_flows as usize,
+        }),
+    );
     let mut listeners = Vec::new();
     for spec in &args.publish {
         let st = ports

@@ -420,7 +420,12 @@ impl<T> FlowTable<T> {
 
     /// Adds a flow for `key` (which must not be present). When the table is
     /// full the least recently active flow is removed first and returned.
-    pub fn insert(&mut self, key: SocketAddr, val: T, now_ms: u64) -> (usize, Option<(SocketAddr, T)>) {
+    pub fn insert(
+        &mut self,
+        key: SocketAddr,
+        val: T,
+        now_ms: u64,
+    ) -> (usize, Option<(SocketAddr, T)>) {
         debug_assert!(!self.map.contains_key(&key));
         let evicted = if self.len() >= self.cap {
             self.remove(self.tail)
@@ -898,7 +903,10 @@ fn drain(fd: BorrowedFd<'_>, limit: u64) -> u64 {
 enum FlowState {
     /// Waiting for the child socket; datagrams that came meanwhile.
     Dialing(Vec<Vec<u8>>),
-    Ready { sock: OwnedFd, drops: DropCounter },
+    Ready {
+        sock: OwnedFd,
+        drops: DropCounter,
+    },
 }
 
 struct Flow {
@@ -1202,10 +1210,12 @@ impl Relay {
         match result {
             Ok((sock, _reached)) => {
                 let _ = prepare(sock.as_fd());
-                if let Err(e) = self.ep.get_ref().0.add(
-                    &sock,
-                    EpollEvent::new(EpollFlags::EPOLLIN, idx as u64),
-                ) {
+                if let Err(e) = self
+                    .ep
+                    .get_ref()
+                    .0
+                    .add(&sock, EpollEvent::new(EpollFlags::EPOLLIN, idx as u64))
+                {
                     self.dial_failed(idx, &format!("epoll: {e}"));
                     return;
                 }
