@@ -43,6 +43,8 @@ enum Task {
     },
     /// Throughput, latency, connection rate: direct, engines and peers.
     Bench(bench::Args),
+    /// UDP: flood and echo rates, direct, forwarder, RootlessKit, pasta.
+    BenchUdp(bench::udp::UdpArgs),
     /// The demo's HTTP server (runs inside the demo namespace).
     #[command(hide = true)]
     DemoServer {
@@ -63,6 +65,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test { args } => test::run(&args),
         Task::Bench(args) => bench::run(&args),
+        Task::BenchUdp(args) => bench::udp::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }
