@@ -384,11 +384,26 @@ pub async fn rootlessctl_api(privilege: Privilege) {
         assert_eq!(ask(&c, b"via rootlessctl").await, b"via rootlessctl");
     })
     .await;
+    // `forwarder status` shows the UDP port's datagrams and flows.
+    let out = Command::new(forwarder_tests::forwarder_bin())
+        .args(["status", "--api-socket", &sock])
+        .output()
+        .expect("forwarder status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("UDP"))
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    // ID, FLOWS, EVICTED, DGRAMS-IN, DGRAMS-OUT, ...
+    assert_eq!(row.get(..5), Some(&["1", "1", "0", "1", "1"][..]), "{text}");
     let (ok, out) = ctl(&["remove-ports", "1"]);
     assert!(ok, "{out}");
-    // The address is free again once removed.
-    let again = std::net::UdpSocket::bind("127.0.0.1:0");
-    assert!(again.is_ok());
+    // The address is free again once removed (bind_in panics otherwise).
+    drop(bind_in(&pair.parent, "127.0.0.1:5353", None));
     let st = f.stats();
     f.stop();
     assert_eq!(n(&st["udp"]["datagrams_to_child"]), 1, "{st}");

@@ -534,10 +534,14 @@ fn meminfo_drops(fd: BorrowedFd<'_>) -> Option<u32> {
 }
 
 /// Options every socket of ours gets: drop counts on each datagram
-/// (SO_RXQ_OVFL, Linux 2.6.33) and a larger receive buffer.
+/// (SO_RXQ_OVFL, Linux 2.6.33) and a larger receive buffer: RCVBUF bytes
+/// where CAP_NET_ADMIN allows (SO_RCVBUFFORCE, while the forwarder still
+/// holds it at start), else as much as net.core.rmem_max allows.
 fn prepare(fd: BorrowedFd<'_>) -> io::Result<()> {
     set_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
-    let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(RCVBUF);
+    if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF as i32).is_err() {
+        let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(RCVBUF);
+    }
     Ok(())
 }
 
