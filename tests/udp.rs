@@ -265,8 +265,8 @@ pub async fn flow_cap(privilege: Privilege) {
     within(30, "flow cap", async {
         // Flows 0, 1, 2; then 0 is used again, so 1 is the least recently
         // active when flow 3 arrives and is the one evicted.
-        for k in 0..3 {
-            seen.push(ask(&c[k], b"x").await);
+        for sock in &c[..3] {
+            seen.push(ask(sock, b"x").await);
         }
         assert_eq!(ask(&c[0], b"x").await, seen[0]);
         seen.push(ask(&c[3], b"x").await);
