@@ -995,8 +995,8 @@ pub async fn serve(
                         let now = relay.now_ms();
                         for ev in &events[..n] {
                             match ev.data() {
-                                PARENT => relay.from_clients(now),
-                                idx => relay.from_child(idx as usize, now),
+                                PARENT => relay.relay_clients(now),
+                                idx => relay.relay_replies(idx as usize, now),
                             }
                         }
                     }
@@ -1067,7 +1067,7 @@ impl Relay {
     }
 
     /// Datagrams from clients: one batch from the parent socket.
-    fn from_clients(&mut self, now: u64) {
+    fn relay_clients(&mut self, now: u64) {
         let n = match self.batch.recv(self.parent.as_raw_fd()) {
             Ok(n) => n,
             Err(e) => {
@@ -1122,14 +1122,14 @@ impl Relay {
                     flow.local = anc.local;
                 }
             }
-            self.to_child(idx, i..end);
+            self.send_to_child(idx, i..end);
             i = end;
         }
     }
 
     /// Sends datagrams `range` of the batch to flow `idx`'s child socket,
     /// or queues them while it dials.
-    fn to_child(&mut self, idx: usize, range: std::ops::Range<usize>) {
+    fn send_to_child(&mut self, idx: usize, range: std::ops::Range<usize>) {
         let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
@@ -1295,7 +1295,7 @@ impl Relay {
     }
 
     /// Replies from the child: one batch from flow `idx`'s socket.
-    fn from_child(&mut self, idx: usize, now: u64) {
+    fn relay_replies(&mut self, idx: usize, now: u64) {
         let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
