@@ -17,7 +17,7 @@ fn bad_specs_are_refused_naming_the_spec() {
         ("70000:80", "out of range"),
         ("abc:80", "not a number"),
         ("1.2.3.4.5:80:80", "not an IP address"),
-        ("8080:80/udp", "not supported yet"),
+        ("8080:80/sctp", "not supported yet"),
         ("8080:80/sctp7", "unknown protocol"),
         ("[::1:8080:80", "unterminated"),
         ("::1:8080:80", "brackets"),
@@ -201,7 +201,10 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{text}"));
     let protos = v["portDriver"]["protos"].to_string();
     assert!(
-        protos.contains("\"tcp4\"") && !protos.contains("tcp6"),
+        protos.contains("\"tcp4\"")
+            && !protos.contains("tcp6")
+            && protos.contains("\"udp4\"")
+            && !protos.contains("udp6"),
         "{v}"
     );
     // An explicit IPv6 request fails alone; the forwarder keeps serving.

@@ -12,7 +12,9 @@
 //!
 //! Wire format, one datagram each way per dial (at most [`MAX_MESSAGE`]
 //! bytes of JSON):
-//! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool}`;
+//! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool}`; a spec
+//!   whose proto is udp, udp4 or udp6 asks for a connected UDP socket (a
+//!   flow of [`crate::udp`]), any other for a connected TCP stream;
 //! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready"}` once
 //!   the agent has dropped its capabilities (the forwarder waits for it);
 //! - reply `{"id": N, "ok": true, "reached": "ADDR"}` with the socket
@@ -196,13 +198,29 @@ pub(crate) fn decode_reply(data: &[u8]) -> Option<Reply> {
 }
 
 /// Handles one request: parse, validate, dial in this namespace.
-async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<TcpStream>) {
+async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
     let (id, spec, ipv6_listener) = match decode_request(data) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
     };
     let plan = crate::dial::plan(&spec, ipv6_listener);
-    match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial(plan)).await {
+    let dialed = if spec.proto.is_udp() {
+        tokio::time::timeout(DIAL_TIMEOUT, dialer.dial_udp(plan)).await
+    } else {
+        tokio::time::timeout(DIAL_TIMEOUT, async {
+            let (stream, reached) = dialer.dial(plan).await?;
+            let fd = stream
+                .into_std()
+                .map(OwnedFd::from)
+                .map_err(|e| DialFailure {
+                    errno: e.raw_os_error(),
+                    message: e.to_string(),
+                })?;
+            Ok((fd, reached))
+        })
+        .await
+    };
+    match dialed {
         Ok(Ok((stream, reached))) => (
             Reply {
                 id,
@@ -249,8 +267,8 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
         let data = buf[..n].to_vec();
         let (sock, dialer) = (sock.clone(), dialer.clone());
         tokio::spawn(async move {
-            let (reply, stream) = handle(&dialer, &data).await;
-            let fd = stream.as_ref().map(|s| s.as_fd().as_raw_fd());
+            let (reply, dialed) = handle(&dialer, &data).await;
+            let fd = dialed.as_ref().map(|s| s.as_fd().as_raw_fd());
             if let Err(e) = send_reply(&sock, &reply, fd).await {
                 tracing::debug!(error = %e, "cannot send a reply; the forwarder is gone?");
             }
@@ -491,6 +509,31 @@ impl AgentClient {
         spec: &PortSpec,
         ipv6_listener: bool,
     ) -> Result<(TcpStream, SocketAddr), DialFailure> {
+        let (fd, reached) = self.request(spec, ipv6_listener).await?;
+        let fail = |e: io::Error| DialFailure {
+            errno: Some(libc::EIO),
+            message: e.to_string(),
+        };
+        let std = std::net::TcpStream::from(fd);
+        std.set_nonblocking(true).map_err(fail)?;
+        TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
+    }
+
+    /// Asks the agent for a connected UDP socket for a flow received by a
+    /// socket of `spec` (a udp, udp4 or udp6 spec).
+    pub async fn dial_udp(
+        &self,
+        spec: &PortSpec,
+        ipv6_listener: bool,
+    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
+        self.request(spec, ipv6_listener).await
+    }
+
+    async fn request(
+        &self,
+        spec: &PortSpec,
+        ipv6_listener: bool,
+    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
         let fail = |errno: i32, message: String| DialFailure {
             errno: Some(errno),
             message,
@@ -522,16 +565,11 @@ impl AgentClient {
             });
         }
         let fd = fd.ok_or_else(|| fail(libc::EPROTO, "agent replied without a socket".into()))?;
-        let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true)
-            .map_err(|e| fail(libc::EIO, e.to_string()))?;
         let reached = reply
             .reached
             .and_then(|r| r.parse().ok())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        TcpStream::from_std(std)
-            .map(|s| (s, reached))
-            .map_err(|e| fail(libc::EIO, e.to_string()))
+        Ok((fd, reached))
     }
 }
 
@@ -647,6 +685,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn hands_over_connected_udp_sockets() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = server.local_addr().unwrap().port();
+        let (p, _t) = agent().await;
+        let req = format!(
+            r#"{{"id":9,"spec":{{"proto":"udp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
+        );
+        let (reply, mut fds) = ask(&p, req.as_bytes()).await;
+        assert!(reply.ok, "{reply:?}");
+        assert_eq!(reply.reached, Some(format!("127.0.0.1:{port}")));
+        let sock = std::net::UdpSocket::from(fds.pop().expect("a socket"));
+        // A datagram socket, already connected to the server.
+        assert_eq!(sock.peer_addr().unwrap(), server.local_addr().unwrap());
+        sock.send(b"one datagram").unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = server.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"one datagram");
+        assert_eq!(from, sock.local_addr().unwrap());
+    }
+
+    #[tokio::test]
     async fn bad_requests_get_error_replies() {
         let (p, task) = agent().await;
         let (r, fds) = ask(&p, b"not json").await;
@@ -654,7 +713,7 @@ mod tests {
             !r.ok && r.errno == Some(libc::EINVAL) && fds.is_empty(),
             "{r:?}"
         );
-        let (r, _) = ask(&p, br#"{"id":1,"spec":{"proto":"udp","parentPort":1,"childPort":1},"ipv6_listener":false}"#).await;
+        let (r, _) = ask(&p, br#"{"id":1,"spec":{"proto":"sctp","parentPort":1,"childPort":1},"ipv6_listener":false}"#).await;
         assert!(!r.ok && r.message.unwrap_or_default().contains("not supported"));
         let big = vec![b'x'; MAX_MESSAGE * 4];
         let (r, _) = ask(&p, &big).await;

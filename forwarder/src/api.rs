@@ -215,12 +215,13 @@ async fn delete_port(
 }
 
 /// The protocols this forwarder can serve right now: without IPv6 in the
-/// parent namespace, no tcp6 (dockerd then skips those mappings itself).
+/// parent namespace, no tcp6 or udp6 (dockerd then skips those mappings
+/// itself).
 pub fn protos() -> Vec<&'static str> {
     if sys::ipv6_available() {
-        vec!["tcp", "tcp4", "tcp6"]
+        vec!["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]
     } else {
-        vec!["tcp", "tcp4"]
+        vec!["tcp", "tcp4", "udp", "udp4"]
     }
 }
 
@@ -257,6 +258,9 @@ pub struct StatsJson {
     /// Idle pipes and buffers kept for reuse by the splice and copy paths.
     #[serde(default)]
     pub pooled: Pooled,
+    /// UDP counters over every UDP port ever published.
+    #[serde(default)]
+    pub udp: crate::udp::UdpSnapshot,
 }
 
 /// The statistics of a port manager, as the API and the stdout channel
@@ -269,6 +273,7 @@ pub fn stats(ports: &PortManager) -> StatsJson {
         ports: per_port,
         bpf_map_entries: ports.engine().map_entries(),
         pooled: crate::engine::pooled(),
+        udp: ports.udp_total(),
     }
 }
 
@@ -384,7 +389,7 @@ mod tests {
                 "unknown protocol",
             ),
             (
-                format!(r#"{{"proto":"udp","parentPort":{p},"childPort":80}}"#),
+                format!(r#"{{"proto":"sctp","parentPort":{p},"childPort":80}}"#),
                 "not supported yet",
             ),
             (

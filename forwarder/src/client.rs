@@ -226,6 +226,56 @@ pub async fn status(socket: &Path) -> Result<()> {
     }
     // The total also counts ports removed since the start.
     row("total", "(incl. removed ports)", &st.total);
+    let udp: Vec<_> = st
+        .ports
+        .iter()
+        .filter_map(|p| p.udp.map(|u| (p.id.to_string(), u)))
+        .collect();
+    if !udp.is_empty() {
+        println!(
+            "{:<6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>9}",
+            "UDP",
+            "FLOWS",
+            "EVICTED",
+            "DGRAMS-IN",
+            "DGRAMS-OUT",
+            "TO-CHILD",
+            "TO-PARENT",
+            "DROPPED"
+        );
+        for (id, u) in udp
+            .iter()
+            .chain(std::iter::once(&("total".to_string(), st.udp)))
+        {
+            println!(
+                "{:<6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>9}",
+                id,
+                u.flows,
+                u.evictions,
+                u.datagrams_to_child,
+                u.datagrams_to_parent,
+                human(u.bytes_to_child),
+                human(u.bytes_to_parent),
+                u.drops.total()
+            );
+        }
+        let d = st.udp.drops;
+        if d.total() > 0 {
+            println!(
+                "udp drops: rx queue {}, child rx queue {}, oversize {}, send error {}, \
+                 unreachable {}, evicted {}, expired {}, dial failed {}, dial backlog {}",
+                d.rx_queue_overflow,
+                d.child_rx_queue_overflow,
+                d.oversize,
+                d.send_error,
+                d.unreachable,
+                d.evicted,
+                d.expired,
+                d.dial_failed,
+                d.dial_backlog
+            );
+        }
+    }
     let b = st.total.bytes_by_path;
     println!(
         "bytes by path: bpf {}, splice {}, copy {}",

@@ -24,3 +24,4 @@ pub mod spec;
 pub mod startup;
 pub mod stats;
 pub mod sys;
+pub mod udp;

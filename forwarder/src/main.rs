@@ -128,8 +128,9 @@ struct RunArgs {
         conflicts_with = "api_socket"
     )]
     rootlesskit_state_dir: Option<PathBuf>,
-    /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/tcp|/tcp4|/tcp6],
-    /// IPv6 addresses in brackets. Repeatable.
+    /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/PROTO],
+    /// PROTO one of tcp (the default), tcp4, tcp6, udp, udp4, udp6; IPv6
+    /// addresses in brackets. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
     publish: Vec<PortSpec>,
     /// Which engine carries the bytes.
@@ -149,6 +150,15 @@ struct RunArgs {
     /// the descriptor limit allows, two per connection plus headroom.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// A UDP flow (one client address) with no datagram either way for this
+    /// many seconds is closed. Fractions allowed (0.5).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    udp_idle_timeout: std::time::Duration,
+    /// Live UDP flows per published address; a new client beyond it evicts
+    /// the least recently active flow.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    udp_max_flows: u32,
 }
 
 impl From<RunArgs> for startup::Config {
@@ -163,7 +173,18 @@ impl From<RunArgs> for startup::Config {
             ebpf_parser: a.ebpf_parser,
             api_socket: a.api_socket,
             max_connections: a.max_connections.map(|n| n as usize),
+            udp: forwarder::udp::UdpOptions {
+                idle_timeout: a.udp_idle_timeout,
+                max_flows: a.udp_max_flows as usize,
+            },
         }
+    }
+}
+
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 1e9 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!("{s:?} is not a positive number of seconds")),
     }
 }
 
@@ -184,6 +205,15 @@ struct AttachArgs {
     ebpf_parser: bool,
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
+    /// A UDP flow (one client address) with no datagram either way for this
+    /// many seconds is closed. Fractions allowed (0.5).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    udp_idle_timeout: std::time::Duration,
+    /// Live UDP flows per published address; a new client beyond it evicts
+    /// the least recently active flow.
+    #[arg(long, value_name = "N", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    udp_max_flows: u32,
 }
 
 /// Checks across options that clap's attributes cannot express, so that
@@ -321,6 +351,10 @@ fn attach_docker(a: AttachArgs) -> Result<()> {
         ebpf_parser: a.ebpf_parser,
         api_socket: None,
         max_connections: a.max_connections.map(|n| n as usize),
+        udp: forwarder::udp::UdpOptions {
+            idle_timeout: a.udp_idle_timeout,
+            max_flows: a.udp_max_flows as usize,
+        },
     };
     startup::run(config, startup::Shutdown::Signals).map(drop)
 }

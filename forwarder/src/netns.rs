@@ -35,7 +35,8 @@ pub enum NetnsError {
     Gone,
 }
 
-type Request = (bool, oneshot::Sender<io::Result<OwnedFd>>);
+/// (IPv6?, UDP?, where to send the new socket)
+type Request = (bool, bool, oneshot::Sender<io::Result<OwnedFd>>);
 
 /// Creates sockets in the child namespace and dials with them.
 #[derive(Clone)]
@@ -80,8 +81,13 @@ impl ChildDialer {
                 if !ok {
                     return;
                 }
-                while let Ok((ipv6, reply)) = rx.recv() {
-                    let _ = reply.send(sys::tcp_socket(ipv6));
+                while let Ok((ipv6, udp, reply)) = rx.recv() {
+                    let sock = if udp {
+                        sys::udp_socket(ipv6)
+                    } else {
+                        sys::tcp_socket(ipv6)
+                    };
+                    let _ = reply.send(sock);
                 }
             })
             .map_err(|cause| NetnsError::Enter {
@@ -111,14 +117,48 @@ impl ChildDialer {
         r
     }
 
-    /// Creates a TCP socket of the given family inside the child namespace.
-    pub async fn socket(&self, ipv6: bool) -> io::Result<TcpSocket> {
+    async fn raw_socket(&self, ipv6: bool, udp: bool) -> io::Result<OwnedFd> {
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send((ipv6, tx))
+            .send((ipv6, udp, tx))
             .map_err(|_| io::Error::other(NetnsError::Gone))?;
-        let fd = rx.await.map_err(|_| io::Error::other(NetnsError::Gone))??;
+        rx.await.map_err(|_| io::Error::other(NetnsError::Gone))?
+    }
+
+    /// Creates a TCP socket of the given family inside the child namespace.
+    pub async fn socket(&self, ipv6: bool) -> io::Result<TcpSocket> {
+        let fd = self.raw_socket(ipv6, false).await?;
         Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+    }
+
+    /// Creates a UDP socket inside the child namespace and connects it to
+    /// `addr` (connecting a UDP socket sends nothing and does not block).
+    pub async fn connect_udp(&self, addr: SocketAddr) -> io::Result<OwnedFd> {
+        let fd = self.raw_socket(addr.is_ipv6(), true).await?;
+        crate::udp::connect(&fd, addr)?;
+        Ok(fd)
+    }
+
+    /// Executes a [`DialPlan`] for a UDP flow: as [`ChildDialer::dial`],
+    /// with a connected UDP socket. The IPv4 fallback applies when the
+    /// connect fails for lack of IPv6 (no route or no address in the child).
+    pub async fn dial_udp(&self, plan: DialPlan) -> Result<(OwnedFd, SocketAddr), DialFailure> {
+        match self.connect_udp(plan.target).await {
+            Ok(s) => Ok((s, plan.target)),
+            Err(e) => match plan.fallback {
+                Some(fb) if dial::should_fall_back(&e) => match self.connect_udp(fb).await {
+                    Ok(s) => Ok((s, fb)),
+                    Err(e2) => Err(DialFailure {
+                        errno: e2.raw_os_error(),
+                        message: format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
+                    }),
+                },
+                _ => Err(DialFailure {
+                    errno: e.raw_os_error(),
+                    message: format!("{}: {e}", plan.target),
+                }),
+            },
+        }
     }
 
     /// Connects to `addr` inside the child namespace.
@@ -184,6 +224,19 @@ impl Dialer {
         match self {
             Dialer::Netns(d) => d.dial(dial::plan(spec, ipv6_listener)).await,
             Dialer::Agent(a) => a.dial(spec, ipv6_listener).await,
+        }
+    }
+
+    /// Creates and connects a UDP socket in the child for a flow received
+    /// by a socket of `spec` (same rules as [`Dialer::dial`]).
+    pub async fn dial_udp(
+        &self,
+        spec: &crate::spec::PortSpec,
+        ipv6_listener: bool,
+    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
+        match self {
+            Dialer::Netns(d) => d.dial_udp(dial::plan(spec, ipv6_listener)).await,
+            Dialer::Agent(a) => a.dial_udp(spec, ipv6_listener).await,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! is all or nothing: every listener of the spec is bound before any accept
 //! loop starts, and a failure closes whatever was bound. Removing a port
 //! closes its listeners at once; connections already established on it run
-//! to their end on their engine.
+//! to their end on their engine. UDP ports (udp, udp4, udp6) have one
+//! relay task per bound address instead of accept loops, see
+//! [`crate::udp`]; removing one closes its flows too.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -24,6 +26,7 @@ use crate::netns::Dialer;
 use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
+use crate::udp::{self, UdpOptions, UdpSnapshot, UdpStats};
 
 /// How long a dial in the child may take before the client is reset.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,12 +85,17 @@ pub struct PortReport {
     pub engine: String,
     #[serde(flatten)]
     pub stats: Snapshot,
+    /// Datagrams, flows and drops of a UDP port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub udp: Option<UdpSnapshot>,
 }
 
 struct Port {
     spec: PortSpec,
     api: ApiSpec,
     stats: Arc<PortStats>,
+    /// Set for UDP ports.
+    udp: Option<Arc<UdpStats>>,
     listeners: Vec<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -122,12 +130,15 @@ struct State {
     retired: Vec<Arc<PortStats>>,
     /// Counters of retired ports that have fully ended.
     retired_total: Snapshot,
+    /// UDP counters of removed UDP ports (final once removed).
+    retired_udp: UdpSnapshot,
 }
 
 /// Shared by every accept loop.
 struct Ctx {
     dialer: Dialer,
     engine: Arc<dyn Engine>,
+    udp: UdpOptions,
 }
 
 /// Published ports.
@@ -154,8 +165,16 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(sock.into())
 }
 
-/// The listeners of one spec, bound and listening but not yet accepting.
-pub type Bound = Vec<(SocketAddr, std::net::TcpListener)>;
+/// The listeners of one spec, bound (and, for TCP, listening) but not yet
+/// served.
+pub type Bound = Vec<(SocketAddr, Listener)>;
+
+/// One bound socket of a port: a TCP listener, or the UDP socket of
+/// [`udp::serve`].
+pub enum Listener {
+    Tcp(std::net::TcpListener),
+    Udp(std::os::fd::OwnedFd),
+}
 
 /// Binds every listener of `spec` (all or nothing). Needs no runtime, so
 /// start-up binds the command line's ports before dropping capabilities.
@@ -173,7 +192,12 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
             }
             return Err(PortError::NoIpv6 { addr });
         }
-        match bind(addr) {
+        let b = if spec.proto.is_udp() {
+            udp::bind(addr).map(Listener::Udp)
+        } else {
+            bind(addr).map(Listener::Tcp)
+        };
+        match b {
             Ok(l) => bound.push((addr, l)),
             Err(e)
                 if optional
@@ -195,12 +219,24 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
 impl PortManager {
     pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
         PortManager {
-            ctx: Arc::new(Ctx { dialer, engine }),
+            ctx: Arc::new(Ctx {
+                dialer,
+                engine,
+                udp: UdpOptions::default(),
+            }),
             state: Mutex::new(State {
                 next_id: 1,
                 ..Default::default()
             }),
         }
+    }
+
+    /// Sets the UDP flow options (before any port is added).
+    pub fn with_udp_options(mut self, opts: UdpOptions) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.udp = opts;
+        }
+        self
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -242,24 +278,38 @@ impl PortManager {
     ) -> Result<PortStatus, PortError> {
         let mut listening = Vec::with_capacity(bound.len());
         for (addr, l) in bound {
-            let l = TcpListener::from_std(l).map_err(|e| PortError::listen(addr, e))?;
+            let l = match l {
+                Listener::Tcp(l) => {
+                    Served::Tcp(TcpListener::from_std(l).map_err(|e| PortError::listen(addr, e))?)
+                }
+                Listener::Udp(fd) => Served::Udp(fd),
+            };
             listening.push((addr, l));
         }
         let bound = listening;
         let id = st.next_id;
         st.next_id += 1;
         let stats = PortStats::new(id);
+        let udp_stats = spec.proto.is_udp().then(|| Arc::new(UdpStats::default()));
         let listeners: Vec<SocketAddr> = bound.iter().map(|(a, _)| *a).collect();
         let tasks = bound
             .into_iter()
-            .map(|(addr, l)| {
-                tokio::spawn(accept_loop(
+            .map(|(addr, b)| match (b, &udp_stats) {
+                (Served::Tcp(l), _) => tokio::spawn(accept_loop(
                     l,
                     addr,
                     spec.clone(),
                     stats.clone(),
                     self.ctx.clone(),
-                ))
+                )),
+                (Served::Udp(sock), u) => tokio::spawn(udp::serve(
+                    sock,
+                    addr,
+                    spec.clone(),
+                    u.clone().unwrap_or_default(),
+                    self.ctx.dialer.clone(),
+                    self.ctx.udp,
+                )),
             })
             .collect();
         tracing::info!(id, spec = %spec, listeners = ?listeners, "port published");
@@ -269,6 +319,7 @@ impl PortManager {
                 spec: spec.clone(),
                 api: api.clone(),
                 stats,
+                udp: udp_stats,
                 listeners: listeners.clone(),
                 tasks,
             },
@@ -299,7 +350,12 @@ impl PortManager {
             port
         };
         tracing::info!(id, spec = %port.spec, "port removed");
+        let udp = port.udp.clone();
         port.close().await;
+        if let Some(u) = udp {
+            // The relays are gone: the counters are final.
+            lock(&self.state).retired_udp += u.snapshot();
+        }
         Ok(())
     }
 
@@ -312,8 +368,24 @@ impl PortManager {
             ports
         };
         for (_, p) in ports {
+            let udp = p.udp.clone();
             p.close().await;
+            if let Some(u) = udp {
+                lock(&self.state).retired_udp += u.snapshot();
+            }
         }
+    }
+
+    /// UDP counters over every UDP port ever published.
+    pub fn udp_total(&self) -> UdpSnapshot {
+        let st = lock(&self.state);
+        let mut total = st.retired_udp;
+        for p in st.ports.values() {
+            if let Some(u) = &p.udp {
+                total += u.snapshot();
+            }
+        }
+        total
     }
 
     /// Per-port statistics and the total over all ports ever published.
@@ -332,17 +404,38 @@ impl PortManager {
         });
         st.retired_total += folded;
         let mut total = st.retired_total;
+        let ru = st.retired_udp;
+        total.bytes_to_child += ru.bytes_to_child;
+        total.bytes_to_parent += ru.bytes_to_parent;
+        total.bytes_by_path.copy += ru.bytes_to_child + ru.bytes_to_parent;
+        total.dial_failures += ru.dial_failures;
         for p in &st.retired {
             total += p.snapshot(live.get(&p.id).copied().unwrap_or_default());
         }
         let ports: Vec<PortReport> = st
             .ports
             .iter()
-            .map(|(id, p)| PortReport {
-                id: *id,
-                spec: p.spec.to_string(),
-                engine: self.ctx.engine.kind().to_string(),
-                stats: p.stats.snapshot(live.get(id).copied().unwrap_or_default()),
+            .map(|(id, p)| {
+                let mut stats = p.stats.snapshot(live.get(id).copied().unwrap_or_default());
+                let udp = p.udp.as_ref().map(|u| u.snapshot());
+                let engine = match &udp {
+                    Some(u) => {
+                        // Datagrams are copied through userspace buffers.
+                        stats.bytes_to_child += u.bytes_to_child;
+                        stats.bytes_to_parent += u.bytes_to_parent;
+                        stats.bytes_by_path.copy += u.bytes_to_child + u.bytes_to_parent;
+                        stats.dial_failures += u.dial_failures;
+                        "udp".to_string()
+                    }
+                    None => self.ctx.engine.kind().to_string(),
+                };
+                PortReport {
+                    id: *id,
+                    spec: p.spec.to_string(),
+                    engine,
+                    stats,
+                    udp,
+                }
             })
             .collect();
         for p in &ports {
@@ -350,6 +443,12 @@ impl PortManager {
         }
         (ports, total)
     }
+}
+
+/// A bound socket of a port.
+enum Served {
+    Tcp(TcpListener),
+    Udp(std::os::fd::OwnedFd),
 }
 
 /// Accepts connections on one listener forever; never exits on errors.

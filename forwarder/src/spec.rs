@@ -27,7 +27,7 @@ fn invalid(spec: &str, why: impl Into<String>) -> SpecError {
 
 /// Transport protocol and address family of a published port.
 ///
-/// `tcp` means "whatever the parent IP's family is", and for an
+/// `tcp` and `udp` mean "whatever the parent IP's family is", and for an
 /// unspecified parent IP both families (the IPv6 half may be discarded when
 /// the parent has no IPv6, see the README's IPv6 rules).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -36,6 +36,17 @@ pub enum Proto {
     Tcp,
     Tcp4,
     Tcp6,
+    Udp,
+    Udp4,
+    Udp6,
+}
+
+/// Which address families a protocol admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    V4,
+    V6,
 }
 
 impl Proto {
@@ -45,6 +56,33 @@ impl Proto {
             Proto::Tcp => "tcp",
             Proto::Tcp4 => "tcp4",
             Proto::Tcp6 => "tcp6",
+            Proto::Udp => "udp",
+            Proto::Udp4 => "udp4",
+            Proto::Udp6 => "udp6",
+        }
+    }
+
+    /// Whether this is one of the UDP protocols.
+    pub fn is_udp(self) -> bool {
+        matches!(self, Proto::Udp | Proto::Udp4 | Proto::Udp6)
+    }
+
+    /// The families the protocol admits.
+    pub fn family(self) -> Family {
+        match self {
+            Proto::Tcp | Proto::Udp => Family::Any,
+            Proto::Tcp4 | Proto::Udp4 => Family::V4,
+            Proto::Tcp6 | Proto::Udp6 => Family::V6,
+        }
+    }
+
+    /// The same transport limited to one family.
+    fn with_family(self, ipv4: bool) -> Proto {
+        match (self.is_udp(), ipv4) {
+            (false, true) => Proto::Tcp4,
+            (false, false) => Proto::Tcp6,
+            (true, true) => Proto::Udp4,
+            (true, false) => Proto::Udp6,
         }
     }
 }
@@ -62,11 +100,14 @@ impl FromStr for Proto {
             "tcp" => Ok(Proto::Tcp),
             "tcp4" => Ok(Proto::Tcp4),
             "tcp6" => Ok(Proto::Tcp6),
-            "udp" | "udp4" | "udp6" | "sctp" | "sctp4" | "sctp6" => Err(format!(
-                "protocol {s:?} is not supported yet (only tcp, tcp4, tcp6)"
+            "udp" => Ok(Proto::Udp),
+            "udp4" => Ok(Proto::Udp4),
+            "udp6" => Ok(Proto::Udp6),
+            "sctp" | "sctp4" | "sctp6" => Err(format!(
+                "protocol {s:?} is not supported yet (only tcp, tcp4, tcp6, udp, udp4, udp6)"
             )),
             other => Err(format!(
-                "unknown protocol {other:?} (expected tcp, tcp4 or tcp6)"
+                "unknown protocol {other:?} (expected tcp, tcp4, tcp6, udp, udp4 or udp6)"
             )),
         }
     }
@@ -94,10 +135,10 @@ impl PortSpec {
         if self.child_port == 0 {
             return Err(invalid(spec, "child port must be between 1 and 65535"));
         }
-        let fam_ok = |ip: &IpAddr| match self.proto {
-            Proto::Tcp => true,
-            Proto::Tcp4 => ip.is_ipv4(),
-            Proto::Tcp6 => ip.is_ipv6(),
+        let fam_ok = |ip: &IpAddr| match self.proto.family() {
+            Family::Any => true,
+            Family::V4 => ip.is_ipv4(),
+            Family::V6 => ip.is_ipv6(),
         };
         if let Some(ip) = &self.parent_ip {
             if !fam_ok(ip) {
@@ -138,17 +179,13 @@ impl PortSpec {
             }
         }
         // Normalise an explicit unspecified parent IP to "all addresses" of
-        // its family: 0.0.0.0 is tcp4-all, :: is tcp6-all.
+        // its family: 0.0.0.0 is tcp4-all (udp4-all), :: is tcp6-all.
         let mut s = self;
         if let Some(ip) = s.parent_ip {
             if ip.is_unspecified() {
                 s.parent_ip = None;
-                if s.proto == Proto::Tcp {
-                    s.proto = if ip.is_ipv4() {
-                        Proto::Tcp4
-                    } else {
-                        Proto::Tcp6
-                    };
+                if s.proto.family() == Family::Any {
+                    s.proto = s.proto.with_family(ip.is_ipv4());
                 }
             }
         }
@@ -160,11 +197,11 @@ impl PortSpec {
     /// IPv6 half of an unspecified `tcp` request).
     pub fn listen_addrs(&self) -> Vec<(SocketAddr, bool)> {
         let p = self.parent_port;
-        match (self.parent_ip, self.proto) {
+        match (self.parent_ip, self.proto.family()) {
             (Some(ip), _) => vec![(SocketAddr::new(ip, p), false)],
-            (None, Proto::Tcp4) => vec![(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p), false)],
-            (None, Proto::Tcp6) => vec![(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), p), false)],
-            (None, Proto::Tcp) => vec![
+            (None, Family::V4) => vec![(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p), false)],
+            (None, Family::V6) => vec![(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), p), false)],
+            (None, Family::Any) => vec![
                 (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), p), false),
                 (SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), p), true),
             ],
@@ -173,18 +210,19 @@ impl PortSpec {
 
     /// The families this spec listens on: `[ipv4, ipv6]`.
     pub fn families(&self) -> [bool; 2] {
-        match (self.parent_ip, self.proto) {
+        match (self.parent_ip, self.proto.family()) {
             (Some(ip), _) => [ip.is_ipv4(), ip.is_ipv6()],
-            (None, Proto::Tcp4) => [true, false],
-            (None, Proto::Tcp6) => [false, true],
-            (None, Proto::Tcp) => [true, true],
+            (None, Family::V4) => [true, false],
+            (None, Family::V6) => [false, true],
+            (None, Family::Any) => [true, true],
         }
     }
 
     /// Whether two specs would listen on an overlapping address: same
-    /// family, same port, and equal IPs or one of them unspecified.
+    /// transport (TCP and UDP ports never conflict), same family, same
+    /// port, and equal IPs or one of them unspecified.
     pub fn conflicts_with(&self, other: &PortSpec) -> bool {
-        if self.parent_port != other.parent_port {
+        if self.parent_port != other.parent_port || self.proto.is_udp() != other.proto.is_udp() {
             return false;
         }
         let a = self.families();
@@ -422,7 +460,9 @@ mod tests {
             ("1.2.3.4.5:80:80", "not an IP address"),
             ("::1:8080:80", "expected"),
             ("[::1:8080:80", "unterminated"),
-            ("8080:80/udp", "not supported yet"),
+            ("8080:80/sctp", "not supported yet"),
+            ("127.0.0.1:8080:[::1]:80/udp", "family"),
+            ("[::1]:8080:80/udp4", "does not match protocol udp4"),
             ("8080:80/xyz", "unknown protocol"),
             ("127.0.0.1:8080:[::1]:80", "family"),
             ("[::1]:8080:80/tcp4", "does not match protocol tcp4"),
@@ -451,6 +491,8 @@ mod tests {
             "127.0.0.2:8080:80/tcp",
             "[::1]:80:[::1]:8080/tcp6",
             "8080:80/tcp",
+            "127.0.0.2:5353:53/udp",
+            "[::1]:53:53/udp6",
         ] {
             let spec = ok(s);
             assert_eq!(ok(&spec.to_string()), spec);
@@ -499,6 +541,26 @@ mod tests {
         assert!(!c("127.0.0.1:8080:80", "127.0.0.2:8080:81"));
         assert!(!c("127.0.0.1:8080:80", "127.0.0.1:8081:80"));
         assert!(c("[::]:8080:80", "[::1]:8080:80"));
+        // TCP and UDP on the same port are separate ports; UDP conflicts
+        // follow the same family rules among themselves.
+        assert!(!c("8080:80/tcp", "8080:80/udp"));
+        assert!(!c("127.0.0.1:8080:80/udp", "127.0.0.1:8080:80/tcp4"));
+        assert!(c("8080:80/udp", "127.0.0.1:8080:81/udp4"));
+        assert!(!c("8080:80/udp4", "[::1]:8080:81/udp"));
+        assert!(c("127.0.0.1:53:53/udp", "127.0.0.1:53:53/udp4"));
+    }
+
+    #[test]
+    fn udp_forms() {
+        let s = ok("0.0.0.0:53:53/udp");
+        assert_eq!((s.proto, s.parent_ip), (Proto::Udp4, None));
+        let s = ok("[::]:53:53/udp");
+        assert_eq!((s.proto, s.parent_ip), (Proto::Udp6, None));
+        let a = ok("53:53/udp").listen_addrs();
+        assert_eq!(a[0], ("0.0.0.0:53".parse().unwrap(), false));
+        assert_eq!(a[1], ("[::]:53".parse().unwrap(), true));
+        assert!(ok("53:53/udp").proto.is_udp());
+        assert!(!ok("53:53/tcp").proto.is_udp());
     }
 }
 
@@ -541,7 +603,7 @@ impl TryFrom<&ApiSpec> for PortSpec {
     /// Validates an API request with the same rules as the command line.
     fn try_from(a: &ApiSpec) -> Result<Self, String> {
         let proto = match a.proto.as_str() {
-            "" => return Err("proto is required (tcp, tcp4 or tcp6)".into()),
+            "" => return Err("proto is required (tcp, tcp4, tcp6, udp, udp4 or udp6)".into()),
             p => p.parse::<Proto>()?,
         };
         let port = |n: i64, what: &str| -> Result<u16, String> {
@@ -603,7 +665,7 @@ mod api_tests {
     fn bad_bodies() {
         let cases = [
             (
-                r#"{"proto":"udp","parentPort":1,"childPort":1}"#,
+                r#"{"proto":"sctp","parentPort":1,"childPort":1}"#,
                 "not supported yet",
             ),
             (

@@ -54,6 +54,8 @@ pub struct Config {
     pub api_socket: Option<PathBuf>,
     /// `None`: derived from the descriptor limit ([`default_max_connections`]).
     pub max_connections: Option<usize>,
+    /// UDP flow expiry and cap.
+    pub udp: crate::udp::UdpOptions,
 }
 
 /// How a run is told to stop.
@@ -106,6 +108,7 @@ fn stats_event(ports: &PortManager) -> serde_json::Value {
             obj.insert("bpf_map_entries".into(), json!(m));
         }
         obj.insert("pooled".into(), json!(st.pooled));
+        obj.insert("udp".into(), json!(st.udp));
     }
     v
 }
@@ -385,7 +388,7 @@ impl Serve {
                 "verdict"
             });
         tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
-        let ports = Arc::new(PortManager::new(dialer, engine));
+        let ports = Arc::new(PortManager::new(dialer, engine).with_udp_options(config.udp));
         let mut listeners = Vec::new();
         for (spec, b) in bound {
             let st = ports
@@ -527,6 +530,7 @@ mod tests {
             ebpf_parser: false,
             api_socket: None,
             max_connections: None,
+            udp: Default::default(),
         };
         let (stop, stopped) = oneshot::channel();
         let t = std::thread::spawn(move || {

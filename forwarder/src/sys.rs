@@ -269,6 +269,22 @@ pub fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Creates a non-blocking, close-on-exec UDP socket in the calling thread's
+/// network namespace.
+pub fn udp_socket(ipv6: bool) -> io::Result<OwnedFd> {
+    let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain syscall.
+    let fd = cvt(unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Sets the process umask for the guard's lifetime.
 pub struct Umask(libc::mode_t);
 

@@ -10,6 +10,7 @@ pub mod bpf;
 pub mod data;
 pub mod servers;
 pub mod soak;
+pub mod udp;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

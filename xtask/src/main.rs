@@ -62,6 +62,8 @@ enum Task {
     /// The engine suite on Debian's 6.1 and 6.12 kernels, booted with
     /// virtme-ng under QEMU; writes a kernel x engine x case report.
     VmTest(vmtest::Args),
+    /// UDP: flood and echo rates, direct, forwarder, RootlessKit, pasta.
+    BenchUdp(bench::udp::UdpArgs),
     /// The demo's HTTP server (runs inside the demo namespace).
     #[command(hide = true)]
     DemoServer {
@@ -89,6 +91,7 @@ fn run(task: Task) -> Result<()> {
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vmtest::run(&args),
         Task::E2e => e2e::run(),
+        Task::BenchUdp(args) => bench::udp::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),
         Task::BenchEcho { bind } => load::echo_server(bind),
     }

@@ -71,6 +71,7 @@
 mod profile;
 mod report;
 mod sample;
+pub mod udp;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,445 @@
+//! UDP ports in namespaces: echo over both families, many flows, the
+//! largest datagrams, the dial rules, idle expiry, the flow cap, a burst
+//! whose every lost datagram must be accounted for, and the port API, as
+//! root and as an unprivileged user dialing through the child-side agent.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use forwarder_tests::udp::{self, bind_in, client_in, Sink};
+use forwarder_tests::{test_user, within, Fwd, Pair, Privilege};
+use serde_json::Value;
+use tokio::net::UdpSocket;
+
+fn start(pair: &Pair, extra: &[&str], specs: &[&str]) -> Fwd {
+    let mut args: Vec<&str> = extra.to_vec();
+    for s in specs {
+        args.push("-p");
+        args.push(s);
+    }
+    let f = Fwd::start(pair, &args);
+    if pair.privilege != Privilege::Root {
+        let needle = "dialing through a child-side agent";
+        let err = f.wait_stderr(needle, Duration::from_secs(5));
+        assert!(err.contains(needle), "{err}");
+    }
+    f
+}
+
+/// Sends `msg` and waits for its reply. No retry: a datagram that arrives
+/// while its flow dials waits for the dial, so none may be lost here.
+async fn ask(c: &UdpSocket, msg: &[u8]) -> Vec<u8> {
+    c.send(msg).await.expect("send");
+    let mut buf = vec![0u8; 65_536];
+    let n = within(5, "a reply", c.recv(&mut buf)).await.expect("recv");
+    buf.truncate(n);
+    buf
+}
+
+/// The UDP counters of the port publishing `spec`, from a stats line.
+fn port_udp(st: &Value, spec: &str) -> Value {
+    st["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["spec"] == spec))
+        .map(|p| p["udp"].clone())
+        .unwrap_or_else(|| panic!("no port {spec} in {st}"))
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+pub async fn echo_both_families(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", None));
+    udp::echo(bind_in(&pair.child, "[::1]:53", None));
+    let mut f = start(
+        &pair,
+        &[],
+        &["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp6", "5354:53/udp"],
+    );
+    within(30, "echo", async {
+        for to in [
+            "127.0.0.1:5353",
+            "[::1]:5353",
+            "127.0.0.1:5354",
+            "[::1]:5354",
+        ] {
+            let c = client_in(&pair.parent, to);
+            for k in 0..3 {
+                let msg = format!("hello {to} #{k}");
+                assert_eq!(ask(&c, msg.as_bytes()).await, msg.as_bytes(), "{to}");
+            }
+            // Empty datagrams are datagrams too.
+            assert_eq!(ask(&c, b"").await, b"", "{to}");
+        }
+        // An unspecified-address listener answers from the address the
+        // client wrote to: the connected client accepts nothing else.
+        let c = client_in(&pair.parent, "127.0.0.2:5354");
+        assert_eq!(ask(&c, b"to 127.0.0.2").await, b"to 127.0.0.2");
+    })
+    .await;
+    let st = f.stats();
+    f.stop();
+    let u = port_udp(&st, "5354:53/udp");
+    assert_eq!(n(&u["flows_total"]), 3, "{st}");
+    assert_eq!(n(&u["datagrams_to_child"]), 9, "{st}");
+    assert_eq!(n(&u["datagrams_to_parent"]), 9, "{st}");
+    assert_eq!(n(&u["drops"]["send_error"]), 0, "{st}");
+}
+
+pub async fn thousand_flows(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", Some(8 << 20)));
+    let mut f = start(&pair, &[], &["127.0.0.1:5353:53/udp"]);
+    const FLOWS: usize = 1000;
+    let clients: Vec<UdpSocket> = (0..FLOWS)
+        .map(|_| client_in(&pair.parent, "127.0.0.1:5353"))
+        .collect();
+    within(60, "1000 flows", async {
+        // Every flow sends at once, then every flow reads its own reply.
+        for (i, c) in clients.iter().enumerate() {
+            c.send(format!("flow {i} payload {}", "x".repeat(i % 200)).as_bytes())
+                .await
+                .expect("send");
+        }
+        let mut tasks = Vec::new();
+        for (i, c) in clients.into_iter().enumerate() {
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                let k = tokio::time::timeout(Duration::from_secs(20), c.recv(&mut buf))
+                    .await
+                    .unwrap_or_else(|_| panic!("flow {i}: no reply"))
+                    .expect("recv");
+                let want = format!("flow {i} payload {}", "x".repeat(i % 200));
+                assert_eq!(
+                    String::from_utf8_lossy(&buf[..k]),
+                    want,
+                    "flow {i} got another flow's reply"
+                );
+            }));
+        }
+        for t in tasks {
+            t.await.expect("flow task");
+        }
+    })
+    .await;
+    let st = f.stats();
+    f.stop();
+    let u = port_udp(&st, "127.0.0.1:5353:53/udp");
+    assert_eq!(n(&u["flows_total"]), FLOWS as u64, "{st}");
+    assert_eq!(n(&u["datagrams_to_parent"]), FLOWS as u64, "{st}");
+}
+
+pub async fn largest_datagrams(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", Some(1 << 20)));
+    udp::echo(bind_in(&pair.child, "[::1]:53", Some(1 << 20)));
+    let mut f = start(&pair, &[], &["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp"]);
+    within(30, "largest datagrams", async {
+        for (to, max) in [("127.0.0.1:5353", 65_507usize), ("[::1]:5353", 65_527)] {
+            let c = client_in(&pair.parent, to);
+            udp::force_rcvbuf(&c, 1 << 20);
+            for len in [max, max - 1, 1, max] {
+                let msg: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+                let got = ask(&c, &msg).await;
+                assert_eq!(got.len(), len, "{to}: datagram of {len} bytes");
+                assert!(got == msg, "{to}: {len} bytes came back altered");
+            }
+            // One byte more cannot even be sent over this family.
+            let e = c.send(&vec![0u8; max + 1]).await.expect_err("too large");
+            assert_eq!(e.raw_os_error(), Some(libc::EMSGSIZE));
+        }
+    })
+    .await;
+    let st = f.stats();
+    f.stop();
+    for spec in ["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp"] {
+        let u = port_udp(&st, spec);
+        assert_eq!(n(&u["drops"]["oversize"]), 0, "{st}");
+        assert_eq!(n(&u["datagrams_to_parent"]), 4, "{st}");
+    }
+}
+
+pub async fn parent_ip_rule(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::whoami(bind_in(&pair.child, "127.0.0.1:53", None), "one");
+    udp::whoami(bind_in(&pair.child, "127.0.0.2:53", None), "two");
+    let f = start(
+        &pair,
+        &[],
+        &[
+            "127.0.0.2:5353:53/udp",
+            "127.0.0.1:5354:127.0.0.2:53/udp",
+            "127.0.0.1:5355:53/udp",
+        ],
+    );
+    within(30, "dial rules", async {
+        for (to, tag) in [
+            // ParentIP: 127.0.0.2 is dialed as is.
+            ("127.0.0.2:5353", "two:"),
+            // CHILDIP wins.
+            ("127.0.0.1:5354", "two:"),
+            // Otherwise 127.0.0.1.
+            ("127.0.0.1:5355", "one:"),
+        ] {
+            let c = client_in(&pair.parent, to);
+            let got = String::from_utf8(ask(&c, b"who").await).expect("utf8");
+            assert!(got.starts_with(tag), "{to}: {got} (want {tag}...)");
+        }
+    })
+    .await;
+    f.stop();
+}
+
+pub async fn ipv6_fallback(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    pair.child.disable_ipv6();
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", None));
+    let mut f = start(&pair, &[], &["[::1]:5353:53/udp", "[::]:5354:53/udp"]);
+    within(30, "IPv6 -> IPv4 fallback", async {
+        for to in ["[::1]:5353", "[::1]:5354"] {
+            let c = client_in(&pair.parent, to);
+            assert_eq!(ask(&c, b"over IPv4").await, b"over IPv4", "{to}");
+        }
+    })
+    .await;
+    let st = f.stats();
+    f.stop();
+    assert_eq!(
+        n(&port_udp(&st, "[::1]:5353:53/udp")["dial_failures"]),
+        0,
+        "{st}"
+    );
+}
+
+/// Polls the forwarder's stats until `ok` holds for the port, or panics.
+fn wait_udp(f: &mut Fwd, spec: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = f.stats();
+        let u = port_udp(&st, spec);
+        if ok(&u) {
+            return u;
+        }
+        assert!(Instant::now() < deadline, "{what}: {st}\n{}", f.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub async fn idle_expiry(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::whoami(bind_in(&pair.child, "127.0.0.1:53", None), "s");
+    let spec = "127.0.0.1:5353:53/udp";
+    let mut f = start(&pair, &["--udp-idle-timeout", "0.5"], &[spec]);
+    let base = f.fd_count();
+    let c = client_in(&pair.parent, "127.0.0.1:5353");
+    let first = within(10, "first", ask(&c, b"1")).await;
+    let again = within(10, "again", ask(&c, b"2")).await;
+    assert_eq!(first, again, "a live flow keeps its socket in the child");
+    let u = wait_udp(&mut f, spec, "one live flow", |u| u["flows"] == 1);
+    assert_eq!(u["expirations"], 0);
+    assert_eq!(f.fd_count(), base + 1, "one socket for the flow");
+    // Idle for longer than the timeout: the flow and its socket are gone.
+    wait_udp(&mut f, spec, "the flow expires", |u| {
+        u["flows"] == 0 && u["expirations"] == 1
+    });
+    assert_eq!(f.fd_count(), base, "the flow's socket was not closed");
+    // The next datagram makes a new flow with a new socket in the child.
+    let later = within(10, "after expiry", ask(&c, b"3")).await;
+    assert_ne!(first, later, "the expired flow's socket was reused");
+    f.stop();
+}
+
+pub async fn flow_cap(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::whoami(bind_in(&pair.child, "127.0.0.1:53", None), "s");
+    let spec = "127.0.0.1:5353:53/udp";
+    let mut f = start(&pair, &["--udp-max-flows", "3"], &[spec]);
+    let c: Vec<UdpSocket> = (0..4)
+        .map(|_| client_in(&pair.parent, "127.0.0.1:5353"))
+        .collect();
+    let mut seen = Vec::new();
+    within(30, "flow cap", async {
+        // Flows 0, 1, 2; then 0 is used again, so 1 is the least recently
+        // active when flow 3 arrives and is the one evicted.
+        for sock in &c[..3] {
+            seen.push(ask(sock, b"x").await);
+        }
+        assert_eq!(ask(&c[0], b"x").await, seen[0]);
+        seen.push(ask(&c[3], b"x").await);
+        assert_eq!(ask(&c[2], b"x").await, seen[2], "flow 2 was evicted");
+        assert_eq!(ask(&c[0], b"x").await, seen[0], "flow 0 was evicted");
+        assert_eq!(ask(&c[3], b"x").await, seen[3], "flow 3 was evicted");
+        // Flow 1 was evicted: it comes back with a new child socket (and
+        // evicts flow 2, now the least recently active).
+        let back = ask(&c[1], b"x").await;
+        assert_ne!(back, seen[1], "flow 1 kept its socket past the cap");
+        assert_ne!(ask(&c[2], b"x").await, seen[2], "flow 2 was not evicted");
+    })
+    .await;
+    let distinct: HashSet<&Vec<u8>> = seen.iter().collect();
+    assert_eq!(distinct.len(), 4);
+    let u = wait_udp(&mut f, spec, "evictions counted", |u| u["evictions"] == 3);
+    assert_eq!(u["flows"], 3, "{u}");
+    assert_eq!(u["flows_total"], 6, "{u}");
+    f.stop();
+}
+
+pub async fn burst_accounted(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    const LEN: usize = 200;
+    const COUNT: u64 = 100_000;
+    let sink = Sink::start(bind_in(&pair.child, "127.0.0.1:53", Some(32 << 20)), LEN);
+    let spec = "127.0.0.1:5353:53/udp";
+    let mut f = start(&pair, &[], &[spec]);
+    let c = client_in(&pair.parent, "127.0.0.1:5353");
+    let c = c.into_std().expect("std");
+    c.set_nonblocking(false).expect("blocking");
+    // The first datagram makes the flow; wait until it is up, so the burst
+    // measures the data path rather than the dial backlog.
+    c.send(&[0u8; LEN]).expect("send");
+    wait_udp(&mut f, spec, "flow up", |u| u["datagrams_to_child"] == 1);
+    let payload = [7u8; LEN];
+    for _ in 1..COUNT {
+        c.send(&payload).expect("send");
+    }
+    // Every datagram sent either reached the child's socket or is in one
+    // of the forwarder's drop counters; the sink's own queue overflows are
+    // the kernel's to report, read from the sink's socket.
+    let dropped = |u: &Value| -> u64 {
+        u["drops"]
+            .as_object()
+            .map(|d| d.values().filter_map(Value::as_u64).sum())
+            .unwrap_or(0)
+    };
+    let u = wait_udp(&mut f, spec, "every datagram accounted for", |u| {
+        n(&u["datagrams_to_child"]) + dropped(u) == COUNT
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (recv, sink_drops) = loop {
+        let r = sink.received.load(Ordering::Relaxed);
+        let d = udp::socket_drops(&*sink.socket);
+        if r + d == n(&u["datagrams_to_child"]) || Instant::now() > deadline {
+            break (r, d);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!(
+        "burst of {COUNT}: forwarded {}, parent queue drops {}, send errors {}; sink got {recv}, sink drops {sink_drops}",
+        u["datagrams_to_child"], u["drops"]["rx_queue_overflow"], u["drops"]["send_error"]
+    );
+    assert_eq!(
+        recv + sink_drops,
+        n(&u["datagrams_to_child"]),
+        "datagrams the forwarder counted as sent never reached the child: {u}"
+    );
+    assert_eq!(sink.wrong.load(Ordering::Relaxed), 0, "datagrams altered");
+    assert_eq!(u["drops"]["oversize"], 0, "{u}");
+    f.stop();
+}
+
+pub async fn rootlessctl_api(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", None));
+    let dir = std::env::temp_dir().join(format!("fwt-udp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    if privilege != Privilege::Root {
+        let (uid, gid) = test_user();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).expect("chown");
+    }
+    let sock = dir.join("api.sock").display().to_string();
+    let mut f = start(&pair, &["--api-socket", &sock], &[]);
+    let ctl = |args: &[&str]| {
+        let out = Command::new("rootlessctl")
+            .args(["--socket", &sock])
+            .args(args)
+            .output()
+            .expect("rootlessctl (cargo xtask setup installs rootlesskit)");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, out) = ctl(&["info", "--json"]);
+    assert!(
+        ok && out.contains("\"udp\"") && out.contains("\"udp4\""),
+        "{out}"
+    );
+    // TCP and UDP on the same port are separate ports.
+    let (ok, out) = ctl(&["add-ports", "127.0.0.1:5353:53/udp"]);
+    assert!(ok && out.trim() == "1", "{out}");
+    let (ok, out) = ctl(&["add-ports", "127.0.0.1:5353:53/tcp"]);
+    assert!(ok && out.trim() == "2", "{out}");
+    let (ok, out) = ctl(&["add-ports", "127.0.0.1:5353:54/udp4"]);
+    assert!(!ok && out.contains("conflict with ID 1"), "{out}");
+    let (ok, out) = ctl(&["list-ports"]);
+    assert!(ok && out.contains("udp"), "{out}");
+    within(20, "through the API's port", async {
+        let c = client_in(&pair.parent, "127.0.0.1:5353");
+        assert_eq!(ask(&c, b"via rootlessctl").await, b"via rootlessctl");
+    })
+    .await;
+    // `forwarder status` shows the UDP port's datagrams and flows.
+    let out = Command::new(forwarder_tests::forwarder_bin())
+        .args(["status", "--api-socket", &sock])
+        .output()
+        .expect("forwarder status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .skip_while(|l| !l.starts_with("UDP"))
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect::<Vec<_>>();
+    // ID, FLOWS, EVICTED, DGRAMS-IN, DGRAMS-OUT, ...
+    assert_eq!(row.get(..5), Some(&["1", "1", "0", "1", "1"][..]), "{text}");
+    let (ok, out) = ctl(&["remove-ports", "1"]);
+    assert!(ok, "{out}");
+    // The address is free again once removed (bind_in panics otherwise).
+    drop(bind_in(&pair.parent, "127.0.0.1:5353", None));
+    let st = f.stats();
+    f.stop();
+    assert_eq!(n(&st["udp"]["datagrams_to_child"]), 1, "{st}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+macro_rules! suite {
+    ($($name:ident: $privilege:ident;)*) => {$(
+        mod $name {
+            use forwarder_tests::Privilege;
+            const P: Privilege = Privilege::$privilege;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn echo_both_families() { super::echo_both_families(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn thousand_flows() { super::thousand_flows(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn largest_datagrams() { super::largest_datagrams(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn parent_ip_rule() { super::parent_ip_rule(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn ipv6_fallback() { super::ipv6_fallback(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn idle_expiry() { super::idle_expiry(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn flow_cap() { super::flow_cap(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn burst_accounted() { super::burst_accounted(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rootlessctl_api() { super::rootlessctl_api(P).await }
+        }
+    )*};
+}
+
+suite! {
+    root: Root;
+    // Unprivileged, given the container's PID: UDP sockets come from the
+    // child-side agent.
+    rootless: User;
+}
