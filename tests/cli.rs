@@ -339,3 +339,117 @@ async fn the_agent_exits_with_its_forwarder() {
     assert!(gone, "agent {agent} outlived its forwarder");
     drop(f);
 }
+
+/// Runs curl against the API socket (as the test user when `as_user`) and
+/// returns (HTTP status, body).
+fn curl_api(sock: &str, path: &str, as_user: bool) -> (u32, String) {
+    let mut c = if as_user {
+        forwarder_tests::user_command("curl")
+    } else {
+        Command::new("curl")
+    };
+    let out = c
+        .args([
+            "-s",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            sock,
+        ])
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The API serves only the forwarder's own uid and root, even with the
+/// socket file's mode loosened: another user gets 403 with a message, the
+/// refusals are logged at most once a second, and the owner is still
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = Pair::new();
+    let dir = std::env::temp_dir().join(format!("fwt-api403-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let sock = dir.join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock_s]);
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the API socket's mode");
+    // As created, the file's mode already keeps the test user out.
+    let (code, _) = curl_api(&sock_s, "/v1/ports", true);
+    assert_eq!(code, 0, "the test user connected through a 0600 socket");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    for _ in 0..20 {
+        let (code, body) = curl_api(&sock_s, "/v1/ports", true);
+        assert_eq!(code, 403, "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("permission denied"),
+            "{v}"
+        );
+    }
+    let (code, body) = curl_api(&sock_s, "/v1/ports", false);
+    assert_eq!((code, body.trim()), (200, "[]"), "root is served");
+    let err = f.wait_stderr("refused an API connection", Duration::from_secs(5));
+    let lines = err.matches("refused an API connection").count();
+    // 20 refusals within a few seconds: a line a second at most.
+    assert!((1..=4).contains(&lines), "{lines} log lines:\n{err}");
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// API connections are bounded in number and time: 40 clients that connect
+/// and send nothing take every slot, and a real request is still answered
+/// once they time out, without leaking their descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_idle_clients_cannot_starve_it() {
+    let pair = Pair::new();
+    let dir = std::env::temp_dir().join(format!("fwt-apiidle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock_s]);
+    let base = f.fd_count();
+    let idle: Vec<_> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // At most 32 accepted; the rest wait in the backlog.
+    assert!(
+        f.fd_count() <= base + 32,
+        "{} descriptors, {base} before: more than 32 API connections accepted",
+        f.fd_count()
+    );
+    let t = std::time::Instant::now();
+    let (code, body) = curl_api(&sock_s, "/v1/ports", false);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        f.fd_count() <= base + 1,
+        "{} descriptors, {base} before the idle clients",
+        f.fd_count()
+    );
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -354,7 +354,6 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// The peer's credentials of a connected Unix socket (`SO_PEERCRED`): the
 /// pid, uid and gid of the process that connected, as of connect().
-#[allow(dead_code)]
 pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
     getsockopt::<libc::ucred>(fd, libc::SOL_SOCKET, libc::SO_PEERCRED)
 }
