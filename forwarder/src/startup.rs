@@ -311,7 +311,6 @@ struct Serve {
     bound: Vec<(PortSpec, port::Bound)>,
     api_listener: Option<std::os::unix::net::UnixListener>,
     child_pid: Option<u32>,
-    #[allow(dead_code)]
     max_connections: usize,
 }
 
@@ -328,7 +327,7 @@ impl Serve {
             bound,
             api_listener,
             child_pid,
-            max_connections: _,
+            max_connections,
         } = self;
         // Handlers first: a SIGUSR1 that arrives after "ready" but before
         // its handler would otherwise kill the process (the default action).
@@ -352,7 +351,11 @@ impl Serve {
             ),
         };
         tracing::info!(engine = %engine.kind(), %reason, "engine selected");
-        let ports = Arc::new(PortManager::new(dialer, engine));
+        let ports = Arc::new(PortManager::with_max_connections(
+            dialer,
+            engine,
+            max_connections,
+        ));
         let mut listeners = Vec::new();
         for (spec, b) in bound {
             let st = ports
