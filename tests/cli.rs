@@ -453,3 +453,51 @@ async fn api_idle_clients_cannot_starve_it() {
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With --child-pid the forwarder ends with the child, as RootlessKit
+/// does: it serves while the child lives, and exits with an error naming
+/// the child once it has exited, logging the reason once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_exits_with_its_child() {
+    let pair = Pair::new();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let mut child = pair
+        .child
+        .command("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("sleep");
+    let pid = child.id();
+    let args: Vec<String> = [
+        "run",
+        "--child-pid",
+        &pid.to_string(),
+        "--mode",
+        "splice",
+        "-p",
+        "127.0.0.1:8080:80",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut f = Fwd::spawn(&pair.parent, &args, None);
+    within(10, "serving while the child lives", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        c.write_all(b"alive").await.expect("write");
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.expect("read");
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let st = f
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after its child exited:\n{}", f.stderr()));
+    assert!(!st.success(), "{st}");
+    let err = f.stderr();
+    assert!(
+        err.contains(&format!("the child process {pid} exited")),
+        "{err}"
+    );
+    assert_eq!(err.matches("the child process exited").count(), 1, "{err}");
+}

@@ -66,6 +66,9 @@ pub enum Shutdown {
 pub enum Ending {
     /// Asked to (signal or channel).
     Requested,
+    /// The process given with --child-pid exited: its namespace is gone
+    /// (or going), nothing is left to forward to.
+    ChildExited(u32),
 }
 
 /// What a run did, for the caller and tests.
@@ -261,6 +264,18 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<Report> {
         let b = port::bind_spec(spec).with_context(|| format!("cannot publish {spec}"))?;
         bound.push((spec.clone(), b));
     }
+    // Watch the child (--child-pid): the forwarder ends with it, as
+    // RootlessKit does. With --child-netns the forwarder's own reference
+    // keeps the namespace alive, so there is nothing to watch.
+    let child_watch = match config.child_pid {
+        Some(pid) => Some((
+            pid,
+            sys::pidfd_open(pid).with_context(|| {
+                format!("cannot watch the child process {pid} (pidfd_open, Linux 5.3)")
+            })?,
+        )),
+        None => None,
+    };
     // 6. One drop. Ports added later may be privileged: keep
     // CAP_NET_BIND_SERVICE (where we hold it).
     sys::drop_thread_capabilities(&[caps::Capability::CAP_NET_BIND_SERVICE])
@@ -289,6 +304,7 @@ pub fn run(config: Config, shutdown: Shutdown) -> Result<Report> {
         api_listener,
         child_pid,
         max_connections,
+        child_watch,
     };
     let result = rt.block_on(serve.run(shutdown));
     // Connections still running are torn down with the runtime; the BPF
@@ -312,6 +328,7 @@ struct Serve {
     api_listener: Option<std::os::unix::net::UnixListener>,
     child_pid: Option<u32>,
     max_connections: usize,
+    child_watch: Option<(u32, OwnedFd)>,
 }
 
 impl Serve {
@@ -328,7 +345,16 @@ impl Serve {
             api_listener,
             child_pid,
             max_connections,
+            child_watch,
         } = self;
+        let child_watch = match child_watch {
+            Some((pid, fd)) => Some((
+                pid,
+                tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE)
+                    .context("cannot watch the child process")?,
+            )),
+            None => None,
+        };
         // Handlers first: a SIGUSR1 that arrives after "ready" but before
         // its handler would otherwise kill the process (the default action).
         let (mut term, mut int, mut usr1, mut stop_rx) = match shutdown {
@@ -403,6 +429,18 @@ impl Serve {
                         None => std::future::pending().await,
                     }
                 } => break Ending::Requested,
+                pid = async {
+                    match child_watch.as_ref() {
+                        Some((pid, fd)) => {
+                            let _ = fd.readable().await;
+                            *pid
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::error!(pid, "the child process exited: stopping, nothing is left to forward to");
+                    break Ending::ChildExited(pid);
+                }
                 _ = recv(&mut usr1) => emit(&stats_event(&ports)),
             }
         };

@@ -341,7 +341,6 @@ pub fn thread_cap_eff() -> u64 {
 }
 
 /// Opens a pidfd for `pid` (Linux 5.3): readable once the process exits.
-#[allow(dead_code)]
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; returns a fresh descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
