@@ -198,6 +198,7 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
 }
 
 impl PortManager {
+    #[cfg(test)]
     pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
         Self::with_max_connections(dialer, engine, Semaphore::MAX_PERMITS)
     }
