@@ -501,3 +501,41 @@ async fn the_forwarder_exits_with_its_child() {
     );
     assert_eq!(err.matches("the child process exited").count(), 1, "{err}");
 }
+
+/// A killed dial agent is restarted while the child lives: the log says so
+/// once, the new agent holds no capability, and new connections are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_is_restarted() {
+    let pair = Pair::with(forwarder_tests::Privilege::User);
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let f = Fwd::start(&pair, &["-p", "127.0.0.1:8080:80"]);
+    let old = f.agent_pids();
+    assert_eq!(old.len(), 1, "agents: {old:?}");
+    // SAFETY: signalling a process our forwarder started.
+    unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
+    let mut new = Vec::new();
+    for _ in 0..50 {
+        new = f.agent_pids();
+        if new.len() == 1 && new != old {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        new.len() == 1 && new != old,
+        "no new agent: {new:?}; {}",
+        f.stderr()
+    );
+    f.assert_least_privilege();
+    within(10, "served through the new agent", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        c.write_all(b"again").await.expect("write");
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.expect("read");
+        assert_eq!(&b, b"again");
+    })
+    .await;
+    let err = f.stderr();
+    assert_eq!(err.matches("restarted it").count(), 1, "{err}");
+    f.stop();
+}

@@ -160,6 +160,9 @@ fn main() -> ExitCode {
                 startup::Ending::ChildExited(pid) => Err(anyhow::anyhow!(
                     "the child process {pid} exited; its ports are closed"
                 )),
+                startup::Ending::AgentLost(why) => Err(anyhow::anyhow!(
+                    "the dial agent exited and cannot be restarted: {why}"
+                )),
             })
         }
         Command::ChildAgent { socket, fd } => {

@@ -69,6 +69,9 @@ pub enum Ending {
     /// The process given with --child-pid exited: its namespace is gone
     /// (or going), nothing is left to forward to.
     ChildExited(u32),
+    /// The dial agent died while the child lives and could not be
+    /// restarted.
+    AgentLost(String),
 }
 
 /// What a run did, for the caller and tests.
@@ -374,15 +377,15 @@ impl Serve {
             Shutdown::Channel(rx) => (None, None, None, Some(rx)),
         };
         let engine = prepared.start()?;
-        let (dialer, mut agent_process) = match dial {
-            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None),
-            DialSetup::Agent { fd, process } => (
-                netns::Dialer::Agent(
-                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?,
-                ),
-                process,
-            ),
+        let (dialer, mut agent_process, agent_client) = match dial {
+            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None, None),
+            DialSetup::Agent { fd, process } => {
+                let client =
+                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
+                (netns::Dialer::Agent(client.clone()), process, Some(client))
+            }
         };
+        let mut agent_check = tokio::time::interval(Duration::from_millis(200));
         tracing::info!(engine = %engine.kind(), %reason, "engine selected");
         let ports = Arc::new(PortManager::with_max_connections(
             dialer,
@@ -449,6 +452,35 @@ impl Serve {
                     break Ending::ChildExited(pid);
                 }
                 _ = recv(&mut usr1) => emit(&stats_event(&ports)),
+                _ = agent_check.tick(), if agent_process.is_some() => {
+                    let exited = agent_process
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    let (Some(status), Some(pid), Some(client)) =
+                        (exited, config.child_pid, agent_client.as_ref())
+                    else {
+                        continue;
+                    };
+                    if !process_alive(pid) {
+                        // The child's pidfd ends the run next.
+                        agent_process = None;
+                        continue;
+                    }
+                    match respawn_agent(pid).await.and_then(|(child, fd)| {
+                        client.replace(fd).map_err(anyhow::Error::from)?;
+                        Ok(child)
+                    }) {
+                        Ok(child) => {
+                            tracing::warn!(%status, agent_pid = child.id(),
+                                "the dial agent exited while the child lives; restarted it");
+                            agent_process = Some(child);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
+                            break Ending::AgentLost(format!("{e:#}"));
+                        }
+                    }
+                }
             }
         };
         tracing::info!("shutting down");
@@ -468,6 +500,43 @@ impl Serve {
         }
         Ok((ready, stats, ending))
     }
+}
+
+/// Whether `pid` still runs (not a zombie).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Starts a new dial agent for `pid` from a thread that lives as long as
+/// the process (the agent's parent-death signal follows the thread that
+/// forked it, and the runtime's blocking threads come and go).
+async fn respawn_agent(pid: u32) -> Result<(std::process::Child, OwnedFd)> {
+    type Job = (u32, oneshot::Sender<Result<(std::process::Child, OwnedFd)>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("agent-spawner".into())
+            .spawn(move || {
+                while let Ok((pid, reply)) = rx.recv() {
+                    let _ = reply.send(agent::spawn_in(pid));
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    let (rtx, rrx) = oneshot::channel();
+    tx.lock()
+        .map_err(|_| anyhow::anyhow!("agent spawner lock poisoned"))?
+        .send((pid, rtx))
+        .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?;
+    rrx.await
+        .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?
 }
 
 /// Waits for a signal, or forever without a handler.

@@ -652,7 +652,14 @@ impl Fwd {
     /// The child-side dial agents the forwarder started (its children
     /// running `child-agent`).
     pub fn agent_pids(&self) -> Vec<u32> {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+        // Children are listed per thread that forked them.
+        let children: String = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .unwrap_or_default();
         children
             .split_whitespace()
