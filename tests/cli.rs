@@ -344,7 +344,7 @@ async fn the_agent_exits_with_its_forwarder() {
 }
 
 /// `forwarder check --json` as root: the programs load, both variants, and
-/// auto mode picks ebpf unless the kernel rule says otherwise; as the
+/// auto mode picks splice, saying ebpf is available; as the
 /// unprivileged test user: BPF is refused with the capability named and
 /// auto mode picks splice. The text form says the same.
 #[test]
@@ -369,12 +369,16 @@ fn check_reports_engines_and_the_auto_choice() {
     assert_eq!(root["engines"]["ebpf"], true, "{text}");
     assert_eq!(root["engines"]["ebpf_parser"], true, "{text}");
     assert_eq!(root["engines"]["splice"], true, "{text}");
-    let want = if root["avoid_ebpf"].is_null() {
-        "ebpf"
-    } else {
-        "splice"
-    };
+    // Auto mode runs splice also where ebpf loads (engine::AUTO_REASON),
+    // and says whether --mode ebpf would work here.
+    let want = "splice";
     assert_eq!(root["auto"]["engine"], want, "{text}");
+    assert!(
+        root["auto"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("available") && r.contains("--mode ebpf")),
+        "{text}"
+    );
     // The same choice as `run` in auto mode makes here.
     let pair = Pair::new();
     let f = Fwd::start(&pair, &["-p", "127.0.0.1:8095:95"]);
@@ -398,4 +402,204 @@ fn check_reports_engines_and_the_auto_choice() {
     assert!(out.status.success(), "{out:?}");
     assert!(text.contains("auto mode picks: splice"), "{text}");
     assert!(text.contains(release.trim()), "{text}");
+}
+
+/// Runs curl against the API socket (as the test user when `as_user`) and
+/// returns (HTTP status, body).
+fn curl_api(sock: &str, path: &str, as_user: bool) -> (u32, String) {
+    let mut c = if as_user {
+        forwarder_tests::user_command("curl")
+    } else {
+        Command::new("curl")
+    };
+    let out = c
+        .args([
+            "-s",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            sock,
+        ])
+        .arg(format!("http://localhost{path}"))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The API serves only the forwarder's own uid and root, even with the
+/// socket file's mode loosened: another user gets 403 with a message, the
+/// refusals are logged at most once a second, and the owner is still
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_refuses_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let pair = Pair::new();
+    let dir = std::env::temp_dir().join(format!("fwt-api403-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
+    let sock = dir.join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock_s]);
+    let mode = std::fs::metadata(&sock)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600, "the API socket's mode");
+    // As created, the file's mode already keeps the test user out.
+    let (code, _) = curl_api(&sock_s, "/v1/ports", true);
+    assert_eq!(code, 0, "the test user connected through a 0600 socket");
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    for _ in 0..20 {
+        let (code, body) = curl_api(&sock_s, "/v1/ports", true);
+        assert_eq!(code, 403, "{body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("permission denied"),
+            "{v}"
+        );
+    }
+    let (code, body) = curl_api(&sock_s, "/v1/ports", false);
+    assert_eq!((code, body.trim()), (200, "[]"), "root is served");
+    let err = f.wait_stderr("refused an API connection", Duration::from_secs(5));
+    let lines = err.matches("refused an API connection").count();
+    // 20 refusals within a few seconds: a line a second at most.
+    assert!((1..=4).contains(&lines), "{lines} log lines:\n{err}");
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// API connections are bounded in number and time: 40 clients that connect
+/// and send nothing take every slot, and a real request is still answered
+/// once they time out, without leaking their descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_idle_clients_cannot_starve_it() {
+    let pair = Pair::new();
+    let dir = std::env::temp_dir().join(format!("fwt-apiidle-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock_s]);
+    let base = f.fd_count();
+    let idle: Vec<_> = (0..40)
+        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // At most 32 accepted; the rest wait in the backlog.
+    assert!(
+        f.fd_count() <= base + 32,
+        "{} descriptors, {base} before: more than 32 API connections accepted",
+        f.fd_count()
+    );
+    let t = std::time::Instant::now();
+    let (code, body) = curl_api(&sock_s, "/v1/ports", false);
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        t.elapsed() < Duration::from_secs(25),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        f.fd_count() <= base + 1,
+        "{} descriptors, {base} before the idle clients",
+        f.fd_count()
+    );
+    f.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With --child-pid the forwarder ends with the child, as RootlessKit
+/// does: it serves while the child lives, and exits with an error naming
+/// the child once it has exited, logging the reason once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_forwarder_exits_with_its_child() {
+    let pair = Pair::new();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let mut child = pair
+        .child
+        .command("sleep")
+        .arg("1000")
+        .spawn()
+        .expect("sleep");
+    let pid = child.id();
+    let args: Vec<String> = [
+        "run",
+        "--child-pid",
+        &pid.to_string(),
+        "--mode",
+        "splice",
+        "-p",
+        "127.0.0.1:8080:80",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut f = Fwd::spawn(&pair.parent, &args, None);
+    within(10, "serving while the child lives", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        c.write_all(b"alive").await.expect("write");
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.expect("read");
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let st = f
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running 5 s after its child exited:\n{}", f.stderr()));
+    assert!(!st.success(), "{st}");
+    let err = f.stderr();
+    assert!(
+        err.contains(&format!("the child process {pid} exited")),
+        "{err}"
+    );
+    assert_eq!(err.matches("the child process exited").count(), 1, "{err}");
+}
+
+/// A killed dial agent is restarted while the child lives: the log says so
+/// once, the new agent holds no capability, and new connections are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_is_restarted() {
+    let pair = Pair::with(forwarder_tests::Privilege::User);
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let f = Fwd::start(&pair, &["-p", "127.0.0.1:8080:80"]);
+    let old = f.agent_pids();
+    assert_eq!(old.len(), 1, "agents: {old:?}");
+    // SAFETY: signalling a process our forwarder started.
+    unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
+    let mut new = Vec::new();
+    for _ in 0..50 {
+        new = f.agent_pids();
+        if new.len() == 1 && new != old {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        new.len() == 1 && new != old,
+        "no new agent: {new:?}; {}",
+        f.stderr()
+    );
+    f.assert_least_privilege();
+    within(10, "served through the new agent", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        c.write_all(b"again").await.expect("write");
+        let mut b = [0u8; 5];
+        c.read_exact(&mut b).await.expect("read");
+        assert_eq!(&b, b"again");
+    })
+    .await;
+    let err = f.stderr();
+    assert_eq!(err.matches("restarted it").count(), 1, "{err}");
+    f.stop();
 }

@@ -603,6 +603,90 @@ pub async fn least_privilege(engine: &Engine) {
     finish(f).await;
 }
 
+/// `--max-connections`: at the limit the forwarder stops accepting (the
+/// next client waits in the backlog), keeps every established connection
+/// serving, logs it (once a second at most), and serves the waiting client
+/// as soon as a connection ends. Then floods of clients that never send,
+/// that half-close at once, and that reset right after connecting leave
+/// nothing behind (descriptors, BPF map entries), and the port still works.
+pub async fn connection_limit_and_floods(engine: &Engine) {
+    let pair = pair(engine);
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    let mut args: Vec<&str> = engine.args.to_vec();
+    args.extend(["--max-connections", "20", "-p", "127.0.0.1:8080:80"]);
+    let mut f = Fwd::start(&pair, &args);
+    f.assert_least_privilege();
+    let mut held = Vec::new();
+    within(30, "20 connections", async {
+        for i in 0..20u8 {
+            let mut c = pair.client("127.0.0.1:8080").await;
+            echo_roundtrip(&mut c, &[i; 100]).await;
+            held.push(c);
+        }
+    })
+    .await;
+    // The 21st connects (backlog) but is not served while 20 run.
+    let mut waiting = pair.client("127.0.0.1:8080").await;
+    waiting.write_all(b"waiting").await.expect("write");
+    let mut b = [0u8; 7];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), waiting.read_exact(&mut b))
+            .await
+            .is_err(),
+        "served beyond --max-connections 20"
+    );
+    assert_eq!(f.stats()["active"].as_u64(), Some(20));
+    let err = f.wait_stderr("connection limit reached", Duration::from_secs(5));
+    assert!(err.contains("connection limit reached"), "{err}");
+    // Established connections keep serving.
+    within(10, "established at the limit", async {
+        for (i, c) in held.iter_mut().enumerate() {
+            echo_roundtrip(c, &[i as u8 ^ 0x55; 100]).await;
+        }
+    })
+    .await;
+    // One ends: the waiting client is served, without any help.
+    drop(held.remove(0));
+    within(10, "the waiting client is served", async {
+        waiting.read_exact(&mut b).await.expect("echo");
+        assert_eq!(&b, b"waiting");
+    })
+    .await;
+    drop(waiting);
+    drop(held);
+    // Floods, each beyond the limit.
+    within(60, "floods", async {
+        let mut silent = Vec::new();
+        for _ in 0..100 {
+            silent.push(pair.client("127.0.0.1:8080").await);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(f.stats()["active"].as_u64() <= Some(20));
+        drop(silent);
+        for _ in 0..100 {
+            let mut c = pair.client("127.0.0.1:8080").await;
+            c.shutdown().await.expect("half-close");
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+        }
+        for _ in 0..100 {
+            let c = pair.client("127.0.0.1:8080").await;
+            reset_on_drop(&c);
+            drop(c);
+        }
+    })
+    .await;
+    within(10, "still serving after the floods", async {
+        let mut c = pair.client("127.0.0.1:8080").await;
+        echo_roundtrip(&mut c, b"after the floods").await;
+    })
+    .await;
+    let err = f.stderr();
+    let lines = err.matches("connection limit reached").count();
+    assert!(lines >= 1, "{err}");
+    finish(f).await;
+}
+
 /// Uploads `n` bytes of stream `seeds.0` to the sink-hash server behind
 /// 127.0.0.1:8089, then downloads `n` bytes of stream `seeds.1` from the
 /// source server behind 8090, checking both hashes.
@@ -849,6 +933,8 @@ macro_rules! suite {
             async fn idle_connections_hold_nothing() { super::idle_connections_hold_nothing(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn least_privilege() { super::least_privilege(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn connection_limit_and_floods() { super::connection_limit_and_floods(ARGS).await }
             $($(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $extra() { super::$extra(ARGS).await }

@@ -444,7 +444,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<OwnedFd>)>>
 /// sockets.
 #[derive(Clone)]
 pub struct AgentClient {
-    sock: Arc<Packet>,
+    sock: Arc<Mutex<Arc<Packet>>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
 }
@@ -453,9 +453,29 @@ impl AgentClient {
     /// Wraps a connected SOCK_SEQPACKET socket to an agent. Must run inside
     /// the tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<AgentClient> {
-        let sock = Arc::new(Packet::new(fd)?);
         let pending: Pending = Default::default();
-        let (s, p) = (sock.clone(), pending.clone());
+        let sock = Self::attach(fd, pending.clone())?;
+        Ok(AgentClient {
+            sock: Arc::new(Mutex::new(sock)),
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+        })
+    }
+
+    /// Switches to a new agent's socket (after a restart); every clone of
+    /// this client uses it from now on. Must run inside the runtime.
+    pub fn replace(&self, fd: OwnedFd) -> io::Result<()> {
+        let sock = Self::attach(fd, self.pending.clone())?;
+        if let Ok(mut s) = self.sock.lock() {
+            *s = sock;
+        }
+        Ok(())
+    }
+
+    /// Registers a socket and starts the task that reads its replies.
+    fn attach(fd: OwnedFd, pending: Pending) -> io::Result<Arc<Packet>> {
+        let sock = Arc::new(Packet::new(fd)?);
+        let (s, p) = (sock.clone(), pending);
         tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_MESSAGE];
             loop {
@@ -480,11 +500,7 @@ impl AgentClient {
                 }
             }
         });
-        Ok(AgentClient {
-            sock,
-            pending,
-            next_id: Arc::new(AtomicU64::new(1)),
-        })
+        Ok(sock)
     }
 
     /// Connects to an agent listening at `path`; the socket is for
@@ -549,7 +565,11 @@ impl AgentClient {
             ipv6_listener,
         };
         let data = serde_json::to_vec(&req).map_err(|e| fail(libc::EINVAL, e.to_string()))?;
-        if let Err(e) = self.sock.send(&data, None).await {
+        let sock = match self.sock.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return Err(fail(libc::EPIPE, "dial agent: lock poisoned".into())),
+        };
+        if let Err(e) = sock.send(&data, None).await {
             if let Ok(mut m) = self.pending.lock() {
                 m.remove(&id);
             }

@@ -11,11 +11,25 @@
 //!
 //! Unknown paths answer 404 and unknown methods 405, both with a JSON
 //! `{"message"}` body like every other error.
+//!
+//! Who may talk to it: the socket is created with mode 0600, and every
+//! connection's peer is also checked with SO_PEERCRED, so loosening the
+//! file's mode does not open it up: only the forwarder's own uid and root
+//! are served; anyone else gets 403 with a `{"message"}` and one log line
+//! per second at most. Requests are bounded: [`MAX_BODY`] bytes of body,
+//! hyper's header limit, [`MAX_CONNECTIONS`] connections at once (more
+//! wait in the backlog) and [`IDLE_TIMEOUT`] without progress on a read.
 
+use std::future::Future as _;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
 use axum::extract::{Path as UrlPath, State};
@@ -25,7 +39,9 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::net::UnixListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::{MapEntries, Pooled};
 use crate::port::{PortError, PortManager, PortReport};
@@ -38,6 +54,12 @@ pub const API_VERSION: &str = "1.1.1";
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// API connections served at once.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// A connection that sends nothing for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why the API socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -123,15 +145,196 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(state)
 }
 
-/// Serves the API until `shutdown` resolves.
+/// Serves the API until `shutdown` resolves, to this process's own uid
+/// and root only.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<ApiState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(state))
+    let guarded = Guarded {
+        inner: listener,
+        // SAFETY: geteuid cannot fail.
+        uid: unsafe { libc::geteuid() },
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+    };
+    axum::serve(guarded, router(state))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Whether a peer uid may use the API of a forwarder running as `own`.
+pub fn peer_allowed(peer: u32, own: u32) -> bool {
+    peer == own || peer == 0
+}
+
+/// The API socket's listener: checks each peer with SO_PEERCRED and
+/// bounds the connections served at once.
+struct Guarded {
+    inner: UnixListener,
+    uid: u32,
+    slots: Arc<Semaphore>,
+}
+
+static LAST_REFUSAL_LOG: AtomicU64 = AtomicU64::new(0);
+static SUPPRESSED_REFUSALS: AtomicU64 = AtomicU64::new(0);
+
+/// Logs a refused peer, once a second at most.
+fn log_refusal(uid: Option<u32>, pid: Option<i32>) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let last = LAST_REFUSAL_LOG.load(Relaxed);
+    if now > last
+        && LAST_REFUSAL_LOG
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
+        let suppressed = SUPPRESSED_REFUSALS.swap(0, Relaxed);
+        tracing::warn!(
+            ?uid,
+            ?pid,
+            suppressed,
+            "refused an API connection: only this forwarder's uid and root may use the API"
+        );
+    } else {
+        SUPPRESSED_REFUSALS.fetch_add(1, Relaxed);
+    }
+}
+
+impl axum::serve::Listener for Guarded {
+    type Io = Bounded;
+    type Addr = tokio::net::unix::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            // A slot first: beyond MAX_CONNECTIONS, clients wait in the
+            // backlog.
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            let (stream, addr) = match self.inner.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::debug!(error = %e, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let cred = sys::peer_cred(stream.as_fd()).ok();
+            match cred {
+                Some(c) if peer_allowed(c.uid, self.uid) => {
+                    return (Bounded::new(stream, permit), addr);
+                }
+                _ => {
+                    log_refusal(cred.map(|c| c.uid), cred.map(|c| c.pid));
+                    tokio::spawn(refuse(stream, permit));
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Answers a refused peer with 403 and closes, within a second.
+async fn refuse(mut stream: UnixStream, _permit: OwnedSemaphorePermit) {
+    let body = json!({
+        "message": "permission denied: only the forwarder's own user and root may use this API"
+    })
+    .to_string();
+    let reply = format!(
+        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    // Read the request head first: closing a Unix socket with unread data
+    // resets the peer before it sees the reply. Everything is bounded by
+    // one second and 16 KiB.
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut seen = 0;
+        while seen < buf.len() {
+            let n = stream.read(&mut buf[seen..]).await?;
+            if n == 0 {
+                break;
+            }
+            seen += n;
+            if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        stream.write_all(reply.as_bytes()).await?;
+        stream.shutdown().await?;
+        // Drain what else the peer sent until it closes.
+        while stream.read(&mut buf).await? > 0 {}
+        Ok::<(), io::Error>(())
+    })
+    .await;
+}
+
+/// An accepted API connection: holds its slot, and fails a read that
+/// makes no progress for [`IDLE_TIMEOUT`].
+struct Bounded {
+    stream: UnixStream,
+    _permit: OwnedSemaphorePermit,
+    idle: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Bounded {
+    fn new(stream: UnixStream, permit: OwnedSemaphorePermit) -> Bounded {
+        Bounded {
+            stream,
+            _permit: permit,
+            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
+        }
+    }
+}
+
+impl AsyncRead for Bounded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.idle
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "API connection idle",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Bounded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {

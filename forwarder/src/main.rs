@@ -299,7 +299,17 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         // Start-up builds its own runtime once capabilities are dropped.
-        Command::Run(args) => startup::run(args.into(), startup::Shutdown::Signals).map(drop),
+        Command::Run(args) => {
+            startup::run(args.into(), startup::Shutdown::Signals).and_then(|r| match r.ending {
+                startup::Ending::Requested => Ok(()),
+                startup::Ending::ChildExited(pid) => Err(anyhow::anyhow!(
+                    "the child process {pid} exited; its ports are closed"
+                )),
+                startup::Ending::AgentLost(why) => Err(anyhow::anyhow!(
+                    "the dial agent exited and cannot be restarted: {why}"
+                )),
+            })
+        }
         Command::ChildAgent { socket, fd } => {
             // Before any thread exists: the agent keeps no capability (it
             // may hold all of them in the container's user namespace).

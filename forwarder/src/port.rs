@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use crate::engine::{Conn, Engine};
@@ -139,6 +140,10 @@ struct Ctx {
     dialer: Dialer,
     engine: Arc<dyn Engine>,
     udp: UdpOptions,
+    /// One permit per connection carried (`--max-connections`), over all
+    /// ports.
+    slots: Arc<Semaphore>,
+    max_connections: usize,
 }
 
 /// Published ports.
@@ -217,12 +222,23 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
 }
 
 impl PortManager {
+    #[cfg(test)]
     pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
+        Self::with_max_connections(dialer, engine, Semaphore::MAX_PERMITS)
+    }
+
+    /// A manager that carries at most `max` connections at once over all
+    /// its ports: beyond it the accept loops stop accepting (clients wait
+    /// in the listen backlog) until a connection ends.
+    pub fn with_max_connections(dialer: Dialer, engine: Arc<dyn Engine>, max: usize) -> Self {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
         PortManager {
             ctx: Arc::new(Ctx {
                 dialer,
                 engine,
                 udp: UdpOptions::default(),
+                slots: Arc::new(Semaphore::new(max)),
+                max_connections: max,
             }),
             state: Mutex::new(State {
                 next_id: 1,
@@ -461,9 +477,21 @@ async fn accept_loop(
 ) {
     let mut last_warn = 0u64;
     loop {
+        // A slot first: at the limit, stop accepting (clients wait in the
+        // backlog, established connections keep running) until one ends.
+        let slot = match ctx.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                limit_reached(ctx.max_connections);
+                match ctx.slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return, // closed: never happens
+                }
+            }
+        };
         match listener.accept().await {
             Ok((sock, _client)) => {
-                tokio::spawn(handle(sock, spec.clone(), stats.clone(), ctx.clone()));
+                tokio::spawn(handle(sock, spec.clone(), stats.clone(), ctx.clone(), slot));
             }
             Err(e) if sys::is_resource_exhaustion(&e) => {
                 // Out of descriptors or memory: the connection waits in the
@@ -490,14 +518,39 @@ fn unix_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// Rate limit for the connection-limit warning, shared by all ports.
+static LAST_LIMIT_WARN: AtomicU64 = AtomicU64::new(0);
+
+/// Logs that the connection limit is reached, once a second at most.
+fn limit_reached(max: usize) {
+    let now = unix_secs();
+    let last = LAST_LIMIT_WARN.load(Relaxed);
+    if now > last
+        && LAST_LIMIT_WARN
+            .compare_exchange(last, now, Relaxed, Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            max_connections = max,
+            "connection limit reached: not accepting until a connection ends (--max-connections)"
+        );
+    }
+}
+
 /// Rate limit for dial-failure warnings, shared by all ports.
 static LAST_DIAL_WARN: AtomicU64 = AtomicU64::new(0);
 static SUPPRESSED_DIAL_WARNS: AtomicU64 = AtomicU64::new(0);
 
 /// Dials the child for one accepted connection and hands the pair to the
 /// engine; on failure resets the client.
-async fn handle(sock: TcpStream, spec: PortSpec, stats: Arc<PortStats>, ctx: Arc<Ctx>) {
-    let guard = stats.open_connection();
+async fn handle(
+    sock: TcpStream,
+    spec: PortSpec,
+    stats: Arc<PortStats>,
+    ctx: Arc<Ctx>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let guard = stats.open_connection().hold(slot);
     let local = match sock.local_addr() {
         Ok(a) => a,
         Err(_) => return,

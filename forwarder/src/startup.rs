@@ -72,6 +72,12 @@ pub enum Shutdown {
 pub enum Ending {
     /// Asked to (signal or channel).
     Requested,
+    /// The process given with --child-pid exited: its namespace is gone
+    /// (or going), nothing is left to forward to.
+    ChildExited(u32),
+    /// The dial agent died while the child lives and could not be
+    /// restarted.
+    AgentLost(String),
 }
 
 /// What a run did, for the caller and tests.
@@ -284,6 +290,18 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
         let b = port::bind_spec(spec).with_context(|| format!("cannot publish {spec}"))?;
         bound.push((spec.clone(), b));
     }
+    // Watch the child (--child-pid): the forwarder ends with it, as
+    // RootlessKit does. With --child-netns the forwarder's own reference
+    // keeps the namespace alive, so there is nothing to watch.
+    let child_watch = match config.child_pid {
+        Some(pid) => Some((
+            pid,
+            sys::pidfd_open(pid).with_context(|| {
+                format!("cannot watch the child process {pid} (pidfd_open, Linux 5.3)")
+            })?,
+        )),
+        None => None,
+    };
     // 6. One drop. Ports added later may be privileged: keep
     // CAP_NET_BIND_SERVICE (where we hold it).
     sys::drop_thread_capabilities(&[caps::Capability::CAP_NET_BIND_SERVICE])
@@ -312,6 +330,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
         api_listener,
         child_pid,
         max_connections,
+        child_watch,
     };
     let network_driver = attachment.as_ref().and_then(|a| a.network_driver.clone());
     let result = rt.block_on(serve.run(shutdown, network_driver));
@@ -338,8 +357,8 @@ struct Serve {
     bound: Vec<(PortSpec, port::Bound)>,
     api_listener: Option<std::os::unix::net::UnixListener>,
     child_pid: Option<u32>,
-    #[allow(dead_code)]
     max_connections: usize,
+    child_watch: Option<(u32, OwnedFd)>,
 }
 
 impl Serve {
@@ -356,8 +375,24 @@ impl Serve {
             bound,
             api_listener,
             child_pid,
-            max_connections: _,
+            max_connections,
+            child_watch,
         } = self;
+        let child_watch = match child_watch {
+            Some((pid, fd)) => Some((
+                pid,
+                // SAFETY: the AsyncFd owns the pidfd for its whole life.
+                unsafe {
+                    tokio::io::unix::AsyncFd::register_with_interest(
+                        fd,
+                        tokio::io::Interest::READABLE,
+                    )
+                }
+                .map_err(|e| e.into_parts().1)
+                .context("cannot watch the child process")?,
+            )),
+            None => None,
+        };
         // Handlers first: a SIGUSR1 that arrives after "ready" but before
         // its handler would otherwise kill the process (the default action).
         let (mut term, mut int, mut usr1, mut stop_rx) = match shutdown {
@@ -370,15 +405,15 @@ impl Serve {
             Shutdown::Channel(rx) => (None, None, None, Some(rx)),
         };
         let engine = prepared.start()?;
-        let (dialer, mut agent_process) = match dial {
-            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None),
-            DialSetup::Agent { fd, process } => (
-                netns::Dialer::Agent(
-                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?,
-                ),
-                process,
-            ),
+        let (dialer, mut agent_process, agent_client) = match dial {
+            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None, None),
+            DialSetup::Agent { fd, process } => {
+                let client =
+                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
+                (netns::Dialer::Agent(client.clone()), process, Some(client))
+            }
         };
+        let mut agent_check = tokio::time::interval(Duration::from_millis(200));
         // The ebpf engine's program layout, named in the log and the ready
         // line.
         let variant =
@@ -388,7 +423,10 @@ impl Serve {
                 "verdict"
             });
         tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
-        let ports = Arc::new(PortManager::new(dialer, engine).with_udp_options(config.udp));
+        let ports = Arc::new(
+            PortManager::with_max_connections(dialer, engine, max_connections)
+                .with_udp_options(config.udp),
+        );
         let mut listeners = Vec::new();
         for (spec, b) in bound {
             let st = ports
@@ -438,7 +476,48 @@ impl Serve {
                         None => std::future::pending().await,
                     }
                 } => break Ending::Requested,
+                pid = async {
+                    match child_watch.as_ref() {
+                        Some((pid, fd)) => {
+                            let _ = fd.readable().await;
+                            *pid
+                        }
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tracing::error!(pid, "the child process exited: stopping, nothing is left to forward to");
+                    break Ending::ChildExited(pid);
+                }
                 _ = recv(&mut usr1) => emit(&stats_event(&ports)),
+                _ = agent_check.tick(), if agent_process.is_some() => {
+                    let exited = agent_process
+                        .as_mut()
+                        .and_then(|c| c.try_wait().ok().flatten());
+                    let (Some(status), Some(pid), Some(client)) =
+                        (exited, config.child_pid, agent_client.as_ref())
+                    else {
+                        continue;
+                    };
+                    if !process_alive(pid) {
+                        // The child's pidfd ends the run next.
+                        agent_process = None;
+                        continue;
+                    }
+                    match respawn_agent(pid).await.and_then(|(child, fd)| {
+                        client.replace(fd).map_err(anyhow::Error::from)?;
+                        Ok(child)
+                    }) {
+                        Ok(child) => {
+                            tracing::warn!(%status, agent_pid = child.id(),
+                                "the dial agent exited while the child lives; restarted it");
+                            agent_process = Some(child);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
+                            break Ending::AgentLost(format!("{e:#}"));
+                        }
+                    }
+                }
             }
         };
         tracing::info!("shutting down");
@@ -458,6 +537,43 @@ impl Serve {
         }
         Ok((ready, stats, ending))
     }
+}
+
+/// Whether `pid` still runs (not a zombie).
+fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Starts a new dial agent for `pid` from a thread that lives as long as
+/// the process (the agent's parent-death signal follows the thread that
+/// forked it, and the runtime's blocking threads come and go).
+async fn respawn_agent(pid: u32) -> Result<(std::process::Child, OwnedFd)> {
+    type Job = (u32, oneshot::Sender<Result<(std::process::Child, OwnedFd)>>);
+    static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
+        std::sync::OnceLock::new();
+    let tx = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let _ = std::thread::Builder::new()
+            .name("agent-spawner".into())
+            .spawn(move || {
+                while let Ok((pid, reply)) = rx.recv() {
+                    let _ = reply.send(agent::spawn_in(pid));
+                }
+            });
+        std::sync::Mutex::new(tx)
+    });
+    let (rtx, rrx) = oneshot::channel();
+    tx.lock()
+        .map_err(|_| anyhow::anyhow!("agent spawner lock poisoned"))?
+        .send((pid, rtx))
+        .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?;
+    rrx.await
+        .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?
 }
 
 /// Waits for a signal, or forever without a handler.

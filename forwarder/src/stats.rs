@@ -51,7 +51,7 @@ impl PortStats {
     pub fn open_connection(self: &Arc<Self>) -> ConnGuard {
         self.connections.fetch_add(1, Relaxed);
         self.active.fetch_add(1, Relaxed);
-        ConnGuard(self.clone())
+        ConnGuard(self.clone(), None)
     }
 
     pub fn snapshot(&self, live: [u64; 2]) -> Snapshot {
@@ -71,11 +71,18 @@ impl PortStats {
     }
 }
 
-/// Decrements the port's active count when the connection ends.
+/// Decrements the port's active count when the connection ends, and
+/// gives back its slot under `--max-connections`.
 #[derive(Debug)]
-pub struct ConnGuard(Arc<PortStats>);
+pub struct ConnGuard(Arc<PortStats>, Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl ConnGuard {
+    /// Keeps `slot` taken until the connection ends.
+    pub fn hold(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self.1 = Some(slot);
+        self
+    }
+
     pub fn port(&self) -> &Arc<PortStats> {
         &self.0
     }

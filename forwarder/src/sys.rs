@@ -357,7 +357,6 @@ pub fn thread_cap_eff() -> u64 {
 }
 
 /// Opens a pidfd for `pid` (Linux 5.3): readable once the process exits.
-#[allow(dead_code)]
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; returns a fresh descriptor.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
@@ -370,7 +369,6 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// The peer's credentials of a connected Unix socket (`SO_PEERCRED`): the
 /// pid, uid and gid of the process that connected, as of connect().
-#[allow(dead_code)]
 pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
     getsockopt::<libc::ucred>(fd, libc::SOL_SOCKET, libc::SO_PEERCRED)
 }

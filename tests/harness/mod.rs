@@ -548,6 +548,21 @@ impl Fwd {
         f
     }
 
+    /// Waits up to `timeout` for the forwarder to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What the forwarder has written to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
@@ -645,7 +660,14 @@ impl Fwd {
     /// The child-side dial agents the forwarder started (its children
     /// running `child-agent`).
     pub fn agent_pids(&self) -> Vec<u32> {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid))
+        // Children are listed per thread that forked them.
+        let children: String = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .unwrap_or_default();
         children
             .split_whitespace()
