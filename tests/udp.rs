@@ -233,7 +233,7 @@ pub async fn idle_expiry(privilege: Privilege) {
     let pair = Pair::with(privilege);
     udp::whoami(bind_in(&pair.child, "127.0.0.1:53", None), "s");
     let spec = "127.0.0.1:5353:53/udp";
-    let mut f = start(&pair, &["--udp-idle-timeout", "0.5"], &[spec]);
+    let mut f = start(&pair, &["--udp-idle-timeout", "2"], &[spec]);
     let base = f.fd_count();
     let c = client_in(&pair.parent, "127.0.0.1:5353");
     let first = within(10, "first", ask(&c, b"1")).await;
