@@ -21,7 +21,8 @@
 //! `cargo xtask test -- --test engines -- --test-threads 1`.
 //! A failing build or test run makes xtask exit with cargo's exit code.
 //!
-//! Without extra arguments the VM suite follows: `cargo xtask vm-test
+//! Without extra arguments the end-to-end suite (`cargo xtask e2e`, rootless
+//! Docker publishing through forwarder) and then the VM suite follow: `cargo xtask vm-test
 //! --kernel 6.1` (see `vmtest.rs`), unless FWD_SKIP_VM_TEST=1 (for local
 //! quick runs; CI runs it).
 
@@ -82,6 +83,10 @@ pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
         }
     } else {
         println!("fuzz: skipped (--no-fuzz)");
+    }
+    // Rootless Docker end to end (`cargo xtask e2e`, a few minutes).
+    if let Err(e) = crate::e2e::run() {
+        failures.push(e.context("the end-to-end suite (cargo xtask e2e)"));
     }
     // The VM suite (the 6.1 kernel line): FWD_SKIP_VM_TEST=1 skips it for
     // local quick runs; CI never sets it.
