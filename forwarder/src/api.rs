@@ -26,7 +26,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -176,30 +176,18 @@ struct Guarded {
     slots: Arc<Semaphore>,
 }
 
-static LAST_REFUSAL_LOG: AtomicU64 = AtomicU64::new(0);
-static SUPPRESSED_REFUSALS: AtomicU64 = AtomicU64::new(0);
+static REFUSAL_LOG: crate::ratelimit::Every =
+    crate::ratelimit::Every::new(std::time::Duration::from_secs(1));
 
 /// Logs a refused peer, once a second at most.
 fn log_refusal(uid: Option<u32>, pid: Option<i32>) {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let last = LAST_REFUSAL_LOG.load(Relaxed);
-    if now > last
-        && LAST_REFUSAL_LOG
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    {
-        let suppressed = SUPPRESSED_REFUSALS.swap(0, Relaxed);
+    if let Some(suppressed) = REFUSAL_LOG.allow() {
         tracing::warn!(
             ?uid,
             ?pid,
             suppressed,
             "refused an API connection: only this forwarder's uid and root may use the API"
         );
-    } else {
-        SUPPRESSED_REFUSALS.fetch_add(1, Relaxed);
     }
 }
 

@@ -19,6 +19,7 @@ pub mod fuzz;
 pub mod kernel;
 pub mod netns;
 pub mod port;
+pub mod ratelimit;
 pub mod rootlesskit;
 pub mod spec;
 pub mod startup;

@@ -12,9 +12,9 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
@@ -475,7 +475,7 @@ async fn accept_loop(
     stats: Arc<PortStats>,
     ctx: Arc<Ctx>,
 ) {
-    let mut last_warn = 0u64;
+    let mut last_warn: Option<std::time::Instant> = None;
     loop {
         // A slot first: at the limit, stop accepting (clients wait in the
         // backlog, established connections keep running) until one ends.
@@ -496,9 +496,8 @@ async fn accept_loop(
             Err(e) if sys::is_resource_exhaustion(&e) => {
                 // Out of descriptors or memory: the connection waits in the
                 // backlog; back off instead of spinning, keep serving.
-                let now = unix_secs();
-                if now >= last_warn + 5 {
-                    last_warn = now;
+                if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+                    last_warn = Some(std::time::Instant::now());
                     tracing::warn!(%addr, error = %e, "accept failed, backing off");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -511,25 +510,12 @@ async fn accept_loop(
     }
 }
 
-fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Rate limit for the connection-limit warning, shared by all ports.
-static LAST_LIMIT_WARN: AtomicU64 = AtomicU64::new(0);
+static LIMIT_WARN: crate::ratelimit::Every = crate::ratelimit::Every::new(Duration::from_secs(1));
 
 /// Logs that the connection limit is reached, once a second at most.
 fn limit_reached(max: usize) {
-    let now = unix_secs();
-    let last = LAST_LIMIT_WARN.load(Relaxed);
-    if now > last
-        && LAST_LIMIT_WARN
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    {
+    if LIMIT_WARN.allow().is_some() {
         tracing::warn!(
             max_connections = max,
             "connection limit reached: not accepting until a connection ends (--max-connections)"
@@ -538,8 +524,7 @@ fn limit_reached(max: usize) {
 }
 
 /// Rate limit for dial-failure warnings, shared by all ports.
-static LAST_DIAL_WARN: AtomicU64 = AtomicU64::new(0);
-static SUPPRESSED_DIAL_WARNS: AtomicU64 = AtomicU64::new(0);
+static DIAL_WARN: crate::ratelimit::Every = crate::ratelimit::Every::new(Duration::from_secs(1));
 
 /// Dials the child for one accepted connection and hands the pair to the
 /// engine; on failure resets the client.
@@ -579,17 +564,8 @@ fn dial_failed(sock: TcpStream, spec: &PortSpec, stats: &PortStats, why: &str) {
     stats.dial_failures.fetch_add(1, Relaxed);
     let _ = sys::set_linger_zero(sock.as_fd());
     drop(sock);
-    let now = unix_secs();
-    let last = LAST_DIAL_WARN.load(Relaxed);
-    if now > last
-        && LAST_DIAL_WARN
-            .compare_exchange(last, now, Relaxed, Relaxed)
-            .is_ok()
-    {
-        let suppressed = SUPPRESSED_DIAL_WARNS.swap(0, Relaxed);
+    if let Some(suppressed) = DIAL_WARN.allow() {
         tracing::warn!(port = stats.id, spec = %spec, suppressed,
             "dial in the child failed, client reset: {why}");
-    } else {
-        SUPPRESSED_DIAL_WARNS.fetch_add(1, Relaxed);
     }
 }
