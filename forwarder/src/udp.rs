@@ -356,8 +356,14 @@ impl<T> FlowTable<T> {
         }
     }
 
+    /// Live flows.
     pub fn len(&self) -> usize {
         self.map.len()
+    }
+
+    /// No live flow.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 
     /// The slot of `key`'s flow.
