@@ -382,8 +382,7 @@ struct Binaries {
 }
 
 fn build() -> Result<Binaries> {
-    let workspace = ["--workspace", "--exclude", "forwarder-ebpf"];
-    run_cmd(cargo().args(["build", "--release"]).args(workspace))
+    run_cmd(cargo().args(["build", "--release"]).args(crate::test::WORKSPACE))
         .context("building the workspace")?;
     let out = output(cargo().args([
         "test",
