@@ -382,8 +382,12 @@ struct Binaries {
 }
 
 fn build() -> Result<Binaries> {
-    run_cmd(cargo().args(["build", "--release"]).args(crate::test::WORKSPACE))
-        .context("building the workspace")?;
+    run_cmd(
+        cargo()
+            .args(["build", "--release"])
+            .args(crate::test::WORKSPACE),
+    )
+    .context("building the workspace")?;
     let out = output(cargo().args([
         "test",
         "--release",
