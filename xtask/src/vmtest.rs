@@ -919,8 +919,18 @@ fn record(text: &str) -> Result<()> {
     let (Some(a), Some(b)) = (r.find(README_START), r.find(README_END)) else {
         bail!("README.md has no {README_START} … {README_END} block");
     };
-    let body = text.split_once('\n').map_or(text, |(_, rest)| rest).trim();
-    let new = format!("{}{README_START}\n{body}\n{}", &r[..a], &r[b..]);
+    // The title carries the command and the date: the README keeps both.
+    let (title, body) = text.split_once('\n').unwrap_or(("", text));
+    let when = title
+        .trim_start_matches("# Engine suite by kernel (")
+        .trim_end_matches(')');
+    let body = body.trim();
+    let new = format!(
+        "{}{README_START}\nMeasured with {when} (also in \
+         [bench/results/vm-matrix.md](bench/results/vm-matrix.md)).\n\n{body}\n{}",
+        &r[..a],
+        &r[b..]
+    );
     fs::write(&readme, new)?;
     say(&format!("recorded {} and the README", results.display()));
     Ok(())
