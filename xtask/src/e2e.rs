@@ -514,6 +514,12 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         })?;
         let log = std::fs::read_to_string(&fwd.log).unwrap_or_default();
         let last = log.lines().last().unwrap_or("").to_string();
+        // Status 1 with the reason: the unit's Restart=on-failure then
+        // starts it again against a restarted dockerd.
+        ensure!(
+            !st.success() && last.contains("the child process") && last.contains("exited"),
+            "the forwarder exited ({st}) without saying its child exited: {last}"
+        );
         Ok(format!(
             "forwarder exited ({st}): {last}; {}",
             none_answer()?
