@@ -76,7 +76,7 @@ pub fn run(plan: &Plan, bin: &Path) -> DockerResults {
         res.skipped = Some(why);
         return res;
     }
-    let env = match e2e::prepare() {
+    let env = match e2e::prepare(false) {
         Ok(e) => e,
         Err(e) => {
             let why = format!("set-up failed: {e:#}");
