@@ -37,7 +37,7 @@ use crate::util::{self, die_with_parent, output, Proc};
 /// The unprivileged user dockerd and forwarder run as (`setup` creates it).
 const USER: &str = "fwdtest";
 /// The image the suite imports (also the bench's rootless Docker row).
-pub const IMAGE: &str = "forwarder-e2e-busybox:2";
+pub const IMAGE: &str = "forwarder-e2e-busybox:3";
 /// Size of the download checked end to end.
 const BIG: u64 = 1 << 30;
 /// The published ports: (what `docker run -p` is given, addresses to try).
