@@ -198,6 +198,22 @@ pub async fn stop_with_open_connections(engine: &Engine) {
         .await
         .expect("stop");
     assert_eq!(st["event"], "stats", "{st}");
+    // The final line is taken after teardown: nothing active, the busy
+    // connection's bytes counted, no map entries left.
+    assert_eq!(st["active"].as_u64(), Some(0), "final stats: {st}");
+    assert!(
+        st["bytes_to_parent"].as_u64() >= Some(1 << 20),
+        "final stats: {st}"
+    );
+    assert_eq!(st["pooled"]["pipes_in_use"], 0, "final stats: {st}");
+    assert_eq!(st["pooled"]["buffers_in_use"], 0, "final stats: {st}");
+    if engine.expect == "ebpf" {
+        assert_eq!(
+            st["bpf_map_entries"],
+            serde_json::json!({"sockets": 0, "targets": 0, "peers": 0}),
+            "final stats: {st}"
+        );
+    }
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "exit took {:?}",

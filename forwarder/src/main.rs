@@ -299,17 +299,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         // Start-up builds its own runtime once capabilities are dropped.
-        Command::Run(args) => {
-            startup::run(args.into(), startup::Shutdown::Signals).and_then(|r| match r.ending {
-                startup::Ending::Requested => Ok(()),
-                startup::Ending::ChildExited(pid) => Err(anyhow::anyhow!(
-                    "the child process {pid} exited; its ports are closed"
-                )),
-                startup::Ending::AgentLost(why) => Err(anyhow::anyhow!(
-                    "the dial agent exited and cannot be restarted: {why}"
-                )),
-            })
-        }
+        Command::Run(args) => startup::run(args.into(), startup::Shutdown::Signals).and_then(ended),
         Command::ChildAgent { socket, fd } => {
             // Before any thread exists: the agent keeps no capability (it
             // may hold all of them in the container's user namespace).
@@ -366,7 +356,23 @@ fn attach_docker(a: AttachArgs) -> Result<()> {
             max_flows: a.udp_max_flows as usize,
         },
     };
-    startup::run(config, startup::Shutdown::Signals).map(drop)
+    startup::run(config, startup::Shutdown::Signals).and_then(ended)
+}
+
+/// The exit status of a run: 0 only when asked to stop (signal). The child
+/// or the dial agent going away is a failure (status 1, as RootlessKit
+/// exits when its child does), so a unit with `Restart=on-failure` starts
+/// the forwarder again against a restarted runtime.
+fn ended(r: startup::Report) -> Result<()> {
+    match r.ending {
+        startup::Ending::Requested => Ok(()),
+        startup::Ending::ChildExited(pid) => Err(anyhow::anyhow!(
+            "the child process {pid} exited; its ports are closed"
+        )),
+        startup::Ending::AgentLost(why) => Err(anyhow::anyhow!(
+            "the dial agent exited and cannot be restarted: {why}"
+        )),
+    }
 }
 
 /// Runs `f` on a multi-threaded runtime.

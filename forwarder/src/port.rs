@@ -4,7 +4,9 @@
 //! is all or nothing: every listener of the spec is bound before any accept
 //! loop starts, and a failure closes whatever was bound. Removing a port
 //! closes its listeners at once; connections already established on it run
-//! to their end on their engine. UDP ports (udp, udp4, udp6) have one
+//! to their end on their engine. When the forwarder stops, [`PortManager::close_all`]
+//! ends every connection (a reset) and waits for them, so the final stats
+//! line shows nothing active. UDP ports (udp, udp4, udp6) have one
 //! relay task per bound address instead of accept loops, see
 //! [`crate::udp`]; removing one closes its flows too.
 
@@ -376,7 +378,12 @@ impl PortManager {
     }
 
     /// Closes every listener (shutdown).
-    pub async fn close_all(&self) {
+    ///
+    /// Then ends every connection still running, on every port ever
+    /// published (each engine resets both sides, counts the connection's
+    /// bytes and empties its map entries), and waits up to `grace` for
+    /// them, so the stats taken next are final: nothing active.
+    pub async fn close_all(&self, grace: Duration) {
         let ports = {
             let mut st = lock(&self.state);
             let ports = std::mem::take(&mut st.ports);
@@ -389,6 +396,16 @@ impl PortManager {
             if let Some(u) = udp {
                 lock(&self.state).retired_udp += u.snapshot();
             }
+        }
+        let retired = lock(&self.state).retired.clone();
+        for p in &retired {
+            p.shut_down();
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        while retired.iter().any(|p| p.active.load(Relaxed) > 0)
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -540,7 +557,13 @@ async fn handle(
         Ok(a) => a,
         Err(_) => return,
     };
-    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(&spec, local.is_ipv6())).await;
+    let dialed = tokio::select! {
+        d = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(&spec, local.is_ipv6())) => d,
+        () = stats.closed() => {
+            let _ = sys::set_linger_zero(sock.as_fd());
+            return;
+        }
+    };
     match dialed {
         Ok(Ok((child, _reached))) => {
             let _ = sys::set_nodelay(sock.as_fd());

@@ -528,7 +528,7 @@ impl Serve {
         if let Some(path) = &config.api_socket {
             let _ = std::fs::remove_file(path);
         }
-        ports.close_all().await;
+        ports.close_all(Duration::from_secs(2)).await;
         let stats = stats_event(&ports);
         emit(&stats);
         if let Some(c) = agent_process.as_mut() {

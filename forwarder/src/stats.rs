@@ -5,8 +5,10 @@
 //! connection's counters into its port when the connection ends and
 //! reports live connections' counters on demand ([`crate::engine::Engine::live_bytes`]).
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +33,10 @@ pub struct PortStats {
     pub dial_failures: AtomicU64,
     pub bytes: [AtomicU64; 2],
     pub by_path: [AtomicU64; 3],
+    /// Set when the forwarder stops: the port's connections end now
+    /// instead of running to their end ([`PortStats::closed`]).
+    shutting_down: AtomicBool,
+    shutdown: Notify,
 }
 
 impl PortStats {
@@ -45,6 +51,26 @@ impl PortStats {
     pub fn add_bytes(&self, from: usize, n: u64, path: DataPath) {
         self.bytes[from].fetch_add(n, Relaxed);
         self.by_path[path as usize].fetch_add(n, Relaxed);
+    }
+
+    /// Tells the port's connections to end now (the forwarder stops).
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, SeqCst);
+        self.shutdown.notify_waiters();
+    }
+
+    /// Completes once [`PortStats::shut_down`] was called: engines select
+    /// on it to tear a connection down (and account for it) before exit.
+    pub async fn closed(&self) {
+        loop {
+            // Created before the check: notify_waiters wakes it even if it
+            // was never polled.
+            let woken = self.shutdown.notified();
+            if self.shutting_down.load(SeqCst) {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Marks a connection as started; the guard marks it ended when dropped.

@@ -9,11 +9,13 @@
 //!    unprivileged test user, with its data under `target/e2e`;
 //! 2. `forwarder attach-docker` starts as the same user and takes over
 //!    RootlessKit's API socket;
-//! 3. a busybox image (imported from Debian's `busybox-static`, no
-//!    registry) runs `httpd` with `-p 127.0.0.2:8080:80 -p 8081:80
-//!    -p 127.0.0.1:8082:80/tcp`, serving a 1 GiB file of known SHA-256
-//!    from a read-only bind mount;
-//! 4. checks: each published address answers (8081 over IPv4 and IPv6),
+//! 3. a busybox image (imported from Debian's `busybox-static` and a tiny
+//!    static echo server compiled from `xtask/fixtures/echo.rs`, no
+//!    registry) runs `httpd` and the echo with `-p 127.0.0.2:8080:80
+//!    -p 8081:80 -p 127.0.0.1:8082:80/tcp -p 8053:53/udp`, serving a 1 GiB
+//!    file of known SHA-256 from a read-only bind mount;
+//! 4. checks: each published address answers (8081 over IPv4 and IPv6,
+//!    UDP 8053 over both: datagrams come back unchanged),
 //!    the 1 GiB download's checksum, `docker restart` re-adds the ports,
 //!    `docker rm -f` removes them, and stopping dockerd leaves no listener
 //!    (the forwarder exits when the container's namespaces go) and puts
@@ -22,7 +24,7 @@
 //! Every check is reported as a row; the task fails if any failed.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,8 +36,8 @@ use crate::util::{self, die_with_parent, output, Proc};
 
 /// The unprivileged user dockerd and forwarder run as (`setup` creates it).
 const USER: &str = "fwdtest";
-/// The image the suite imports.
-const IMAGE: &str = "forwarder-e2e-busybox:1";
+/// The image the suite imports (also the bench's rootless Docker row).
+pub const IMAGE: &str = "forwarder-e2e-busybox:3";
 /// Size of the download checked end to end.
 const BIG: u64 = 1 << 30;
 /// The published ports: (what `docker run -p` is given, addresses to try).
@@ -43,7 +45,16 @@ const PUBLISH: &[(&str, &[&str])] = &[
     ("127.0.0.2:8080:80", &["127.0.0.2:8080"]),
     ("8081:80", &["127.0.0.1:8081", "[::1]:8081"]),
     ("127.0.0.1:8082:80/tcp", &["127.0.0.1:8082"]),
+    ("8053:53/udp", &["127.0.0.1:8053", "[::1]:8053"]),
 ];
+/// Entries the API lists for [`PUBLISH`]: dockerd asks for `0.0.0.0` and
+/// `::` for a spec without an address.
+const API_PORTS: usize = 6;
+
+/// Whether a [`PUBLISH`] spec is a UDP port.
+fn is_udp(spec: &str) -> bool {
+    spec.ends_with("/udp")
+}
 
 /// How the forwarder runs.
 #[derive(Clone, Copy, Debug)]
@@ -64,13 +75,14 @@ impl Config {
 }
 
 /// The test user's ids and the suite's directories.
-struct Env {
+pub struct Env {
     uid: u32,
     gid: u32,
     work: PathBuf,
     home: PathBuf,
     runtime: PathBuf,
-    www: PathBuf,
+    /// Served read-only by the container's httpd: `index.html` and `big`.
+    pub www: PathBuf,
     big_sha: String,
 }
 
@@ -106,7 +118,8 @@ impl Env {
         c
     }
 
-    fn docker(&self, args: &[&str]) -> Result<String> {
+    /// `docker ARGS` as the test user, against its rootless dockerd.
+    pub fn docker(&self, args: &[&str]) -> Result<String> {
         output(self.as_user(None, "docker").args(args))
     }
 }
@@ -125,7 +138,9 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<()> {
 
 /// Makes the directories, the image tarball and the 1 GiB file (kept
 /// between runs; its hash is recomputed, cheaply, from the generator).
-fn prepare() -> Result<Env> {
+/// `hash_big`: compute the 1 GiB file's SHA-256 (`big_sha`, minutes in a
+/// debug build) even if the file is already there; the bench needs none.
+pub fn prepare(hash_big: bool) -> Result<Env> {
     let (uid, gid) = (id("-u")?, id("-g")?);
     let work = util::target_dir()?.join("e2e");
     let home = work.join("home");
@@ -154,7 +169,7 @@ fn prepare() -> Result<Env> {
     std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o700))?;
     std::fs::write(www.join("index.html"), "hello from the container\n")?;
     let big = www.join("big");
-    let big_sha = write_big(&big)?;
+    let big_sha = write_big(&big, hash_big)?;
     Ok(Env {
         uid,
         gid,
@@ -166,11 +181,15 @@ fn prepare() -> Result<Env> {
     })
 }
 
-/// The 1 GiB file: a xorshift stream, written once; returns its SHA-256.
-fn write_big(path: &Path) -> Result<String> {
+/// The 1 GiB file: a xorshift stream, written once; returns its SHA-256
+/// (empty if the file was there and `hash` is false).
+fn write_big(path: &Path, hash: bool) -> Result<String> {
     let fresh = std::fs::metadata(path)
         .map(|m| m.len() != BIG)
         .unwrap_or(true);
+    if !fresh && !hash {
+        return Ok(String::new());
+    }
     let mut file = if fresh {
         Some(std::io::BufWriter::new(std::fs::File::create(path)?))
     } else {
@@ -197,19 +216,52 @@ fn write_big(path: &Path) -> Result<String> {
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// Why rootless Docker cannot run here, if it cannot (checked before
+/// anything starts): `setup` installs what is needed.
+pub fn unavailable() -> Option<String> {
+    if !util::is_root() {
+        return Some("needs root (starts rootless dockerd as the test user)".into());
+    }
+    if !Path::new("/usr/share/docker.io/contrib/dockerd-rootless.sh").is_file() {
+        return Some(
+            "no /usr/share/docker.io/contrib/dockerd-rootless.sh (Debian's docker.io)".into(),
+        );
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return Some("no /bin/busybox (Debian's busybox-static)".into());
+    }
+    if id("-u").is_err() {
+        return Some(format!("no user {USER} (cargo xtask setup creates it)"));
+    }
+    None
+}
+
+/// Imports the suite's image unless dockerd has it.
+pub fn ensure_image(env: &Env) -> Result<()> {
+    if env.docker(&["image", "inspect", IMAGE]).is_err() {
+        let image = env.work.join("busybox.tar");
+        make_image_tar(&image, &env.work)?;
+        env.docker(&["import", &image.display().to_string(), IMAGE])?;
+    }
+    Ok(())
+}
+
 /// A rootless dockerd of the test user; stopped (SIGTERM to RootlessKit,
 /// by PID) on drop.
-struct Dockerd {
+pub struct Dockerd {
     proc: Proc,
     log: PathBuf,
 }
 
 impl Dockerd {
-    fn start(env: &Env) -> Result<Dockerd> {
+    /// Starts it with RootlessKit's port driver `port_driver` (`none` for
+    /// forwarder, `builtin` for RootlessKit's own) and waits until it
+    /// answers.
+    pub fn start(env: &Env, port_driver: &str) -> Result<Dockerd> {
         let log = env.work.join("dockerd.log");
         let logf = std::fs::File::create(&log)?;
         let mut cmd = env.as_user(None, "dockerd-rootless.sh");
-        cmd.env("DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER", "none")
+        cmd.env("DOCKERD_ROOTLESS_ROOTLESSKIT_PORT_DRIVER", port_driver)
             .args(["--storage-driver=vfs", "--data-root"])
             .arg(env.home.join("docker"))
             .arg("--exec-root")
@@ -245,7 +297,7 @@ impl Dockerd {
         )
     }
 
-    fn stop(&mut self) -> Result<()> {
+    pub fn stop(&mut self) -> Result<()> {
         self.proc
             .stop(libc::SIGTERM, Duration::from_secs(30))
             .map(|_| ())
@@ -253,21 +305,22 @@ impl Dockerd {
 }
 
 /// `forwarder attach-docker` as the test user.
-struct Fwd {
-    proc: Proc,
-    ready: serde_json::Value,
+pub struct Fwd {
+    pub proc: Proc,
+    /// Its `ready` line.
+    pub ready: serde_json::Value,
     log: PathBuf,
 }
 
 impl Fwd {
-    fn start(env: &Env, bin: &Path, config: Config) -> Result<Fwd> {
-        let caps = match config {
-            Config::Plain => None,
-            Config::WithBpf => Some("+bpf,+net_admin"),
-        };
+    /// Starts `forwarder attach-docker ARGS` as the test user, with the
+    /// ambient capabilities `caps` (setpriv syntax: `+bpf,+net_admin`),
+    /// and waits for its ready line.
+    pub fn start(env: &Env, bin: &Path, caps: Option<&str>, args: &[&str]) -> Result<Fwd> {
         let log = env.work.join("forwarder.log");
         let mut cmd = env.as_user(caps, &bin.display().to_string());
         cmd.arg("attach-docker")
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?);
@@ -337,28 +390,84 @@ fn get(addr: &str, path: &str) -> Result<(String, u64, Vec<u8>)> {
     Ok((format!("{:x}", h.finalize()), n, first))
 }
 
-/// Every published address answers with the index page.
+/// Datagrams to `addr` and their echoes, over one flow and over a second
+/// one (a second client socket).
+fn udp_echo(addr: &str) -> Result<()> {
+    let to: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
+    let local = if to.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    for flow in 0..2 {
+        let s = UdpSocket::bind(local)?;
+        s.connect(to)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        for i in 0..3 {
+            let msg = format!("e2e datagram {i} of flow {flow} to {addr}");
+            s.send(msg.as_bytes())
+                .with_context(|| format!("sending to {addr}"))?;
+            let mut buf = [0u8; 2048];
+            let n = s
+                .recv(&mut buf)
+                .with_context(|| format!("no echo from {addr}"))?;
+            ensure!(
+                &buf[..n] == msg.as_bytes(),
+                "{addr} echoed {:?} to {msg:?}",
+                String::from_utf8_lossy(&buf[..n])
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every published address answers: the index page over TCP, the echo
+/// over UDP.
 fn all_answer() -> Result<String> {
     let mut tried = Vec::new();
-    for (_, addrs) in PUBLISH {
+    for (spec, addrs) in PUBLISH {
         for a in *addrs {
+            if is_udp(spec) {
+                udp_echo(a)?;
+                tried.push(format!("udp {a}"));
+                continue;
+            }
             let (_, _, body) = get(a, "/")?;
             ensure!(
                 body.starts_with(b"hello from the container"),
                 "{a} answered {:?}",
                 String::from_utf8_lossy(&body)
             );
-            tried.push(*a);
+            tried.push(a.to_string());
         }
     }
     Ok(tried.join(", "))
 }
 
-/// Connections to every published address are refused.
+/// Connections to every published address are refused; a datagram to a
+/// UDP one meets ICMP port unreachable (nothing listens).
 fn none_answer() -> Result<String> {
-    for (_, addrs) in PUBLISH {
+    for (spec, addrs) in PUBLISH {
         for a in *addrs {
             let addr: SocketAddr = a.parse()?;
+            if is_udp(spec) {
+                let local = if addr.is_ipv6() {
+                    "[::1]:0"
+                } else {
+                    "127.0.0.1:0"
+                };
+                let s = UdpSocket::bind(local)?;
+                s.connect(addr)?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.send(b"anyone?")?;
+                let mut buf = [0u8; 64];
+                match s.recv(&mut buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => bail!("udp {a}: {e} (expected port unreachable)"),
+                    Ok(_) => bail!("udp {a} still answers"),
+                }
+                continue;
+            }
             match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
                 Err(e) => bail!("{a}: {e} (expected a refusal)"),
@@ -381,7 +490,7 @@ fn api_ports(env: &Env, bin: &Path, state_dir: &Path) -> Result<usize> {
 }
 
 /// Waits up to `limit` for `check` to pass; returns its last result.
-fn within<T>(limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+pub fn within<T>(limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
     let deadline = Instant::now() + limit;
     loop {
         match check() {
@@ -423,12 +532,8 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         });
         ok
     };
-    let mut dockerd = Dockerd::start(env)?;
-    let image = env.work.join("busybox.tar");
-    if env.docker(&["image", "inspect", IMAGE]).is_err() {
-        make_image_tar(&image)?;
-        env.docker(&["import", &image.display().to_string(), IMAGE])?;
-    }
+    let mut dockerd = Dockerd::start(env, "none")?;
+    ensure_image(env)?;
     let state_dir = PathBuf::from(
         output(Command::new(bin).args([
             "attach-docker",
@@ -438,7 +543,11 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         ]))?
         .trim(),
     );
-    let mut fwd = Fwd::start(env, bin, config)?;
+    let caps = match config {
+        Config::Plain => None,
+        Config::WithBpf => Some("+bpf,+net_admin"),
+    };
+    let mut fwd = Fwd::start(env, bin, caps, &[])?;
     let engine = fwd.ready["engine"].as_str().unwrap_or("?").to_string();
     row("forwarder attached", &mut || {
         ensure!(
@@ -461,12 +570,9 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         &mount,
         IMAGE,
         "/bin/busybox",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/www",
+        "sh",
+        "-c",
+        "/bin/echo-server 53 & exec /bin/busybox httpd -f -p 80 -h /www",
     ]);
     row("docker run -p publishes", &mut || {
         env.docker(&run)?;
@@ -490,7 +596,7 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         env.docker(&["restart", "-t", "1", "web"])?;
         let s = within(Duration::from_secs(10), all_answer)?;
         let n = api_ports(env, bin, &state_dir)?;
-        ensure!(n == 4, "{n} ports in the API, expected 4");
+        ensure!(n == API_PORTS, "{n} ports in the API, expected {API_PORTS}");
         Ok(s)
     });
     row("docker rm -f removes", &mut || {
@@ -514,6 +620,12 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         })?;
         let log = std::fs::read_to_string(&fwd.log).unwrap_or_default();
         let last = log.lines().last().unwrap_or("").to_string();
+        // Status 1 with the reason: the unit's Restart=on-failure then
+        // starts it again against a restarted dockerd.
+        ensure!(
+            !st.success() && last.contains("the child process") && last.contains("exited"),
+            "the forwarder exited ({st}) without saying its child exited: {last}"
+        );
         Ok(format!(
             "forwarder exited ({st}): {last}; {}",
             none_answer()?
@@ -522,14 +634,31 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
     Ok(())
 }
 
-/// A tarball holding only `/bin/busybox` (Debian's busybox-static).
-fn make_image_tar(path: &Path) -> Result<()> {
+/// A tarball holding `/bin/busybox` (Debian's busybox-static) and
+/// `/bin/echo-server` (UDP and TCP echo, compiled here, static).
+fn make_image_tar(path: &Path, work: &Path) -> Result<()> {
     let root = path.with_extension("root");
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(root.join("bin"))?;
     std::fs::create_dir_all(root.join("www"))?;
     std::fs::copy("/bin/busybox", root.join("bin/busybox"))
         .context("copying /bin/busybox (Debian's busybox-static)")?;
+    let src = work.join("echo.rs");
+    std::fs::write(&src, include_str!("../fixtures/echo.rs"))?;
+    util::run(
+        Command::new("rustc")
+            .args([
+                "--edition",
+                "2021",
+                "-O",
+                "-C",
+                "target-feature=+crt-static",
+            ])
+            .args(["-C", "strip=symbols", "-o"])
+            .arg(root.join("bin/echo-server"))
+            .arg(&src),
+    )
+    .context("compiling the echo server (static, glibc's libc.a)")?;
     util::run(
         Command::new("tar")
             .arg("-C")
@@ -551,7 +680,7 @@ pub fn run() -> Result<()> {
     util::catch_interrupts();
     let bin = util::build_forwarder()?;
     let t = Instant::now();
-    let env = prepare()?;
+    let env = prepare(true)?;
     let mut rows = Vec::new();
     for config in [Config::Plain, Config::WithBpf] {
         if let Err(e) = configuration(&env, &bin, config, &mut rows) {

@@ -2,7 +2,9 @@
 //! forwarder with its eBPF programs embedded: forwarder/build.rs compiles
 //! forwarder-ebpf with nightly and bpf-linker), then every test in release
 //! mode: the unit tests and the netns integration suite in `tests/`, which
-//! runs the built binary named by `FORWARDER_BIN`.
+//! runs the binary named by `FORWARDER_BIN`: the one `cargo install
+//! --locked --path forwarder` installs into `target/install/bin` from that
+//! build, so what users install is what is tested.
 //!
 //! `--workspace` excludes forwarder-ebpf: it is `no_std` for
 //! bpfel-unknown-none and cannot be built for the host (the workspace
@@ -29,7 +31,7 @@
 use anyhow::{bail, Context as _, Result};
 
 use crate::fuzz;
-use crate::util::{cargo, is_root, run as run_cmd, target_dir};
+use crate::util::{cargo, is_root, root, run as run_cmd, target_dir};
 
 /// The workspace less the crates plain cargo cannot build for the host.
 pub const WORKSPACE: [&str; 5] = [
@@ -55,7 +57,20 @@ pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
     }
     run_cmd(cargo().args(["build", "--release"]).args(WORKSPACE))
         .context("building the workspace")?;
-    let bin = target_dir()?.join("release/forwarder");
+    // The suite runs the binary a user gets from `cargo install --locked
+    // --path forwarder` (the BPF object embedded by build.rs): installed
+    // from the release build just made (cargo install --path builds in the
+    // workspace's target directory, so this is a copy, a few seconds).
+    let install = target_dir()?.join("install");
+    run_cmd(
+        cargo()
+            .args(["install", "--locked", "--offline", "--force", "--path"])
+            .arg(root().join("forwarder"))
+            .arg("--root")
+            .arg(&install),
+    )
+    .context("cargo install --locked --path forwarder")?;
+    let bin = install.join("bin/forwarder");
     let (cargo_args, test_args) = split(args);
     let host = run_cmd(
         cargo()

@@ -47,6 +47,10 @@
 //!   the sockets leave SOCKS (no verdict runs after that), then TARGETS and
 //!   PEERS; the final counts go to the port's statistics; both sockets
 //!   close.
+//! - forwarder exit: the port manager shuts the port down
+//!   ([`crate::stats::PortStats::closed`]); the connection takes the reset
+//!   path above, so its map entries are gone and its bytes counted before
+//!   the final stats line.
 //!
 //! - rare events in the program (a redirect to a peer missing from
 //!   TARGETS, an skb of a socket without a PEERS entry) are logged through
@@ -646,7 +650,12 @@ impl Inner {
             w.insert(cookies[1], notify.clone());
         }
         let outcome = match self.watch(&socks, cookies) {
-            Ok(()) => self.supervise(&socks, cookies, base, &notify).await,
+            // At exit the connection is torn down here, so its bytes are
+            // counted and its map entries removed before the final stats.
+            Ok(()) => tokio::select! {
+                o = self.supervise(&socks, cookies, base, &notify) => o,
+                () = port.closed() => Outcome::Reset("the forwarder is stopping".into()),
+            },
             Err(e) => Outcome::Reset(format!("cannot watch the sockets: {e}")),
         };
         {

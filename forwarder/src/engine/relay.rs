@@ -26,7 +26,10 @@
 //! - RST or any error on either side, in either direction, also while a
 //!   direction is idle or already finished: both sockets are closed with
 //!   SO_LINGER 0 so each peer sees a reset;
-//! - teardown: when both directions have ended, both sockets close.
+//! - teardown: when both directions have ended, both sockets close;
+//! - forwarder exit: the port manager shuts the port down
+//!   ([`PortStats::closed`]) and the connection is reset like on an error,
+//!   so the final stats line counts it as ended.
 //!
 //! Fallbacks: copy is the last resort; splice needs nothing but pipes.
 
@@ -167,6 +170,7 @@ pub async fn relay<C: Chunk>(conn: Conn, make: impl Fn() -> C) {
                 r = &mut f1, if !done[1] => r.map(|()| done[1] = true),
                 e = error_of(&sides[0]) => Err(e),
                 e = error_of(&sides[1]) => Err(e),
+                () = stats.closed() => Err(io::Error::other("the forwarder is stopping")),
             };
             match step {
                 Err(e) => break Err(e),

@@ -14,6 +14,10 @@
 //!   carrier's RSS and descriptors are read, then closed; the time to open
 //!   them all. Runs last: a peer that runs out of descriptors may not
 //!   recover, which must not cost it the other workloads;
+//! - *rootless Docker*: one container published by RootlessKit's builtin
+//!   driver and by forwarder attached to rootless dockerd (each engine):
+//!   a 1 GiB download and the connection rate (`docker.rs`; skipped, with
+//!   the reason, where rootless Docker cannot run);
 //! - with `--profile`, a profile of the ebpf engine's bulk, ping-pong and
 //!   connection-rate runs (`profile.rs`).
 //!
@@ -68,6 +72,7 @@
 //! `bench/results/profile.md`). Every process it starts is stopped by its
 //! PID; all traffic stays on loopback and in the bench's namespaces.
 
+mod docker;
 mod profile;
 mod report;
 mod sample;
@@ -119,7 +124,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "scale,throughput,latency,rate"
+        default_value = "scale,throughput,latency,rate,docker"
     )]
     workloads: Vec<Workload>,
     /// Idle connections of the scale workload.
@@ -138,6 +143,8 @@ pub enum Workload {
     Throughput,
     Latency,
     Rate,
+    /// Rootless Docker: RootlessKit's builtin driver against forwarder.
+    Docker,
 }
 
 /// Where iperf3's client and server run during a throughput run.
@@ -297,6 +304,8 @@ pub struct Results {
     /// Bytes iperf3 moved through each system, warm-ups included.
     pub bytes: BTreeMap<String, f64>,
     pub fwd_stats: Vec<(&'static str, Value)>,
+    /// The rootless Docker workload.
+    pub docker: Option<docker::DockerResults>,
 }
 
 /// The first two CPUs we may run on, for `iperf3 -A client,server`.
@@ -778,6 +787,10 @@ fn run_inner(args: &Args) -> Result<()> {
             plan.scale_conns = fit;
         }
         scale(&plan, &ns, &systems, &mut forwarders, &mut res)?;
+    }
+    if plan.has(Workload::Docker) {
+        check_interrupted()?;
+        res.docker = Some(docker::run(&plan, &bin));
     }
     for s in &systems {
         if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {

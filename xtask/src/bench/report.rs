@@ -421,6 +421,13 @@ impl Report<'_> {
         } else {
             Value::Null
         };
+        let docker_json = match (&self.res.docker, plan.has(Workload::Docker)) {
+            (Some(d), true) => {
+                self.render_docker(&mut md, d)?;
+                serde_json::to_value(d)?
+            }
+            _ => Value::Null,
+        };
         let res_json = self.render_resources(&mut md)?;
 
         let failed: Vec<_> = self
@@ -475,6 +482,7 @@ impl Report<'_> {
             "latency": lat_json,
             "connection_rate": rate_json,
             "scale": scale_json,
+            "rootless_docker": docker_json,
             "resources": res_json,
             "forwarder_stats": self
                 .res
@@ -484,6 +492,83 @@ impl Report<'_> {
                 .collect::<serde_json::Map<_, _>>(),
         });
         Ok((md, json))
+    }
+
+    /// The rootless Docker table: one row per system.
+    fn render_docker(&self, md: &mut String, d: &super::docker::DockerResults) -> Result<()> {
+        writeln!(md, "## Rootless Docker\n")?;
+        if let Some(why) = &d.skipped {
+            writeln!(md, "{}\n", cell(why))?;
+            return Ok(());
+        }
+        writeln!(
+            md,
+            "One busybox container of rootless dockerd (run as user fwdtest, slirp4netns), \
+             `docker run -p 127.0.0.1:P:80 -p 127.0.0.1:Q:7`, published by RootlessKit's \
+             builtin port driver or by `forwarder attach-docker --mode ENGINE` (port driver \
+             none; CAP_BPF + CAP_NET_ADMIN). Download: one HTTP GET of a {:.0} MiB file from \
+             busybox httpd, Gbit/s; rate: connect, 1-byte request/response, close against an \
+             echo server in the container. {} repetitions, the systems one after the other \
+             (dockerd restarts between the two port drivers), medians (min-max).\n",
+            d.download_bytes as f64 / (1 << 20) as f64,
+            self.plan.reps
+        )?;
+        let rate_hdr = CLIENTS
+            .iter()
+            .map(|c| format!("conn/s, {c} client{}", if *c == 1 { "" } else { "s" }))
+            .collect::<Vec<_>>();
+        writeln!(
+            md,
+            "| system | download Gbit/s | x builtin | {} |",
+            rate_hdr.join(" | ")
+        )?;
+        writeln!(md, "|---|---|---|{}", "---|".repeat(CLIENTS.len()))?;
+        let builtin = d
+            .rows
+            .iter()
+            .find(|r| r.name == "rootlesskit")
+            .filter(|r| !r.gbit.is_empty())
+            .map(|r| median(&r.gbit));
+        for r in &d.rows {
+            if r.gbit.is_empty() {
+                let why = r.failed.as_deref().unwrap_or("no results");
+                writeln!(
+                    md,
+                    "| {} | {} |{}",
+                    r.label,
+                    cell(why),
+                    " |".repeat(CLIENTS.len() + 1)
+                )?;
+                continue;
+            }
+            let x = builtin.map_or_else(
+                || "n/a".to_string(),
+                |b| format!("{:.2}", median(&r.gbit) / b),
+            );
+            let rates = CLIENTS
+                .iter()
+                .map(|c| {
+                    r.conn_per_s
+                        .get(c)
+                        .filter(|v| !v.is_empty())
+                        .map_or_else(|| "n/a".to_string(), |v| spread(v, 0))
+                })
+                .collect::<Vec<_>>();
+            writeln!(
+                md,
+                "| {} | {} | {x} | {} |",
+                r.label,
+                spread(&r.gbit, 2),
+                rates.join(" | ")
+            )?;
+        }
+        for r in d.rows.iter().filter(|r| !r.gbit.is_empty()) {
+            if let Some(f) = &r.failed {
+                writeln!(md, "\n- {}: {}", r.name, f.replace('\n', " "))?;
+            }
+        }
+        writeln!(md)?;
+        Ok(())
     }
 
     fn render_throughput(
@@ -996,6 +1081,7 @@ mod tests {
                 Workload::Throughput,
                 Workload::Latency,
                 Workload::Rate,
+                Workload::Docker,
             ],
             scale_note: None,
         }
