@@ -44,7 +44,8 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::netns::{ChildDialer, DialFailure};
+use crate::dial::{Dial, DialFailure, DialFuture, DialRequest};
+use crate::netns::ChildDialer;
 use crate::spec::{ApiSpec, PortSpec};
 
 /// Largest request or reply.
@@ -203,12 +204,15 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
     };
-    let plan = crate::dial::plan(&spec, ipv6_listener);
+    let req = DialRequest {
+        spec: &spec,
+        ipv6_listener,
+    };
     let dialed = if spec.proto.is_udp() {
-        tokio::time::timeout(DIAL_TIMEOUT, dialer.dial_udp(plan)).await
+        tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await
     } else {
         tokio::time::timeout(DIAL_TIMEOUT, async {
-            let (stream, reached) = dialer.dial(plan).await?;
+            let (stream, reached) = dialer.tcp(req).await?;
             let fd = stream
                 .into_std()
                 .map(OwnedFd::from)
@@ -518,33 +522,6 @@ impl AgentClient {
         Ok(fd)
     }
 
-    /// Asks the agent to dial for a connection accepted by a listener of
-    /// `spec`.
-    pub async fn dial(
-        &self,
-        spec: &PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(TcpStream, SocketAddr), DialFailure> {
-        let (fd, reached) = self.request(spec, ipv6_listener).await?;
-        let fail = |e: io::Error| DialFailure {
-            errno: Some(libc::EIO),
-            message: e.to_string(),
-        };
-        let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true).map_err(fail)?;
-        TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
-    }
-
-    /// Asks the agent for a connected UDP socket for a flow received by a
-    /// socket of `spec` (a udp, udp4 or udp6 spec).
-    pub async fn dial_udp(
-        &self,
-        spec: &PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
-        self.request(spec, ipv6_listener).await
-    }
-
     async fn request(
         &self,
         spec: &PortSpec,
@@ -590,6 +567,24 @@ impl AgentClient {
             .and_then(|r| r.parse().ok())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         Ok((fd, reached))
+    }
+}
+
+/// Asks the agent to dial: it applies the same rules in the child and
+/// passes the connected socket back.
+impl Dial for AgentClient {
+    fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        Box::pin(async move {
+            let (fd, reached) = self.request(req.spec, req.ipv6_listener).await?;
+            let fail = |e: io::Error| DialFailure::new(libc::EIO, e.to_string());
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true).map_err(fail)?;
+            TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
+        })
+    }
+
+    fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+        Box::pin(self.request(req.spec, req.ipv6_listener))
     }
 }
 

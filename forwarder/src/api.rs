@@ -487,9 +487,8 @@ mod tests {
     use tower::ServiceExt;
 
     fn state() -> Arc<ApiState> {
-        let dialer = crate::netns::Dialer::Netns(
-            ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns"),
-        );
+        let dialer: Arc<dyn crate::dial::Dial> =
+            Arc::new(ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns"));
         let engine: Arc<dyn Engine> = Arc::new(CopyEngine);
         Arc::new(ApiState {
             ports: Arc::new(PortManager::new(dialer, engine)),

@@ -22,8 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::dial::{Dial, DialRequest};
 use crate::engine::{Conn, Engine};
-use crate::netns::Dialer;
 use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
@@ -137,7 +137,7 @@ struct State {
 
 /// Shared by every accept loop.
 struct Ctx {
-    dialer: Dialer,
+    dialer: Arc<dyn Dial>,
     engine: Arc<dyn Engine>,
     udp: UdpOptions,
     /// One permit per connection carried (`--max-connections`), over all
@@ -223,14 +223,18 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
 
 impl PortManager {
     #[cfg(test)]
-    pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
+    pub fn new(dialer: Arc<dyn Dial>, engine: Arc<dyn Engine>) -> Self {
         Self::with_max_connections(dialer, engine, Semaphore::MAX_PERMITS)
     }
 
     /// A manager that carries at most `max` connections at once over all
     /// its ports: beyond it the accept loops stop accepting (clients wait
     /// in the listen backlog) until a connection ends.
-    pub fn with_max_connections(dialer: Dialer, engine: Arc<dyn Engine>, max: usize) -> Self {
+    pub fn with_max_connections(
+        dialer: Arc<dyn Dial>,
+        engine: Arc<dyn Engine>,
+        max: usize,
+    ) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         PortManager {
             ctx: Arc::new(Ctx {
@@ -540,7 +544,11 @@ async fn handle(
         Ok(a) => a,
         Err(_) => return,
     };
-    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(&spec, local.is_ipv6())).await;
+    let req = DialRequest {
+        spec: &spec,
+        ipv6_listener: local.is_ipv6(),
+    };
+    let dialed = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.tcp(req)).await;
     match dialed {
         Ok(Ok((child, _reached))) => {
             let _ = sys::set_nodelay(sock.as_fd());

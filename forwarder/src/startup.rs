@@ -33,6 +33,7 @@ use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
+use crate::dial::Dial;
 use crate::engine::{self, Mode, Prepared};
 use crate::port::{self, PortManager};
 use crate::spec::{self, PortSpec};
@@ -406,11 +407,12 @@ impl Serve {
         };
         let engine = prepared.start()?;
         let (dialer, mut agent_process, agent_client) = match dial {
-            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None, None),
+            DialSetup::Netns(d) => (Arc::new(d) as Arc<dyn Dial>, None, None),
             DialSetup::Agent { fd, process } => {
                 let client =
                     agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
-                (netns::Dialer::Agent(client.clone()), process, Some(client))
+                let dialer: Arc<dyn Dial> = Arc::new(client.clone());
+                (dialer, process, Some(client))
             }
         };
         let mut agent_check = tokio::time::interval(Duration::from_millis(200));
