@@ -38,7 +38,7 @@ use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use serde::{Deserialize, Serialize};
+
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
@@ -47,31 +47,13 @@ use tokio::sync::oneshot;
 use crate::dial::{Dial, DialFailure, DialFuture, DialRequest};
 use crate::netns::ChildDialer;
 use crate::spec::{ApiSpec, PortSpec};
+use crate::wire::{AgentReply, AgentRequest, AGENT_MAX_MESSAGE};
 
 /// Largest request or reply.
-pub const MAX_MESSAGE: usize = 4096;
+pub const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
 
 /// How long the agent may spend on one dial.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Request {
-    id: u64,
-    spec: ApiSpec,
-    ipv6_listener: bool,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub(crate) struct Reply {
-    pub(crate) id: u64,
-    pub(crate) ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) reached: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) errno: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) message: Option<String>,
-}
 
 /// A SOCK_SEQPACKET socket registered with tokio.
 struct Packet(AsyncFd<OwnedFd>);
@@ -164,7 +146,7 @@ impl Packet {
 /// dial never answered).
 const MAX_ERROR_TEXT: usize = 512;
 
-fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
+fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> AgentReply {
     let mut message = message.into();
     if message.len() > MAX_ERROR_TEXT {
         let mut end = MAX_ERROR_TEXT;
@@ -174,7 +156,7 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
         message.truncate(end);
         message.push_str("...");
     }
-    Reply {
+    AgentReply {
         id,
         ok: false,
         errno: Some(errno),
@@ -186,20 +168,20 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
 /// Decodes and validates one request: its id, the spec (checked as the API
 /// checks one) and whether the connection was accepted on IPv6; or the
 /// error reply to send.
-pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), Reply> {
-    let req: Request = serde_json::from_slice(data)
+pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), AgentReply> {
+    let req: AgentRequest = serde_json::from_slice(data)
         .map_err(|e| error_reply(0, libc::EINVAL, format!("malformed request: {e}")))?;
     let spec = PortSpec::try_from(&req.spec).map_err(|e| error_reply(req.id, libc::EINVAL, e))?;
     Ok((req.id, spec, req.ipv6_listener))
 }
 
 /// Decodes a reply from the agent (the forwarder's side).
-pub(crate) fn decode_reply(data: &[u8]) -> Option<Reply> {
+pub(crate) fn decode_reply(data: &[u8]) -> Option<AgentReply> {
     serde_json::from_slice(data).ok()
 }
 
 /// Handles one request: parse, validate, dial in this namespace.
-async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
+async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedFd>) {
     let (id, spec, ipv6_listener) = match decode_request(data) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
@@ -226,7 +208,7 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
     };
     match dialed {
         Ok(Ok((stream, reached))) => (
-            Reply {
+            AgentReply {
                 id,
                 ok: true,
                 reached: Some(reached.to_string()),
@@ -249,7 +231,7 @@ const HELLO: &str = "agent ready";
 /// Serves one connected socket until the peer goes away.
 async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     let sock = Arc::new(Packet::new(fd)?);
-    let hello = Reply {
+    let hello = AgentReply {
         id: 0,
         ok: true,
         message: Some(HELLO.into()),
@@ -281,7 +263,7 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     Ok(())
 }
 
-async fn send_reply(sock: &Packet, reply: &Reply, fd: Option<RawFd>) -> io::Result<()> {
+async fn send_reply(sock: &Packet, reply: &AgentReply, fd: Option<RawFd>) -> io::Result<()> {
     let data = serde_json::to_vec(reply).map_err(io::Error::other)?;
     sock.send(&data, fd).await
 }
@@ -442,7 +424,7 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     Ok((child, ours))
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<OwnedFd>)>>>>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(AgentReply, Option<OwnedFd>)>>>>;
 
 /// The forwarder's side: sends dial requests to an agent and collects the
 /// sockets.
@@ -536,7 +518,7 @@ impl AgentClient {
         if let Ok(mut m) = self.pending.lock() {
             m.insert(id, tx);
         }
-        let req = Request {
+        let req = AgentRequest {
             id,
             spec: ApiSpec::from(spec),
             ipv6_listener,
@@ -626,7 +608,7 @@ fn check_hello(data: &[u8]) -> io::Result<()> {
     if data.is_empty() {
         return Err(bad("the dial agent exited before greeting".into()));
     }
-    let hello: Reply = serde_json::from_slice(data)
+    let hello: AgentReply = serde_json::from_slice(data)
         .map_err(|e| bad(format!("the dial agent's greeting is not valid: {e}")))?;
     if hello.id == 0 && hello.ok && hello.message.as_deref() == Some(HELLO) {
         Ok(())
@@ -667,7 +649,7 @@ mod tests {
         (p, task)
     }
 
-    async fn ask(p: &Packet, data: &[u8]) -> (Reply, Vec<OwnedFd>) {
+    async fn ask(p: &Packet, data: &[u8]) -> (AgentReply, Vec<OwnedFd>) {
         p.send(data, None).await.expect("send");
         let mut buf = vec![0u8; MAX_MESSAGE];
         let (n, _, fds) = p.recv(&mut buf).await.expect("recv").expect("reply");

@@ -26,3 +26,4 @@ pub mod startup;
 pub mod stats;
 pub mod sys;
 pub mod udp;
+pub mod wire;

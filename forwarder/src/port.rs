@@ -16,7 +16,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -28,6 +27,7 @@ use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
 use crate::udp::{self, UdpOptions, UdpSnapshot, UdpStats};
+pub use crate::wire::PortReport;
 
 /// How long a dial in the child may take before the client is reset.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -75,20 +75,6 @@ pub struct PortStatus {
     pub api: ApiSpec,
     /// Addresses actually listened on (the IPv6 half may be discarded).
     pub listeners: Vec<SocketAddr>,
-}
-
-/// Statistics of one port.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PortReport {
-    pub id: u32,
-    pub spec: String,
-    /// The engine carrying the port's connections.
-    pub engine: String,
-    #[serde(flatten)]
-    pub stats: Snapshot,
-    /// Datagrams, flows and drops of a UDP port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub udp: Option<UdpSnapshot>,
 }
 
 struct Port {

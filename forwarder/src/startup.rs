@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
@@ -37,6 +36,7 @@ use crate::dial::Dial;
 use crate::engine::{self, Mode, Prepared};
 use crate::port::{self, PortManager};
 use crate::spec::{self, PortSpec};
+use crate::wire::{Event, Ready, StatsEvent};
 use crate::{agent, api, netns, sys};
 
 /// What `forwarder run` was asked to do.
@@ -86,38 +86,28 @@ pub enum Ending {
 #[derive(Debug, Clone)]
 pub struct Report {
     /// The ready line's contents (engine, reason, listeners).
-    pub ready: serde_json::Value,
-    /// The final stats line's contents.
-    pub stats: serde_json::Value,
+    pub ready: Ready,
+    /// The final stats line's contents, taken after teardown.
+    pub stats: StatsEvent,
     pub ending: Ending,
     /// The capability kept on the map thread, if any.
     pub map_thread_keeps: Option<caps::Capability>,
 }
 
-/// Writes one JSON object as a line on stdout (the machine-readable
-/// channel; logs go to stderr).
-pub fn emit(v: &serde_json::Value) {
+/// Writes one event as a line on stdout (the machine-readable channel;
+/// logs go to stderr).
+pub fn emit(event: &Event) {
+    let Ok(line) = serde_json::to_string(event) else {
+        return;
+    };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-/// The stats line of the stdout channel: the totals at top level, then the
-/// ports and (ebpf) the map occupancy.
-fn stats_event(ports: &PortManager) -> serde_json::Value {
-    let st = api::stats(ports);
-    let mut v = json!({ "event": "stats", "engine": st.engine, "ports": st.ports });
-    if let (Some(obj), Ok(serde_json::Value::Object(t))) =
-        (v.as_object_mut(), serde_json::to_value(st.total))
-    {
-        obj.extend(t);
-        if let Some(m) = st.bpf_map_entries {
-            obj.insert("bpf_map_entries".into(), json!(m));
-        }
-        obj.insert("pooled".into(), json!(st.pooled));
-        obj.insert("udp".into(), json!(st.udp));
-    }
-    v
+/// The stats line of the stdout channel.
+fn stats_event(ports: &PortManager) -> Event {
+    Event::Stats(Box::new(api::stats(ports).into()))
 }
 
 /// The PID behind a `/proc/PID/ns/net` path, for `/v1/info`.
@@ -367,7 +357,7 @@ impl Serve {
         self,
         shutdown: Shutdown,
         network_driver: Option<serde_json::Value>,
-    ) -> Result<(serde_json::Value, serde_json::Value, Ending)> {
+    ) -> Result<(Ready, StatsEvent, Ending)> {
         let Serve {
             config,
             prepared,
@@ -434,7 +424,7 @@ impl Serve {
             let st = ports
                 .add_bound(spec.clone(), spec::ApiSpec::from(&spec), b)
                 .with_context(|| format!("cannot publish {spec}"))?;
-            listeners.extend(st.listeners.iter().map(|a| a.to_string()));
+            listeners.extend(st.listeners.iter().copied());
         }
         let (stop_api, api_stopped) = oneshot::channel::<()>();
         let api_task = match (&config.api_socket, api_listener) {
@@ -457,14 +447,13 @@ impl Serve {
             }
             _ => None,
         };
-        let ready = json!({
-            "event": "ready",
-            "engine": ports.engine().kind(),
-            "variant": variant,
-            "reason": reason,
-            "listeners": listeners,
-        });
-        emit(&ready);
+        let ready = Ready {
+            engine: ports.engine().kind(),
+            variant: variant.map(String::from),
+            reason: reason.clone(),
+            listeners,
+        };
+        emit(&Event::Ready(ready.clone()));
 
         let ending = loop {
             tokio::select! {
@@ -531,8 +520,8 @@ impl Serve {
             let _ = std::fs::remove_file(path);
         }
         ports.close_all().await;
-        let stats = stats_event(&ports);
-        emit(&stats);
+        let stats = StatsEvent::from(api::stats(&ports));
+        emit(&Event::Stats(Box::new(stats.clone())));
         if let Some(c) = agent_process.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
@@ -673,8 +662,8 @@ mod tests {
         let (r, eff) = t.join().unwrap();
         let r = r.unwrap();
         assert_eq!(r.ending, Ending::Requested);
-        assert_eq!(r.ready["engine"], "copy", "{}", r.ready);
-        assert_eq!(r.stats["connections"], 1, "{}", r.stats);
+        assert_eq!(r.ready.engine, engine::EngineKind::Copy, "{:?}", r.ready);
+        assert_eq!(r.stats.total.connections, 1, "{:?}", r.stats);
         assert_eq!(r.map_thread_keeps, None);
         assert_eq!(eff & !(1 << 10), 0, "the thread kept {eff:#x}");
     }
