@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -47,6 +47,7 @@ use tokio::sync::oneshot;
 use crate::dial::{Dial, DialFailure, DialFuture, DialRequest};
 use crate::netns::ChildDialer;
 use crate::spec::{ApiSpec, PortSpec};
+use crate::sys;
 use crate::wire::{AgentReply, AgentRequest, AGENT_MAX_MESSAGE};
 
 /// Largest request or reply.
@@ -65,10 +66,7 @@ impl Packet {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )
         .map_err(io::Error::from)?;
-        // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
-            .map(Packet)
-            .map_err(|e| e.into_parts().1)
+        sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE).map(Packet)
     }
 
     /// Sends one datagram, optionally with a descriptor.
@@ -118,11 +116,7 @@ impl Packet {
                     if let Ok(cmsgs) = msg.cmsgs() {
                         for c in cmsgs {
                             if let ControlMessageOwned::ScmRights(raw) = c {
-                                // SAFETY: the kernel just installed these
-                                // descriptors for us.
-                                fds.extend(
-                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                                );
+                                fds.extend(sys::adopt_received(raw));
                             }
                         }
                     }
@@ -274,16 +268,13 @@ async fn send_reply(sock: &Packet, reply: &AgentReply, fd: Option<RawFd>) -> io:
 pub async fn run(fd: Option<RawFd>, path: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Die with whoever started us (the forwarder, or a runtime).
-    // SAFETY: prctl with constant arguments.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    let _ = sys::term_with_parent();
     // Capabilities were dropped by main() before the runtime started: the
     // agent needs none to create and connect sockets.
     let dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
     match (fd, path) {
         (Some(fd), _) => {
-            // SAFETY: the descriptor was handed to us by our parent and is
-            // ours alone.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = sys::adopt_fd(fd).with_context(|| format!("--fd {fd}"))?;
             serve_conn(fd, dialer)
                 .await
                 .context("serving the forwarder")
@@ -327,28 +318,21 @@ impl SeqpacketListener {
         )?;
         let addr = nix::sys::socket::UnixAddr::new(path)?;
         {
-            let _mask = crate::sys::Umask::set(0o177);
+            let _mask = sys::Umask::set(0o177);
             nix::sys::socket::bind(fd.as_raw_fd(), &addr)
                 .with_context(|| format!("binding {}", path.display()))?;
         }
         nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(64)?)?;
-        // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(SeqpacketListener(fd))
+        Ok(SeqpacketListener(sys::async_fd(fd, Interest::READABLE)?))
     }
 
     async fn accept(&self) -> io::Result<OwnedFd> {
         loop {
             let mut guard = self.0.readable().await?;
-            match nix::sys::socket::accept4(
-                self.0.get_ref().as_raw_fd(),
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            ) {
-                // SAFETY: accept4 returned a fresh descriptor we own.
-                Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                Err(e) => return Err(e.into()),
+            match sys::accept_owned(self.0.get_ref().as_fd()) {
+                Ok(fd) => return Ok(fd),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -361,7 +345,6 @@ impl SeqpacketListener {
 /// end, for [`AgentClient::new`]. Needs no runtime.
 pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     use anyhow::Context as _;
-    use std::os::unix::process::CommandExt;
     let open = |ns: &str| {
         std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
             .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
@@ -381,32 +364,14 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     let netns = open("net")?;
     let (ours, theirs) = pair()?;
     let exe = std::env::current_exe().context("locating the forwarder binary")?;
-    let (user_fd, net_fd, agent_fd) = (userns.as_raw_fd(), netns.as_raw_fd(), theirs.as_raw_fd());
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["child-agent", "--fd", "3"]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Namespaces first: the namespace files may sit on descriptor
-            // 3, which the dup2 below replaces.
-            if !same_user && libc::setns(user_fd, libc::CLONE_NEWUSER) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if agent_fd == 3 {
-                // dup2 onto itself would leave close-on-exec set.
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(agent_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
+    sys::enter_namespaces_on_exec(
+        &mut cmd,
+        (!same_user).then(|| userns.as_fd()),
+        netns.as_fd(),
+        theirs.as_fd(),
+    );
     let child = cmd.spawn().with_context(|| {
         format!(
             "cannot start the dial agent in the namespaces of PID {pid} (joining a user \
@@ -576,30 +541,15 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Waits (blocking, no runtime needed) for the agent's greeting on a
 /// connected socket.
 fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
+    if !sys::wait_readable(fd.as_fd(), timeout)? {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no greeting from the dial agent within {timeout:?}"),
         ));
     }
     let mut buf = [0u8; MAX_MESSAGE];
-    // SAFETY: buf is writable for its length.
-    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    check_hello(&buf[..r as usize])
+    let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    check_hello(&buf[..n])
 }
 
 /// Whether a datagram is the agent's greeting.

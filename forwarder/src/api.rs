@@ -143,8 +143,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let guarded = Guarded {
         inner: listener,
-        // SAFETY: geteuid cannot fail.
-        uid: unsafe { libc::geteuid() },
+        uid: sys::euid(),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     };
     axum::serve(guarded, router(state))

@@ -372,15 +372,8 @@ impl Serve {
         let child_watch = match child_watch {
             Some((pid, fd)) => Some((
                 pid,
-                // SAFETY: the AsyncFd owns the pidfd for its whole life.
-                unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        fd,
-                        tokio::io::Interest::READABLE,
-                    )
-                }
-                .map_err(|e| e.into_parts().1)
-                .context("cannot watch the child process")?,
+                sys::async_fd(fd, tokio::io::Interest::READABLE)
+                    .context("cannot watch the child process")?,
             )),
             None => None,
         };

@@ -98,7 +98,7 @@ use tokio::sync::Notify;
 use super::handoff::{Direction, End, Limits, Observed, Pacing, Wait, Window};
 use super::{splice::SpliceEngine, Conn, Engine, EngineKind, MapEntries};
 use crate::stats::DataPath;
-use crate::sys;
+use crate::sys::{self, EpollFd};
 
 /// The programs, built by `forwarder/build.rs` from `forwarder-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
@@ -311,14 +311,6 @@ struct Inner {
     _bpf: Mutex<Ebpf>,
 }
 
-struct EpollFd(Epoll);
-
-impl AsRawFd for EpollFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0 .0.as_raw_fd()
-    }
-}
-
 /// The in-kernel engine. Minimum kernel: 5.13 (stream verdict without a
 /// parser); developed and tested on 6.18.
 pub struct EbpfEngine {
@@ -340,7 +332,7 @@ impl EbpfEngine {
     /// set (needs CAP_BPF and CAP_NET_ADMIN). Needs no runtime: call it
     /// before dropping capabilities, then [`Loaded::start`] in the runtime.
     pub fn load(opts: Options) -> Result<Loaded, EbpfError> {
-        raise_memlock_limit();
+        let _ = sys::raise_memlock_limit();
         let mut bpf = EbpfLoader::new()
             .load(PROGRAMS)
             .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
@@ -433,13 +425,10 @@ impl Loaded {
             epoll,
             mut bpf,
         } = self;
-        // SAFETY: EpollFd owns the epoll descriptor, which stays open and
-        // the same for the AsyncFd's whole life.
-        let epoll = unsafe { AsyncFd::register_with_interest(EpollFd(epoll), Interest::READABLE) }
-            .map_err(|e| load_err("cannot register the epoll set")(e.into_parts().1.into()))?;
-        // SAFETY: the RingBuf owns its map fd, open for the AsyncFd's life.
-        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-            .map_err(|e| load_err("cannot register the event ring")(e.into_parts().1.into()))?;
+        let epoll = sys::async_fd(EpollFd(epoll), Interest::READABLE)
+            .map_err(|e| load_err("cannot register the epoll set")(e.into()))?;
+        let events = sys::async_fd(events, Interest::READABLE)
+            .map_err(|e| load_err("cannot register the event ring")(e.into()))?;
         let logger = spawn_bpf_logger(&mut bpf);
         let inner = Arc::new(Inner {
             maps,
@@ -482,12 +471,10 @@ fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
             return None;
         }
     };
-    // SAFETY: the logger owns its ring buffer's map fd, open for the
-    // AsyncFd's whole life.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+    let mut fd = match sys::async_fd(logger, Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!(error = %e.into_parts().1, "cannot watch the BPF programs' log");
+            tracing::warn!(error = %e, "cannot watch the BPF programs' log");
             return None;
         }
     };
@@ -504,16 +491,6 @@ fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
             guard.clear_ready();
         }
     }))
-}
-
-/// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it.
-fn raise_memlock_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: lim is valid; failure is harmless (newer kernels use memcg).
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
