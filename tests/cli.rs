@@ -188,12 +188,7 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
     );
     // The warning is logged before the ready line, but stderr is read by
     // another thread: wait for it to arrive.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut err = f.stderr();
-    while !err.contains("discarding the IPv6 half") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        err = f.stderr();
-    }
+    let err = f.wait_stderr("discarding the IPv6 half", Duration::from_secs(10));
     assert!(err.contains("discarding the IPv6 half"), "{err}");
     within(10, "IPv4 half", async {
         let mut c = pair.client("127.0.0.1:8080").await;
@@ -227,7 +222,6 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
         String::from_utf8_lossy(&add.stderr).contains("no IPv6"),
         "{add:?}"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -240,6 +240,16 @@ impl Netns {
         self.listen_with(addr, |_| {})
     }
 
+    /// Fills `l`'s accept queue: shrinks its backlog to zero and connects
+    /// one socket to it from inside this namespace, which takes the only
+    /// slot until `l` accepts it. Until then the kernel drops SYNs to `l`.
+    /// Returns the filler, to keep open meanwhile.
+    pub fn fill_accept_queue(&self, l: &TcpListener) -> std::net::TcpStream {
+        socket2::SockRef::from(l).listen(0).expect("listen(0)");
+        let addr = l.local_addr().expect("local address");
+        self.run(move || std::net::TcpStream::connect(addr).expect("filler connection"))
+    }
+
     /// Like [`Netns::listen`], with socket options set before listen().
     pub fn listen_with(
         &self,
