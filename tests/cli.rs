@@ -4,6 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use forwarder::wire;
 use forwarder_tests::{forwarder_bin, require_root, servers, within, Fwd, Netns, Pair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -144,9 +145,11 @@ async fn auto_mode_runs_splice_and_says_why() {
     .expect("read");
     let _ = child.kill();
     let out = child.wait_with_output().expect("wait");
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("{line}"));
-    assert_eq!(v["engine"], "splice");
-    let reason = v["reason"].as_str().unwrap_or_default();
+    let Ok(wire::Event::Ready(ready)) = serde_json::from_str(&line) else {
+        panic!("not a ready event: {line}")
+    };
+    assert_eq!(ready.engine, wire::EngineKind::Splice);
+    let reason = ready.reason;
     assert!(
         reason.contains("faster than the ebpf engine") && reason.contains("--mode ebpf"),
         "{reason}"
@@ -185,12 +188,7 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
     );
     // The warning is logged before the ready line, but stderr is read by
     // another thread: wait for it to arrive.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut err = f.stderr();
-    while !err.contains("discarding the IPv6 half") && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        err = f.stderr();
-    }
+    let err = f.wait_stderr("discarding the IPv6 half", Duration::from_secs(10));
     assert!(err.contains("discarding the IPv6 half"), "{err}");
     within(10, "IPv4 half", async {
         let mut c = pair.client("127.0.0.1:8080").await;
@@ -224,7 +222,6 @@ async fn parent_without_ipv6_keeps_the_ipv4_half() {
         String::from_utf8_lossy(&add.stderr).contains("no IPv6"),
         "{add:?}"
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -290,8 +287,9 @@ async fn ports_and_status_commands() {
         "{out}"
     );
     let (ok, out, _) = cli(&["ports", "ls", "--json"]);
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("{out}"));
-    assert!(ok && v[0]["spec"]["childPort"] == 80, "{v}");
+    let v: Vec<wire::PortStatus> =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(ok && v[0].spec.child_port == 80, "{v:?}");
     within(10, "traffic", async {
         let mut c = pair.client("127.0.0.1:8080").await;
         c.write_all(b"12345").await.expect("write");
@@ -464,15 +462,9 @@ async fn api_refuses_other_users() {
     for _ in 0..20 {
         let (code, body) = curl_api(&sock_s, "/v1/ports", true);
         assert_eq!(code, 403, "{body}");
-        let v: serde_json::Value =
-            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body}"));
-        assert!(
-            v["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("permission denied"),
-            "{v}"
-        );
+        let v: wire::ErrorBody =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("not an error body: {body}"));
+        assert!(v.message.contains("permission denied"), "{v:?}");
     }
     let (code, body) = curl_api(&sock_s, "/v1/ports", false);
     assert_eq!((code, body.trim()), (200, "[]"), "root is served");

@@ -106,20 +106,29 @@ async fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
 
 pub async fn early_and_late_data(engine: &Engine) {
     let pair = pair(engine);
-    // The child's server accepts only after 300 ms: the client's bytes are
-    // there before the forwarder's dial completes.
-    servers::late_echo(
-        pair.child.listen("127.0.0.1:80"),
-        Duration::from_millis(300),
-    );
+    // The child's server drops SYNs for 300 ms (then the dial waits for a
+    // retransmission): the client's bytes are there before the forwarder's
+    // dial completes.
+    let l = pair.child.listen("127.0.0.1:80");
+    let filler = pair.child.fill_accept_queue(&l);
+    let mut accepted = servers::late_echo(l, filler, Duration::from_millis(300));
     let f = start(&pair, engine, &["127.0.0.1:8080:80"]);
     within(30, "early/late data", async {
+        let t = Instant::now();
         let mut c = pair.client("127.0.0.1:8080").await;
         echo_roundtrip(&mut c, b"early bytes, sent before the dial completed").await;
+        // The set-up works: the dial really waited for the server.
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "the dial completed after {:?}, before the server's accept queue reopened",
+            t.elapsed()
+        );
         echo_roundtrip(&mut c, b"and more after").await;
         drop(c);
+        accepted.recv().await.expect("the server accepted");
         let mut c = pair.client("127.0.0.1:8080").await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Late data: sent only once the server has the dialed connection.
+        accepted.recv().await.expect("the server accepted");
         echo_roundtrip(&mut c, b"late bytes").await;
         drop(c);
         // Early data and an early FIN: the whole request is in before the
@@ -143,10 +152,9 @@ pub async fn early_and_late_data(engine: &Engine) {
 /// port keeps working.
 pub async fn clients_leave_early(engine: &Engine) {
     let pair = pair(engine);
-    servers::late_echo(
-        pair.child.listen("127.0.0.1:80"),
-        Duration::from_millis(300),
-    );
+    let l = pair.child.listen("127.0.0.1:80");
+    let filler = pair.child.fill_accept_queue(&l);
+    let _accepted = servers::late_echo(l, filler, Duration::from_millis(300));
     let mut f = start(&pair, engine, &["127.0.0.1:8080:80"]);
     within(30, "clients leaving early", async {
         for i in 0..40 {
@@ -161,7 +169,6 @@ pub async fn clients_leave_early(engine: &Engine) {
         c.write_all(b"never read").await.expect("write");
         reset_on_drop(&c);
         drop(c);
-        tokio::time::sleep(Duration::from_millis(500)).await;
         let mut c = pair.client("127.0.0.1:8080").await;
         echo_roundtrip(&mut c, b"still serving").await;
     })
@@ -363,10 +370,9 @@ pub async fn resets(engine: &Engine) {
         );
 
         // The client resets: the server's read fails with a reset, fast.
-        let c = pair.client("127.0.0.1:8085").await;
-        let mut c = c;
-        c.write_all(b"hello").await.expect("write");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut c = pair.client("127.0.0.1:8085").await;
+        // Echoed: the server holds the dialed connection.
+        echo_roundtrip(&mut c, b"hello").await;
         reset_on_drop(&c);
         let t = Instant::now();
         drop(c);
@@ -384,15 +390,16 @@ pub async fn resets(engine: &Engine) {
             at.saturating_duration_since(t)
         );
 
-        // No server: the client is closed promptly (the reset may already
-        // be there when connect() checks the socket's error).
+        // No server: the dial fails and the client is reset promptly, as
+        // the README promises (the reset may already be there when
+        // connect() checks the socket's error).
         let t = Instant::now();
         match pair.parent.connect("127.0.0.1:8086").await {
             Ok(mut c) => {
                 let r = within(2, "dial failure", c.read(&mut buf)).await;
                 assert!(
-                    matches!(r, Ok(0)) || r.is_err(),
-                    "expected EOF or reset, got {r:?}"
+                    matches!(&r, Err(e) if is_read_reset(e)),
+                    "expected a reset after the failed dial, got {r:?}"
                 );
             }
             Err(e) => assert!(is_reset(&e), "connect: {e}"),

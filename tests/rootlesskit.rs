@@ -110,7 +110,9 @@ async fn beside_rootlesskit() {
     .map(|s| s.to_string())
     .collect();
     let f = Fwd::spawn_as(&parent, &args, None, Privilege::User);
-    assert!(f.stderr().contains("child-side agent"), "{}", f.stderr());
+    // Logged before the ready line, read from stderr by another thread.
+    let err = f.wait_stderr("child-side agent", Duration::from_secs(10));
+    assert!(err.contains("child-side agent"), "{err}");
 
     let (ok, out) = rootlessctl(&sock, &["add-ports", "127.0.0.1:8080:80/tcp"]);
     assert!(ok && out.trim() == "1", "add-ports: {out}");

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -38,39 +38,23 @@ use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
     SockFlag, SockType,
 };
-use serde::{Deserialize, Serialize};
+
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::netns::{ChildDialer, DialFailure};
+use crate::dial::{Dial, DialFailure, DialFuture, DialRequest};
+use crate::netns::ChildDialer;
 use crate::spec::{ApiSpec, PortSpec};
+use crate::sys;
+use crate::wire::{AgentReply, AgentRequest, AGENT_MAX_MESSAGE};
 
 /// Largest request or reply.
-pub const MAX_MESSAGE: usize = 4096;
+pub const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
 
 /// How long the agent may spend on one dial.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Request {
-    id: u64,
-    spec: ApiSpec,
-    ipv6_listener: bool,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-pub(crate) struct Reply {
-    pub(crate) id: u64,
-    pub(crate) ok: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) reached: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) errno: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) message: Option<String>,
-}
 
 /// A SOCK_SEQPACKET socket registered with tokio.
 struct Packet(AsyncFd<OwnedFd>);
@@ -82,10 +66,7 @@ impl Packet {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )
         .map_err(io::Error::from)?;
-        // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
-            .map(Packet)
-            .map_err(|e| e.into_parts().1)
+        sys::async_fd(fd, Interest::READABLE | Interest::WRITABLE).map(Packet)
     }
 
     /// Sends one datagram, optionally with a descriptor.
@@ -135,11 +116,7 @@ impl Packet {
                     if let Ok(cmsgs) = msg.cmsgs() {
                         for c in cmsgs {
                             if let ControlMessageOwned::ScmRights(raw) = c {
-                                // SAFETY: the kernel just installed these
-                                // descriptors for us.
-                                fds.extend(
-                                    raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }),
-                                );
+                                fds.extend(sys::adopt_received(raw));
                             }
                         }
                     }
@@ -163,7 +140,7 @@ impl Packet {
 /// dial never answered).
 const MAX_ERROR_TEXT: usize = 512;
 
-fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
+fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> AgentReply {
     let mut message = message.into();
     if message.len() > MAX_ERROR_TEXT {
         let mut end = MAX_ERROR_TEXT;
@@ -173,7 +150,7 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
         message.truncate(end);
         message.push_str("...");
     }
-    Reply {
+    AgentReply {
         id,
         ok: false,
         errno: Some(errno),
@@ -185,30 +162,33 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> Reply {
 /// Decodes and validates one request: its id, the spec (checked as the API
 /// checks one) and whether the connection was accepted on IPv6; or the
 /// error reply to send.
-pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), Reply> {
-    let req: Request = serde_json::from_slice(data)
+pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), AgentReply> {
+    let req: AgentRequest = serde_json::from_slice(data)
         .map_err(|e| error_reply(0, libc::EINVAL, format!("malformed request: {e}")))?;
     let spec = PortSpec::try_from(&req.spec).map_err(|e| error_reply(req.id, libc::EINVAL, e))?;
     Ok((req.id, spec, req.ipv6_listener))
 }
 
 /// Decodes a reply from the agent (the forwarder's side).
-pub(crate) fn decode_reply(data: &[u8]) -> Option<Reply> {
+pub(crate) fn decode_reply(data: &[u8]) -> Option<AgentReply> {
     serde_json::from_slice(data).ok()
 }
 
 /// Handles one request: parse, validate, dial in this namespace.
-async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
+async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedFd>) {
     let (id, spec, ipv6_listener) = match decode_request(data) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
     };
-    let plan = crate::dial::plan(&spec, ipv6_listener);
+    let req = DialRequest {
+        spec: &spec,
+        ipv6_listener,
+    };
     let dialed = if spec.proto.is_udp() {
-        tokio::time::timeout(DIAL_TIMEOUT, dialer.dial_udp(plan)).await
+        tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await
     } else {
         tokio::time::timeout(DIAL_TIMEOUT, async {
-            let (stream, reached) = dialer.dial(plan).await?;
+            let (stream, reached) = dialer.tcp(req).await?;
             let fd = stream
                 .into_std()
                 .map(OwnedFd::from)
@@ -222,7 +202,7 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (Reply, Option<OwnedFd>) {
     };
     match dialed {
         Ok(Ok((stream, reached))) => (
-            Reply {
+            AgentReply {
                 id,
                 ok: true,
                 reached: Some(reached.to_string()),
@@ -245,7 +225,7 @@ const HELLO: &str = "agent ready";
 /// Serves one connected socket until the peer goes away.
 async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     let sock = Arc::new(Packet::new(fd)?);
-    let hello = Reply {
+    let hello = AgentReply {
         id: 0,
         ok: true,
         message: Some(HELLO.into()),
@@ -277,7 +257,7 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     Ok(())
 }
 
-async fn send_reply(sock: &Packet, reply: &Reply, fd: Option<RawFd>) -> io::Result<()> {
+async fn send_reply(sock: &Packet, reply: &AgentReply, fd: Option<RawFd>) -> io::Result<()> {
     let data = serde_json::to_vec(reply).map_err(io::Error::other)?;
     sock.send(&data, fd).await
 }
@@ -288,16 +268,13 @@ async fn send_reply(sock: &Packet, reply: &Reply, fd: Option<RawFd>) -> io::Resu
 pub async fn run(fd: Option<RawFd>, path: Option<&Path>) -> anyhow::Result<()> {
     use anyhow::Context as _;
     // Die with whoever started us (the forwarder, or a runtime).
-    // SAFETY: prctl with constant arguments.
-    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) };
+    let _ = sys::term_with_parent();
     // Capabilities were dropped by main() before the runtime started: the
     // agent needs none to create and connect sockets.
     let dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
     match (fd, path) {
         (Some(fd), _) => {
-            // SAFETY: the descriptor was handed to us by our parent and is
-            // ours alone.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let fd = sys::adopt_fd(fd).with_context(|| format!("--fd {fd}"))?;
             serve_conn(fd, dialer)
                 .await
                 .context("serving the forwarder")
@@ -341,28 +318,21 @@ impl SeqpacketListener {
         )?;
         let addr = nix::sys::socket::UnixAddr::new(path)?;
         {
-            let _mask = crate::sys::Umask::set(0o177);
+            let _mask = sys::Umask::set(0o177);
             nix::sys::socket::bind(fd.as_raw_fd(), &addr)
                 .with_context(|| format!("binding {}", path.display()))?;
         }
         nix::sys::socket::listen(&fd, nix::sys::socket::Backlog::new(64)?)?;
-        // SAFETY: the AsyncFd owns the descriptor for its whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
-        Ok(SeqpacketListener(fd))
+        Ok(SeqpacketListener(sys::async_fd(fd, Interest::READABLE)?))
     }
 
     async fn accept(&self) -> io::Result<OwnedFd> {
         loop {
             let mut guard = self.0.readable().await?;
-            match nix::sys::socket::accept4(
-                self.0.get_ref().as_raw_fd(),
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            ) {
-                // SAFETY: accept4 returned a fresh descriptor we own.
-                Ok(fd) => return Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
-                Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                Err(e) => return Err(e.into()),
+            match sys::accept_owned(self.0.get_ref().as_fd()) {
+                Ok(fd) => return Ok(fd),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) => return Err(e),
             }
         }
     }
@@ -375,7 +345,6 @@ impl SeqpacketListener {
 /// end, for [`AgentClient::new`]. Needs no runtime.
 pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     use anyhow::Context as _;
-    use std::os::unix::process::CommandExt;
     let open = |ns: &str| {
         std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
             .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
@@ -395,32 +364,14 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     let netns = open("net")?;
     let (ours, theirs) = pair()?;
     let exe = std::env::current_exe().context("locating the forwarder binary")?;
-    let (user_fd, net_fd, agent_fd) = (userns.as_raw_fd(), netns.as_raw_fd(), theirs.as_raw_fd());
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["child-agent", "--fd", "3"]);
-    // SAFETY: only async-signal-safe calls between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Namespaces first: the namespace files may sit on descriptor
-            // 3, which the dup2 below replaces.
-            if !same_user && libc::setns(user_fd, libc::CLONE_NEWUSER) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if agent_fd == 3 {
-                // dup2 onto itself would leave close-on-exec set.
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            } else if libc::dup2(agent_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
+    sys::enter_namespaces_on_exec(
+        &mut cmd,
+        (!same_user).then(|| userns.as_fd()),
+        netns.as_fd(),
+        theirs.as_fd(),
+    );
     let child = cmd.spawn().with_context(|| {
         format!(
             "cannot start the dial agent in the namespaces of PID {pid} (joining a user \
@@ -438,7 +389,7 @@ pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
     Ok((child, ours))
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(Reply, Option<OwnedFd>)>>>>;
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(AgentReply, Option<OwnedFd>)>>>>;
 
 /// The forwarder's side: sends dial requests to an agent and collects the
 /// sockets.
@@ -518,33 +469,6 @@ impl AgentClient {
         Ok(fd)
     }
 
-    /// Asks the agent to dial for a connection accepted by a listener of
-    /// `spec`.
-    pub async fn dial(
-        &self,
-        spec: &PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(TcpStream, SocketAddr), DialFailure> {
-        let (fd, reached) = self.request(spec, ipv6_listener).await?;
-        let fail = |e: io::Error| DialFailure {
-            errno: Some(libc::EIO),
-            message: e.to_string(),
-        };
-        let std = std::net::TcpStream::from(fd);
-        std.set_nonblocking(true).map_err(fail)?;
-        TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
-    }
-
-    /// Asks the agent for a connected UDP socket for a flow received by a
-    /// socket of `spec` (a udp, udp4 or udp6 spec).
-    pub async fn dial_udp(
-        &self,
-        spec: &PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
-        self.request(spec, ipv6_listener).await
-    }
-
     async fn request(
         &self,
         spec: &PortSpec,
@@ -559,7 +483,7 @@ impl AgentClient {
         if let Ok(mut m) = self.pending.lock() {
             m.insert(id, tx);
         }
-        let req = Request {
+        let req = AgentRequest {
             id,
             spec: ApiSpec::from(spec),
             ipv6_listener,
@@ -593,36 +517,39 @@ impl AgentClient {
     }
 }
 
+/// Asks the agent to dial: it applies the same rules in the child and
+/// passes the connected socket back.
+impl Dial for AgentClient {
+    fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        Box::pin(async move {
+            let (fd, reached) = self.request(req.spec, req.ipv6_listener).await?;
+            let fail = |e: io::Error| DialFailure::new(libc::EIO, e.to_string());
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true).map_err(fail)?;
+            TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
+        })
+    }
+
+    fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+        Box::pin(self.request(req.spec, req.ipv6_listener))
+    }
+}
+
 /// How long a starting agent may take to greet.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits (blocking, no runtime needed) for the agent's greeting on a
 /// connected socket.
 fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n == 0 {
+    if !sys::wait_readable(fd.as_fd(), timeout)? {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no greeting from the dial agent within {timeout:?}"),
         ));
     }
     let mut buf = [0u8; MAX_MESSAGE];
-    // SAFETY: buf is writable for its length.
-    let r = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    check_hello(&buf[..r as usize])
+    let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    check_hello(&buf[..n])
 }
 
 /// Whether a datagram is the agent's greeting.
@@ -631,7 +558,7 @@ fn check_hello(data: &[u8]) -> io::Result<()> {
     if data.is_empty() {
         return Err(bad("the dial agent exited before greeting".into()));
     }
-    let hello: Reply = serde_json::from_slice(data)
+    let hello: AgentReply = serde_json::from_slice(data)
         .map_err(|e| bad(format!("the dial agent's greeting is not valid: {e}")))?;
     if hello.id == 0 && hello.ok && hello.message.as_deref() == Some(HELLO) {
         Ok(())
@@ -672,7 +599,7 @@ mod tests {
         (p, task)
     }
 
-    async fn ask(p: &Packet, data: &[u8]) -> (Reply, Vec<OwnedFd>) {
+    async fn ask(p: &Packet, data: &[u8]) -> (AgentReply, Vec<OwnedFd>) {
         p.send(data, None).await.expect("send");
         let mut buf = vec![0u8; MAX_MESSAGE];
         let (n, _, fds) = p.recv(&mut buf).await.expect("recv").expect("reply");

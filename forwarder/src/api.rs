@@ -37,20 +37,16 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::engine::{MapEntries, Pooled};
-use crate::port::{PortError, PortManager, PortReport};
+use crate::port::{PortError, PortManager};
 use crate::spec::{ApiSpec, PortSpec};
-use crate::stats::Snapshot;
 use crate::sys;
-
-/// The RootlessKit API version this implements.
-pub const API_VERSION: &str = "1.1.1";
+pub use crate::wire::API_VERSION;
+use crate::wire::{ErrorBody, Info, PortDriverInfo, PortStatus, Stats};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -118,19 +114,12 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({ "message": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { message: self.1 })).into_response()
     }
 }
 
 fn bad_request(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
-}
-
-/// RootlessKit's `port.Status`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct PortStatusJson {
-    pub id: u32,
-    pub spec: ApiSpec,
 }
 
 /// The router, for serving and for tests.
@@ -154,8 +143,7 @@ pub async fn serve(
 ) -> io::Result<()> {
     let guarded = Guarded {
         inner: listener,
-        // SAFETY: geteuid cannot fail.
-        uid: unsafe { libc::geteuid() },
+        uid: sys::euid(),
         slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
     };
     axum::serve(guarded, router(state))
@@ -231,10 +219,11 @@ impl axum::serve::Listener for Guarded {
 
 /// Answers a refused peer with 403 and closes, within a second.
 async fn refuse(mut stream: UnixStream, _permit: OwnedSemaphorePermit) {
-    let body = json!({
-        "message": "permission denied: only the forwarder's own user and root may use this API"
+    let body = serde_json::to_string(&ErrorBody {
+        message: "permission denied: only the forwarder's own user and root may use this API"
+            .into(),
     })
-    .to_string();
+    .unwrap_or_default();
     let reply = format!(
         "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -339,12 +328,12 @@ async fn method_not_allowed(uri: Uri) -> ApiError {
     )
 }
 
-async fn get_ports(State(s): State<Arc<ApiState>>) -> Json<Vec<PortStatusJson>> {
+async fn get_ports(State(s): State<Arc<ApiState>>) -> Json<Vec<PortStatus>> {
     Json(
         s.ports
             .list()
             .into_iter()
-            .map(|p| PortStatusJson {
+            .map(|p| PortStatus {
                 id: p.id,
                 spec: p.api,
             })
@@ -368,7 +357,7 @@ async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Respons
     })?;
     Ok((
         StatusCode::CREATED,
-        Json(PortStatusJson {
+        Json(PortStatus {
             id: st.id,
             spec: st.api,
         }),
@@ -416,49 +405,26 @@ pub fn protos() -> Vec<&'static str> {
     }
 }
 
-async fn get_info(State(s): State<Arc<ApiState>>) -> Json<serde_json::Value> {
-    let mut info = json!({
-        "apiVersion": API_VERSION,
-        "version": env!("CARGO_PKG_VERSION"),
-        "stateDir": s.state_dir,
-        "portDriver": {
-            "driver": "forwarder",
-            "protos": protos(),
-            "disallowLoopbackChildIP": false,
+async fn get_info(State(s): State<Arc<ApiState>>) -> Json<Info> {
+    Json(Info {
+        api_version: API_VERSION.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        state_dir: s.state_dir.clone(),
+        child_pid: s.child_pid,
+        network_driver: s.network_driver.clone(),
+        port_driver: PortDriverInfo {
+            driver: "forwarder".into(),
+            protos: protos().into_iter().map(String::from).collect(),
+            disallow_loopback_child_ip: false,
         },
-    });
-    if let Some(obj) = info.as_object_mut() {
-        if let Some(pid) = s.child_pid {
-            obj.insert("childPID".into(), json!(pid));
-        }
-        if let Some(nd) = &s.network_driver {
-            obj.insert("networkDriver".into(), nd.clone());
-        }
-    }
-    Json(info)
-}
-
-/// `GET /v1/stats`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StatsJson {
-    pub engine: String,
-    pub total: Snapshot,
-    pub ports: Vec<PortReport>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub bpf_map_entries: Option<MapEntries>,
-    /// Idle pipes and buffers kept for reuse by the splice and copy paths.
-    #[serde(default)]
-    pub pooled: Pooled,
-    /// UDP counters over every UDP port ever published.
-    #[serde(default)]
-    pub udp: crate::udp::UdpSnapshot,
+    })
 }
 
 /// The statistics of a port manager, as the API and the stdout channel
 /// report them.
-pub fn stats(ports: &PortManager) -> StatsJson {
+pub fn stats(ports: &PortManager) -> Stats {
     let (per_port, total) = ports.stats();
-    StatsJson {
+    Stats {
         engine: ports.engine().kind().to_string(),
         total,
         ports: per_port,
@@ -468,7 +434,7 @@ pub fn stats(ports: &PortManager) -> StatsJson {
     }
 }
 
-async fn get_stats(State(s): State<Arc<ApiState>>) -> Json<StatsJson> {
+async fn get_stats(State(s): State<Arc<ApiState>>) -> Json<Stats> {
     Json(stats(&s.ports))
 }
 
@@ -487,9 +453,8 @@ mod tests {
     use tower::ServiceExt;
 
     fn state() -> Arc<ApiState> {
-        let dialer = crate::netns::Dialer::Netns(
-            ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns"),
-        );
+        let dialer: Arc<dyn crate::dial::Dial> =
+            Arc::new(ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns"));
         let engine: Arc<dyn Engine> = Arc::new(CopyEngine);
         Arc::new(ApiState {
             ports: Arc::new(PortManager::new(dialer, engine)),

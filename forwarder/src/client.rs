@@ -10,8 +10,8 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::api::{PortStatusJson, StatsJson};
 use crate::spec::{ApiSpec, PortSpec};
+use crate::wire::{ErrorBody, PortStatus, Stats};
 
 /// One HTTP/1.1 request over the API socket.
 async fn request(
@@ -57,10 +57,9 @@ fn check(status: StatusCode, body: &Bytes) -> Result<()> {
     if status.is_success() {
         return Ok(());
     }
-    let msg = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(String::from))
-        .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let msg = serde_json::from_slice::<ErrorBody>(body)
+        .map(|e| e.message)
+        .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
     bail!("{status}: {msg}")
 }
 
@@ -101,8 +100,7 @@ pub async fn add(socket: &Path, specs: &[PortSpec]) -> Result<()> {
             let body = serde_json::to_string(&ApiSpec::from(spec))?;
             let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
             check(status, &bytes)?;
-            let st: PortStatusJson =
-                serde_json::from_slice(&bytes).context("decoding the reply")?;
+            let st: PortStatus = serde_json::from_slice(&bytes).context("decoding the reply")?;
             anyhow::Ok(st.id)
         }
         .await;
@@ -146,8 +144,7 @@ pub async fn list(socket: &Path, as_json: bool) -> Result<()> {
         println!("{}", String::from_utf8_lossy(&bytes));
         return Ok(());
     }
-    let ports: Vec<PortStatusJson> =
-        serde_json::from_slice(&bytes).context("decoding the reply")?;
+    let ports: Vec<PortStatus> = serde_json::from_slice(&bytes).context("decoding the reply")?;
     println!(
         "{:<4} {:<6} {:<24} {:<11} {:<24} {:<10}",
         "ID", "PROTO", "PARENTIP", "PARENTPORT", "CHILDIP", "CHILDPORT"
@@ -197,7 +194,7 @@ fn human(n: u64) -> String {
 pub async fn status(socket: &Path) -> Result<()> {
     let (status, bytes) = request(socket, Method::GET, "/v1/stats", None).await?;
     check(status, &bytes)?;
-    let st: StatsJson = serde_json::from_slice(&bytes).context("decoding the reply")?;
+    let st: Stats = serde_json::from_slice(&bytes).context("decoding the reply")?;
     println!("engine: {}", st.engine);
     if let Some(m) = st.bpf_map_entries {
         println!(
@@ -209,7 +206,7 @@ pub async fn status(socket: &Path) -> Result<()> {
         "{:<6} {:<30} {:>7} {:>8} {:>10} {:>12} {:>12}",
         "ID", "SPEC", "ACTIVE", "TOTAL", "DIALFAIL", "TO-CHILD", "TO-PARENT"
     );
-    let row = |id: &str, spec: &str, s: &crate::stats::Snapshot| {
+    let row = |id: &str, spec: &str, s: &crate::wire::Snapshot| {
         println!(
             "{:<6} {:<30} {:>7} {:>8} {:>10} {:>12} {:>12}",
             id,

@@ -11,11 +11,21 @@
 //! 4. an IPv6 dial that fails because the child has no usable IPv6 is
 //!    retried once at 127.0.0.1 (see [`should_fall_back`]).
 //!
-//! This module is pure: [`plan`] maps (spec, listener family) to a
-//! [`DialPlan`] and the dialer ([`crate::netns`]) executes it.
+//! The decisions are pure: [`plan`] maps (spec, listener family) to a
+//! [`DialPlan`], and [`execute`] runs a plan with any connect function.
+//! Who connects is behind the [`Dial`] trait: the thread inside the child's
+//! namespace (`netns::ChildDialer`) or the child-side agent's client
+//! (`agent::AgentClient`). The port manager and the UDP relays hold an
+//! `Arc<dyn Dial>`, so they never know which, and tests can give them a
+//! fake. This module sits below all of them and depends on none.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+
+use tokio::net::TcpStream;
 
 use crate::spec::PortSpec;
 
@@ -62,6 +72,89 @@ pub fn should_fall_back(err: &io::Error) -> bool {
             | Some(libc::EHOSTUNREACH)
             | Some(libc::ECONNREFUSED)
     )
+}
+
+/// A dial that failed: the errno of the last attempt and a message naming
+/// the addresses tried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DialFailure {
+    pub errno: Option<i32>,
+    pub message: String,
+}
+
+impl DialFailure {
+    /// A failure with an errno of our own choosing (e.g. ETIMEDOUT).
+    pub fn new(errno: i32, message: impl Into<String>) -> Self {
+        DialFailure {
+            errno: Some(errno),
+            message: message.into(),
+        }
+    }
+}
+
+/// What one dial is for: a connection or flow received by a socket of
+/// `spec`, IPv6 or not. Everything a dialer needs goes here, so a new input
+/// (a source address to bind, say) is a new field, not a new method.
+#[derive(Debug, Clone, Copy)]
+pub struct DialRequest<'a> {
+    pub spec: &'a PortSpec,
+    /// The parent socket that received it is an IPv6 socket.
+    pub ipv6_listener: bool,
+}
+
+impl DialRequest<'_> {
+    /// Rules 1-4 for this request.
+    pub fn plan(&self) -> DialPlan {
+        plan(self.spec, self.ipv6_listener)
+    }
+}
+
+/// What a [`Dial`] method returns: the socket and the address it reached.
+pub type DialFuture<'a, T> =
+    Pin<Box<dyn Future<Output = Result<(T, SocketAddr), DialFailure>> + Send + 'a>>;
+
+/// Creates sockets in the child namespace and connects them by the rules
+/// above.
+pub trait Dial: Send + Sync {
+    /// A TCP stream for a connection accepted by a listener of the request's
+    /// spec.
+    fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream>;
+
+    /// A connected UDP socket for a flow received by a socket of the
+    /// request's (udp, udp4 or udp6) spec.
+    fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd>;
+}
+
+/// Executes `plan` with `connect`: the target, then the IPv4 fallback when
+/// the target failed for lack of IPv6 (rule 4). Returns what `connect` made
+/// and the address it reached.
+pub async fn execute<T, F, Fut>(plan: DialPlan, connect: F) -> Result<(T, SocketAddr), DialFailure>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    let e = match connect(plan.target).await {
+        Ok(s) => return Ok((s, plan.target)),
+        Err(e) => e,
+    };
+    match plan.fallback {
+        Some(fb) if should_fall_back(&e) => {
+            tracing::debug!(target = %plan.target, error = %e, fallback = %fb,
+                "IPv6 dial failed, retrying over IPv4");
+            match connect(fb).await {
+                Ok(s) => Ok((s, fb)),
+                Err(e2) => Err(DialFailure {
+                    errno: e2.raw_os_error(),
+                    message: format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
+                }),
+            }
+        }
+        _ => Err(DialFailure {
+            errno: e.raw_os_error(),
+            message: format!("{}: {e}", plan.target),
+        }),
+    }
 }
 
 #[cfg(test)]
@@ -123,6 +216,70 @@ mod tests {
         }
         for e in [libc::ETIMEDOUT, libc::EMFILE, libc::EPERM] {
             assert!(!should_fall_back(&io::Error::from_raw_os_error(e)), "{e}");
+        }
+    }
+
+    /// [`execute`] against a fake connect: which addresses it tries, in
+    /// which order, and what it reports.
+    #[tokio::test]
+    async fn execute_table() {
+        use std::sync::Mutex;
+        let v6: SocketAddr = "[::1]:80".parse().unwrap();
+        let v4: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        // (fallback?, errno of the v6 attempt or 0, errno of the v4 attempt
+        //  or 0, addresses tried, Ok(reached) or Err(errno))
+        type Case<'a> = (bool, i32, i32, &'a [SocketAddr], Result<SocketAddr, i32>);
+        let cases: &[Case] = &[
+            (true, 0, 0, &[v6], Ok(v6)),
+            (true, libc::EADDRNOTAVAIL, 0, &[v6, v4], Ok(v4)),
+            (true, libc::ECONNREFUSED, 0, &[v6, v4], Ok(v4)),
+            (
+                true,
+                libc::ENETUNREACH,
+                libc::ECONNREFUSED,
+                &[v6, v4],
+                Err(libc::ECONNREFUSED),
+            ),
+            // Not a lack of IPv6: no retry, the first error stands.
+            (true, libc::ETIMEDOUT, 0, &[v6], Err(libc::ETIMEDOUT)),
+            // No fallback in the plan.
+            (
+                false,
+                libc::EADDRNOTAVAIL,
+                0,
+                &[v6],
+                Err(libc::EADDRNOTAVAIL),
+            ),
+        ];
+        for (fallback, e6, e4, tried, want) in cases {
+            let plan = DialPlan {
+                target: v6,
+                fallback: fallback.then_some(v4),
+            };
+            let seen = Mutex::new(Vec::new());
+            let got = execute(plan, |a| {
+                seen.lock().unwrap().push(a);
+                let errno = if a.is_ipv6() { *e6 } else { *e4 };
+                async move {
+                    if errno == 0 {
+                        Ok(a)
+                    } else {
+                        Err(io::Error::from_raw_os_error(errno))
+                    }
+                }
+            })
+            .await;
+            assert_eq!(&seen.lock().unwrap()[..], *tried, "{e6} {e4}");
+            match (got, want) {
+                (Ok((made, reached)), Ok(w)) => {
+                    assert_eq!((made, reached), (*w, *w));
+                }
+                (Err(f), Err(w)) => {
+                    assert_eq!(f.errno, Some(*w), "{f}");
+                    assert!(f.message.contains(&v6.to_string()), "{f}");
+                }
+                (got, want) => panic!("{e6} {e4}: got {got:?}, want {want:?}"),
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use std::thread;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::dial::{self, DialPlan};
+use crate::dial::{self, Dial, DialFuture, DialRequest};
 use crate::sys;
 
 /// Why the child namespace could not be used.
@@ -135,30 +135,8 @@ impl ChildDialer {
     /// `addr` (connecting a UDP socket sends nothing and does not block).
     pub async fn connect_udp(&self, addr: SocketAddr) -> io::Result<OwnedFd> {
         let fd = self.raw_socket(addr.is_ipv6(), true).await?;
-        crate::udp::connect(&fd, addr)?;
+        socket2::SockRef::from(&fd).connect(&addr.into())?;
         Ok(fd)
-    }
-
-    /// Executes a [`DialPlan`] for a UDP flow: as [`ChildDialer::dial`],
-    /// with a connected UDP socket. The IPv4 fallback applies when the
-    /// connect fails for lack of IPv6 (no route or no address in the child).
-    pub async fn dial_udp(&self, plan: DialPlan) -> Result<(OwnedFd, SocketAddr), DialFailure> {
-        match self.connect_udp(plan.target).await {
-            Ok(s) => Ok((s, plan.target)),
-            Err(e) => match plan.fallback {
-                Some(fb) if dial::should_fall_back(&e) => match self.connect_udp(fb).await {
-                    Ok(s) => Ok((s, fb)),
-                    Err(e2) => Err(DialFailure {
-                        errno: e2.raw_os_error(),
-                        message: format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
-                    }),
-                },
-                _ => Err(DialFailure {
-                    errno: e.raw_os_error(),
-                    message: format!("{}: {e}", plan.target),
-                }),
-            },
-        }
     }
 
     /// Connects to `addr` inside the child namespace.
@@ -167,76 +145,17 @@ impl ChildDialer {
         let stream = sock.connect(addr).await?;
         Ok(stream)
     }
-
-    /// Executes a [`DialPlan`]: the target, then the IPv4 fallback when the
-    /// IPv6 dial failed for lack of IPv6. Returns the stream and the address
-    /// actually reached.
-    pub async fn dial(&self, plan: DialPlan) -> Result<(TcpStream, SocketAddr), DialFailure> {
-        match self.connect(plan.target).await {
-            Ok(s) => Ok((s, plan.target)),
-            Err(e) => match plan.fallback {
-                Some(fb) if dial::should_fall_back(&e) => {
-                    tracing::debug!(target = %plan.target, error = %e, fallback = %fb,
-                        "IPv6 dial failed, retrying over IPv4");
-                    match self.connect(fb).await {
-                        Ok(s) => Ok((s, fb)),
-                        Err(e2) => Err(DialFailure {
-                            errno: e2.raw_os_error(),
-                            message: format!("{}: {e}; IPv4 fallback {fb}: {e2}", plan.target),
-                        }),
-                    }
-                }
-                _ => Err(DialFailure {
-                    errno: e.raw_os_error(),
-                    message: format!("{}: {e}", plan.target),
-                }),
-            },
-        }
-    }
 }
 
-/// A dial that failed: the errno of the last attempt and a message naming
-/// the addresses tried.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct DialFailure {
-    pub errno: Option<i32>,
-    pub message: String,
-}
-
-/// Where connections are dialed: from a thread inside the child's network
-/// namespace, or through a child-side agent ([`crate::agent`]) when this
-/// process may not enter the namespace. Both apply the same rules
-/// ([`crate::dial`]).
-#[derive(Clone)]
-pub enum Dialer {
-    Netns(ChildDialer),
-    Agent(crate::agent::AgentClient),
-}
-
-impl Dialer {
-    /// Dials the child for a connection accepted by a listener of `spec`.
-    pub async fn dial(
-        &self,
-        spec: &crate::spec::PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(TcpStream, SocketAddr), DialFailure> {
-        match self {
-            Dialer::Netns(d) => d.dial(dial::plan(spec, ipv6_listener)).await,
-            Dialer::Agent(a) => a.dial(spec, ipv6_listener).await,
-        }
+/// Executes the request's [`dial::DialPlan`] in this namespace. For UDP the
+/// IPv4 fallback applies when the connect fails for lack of IPv6 (no route
+/// or no address in the child).
+impl Dial for ChildDialer {
+    fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        Box::pin(dial::execute(req.plan(), |a| self.connect(a)))
     }
 
-    /// Creates and connects a UDP socket in the child for a flow received
-    /// by a socket of `spec` (same rules as [`Dialer::dial`]).
-    pub async fn dial_udp(
-        &self,
-        spec: &crate::spec::PortSpec,
-        ipv6_listener: bool,
-    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
-        match self {
-            Dialer::Netns(d) => d.dial_udp(dial::plan(spec, ipv6_listener)).await,
-            Dialer::Agent(a) => a.dial_udp(spec, ipv6_listener).await,
-        }
+    fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+        Box::pin(dial::execute(req.plan(), |a| self.connect_udp(a)))
     }
 }

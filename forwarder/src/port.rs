@@ -18,18 +18,18 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use crate::dial::{Dial, DialRequest};
 use crate::engine::{Conn, Engine};
-use crate::netns::Dialer;
 use crate::spec::{ApiSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
 use crate::udp::{self, UdpOptions, UdpSnapshot, UdpStats};
+pub use crate::wire::PortReport;
 
 /// How long a dial in the child may take before the client is reset.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,20 +79,6 @@ pub struct PortStatus {
     pub listeners: Vec<SocketAddr>,
 }
 
-/// Statistics of one port.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PortReport {
-    pub id: u32,
-    pub spec: String,
-    /// The engine carrying the port's connections.
-    pub engine: String,
-    #[serde(flatten)]
-    pub stats: Snapshot,
-    /// Datagrams, flows and drops of a UDP port.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub udp: Option<UdpSnapshot>,
-}
-
 struct Port {
     spec: PortSpec,
     api: ApiSpec,
@@ -139,7 +125,7 @@ struct State {
 
 /// Shared by every accept loop.
 struct Ctx {
-    dialer: Dialer,
+    dialer: Arc<dyn Dial>,
     engine: Arc<dyn Engine>,
     udp: UdpOptions,
     /// One permit per connection carried (`--max-connections`), over all
@@ -225,14 +211,18 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
 
 impl PortManager {
     #[cfg(test)]
-    pub fn new(dialer: Dialer, engine: Arc<dyn Engine>) -> Self {
+    pub fn new(dialer: Arc<dyn Dial>, engine: Arc<dyn Engine>) -> Self {
         Self::with_max_connections(dialer, engine, Semaphore::MAX_PERMITS)
     }
 
     /// A manager that carries at most `max` connections at once over all
     /// its ports: beyond it the accept loops stop accepting (clients wait
     /// in the listen backlog) until a connection ends.
-    pub fn with_max_connections(dialer: Dialer, engine: Arc<dyn Engine>, max: usize) -> Self {
+    pub fn with_max_connections(
+        dialer: Arc<dyn Dial>,
+        engine: Arc<dyn Engine>,
+        max: usize,
+    ) -> Self {
         let max = max.clamp(1, Semaphore::MAX_PERMITS);
         PortManager {
             ctx: Arc::new(Ctx {
@@ -557,8 +547,12 @@ async fn handle(
         Ok(a) => a,
         Err(_) => return,
     };
+    let req = DialRequest {
+        spec: &spec,
+        ipv6_listener: local.is_ipv6(),
+    };
     let dialed = tokio::select! {
-        d = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.dial(&spec, local.is_ipv6())) => d,
+        d = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.tcp(req)) => d,
         () = stats.closed() => {
             let _ = sys::set_linger_zero(sock.as_fd());
             return;

@@ -29,13 +29,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
+use crate::dial::Dial;
 use crate::engine::{self, Mode, Prepared};
 use crate::port::{self, PortManager};
 use crate::spec::{self, PortSpec};
+use crate::wire::{Event, Ready, StatsEvent};
 use crate::{agent, api, netns, sys};
 
 /// What `forwarder run` was asked to do.
@@ -85,38 +86,28 @@ pub enum Ending {
 #[derive(Debug, Clone)]
 pub struct Report {
     /// The ready line's contents (engine, reason, listeners).
-    pub ready: serde_json::Value,
-    /// The final stats line's contents.
-    pub stats: serde_json::Value,
+    pub ready: Ready,
+    /// The final stats line's contents, taken after teardown.
+    pub stats: StatsEvent,
     pub ending: Ending,
     /// The capability kept on the map thread, if any.
     pub map_thread_keeps: Option<caps::Capability>,
 }
 
-/// Writes one JSON object as a line on stdout (the machine-readable
-/// channel; logs go to stderr).
-pub fn emit(v: &serde_json::Value) {
+/// Writes one event as a line on stdout (the machine-readable channel;
+/// logs go to stderr).
+pub fn emit(event: &Event) {
+    let Ok(line) = serde_json::to_string(event) else {
+        return;
+    };
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
+    let _ = writeln!(out, "{line}");
     let _ = out.flush();
 }
 
-/// The stats line of the stdout channel: the totals at top level, then the
-/// ports and (ebpf) the map occupancy.
-fn stats_event(ports: &PortManager) -> serde_json::Value {
-    let st = api::stats(ports);
-    let mut v = json!({ "event": "stats", "engine": st.engine, "ports": st.ports });
-    if let (Some(obj), Ok(serde_json::Value::Object(t))) =
-        (v.as_object_mut(), serde_json::to_value(st.total))
-    {
-        obj.extend(t);
-        if let Some(m) = st.bpf_map_entries {
-            obj.insert("bpf_map_entries".into(), json!(m));
-        }
-        obj.insert("pooled".into(), json!(st.pooled));
-        obj.insert("udp".into(), json!(st.udp));
-    }
-    v
+/// The stats line of the stdout channel.
+fn stats_event(ports: &PortManager) -> Event {
+    Event::Stats(Box::new(api::stats(ports).into()))
 }
 
 /// The PID behind a `/proc/PID/ns/net` path, for `/v1/info`.
@@ -366,7 +357,7 @@ impl Serve {
         self,
         shutdown: Shutdown,
         network_driver: Option<serde_json::Value>,
-    ) -> Result<(serde_json::Value, serde_json::Value, Ending)> {
+    ) -> Result<(Ready, StatsEvent, Ending)> {
         let Serve {
             config,
             prepared,
@@ -381,15 +372,8 @@ impl Serve {
         let child_watch = match child_watch {
             Some((pid, fd)) => Some((
                 pid,
-                // SAFETY: the AsyncFd owns the pidfd for its whole life.
-                unsafe {
-                    tokio::io::unix::AsyncFd::register_with_interest(
-                        fd,
-                        tokio::io::Interest::READABLE,
-                    )
-                }
-                .map_err(|e| e.into_parts().1)
-                .context("cannot watch the child process")?,
+                sys::async_fd(fd, tokio::io::Interest::READABLE)
+                    .context("cannot watch the child process")?,
             )),
             None => None,
         };
@@ -406,11 +390,12 @@ impl Serve {
         };
         let engine = prepared.start()?;
         let (dialer, mut agent_process, agent_client) = match dial {
-            DialSetup::Netns(d) => (netns::Dialer::Netns(d), None, None),
+            DialSetup::Netns(d) => (Arc::new(d) as Arc<dyn Dial>, None, None),
             DialSetup::Agent { fd, process } => {
                 let client =
                     agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
-                (netns::Dialer::Agent(client.clone()), process, Some(client))
+                let dialer: Arc<dyn Dial> = Arc::new(client.clone());
+                (dialer, process, Some(client))
             }
         };
         let mut agent_check = tokio::time::interval(Duration::from_millis(200));
@@ -432,7 +417,7 @@ impl Serve {
             let st = ports
                 .add_bound(spec.clone(), spec::ApiSpec::from(&spec), b)
                 .with_context(|| format!("cannot publish {spec}"))?;
-            listeners.extend(st.listeners.iter().map(|a| a.to_string()));
+            listeners.extend(st.listeners.iter().copied());
         }
         let (stop_api, api_stopped) = oneshot::channel::<()>();
         let api_task = match (&config.api_socket, api_listener) {
@@ -455,14 +440,13 @@ impl Serve {
             }
             _ => None,
         };
-        let ready = json!({
-            "event": "ready",
-            "engine": ports.engine().kind(),
-            "variant": variant,
-            "reason": reason,
-            "listeners": listeners,
-        });
-        emit(&ready);
+        let ready = Ready {
+            engine: ports.engine().kind(),
+            variant: variant.map(String::from),
+            reason: reason.clone(),
+            listeners,
+        };
+        emit(&Event::Ready(ready.clone()));
 
         let ending = loop {
             tokio::select! {
@@ -529,8 +513,8 @@ impl Serve {
             let _ = std::fs::remove_file(path);
         }
         ports.close_all(Duration::from_secs(2)).await;
-        let stats = stats_event(&ports);
-        emit(&stats);
+        let stats = StatsEvent::from(api::stats(&ports));
+        emit(&Event::Stats(Box::new(stats.clone())));
         if let Some(c) = agent_process.as_mut() {
             let _ = c.kill();
             let _ = c.wait();
@@ -671,8 +655,9 @@ mod tests {
         let (r, eff) = t.join().unwrap();
         let r = r.unwrap();
         assert_eq!(r.ending, Ending::Requested);
-        assert_eq!(r.ready["engine"], "copy", "{}", r.ready);
-        assert_eq!(r.stats["connections"], 1, "{}", r.stats);
+        assert_eq!(r.ready.engine, engine::EngineKind::Copy, "{:?}", r.ready);
+        assert_eq!(r.stats.total.connections, 1, "{:?}", r.stats);
+        assert_eq!(r.stats.total.active, 0, "taken after teardown: {:?}", r.stats);
         assert_eq!(r.map_thread_keeps, None);
         assert_eq!(eff & !(1 << 10), 0, "the thread kept {eff:#x}");
     }

@@ -1,10 +1,25 @@
-//! Socket and namespace syscalls the engines need and std/tokio do not
-//! offer. Every unsafe block of the controller lives here, each wrapped in a
-//! function that returns `io::Result`, so the engines' logic stays plain.
+//! The thin layer between the controller and the kernel: socket options,
+//! splice pipes, namespaces, capabilities and limits the engines need and
+//! std/tokio do not offer. socket2 and nix make the calls wherever they
+//! cover one; custom code remains only for what neither has (the TCP_INFO
+//! prefix, SIOCOUTQ, FIONREAD on a pipe, TCP_WINDOW_CLAMP, SO_RCVLOWAT,
+//! pidfd_open) and for registering descriptors with tokio. Every unsafe
+//! block of the controller outside the UDP batch path lives here, each
+//! wrapped in a function that returns `io::Result`, so the engines' logic
+//! stays plain.
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 
 fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     if ret < 0 {
@@ -14,6 +29,7 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// getsockopt(2) for the options neither socket2 nor nix has.
 fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
     let mut val = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
@@ -32,6 +48,7 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<
     Ok(unsafe { val.assume_init() })
 }
 
+/// setsockopt(2) for the options neither socket2 nor nix has.
 fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, val: T) -> io::Result<()> {
     // SAFETY: &val is a readable buffer of size_of::<T>() bytes.
     cvt(unsafe {
@@ -46,11 +63,19 @@ fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, val: T) -> io:
     .map(drop)
 }
 
+/// An `int` out of an ioctl that writes one (SIOCOUTQ, FIONREAD).
+fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<libc::c_int> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: the requests passed here write one int.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) })?;
+    Ok(n)
+}
+
 /// The kernel's unique, never reused identifier of a socket (`SO_COOKIE`,
 /// Linux 4.12). The BPF program sees the same value through
 /// `bpf_get_socket_cookie`.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+    SockRef::from(&fd).cookie()
 }
 
 /// The prefix of the kernel's `struct tcp_info` up to the byte counters
@@ -88,9 +113,7 @@ impl TcpCounters {
 /// Reads [`TcpCounters`] of a TCP socket.
 pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
     let info: TcpInfoPrefix = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    let mut outq: libc::c_int = 0;
-    // SAFETY: SIOCOUTQ writes one int.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut outq) })?;
+    let outq = ioctl_int(fd, libc::TIOCOUTQ)?;
     Ok(TcpCounters {
         bytes_received: info.bytes_received,
         bytes_acked: info.bytes_acked,
@@ -100,15 +123,7 @@ pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
 
 /// Makes the next close() send a reset (SO_LINGER on with a zero timeout).
 pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(
-        fd,
-        libc::SOL_SOCKET,
-        libc::SO_LINGER,
-        libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        },
-    )
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))
 }
 
 /// Sets `SO_RCVLOWAT`. On TCP this also re-runs the socket's data-ready
@@ -139,19 +154,17 @@ pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
 
 /// Disables Nagle's algorithm: a relay must not add its own delay.
 pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1i32)
+    SockRef::from(&fd).set_tcp_nodelay(true)
 }
 
 /// Reads and clears the socket's pending error (`SO_ERROR`).
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
-    let e: i32 = getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
-    Ok((e != 0).then(|| io::Error::from_raw_os_error(e)))
+    SockRef::from(&fd).take_error()
 }
 
 /// Shuts down the write side (sends FIN once queued data is out).
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd.
-    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) }).map(drop)
+    SockRef::from(&fd).shutdown(Shutdown::Write)
 }
 
 /// What poll(2) says about a socket right now.
@@ -167,17 +180,17 @@ pub struct SockState {
 
 /// Polls sockets without blocking and reports their state.
 pub fn poll_states<const N: usize>(fds: [BorrowedFd<'_>; N]) -> io::Result<[SockState; N]> {
-    let mut pfd = fds.map(|fd| libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    });
-    // SAFETY: pfd is an array of N pollfd.
-    cvt(unsafe { libc::poll(pfd.as_mut_ptr(), N as libc::nfds_t, 0) })?;
-    Ok(pfd.map(|p| SockState {
-        rdhup: p.revents & libc::POLLRDHUP != 0,
-        err: p.revents & libc::POLLERR != 0,
-        hup: p.revents & libc::POLLHUP != 0,
+    // nix names no POLLRDHUP (Linux 2.6.17): pass the kernel's bit.
+    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+    let mut pfd = fds.map(|fd| PollFd::new(fd, rdhup));
+    nix::poll::poll(&mut pfd, PollTimeout::ZERO)?;
+    Ok(pfd.map(|p| {
+        let r = p.revents().unwrap_or(PollFlags::empty());
+        SockState {
+            rdhup: r.contains(rdhup),
+            err: r.contains(PollFlags::POLLERR),
+            hup: r.contains(PollFlags::POLLHUP),
+        }
     }))
 }
 
@@ -193,24 +206,14 @@ pub struct Pipe {
 /// kernel may round it or, above `fs.pipe-max-size`, refuse: then the
 /// default of 64 KiB stays).
 pub fn pipe(size: usize) -> io::Result<Pipe> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: fds has room for two descriptors.
-    cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) })?;
-    // SAFETY: pipe2 returned two fresh descriptors that we now own.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    // SAFETY: fcntl on a fresh pipe.
-    let set = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, size as libc::c_int) };
-    let capacity = if set > 0 {
-        set as usize
-    } else {
-        // SAFETY: as above.
-        let got = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ) };
-        if got > 0 {
-            got as usize
-        } else {
-            65536
-        }
-    };
+    let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    let capacity = nix::fcntl::fcntl(&write, FcntlArg::F_SETPIPE_SZ(size))
+        .or_else(|_| nix::fcntl::fcntl(&write, FcntlArg::F_GETPIPE_SZ))
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(65536);
     Ok(Pipe {
         read,
         write,
@@ -220,92 +223,66 @@ pub fn pipe(size: usize) -> io::Result<Pipe> {
 
 /// Bytes waiting in a pipe (`FIONREAD` on its read end).
 pub fn pipe_pending(p: &Pipe) -> io::Result<usize> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    cvt(unsafe { libc::ioctl(p.read.as_raw_fd(), libc::FIONREAD, &mut n) })?;
+    let n = ioctl_int(p.read.as_fd(), libc::FIONREAD)?;
     Ok(usize::try_from(n).unwrap_or(0))
 }
 
 /// splice(2) with SPLICE_F_MOVE | SPLICE_F_NONBLOCK. `Ok(0)` is EOF.
 pub fn splice(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
-    // SAFETY: null offsets: both fds use their file position (pipe/socket).
-    let n = unsafe {
-        libc::splice(
-            from.as_raw_fd(),
-            std::ptr::null_mut(),
-            to.as_raw_fd(),
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    Ok(nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )?)
 }
 
 /// Moves the calling thread into the network namespace of `fd` (needs
 /// CAP_SYS_ADMIN over the namespace's owning user namespace).
 pub fn setns_net(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall; affects only the calling thread.
-    cvt(unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) }).map(drop)
+    Ok(nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?)
 }
 
 /// Creates a non-blocking, close-on-exec TCP socket in the calling thread's
 /// network namespace.
 pub fn tcp_socket(ipv6: bool) -> io::Result<OwnedFd> {
-    let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain syscall.
-    let fd = cvt(unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    new_socket(ipv6, Type::STREAM)
 }
 
 /// Creates a non-blocking, close-on-exec UDP socket in the calling thread's
 /// network namespace.
 pub fn udp_socket(ipv6: bool) -> io::Result<OwnedFd> {
-    let domain = if ipv6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain syscall.
-    let fd = cvt(unsafe {
-        libc::socket(
-            domain,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    new_socket(ipv6, Type::DGRAM)
+}
+
+fn new_socket(ipv6: bool, ty: Type) -> io::Result<OwnedFd> {
+    let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+    Socket::new(domain, ty.nonblocking().cloexec(), None).map(OwnedFd::from)
 }
 
 /// Sets the process umask for the guard's lifetime.
-pub struct Umask(libc::mode_t);
+pub struct Umask(nix::sys::stat::Mode);
 
 impl Umask {
     pub fn set(mask: libc::mode_t) -> Umask {
-        // SAFETY: umask cannot fail.
-        Umask(unsafe { libc::umask(mask) })
+        Umask(nix::sys::stat::umask(
+            nix::sys::stat::Mode::from_bits_truncate(mask),
+        ))
     }
 }
 
 impl Drop for Umask {
     fn drop(&mut self) {
-        // SAFETY: restores the previous mask.
-        unsafe { libc::umask(self.0) };
+        nix::sys::stat::umask(self.0);
     }
 }
 
 /// Whether this network namespace has usable IPv6: an IPv6 socket can be
 /// created and bound to ::1 (disabling IPv6 by sysctl removes ::1).
 pub fn ipv6_available() -> bool {
-    let Ok(sock) = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None) else {
+    let Ok(sock) = Socket::new(Domain::IPV6, Type::STREAM, None) else {
         return false;
     };
     let addr = std::net::SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
@@ -340,8 +317,7 @@ pub fn drop_thread_capabilities(keep: &[caps::Capability]) -> io::Result<()> {
     caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(io::Error::other)?;
     caps::set(None, CapSet::Effective, &keep).map_err(io::Error::other)?;
     caps::set(None, CapSet::Permitted, &keep).map_err(io::Error::other)?;
-    // SAFETY: prctl with constant arguments.
-    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    nix::sys::prctl::set_no_new_privs()?;
     Ok(())
 }
 
@@ -370,35 +346,162 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// The peer's credentials of a connected Unix socket (`SO_PEERCRED`): the
 /// pid, uid and gid of the process that connected, as of connect().
 pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
-    getsockopt::<libc::ucred>(fd, libc::SOL_SOCKET, libc::SO_PEERCRED)
+    let c = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::PeerCredentials)?;
+    Ok(c.into())
 }
 
 /// The soft RLIMIT_NOFILE.
 pub fn nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid out-pointer.
-    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    Ok(lim.rlim_cur)
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a forwarder holds two
 /// sockets (and in splice mode up to four pipe ends) per connection.
 pub fn raise_nofile_limit() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: lim is a valid out-pointer.
-    cvt(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) })?;
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: lim is valid.
-        cvt(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) })?;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
     }
-    Ok(lim.rlim_cur)
+    Ok(hard.max(soft))
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited: kernels before 5.11 charge BPF maps
+/// to it (newer ones use the memory cgroup, so failure is harmless there).
+pub fn raise_memlock_limit() -> io::Result<()> {
+    Ok(setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    )?)
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Asks for SIGTERM when the parent thread exits (PR_SET_PDEATHSIG).
+pub fn term_with_parent() -> io::Result<()> {
+    Ok(nix::sys::prctl::set_pdeathsig(
+        nix::sys::signal::Signal::SIGTERM,
+    )?)
+}
+
+/// A descriptor that its value owns for its whole life, as tokio's
+/// registration requires: it stays open and the same until the value is
+/// dropped. Implemented here, for the types that do, and nowhere else.
+pub trait OwnsFd: AsRawFd {}
+
+impl OwnsFd for OwnedFd {}
+
+/// An epoll instance, owned.
+pub struct EpollFd(pub nix::sys::epoll::Epoll);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+impl OwnsFd for EpollFd {}
+
+#[cfg(feature = "ebpf")]
+impl OwnsFd for aya::maps::RingBuf<aya::maps::MapData> {}
+
+#[cfg(feature = "ebpf")]
+impl<T> OwnsFd for aya_log::EbpfLogger<T> {}
+
+/// Registers `inner` with the tokio reactor for `interest`.
+pub fn async_fd<T: OwnsFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: OwnsFd: the descriptor stays open and the same for the
+    // value's, and so the AsyncFd's, whole life.
+    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Takes ownership of a descriptor this process was handed by number (a
+/// command-line `--fd N` from the parent that started it).
+///
+/// # Errors
+/// EBADF unless `fd` is open.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: open (checked above), and handed to this process alone by
+    // its parent: nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Descriptors that arrived as SCM_RIGHTS ancillary data (nix hands them
+/// over as numbers): the kernel installed them for this process just now.
+pub fn adopt_received(raw: Vec<RawFd>) -> Vec<OwnedFd> {
+    raw.into_iter()
+        // SAFETY: fresh descriptors the kernel installed for us with the
+        // message; nothing else refers to them.
+        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+        .collect()
+}
+
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK, owned.
+pub fn accept_owned(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::SockFlag;
+    let fd = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    // SAFETY: accept4 returned a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `timeout` (blocking) for `fd` to be readable; false on
+/// timeout.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    Ok(nix::poll::poll(&mut pfd, PollTimeout::from(ms))? > 0)
+}
+
+/// Arranges for `cmd`'s child, between fork and exec, to join the user
+/// namespace `userns` (when given: allowed to the namespace's owner), then
+/// the network namespace `netns` (CAP_SYS_ADMIN over its user namespace),
+/// to find `fd3` on descriptor 3, and to get SIGTERM when this thread ends.
+pub fn enter_namespaces_on_exec(
+    cmd: &mut std::process::Command,
+    userns: Option<BorrowedFd<'_>>,
+    netns: BorrowedFd<'_>,
+    fd3: BorrowedFd<'_>,
+) {
+    use std::os::unix::process::CommandExt;
+    let (user_fd, net_fd, agent_fd) = (
+        userns.map(|f| f.as_raw_fd()),
+        netns.as_raw_fd(),
+        fd3.as_raw_fd(),
+    );
+    // SAFETY: only async-signal-safe calls between fork and exec, on
+    // descriptors the caller keeps open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Namespaces first: the namespace files may sit on descriptor
+            // 3, which the dup2 below replaces.
+            if let Some(u) = user_fd {
+                if libc::setns(u, libc::CLONE_NEWUSER) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if agent_fd == 3 {
+                // dup2 onto itself would leave close-on-exec set.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(agent_fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
 }
 
 /// Whether an accept/socket error means "out of descriptors or memory":

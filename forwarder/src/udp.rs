@@ -19,7 +19,7 @@
 //! creates it: the relay asks the dialer (the thread in the child's
 //! namespace, or the child-side agent) for a UDP socket created in the
 //! child and connected by the same rules as TCP (ParentIP, CHILDIP, IPv6 ->
-//! IPv4, see [`crate::dial`]); until the socket arrives up to
+//! IPv4, see `dial`); until the socket arrives up to
 //! [`DIAL_BACKLOG`] datagrams wait in the flow, more are dropped and
 //! counted (`dial_backlog`). A dial that fails drops what waited
 //! (`dial_failed`) and forgets the flow; the client's next datagram tries
@@ -92,7 +92,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::mpsc;
 
-use crate::netns::{DialFailure, Dialer};
+use crate::dial::{Dial, DialFailure, DialRequest};
 use crate::spec::PortSpec;
 
 /// Largest UDP payload over IPv4 (65,535 - 20 - 8).
@@ -575,12 +575,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
     Ok(sock.into())
 }
 
-/// Connects a UDP socket made in the child (see [`crate::netns`]): a local
-/// operation, it sends nothing.
-pub fn connect(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    socket2::SockRef::from(fd).connect(&addr.into())
-}
-
 /// Where replies to a client leave from: the address it wrote to and the
 /// interface it came in on (kept for IPv6 link-local addresses).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -946,7 +940,7 @@ struct Relay {
     /// Replies need an explicit source address.
     pktinfo: bool,
     spec: PortSpec,
-    dialer: Dialer,
+    dialer: Arc<dyn Dial>,
     opts: UdpOptions,
     stats: Arc<UdpStats>,
     ep: AsyncFd<Ep>,
@@ -967,7 +961,7 @@ pub async fn serve(
     addr: SocketAddr,
     spec: PortSpec,
     stats: Arc<UdpStats>,
-    dialer: Dialer,
+    dialer: Arc<dyn Dial>,
     opts: UdpOptions,
 ) {
     let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
@@ -1023,7 +1017,7 @@ impl Relay {
         addr: SocketAddr,
         spec: PortSpec,
         stats: Arc<UdpStats>,
-        dialer: Dialer,
+        dialer: Arc<dyn Dial>,
         opts: UdpOptions,
         dial_tx: mpsc::UnboundedSender<DialResult>,
     ) -> io::Result<Relay> {
@@ -1200,7 +1194,11 @@ impl Relay {
         let (dialer, spec, tx) = (self.dialer.clone(), self.spec.clone(), self.dial_tx.clone());
         let ipv6 = self.addr.is_ipv6();
         tokio::spawn(async move {
-            let r = match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial_udp(&spec, ipv6)).await {
+            let req = DialRequest {
+                spec: &spec,
+                ipv6_listener: ipv6,
+            };
+            let r = match tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await {
                 Ok(r) => r,
                 Err(_) => Err(DialFailure {
                     errno: Some(libc::ETIMEDOUT),

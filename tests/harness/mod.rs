@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forwarder::wire;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -239,6 +240,16 @@ impl Netns {
         self.listen_with(addr, |_| {})
     }
 
+    /// Fills `l`'s accept queue: shrinks its backlog to zero and connects
+    /// one socket to it from inside this namespace, which takes the only
+    /// slot until `l` accepts it. Until then the kernel drops SYNs to `l`.
+    /// Returns the filler, to keep open meanwhile.
+    pub fn fill_accept_queue(&self, l: &TcpListener) -> std::net::TcpStream {
+        socket2::SockRef::from(l).listen(0).expect("listen(0)");
+        let addr = l.local_addr().expect("local address");
+        self.run(move || std::net::TcpStream::connect(addr).expect("filler connection"))
+    }
+
     /// Like [`Netns::listen`], with socket options set before listen().
     pub fn listen_with(
         &self,
@@ -425,11 +436,21 @@ pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Decodes one line of the forwarder's stdout with the wire types the
+/// forwarder writes it with ([`forwarder::wire::Event`]), so a line that
+/// drifts from them fails the test that reads it. The event is handed on as
+/// JSON for the cases to index.
+pub fn decode_event(line: &str) -> Result<Value, String> {
+    serde_json::from_str::<wire::Event>(line)
+        .map_err(|e| format!("stdout line is not a wire::Event ({e}): {line}"))
+        .and_then(|ev| serde_json::to_value(ev).map_err(|e| e.to_string()))
+}
+
 /// A running forwarder, started inside a namespace.
 pub struct Fwd {
     child: Option<Child>,
     pub pid: u32,
-    events: mpsc::Receiver<Value>,
+    events: mpsc::Receiver<Result<Value, String>>,
     stderr: Arc<Mutex<String>>,
     pub ready: Value,
     base_fds: usize,
@@ -514,10 +535,8 @@ impl Fwd {
         let stdout = child.stdout.take().expect("stdout");
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    if tx.send(v).is_err() {
-                        break;
-                    }
+                if tx.send(decode_event(&line)).is_err() {
+                    break;
                 }
             }
         });
@@ -592,8 +611,9 @@ impl Fwd {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(v) if v["event"] == name => return v,
-                Ok(_) => continue,
+                Ok(Ok(v)) if v["event"] == name => return v,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => panic!("{e}"),
                 Err(_) => {
                     let status = self
                         .child

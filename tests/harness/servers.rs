@@ -54,13 +54,40 @@ pub fn echo(l: TcpListener) {
     });
 }
 
-/// Echo, but the accept loop starts only after `delay`: the client's first
-/// bytes reach the forwarder before its dial can complete.
-pub fn late_echo(l: TcpListener, delay: Duration) {
+/// An echo server that is late: until `delay` has passed its accept queue
+/// is full (`filler`, from [`crate::Netns::fill_accept_queue`], holds the
+/// only slot), so the kernel drops new SYNs and a dialer's handshake waits
+/// for a SYN retransmission (about a second): a connect() to a listener
+/// that merely has not accepted yet would complete at once from the
+/// backlog. Then it takes the filler, reopens the queue and echoes. Each
+/// accepted connection (not the filler) is reported on the returned
+/// channel.
+pub fn late_echo(
+    l: TcpListener,
+    filler: std::net::TcpStream,
+    delay: Duration,
+) -> mpsc::UnboundedReceiver<()> {
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         tokio::time::sleep(delay).await;
-        echo(l);
+        if let Ok((s, _)) = l.accept().await {
+            drop(s);
+        }
+        drop(filler);
+        socket2::SockRef::from(&l)
+            .listen(1024)
+            .expect("reopen the accept queue");
+        serve(l, move |mut s| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(());
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            }
+        });
     });
+    rx
 }
 
 /// Reads to EOF, answers "COUNT HASH\n", then sends `reply_len` bytes of
@@ -138,8 +165,8 @@ pub fn resets(l: TcpListener) {
     });
 }
 
-/// Reports how each connection's reads end (EOF or an error kind) and
-/// when.
+/// Echoes what it reads (so a client knows its bytes arrived) and reports
+/// how each connection's reads end (EOF or an error kind) and when.
 pub fn observes(l: TcpListener, report: mpsc::UnboundedSender<(io::Result<u64>, Instant)>) {
     serve(l, move |mut s| {
         let report = report.clone();
@@ -149,7 +176,12 @@ pub fn observes(l: TcpListener, report: mpsc::UnboundedSender<(io::Result<u64>, 
             let r = loop {
                 match s.read(&mut buf).await {
                     Ok(0) => break Ok(total),
-                    Ok(n) => total += n as u64,
+                    Ok(n) => {
+                        total += n as u64;
+                        if let Err(e) = s.write_all(&buf[..n]).await {
+                            break Err(e);
+                        }
+                    }
                     Err(e) => break Err(e),
                 }
             };

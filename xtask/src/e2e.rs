@@ -334,8 +334,8 @@ impl Fwd {
                 std::fs::read_to_string(&log).unwrap_or_default()
             )
         })?;
-        let ready: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("the forwarder's first line is not JSON: {line:?}"))?;
+        let ready = util::decode_event(&line)
+            .with_context(|| format!("the forwarder's first line: {line:?}"))?;
         ensure!(
             ready["event"] == "ready",
             "expected a ready line, got {line}"

@@ -403,6 +403,15 @@ pub fn spawn_ready(cmd: &mut Command, name: &str, ready: &str) -> Result<Proc> {
 /// How long a forwarder may take to report `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// Decodes a line of the forwarder's stdout with the wire types it is
+/// written with ([`forwarder::wire::Event`]), as JSON for the caller to
+/// index.
+pub fn decode_event(line: &str) -> Result<serde_json::Value> {
+    let ev: forwarder::wire::Event =
+        serde_json::from_str(line).context("not a forwarder event (forwarder::wire::Event)")?;
+    Ok(serde_json::to_value(ev)?)
+}
+
 /// A running `forwarder run ...`, its stdout read as JSON lines.
 pub struct Forwarder {
     proc: Proc,
@@ -489,9 +498,8 @@ impl Forwarder {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
                 Ok(line) => {
-                    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
-                        format!("{} wrote a line that is not JSON: {line:?}", self.name)
-                    })?;
+                    let v = decode_event(&line)
+                        .with_context(|| format!("{} wrote {line:?}", self.name))?;
                     if v["event"] == name {
                         return Ok(v);
                     }
@@ -539,10 +547,9 @@ impl Forwarder {
         }
         let mut last = None;
         while let Ok(line) = self.events.recv_timeout(Duration::from_secs(2)) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["event"] == "stats" {
-                    last = Some(v);
-                }
+            let v = decode_event(&line).with_context(|| format!("{} wrote {line:?}", self.name))?;
+            if v["event"] == "stats" {
+                last = Some(v);
             }
         }
         Ok(last)

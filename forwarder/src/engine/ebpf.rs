@@ -99,23 +99,24 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use super::handoff::{Direction, End, Limits, Observed, Pacing, Wait, Window};
 use super::{splice::SpliceEngine, Conn, Engine, EngineKind, MapEntries};
 use crate::stats::DataPath;
-use crate::sys::{self, TcpCounters};
+use crate::sys::{self, EpollFd};
 
 /// The programs, built by `forwarder/build.rs` from `forwarder-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
 
-/// How long a drain may stall with the peer's send queue empty before the
-/// connection is reset as broken.
-const DRAIN_STALL: Duration = Duration::from_secs(5);
-
-/// Flow control: a direction whose backlog (bytes redirected but not yet
-/// in the peer's TCP send queue) exceeds this has its source's receive
-/// window clamped...
-const BACKLOG_HIGH: u64 = 32 << 20;
-/// ...until the backlog is below this.
-const BACKLOG_LOW: u64 = 16 << 20;
+/// The supervisor's thresholds (see [`handoff`](super::handoff)): a
+/// direction whose backlog (bytes redirected but not yet in the peer's TCP
+/// send queue) exceeds 32 MiB has its source's receive window clamped
+/// until the backlog is 16 MiB or less; a drain may stall 5 s with the
+/// peer's send queue empty before the connection is reset as broken.
+const LIMITS: Limits = Limits {
+    backlog_high: 32 << 20,
+    backlog_low: 16 << 20,
+    drain_stall: Duration::from_secs(5),
+};
 /// The clamp applied meanwhile (the kernel raises it to its minimum).
 const THROTTLE_CLAMP: u32 = 1;
 
@@ -303,16 +304,6 @@ impl MapHost {
     }
 }
 
-/// Whether direction `i -> j` has drained after side i saw FIN: every byte
-/// received on i was redirected, and all of it is in j's send queue.
-///
-/// `received_i` is tcpi_bytes_received of side i (data plus one for the
-/// FIN), `redirected_i` the verdict's count for side i, `queued_j` the
-/// growth of side j's acked + unacked send queue since handoff.
-pub fn direction_drained(received_i: u64, redirected_i: u64, queued_j: u64) -> bool {
-    received_i.saturating_sub(1) == redirected_i && queued_j >= redirected_i
-}
-
 struct Inner {
     maps: MapHost,
     epoll: AsyncFd<EpollFd>,
@@ -322,14 +313,6 @@ struct Inner {
     fallback_logged: std::sync::atomic::AtomicBool,
     /// Keeps the programs loaded and attached.
     _bpf: Mutex<Ebpf>,
-}
-
-struct EpollFd(Epoll);
-
-impl AsRawFd for EpollFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0 .0.as_raw_fd()
-    }
 }
 
 /// The in-kernel engine. Minimum kernel: 5.13 (stream verdict without a
@@ -353,7 +336,7 @@ impl EbpfEngine {
     /// set (needs CAP_BPF and CAP_NET_ADMIN). Needs no runtime: call it
     /// before dropping capabilities, then [`Loaded::start`] in the runtime.
     pub fn load(opts: Options) -> Result<Loaded, EbpfError> {
-        raise_memlock_limit();
+        let _ = sys::raise_memlock_limit();
         let mut bpf = EbpfLoader::new()
             .load(PROGRAMS)
             .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
@@ -446,13 +429,10 @@ impl Loaded {
             epoll,
             mut bpf,
         } = self;
-        // SAFETY: EpollFd owns the epoll descriptor, which stays open and
-        // the same for the AsyncFd's whole life.
-        let epoll = unsafe { AsyncFd::register_with_interest(EpollFd(epoll), Interest::READABLE) }
-            .map_err(|e| load_err("cannot register the epoll set")(e.into_parts().1.into()))?;
-        // SAFETY: the RingBuf owns its map fd, open for the AsyncFd's life.
-        let events = unsafe { AsyncFd::register_with_interest(events, Interest::READABLE) }
-            .map_err(|e| load_err("cannot register the event ring")(e.into_parts().1.into()))?;
+        let epoll = sys::async_fd(EpollFd(epoll), Interest::READABLE)
+            .map_err(|e| load_err("cannot register the epoll set")(e.into()))?;
+        let events = sys::async_fd(events, Interest::READABLE)
+            .map_err(|e| load_err("cannot register the event ring")(e.into()))?;
         let logger = spawn_bpf_logger(&mut bpf);
         let inner = Arc::new(Inner {
             maps,
@@ -495,12 +475,10 @@ fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
             return None;
         }
     };
-    // SAFETY: the logger owns its ring buffer's map fd, open for the
-    // AsyncFd's whole life.
-    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+    let mut fd = match sys::async_fd(logger, Interest::READABLE) {
         Ok(fd) => fd,
         Err(e) => {
-            tracing::warn!(error = %e.into_parts().1, "cannot watch the BPF programs' log");
+            tracing::warn!(error = %e, "cannot watch the BPF programs' log");
             return None;
         }
     };
@@ -517,16 +495,6 @@ fn spawn_bpf_logger(bpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
             guard.clear_ready();
         }
     }))
-}
-
-/// Raises RLIMIT_MEMLOCK: kernels before 5.11 charge BPF maps to it.
-fn raise_memlock_limit() {
-    let lim = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
-    };
-    // SAFETY: lim is valid; failure is harmless (newer kernels use memcg).
-    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -721,16 +689,9 @@ impl Inner {
         notify: &Notify,
     ) -> Outcome {
         let fd = |i: usize| -> BorrowedFd<'_> { socks[i].as_fd() };
-        // fin_sent[j]: direction (1-j) -> j is finished, FIN sent to side j.
-        let mut fin_sent = [false; 2];
-        // throttled[i]: side i's window clamp before we throttled it.
-        let mut throttled: [Option<u32>; 2] = [None, None];
-        let mut backoff = Duration::from_millis(1);
-        // Re-checks right after a FIN usually need only microseconds (the
-        // FIN's wake-up comes before the verdict has run on the last skb),
-        // far less than the timer's 1 ms: yield a few times first.
-        let mut quick_checks = 0u32;
-        let mut stalled_since: [Option<Instant>; 2] = [None, None];
+        // dirs[i]: direction i -> 1-i.
+        let mut dirs = [Direction::default(), Direction::default()];
+        let mut pacing = Pacing::default();
         loop {
             let st = match sys::poll_states([fd(0), fd(1)]) {
                 Ok(s) => s,
@@ -748,103 +709,91 @@ impl Inner {
             let mut poll_again = false;
             for i in 0..2 {
                 let j = 1 - i;
-                if fin_sent[j] {
+                if dirs[i].is_done() {
                     continue;
                 }
-                let Some(peer) = self.maps.peer(cookies[i]) else {
-                    return Outcome::Reset("peer entry vanished".into());
+                let observed = match self.observe(socks, cookies[i], base[j], i, st[i].rdhup) {
+                    Ok(o) => o,
+                    Err(why) => return Outcome::Reset(why),
                 };
-                if peer.dropped > 0 {
-                    return Outcome::Reset(format!("{} bytes dropped in the kernel", peer.dropped));
-                }
-                let cj = match sys::tcp_counters(fd(j)) {
-                    Ok(c) => c,
-                    Err(e) => return Outcome::Reset(format!("TCP_INFO: {e}")),
-                };
-                let queued_j = cj.queued().saturating_sub(base[j]);
-                let backlog = peer.bytes.saturating_sub(queued_j);
-                tracing::trace!(side = i, backlog, "backlog");
-                // Flow control: the kernel queues redirected bytes without
-                // limit, so slow the sender down by its receive window.
-                match throttled[i] {
-                    None if backlog > BACKLOG_HIGH && !st[i].rdhup => {
+                tracing::trace!(side = i, ?observed, "observed");
+                let step = dirs[i].step(&observed, Instant::now(), &LIMITS);
+                match step.window {
+                    Window::Keep => {}
+                    Window::Clamp => {
                         let old = sys::window_clamp(fd(i)).unwrap_or(u32::MAX / 2);
                         if sys::set_window_clamp(fd(i), THROTTLE_CLAMP).is_ok() {
-                            tracing::trace!(side = i, backlog, "throttling the sender");
-                            throttled[i] = Some(old);
+                            tracing::trace!(side = i, "throttling the sender");
+                            dirs[i].clamped(old);
                         }
                     }
-                    Some(old) if backlog <= BACKLOG_LOW => {
-                        tracing::trace!(side = i, backlog, "releasing the sender");
+                    Window::Restore(old) => {
+                        tracing::trace!(side = i, "releasing the sender");
                         let _ = sys::set_window_clamp(fd(i), old);
-                        throttled[i] = None;
                     }
-                    _ => {}
                 }
-                if throttled[i].is_some() {
-                    poll_again = true;
-                }
-                if !st[i].rdhup {
-                    continue;
-                }
-                let ci = match sys::tcp_counters(fd(i)) {
-                    Ok(c) => c,
-                    Err(e) => return Outcome::Reset(format!("TCP_INFO: {e}")),
-                };
-                if direction_drained(ci.bytes_received, peer.bytes, queued_j) {
-                    if let Err(e) = sys::shutdown_write(fd(j)) {
-                        return Outcome::Reset(format!("shutdown side {j}: {e}"));
+                match step.end {
+                    End::Open => {}
+                    End::SendFin => {
+                        if let Err(e) = sys::shutdown_write(fd(j)) {
+                            return Outcome::Reset(format!("shutdown side {j}: {e}"));
+                        }
+                        dirs[i].fin_sent();
                     }
-                    fin_sent[j] = true;
-                    stalled_since[i] = None;
-                    continue;
+                    End::Reset(why) => return Outcome::Reset(format!("direction {i}->{j}: {why}")),
                 }
-                poll_again = true;
-                if stalled(&cj) {
-                    let since = *stalled_since[i].get_or_insert_with(Instant::now);
-                    if since.elapsed() > DRAIN_STALL {
-                        return Outcome::Reset(format!(
-                            "direction {i}->{j} stalled: received {} redirected {} queued {}",
-                            ci.bytes_received, peer.bytes, queued_j
-                        ));
-                    }
-                } else {
-                    stalled_since[i] = None;
-                }
+                poll_again |= step.poll_again;
             }
-            if fin_sent[0] && fin_sent[1] {
+            if dirs.iter().all(Direction::is_done) {
                 return Outcome::Closed;
             }
-            if poll_again && quick_checks < 8 && throttled.iter().all(Option::is_none) {
-                quick_checks += 1;
-                tokio::task::yield_now().await;
-            } else if poll_again {
-                // A throttled direction is re-checked every millisecond so
-                // the window reopens as soon as the backlog has drained; a
-                // draining FIN backs off to 20 ms.
-                let wait = if throttled.iter().any(Option::is_some) {
-                    Duration::from_millis(1)
-                } else {
-                    backoff
-                };
-                tokio::select! {
-                    _ = notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
+            match pacing.next(poll_again, dirs.iter().any(Direction::is_throttled)) {
+                Wait::Yield => tokio::task::yield_now().await,
+                Wait::Sleep(d) => {
+                    tokio::select! {
+                        _ = notify.notified() => {}
+                        _ = tokio::time::sleep(d) => {}
+                    }
                 }
-                backoff = (backoff * 2).min(Duration::from_millis(20));
-            } else {
-                backoff = Duration::from_millis(1);
-                quick_checks = 0;
-                notify.notified().await;
+                Wait::Park => notify.notified().await,
             }
         }
     }
-}
 
-/// The peer socket has nothing left to send: a drain that still has not
-/// completed is not waiting for the network.
-fn stalled(c: &TcpCounters) -> bool {
-    c.outq == 0
+    /// Reads what [`Direction::step`] needs about direction i -> j: the
+    /// verdict's counters for side i, and side j's send queue (side i's
+    /// received bytes once it saw FIN). An error is a reason to reset.
+    fn observe(
+        &self,
+        socks: &[std::net::TcpStream; 2],
+        cookie_i: u64,
+        base_j: u64,
+        i: usize,
+        fin_received: bool,
+    ) -> Result<Observed, String> {
+        let peer = self
+            .maps
+            .peer(cookie_i)
+            .ok_or_else(|| "peer entry vanished".to_string())?;
+        let cj = sys::tcp_counters(socks[1 - i].as_fd()).map_err(|e| format!("TCP_INFO: {e}"))?;
+        let received_i = if fin_received {
+            sys::tcp_counters(socks[i].as_fd())
+                .map_err(|e| format!("TCP_INFO: {e}"))?
+                .bytes_received
+        } else {
+            0
+        };
+        Ok(Observed {
+            fin_received,
+            redirected: peer.bytes,
+            dropped: peer.dropped,
+            queued_j: cj.queued().saturating_sub(base_j),
+            received_i,
+            // Nothing unsent or unacknowledged: a drain that still has not
+            // completed is not waiting for the network.
+            j_idle: cj.outq == 0,
+        })
+    }
 }
 
 impl Engine for EbpfEngine {
@@ -885,7 +834,7 @@ impl Engine for EbpfEngine {
 
 #[cfg(test)]
 mod tests {
-    use super::{chain, direction_drained};
+    use super::chain;
 
     #[test]
     fn error_chains_say_each_thing_once() {
@@ -896,19 +845,5 @@ mod tests {
             chain(&e),
             "map error: failed to create map `M`: Operation not permitted"
         );
-    }
-
-    #[test]
-    fn drain_rule() {
-        // received counts the FIN; nothing redirected yet.
-        assert!(!direction_drained(1001, 0, 0));
-        // all redirected, not yet queued on the peer.
-        assert!(!direction_drained(1001, 1000, 999));
-        // all redirected and queued.
-        assert!(direction_drained(1001, 1000, 1000));
-        // an empty direction: just the FIN.
-        assert!(direction_drained(1, 0, 0));
-        // the verdict has not seen the last skb yet.
-        assert!(!direction_drained(1001, 999, 999));
     }
 }

@@ -20,6 +20,7 @@ pub mod ebpf;
 #[cfg(not(feature = "ebpf"))]
 #[path = "ebpf_disabled.rs"]
 pub mod ebpf;
+pub mod handoff;
 pub mod relay;
 pub mod splice;
 
@@ -49,7 +50,7 @@ pub enum Mode {
 }
 
 /// The engine actually running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     Ebpf,

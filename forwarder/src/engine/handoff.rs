@@ -1,0 +1,408 @@
+//! The ebpf engine's decisions for a connection after handoff, as pure
+//! state machines: no socket, no map, no clock of their own, so they are
+//! table-tested without a kernel (and without the `ebpf` feature).
+//!
+//! Once both sockets are in the sockmap, the kernel moves every byte; the
+//! supervisor (`ebpf::supervise`) only watches. For each direction i -> j
+//! (sides: 0 = accepted in the parent, 1 = dialed in the child) it observes
+//! the sockets and the verdict's counters ([`Observed`]), asks
+//! [`Direction::step`] what to do, and carries it out:
+//!
+//! - **Throttle.** The kernel queues redirected bytes on j's psock without
+//!   limit, so when the backlog (redirected but not yet in j's send queue)
+//!   passes [`Limits::backlog_high`], side i's receive window is clamped
+//!   (TCP_WINDOW_CLAMP) to slow its sender; below [`Limits::backlog_low`]
+//!   the old clamp is restored. Not once i has seen FIN: nothing more is
+//!   coming.
+//! - **Drain, then FIN.** After side i received FIN, the FIN is passed on
+//!   (shutdown(j, SHUT_WR)) only when every byte received on i was
+//!   redirected and sits in j's send queue ([`direction_drained`]):
+//!   earlier would cut the stream short.
+//! - **Stall.** A drain that makes no progress while j has nothing left to
+//!   send for [`Limits::drain_stall`] is not waiting for the network: the
+//!   connection is reset rather than left hanging.
+//! - **Reset.** Bytes the kernel dropped, or a vanished peer entry, reset
+//!   the connection: the stream can no longer be whole.
+//!
+//! [`Pacing`] decides how the supervisor waits between passes.
+
+use std::time::{Duration, Instant};
+
+/// Whether direction `i -> j` has drained after side i saw FIN: every byte
+/// received on i was redirected, and all of it is in j's send queue.
+///
+/// `received_i` is tcpi_bytes_received of side i (data plus one for the
+/// FIN), `redirected_i` the verdict's count for side i, `queued_j` the
+/// growth of side j's acked + unacked send queue since handoff.
+pub fn direction_drained(received_i: u64, redirected_i: u64, queued_j: u64) -> bool {
+    received_i.saturating_sub(1) == redirected_i && queued_j >= redirected_i
+}
+
+/// The thresholds the decisions use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Backlog above which the sender is throttled.
+    pub backlog_high: u64,
+    /// Backlog at or below which it is released.
+    pub backlog_low: u64,
+    /// How long a drain may stall with nothing in flight.
+    pub drain_stall: Duration,
+}
+
+/// What the supervisor saw of direction i -> j in one pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Side i has received a FIN (POLLRDHUP).
+    pub fin_received: bool,
+    /// Bytes the verdict redirected from i to j since handoff.
+    pub redirected: u64,
+    /// Bytes of this direction the kernel dropped.
+    pub dropped: u64,
+    /// Growth of side j's send queue (acked + unacked) since handoff.
+    pub queued_j: u64,
+    /// tcpi_bytes_received of side i (read once it saw FIN).
+    pub received_i: u64,
+    /// Side j has nothing unsent or unacknowledged.
+    pub j_idle: bool,
+}
+
+/// What to do to side i's receive window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    Keep,
+    /// Clamp it; report the clamp it had with [`Direction::clamped`].
+    Clamp,
+    /// Put this clamp back.
+    Restore(u32),
+}
+
+/// What to do about the direction's end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Still open (or draining).
+    Open,
+    /// Drained: shut down j's write side; confirm with
+    /// [`Direction::fin_sent`].
+    SendFin,
+    /// Reset the connection, for this reason.
+    Reset(String),
+}
+
+/// One pass's decision for a direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub window: Window,
+    pub end: End,
+    /// Look again soon: a drain is pending or the sender is throttled.
+    pub poll_again: bool,
+}
+
+/// The state of one direction i -> j.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Direction {
+    /// Side i's clamp before we throttled it.
+    throttled: Option<u32>,
+    /// The FIN has been passed on to side j.
+    done: bool,
+    /// Since when the drain has made no progress with j idle.
+    stalled_since: Option<Instant>,
+}
+
+impl Direction {
+    /// The FIN has been passed on: nothing more to decide.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Side i's receive window is clamped.
+    pub fn is_throttled(&self) -> bool {
+        self.throttled.is_some()
+    }
+
+    /// The clamp asked for by [`Window::Clamp`] is in place; `old` is the
+    /// one it replaced.
+    pub fn clamped(&mut self, old: u32) {
+        self.throttled = Some(old);
+    }
+
+    /// The FIN asked for by [`End::SendFin`] was sent.
+    pub fn fin_sent(&mut self) {
+        self.done = true;
+        self.stalled_since = None;
+    }
+
+    /// Decides one pass from what was observed at `now`.
+    pub fn step(&mut self, o: &Observed, now: Instant, lim: &Limits) -> Step {
+        let mut step = Step {
+            window: Window::Keep,
+            end: End::Open,
+            poll_again: false,
+        };
+        if self.done {
+            return step;
+        }
+        if o.dropped > 0 {
+            step.end = End::Reset(format!("{} bytes dropped in the kernel", o.dropped));
+            return step;
+        }
+        let backlog = o.redirected.saturating_sub(o.queued_j);
+        match self.throttled {
+            None if backlog > lim.backlog_high && !o.fin_received => {
+                step.window = Window::Clamp;
+                step.poll_again = true;
+            }
+            Some(old) if backlog <= lim.backlog_low => {
+                step.window = Window::Restore(old);
+                self.throttled = None;
+            }
+            Some(_) => step.poll_again = true,
+            None => {}
+        }
+        if !o.fin_received {
+            return step;
+        }
+        if direction_drained(o.received_i, o.redirected, o.queued_j) {
+            step.end = End::SendFin;
+            return step;
+        }
+        step.poll_again = true;
+        if !o.j_idle {
+            self.stalled_since = None;
+            return step;
+        }
+        let since = *self.stalled_since.get_or_insert(now);
+        if now.duration_since(since) > lim.drain_stall {
+            step.end = End::Reset(format!(
+                "stalled: received {} redirected {} queued {}",
+                o.received_i, o.redirected, o.queued_j
+            ));
+        }
+        step
+    }
+}
+
+/// How the supervisor waits between passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Yield to the runtime and look again at once.
+    Yield,
+    /// Sleep this long (or until the next event).
+    Sleep(Duration),
+    /// Sleep until the next event (FIN, error, the verdict's progress).
+    Park,
+}
+
+/// The supervisor's waiting: re-checks right after a FIN usually need only
+/// microseconds (the FIN's wake-up comes before the verdict has run on the
+/// last skb), so a pending drain first yields a few times, then backs off
+/// from 1 ms to 20 ms. A throttled direction is re-checked every
+/// millisecond so the window reopens as soon as the backlog has drained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pacing {
+    quick_checks: u32,
+    backoff: Duration,
+}
+
+impl Default for Pacing {
+    fn default() -> Self {
+        Pacing {
+            quick_checks: 0,
+            backoff: Self::FIRST,
+        }
+    }
+}
+
+impl Pacing {
+    /// Yields before the first sleep.
+    pub const QUICK_CHECKS: u32 = 8;
+    const FIRST: Duration = Duration::from_millis(1);
+    const MAX: Duration = Duration::from_millis(20);
+
+    /// The wait after a pass that asked to `poll_again` (or not), with a
+    /// direction `throttled` (or not).
+    pub fn next(&mut self, poll_again: bool, throttled: bool) -> Wait {
+        if !poll_again {
+            *self = Pacing::default();
+            return Wait::Park;
+        }
+        if !throttled && self.quick_checks < Self::QUICK_CHECKS {
+            self.quick_checks += 1;
+            return Wait::Yield;
+        }
+        let wait = if throttled { Self::FIRST } else { self.backoff };
+        self.backoff = (self.backoff * 2).min(Self::MAX);
+        Wait::Sleep(wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIM: Limits = Limits {
+        backlog_high: 100,
+        backlog_low: 50,
+        drain_stall: Duration::from_secs(5),
+    };
+
+    #[test]
+    fn drain_rule() {
+        // received counts the FIN; nothing redirected yet.
+        assert!(!direction_drained(1001, 0, 0));
+        // all redirected, not yet queued on the peer.
+        assert!(!direction_drained(1001, 1000, 999));
+        // all redirected and queued.
+        assert!(direction_drained(1001, 1000, 1000));
+        // an empty direction: just the FIN.
+        assert!(direction_drained(1, 0, 0));
+        // the verdict has not seen the last skb yet.
+        assert!(!direction_drained(1001, 999, 999));
+    }
+
+    fn obs(redirected: u64, queued_j: u64) -> Observed {
+        Observed {
+            redirected,
+            queued_j,
+            ..Default::default()
+        }
+    }
+
+    fn fin(received_i: u64, redirected: u64, queued_j: u64, j_idle: bool) -> Observed {
+        Observed {
+            fin_received: true,
+            received_i,
+            redirected,
+            queued_j,
+            j_idle,
+            ..Default::default()
+        }
+    }
+
+    /// The throttle: clamp above high, hold between, restore at low, and
+    /// never after FIN.
+    #[test]
+    fn throttle_table() {
+        let t = Instant::now();
+        let mut d = Direction::default();
+        // (observed, window, poll again)
+        let seq: &[(Observed, Window, bool)] = &[
+            (obs(100, 0), Window::Keep, false),
+            (obs(201, 100), Window::Clamp, true),
+        ];
+        for (o, w, again) in seq {
+            let s = d.step(o, t, &LIM);
+            assert_eq!(
+                (s.window, s.poll_again, &s.end),
+                (*w, *again, &End::Open),
+                "{o:?}"
+            );
+        }
+        // The clamp did not take: nothing recorded, asked again.
+        assert!(!d.is_throttled());
+        assert_eq!(d.step(&obs(201, 100), t, &LIM).window, Window::Clamp);
+        d.clamped(65535);
+        let seq: &[(Observed, Window, bool)] = &[
+            (obs(300, 100), Window::Keep, true),
+            (obs(300, 240), Window::Keep, true),
+            (obs(300, 250), Window::Restore(65535), false),
+            (obs(300, 250), Window::Keep, false),
+        ];
+        for (o, w, again) in seq {
+            let s = d.step(o, t, &LIM);
+            assert_eq!((s.window, s.poll_again), (*w, *again), "{o:?}");
+        }
+        assert!(!d.is_throttled());
+        // A sender that already sent FIN is not throttled.
+        let mut d = Direction::default();
+        assert_eq!(
+            d.step(&fin(1000, 500, 0, false), t, &LIM).window,
+            Window::Keep
+        );
+    }
+
+    /// FIN is passed on only when drained; a stalled drain resets after
+    /// the limit; progress restarts the stall clock.
+    #[test]
+    fn drain_and_stall_table() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut d = Direction::default();
+        // (observed, at, end, poll again)
+        let seq: &[(Observed, Instant, End, bool)] = &[
+            // Open: nothing to do.
+            (obs(10, 10), s(0), End::Open, false),
+            // FIN seen, bytes still in flight to j: wait.
+            (fin(1001, 1000, 900, false), s(0), End::Open, true),
+            // j idle but not drained: the stall clock starts.
+            (fin(1001, 1000, 900, true), s(1), End::Open, true),
+            (fin(1001, 1000, 900, true), s(5), End::Open, true),
+            // j busy again: the clock restarts.
+            (fin(1001, 1000, 950, false), s(7), End::Open, true),
+            (fin(1001, 1000, 950, true), s(8), End::Open, true),
+            (fin(1001, 1000, 950, true), s(13), End::Open, true),
+            (
+                fin(1001, 1000, 950, true),
+                s(14),
+                End::Reset("stalled: received 1001 redirected 1000 queued 950".into()),
+                true,
+            ),
+        ];
+        for (o, at, end, again) in seq {
+            let st = d.step(o, *at, &LIM);
+            assert_eq!((&st.end, st.poll_again), (end, *again), "{o:?} at {at:?}");
+        }
+        let mut d = Direction::default();
+        assert_eq!(
+            d.step(&fin(1001, 1000, 1000, true), s(0), &LIM).end,
+            End::SendFin
+        );
+        // Until the FIN is confirmed sent, it is asked for again.
+        assert_eq!(
+            d.step(&fin(1001, 1000, 1000, true), s(0), &LIM).end,
+            End::SendFin
+        );
+        d.fin_sent();
+        assert!(d.is_done());
+        assert_eq!(
+            d.step(&fin(1001, 1000, 1000, true), s(0), &LIM),
+            Step {
+                window: Window::Keep,
+                end: End::Open,
+                poll_again: false
+            }
+        );
+    }
+
+    #[test]
+    fn kernel_drops_reset() {
+        let mut d = Direction::default();
+        let o = Observed {
+            dropped: 3,
+            ..obs(10, 0)
+        };
+        assert_eq!(
+            d.step(&o, Instant::now(), &LIM).end,
+            End::Reset("3 bytes dropped in the kernel".into())
+        );
+    }
+
+    #[test]
+    fn pacing_table() {
+        let mut p = Pacing::default();
+        for _ in 0..Pacing::QUICK_CHECKS {
+            assert_eq!(p.next(true, false), Wait::Yield);
+        }
+        let ms = Duration::from_millis;
+        for want in [1, 2, 4, 8, 16, 20, 20] {
+            assert_eq!(p.next(true, false), Wait::Sleep(ms(want)));
+        }
+        // Throttled: every millisecond, whatever the backoff.
+        assert_eq!(p.next(true, true), Wait::Sleep(ms(1)));
+        // Quiet: park, and start over.
+        assert_eq!(p.next(false, false), Wait::Park);
+        assert_eq!(p.next(true, false), Wait::Yield);
+        // Throttled from the start: no yields.
+        let mut p = Pacing::default();
+        assert_eq!(p.next(true, true), Wait::Sleep(ms(1)));
+    }
+}
