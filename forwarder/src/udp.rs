@@ -80,15 +80,16 @@ use std::collections::HashMap;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::FromRawFd;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
 use tokio::sync::mpsc;
 
 use crate::netns::{DialFailure, Dialer};
@@ -113,11 +114,6 @@ const CTRL: usize = 128;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoll token of the parent socket (flow sockets use their slot index).
 const PARENT: u64 = u64::MAX;
-/// Epoll token of the wake-up eventfd.
-const WAKE: u64 = u64::MAX - 1;
-/// Batches read from the parent socket per wake-up at most, so that a
-/// flood cannot starve the replies.
-const PARENT_BATCHES: usize = 8;
 /// Receive buffer asked for each socket (the kernel caps it at
 /// net.core.rmem_max).
 const RCVBUF: usize = 4 << 20;
@@ -614,11 +610,6 @@ struct Batch {
     /// One destination name and one control message shared by a send.
     send_name: libc::sockaddr_storage,
     send_ctrl: [u64; CTRL / 8],
-    /// Per-datagram destinations and source addresses ([`Batch::send_each`]).
-    dest_names: Vec<libc::sockaddr_storage>,
-    dest_namelens: Vec<libc::socklen_t>,
-    dest_ctrl: Vec<u64>,
-    dest_ctrllens: Vec<usize>,
 }
 
 // SAFETY: the raw pointers in the headers only ever point into buffers
@@ -647,27 +638,14 @@ impl Batch {
             send_hdrs: vec![hdr; BATCH],
             send_name: name,
             send_ctrl: [0; CTRL / 8],
-            dest_names: vec![name; BATCH],
-            dest_namelens: vec![0; BATCH],
-            dest_ctrl: vec![0; BATCH * CTRL / 8],
-            dest_ctrllens: vec![0; BATCH],
         }
     }
 
     /// Receives up to [`BATCH`] datagrams; `Ok(0)` when none is queued.
     fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.recv_at(fd, 0)
-    }
-
-    /// Receives datagrams into slots `first..BATCH`; returns how many
-    /// arrived (at slots `first..first + n`), `Ok(0)` when none is queued.
-    fn recv_at(&mut self, fd: RawFd, first: usize) -> io::Result<usize> {
-        if first >= BATCH {
-            return Ok(0);
-        }
         let base = self.bufs.as_mut_ptr();
         let ctrl = self.ctrl.as_mut_ptr();
-        for i in first..BATCH {
+        for i in 0..BATCH {
             // SAFETY: offsets stay inside the buffers allocated in new().
             unsafe {
                 self.iov[i] = libc::iovec {
@@ -689,8 +667,8 @@ impl Batch {
         let n = unsafe {
             libc::recvmmsg(
                 fd,
-                self.hdrs.as_mut_ptr().add(first),
-                (BATCH - first) as libc::c_uint,
+                self.hdrs.as_mut_ptr(),
+                BATCH as libc::c_uint,
                 libc::MSG_DONTWAIT,
                 std::ptr::null_mut(),
             )
@@ -858,125 +836,45 @@ impl Batch {
     /// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source
     /// address of a send; returns its length.
     fn encode_pktinfo(&mut self, l: Local) -> usize {
-        encode_pktinfo(&mut self.send_ctrl, l)
-    }
-
-    /// Sets where datagram `i` goes with [`Batch::send_each`]: to `to`,
-    /// from `from` (None: the socket's own address).
-    fn set_dest(&mut self, i: usize, to: &SockAddr, from: Option<Local>) {
-        // SAFETY: a SockAddr holds at most a sockaddr_storage.
+        // SAFETY: a msghdr pointing at send_ctrl (CTRL bytes, 8-aligned) is
+        // what CMSG_FIRSTHDR needs; both messages fit in CTRL bytes.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                to.as_ptr().cast::<u8>(),
-                (&mut self.dest_names[i] as *mut libc::sockaddr_storage).cast::<u8>(),
-                to.len() as usize,
-            )
-        };
-        self.dest_namelens[i] = to.len();
-        self.dest_ctrllens[i] = match from {
-            Some(l) => encode_pktinfo(&mut self.dest_ctrl[i * CTRL / 8..(i + 1) * CTRL / 8], l),
-            None => 0,
-        };
-    }
-
-    /// Sends datagrams `range` of the buffers on `fd`, each to the
-    /// destination [`Batch::set_dest`] gave it. Returns how many were sent
-    /// before the first error, and that error.
-    fn send_each(
-        &mut self,
-        fd: RawFd,
-        range: std::ops::Range<usize>,
-    ) -> (usize, Option<io::Error>) {
-        let count = range.len();
-        let base = self.bufs.as_mut_ptr();
-        let ctrl = self.dest_ctrl.as_mut_ptr();
-        for (k, i) in range.enumerate() {
-            let len = self.len(i);
-            // SAFETY: offsets stay inside bufs and dest_ctrl.
-            unsafe {
-                self.send_iov[k] = libc::iovec {
-                    iov_base: base.add(i * BUF).cast(),
-                    iov_len: len,
-                };
-                let h = &mut self.send_hdrs[k];
-                h.msg_len = 0;
-                h.msg_hdr.msg_name =
-                    (&mut self.dest_names[i] as *mut libc::sockaddr_storage).cast();
-                h.msg_hdr.msg_namelen = self.dest_namelens[i];
-                h.msg_hdr.msg_iov = &mut self.send_iov[k];
-                h.msg_hdr.msg_iovlen = 1;
-                let cl = self.dest_ctrllens[i];
-                h.msg_hdr.msg_control = if cl > 0 {
-                    ctrl.add(i * CTRL / 8).cast()
-                } else {
-                    std::ptr::null_mut()
-                };
-                h.msg_hdr.msg_controllen = cl;
-                h.msg_hdr.msg_flags = 0;
-            }
-        }
-        let mut sent = 0;
-        while sent < count {
-            // SAFETY: the headers point at memory owned by self.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.send_hdrs.as_mut_ptr().add(sent),
-                    (count - sent) as libc::c_uint,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n <= 0 {
-                return (sent, Some(io::Error::last_os_error()));
-            }
-            sent += n as usize;
-        }
-        (sent, None)
-    }
-}
-
-/// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source address
-/// of a send into `buf` (at least CTRL bytes); returns its length.
-fn encode_pktinfo(buf: &mut [u64], l: Local) -> usize {
-    debug_assert!(buf.len() * 8 >= CTRL);
-    // SAFETY: a msghdr pointing at buf (CTRL bytes, 8-aligned) is what
-    // CMSG_FIRSTHDR needs; both messages fit in CTRL bytes.
-    unsafe {
-        let mut h: libc::msghdr = zeroed();
-        h.msg_control = buf.as_mut_ptr().cast();
-        h.msg_controllen = CTRL;
-        let c = libc::CMSG_FIRSTHDR(&h);
-        match l.ip {
-            IpAddr::V4(v4) => {
-                let len = size_of::<libc::in_pktinfo>() as u32;
-                (*c).cmsg_level = libc::IPPROTO_IP;
-                (*c).cmsg_type = libc::IP_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                let p = libc::in_pktinfo {
-                    ipi_ifindex: 0,
-                    ipi_spec_dst: libc::in_addr {
-                        s_addr: u32::from(v4).to_be(),
-                    },
-                    ipi_addr: libc::in_addr { s_addr: 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                libc::CMSG_SPACE(len) as usize
-            }
-            IpAddr::V6(v6) => {
-                let len = size_of::<libc::in6_pktinfo>() as u32;
-                (*c).cmsg_level = libc::IPPROTO_IPV6;
-                (*c).cmsg_type = libc::IPV6_PKTINFO;
-                (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                // The interface only matters for link-local addresses.
-                let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
-                let p = libc::in6_pktinfo {
-                    ipi6_addr: libc::in6_addr {
-                        s6_addr: v6.octets(),
-                    },
-                    ipi6_ifindex: if link_local { l.ifindex } else { 0 },
-                };
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                libc::CMSG_SPACE(len) as usize
+            let mut h: libc::msghdr = zeroed();
+            h.msg_control = self.send_ctrl.as_mut_ptr().cast();
+            h.msg_controllen = CTRL;
+            let c = libc::CMSG_FIRSTHDR(&h);
+            match l.ip {
+                IpAddr::V4(v4) => {
+                    let len = size_of::<libc::in_pktinfo>() as u32;
+                    (*c).cmsg_level = libc::IPPROTO_IP;
+                    (*c).cmsg_type = libc::IP_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                    let p = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(v4).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
+                    libc::CMSG_SPACE(len) as usize
+                }
+                IpAddr::V6(v6) => {
+                    let len = size_of::<libc::in6_pktinfo>() as u32;
+                    (*c).cmsg_level = libc::IPPROTO_IPV6;
+                    (*c).cmsg_type = libc::IPV6_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                    // The interface only matters for link-local addresses.
+                    let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+                    let p = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: v6.octets(),
+                        },
+                        ipi6_ifindex: if link_local { l.ifindex } else { 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
+                    libc::CMSG_SPACE(len) as usize
+                }
             }
         }
     }
@@ -1033,53 +931,12 @@ struct Flow {
 
 type DialResult = (usize, u64, Result<(OwnedFd, SocketAddr), DialFailure>);
 
-/// Wakes the relay thread from another thread: an eventfd in its epoll
-/// set, and a flag that tells it to stop.
-struct Wake {
-    fd: OwnedFd,
-    stop: AtomicBool,
-}
+/// The epoll instance in a form tokio can watch.
+struct Ep(Epoll);
 
-impl Wake {
-    fn new() -> io::Result<Wake> {
-        // SAFETY: eventfd returns a new descriptor or -1.
-        let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
-        Ok(Wake {
-            // SAFETY: fd was just created and is owned by nobody else.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            stop: AtomicBool::new(false),
-        })
-    }
-
-    fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes the 8 bytes of `one`. EAGAIN (the counter is at
-        // its maximum) means a wake-up is pending anyway.
-        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-
-    fn clear(&self) {
-        let mut v = 0u64;
-        // SAFETY: reads 8 bytes into `v`.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
-    }
-}
-
-/// Stops the relay thread when the serving task is dropped (the port is
-/// removed, or the runtime shuts down), and waits for it, so that the
-/// parent socket and every flow socket are closed when the task is gone.
-struct StopOnDrop {
-    wake: Arc<Wake>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.wake.stop.store(true, Relaxed);
-        self.wake.wake();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+impl AsRawFd for Ep {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_raw_fd()
     }
 }
 
@@ -1092,29 +949,19 @@ struct Relay {
     dialer: Dialer,
     opts: UdpOptions,
     stats: Arc<UdpStats>,
-    ep: Epoll,
+    ep: AsyncFd<Ep>,
     flows: FlowTable<Flow>,
-    /// Datagrams from clients, on their way to the child.
     batch: Box<Batch>,
-    /// Replies from the child, gathered over all ready flows and sent to
-    /// their clients with one sendmmsg on the parent socket.
-    replies: Box<Batch>,
-    /// Replies gathered in `replies` and not sent yet.
-    reply_fill: usize,
     parent_drops: DropCounter,
     next_id: u64,
     started: Instant,
     dial_tx: mpsc::UnboundedSender<DialResult>,
-    /// Where dials run (the relay thread is not a runtime thread).
-    rt: tokio::runtime::Handle,
-    wake: Arc<Wake>,
     last_warn: Option<Instant>,
     suppressed: u64,
 }
 
 /// Serves one published UDP address until the task is aborted. `sock` is
-/// from [`bind`]. The datagrams are moved by a thread of the relay's own
-/// (see the module comment); this task only owns it.
+/// from [`bind`].
 pub async fn serve(
     sock: OwnedFd,
     addr: SocketAddr,
@@ -1123,27 +970,50 @@ pub async fn serve(
     dialer: Dialer,
     opts: UdpOptions,
 ) {
-    let (dial_tx, dial_rx) = mpsc::unbounded_channel();
-    let relay = match Relay::new(sock, addr, spec, stats, dialer, opts, dial_tx) {
+    let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
+    let mut relay = match Relay::new(sock, addr, spec, stats, dialer, opts, dial_tx) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot start the UDP relay");
             return;
         }
     };
-    let wake = relay.wake.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("udp {addr}"))
-        .spawn(move || relay.run(dial_rx));
-    match thread {
-        Ok(t) => {
-            let _stop = StopOnDrop {
-                wake,
-                thread: Some(t),
-            };
-            std::future::pending::<()>().await;
+    let tick = (opts.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut timer = tokio::time::interval(tick);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut events = [EpollEvent::empty(); 64];
+    loop {
+        tokio::select! {
+            biased;
+            Some(r) = dial_rx.recv() => relay.dialed(r),
+            _ = timer.tick() => relay.tick(),
+            ready = relay.ep.readable() => {
+                let mut guard = match ready {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "UDP relay stopped");
+                        return;
+                    }
+                };
+                match relay.ep.get_ref().0.wait(&mut events, 0u8) {
+                    Ok(0) => guard.clear_ready(),
+                    Ok(n) => {
+                        let now = relay.now_ms();
+                        for ev in &events[..n] {
+                            match ev.data() {
+                                PARENT => relay.relay_clients(now),
+                                idx => relay.relay_replies(idx as usize, now),
+                            }
+                        }
+                    }
+                    Err(nix::errno::Errno::EINTR) => {}
+                    Err(e) => {
+                        tracing::error!(%addr, error = %e, "epoll_wait failed; UDP relay stopped");
+                        return;
+                    }
+                }
+            }
         }
-        Err(e) => tracing::error!(%addr, error = %e, "cannot start the UDP relay thread"),
     }
 }
 
@@ -1160,9 +1030,9 @@ impl Relay {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         ep.add(&parent, EpollEvent::new(EpollFlags::EPOLLIN, PARENT))
             .map_err(io::Error::from)?;
-        let wake = Arc::new(Wake::new()?);
-        ep.add(&wake.fd, EpollEvent::new(EpollFlags::EPOLLIN, WAKE))
-            .map_err(io::Error::from)?;
+        // SAFETY: the AsyncFd owns the epoll instance for its whole life.
+        let ep = unsafe { AsyncFd::register_with_interest(Ep(ep), Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)?;
         Ok(Relay {
             pktinfo: addr.ip().is_unspecified(),
             parent,
@@ -1174,64 +1044,13 @@ impl Relay {
             ep,
             flows: FlowTable::new(opts.max_flows),
             batch: Box::new(Batch::new()),
-            replies: Box::new(Batch::new()),
-            reply_fill: 0,
             parent_drops: DropCounter::default(),
             next_id: 1,
             started: Instant::now(),
             dial_tx,
-            rt: tokio::runtime::Handle::current(),
-            wake,
             last_warn: None,
             suppressed: 0,
         })
-    }
-
-    /// The relay thread: blocks in epoll_wait on the parent socket, every
-    /// flow socket and the wake-up eventfd; runs the timer between.
-    fn run(mut self, mut dial_rx: mpsc::UnboundedReceiver<DialResult>) {
-        let addr = self.addr;
-        let tick =
-            (self.opts.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let mut next_tick = Instant::now() + tick;
-        let mut events = [EpollEvent::empty(); 64];
-        loop {
-            let now = Instant::now();
-            if now >= next_tick {
-                self.tick();
-                next_tick = now + tick;
-            }
-            // Whole milliseconds, rounded up, so the tick is never early.
-            let wait = next_tick.saturating_duration_since(now);
-            let ms = (wait.as_micros().div_ceil(1000)).min(u16::MAX as u128) as u16;
-            let n = match self.ep.wait(&mut events, ms) {
-                Ok(n) => n,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => {
-                    tracing::error!(%addr, error = %e, "epoll_wait failed; UDP relay stopped");
-                    return;
-                }
-            };
-            let now = self.now_ms();
-            let mut woken = false;
-            for ev in &events[..n] {
-                match ev.data() {
-                    PARENT => self.relay_clients(now),
-                    WAKE => woken = true,
-                    idx => self.relay_replies(idx as usize, now),
-                }
-            }
-            self.flush_replies();
-            if woken {
-                self.wake.clear();
-                if self.wake.stop.load(Relaxed) {
-                    return;
-                }
-                while let Ok(r) = dial_rx.try_recv() {
-                    self.dialed(r);
-                }
-            }
-        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -1253,19 +1072,8 @@ impl Relay {
         tracing::warn!(addr = %self.addr, spec = %self.spec, suppressed, "{what}: {why}");
     }
 
-    /// Datagrams from clients: batches from the parent socket until one
-    /// comes back short (the queue is empty) or [`PARENT_BATCHES`] were
-    /// read (epoll, level-triggered, reports the rest again).
+    /// Datagrams from clients: one batch from the parent socket.
     fn relay_clients(&mut self, now: u64) {
-        for _ in 0..PARENT_BATCHES {
-            if self.relay_clients_batch(now) < BATCH {
-                break;
-            }
-        }
-    }
-
-    /// One batch from the parent socket; returns its size.
-    fn relay_clients_batch(&mut self, now: u64) -> usize {
         let n = match self.batch.recv(self.parent.as_raw_fd()) {
             Ok(n) => n,
             Err(e) => {
@@ -1273,7 +1081,7 @@ impl Relay {
                 if e.raw_os_error() != Some(libc::ECONNREFUSED) {
                     self.warn("receiving on the published socket failed", &e);
                 }
-                return 0;
+                return;
             }
         };
         let mut i = 0;
@@ -1323,7 +1131,6 @@ impl Relay {
             self.send_to_child(idx, i..end);
             i = end;
         }
-        n
     }
 
     /// Sends datagrams `range` of the batch to flow `idx`'s child socket,
@@ -1392,8 +1199,7 @@ impl Relay {
         }
         let (dialer, spec, tx) = (self.dialer.clone(), self.spec.clone(), self.dial_tx.clone());
         let ipv6 = self.addr.is_ipv6();
-        let wake = self.wake.clone();
-        self.rt.spawn(async move {
+        tokio::spawn(async move {
             let r = match tokio::time::timeout(DIAL_TIMEOUT, dialer.dial_udp(&spec, ipv6)).await {
                 Ok(r) => r,
                 Err(_) => Err(DialFailure {
@@ -1402,7 +1208,6 @@ impl Relay {
                 }),
             };
             let _ = tx.send((idx, id, r));
-            wake.wake();
         });
     }
 
@@ -1417,6 +1222,8 @@ impl Relay {
                 let _ = prepare(sock.as_fd());
                 if let Err(e) = self
                     .ep
+                    .get_ref()
+                    .0
                     .add(&sock, EpollEvent::new(EpollFlags::EPOLLIN, idx as u64))
                 {
                     self.dial_failed(idx, &format!("epoll: {e}"));
@@ -1493,74 +1300,55 @@ impl Relay {
         }
     }
 
-    /// Replies from the child: what is queued on flow `idx`'s socket, read
-    /// into the reply batch behind the other flows' replies of this
-    /// wake-up ([`Relay::flush_replies`] sends them).
+    /// Replies from the child: one batch from flow `idx`'s socket.
     fn relay_replies(&mut self, idx: usize, now: u64) {
-        loop {
-            if self.reply_fill == BATCH {
-                self.flush_replies();
-            }
-            let first = self.reply_fill;
-            let Some(flow) = self.flows.get_mut(idx) else {
+        let Some(flow) = self.flows.get_mut(idx) else {
+            return;
+        };
+        let FlowState::Ready { sock, drops } = &mut flow.state else {
+            return;
+        };
+        let fd = sock.as_raw_fd();
+        let n = match self.batch.recv(fd) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
+                // ICMP port unreachable for a datagram we sent: nothing
+                // listens at the target in the child.
+                self.stats.lost(Loss::Unreachable, 1);
                 return;
-            };
-            let FlowState::Ready { sock, drops } = &mut flow.state else {
+            }
+            Err(e) => {
+                self.warn("receiving from the child failed", &e);
                 return;
-            };
-            let n = match self.replies.recv_at(sock.as_raw_fd(), first) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
-                    // ICMP port unreachable for a datagram we sent: nothing
-                    // listens at the target in the child.
-                    self.stats.lost(Loss::Unreachable, 1);
-                    return;
-                }
-                Err(e) => {
-                    self.warn("receiving from the child failed", &e);
-                    return;
-                }
-            };
-            let mut newest = None;
-            for i in first..first + n {
-                if let Some(d) = self.replies.ancillary(i).drops {
-                    newest = Some(d);
-                }
             }
-            if let Some(d) = newest {
-                let new = drops.update(d);
-                self.stats.lost(Loss::ChildRxQueueOverflow, new);
-            }
-            let from = if self.pktinfo { flow.local } else { None };
-            for i in first..first + n {
-                self.replies.set_dest(i, &flow.client, from);
-            }
-            self.reply_fill = first + n;
-            self.flows.touch(idx, now);
-            if first + n < BATCH {
-                return; // a short batch: the socket's queue is empty
+        };
+        let mut newest = None;
+        for i in 0..n {
+            if let Some(d) = self.batch.ancillary(i).drops {
+                newest = Some(d);
             }
         }
-    }
-
-    /// Sends the gathered replies through the parent socket, each to its
-    /// client, with as few sendmmsg calls as errors allow.
-    fn flush_replies(&mut self) {
-        let n = std::mem::take(&mut self.reply_fill);
+        if let Some(d) = newest {
+            let new = drops.update(d);
+            self.stats.lost(Loss::ChildRxQueueOverflow, new);
+        }
+        let (client, local) = (flow.client.clone(), flow.local);
+        self.flows.touch(idx, now);
+        let from = if self.pktinfo { local } else { None };
         let parent = self.parent.as_raw_fd();
         // Truncation cannot happen (buffers exceed any payload); count it
         // should the kernel say otherwise, and send the rest.
         let mut start = 0;
         while start < n {
             let mut end = start;
-            while end < n && !self.replies.truncated(end) {
+            while end < n && !self.batch.truncated(end) {
                 end += 1;
             }
             let mut s = start;
             while s < end {
-                let (sent, err) = self.replies.send_each(parent, s..end);
-                let bytes: usize = (s..s + sent).map(|i| self.replies.len(i)).sum();
+                let (sent, err) = self.batch.send(parent, s..end, Some(&client), from);
+                let bytes: usize = (s..s + sent).map(|i| self.batch.len(i)).sum();
                 self.stats.delivered(1, sent as u64, bytes as u64);
                 s += sent;
                 if let Some(e) = err {
