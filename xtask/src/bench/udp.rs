@@ -12,7 +12,8 @@
 //!
 //! Method: the servers (a counting sink and an echo server, one thread
 //! each, plain recv/send) run inside the child namespace of each system:
-//! the bench's child namespace for direct, the forwarder and pasta,
+//! the bench's child namespace for direct and the forwarder, a namespace
+//! of its own for pasta (the TCP workloads' pasta holds the bench's),
 //! RootlessKit's own child for RootlessKit (run as the unprivileged user
 //! `fwdtest`, `--port-driver=builtin`, ports added with `rootlessctl
 //! add-ports 127.0.0.1:P:T/udp`). *direct* runs the client inside the
@@ -462,8 +463,12 @@ fn forwarder(bin: &Path, ns: &Netns, name: &str, shared: &Arc<AtomicU64>) -> Res
     })
 }
 
-/// pasta attached to `ns`, forwarding UDP only.
-fn pasta(ns: &Netns, shared: &Arc<AtomicU64>) -> Result<System> {
+/// pasta forwarding UDP only, attached to a namespace of its own with its
+/// own servers: the main bench's TCP pasta already holds the bench's child
+/// namespace, and a second pasta there forwards nothing.
+fn pasta() -> Result<System> {
+    let ns = Netns::new(&format!("fwd-bench-udp-pasta-{}", std::process::id()))?;
+    let servers = servers(&ns.path())?;
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
     let mut cmd = Command::new("pasta");
     cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
@@ -480,11 +485,9 @@ fn pasta(ns: &Netns, shared: &Arc<AtomicU64>) -> Result<System> {
         client_ns: None,
         sink: local(ps),
         echo: local(pe),
-        servers: Servers {
-            stop: Arc::new(AtomicBool::new(false)),
-            received: shared.clone(),
-        },
-        _guards: vec![Box::new(p)],
+        servers,
+        // Dropped in order: pasta first, then its namespace.
+        _guards: vec![Box::new(p), Box::new(ns)],
     })
 }
 
@@ -514,7 +517,7 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
             Ok(s) => systems.push(s),
             Err(e) => res.not_run.push(("rootlesskit".into(), format!("{e:#}"))),
         }
-        match pasta(ns, &shared) {
+        match pasta() {
             Ok(s) => systems.push(s),
             Err(e) => res.not_run.push(("pasta".into(), format!("{e:#}"))),
         }
@@ -536,8 +539,11 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
             }
         })
         .collect();
-    for (name, why) in res.not_run.iter().chain(&res.no_echo) {
+    for (name, why) in &res.not_run {
         eprintln!("bench udp: {name}: not run: {why}");
+    }
+    for (name, why) in &res.no_echo {
+        eprintln!("bench udp: {name}: no echo runs: {why}");
     }
     res.systems = systems.iter().map(|s| s.name.clone()).collect();
     for size in SIZES {
@@ -714,6 +720,7 @@ impl UdpResults {
         for (name, why) in &self.no_echo {
             let _ = writeln!(md, "- {name}: no echo runs: {}", why.replace('\n', " "));
         }
+        let _ = writeln!(md);
     }
 }
 
