@@ -81,7 +81,7 @@ pub async fn echo_both_families(privilege: Privilege) {
         assert_eq!(ask(&c, b"to 127.0.0.2").await, b"to 127.0.0.2");
     })
     .await;
-    let st = f.stats();
+    let st = settled(&mut f);
     f.stop();
     let u = port_udp(&st, "5354:53/udp");
     assert_eq!(n(&u["flows_total"]), 3, "{st}");
@@ -126,7 +126,7 @@ pub async fn thousand_flows(privilege: Privilege) {
         }
     })
     .await;
-    let st = f.stats();
+    let st = settled(&mut f);
     f.stop();
     let u = port_udp(&st, "127.0.0.1:5353:53/udp");
     assert_eq!(n(&u["flows_total"]), FLOWS as u64, "{st}");
@@ -154,7 +154,7 @@ pub async fn largest_datagrams(privilege: Privilege) {
         }
     })
     .await;
-    let st = f.stats();
+    let st = settled(&mut f);
     f.stop();
     for spec in ["127.0.0.1:5353:53/udp", "[::1]:5353:53/udp"] {
         let u = port_udp(&st, spec);
@@ -206,13 +206,29 @@ pub async fn ipv6_fallback(privilege: Privilege) {
         }
     })
     .await;
-    let st = f.stats();
+    let st = settled(&mut f);
     f.stop();
     assert_eq!(
         n(&port_udp(&st, "[::1]:5353:53/udp")["dial_failures"]),
         0,
         "{st}"
     );
+}
+
+/// The forwarder's stats once its UDP counters stopped moving. The relay
+/// counts a datagram after the send that delivered it returns, so a client
+/// can hold its reply a moment before the counter shows it.
+fn settled(f: &mut Fwd) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = f.stats();
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        let st = f.stats();
+        if st["udp"] == last["udp"] || Instant::now() > deadline {
+            return st;
+        }
+        last = st;
+    }
 }
 
 /// Polls the forwarder's stats until `ok` holds for the port, or panics.
@@ -413,7 +429,7 @@ pub async fn rootlessctl_api(privilege: Privilege) {
     assert!(ok, "{out}");
     // The address is free again once removed (bind_in panics otherwise).
     drop(bind_in(&pair.parent, "127.0.0.1:5353", None));
-    let st = f.stats();
+    let st = settled(&mut f);
     f.stop();
     assert_eq!(n(&st["udp"]["datagrams_to_child"]), 1, "{st}");
     let _ = std::fs::remove_dir_all(&dir);

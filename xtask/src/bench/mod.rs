@@ -9,6 +9,10 @@
 //! - *latency*: 1-byte and 1 KiB ping-pong on one connection (`load.rs`);
 //! - *rate*: connect, 1-byte request/response, close, with 1 and 32
 //!   concurrent clients (`load.rs`);
+//! - *udp*: UDP datagrams, 64 B and 1,400 B: a one-way flood at fixed
+//!   offered rates and an echo rate from 32 flows, through the forwarder,
+//!   RootlessKit's builtin driver and pasta against direct (`udp.rs`, which
+//!   `cargo xtask bench-udp` also runs alone);
 //! - *scale*: 10,000 concurrent idle connections (each proven end to end
 //!   with a 1-byte echo, 64 being opened at a time), held while the
 //!   carrier's RSS and descriptors are read, then closed; the time to open
@@ -124,7 +128,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "scale,throughput,latency,rate,docker"
+        default_value = "scale,throughput,latency,rate,udp,docker"
     )]
     workloads: Vec<Workload>,
     /// Idle connections of the scale workload.
@@ -145,6 +149,7 @@ pub enum Workload {
     Rate,
     /// Rootless Docker: RootlessKit's builtin driver against forwarder.
     Docker,
+    Udp,
 }
 
 /// Where iperf3's client and server run during a throughput run.
@@ -306,6 +311,8 @@ pub struct Results {
     pub fwd_stats: Vec<(&'static str, Value)>,
     /// The rootless Docker workload.
     pub docker: Option<docker::DockerResults>,
+    /// The UDP workload.
+    pub udp: Option<udp::UdpResults>,
 }
 
 /// The first two CPUs we may run on, for `iperf3 -A client,server`.
@@ -763,6 +770,17 @@ fn run_inner(args: &Args) -> Result<()> {
     }
     if plan.has(Workload::Rate) {
         rate(&plan, &ns, &systems, &mut res)?;
+    }
+    if plan.has(Workload::Udp) {
+        eprintln!("bench: udp");
+        let udp_plan = udp::UdpPlan {
+            secs: if args.quick { 1 } else { 2 },
+            reps: plan.reps,
+            rates: udp::RATES.to_vec(),
+            peers: !args.no_peers,
+            compare_bin: None,
+        };
+        res.udp = Some(udp::measure(&udp_plan, &ns, &bin)?);
     }
     // Scale last: a peer that runs out of descriptors may not recover
     // (RootlessKit's listener stops accepting), which must not cost it the

@@ -301,6 +301,11 @@ impl Report<'_> {
                 ));
             }
         }
+        if let Some(u) = &self.res.udp {
+            for (what, x, bound) in u.targets() {
+                t.push(Target::at_least(what, x, "x", bound));
+            }
+        }
         if self.plan.has(Workload::Scale) {
             let held = self
                 .res
@@ -416,6 +421,9 @@ impl Report<'_> {
         } else {
             Value::Null
         };
+        if let Some(u) = &self.res.udp {
+            u.render(&mut md, "##");
+        }
         let scale_json = if plan.has(Workload::Scale) {
             self.render_scale(&mut md)?
         } else {
@@ -483,6 +491,7 @@ impl Report<'_> {
             "connection_rate": rate_json,
             "scale": scale_json,
             "rootless_docker": docker_json,
+            "udp": self.res.udp,
             "resources": res_json,
             "forwarder_stats": self
                 .res

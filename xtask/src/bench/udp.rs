@@ -1,6 +1,7 @@
-//! `cargo xtask bench-udp`: UDP through the forwarder against direct
-//! loopback in the child, RootlessKit's builtin driver and pasta, in one
-//! run on one machine:
+//! UDP through the forwarder against direct loopback in the child,
+//! RootlessKit's builtin driver and pasta, in one run on one machine: the
+//! `udp` workload of `cargo xtask bench`, and `cargo xtask bench-udp`, which
+//! runs it alone (a quick alias that writes `bench/results/udp.md`).
 //!
 //! - *flood*: one flow sends 64-byte or 1,400-byte datagrams one way at
 //!   fixed offered rates for a few seconds; a sink in the child counts what
@@ -11,20 +12,25 @@
 //!
 //! Method: the servers (a counting sink and an echo server, one thread
 //! each, plain recv/send) run inside the child namespace of each system:
-//! the bench's own throw-away namespace `fwd-bench-udp-<pid>` for direct,
-//! the forwarder and pasta, RootlessKit's own child for RootlessKit (run as
-//! the unprivileged user `fwdtest`, `--port-driver=builtin`, ports added
-//! with `rootlessctl add-ports 127.0.0.1:P:T/udp`). *direct* runs the
-//! client inside the child too (the ceiling). The forwarder runs as root
-//! with `--child-netns` (`-p 127.0.0.1:P:T/udp`), pasta with `-u
-//! 127.0.0.1/P:T`. Systems are interleaved per repetition; figures are
-//! medians. Writes `bench/results/udp.md`. Every process is stopped by its
-//! PID; traffic stays on loopback in namespaces the bench made.
+//! the bench's child namespace for direct and the forwarder, a namespace
+//! of its own for pasta (the TCP workloads' pasta holds the bench's),
+//! RootlessKit's own child for RootlessKit (run as the unprivileged user
+//! `fwdtest`, `--port-driver=builtin`, ports added with `rootlessctl
+//! add-ports 127.0.0.1:P:T/udp`). *direct* runs the client inside the
+//! child too (the ceiling). The forwarder runs as root with
+//! `--child-netns` (`-p 127.0.0.1:P:T/udp`), pasta with `-u
+//! 127.0.0.1/P:T`. A system whose echo port does not answer a probe
+//! is left out of the echo runs with the reason (pasta 2023-03 forwards
+//! datagrams in but loses every reply). Systems are interleaved per
+//! repetition; figures are medians with min-max, ratios medians of
+//! per-repetition ratios. `--compare-bin` adds a second forwarder binary
+//! (A/B of a change in one run). Every process is stopped by its PID;
+//! traffic stays on loopback in namespaces the bench made.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,7 +43,7 @@ use crate::util::{build_forwarder, die_with_parent, output, Forwarder, Netns, Pr
 #[derive(clap::Args)]
 pub struct UdpArgs {
     /// Seconds per run.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     secs: u64,
     /// Repetitions (medians are reported).
     #[arg(long, default_value_t = 3)]
@@ -48,6 +54,58 @@ pub struct UdpArgs {
     /// Leave out RootlessKit and pasta.
     #[arg(long)]
     no_peers: bool,
+    /// Also run this forwarder binary, as system `forwarder-b` (A/B).
+    #[arg(long)]
+    compare_bin: Option<PathBuf>,
+}
+
+/// What the UDP workload runs.
+pub struct UdpPlan {
+    pub secs: u64,
+    pub reps: u32,
+    pub rates: Vec<u64>,
+    pub peers: bool,
+    pub compare_bin: Option<PathBuf>,
+}
+
+/// The default offered rates of the flood.
+pub const RATES: [u64; 3] = [50_000, 200_000, 1_000_000];
+/// Payload sizes.
+pub const SIZES: [usize; 2] = [64, 1400];
+
+/// One run of one system.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Sample {
+    /// Datagrams received (flood) or echoed (echo) per second.
+    pub per_s: f64,
+    /// Flood: datagrams sent; echo: datagrams answered.
+    pub sent: u64,
+    /// Flood: datagrams the sink received; echo: unanswered datagrams.
+    pub got_or_lost: u64,
+}
+
+/// One row of the table: a payload size and a workload, every system's
+/// runs in system order.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub size: usize,
+    /// The flood's offered rate; None: echo from 32 flows.
+    pub rate: Option<u64>,
+    pub runs: Vec<Vec<Sample>>,
+}
+
+/// Everything the UDP workload measured.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UdpResults {
+    pub secs: u64,
+    pub reps: u32,
+    /// Systems that ran, in column order (direct first).
+    pub systems: Vec<String>,
+    /// Systems that could not start, with the reason.
+    pub not_run: Vec<(String, String)>,
+    /// Systems left out of the echo runs, with the reason.
+    pub no_echo: Vec<(String, String)>,
+    pub rows: Vec<Row>,
 }
 
 const SINK: u16 = 9001;
@@ -199,8 +257,14 @@ fn flood(ns: Option<String>, to: SocketAddr, size: usize, rate: u64, secs: u64) 
     .map_err(|_| anyhow::anyhow!("flood thread panicked"))?
 }
 
-/// 32 flows ping-ponging with `to` for `secs`: (echoes per second, lost).
-fn echo_rate(ns: Option<String>, to: SocketAddr, size: usize, secs: u64) -> Result<(f64, u64)> {
+/// 32 flows ping-ponging with `to` for `secs`: (echoes per second,
+/// echoes, lost).
+fn echo_rate(
+    ns: Option<String>,
+    to: SocketAddr,
+    size: usize,
+    secs: u64,
+) -> Result<(f64, u64, u64)> {
     thread_in(ns, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -238,7 +302,7 @@ fn echo_rate(ns: Option<String>, to: SocketAddr, size: usize, secs: u64) -> Resu
                 ok += o;
                 lost += l;
             }
-            Ok((ok as f64 / t0.elapsed().as_secs_f64(), lost))
+            Ok((ok as f64 / t0.elapsed().as_secs_f64(), ok, lost))
         })
     })
     .join()
@@ -341,53 +405,53 @@ fn probe(sys: &System) -> Result<()> {
         s.connect(to)?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
         let mut b = [0u8; 8];
-        for _ in 0..50 {
+        for _ in 0..25 {
             let _ = s.send(b"probe");
             if s.recv(&mut b).is_ok() {
                 return Ok(());
             }
         }
-        bail!("no echo from {to}")
+        bail!("no echo from {to} within 5 s")
     })
     .join()
     .map_err(|_| anyhow::anyhow!("probe panicked"))?
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
+/// Waits until `sys`'s sink counts a datagram.
+fn probe_sink(sys: &System) -> Result<()> {
+    for _ in 0..25 {
+        let before = sys.servers.received.load(Ordering::Relaxed);
+        let (ns, to) = (sys.client_ns.clone(), sys.sink);
+        thread_in(ns, move || {
+            let s = UdpSocket::bind("127.0.0.1:0")?;
+            let _ = s.send_to(b"probe", to);
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("probe panicked"))??;
+        std::thread::sleep(Duration::from_millis(200));
+        if sys.servers.received.load(Ordering::Relaxed) > before {
+            return Ok(());
+        }
     }
-    v[v.len() / 2]
+    bail!("nothing reached the sink through {} within 5 s", sys.sink)
 }
 
-pub fn run(args: &UdpArgs) -> Result<()> {
-    crate::setup::run()?;
-    let bin = build_forwarder()?;
-    let child = Netns::new(&format!("fwd-bench-udp-{}", std::process::id()))?;
-    let mut systems = Vec::new();
-    systems.push(System {
-        name: "direct".into(),
-        client_ns: Some(child.path()),
-        sink: local(SINK),
-        echo: local(ECHO),
-        servers: servers(&child.path())?,
-        _guards: Vec::new(),
-    });
-    let shared = systems[0].servers.received.clone();
+/// A forwarder publishing the sink and the echo server of `ns`.
+fn forwarder(bin: &Path, ns: &Netns, name: &str, shared: &Arc<AtomicU64>) -> Result<System> {
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
     let fwd_args: Vec<String> = [
         "--child-netns".to_string(),
-        child.path(),
+        ns.path(),
         "-p".into(),
         format!("127.0.0.1:{ps}:{SINK}/udp"),
         "-p".into(),
         format!("127.0.0.1:{pe}:{ECHO}/udp"),
     ]
     .into();
-    let fwd = Forwarder::start(&bin, &fwd_args, true, "forwarder")?;
-    systems.push(System {
-        name: "forwarder".into(),
+    let fwd = Forwarder::start(bin, &fwd_args, true, name)?;
+    Ok(System {
+        name: name.into(),
         client_ns: None,
         sink: local(ps),
         echo: local(pe),
@@ -396,112 +460,311 @@ pub fn run(args: &UdpArgs) -> Result<()> {
             received: shared.clone(),
         },
         _guards: vec![Box::new(fwd)],
-    });
-    if !args.no_peers {
+    })
+}
+
+/// pasta forwarding UDP only, attached to a namespace of its own with its
+/// own servers: the main bench's TCP pasta already holds the bench's child
+/// namespace, and a second pasta there forwards nothing.
+fn pasta() -> Result<System> {
+    let ns = Netns::new(&format!("fwd-bench-udp-pasta-{}", std::process::id()))?;
+    let servers = servers(&ns.path())?;
+    let (ps, pe) = (free_udp_port()?, free_udp_port()?);
+    let mut cmd = Command::new("pasta");
+    cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
+        .args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
+        .args(["-u", &format!("127.0.0.1/{pe}:{ECHO}")])
+        .args(["-t", "none", "-T", "none", "-U", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd, libc::SIGTERM);
+    let p = Proc::spawn(&mut cmd, "pasta")?;
+    Ok(System {
+        name: "pasta".into(),
+        client_ns: None,
+        sink: local(ps),
+        echo: local(pe),
+        servers,
+        // Dropped in order: pasta first, then its namespace.
+        _guards: vec![Box::new(p), Box::new(ns)],
+    })
+}
+
+/// Runs the UDP workload with its servers in `ns` (which must not already
+/// use UDP ports 9001 and 9002).
+pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
+    let mut res = UdpResults {
+        secs: plan.secs,
+        reps: plan.reps,
+        ..Default::default()
+    };
+    let mut systems = vec![System {
+        name: "direct".into(),
+        client_ns: Some(ns.path()),
+        sink: local(SINK),
+        echo: local(ECHO),
+        servers: servers(&ns.path())?,
+        _guards: Vec::new(),
+    }];
+    let shared = systems[0].servers.received.clone();
+    systems.push(forwarder(bin, ns, "forwarder", &shared)?);
+    if let Some(b) = &plan.compare_bin {
+        systems.push(forwarder(b, ns, "forwarder-b", &shared)?);
+    }
+    if plan.peers {
         match rootlesskit() {
             Ok(s) => systems.push(s),
-            Err(e) => eprintln!("rootlesskit: not run: {e:#}"),
+            Err(e) => res.not_run.push(("rootlesskit".into(), format!("{e:#}"))),
         }
-        let (ps, pe) = (free_udp_port()?, free_udp_port()?);
-        let mut cmd = Command::new("pasta");
-        cmd.args(["--netns", &child.path(), "-f", "-q", "--runas", "0"])
-            .args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
-            .args(["-u", &format!("127.0.0.1/{pe}:{ECHO}")])
-            .args(["-t", "none", "-T", "none", "-U", "none"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_parent(&mut cmd, libc::SIGTERM);
-        match Proc::spawn(&mut cmd, "pasta") {
-            Ok(p) => systems.push(System {
-                name: "pasta".into(),
-                client_ns: None,
-                sink: local(ps),
-                echo: local(pe),
-                servers: Servers {
-                    stop: Arc::new(AtomicBool::new(false)),
-                    received: shared.clone(),
-                },
-                _guards: vec![Box::new(p)],
-            }),
-            Err(e) => eprintln!("pasta: not run: {e:#}"),
+        match pasta() {
+            Ok(s) => systems.push(s),
+            Err(e) => res.not_run.push(("pasta".into(), format!("{e:#}"))),
         }
     }
-    systems.retain(|s| match probe(s) {
+    systems.retain(|s| match probe_sink(s) {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("{}: not run: {e:#}", s.name);
+            res.not_run.push((s.name.clone(), format!("{e:#}")));
             false
         }
     });
+    let echoes: Vec<bool> = systems
+        .iter()
+        .map(|s| match probe(s) {
+            Ok(()) => true,
+            Err(e) => {
+                res.no_echo.push((s.name.clone(), format!("{e:#}")));
+                false
+            }
+        })
+        .collect();
+    for (name, why) in &res.not_run {
+        eprintln!("bench udp: {name}: not run: {why}");
+    }
+    for (name, why) in &res.no_echo {
+        eprintln!("bench udp: {name}: no echo runs: {why}");
+    }
+    res.systems = systems.iter().map(|s| s.name.clone()).collect();
+    for size in SIZES {
+        for &rate in &plan.rates {
+            let mut runs = vec![Vec::new(); systems.len()];
+            for _ in 0..plan.reps {
+                crate::util::check_interrupted()?;
+                for (k, s) in systems.iter().enumerate() {
+                    let before = s.servers.received.load(Ordering::Relaxed);
+                    let sent = flood(s.client_ns.clone(), s.sink, size, rate, plan.secs)?;
+                    std::thread::sleep(Duration::from_millis(300));
+                    let got = s.servers.received.load(Ordering::Relaxed) - before;
+                    runs[k].push(Sample {
+                        per_s: got as f64 / plan.secs as f64,
+                        sent,
+                        got_or_lost: got,
+                    });
+                }
+            }
+            eprintln!("bench udp: {size} B flood at {rate}/s done");
+            res.rows.push(Row {
+                size,
+                rate: Some(rate),
+                runs,
+            });
+        }
+        let mut runs = vec![Vec::new(); systems.len()];
+        for _ in 0..plan.reps {
+            crate::util::check_interrupted()?;
+            for (k, s) in systems.iter().enumerate() {
+                if !echoes[k] {
+                    continue;
+                }
+                let (r, ok, lost) = echo_rate(s.client_ns.clone(), s.echo, size, plan.secs)?;
+                runs[k].push(Sample {
+                    per_s: r,
+                    sent: ok,
+                    got_or_lost: lost,
+                });
+            }
+        }
+        eprintln!("bench udp: {size} B echo done");
+        res.rows.push(Row {
+            size,
+            rate: None,
+            runs,
+        });
+    }
+    drop(systems);
+    Ok(res)
+}
+
+impl UdpResults {
+    fn col(&self, name: &str) -> Option<usize> {
+        self.systems.iter().position(|s| s == name)
+    }
+
+    fn per_s(&self, row: &Row, name: &str) -> Vec<f64> {
+        self.col(name)
+            .map(|k| row.runs[k].iter().map(|x| x.per_s).collect())
+            .unwrap_or_default()
+    }
+
+    /// Median of per-repetition ratios of `a` to `b` in `row`.
+    pub fn ratio(&self, row: &Row, a: &str, b: &str) -> Option<f64> {
+        let (x, y) = (self.per_s(row, a), self.per_s(row, b));
+        if x.is_empty() || x.len() != y.len() {
+            return None;
+        }
+        let r = super::ratio(&x, &y);
+        r.is_finite().then_some(r)
+    }
+
+    fn workload(row: &Row) -> String {
+        match row.rate {
+            Some(r) => format!("flood at {r}/s"),
+            None => format!("echo, {FLOWS} flows"),
+        }
+    }
+
+    /// The targets: forwarder >= 2x RootlessKit and >= 0.5x direct in
+    /// datagrams per second, for the echo and the fastest flood, each size:
+    /// (what, figure, bound).
+    pub fn targets(&self) -> Vec<(String, Option<f64>, f64)> {
+        let mut t = Vec::new();
+        let top = self.rows.iter().filter_map(|r| r.rate).max();
+        for row in &self.rows {
+            if row.rate.is_some() && row.rate != top {
+                continue;
+            }
+            let w = Self::workload(row);
+            for (other, bound) in [("rootlesskit", 2.0), ("direct", 0.5)] {
+                t.push((
+                    format!("UDP {} B {w}, datagrams/s, forwarder x {other}", row.size),
+                    self.ratio(row, "forwarder", other),
+                    bound,
+                ));
+            }
+        }
+        t
+    }
+
+    /// The Markdown table (a heading at `level`) and notes.
+    pub fn render(&self, md: &mut String, level: &str) {
+        let _ = writeln!(
+            md,
+            "{level} UDP\n\n{} s per run, {} repetitions interleaved; datagrams per second \
+             received by the sink (flood: loss = 1 - received/sent) or echoed (echo from \
+             {FLOWS} flows, one datagram in flight each); median (min-max). Ratios are \
+             medians of per-repetition ratios.\n",
+            self.secs, self.reps
+        );
+        let mut cols: Vec<String> = self.systems.clone();
+        for other in ["rootlesskit", "direct"] {
+            if self.col(other).is_some() && self.col("forwarder").is_some() {
+                cols.push(format!("forwarder / {other}"));
+            }
+        }
+        if self.col("forwarder-b").is_some() {
+            cols.push("forwarder / forwarder-b".into());
+        }
+        let _ = writeln!(md, "| payload | workload | {} |", cols.join(" | "));
+        let _ = writeln!(md, "|---|---|{}", "---|".repeat(cols.len()));
+        for row in &self.rows {
+            let mut cells = Vec::new();
+            for (k, runs) in row.runs.iter().enumerate() {
+                if runs.is_empty() {
+                    let why = self
+                        .no_echo
+                        .iter()
+                        .find(|(n, _)| *n == self.systems[k])
+                        .map_or("not run", |_| "no echo (see below)");
+                    cells.push(why.to_string());
+                    continue;
+                }
+                let v: Vec<f64> = runs.iter().map(|x| x.per_s).collect();
+                let (lo, hi) = super::min_max(&v);
+                let mut c = format!("{:.0} ({lo:.0}-{hi:.0})", super::median(&v));
+                match row.rate {
+                    Some(_) => {
+                        let loss: Vec<f64> = runs
+                            .iter()
+                            .map(|x| 100.0 * (1.0 - x.got_or_lost as f64 / x.sent.max(1) as f64))
+                            .collect();
+                        let _ = write!(c, ", loss {:.1}%", super::median(&loss));
+                    }
+                    None => {
+                        let lost: u64 = runs.iter().map(|x| x.got_or_lost).sum();
+                        let _ = write!(c, ", {lost} lost");
+                    }
+                }
+                cells.push(c);
+            }
+            for other in ["rootlesskit", "direct", "forwarder-b"] {
+                if self.col(other).is_some() && self.col("forwarder").is_some() {
+                    cells.push(
+                        self.ratio(row, "forwarder", other)
+                            .map_or("n/a".into(), |r| format!("{r:.2}x")),
+                    );
+                }
+            }
+            let _ = writeln!(
+                md,
+                "| {} B | {} | {} |",
+                row.size,
+                Self::workload(row),
+                cells.join(" | ")
+            );
+        }
+        let _ = writeln!(md);
+        for (name, why) in &self.not_run {
+            let _ = writeln!(md, "- {name}: not run: {}", why.replace('\n', " "));
+        }
+        for (name, why) in &self.no_echo {
+            let _ = writeln!(md, "- {name}: no echo runs: {}", why.replace('\n', " "));
+        }
+        let _ = writeln!(md);
+    }
+}
+
+/// `cargo xtask bench-udp`: the UDP workload alone.
+pub fn run(args: &UdpArgs) -> Result<()> {
+    crate::setup::run()?;
+    crate::util::catch_interrupts();
+    let bin = build_forwarder()?;
+    let ns = Netns::new(&format!("fwd-bench-udp-{}", std::process::id()))?;
+    let plan = UdpPlan {
+        secs: args.secs,
+        reps: args.reps,
+        rates: args.rates.clone(),
+        peers: !args.no_peers,
+        compare_bin: args.compare_bin.clone(),
+    };
+    let res = measure(&plan, &ns, &bin)?;
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "UDP, {} s per run, median of {} repetitions (`cargo xtask bench-udp`)\n",
-        args.secs, args.reps
+        "`cargo xtask {}`, {}\n",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+                .output()?
+                .stdout
+        )
+        .trim()
     );
-    let _ = writeln!(
-        md,
-        "| payload | workload | {} |",
-        systems
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect::<Vec<_>>()
-            .join(" | ")
-    );
-    let _ = writeln!(md, "|---|---|{}", "---|".repeat(systems.len()));
-    for size in [64usize, 1400] {
-        for &rate in &args.rates {
-            let mut cells = vec![Vec::new(); systems.len()];
-            for _ in 0..args.reps {
-                for (k, s) in systems.iter().enumerate() {
-                    let before = s.servers.received.load(Ordering::Relaxed);
-                    let sent = flood(s.client_ns.clone(), s.sink, size, rate, args.secs)?;
-                    std::thread::sleep(Duration::from_millis(300));
-                    let got = s.servers.received.load(Ordering::Relaxed) - before;
-                    cells[k].push((got as f64 / args.secs as f64, sent, got));
-                }
-            }
-            let row: Vec<String> = cells
-                .into_iter()
-                .map(|c| {
-                    let per_s = median(c.iter().map(|x| x.0).collect());
-                    let loss = median(
-                        c.iter()
-                            .map(|x| 100.0 * (1.0 - x.2 as f64 / (x.1.max(1)) as f64))
-                            .collect(),
-                    );
-                    format!("{:.0}/s, loss {loss:.1}%", per_s)
-                })
-                .collect();
-            let _ = writeln!(md, "| {size} B | flood at {rate}/s | {} |", row.join(" | "));
-        }
-        let mut cells = vec![Vec::new(); systems.len()];
-        let mut lost = vec![0u64; systems.len()];
-        for _ in 0..args.reps {
-            for (k, s) in systems.iter().enumerate() {
-                let (r, l) = echo_rate(s.client_ns.clone(), s.echo, size, args.secs)?;
-                cells[k].push(r);
-                lost[k] += l;
-            }
-        }
-        let meds: Vec<f64> = cells.into_iter().map(median).collect();
-        let direct = meds.first().copied().unwrap_or(f64::NAN);
-        let row: Vec<String> = meds
-            .iter()
-            .zip(&lost)
-            .map(|(m, l)| format!("{m:.0}/s ({:.2}x direct, {l} lost)", m / direct))
-            .collect();
-        let _ = writeln!(
-            md,
-            "| {size} B | echo, {FLOWS} flows | {} |",
-            row.join(" | ")
-        );
+    res.render(&mut md, "#");
+    let _ = writeln!(md, "\n## Targets\n");
+    for (what, fig, bound) in res.targets() {
+        let verdict = match fig {
+            Some(x) if x >= bound => "met",
+            Some(_) => "**missed**",
+            None => "not measured",
+        };
+        let fig = fig.map_or("n/a".into(), |x| format!("{x:.2}x"));
+        let _ = writeln!(md, "- {what}: {fig} (goal >= {bound}x): {verdict}");
     }
     println!("{md}");
     let path = crate::util::root().join("bench/results/udp.md");
     std::fs::write(&path, &md).with_context(|| format!("writing {}", path.display()))?;
-    drop(systems);
-    drop(child);
+    drop(ns);
     Ok(())
 }
