@@ -508,7 +508,9 @@ pub async fn shared_budget(privilege: Privilege) {
         no_reply(&gb, 1).await,
         "port b served a flow beyond the budget"
     );
-    let u = wait_udp(&mut f, ub, "no_slot counted", |u| u["drops"]["no_slot"] == 1);
+    let u = wait_udp(&mut f, ub, "no_slot counted", |u| {
+        u["drops"]["no_slot"] == 1
+    });
     assert_eq!(u["flows"], 0, "{u}");
     let err = f.wait_stderr("datagram from a new client dropped", Duration::from_secs(5));
     assert!(
@@ -543,7 +545,10 @@ pub async fn shared_budget(privilege: Privilege) {
                 break;
             }
         }
-        assert!(got.starts_with(b"b:"), "port b never served after slots freed: {got:?}");
+        assert!(
+            got.starts_with(b"b:"),
+            "port b never served after slots freed: {got:?}"
+        );
     })
     .await;
     let u = wait_udp(&mut f, ub, "a flow on b", |u| u["flows"] == 1);

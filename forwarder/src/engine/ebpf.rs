@@ -108,12 +108,24 @@ const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 /// Flow control: a direction whose backlog (bytes redirected but not yet
 /// in the peer's TCP send queue) exceeds this has its source's receive
-/// window clamped...
+/// window clamped, until the backlog is below half of it...
 const BACKLOG_HIGH: u64 = 32 << 20;
-/// ...until the backlog is below this.
-const BACKLOG_LOW: u64 = 16 << 20;
+/// ...but while the backlogs of all connections together exceed this, a
+/// direction is throttled from [`BACKLOG_SHARE`] on. The backlog's skbs
+/// are charged to no socket (the kernel's TCP memory limits do not see
+/// them), so without an engine-wide bound many busy connections could
+/// take the host's memory (100 connections streaming both ways held
+/// several GiB before this bound).
+const BACKLOG_TOTAL_HIGH: u64 = 64 << 20;
+/// A direction's threshold while the total is over [`BACKLOG_TOTAL_HIGH`].
+const BACKLOG_SHARE: u64 = 1 << 20;
 /// The clamp applied meanwhile (the kernel raises it to its minimum).
 const THROTTLE_CLAMP: u32 = 1;
+/// Receive window cap of both sockets from handoff on: bytes a sender may
+/// still send after its direction is throttled (the kernel never takes back
+/// a window it advertised), so what a throttled direction can add to its
+/// backlog. Enough for full speed on loopback and veth.
+const WINDOW_CAP: u32 = 4 << 20;
 
 /// Options of the ebpf engine.
 #[derive(Debug, Clone, Copy, Default)]
@@ -316,6 +328,9 @@ struct Inner {
     waiters: Mutex<HashMap<u64, Arc<Notify>>>,
     fallback: SpliceEngine,
     fallback_logged: std::sync::atomic::AtomicBool,
+    /// The sum of every direction's backlog as last measured by its
+    /// connection (see [`BACKLOG_TOTAL_HIGH`]).
+    backlog_total: std::sync::atomic::AtomicU64,
     /// Keeps the programs loaded and attached.
     _bpf: Mutex<Ebpf>,
 }
@@ -457,6 +472,7 @@ impl Loaded {
             waiters: Mutex::new(HashMap::new()),
             fallback: SpliceEngine::new(),
             fallback_logged: Default::default(),
+            backlog_total: Default::default(),
             _bpf: Mutex::new(bpf),
         });
         let dispatcher = tokio::spawn(dispatch(inner.clone()));
@@ -618,6 +634,9 @@ impl Inner {
                 sys::tcp_counters(socks[0].as_fd())?.queued(),
                 sys::tcp_counters(socks[1].as_fd())?.queued(),
             ];
+            for s in &socks {
+                sys::set_window_clamp(s.as_fd(), WINDOW_CAP)?;
+            }
             self.maps.insert(cookies, fds, port.id)?;
             Ok((cookies, base))
         })();
@@ -645,10 +664,17 @@ impl Inner {
             w.insert(cookies[0], notify.clone());
             w.insert(cookies[1], notify.clone());
         }
+        // This connection's share of the engine-wide backlog total.
+        let mut reported = [0u64; 2];
         let outcome = match self.watch(&socks, cookies) {
-            Ok(()) => self.supervise(&socks, cookies, base, &notify).await,
+            Ok(()) => {
+                self.supervise(&socks, cookies, base, &notify, &mut reported)
+                    .await
+            }
             Err(e) => Outcome::Reset(format!("cannot watch the sockets: {e}")),
         };
+        self.backlog_total
+            .fetch_sub(reported[0] + reported[1], Relaxed);
         {
             let mut w = lock(&self.waiters);
             w.remove(&cookies[0]);
@@ -703,13 +729,16 @@ impl Inner {
     /// Watches a connection until both FINs have been carried or a reset.
     /// Woken by FIN/error events on either socket and by the verdict's
     /// every-2-MiB events; polls with a backoff only while a direction is
-    /// draining or throttled.
+    /// draining or throttled, and every 20 ms while a backlog it reported
+    /// to the engine-wide total is not yet back to zero. `reported` holds
+    /// what it added to that total, for the caller to take back.
     async fn supervise(
         &self,
         socks: &[std::net::TcpStream; 2],
         cookies: [u64; 2],
         base: [u64; 2],
         notify: &Notify,
+        reported: &mut [u64; 2],
     ) -> Outcome {
         let fd = |i: usize| -> BorrowedFd<'_> { socks[i].as_fd() };
         // fin_sent[j]: direction (1-j) -> j is finished, FIN sent to side j.
@@ -755,17 +784,33 @@ impl Inner {
                 let queued_j = cj.queued().saturating_sub(base[j]);
                 let backlog = peer.bytes.saturating_sub(queued_j);
                 tracing::trace!(side = i, backlog, "backlog");
+                // Keep the engine-wide total current.
+                if backlog != reported[i] {
+                    if backlog > reported[i] {
+                        self.backlog_total.fetch_add(backlog - reported[i], Relaxed);
+                    } else {
+                        self.backlog_total.fetch_sub(reported[i] - backlog, Relaxed);
+                    }
+                    reported[i] = backlog;
+                }
                 // Flow control: the kernel queues redirected bytes without
-                // limit, so slow the sender down by its receive window.
+                // limit, so slow the sender down by its receive window:
+                // from BACKLOG_HIGH on, or from BACKLOG_SHARE on while all
+                // connections together hold more than BACKLOG_TOTAL_HIGH.
+                let high = if self.backlog_total.load(Relaxed) > BACKLOG_TOTAL_HIGH {
+                    BACKLOG_SHARE
+                } else {
+                    BACKLOG_HIGH
+                };
                 match throttled[i] {
-                    None if backlog > BACKLOG_HIGH && !st[i].rdhup => {
+                    None if backlog > high && !st[i].rdhup => {
                         let old = sys::window_clamp(fd(i)).unwrap_or(u32::MAX / 2);
                         if sys::set_window_clamp(fd(i), THROTTLE_CLAMP).is_ok() {
                             tracing::trace!(side = i, backlog, "throttling the sender");
                             throttled[i] = Some(old);
                         }
                     }
-                    Some(old) if backlog <= BACKLOG_LOW => {
+                    Some(old) if backlog <= high / 2 => {
                         tracing::trace!(side = i, backlog, "releasing the sender");
                         let _ = sys::set_window_clamp(fd(i), old);
                         throttled[i] = None;
@@ -826,7 +871,16 @@ impl Inner {
             } else {
                 backoff = Duration::from_millis(1);
                 quick_checks = 0;
-                notify.notified().await;
+                if reported.iter().any(|&b| b > 0) {
+                    // The backlog drains without waking us: look again
+                    // soon, so the total does not keep a stale share.
+                    tokio::select! {
+                        _ = notify.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                } else {
+                    notify.notified().await;
+                }
             }
         }
     }
