@@ -1010,6 +1010,16 @@ fn killable_server(l: TcpListener, kill: watch::Receiver<bool>) -> tokio::task::
     })
 }
 
+/// Writes the stream `seed` until a write fails.
+async fn write_forever<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, seed: u64) -> io::Result<()> {
+    let mut p = Pattern::new(seed, u64::MAX);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = p.next_chunk(&mut buf).unwrap_or(0);
+        w.write_all(&buf[..n]).await?;
+    }
+}
+
 /// How one side of a client's traffic ended.
 type Ends = (io::Result<()>, io::Result<()>);
 
@@ -1019,16 +1029,7 @@ type Ends = (io::Result<()>, io::Result<()>);
 async fn both_ways(c: TcpStream, going: mpsc::UnboundedSender<()>) -> (Ends, u8) {
     let fd = std::os::fd::AsRawFd::as_raw_fd(&c);
     let (mut r, mut w) = c.into_split();
-    let writer = async {
-        let mut p = Pattern::new(13, u64::MAX);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = p.next_chunk(&mut buf).unwrap_or(0);
-            if let Err(e) = w.write_all(&buf[..n]).await {
-                return Err::<(), io::Error>(e);
-            }
-        }
-    };
+    let writer = write_forever(&mut w, 13);
     let reader = async {
         let mut expect = Pattern::new(9, u64::MAX);
         let mut at = 0u64;
