@@ -1121,6 +1121,7 @@ pub async fn server_restart(engine: &Engine) {
     .await;
     // Server down: each new client is reset at once.
     let fails0 = f.stats()["dial_failures"].as_u64().unwrap_or(0);
+    let warned0 = warnings(&f.stderr());
     let down = Instant::now();
     within(20, "dials while the server is down", async {
         for i in 0..10 {
@@ -1144,6 +1145,10 @@ pub async fn server_restart(engine: &Engine) {
     let needle = "dial in the child failed";
     let err = f.wait_stderr(needle, Duration::from_secs(5));
     let lines = err.matches(needle).count() as u64;
+    assert!(
+        warnings(&err) <= warned0 + lines as usize + 1,
+        "more warnings than the rate-limited dial failures:\n{err}"
+    );
     assert!(
         lines >= 1 && lines <= down_secs + 2,
         "{lines} log lines for 10 failed dials in {down_secs} s (expected once a second at most):\n{err}"
@@ -1181,6 +1186,14 @@ pub async fn server_restart(engine: &Engine) {
         "the forwarder exited"
     );
     finish(f).await;
+}
+
+/// Lines logged at WARN or ERROR level.
+fn warnings(stderr: &str) -> usize {
+    stderr
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .count()
 }
 
 /// How long `stalled_reader` stops reading: FWD_TEST_STALL_SECS, default
@@ -1333,6 +1346,7 @@ pub async fn stalled_reader(engine: &Engine) {
             .unwrap_or_default()
     };
     let (rss0, global0) = (f.rss_kib(), tcp_mem_bytes());
+    let warned0 = warnings(&f.stderr());
     let (mut rss_max, mut global_max, mut held_max, mut mem_max, mut samples) =
         (rss0, global0, 0u64, 0u64, 0u32);
     let t = Instant::now();
@@ -1371,6 +1385,9 @@ pub async fn stalled_reader(engine: &Engine) {
         rss_max < rss0 + 64 * 1024,
         "forwarder RSS grew from {rss0} KiB to {rss_max} KiB while a client did not read"
     );
+    // A client that does not read is no fault of the forwarder's: nothing
+    // to warn about.
+    assert_eq!(warnings(&f.stderr()), warned0, "{}", f.stderr());
     assert!(
         held_max < held_bound,
         "the forwarder held {} KiB for a client that did not read (bound {} KiB)",
@@ -1444,11 +1461,21 @@ pub async fn stop_under_load(engine: &Engine) {
             f.pid
         );
     }
+    let stderr = f.stderr_handle();
+    let warned0 = warnings(&f.stderr());
     let t = Instant::now();
     let st = tokio::task::spawn_blocking(move || f.stop())
         .await
         .expect("stop");
     let exited = t.elapsed();
+    // The reason is logged once; 120 connections torn down are not 120
+    // warnings.
+    let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
+    assert_eq!(err.matches("shutting down").count(), 1, "{err}");
+    assert!(
+        warnings(&err) <= warned0 + 1,
+        "warnings while stopping:\n{err}"
+    );
     assert_eq!(st["event"], "stats", "{st}");
     assert!(exited < Duration::from_secs(5), "exit took {exited:?}");
     // Every client connection ends within 5 s of the signal.
