@@ -1,6 +1,7 @@
 //! UDP ports in namespaces: echo over both families, many flows, the
 //! largest datagrams, the dial rules, idle expiry, the flow cap, a burst
-//! whose every lost datagram must be accounted for, and the port API, as
+//! whose every lost datagram must be accounted for, the port API, and the
+//! `--max-connections` budget UDP flows share with TCP connections, as
 //! root and as an unprivileged user dialing through the child-side agent.
 
 use std::collections::HashSet;
@@ -9,9 +10,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use forwarder_tests::udp::{self, bind_in, client_in, Sink};
-use forwarder_tests::{test_user, within, Fwd, Pair, Privilege};
+use forwarder_tests::{servers, test_user, within, Fwd, Pair, Privilege};
 use serde_json::Value;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 
 fn start(pair: &Pair, extra: &[&str], specs: &[&str]) -> Fwd {
     let mut args: Vec<&str> = extra.to_vec();
@@ -435,6 +437,144 @@ pub async fn rootlessctl_api(privilege: Privilege) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+async fn tcp_echo(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    within(5, "TCP echo", c.read_exact(&mut got))
+        .await
+        .expect("echo");
+    assert_eq!(got, msg);
+}
+
+/// Waits `secs` for a reply that must not come.
+async fn no_reply(c: &UdpSocket, secs: u64) -> bool {
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(secs), c.recv(&mut buf))
+        .await
+        .is_err()
+}
+
+/// `--max-connections` is one budget for TCP connections and UDP flows:
+/// with 8 slots, 5 TCP connections and 3 flows fill it. Then a sixth TCP
+/// client waits (not served), a new client of the UDP port that has flows
+/// takes the slot of its least recently active flow (evicted), and a new
+/// client of a UDP port without flows is dropped and counted as `no_slot`
+/// (logged), never blocking anything. Established TCP connections and the
+/// flows that kept their slots keep serving. When two TCP connections end,
+/// the waiting TCP client is served and the dropped UDP client gets a flow
+/// on its next datagram.
+pub async fn shared_budget(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    udp::whoami(bind_in(&pair.child, "127.0.0.1:53", None), "a");
+    udp::whoami(bind_in(&pair.child, "127.0.0.1:54", None), "b");
+    let (ua, ub) = ("127.0.0.1:5353:53/udp", "127.0.0.1:5354:54/udp");
+    let mut f = start(
+        &pair,
+        &["--max-connections", "8"],
+        &["127.0.0.1:8080:80", ua, ub],
+    );
+    let mut tcp = Vec::new();
+    within(20, "5 TCP connections", async {
+        for i in 0..5u8 {
+            let mut c = pair.client("127.0.0.1:8080").await;
+            tcp_echo(&mut c, &[i; 100]).await;
+            tcp.push(c);
+        }
+    })
+    .await;
+    let fa: Vec<UdpSocket> = (0..4)
+        .map(|_| client_in(&pair.parent, "127.0.0.1:5353"))
+        .collect();
+    let mut seen = Vec::new();
+    within(20, "3 flows", async {
+        for c in &fa[..3] {
+            seen.push(ask(c, b"x").await);
+        }
+    })
+    .await;
+    wait_udp(&mut f, ua, "3 flows", |u| u["flows"] == 3);
+    assert_eq!(f.stats()["active"].as_u64(), Some(5));
+    // TCP at the limit: the flows hold 3 of the 8 slots.
+    let mut waiting = pair.client("127.0.0.1:8080").await;
+    waiting.write_all(b"waiting").await.expect("write");
+    let mut b = [0u8; 7];
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), waiting.read_exact(&mut b))
+            .await
+            .is_err(),
+        "a sixth TCP connection was served while 3 UDP flows hold slots of --max-connections 8"
+    );
+    // A new client of port a: flow 0, the least recently active, gives up
+    // its slot.
+    within(10, "a fourth flow on a", async {
+        seen.push(ask(&fa[3], b"x").await);
+        assert_eq!(ask(&fa[1], b"x").await, seen[1], "flow 1 lost its socket");
+        assert_eq!(ask(&fa[2], b"x").await, seen[2], "flow 2 lost its socket");
+    })
+    .await;
+    let u = wait_udp(&mut f, ua, "flow 0 evicted", |u| u["evictions"] == 1);
+    assert_eq!(u["flows"], 3, "{u}");
+    assert_eq!(u["drops"]["no_slot"], 0, "{u}");
+    // A new client of port b, which has no flow to give up: dropped and
+    // counted, the relay goes on.
+    let gb = client_in(&pair.parent, "127.0.0.1:5354");
+    gb.send(b"y").await.expect("send");
+    assert!(
+        no_reply(&gb, 1).await,
+        "port b served a flow beyond the budget"
+    );
+    let u = wait_udp(&mut f, ub, "no_slot counted", |u| {
+        u["drops"]["no_slot"] == 1
+    });
+    assert_eq!(u["flows"], 0, "{u}");
+    let err = f.wait_stderr("datagram from a new client dropped", Duration::from_secs(5));
+    assert!(
+        err.contains("datagram from a new client dropped"),
+        "no log line for the dropped client: {err}"
+    );
+    assert!(err.contains("connection limit reached"), "{err}");
+    // Everything established keeps serving.
+    within(20, "established at the limit", async {
+        for (i, c) in tcp.iter_mut().enumerate() {
+            tcp_echo(c, &[i as u8 ^ 0x5a; 100]).await;
+        }
+        for (k, c) in fa[1..].iter().enumerate() {
+            assert_eq!(ask(c, b"x").await, seen[k + 1]);
+        }
+    })
+    .await;
+    // Two TCP connections end: the waiting one is served, and port b's
+    // client gets a flow on its next datagram.
+    drop(tcp.drain(..2));
+    within(10, "recovery", async {
+        waiting.read_exact(&mut b).await.expect("echo");
+        assert_eq!(&b, b"waiting");
+        let mut got = Vec::new();
+        for _ in 0..50 {
+            gb.send(b"z").await.expect("send");
+            let mut buf = vec![0u8; 2048];
+            if let Ok(Ok(k)) =
+                tokio::time::timeout(Duration::from_millis(200), gb.recv(&mut buf)).await
+            {
+                got = buf[..k].to_vec();
+                break;
+            }
+        }
+        assert!(
+            got.starts_with(b"b:"),
+            "port b never served after slots freed: {got:?}"
+        );
+    })
+    .await;
+    let u = wait_udp(&mut f, ub, "a flow on b", |u| u["flows"] == 1);
+    assert_eq!(u["drops"]["no_slot"], 1, "{u}");
+    let st = f.stats();
+    assert_eq!(st["active"].as_u64(), Some(4), "{st}");
+    drop((tcp, waiting));
+    f.stop();
+}
+
 macro_rules! suite {
     ($($name:ident: $privilege:ident;)*) => {$(
         mod $name {
@@ -458,6 +598,8 @@ macro_rules! suite {
             async fn burst_accounted() { super::burst_accounted(P).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn rootlessctl_api() { super::rootlessctl_api(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn shared_budget() { super::shared_budget(P).await }
         }
     )*};
 }

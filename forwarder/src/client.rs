@@ -260,7 +260,7 @@ pub async fn status(socket: &Path) -> Result<()> {
         if d.total() > 0 {
             println!(
                 "udp drops: rx queue {}, child rx queue {}, oversize {}, send error {}, \
-                 unreachable {}, evicted {}, expired {}, dial failed {}, dial backlog {}",
+                 unreachable {}, evicted {}, expired {}, dial failed {}, dial backlog {}, no slot {}",
                 d.rx_queue_overflow,
                 d.child_rx_queue_overflow,
                 d.oversize,
@@ -269,7 +269,8 @@ pub async fn status(socket: &Path) -> Result<()> {
                 d.evicted,
                 d.expired,
                 d.dial_failed,
-                d.dial_backlog
+                d.dial_backlog,
+                d.no_slot
             );
         }
     }

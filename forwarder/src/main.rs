@@ -145,9 +145,12 @@ struct RunArgs {
     /// rootlessctl, dockerd and nerdctl can add and remove ports.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
-    /// Connections carried at once; beyond it the forwarder stops accepting
-    /// (clients wait in the listen backlog) until one ends. Default: what
-    /// the descriptor limit allows, two per connection plus headroom.
+    /// TCP connections and UDP flows carried at once, one budget over all
+    /// ports. At the limit TCP stops accepting (clients wait in the listen
+    /// backlog) until a slot frees; a new UDP client evicts the least
+    /// recently active flow of its port, or is dropped (counted as
+    /// `no_slot`) if that port has none. Default: what the descriptor limit
+    /// allows, two per connection plus headroom.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     max_connections: Option<u32>,
     /// A UDP flow (one client address) with no datagram either way for this
@@ -155,7 +158,8 @@ struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
     udp_idle_timeout: std::time::Duration,
     /// Live UDP flows per published address; a new client beyond it evicts
-    /// the least recently active flow.
+    /// the least recently active flow. Flows also count against
+    /// --max-connections.
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     udp_max_flows: u32,

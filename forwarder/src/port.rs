@@ -128,8 +128,8 @@ struct Ctx {
     dialer: Arc<dyn Dial>,
     engine: Arc<dyn Engine>,
     udp: UdpOptions,
-    /// One permit per connection carried (`--max-connections`), over all
-    /// ports.
+    /// One permit per TCP connection carried and per live UDP flow
+    /// (`--max-connections`), over all ports.
     slots: Arc<Semaphore>,
     max_connections: usize,
 }
@@ -317,6 +317,7 @@ impl PortManager {
                     u.clone().unwrap_or_default(),
                     self.ctx.dialer.clone(),
                     self.ctx.udp,
+                    self.ctx.slots.clone(),
                 )),
             })
             .collect();
@@ -484,20 +485,33 @@ async fn accept_loop(
 ) {
     let mut last_warn: Option<std::time::Instant> = None;
     loop {
-        // A slot first: at the limit, stop accepting (clients wait in the
-        // backlog, established connections keep running) until one ends.
-        let slot = match ctx.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                limit_reached(ctx.max_connections);
-                match ctx.slots.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return, // closed: never happens
-                }
+        // At the limit, stop accepting (clients wait in the backlog,
+        // established connections keep running) until a slot frees. An
+        // idle listener holds no slot: the budget is shared with every
+        // other listener and with UDP flows, so the slot is taken only once
+        // a client is there.
+        if ctx.slots.available_permits() == 0 {
+            limit_reached(ctx.max_connections);
+            match ctx.slots.acquire().await {
+                Ok(p) => drop(p),
+                Err(_) => return, // closed: never happens
             }
-        };
+        }
         match listener.accept().await {
             Ok((sock, _client)) => {
+                // Another listener or a UDP flow may have taken the free
+                // slot meanwhile: this client then waits, accepted but not
+                // yet dialed, as it would have in the backlog.
+                let slot = match ctx.slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        limit_reached(ctx.max_connections);
+                        match ctx.slots.clone().acquire_owned().await {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        }
+                    }
+                };
                 tokio::spawn(handle(sock, spec.clone(), stats.clone(), ctx.clone(), slot));
             }
             Err(e) if sys::is_resource_exhaustion(&e) => {

@@ -657,7 +657,11 @@ mod tests {
         assert_eq!(r.ending, Ending::Requested);
         assert_eq!(r.ready.engine, engine::EngineKind::Copy, "{:?}", r.ready);
         assert_eq!(r.stats.total.connections, 1, "{:?}", r.stats);
-        assert_eq!(r.stats.total.active, 0, "taken after teardown: {:?}", r.stats);
+        assert_eq!(
+            r.stats.total.active, 0,
+            "taken after teardown: {:?}",
+            r.stats
+        );
         assert_eq!(r.map_thread_keeps, None);
         assert_eq!(eff & !(1 << 10), 0, "the thread kept {eff:#x}");
     }

@@ -3,7 +3,7 @@
 //! std/tokio do not offer. socket2 and nix make the calls wherever they
 //! cover one; custom code remains only for what neither has (the TCP_INFO
 //! prefix, SIOCOUTQ, FIONREAD on a pipe, TCP_WINDOW_CLAMP, SO_RCVLOWAT,
-//! pidfd_open) and for registering descriptors with tokio. Every unsafe
+//! poll with POLLRDHUP, pidfd_open) and for registering descriptors with tokio. Every unsafe
 //! block of the controller outside the UDP batch path lives here, each
 //! wrapped in a function that returns `io::Result`, so the engines' logic
 //! stays plain.
@@ -180,17 +180,19 @@ pub struct SockState {
 
 /// Polls sockets without blocking and reports their state.
 pub fn poll_states<const N: usize>(fds: [BorrowedFd<'_>; N]) -> io::Result<[SockState; N]> {
-    // nix names no POLLRDHUP (Linux 2.6.17): pass the kernel's bit.
-    let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
-    let mut pfd = fds.map(|fd| PollFd::new(fd, rdhup));
-    nix::poll::poll(&mut pfd, PollTimeout::ZERO)?;
-    Ok(pfd.map(|p| {
-        let r = p.revents().unwrap_or(PollFlags::empty());
-        SockState {
-            rdhup: r.contains(rdhup),
-            err: r.contains(PollFlags::POLLERR),
-            hup: r.contains(PollFlags::POLLHUP),
-        }
+    // Custom: nix has no POLLRDHUP, and its revents() reports nothing at
+    // all when a bit it does not know is set.
+    let mut pfd = fds.map(|fd| libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    });
+    // SAFETY: pfd is an array of N pollfd.
+    cvt(unsafe { libc::poll(pfd.as_mut_ptr(), N as libc::nfds_t, 0) })?;
+    Ok(pfd.map(|p| SockState {
+        rdhup: p.revents & libc::POLLRDHUP != 0,
+        err: p.revents & libc::POLLERR != 0,
+        hup: p.revents & libc::POLLHUP != 0,
     }))
 }
 

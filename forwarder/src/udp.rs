@@ -28,13 +28,25 @@
 //! address from IP_PKTINFO / IPV6_PKTINFO on every datagram and sets it as
 //! the source of the replies.
 //!
+//! Budget: flows and TCP connections share one budget, the port manager's
+//! semaphore of `--max-connections` slots. A flow holds a slot (a permit)
+//! from its first datagram, while it dials, until it ends; the permit
+//! lives in the flow, so every way a flow ends gives it back. The relay
+//! never waits for a slot: when none is free, a new client takes the slot
+//! of this address's least recently active flow (evicted, as for the flow
+//! cap); if this address has no flow to give up, the datagram is dropped
+//! and counted (`no_slot`, logged once a second at most). So UDP can never
+//! take the last descriptors from TCP's accept loops, nor TCP block the
+//! relay.
+//!
 //! End of a flow: there is no FIN in UDP. A flow with no datagram either
 //! way for `--udp-idle-timeout` (default 60 s) expires; when a new client
 //! arrives while `--udp-max-flows` (default 4096, per published address)
-//! flows are live, the least recently active one is evicted first. Either
-//! way its child socket is closed; datagrams still queued on it are read,
-//! counted (`expired` or `evicted`) and dropped. Removing the port aborts
-//! the relay, which closes the parent socket and every flow socket.
+//! flows are live, or no slot of the budget is free, the least recently
+//! active one is evicted first. Either way its child socket is closed and
+//! its slot freed; datagrams still queued on it are read, counted
+//! (`expired` or `evicted`) and dropped. Removing the port aborts the
+//! relay, which closes the parent socket and every flow socket.
 //!
 //! Batching: the relay reads up to [`BATCH`] datagrams per recvmmsg(2)
 //! from the parent socket and sends each run of consecutive datagrams of
@@ -90,7 +102,7 @@ use serde::{Deserialize, Serialize};
 use socket2::{Domain, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::dial::{Dial, DialFailure, DialRequest};
 use crate::spec::PortSpec;
@@ -158,9 +170,12 @@ pub enum Loss {
     DialFailed,
     /// More than [`DIAL_BACKLOG`] datagrams arrived while the flow dialed.
     DialBacklog,
+    /// A new client while every slot of `--max-connections` was taken and
+    /// this address had no flow to evict.
+    NoSlot,
 }
 
-const DROP_KINDS: usize = 9;
+const DROP_KINDS: usize = 10;
 
 /// Per-port UDP counters, updated once per batch.
 #[derive(Debug, Default)]
@@ -220,6 +235,7 @@ impl UdpStats {
                 expired: d(Loss::Expired),
                 dial_failed: d(Loss::DialFailed),
                 dial_backlog: d(Loss::DialBacklog),
+                no_slot: d(Loss::NoSlot),
             },
         }
     }
@@ -237,6 +253,10 @@ pub struct Drops {
     pub expired: u64,
     pub dial_failed: u64,
     pub dial_backlog: u64,
+    /// New clients turned away: the shared `--max-connections` budget was
+    /// exhausted and this address had no flow to evict.
+    #[serde(default)]
+    pub no_slot: u64,
 }
 
 impl Drops {
@@ -251,6 +271,7 @@ impl Drops {
             + self.expired
             + self.dial_failed
             + self.dial_backlog
+            + self.no_slot
     }
 }
 
@@ -291,6 +312,7 @@ impl std::ops::AddAssign for UdpSnapshot {
         a.expired += b.expired;
         a.dial_failed += b.dial_failed;
         a.dial_backlog += b.dial_backlog;
+        a.no_slot += b.no_slot;
     }
 }
 
@@ -468,6 +490,16 @@ impl<T> FlowTable<T> {
         self.map.remove(&key);
         self.free.push(idx);
         Some((key, val))
+    }
+
+    /// Removes and returns the least recently active flow.
+    pub fn pop_lru(&mut self) -> Option<(SocketAddr, T)> {
+        self.remove(self.tail)
+    }
+
+    /// Whether the table holds its cap of flows.
+    pub fn is_full(&self) -> bool {
+        self.len() >= self.cap
     }
 
     /// Removes and returns the least recently active flow if it has been
@@ -921,6 +953,9 @@ struct Flow {
     /// The address the client wrote to (unspecified listeners only).
     local: Option<Local>,
     state: FlowState,
+    /// The flow's slot of the shared `--max-connections` budget, given back
+    /// when the flow is dropped.
+    slot: OwnedSemaphorePermit,
 }
 
 type DialResult = (usize, u64, Result<(OwnedFd, SocketAddr), DialFailure>);
@@ -943,6 +978,8 @@ struct Relay {
     dialer: Arc<dyn Dial>,
     opts: UdpOptions,
     stats: Arc<UdpStats>,
+    /// The budget shared with TCP connections (`--max-connections`).
+    slots: Arc<Semaphore>,
     ep: AsyncFd<Ep>,
     flows: FlowTable<Flow>,
     batch: Box<Batch>,
@@ -955,7 +992,8 @@ struct Relay {
 }
 
 /// Serves one published UDP address until the task is aborted. `sock` is
-/// from [`bind`].
+/// from [`bind`]; each flow holds one permit of `slots`, the budget shared
+/// with TCP connections.
 pub async fn serve(
     sock: OwnedFd,
     addr: SocketAddr,
@@ -963,9 +1001,10 @@ pub async fn serve(
     stats: Arc<UdpStats>,
     dialer: Arc<dyn Dial>,
     opts: UdpOptions,
+    slots: Arc<Semaphore>,
 ) {
     let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
-    let mut relay = match Relay::new(sock, addr, spec, stats, dialer, opts, dial_tx) {
+    let mut relay = match Relay::new(sock, addr, spec, stats, dialer, opts, slots, dial_tx) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot start the UDP relay");
@@ -1012,6 +1051,7 @@ pub async fn serve(
 }
 
 impl Relay {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         parent: OwnedFd,
         addr: SocketAddr,
@@ -1019,6 +1059,7 @@ impl Relay {
         stats: Arc<UdpStats>,
         dialer: Arc<dyn Dial>,
         opts: UdpOptions,
+        slots: Arc<Semaphore>,
         dial_tx: mpsc::UnboundedSender<DialResult>,
     ) -> io::Result<Relay> {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
@@ -1035,6 +1076,7 @@ impl Relay {
             dialer,
             opts,
             stats,
+            slots,
             ep,
             flows: FlowTable::new(opts.max_flows),
             batch: Box::new(Batch::new()),
@@ -1176,8 +1218,41 @@ impl Relay {
         }
     }
 
-    /// Creates the flow of a new client and starts its dial.
+    /// Takes the least recently active flow's slot, closing that flow as
+    /// evicted.
+    fn evict_lru(&mut self) -> Option<OwnedSemaphorePermit> {
+        let (_, old) = self.flows.pop_lru()?;
+        self.stats.evictions.fetch_add(1, Relaxed);
+        Some(self.close(old, Loss::Evicted))
+    }
+
+    /// Creates the flow of a new client and starts its dial. It needs a
+    /// slot of the shared budget: a free one, else the least recently
+    /// active flow's (evicted); with neither the datagram that asked is
+    /// dropped as `no_slot`. Never waits.
     fn new_flow(&mut self, client: SocketAddr, local: Option<Local>, now: u64) {
+        let slot = if self.flows.is_full() {
+            self.evict_lru()
+        } else {
+            None
+        };
+        let slot = match slot {
+            Some(s) => s,
+            None => match self.slots.clone().try_acquire_owned() {
+                Ok(s) => s,
+                Err(_) => match self.evict_lru() {
+                    Some(s) => s,
+                    None => {
+                        self.stats.lost(Loss::NoSlot, 1);
+                        self.warn(
+                            "connection limit reached, datagram from a new client dropped",
+                            &"every slot of --max-connections is taken and this port has no flow to evict",
+                        );
+                        return;
+                    }
+                },
+            },
+        };
         let id = self.next_id;
         self.next_id += 1;
         let flow = Flow {
@@ -1185,11 +1260,13 @@ impl Relay {
             client: SockAddr::from(client),
             local,
             state: FlowState::Dialing(Vec::with_capacity(4)),
+            slot,
         };
         let (idx, evicted) = self.flows.insert(client, flow, now);
         if let Some((_, old)) = evicted {
+            // Not reached: a full table was made room in above.
             self.stats.evictions.fetch_add(1, Relaxed);
-            self.close(old, Loss::Evicted);
+            drop(self.close(old, Loss::Evicted));
         }
         let (dialer, spec, tx) = (self.dialer.clone(), self.spec.clone(), self.dial_tx.clone());
         let ipv6 = self.addr.is_ipv6();
@@ -1278,13 +1355,16 @@ impl Relay {
             if let FlowState::Dialing(p) = &flow.state {
                 self.stats.lost(Loss::DialFailed, p.len() as u64);
             }
+            // Dropping the flow gives its slot back.
         }
         self.warn("dial in the child failed, datagrams dropped", &why);
     }
 
-    /// Closes a removed flow, counting what was queued for it as `why`.
-    fn close(&mut self, flow: Flow, why: Loss) {
-        match flow.state {
+    /// Closes a removed flow, counting what was queued for it as `why`,
+    /// and returns its slot (dropping it gives it back to the budget).
+    fn close(&mut self, flow: Flow, why: Loss) -> OwnedSemaphorePermit {
+        let Flow { state, slot, .. } = flow;
+        match state {
             FlowState::Dialing(p) => self.stats.lost(why, p.len() as u64),
             FlowState::Ready { sock, mut drops } => {
                 if let Some(d) = meminfo_drops(sock.as_fd()) {
@@ -1296,6 +1376,7 @@ impl Relay {
                 // Dropping the socket also removes it from the epoll set.
             }
         }
+        slot
     }
 
     /// Replies from the child: one batch from flow `idx`'s socket.
@@ -1376,7 +1457,7 @@ impl Relay {
             if matches!(flow.state, FlowState::Ready { .. }) {
                 self.stats.expirations.fetch_add(1, Relaxed);
             }
-            self.close(flow, Loss::Expired);
+            drop(self.close(flow, Loss::Expired));
         }
         if let Some(d) = meminfo_drops(self.parent.as_fd()) {
             let new = self.parent_drops.update(d);
@@ -1499,6 +1580,7 @@ mod tests {
             Loss::Expired,
             Loss::DialFailed,
             Loss::DialBacklog,
+            Loss::NoSlot,
         ];
         assert_eq!(all.len(), DROP_KINDS);
         for (k, w) in all.iter().enumerate() {
@@ -1511,6 +1593,7 @@ mod tests {
         let v = serde_json::to_value(snap).unwrap();
         assert_eq!(v["drops"]["rx_queue_overflow"], 1);
         assert_eq!(v["drops"]["dial_backlog"], 1 << 8);
+        assert_eq!(v["drops"]["no_slot"], 1 << 9);
         assert_eq!(v["datagrams_to_child"], 3);
         assert_eq!(v["bytes_to_parent"], 20);
         let mut sum = snap;

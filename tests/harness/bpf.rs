@@ -171,6 +171,49 @@ pub fn map_exists(id: u32) -> bool {
     true
 }
 
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+
+/// The ids of every BPF map and every BPF program the process holds a
+/// descriptor of, read from `/proc/PID/fdinfo` (`map_id:`, `prog_id:`).
+pub fn object_ids(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut maps, mut progs) = (Vec::new(), Vec::new());
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return (maps, progs);
+    };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        for l in text.lines() {
+            if let Some(v) = l.strip_prefix("map_id:") {
+                maps.extend(v.trim().parse::<u32>().ok());
+            } else if let Some(v) = l.strip_prefix("prog_id:") {
+                progs.extend(v.trim().parse::<u32>().ok());
+            }
+        }
+    }
+    for v in [&mut maps, &mut progs] {
+        v.sort_unstable();
+        v.dedup();
+    }
+    (maps, progs)
+}
+
+/// Whether the kernel still has a program with this id.
+pub fn prog_exists(id: u32) -> bool {
+    let mut a = GetFdById {
+        id,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_PROG_GET_FD_BY_ID, &mut a);
+    if fd < 0 {
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOENT);
+    }
+    // SAFETY: a fresh descriptor we own; closing it.
+    drop(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+    true
+}
+
 /// Every hash or socket map the process holds, with its entry count
 /// (except SOCKMAPs with 4-byte values, see [`count_keys`]).
 pub fn map_entries(pid: u32) -> Vec<MapInfo> {

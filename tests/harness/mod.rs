@@ -582,6 +582,11 @@ impl Fwd {
         }
     }
 
+    /// A handle on the forwarder's stderr that outlives [`Fwd::stop`].
+    pub fn stderr_handle(&self) -> Arc<Mutex<String>> {
+        self.stderr.clone()
+    }
+
     /// What the forwarder has written to stderr so far.
     pub fn stderr(&self) -> String {
         self.stderr.lock().map(|s| s.clone()).unwrap_or_default()

@@ -110,15 +110,26 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// The supervisor's thresholds (see [`handoff`](super::handoff)): a
 /// direction whose backlog (bytes redirected but not yet in the peer's TCP
 /// send queue) exceeds 32 MiB has its source's receive window clamped
-/// until the backlog is 16 MiB or less; a drain may stall 5 s with the
-/// peer's send queue empty before the connection is reset as broken.
+/// until the backlog is half that. While the backlogs of all connections
+/// together exceed 64 MiB, a direction is throttled from 1 MiB on: the
+/// backlog's skbs are charged to no socket (the kernel's TCP memory limits
+/// do not see them), so without an engine-wide bound many busy connections
+/// could take the host's memory (100 connections streaming both ways held
+/// several GiB before this bound). A drain may stall 5 s with the peer's
+/// send queue empty before the connection is reset as broken.
 const LIMITS: Limits = Limits {
     backlog_high: 32 << 20,
-    backlog_low: 16 << 20,
+    backlog_total_high: 64 << 20,
+    backlog_share: 1 << 20,
     drain_stall: Duration::from_secs(5),
 };
 /// The clamp applied meanwhile (the kernel raises it to its minimum).
 const THROTTLE_CLAMP: u32 = 1;
+/// Receive window cap of both sockets from handoff on: bytes a sender may
+/// still send after its direction is throttled (the kernel never takes back
+/// a window it advertised), so what a throttled direction can add to its
+/// backlog. Enough for full speed on loopback and veth.
+const WINDOW_CAP: u32 = 4 << 20;
 
 /// Options of the ebpf engine.
 #[derive(Debug, Clone, Copy, Default)]
@@ -311,6 +322,9 @@ struct Inner {
     waiters: Mutex<HashMap<u64, Arc<Notify>>>,
     fallback: SpliceEngine,
     fallback_logged: std::sync::atomic::AtomicBool,
+    /// The sum of every direction's backlog as last measured by its
+    /// connection (see [`LIMITS`]).
+    backlog_total: std::sync::atomic::AtomicU64,
     /// Keeps the programs loaded and attached.
     _bpf: Mutex<Ebpf>,
 }
@@ -441,6 +455,7 @@ impl Loaded {
             waiters: Mutex::new(HashMap::new()),
             fallback: SpliceEngine::new(),
             fallback_logged: Default::default(),
+            backlog_total: Default::default(),
             _bpf: Mutex::new(bpf),
         });
         let dispatcher = tokio::spawn(dispatch(inner.clone()));
@@ -590,6 +605,9 @@ impl Inner {
                 sys::tcp_counters(socks[0].as_fd())?.queued(),
                 sys::tcp_counters(socks[1].as_fd())?.queued(),
             ];
+            for s in &socks {
+                sys::set_window_clamp(s.as_fd(), WINDOW_CAP)?;
+            }
             self.maps.insert(cookies, fds, port.id)?;
             Ok((cookies, base))
         })();
@@ -617,15 +635,19 @@ impl Inner {
             w.insert(cookies[0], notify.clone());
             w.insert(cookies[1], notify.clone());
         }
+        // This connection's share of the engine-wide backlog total.
+        let mut reported = [0u64; 2];
         let outcome = match self.watch(&socks, cookies) {
             // At exit the connection is torn down here, so its bytes are
             // counted and its map entries removed before the final stats.
             Ok(()) => tokio::select! {
-                o = self.supervise(&socks, cookies, base, &notify) => o,
+                o = self.supervise(&socks, cookies, base, &notify, &mut reported) => o,
                 () = port.closed() => Outcome::Reset("the forwarder is stopping".into()),
             },
             Err(e) => Outcome::Reset(format!("cannot watch the sockets: {e}")),
         };
+        self.backlog_total
+            .fetch_sub(reported[0] + reported[1], Relaxed);
         {
             let mut w = lock(&self.waiters);
             w.remove(&cookies[0]);
@@ -680,13 +702,16 @@ impl Inner {
     /// Watches a connection until both FINs have been carried or a reset.
     /// Woken by FIN/error events on either socket and by the verdict's
     /// every-2-MiB events; polls with a backoff only while a direction is
-    /// draining or throttled.
+    /// draining or throttled, and every 20 ms while a backlog it reported
+    /// to the engine-wide total is not yet back to zero. `reported` holds
+    /// what it added to that total, for the caller to take back.
     async fn supervise(
         &self,
         socks: &[std::net::TcpStream; 2],
         cookies: [u64; 2],
         base: [u64; 2],
         notify: &Notify,
+        reported: &mut [u64; 2],
     ) -> Outcome {
         let fd = |i: usize| -> BorrowedFd<'_> { socks[i].as_fd() };
         // dirs[i]: direction i -> 1-i.
@@ -712,10 +737,19 @@ impl Inner {
                 if dirs[i].is_done() {
                     continue;
                 }
-                let observed = match self.observe(socks, cookies[i], base[j], i, st[i].rdhup) {
+                let mut observed = match self.observe(socks, cookies[i], base[j], i, st[i].rdhup) {
                     Ok(o) => o,
                     Err(why) => return Outcome::Reset(why),
                 };
+                let backlog = observed.backlog();
+                // Keep the engine-wide total current.
+                if backlog > reported[i] {
+                    self.backlog_total.fetch_add(backlog - reported[i], Relaxed);
+                } else {
+                    self.backlog_total.fetch_sub(reported[i] - backlog, Relaxed);
+                }
+                reported[i] = backlog;
+                observed.engine_total = self.backlog_total.load(Relaxed);
                 tracing::trace!(side = i, ?observed, "observed");
                 let step = dirs[i].step(&observed, Instant::now(), &LIMITS);
                 match step.window {
@@ -747,7 +781,15 @@ impl Inner {
             if dirs.iter().all(Direction::is_done) {
                 return Outcome::Closed;
             }
-            match pacing.next(poll_again, dirs.iter().any(Direction::is_throttled)) {
+            // A backlog drains without waking us: while this connection
+            // holds a share of the engine-wide total, look again soon so the
+            // total does not keep a stale share.
+            let holding = reported.iter().any(|&b| b > 0);
+            match pacing.next(
+                poll_again,
+                dirs.iter().any(Direction::is_throttled),
+                holding,
+            ) {
                 Wait::Yield => tokio::task::yield_now().await,
                 Wait::Sleep(d) => {
                     tokio::select! {
@@ -792,6 +834,8 @@ impl Inner {
             // Nothing unsent or unacknowledged: a drain that still has not
             // completed is not waiting for the network.
             j_idle: cj.outq == 0,
+            // Filled in by the caller, which keeps the total.
+            engine_total: 0,
         })
     }
 }

@@ -11,9 +11,12 @@
 //! - **Throttle.** The kernel queues redirected bytes on j's psock without
 //!   limit, so when the backlog (redirected but not yet in j's send queue)
 //!   passes [`Limits::backlog_high`], side i's receive window is clamped
-//!   (TCP_WINDOW_CLAMP) to slow its sender; below [`Limits::backlog_low`]
-//!   the old clamp is restored. Not once i has seen FIN: nothing more is
-//!   coming.
+//!   (TCP_WINDOW_CLAMP) to slow its sender; at half that the old clamp is
+//!   restored. While the backlogs of all the engine's connections together
+//!   exceed [`Limits::backlog_total_high`], the threshold is
+//!   [`Limits::backlog_share`] instead: the backlog is charged to no socket,
+//!   so only this bounds the engine's memory. Not once i has seen FIN:
+//!   nothing more is coming.
 //! - **Drain, then FIN.** After side i received FIN, the FIN is passed on
 //!   (shutdown(j, SHUT_WR)) only when every byte received on i was
 //!   redirected and sits in j's send queue ([`direction_drained`]):
@@ -41,10 +44,13 @@ pub fn direction_drained(received_i: u64, redirected_i: u64, queued_j: u64) -> b
 /// The thresholds the decisions use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Backlog above which the sender is throttled.
+    /// Backlog above which the sender is throttled (released at half).
     pub backlog_high: u64,
-    /// Backlog at or below which it is released.
-    pub backlog_low: u64,
+    /// Engine-wide backlog above which every direction is throttled from
+    /// `backlog_share` on.
+    pub backlog_total_high: u64,
+    /// A direction's threshold while the total is over `backlog_total_high`.
+    pub backlog_share: u64,
     /// How long a drain may stall with nothing in flight.
     pub drain_stall: Duration,
 }
@@ -64,6 +70,16 @@ pub struct Observed {
     pub received_i: u64,
     /// Side j has nothing unsent or unacknowledged.
     pub j_idle: bool,
+    /// The backlogs of all the engine's connections together, this one's
+    /// included.
+    pub engine_total: u64,
+}
+
+impl Observed {
+    /// Bytes redirected from i but not yet in j's send queue.
+    pub fn backlog(&self) -> u64 {
+        self.redirected.saturating_sub(self.queued_j)
+    }
 }
 
 /// What to do to side i's receive window.
@@ -145,13 +161,18 @@ impl Direction {
             step.end = End::Reset(format!("{} bytes dropped in the kernel", o.dropped));
             return step;
         }
-        let backlog = o.redirected.saturating_sub(o.queued_j);
+        let backlog = o.backlog();
+        let high = if o.engine_total > lim.backlog_total_high {
+            lim.backlog_share
+        } else {
+            lim.backlog_high
+        };
         match self.throttled {
-            None if backlog > lim.backlog_high && !o.fin_received => {
+            None if backlog > high && !o.fin_received => {
                 step.window = Window::Clamp;
                 step.poll_again = true;
             }
-            Some(old) if backlog <= lim.backlog_low => {
+            Some(old) if backlog <= high / 2 => {
                 step.window = Window::Restore(old);
                 self.throttled = None;
             }
@@ -197,6 +218,9 @@ pub enum Wait {
 /// last skb), so a pending drain first yields a few times, then backs off
 /// from 1 ms to 20 ms. A throttled direction is re-checked every
 /// millisecond so the window reopens as soon as the backlog has drained.
+/// With nothing pending it parks until the next event, or, while the
+/// connection still holds a share of the engine-wide backlog, for at most
+/// 20 ms (the backlog drains without an event).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Pacing {
     quick_checks: u32,
@@ -219,11 +243,15 @@ impl Pacing {
     const MAX: Duration = Duration::from_millis(20);
 
     /// The wait after a pass that asked to `poll_again` (or not), with a
-    /// direction `throttled` (or not).
-    pub fn next(&mut self, poll_again: bool, throttled: bool) -> Wait {
+    /// direction `throttled` (or not), `holding` a backlog share (or not).
+    pub fn next(&mut self, poll_again: bool, throttled: bool, holding: bool) -> Wait {
         if !poll_again {
             *self = Pacing::default();
-            return Wait::Park;
+            return if holding {
+                Wait::Sleep(Self::MAX)
+            } else {
+                Wait::Park
+            };
         }
         if !throttled && self.quick_checks < Self::QUICK_CHECKS {
             self.quick_checks += 1;
@@ -241,7 +269,8 @@ mod tests {
 
     const LIM: Limits = Limits {
         backlog_high: 100,
-        backlog_low: 50,
+        backlog_total_high: 1000,
+        backlog_share: 10,
         drain_stall: Duration::from_secs(5),
     };
 
@@ -320,6 +349,28 @@ mod tests {
         );
     }
 
+    /// Over the engine-wide total every direction is throttled from its
+    /// share, and released at half of it.
+    #[test]
+    fn engine_wide_total_table() {
+        let t = Instant::now();
+        let busy = |redirected, queued_j, engine_total| Observed {
+            engine_total,
+            ..obs(redirected, queued_j)
+        };
+        let mut d = Direction::default();
+        // 50 of backlog: under 100 alone, over the share of 10 once the
+        // total passes 1000.
+        assert_eq!(d.step(&busy(50, 0, 1000), t, &LIM).window, Window::Keep);
+        assert_eq!(d.step(&busy(50, 0, 1001), t, &LIM).window, Window::Clamp);
+        d.clamped(7);
+        assert_eq!(d.step(&busy(50, 44, 1001), t, &LIM).window, Window::Keep);
+        assert_eq!(
+            d.step(&busy(50, 45, 1001), t, &LIM).window,
+            Window::Restore(7)
+        );
+    }
+
     /// FIN is passed on only when drained; a stalled drain resets after
     /// the limit; progress restarts the stall clock.
     #[test]
@@ -390,19 +441,21 @@ mod tests {
     fn pacing_table() {
         let mut p = Pacing::default();
         for _ in 0..Pacing::QUICK_CHECKS {
-            assert_eq!(p.next(true, false), Wait::Yield);
+            assert_eq!(p.next(true, false, false), Wait::Yield);
         }
         let ms = Duration::from_millis;
         for want in [1, 2, 4, 8, 16, 20, 20] {
-            assert_eq!(p.next(true, false), Wait::Sleep(ms(want)));
+            assert_eq!(p.next(true, false, false), Wait::Sleep(ms(want)));
         }
         // Throttled: every millisecond, whatever the backoff.
-        assert_eq!(p.next(true, true), Wait::Sleep(ms(1)));
+        assert_eq!(p.next(true, true, false), Wait::Sleep(ms(1)));
         // Quiet: park, and start over.
-        assert_eq!(p.next(false, false), Wait::Park);
-        assert_eq!(p.next(true, false), Wait::Yield);
+        assert_eq!(p.next(false, false, false), Wait::Park);
+        assert_eq!(p.next(true, false, false), Wait::Yield);
+        // Quiet but holding a share of the total: 20 ms at most.
+        assert_eq!(p.next(false, false, true), Wait::Sleep(ms(20)));
         // Throttled from the start: no yields.
         let mut p = Pacing::default();
-        assert_eq!(p.next(true, true), Wait::Sleep(ms(1)));
+        assert_eq!(p.next(true, true, false), Wait::Sleep(ms(1)));
     }
 }
