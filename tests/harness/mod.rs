@@ -250,6 +250,22 @@ impl Netns {
         self.run(move || std::net::TcpStream::connect(addr).expect("filler connection"))
     }
 
+    /// SYNs this namespace dropped because a listener's accept queue was
+    /// full (TcpExt ListenOverflows of its /proc/net/netstat).
+    pub fn listen_overflows(&self) -> u64 {
+        self.run(|| {
+            let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("netstat");
+            let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+            let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(n, _)| *n == "ListenOverflows")
+                .and_then(|(_, v)| v.parse().ok())
+                .expect("ListenOverflows in /proc/net/netstat")
+        })
+    }
+
     /// Like [`Netns::listen`], with socket options set before listen().
     pub fn listen_with(
         &self,

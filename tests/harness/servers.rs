@@ -54,10 +54,11 @@ pub fn echo(l: TcpListener) {
     });
 }
 
-/// An echo server that is late: until `delay` has passed its accept queue
-/// is full (`filler`, from [`crate::Netns::fill_accept_queue`], holds the
-/// only slot), so the kernel drops new SYNs and a dialer's handshake waits
-/// for a SYN retransmission (about a second): a connect() to a listener
+/// An echo server that is late: until `open` fires its accept queue is
+/// full (`filler`, from [`crate::Netns::fill_accept_queue`], holds the only
+/// slot), so the kernel drops new SYNs (counted in the namespace's
+/// ListenOverflows, see [`crate::Netns::listen_overflows`]) and a dialer's
+/// handshake waits for a SYN retransmission: a connect() to a listener
 /// that merely has not accepted yet would complete at once from the
 /// backlog. Then it takes the filler, reopens the queue and echoes. Each
 /// accepted connection (not the filler) is reported on the returned
@@ -65,11 +66,11 @@ pub fn echo(l: TcpListener) {
 pub fn late_echo(
     l: TcpListener,
     filler: std::net::TcpStream,
-    delay: Duration,
+    open: tokio::sync::oneshot::Receiver<()>,
 ) -> mpsc::UnboundedReceiver<()> {
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        tokio::time::sleep(delay).await;
+        let _ = open.await;
         if let Ok((s, _)) = l.accept().await {
             drop(s);
         }
