@@ -232,25 +232,65 @@ pub async fn stop_with_open_connections(engine: &Engine) {
         );
     }
     assert!(
-        t.elapsed() < Duration::from_secs(5),
+        t.elapsed() < forwarder_tests::limit(Duration::from_secs(5)),
         "exit took {:?}",
         t.elapsed()
     );
-    // The forwarder is gone: its connections end (EOF or reset), no hang.
-    within(5, "idle connection ends", async {
+    // The forwarder is gone: both connections end with the reset the
+    // README promises at exit, never a hang and never a clean EOF (the busy
+    // stream was cut short).
+    let idle_end = within(5, "idle connection ends", async {
         let mut b = [0u8; 16];
-        let _ = idle.read(&mut b).await;
+        idle.read(&mut b).await
     })
     .await;
-    within(5, "busy connection ends", async {
-        let mut b = vec![0u8; 1 << 16];
-        while let Ok(n) = busy.read(&mut b).await {
-            if n == 0 {
-                break;
+    assert_reset(idle_end.map(|_| ()), "idle connection");
+    let (busy_end, probed) = within(30, "busy connection ends", ends(&mut busy)).await;
+    if probed {
+        eprintln!("the busy connection's reset was lost or ignored; a probe got a fresh one");
+    }
+    assert_reset(busy_end, "busy connection");
+}
+
+/// The error a reset connection gives, or a panic naming `what`.
+fn assert_reset(end: io::Result<()>, what: &str) {
+    match end {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("{what}: expected a reset, got {other:?}"),
+    }
+}
+
+/// Reads a connection whose far end has gone until it ends: `Ok(())` for
+/// EOF, the error for a reset; and whether a probe was needed.
+///
+/// A reset is sent once and never retransmitted, and the receiver takes it
+/// only if its sequence number is exactly the next one expected (RFC 5961),
+/// else it answers with a challenge ACK, rate-limited, that draws a fresh
+/// one. With the client's receive queue full under TCP memory pressure (as
+/// in a 2 GiB emulated guest next to stop_under_load), segments it dropped
+/// make the forwarder's reset inexact, and a client that only reads never
+/// says anything again. So after 2 s (scaled) without a byte the client
+/// sends one: with no socket left at the forwarder's end the kernel answers
+/// with an exact reset. A forwarder still holding the connection would take
+/// the byte, and the caller's time limit fails the test.
+async fn ends(c: &mut TcpStream) -> (io::Result<()>, bool) {
+    let quiet = forwarder_tests::limit(Duration::from_secs(2));
+    let mut b = vec![0u8; 1 << 16];
+    let mut probed = false;
+    loop {
+        match tokio::time::timeout(quiet, c.read(&mut b)).await {
+            Ok(Ok(0)) => return (Ok(()), probed),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return (Err(e), probed),
+            Err(_) if !probed => {
+                probed = true;
+                if let Err(e) = c.write_all(b"?").await {
+                    return (Err(e), probed);
+                }
             }
+            Err(_) => {}
         }
-    })
-    .await;
+    }
 }
 
 pub async fn server_speaks_first(engine: &Engine) {
@@ -1485,6 +1525,7 @@ pub async fn stalled_reader(engine: &Engine) {
 /// every client connection ends (EOF or reset, never a hang) within 5 s of
 /// the signal, and every BPF map and program it held is gone from the
 /// kernel (ids read from /proc/PID/fdinfo before, looked up by id after).
+/// The 5 s are stretched by the time scale in emulated guests (vm-test).
 pub async fn stop_under_load(engine: &Engine) {
     let pair = pair(engine);
     servers::echo(pair.child.listen("127.0.0.1:80"));
@@ -1539,14 +1580,18 @@ pub async fn stop_under_load(engine: &Engine) {
         "warnings while stopping:\n{err}"
     );
     assert_eq!(st["event"], "stats", "{st}");
-    assert!(exited < Duration::from_secs(5), "exit took {exited:?}");
-    // Every client connection ends within 5 s of the signal.
-    let left = Duration::from_secs(5).saturating_sub(t.elapsed()) + Duration::from_millis(100);
+    // 5 s on the host; stretched by the time scale under emulation (a
+    // QEMU TCG guest runs several times slower).
+    let bound = forwarder_tests::limit(Duration::from_secs(5));
+    assert!(exited < bound, "exit took {exited:?}");
+    // Every client connection ends within the bound of the signal.
+    let left = bound.saturating_sub(t.elapsed()) + Duration::from_millis(100);
     let ended = tokio::time::timeout(left, async {
         let mut n = 0;
         while let Some(r) = busy.join_next().await {
             let at = r.expect("client task");
-            assert!(at.duration_since(t) < Duration::from_secs(5));
+            let took = at.duration_since(t);
+            assert!(took < bound, "a client ended {took:?} after SIGTERM");
             n += 1;
         }
         for mut c in idle {
@@ -1560,7 +1605,7 @@ pub async fn stop_under_load(engine: &Engine) {
     assert_eq!(
         ended.ok(),
         Some(BUSY + IDLE),
-        "not every connection ended within 5 s of SIGTERM"
+        "not every connection ended within {bound:?} of SIGTERM"
     );
     // Maps are checked by stop(); programs here, and every map by id.
     let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(5));

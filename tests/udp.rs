@@ -547,9 +547,23 @@ pub async fn shared_budget(privilege: Privilege) {
     // Two TCP connections end: the waiting one is served, and port b's
     // client gets a flow on its next datagram.
     drop(tcp.drain(..2));
-    within(10, "recovery", async {
+    within(10, "the waiting connection served", async {
         waiting.read_exact(&mut b).await.expect("echo");
         assert_eq!(&b, b"waiting");
+    })
+    .await;
+    // The waiting connection took the first freed slot; port b's next
+    // datagram must find the second one free, so both ends are seen first
+    // (4 TCP connections active), or it would be dropped again.
+    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(10));
+    while f.stats()["active"].as_u64() != Some(4) {
+        assert!(
+            Instant::now() < deadline,
+            "the two ended connections still hold slots"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    within(10, "recovery", async {
         let mut got = Vec::new();
         for _ in 0..50 {
             gb.send(b"z").await.expect("send");
