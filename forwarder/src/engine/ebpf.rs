@@ -37,8 +37,10 @@
 //!   FIN takes one sequence number) and tcpi_bytes_acked + SIOCOUTQ of 1-i
 //!   (less what was there at handoff) has reached that count. Until then the
 //!   task re-checks with a backoff from 1 ms to 50 ms.
-//! - drain stall: if the peer's TCP send queue is empty but the counts have
-//!   not matched for several seconds, bytes were lost in the kernel: reset.
+//! - drain stall: if the peer's TCP send queue is empty, the counts have
+//!   not matched and neither has moved for 5 s, bytes were lost in the
+//!   kernel: reset, with a warning (bytes still moving slowly, as on a
+//!   starved machine, are never a stall).
 //! - RST or error on either side (POLLERR): both sockets are closed with
 //!   SO_LINGER 0 so each peer sees a reset. Bytes the verdict could not
 //!   redirect (counted as dropped) are treated the same way: a forwarder
@@ -116,7 +118,8 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 /// do not see them), so without an engine-wide bound many busy connections
 /// could take the host's memory (100 connections streaming both ways held
 /// several GiB before this bound). A drain may stall 5 s with the peer's
-/// send queue empty before the connection is reset as broken.
+/// send queue empty and no count moving before the connection is reset as
+/// broken.
 const LIMITS: Limits = Limits {
     backlog_high: 32 << 20,
     backlog_total_high: 64 << 20,
@@ -582,7 +585,11 @@ async fn dispatch_events(inner: Arc<Inner>) {
 
 enum Outcome {
     Closed,
+    /// A peer's reset or error, or the forwarder stopping.
     Reset(String),
+    /// The supervisor's own verdict that the stream cannot be whole
+    /// (bytes dropped in the kernel, a stalled drain): reset, and warn.
+    Broken(String),
 }
 
 impl Inner {
@@ -659,8 +666,18 @@ impl Inner {
                 port.add_bytes(i, p.bytes, DataPath::Bpf);
             }
         }
-        if let Outcome::Reset(why) = &outcome {
-            tracing::debug!(port = port.id, %why, "resetting connection");
+        let reset = match &outcome {
+            Outcome::Closed => false,
+            Outcome::Reset(why) => {
+                tracing::debug!(port = port.id, %why, "resetting connection");
+                true
+            }
+            Outcome::Broken(why) => {
+                tracing::warn!(port = port.id, %why, "resetting a broken connection");
+                true
+            }
+        };
+        if reset {
             for s in &socks {
                 let _ = sys::set_linger_zero(s.as_fd());
             }
@@ -774,7 +791,9 @@ impl Inner {
                         }
                         dirs[i].fin_sent();
                     }
-                    End::Reset(why) => return Outcome::Reset(format!("direction {i}->{j}: {why}")),
+                    End::Reset(why) => {
+                        return Outcome::Broken(format!("direction {i}->{j}: {why}"))
+                    }
                 }
                 poll_again |= step.poll_again;
             }

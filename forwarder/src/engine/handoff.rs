@@ -122,6 +122,9 @@ pub struct Direction {
     done: bool,
     /// Since when the drain has made no progress with j idle.
     stalled_since: Option<Instant>,
+    /// The counts (redirected, queued in j) at the last look while
+    /// draining: a change is progress and restarts the stall clock.
+    last_counts: Option<(u64, u64)>,
 }
 
 impl Direction {
@@ -187,8 +190,11 @@ impl Direction {
             return step;
         }
         step.poll_again = true;
-        if !o.j_idle {
-            self.stalled_since = None;
+        let counts = (o.redirected, o.queued_j);
+        if !o.j_idle || self.last_counts != Some(counts) {
+            // j is still sending, or bytes moved since the last look.
+            self.last_counts = Some(counts);
+            self.stalled_since = (o.j_idle).then_some(now);
             return step;
         }
         let since = *self.stalled_since.get_or_insert(now);
@@ -422,6 +428,28 @@ mod tests {
                 poll_again: false
             }
         );
+    }
+
+    /// Bytes still moving while j reads idle at every look (the verdict
+    /// or the backlog worker running late, the peer acknowledging at
+    /// once) are progress: only 5 s without any resets.
+    #[test]
+    fn slow_progress_is_not_a_stall() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut d = Direction::default();
+        for k in 0..12u64 {
+            let st = d.step(
+                &fin(10_001, 4_000 + 500 * k, 3_000 + 500 * k, true),
+                s(k),
+                &LIM,
+            );
+            assert_eq!(st.end, End::Open, "second {k}");
+        }
+        // Then nothing moves: reset after the limit.
+        let o = fin(10_001, 9_500, 8_500, true);
+        assert_eq!(d.step(&o, s(16), &LIM).end, End::Open);
+        assert!(matches!(d.step(&o, s(17), &LIM).end, End::Reset(_)));
     }
 
     #[test]
