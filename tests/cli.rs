@@ -265,18 +265,7 @@ async fn ports_and_status_commands() {
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let sock = dir.join("api.sock").display().to_string();
     let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock]);
-    let cli = |args: &[&str]| {
-        let out = Command::new(forwarder_bin())
-            .args(args)
-            .args(["--api-socket", &sock])
-            .output()
-            .expect("forwarder client");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| api_client(&sock, args);
     let (ok, out, err) = cli(&["ports", "add", "127.0.0.1:8080:80"]);
     assert!(ok && out.trim() == "1", "{out}{err}");
     let (ok, _, err) = cli(&["ports", "add", "127.0.0.1:8080:81"]);
@@ -314,6 +303,20 @@ async fn ports_and_status_commands() {
     assert!(!ok && err.contains("unknown id: 1"), "{err}");
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `forwarder ARGS --api-socket SOCK`: (success, stdout, stderr).
+fn api_client(sock: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(forwarder_bin())
+        .args(args)
+        .args(["--api-socket", sock])
+        .output()
+        .expect("forwarder client");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The dial agent goes away with its forwarder, even when the forwarder is
@@ -706,18 +709,7 @@ async fn port_ranges_publish_whole_or_not_at_all() {
         err.contains("127.0.0.1:18200-18203:9000") && err.contains("18201"),
         "the log names the range and the port taken: {err}"
     );
-    let cli = |args: &[&str]| {
-        let out = Command::new(forwarder_bin())
-            .args(args)
-            .args(["--api-socket", &sock])
-            .output()
-            .expect("forwarder client");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| api_client(&sock, args);
     // 18302 is taken by the test: the whole range is refused, and the
     // ports added before the refusal (18300, 18301) are removed again.
     let _taken2 = pair

@@ -180,10 +180,17 @@ pub fn socat(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
 /// pasta attached to the bench's child namespace.
 pub fn pasta(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
     let mut cmd = Command::new("pasta");
-    cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
-        .args(["-t", &format!("127.0.0.1/{}:{}", iperf.0, iperf.1)])
-        .args(["-t", &format!("127.0.0.1/{}:{}", echo.0, echo.1)])
-        .args(["-T", "none", "-u", "none", "-U", "none"]);
+    cmd.args([
+        "--netns",
+        &ns.path().display().to_string(),
+        "-f",
+        "-q",
+        "--runas",
+        "0",
+    ])
+    .args(["-t", &format!("127.0.0.1/{}:{}", iperf.0, iperf.1)])
+    .args(["-t", &format!("127.0.0.1/{}:{}", echo.0, echo.1)])
+    .args(["-T", "none", "-u", "none", "-U", "none"]);
     die_with_parent(&mut cmd, libc::SIGTERM);
     let (mut p, log) = spawn_logged(&mut cmd, "pasta")?;
     for port in [iperf.0, echo.0] {

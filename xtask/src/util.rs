@@ -236,48 +236,7 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-/// A network namespace with loopback up, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// `ip netns add NAME` and `ip -n NAME link set lo up`. 127.0.0.0/8
-    /// is all local on lo, so 127.0.0.2 needs no address of its own.
-    pub fn new(name: &str) -> Result<Self> {
-        if !is_root() {
-            bail!("creating a network namespace needs root");
-        }
-        output(Command::new("ip").args(["netns", "add", name]))
-            .with_context(|| format!("creating network namespace {name}"))?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
-        output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))
-            .with_context(|| format!("bringing up lo in {name}"))?;
-        Ok(ns)
-    }
-
-    /// The namespace file, for `--child-netns`.
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// A command that runs inside the namespace (`ip netns exec`).
-    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec"]).arg(&self.name).arg(program);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = output(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("warning: deleting network namespace {}: {e:#}", self.name);
-        }
-    }
-}
+pub use forwarder_testkit::{decode_event, Netns};
 
 /// A child process we started; killed (SIGKILL, by its PID) and reaped on
 /// drop unless it was stopped before.
@@ -402,15 +361,6 @@ pub fn spawn_ready(cmd: &mut Command, name: &str, ready: &str) -> Result<Proc> {
 
 /// How long a forwarder may take to report `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Decodes a line of the forwarder's stdout with the wire types it is
-/// written with ([`forwarder::wire::Event`]), as JSON for the caller to
-/// index.
-pub fn decode_event(line: &str) -> Result<serde_json::Value> {
-    let ev: forwarder::wire::Event =
-        serde_json::from_str(line).context("not a forwarder event (forwarder::wire::Event)")?;
-    Ok(serde_json::to_value(ev)?)
-}
 
 /// A running `forwarder run ...`, its stdout read as JSON lines.
 pub struct Forwarder {

@@ -79,7 +79,7 @@
 mod docker;
 mod profile;
 mod report;
-mod sample;
+use forwarder_testkit::procfs as sample;
 pub mod udp;
 
 use std::collections::BTreeMap;
@@ -405,7 +405,7 @@ fn iperf(
     cpus: Option<(usize, usize)>,
 ) -> Result<(f64, f64)> {
     let (mut cmd, port) = match sys.iperf_port {
-        None => (ns.cmd("iperf3"), SERVER_PORT),
+        None => (ns.ip_exec("iperf3"), SERVER_PORT),
         Some(port) => (Command::new("iperf3"), port),
     };
     cmd.args(["-c", "127.0.0.1", "-J", "--connect-timeout", "5000"])
@@ -484,7 +484,7 @@ pub fn difference(a: &[f64], b: &[f64]) -> f64 {
 /// Starts the iperf3 server in the child and waits until it listens. Its
 /// stdout is drained for as long as it runs.
 fn iperf_server(ns: &Netns) -> Result<Proc> {
-    let mut cmd = ns.cmd("iperf3");
+    let mut cmd = ns.ip_exec("iperf3");
     cmd.args(["-s", "-B", "127.0.0.1", "-p", &SERVER_PORT.to_string()])
         .arg("--forceflush")
         .stdin(Stdio::null())
@@ -510,7 +510,7 @@ fn iperf_server(ns: &Netns) -> Result<Proc> {
 
 /// Starts the echo server (`xtask bench-echo`) in the child.
 fn echo_server(ns: &Netns, me: &Path) -> Result<Proc> {
-    let mut cmd = ns.cmd(me);
+    let mut cmd = ns.ip_exec(me);
     cmd.args(["bench-echo", "--bind", &format!("127.0.0.1:{ECHO_PORT}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -539,7 +539,7 @@ where
         (Some(why), _) => Err(why.clone()),
         (None, None) => Err("no echo port".to_string()),
         (None, Some((in_child, addr))) => {
-            let netns = in_child.then(|| ns.path());
+            let netns = in_child.then(|| ns.path().display().to_string());
             load::in_netns(netns, move || work(addr)).map_err(|e| format!("{e:#}"))
         }
     }
@@ -661,13 +661,13 @@ fn run_inner(args: &Args) -> Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_string());
-    let ns = Netns::new(&format!("fwd-bench-{}", std::process::id()))?;
+    let ns = Netns::named(&format!("fwd-bench-{}", std::process::id()))?;
     // The scale workload dials 10,000 connections per system and
     // repetition from the child's 127.0.0.1 to one server port, and each
     // leaves a TIME_WAIT there: give the child's dialers the whole port
     // range (this namespace's setting only).
     crate::util::run(
-        ns.cmd("sysctl")
+        ns.ip_exec("sysctl")
             .args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
     )
     .context("widening the child namespace's ephemeral port range")?;
@@ -690,7 +690,7 @@ fn run_inner(args: &Args) -> Result<()> {
         let (port, eport) = (next_port()?, next_port()?);
         let args = [
             "--child-netns".to_string(),
-            ns.path(),
+            ns.path().display().to_string(),
             "--mode".to_string(),
             mode.to_string(),
             "-p".to_string(),

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::sample::{self, CpuTimes};
 use super::{iperf, on_echo, Placement, Plan, System};
 use crate::load;
 use crate::util::{output_within, Netns, Proc};
+use forwarder_testkit::procfs::{self as sample, CpuTimes};
 
 /// Kernel functions that mark the stages of the data path: the sending
 /// and receiving system calls, the TCP receive, the verdict, the psock
