@@ -470,21 +470,13 @@ fn pasta() -> Result<System> {
     let ns = Netns::named(&format!("fwd-bench-udp-pasta-{}", std::process::id()))?;
     let servers = servers(&ns.path().display().to_string())?;
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
-    let mut cmd = Command::new("pasta");
-    cmd.args([
-        "--netns",
-        &ns.path().display().to_string(),
-        "-f",
-        "-q",
-        "--runas",
-        "0",
-    ])
-    .args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
-    .args(["-u", &format!("127.0.0.1/{pe}:{ECHO}")])
-    .args(["-t", "none", "-T", "none", "-U", "none"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    let mut cmd = crate::peers::pasta_command(&ns);
+    cmd.args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
+        .args(["-u", &format!("127.0.0.1/{pe}:{ECHO}")])
+        .args(["-t", "none", "-T", "none", "-U", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     die_with_parent(&mut cmd, libc::SIGTERM);
     let p = Proc::spawn(&mut cmd, "pasta")?;
     Ok(System {
