@@ -7,6 +7,8 @@
 //!   threads' capabilities, dial agents, BPF program statistics);
 //! - [`bpf`]: the BPF maps a process holds and their entries, read from
 //!   the kernel directly;
+//! - [`process`]: child processes stopped by PID when dropped, pipes read
+//!   line by line, a running forwarder read through its stdout events;
 //! - [`decode_event`]: the forwarder's stdout lines, read with its own wire
 //!   types.
 //!
@@ -15,6 +17,7 @@
 
 pub mod bpf;
 pub mod netns;
+pub mod process;
 pub mod procfs;
 
 pub use netns::{drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER};

@@ -12,7 +12,7 @@ pub mod soak;
 pub mod udp;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -91,7 +91,7 @@ pub fn decode_event(line: &str) -> Result<Value, String> {
 pub struct Fwd {
     child: Option<Child>,
     pub pid: u32,
-    events: mpsc::Receiver<Result<Value, String>>,
+    events: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
     pub ready: Value,
     base_fds: usize,
@@ -172,15 +172,7 @@ impl Fwd {
             .unwrap_or_else(|e| panic!("starting {}: {e}", forwarder_bin().display()));
         drop(nsfile);
         let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(decode_event(&line)).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = forwarder_testkit::process::lines(child.stdout.take().expect("stdout"));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("stderr");
         let sink = stderr.clone();
@@ -257,9 +249,11 @@ impl Fwd {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(Ok(v)) if v["event"] == name => return v,
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => panic!("{e}"),
+                Ok(line) => match decode_event(&line) {
+                    Ok(v) if v["event"] == name => return v,
+                    Ok(_) => continue,
+                    Err(e) => panic!("{e}"),
+                },
                 Err(_) => {
                     let status = self
                         .child
