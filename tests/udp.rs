@@ -547,9 +547,23 @@ pub async fn shared_budget(privilege: Privilege) {
     // Two TCP connections end: the waiting one is served, and port b's
     // client gets a flow on its next datagram.
     drop(tcp.drain(..2));
-    within(10, "recovery", async {
+    within(10, "the waiting connection served", async {
         waiting.read_exact(&mut b).await.expect("echo");
         assert_eq!(&b, b"waiting");
+    })
+    .await;
+    // Port b's client may expect a flow only once both ended connections
+    // have given their slots back (the waiting one took one of them):
+    // before that its datagram is rightly dropped as no_slot.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.stats()["active"].as_u64() != Some(4) {
+        assert!(
+            Instant::now() < deadline,
+            "the ended connections never ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    within(10, "recovery", async {
         let mut got = Vec::new();
         for _ in 0..50 {
             gb.send(b"z").await.expect("send");
