@@ -265,18 +265,7 @@ async fn ports_and_status_commands() {
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let sock = dir.join("api.sock").display().to_string();
     let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock]);
-    let cli = |args: &[&str]| {
-        let out = Command::new(forwarder_bin())
-            .args(args)
-            .args(["--api-socket", &sock])
-            .output()
-            .expect("forwarder client");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| api_client(&sock, args);
     let (ok, out, err) = cli(&["ports", "add", "127.0.0.1:8080:80"]);
     assert!(ok && out.trim() == "1", "{out}{err}");
     let (ok, _, err) = cli(&["ports", "add", "127.0.0.1:8080:81"]);
@@ -314,6 +303,20 @@ async fn ports_and_status_commands() {
     assert!(!ok && err.contains("unknown id: 1"), "{err}");
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs `forwarder ARGS --api-socket SOCK`: (success, stdout, stderr).
+fn api_client(sock: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(forwarder_bin())
+        .args(args)
+        .args(["--api-socket", sock])
+        .output()
+        .expect("forwarder client");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The dial agent goes away with its forwarder, even when the forwarder is
@@ -620,4 +623,140 @@ async fn a_killed_agent_is_restarted() {
     let err = f.stderr();
     assert_eq!(err.matches("restarted it").count(), 1, "{err}");
     f.stop();
+}
+
+/// A server in the child that answers each connection with the port it
+/// was reached on, then closes.
+fn says_its_port(l: tokio::net::TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let port = s.local_addr().map(|a| a.port()).unwrap_or(0);
+            let _ = s.write_all(port.to_string().as_bytes()).await;
+            let _ = s.shutdown().await;
+        }
+    });
+}
+
+/// What the child server reached through `addr` in the parent says.
+async fn child_port_via(pair: &Pair, addr: &str) -> String {
+    let mut c = pair.client(addr).await;
+    let mut got = String::new();
+    c.read_to_string(&mut got).await.expect("read");
+    got
+}
+
+/// Docker-style port ranges: `-p A-B:C-D` publishes every port of the
+/// range (each reaching its own child port, TCP and UDP), a range with a
+/// taken port is refused whole and leaves nothing listening (at start and
+/// through `ports add`), and `A-B:C` publishes the first free port of the
+/// range and says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_ranges_publish_whole_or_not_at_all() {
+    let pair = Pair::new();
+    for p in 9000..=9003 {
+        says_its_port(pair.child.listen(&format!("127.0.0.1:{p}")));
+    }
+    let udp_child = forwarder_tests::udp::bind_in(&pair.child, "127.0.0.1:9001", None);
+    forwarder_tests::udp::whoami(udp_child, "udp9001");
+    // 18200 is taken in the parent: `18200-18203:9000` must move on.
+    let _taken = pair
+        .parent
+        .run(|| std::net::TcpListener::bind("127.0.0.1:18200").expect("bind 18200"));
+    let dir = std::env::temp_dir().join(format!("fwt-range-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let sock = dir.join("api.sock").display().to_string();
+    let f = Fwd::start(
+        &pair,
+        &[
+            "--mode",
+            "copy",
+            "-p",
+            "127.0.0.1:18000-18003:9000-9003",
+            "-p",
+            "127.0.0.1:18100-18101:9000-9001/udp",
+            "-p",
+            "127.0.0.1:18200-18203:9000",
+            "--api-socket",
+            &sock,
+        ],
+    );
+    let listeners: Vec<String> = serde_json::from_value(f.ready["listeners"].clone())
+        .unwrap_or_else(|e| panic!("{e}: {}", f.ready));
+    let want: Vec<String> = [
+        "18000", "18001", "18002", "18003", "18100", "18101", "18201",
+    ]
+    .iter()
+    .map(|p| format!("127.0.0.1:{p}"))
+    .collect();
+    assert_eq!(listeners, want, "{}", f.ready);
+    within(20, "every port of the range", async {
+        for (parent, child) in (18000..=18003).zip(9000..=9003) {
+            let got = child_port_via(&pair, &format!("127.0.0.1:{parent}")).await;
+            assert_eq!(got, child.to_string(), "{parent}");
+        }
+        let got = child_port_via(&pair, "127.0.0.1:18201").await;
+        assert_eq!(got, "9000", "the first free port of 18200-18203");
+        let c = forwarder_tests::udp::client_in(&pair.parent, "127.0.0.1:18101");
+        c.send(b"?").await.expect("send");
+        let mut b = [0u8; 64];
+        let n = c.recv(&mut b).await.expect("recv");
+        let got = String::from_utf8_lossy(&b[..n]);
+        assert!(got.starts_with("udp9001:"), "{got}");
+    })
+    .await;
+    let err = f.wait_stderr("first free port", Duration::from_secs(10));
+    assert!(
+        err.contains("127.0.0.1:18200-18203:9000") && err.contains("18201"),
+        "the log names the range and the port taken: {err}"
+    );
+    let cli = |args: &[&str]| api_client(&sock, args);
+    // 18302 is taken by the test: the whole range is refused, and the
+    // ports added before the refusal (18300, 18301) are removed again.
+    let _taken2 = pair
+        .parent
+        .run(|| std::net::TcpListener::bind("127.0.0.1:18302").expect("bind 18302"));
+    let (ok, out, err) = cli(&["ports", "add", "127.0.0.1:18300-18303:9000-9003"]);
+    assert!(!ok && out.is_empty(), "{out}{err}");
+    assert!(
+        err.contains("127.0.0.1:18300-18303:9000-9003") && err.contains("removed again"),
+        "{err}"
+    );
+    let (ok, out, _) = cli(&["ports", "ls", "--json"]);
+    let ports: Vec<wire::PortStatus> =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert!(ok && ports.len() == 7, "{ports:?}");
+    for p in [18300, 18301, 18303] {
+        let r = pair.parent.connect(&format!("127.0.0.1:{p}")).await;
+        assert!(
+            r.is_err(),
+            "{p} is still listening after the range was refused"
+        );
+    }
+    // Through the API, a parent range to one port skips the taken one too
+    // (IDs are never reused: 8 and 9 went to the refused range).
+    let (ok, out, err) = cli(&["ports", "add", "127.0.0.1:18302-18303:9003"]);
+    assert!(ok && out.trim() == "10", "{out}{err}");
+    assert!(err.contains("127.0.0.1:18303:9003"), "{err}");
+    let got = child_port_via(&pair, "127.0.0.1:18303").await;
+    assert_eq!(got, "9003");
+    f.stop();
+    // At start, a range with a taken port is refused whole: the forwarder
+    // exits naming the spec, before its ready line.
+    let out = pair
+        .parent
+        .command(forwarder_bin())
+        .args(["run", "--mode", "copy", "--child-netns"])
+        .arg(pair.child.path())
+        .args(["-p", "127.0.0.1:18400-18403:9000", "-p"])
+        .args(["127.0.0.1:18301-18302:9000-9001"])
+        .output()
+        .expect("run forwarder");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("cannot publish 127.0.0.1:18301-18302:9000-9001") && err.contains("in use"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "{:?}", out.stdout);
+    let _ = std::fs::remove_dir_all(&dir);
 }

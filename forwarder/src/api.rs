@@ -353,7 +353,9 @@ async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Respons
         PortError::Conflict(_)
         | PortError::UnknownId(_)
         | PortError::Listen { .. }
-        | PortError::NoIpv6 { .. } => bad_request(e.to_string()),
+        | PortError::NoIpv6 { .. }
+        | PortError::Taken(_)
+        | PortError::NoFreePort { .. } => bad_request(e.to_string()),
     })?;
     Ok((
         StatusCode::CREATED,

@@ -10,7 +10,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::spec::{ApiSpec, PortSpec};
+use crate::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
 use crate::wire::{ErrorBody, PortStatus, Stats};
 
 /// One HTTP/1.1 request over the API socket.
@@ -90,44 +90,81 @@ pub fn info_blocking(socket: &Path) -> Result<serde_json::Value> {
     })
 }
 
-/// `forwarder ports add SPEC...`: all or nothing. If one spec is refused,
-/// the ports this call already added are removed again before the error is
-/// reported, and no ID is printed.
-pub async fn add(socket: &Path, specs: &[PortSpec]) -> Result<()> {
-    let mut added: Vec<u32> = Vec::new();
-    for spec in specs {
-        let r = async {
-            let body = serde_json::to_string(&ApiSpec::from(spec))?;
-            let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
-            check(status, &bytes)?;
-            let st: PortStatus = serde_json::from_slice(&bytes).context("decoding the reply")?;
-            anyhow::Ok(st.id)
+/// `POST /v1/ports` of one spec: the new ID, or the API's refusal (the
+/// outer error is a failure to ask at all).
+async fn post(socket: &Path, spec: &PortSpec) -> Result<Result<u32>> {
+    let body = serde_json::to_string(&ApiSpec::from(spec))?;
+    let (status, bytes) = request(socket, Method::POST, "/v1/ports", Some(body)).await?;
+    Ok(check(status, &bytes).and_then(|()| {
+        let st: PortStatus = serde_json::from_slice(&bytes).context("decoding the reply")?;
+        Ok(st.id)
+    }))
+}
+
+/// Publishes one `-p` spec through the API, one port per request, pushing
+/// each new ID to `added`: every port of a range, or the first port of a
+/// parent range that the forwarder accepts (a refusal moves on to the next;
+/// stderr says which port was taken).
+async fn add_range(socket: &Path, range: &PortRangeSpec, added: &mut Vec<u32>) -> Result<()> {
+    match range.expand() {
+        Expansion::All(specs) => {
+            for spec in specs {
+                let id = post(socket, &spec)
+                    .await
+                    .and_then(|r| r)
+                    .with_context(|| format!("adding {spec}"))?;
+                added.push(id);
+            }
+            Ok(())
         }
-        .await;
-        match r {
-            Ok(id) => added.push(id),
-            Err(e) => {
-                let mut undone = Vec::new();
-                for id in added.iter().rev() {
-                    let path = format!("/v1/ports/{id}");
-                    if let Ok((st, b)) = request(socket, Method::DELETE, &path, None).await {
-                        if check(st, &b).is_ok() {
-                            undone.push(*id);
-                        }
+        Expansion::FirstFree(specs) => {
+            let mut last = None;
+            for spec in specs {
+                match post(socket, &spec).await? {
+                    Ok(id) => {
+                        eprintln!(
+                            "{range}: published {spec} (port {}, the first free port of the range)",
+                            spec.parent_port
+                        );
+                        added.push(id);
+                        return Ok(());
+                    }
+                    Err(e) => last = Some(e.context(format!("adding {spec}"))),
+                }
+            }
+            let e = last.unwrap_or_else(|| anyhow::anyhow!("the range is empty"));
+            Err(e.context("no port of the range could be published"))
+        }
+    }
+}
+
+/// `forwarder ports add SPEC...`: all or nothing. If one spec (or one port
+/// of a range) is refused, the ports this call already added are removed
+/// again before the error is reported, and no ID is printed.
+pub async fn add(socket: &Path, specs: &[PortRangeSpec]) -> Result<()> {
+    let mut added: Vec<u32> = Vec::new();
+    for range in specs {
+        if let Err(e) = add_range(socket, range, &mut added).await {
+            let mut undone = Vec::new();
+            for id in added.iter().rev() {
+                let path = format!("/v1/ports/{id}");
+                if let Ok((st, b)) = request(socket, Method::DELETE, &path, None).await {
+                    if check(st, &b).is_ok() {
+                        undone.push(*id);
                     }
                 }
-                let note = match (added.len(), undone.len()) {
-                    (0, _) => String::new(),
-                    (a, u) if a == u => {
-                        format!(" (the {a} port(s) added before it were removed again)")
-                    }
-                    (a, u) => format!(
-                        " ({a} port(s) were added before it; only {u} could be removed again: \
-                         check `forwarder ports ls`)"
-                    ),
-                };
-                return Err(e.context(format!("adding {spec}{note}")));
             }
+            let note = match (added.len(), undone.len()) {
+                (0, _) => String::new(),
+                (a, u) if a == u => {
+                    format!(" (the {a} port(s) added before it were removed again)")
+                }
+                (a, u) => format!(
+                    " ({a} port(s) were added before it; only {u} could be removed again: \
+                     check `forwarder ports ls`)"
+                ),
+            };
+            return Err(e.context(format!("adding {range}{note}")));
         }
     }
     for id in added {

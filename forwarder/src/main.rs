@@ -12,7 +12,7 @@ use anyhow::{Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 use engine::Mode;
-use spec::PortSpec;
+use spec::PortRangeSpec;
 
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
@@ -79,7 +79,7 @@ enum PortsAction {
     /// Publish ports (same SPEC syntax as `run -p`); prints each new ID.
     Add {
         #[arg(value_name = "SPEC", value_parser = parse_spec, required = true)]
-        specs: Vec<PortSpec>,
+        specs: Vec<PortRangeSpec>,
     },
     /// List the published ports.
     #[command(alias = "list")]
@@ -130,9 +130,11 @@ struct RunArgs {
     rootlesskit_state_dir: Option<PathBuf>,
     /// A port to publish: [PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/PROTO],
     /// PROTO one of tcp (the default), tcp4, tcp6, udp, udp4, udp6; IPv6
-    /// addresses in brackets. Repeatable.
+    /// addresses in brackets. Ports may be ranges (8000-8010:9000-9010,
+    /// published whole or not at all), or a parent range to one child port
+    /// (8000-8010:80: the first free port of the range). Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
-    publish: Vec<PortSpec>,
+    publish: Vec<PortRangeSpec>,
     /// Which engine carries the bytes.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
@@ -202,7 +204,7 @@ struct AttachArgs {
     #[arg(long)]
     print: bool,
     #[arg(short = 'p', long = "publish", value_name = "SPEC", value_parser = parse_spec)]
-    publish: Vec<PortSpec>,
+    publish: Vec<PortRangeSpec>,
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     mode: Mode,
     #[arg(long)]
@@ -246,19 +248,17 @@ fn validate(cli: &Cli) -> Result<(), clap::Error> {
                 .into(),
         );
     }
-    for (i, a) in publish.iter().enumerate() {
-        if let Some(b) = publish[..i].iter().find(|b| b.conflicts_with(a)) {
-            return err(
-                ErrorKind::ArgumentConflict,
-                format!("-p {b} and -p {a} would listen on the same address and port"),
-            );
-        }
+    if let Some((a, b)) = startup::first_conflict(publish) {
+        return err(
+            ErrorKind::ArgumentConflict,
+            format!("-p {b} and -p {a} would listen on the same address and port"),
+        );
     }
     Ok(())
 }
 
-fn parse_spec(s: &str) -> Result<PortSpec, String> {
-    s.parse::<PortSpec>().map_err(|e| e.to_string())
+fn parse_spec(s: &str) -> Result<PortRangeSpec, String> {
+    s.parse::<PortRangeSpec>().map_err(|e| e.to_string())
 }
 
 /// `completions` and `man`: generated from the clap definitions above.
@@ -450,6 +450,18 @@ mod tests {
         );
         assert_eq!(run(&["127.0.0.1:8080:80", "127.0.0.2:8080:80"]), None);
         assert_eq!(run(&["0.0.0.0:8080:80", "[::]:8080:80"]), None);
+        // Ranges: every port of an all-or-nothing range counts; a parent
+        // range to one child port takes a free one when binding.
+        assert_eq!(
+            run(&["8000-8010:9000-9010", "127.0.0.1:8010:80"]),
+            Some(ErrorKind::ArgumentConflict)
+        );
+        assert_eq!(run(&["8000-8010:9000-9010", "8011-8012:9000-9001"]), None);
+        assert_eq!(run(&["8000:80", "8000-8001:81"]), None);
+        assert_eq!(
+            run(&["8000-8010:9000-9004"]),
+            Some(ErrorKind::ValueValidation)
+        );
         // A bad spec is clap's own error, as before.
         assert_eq!(run(&["8080:0"]), Some(ErrorKind::ValueValidation));
     }

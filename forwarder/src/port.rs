@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::dial::{Dial, DialRequest};
 use crate::engine::{Conn, Engine};
-use crate::spec::{ApiSpec, PortSpec};
+use crate::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
 use crate::stats::{PortStats, Snapshot};
 use crate::sys;
 use crate::udp::{self, UdpOptions, UdpSnapshot, UdpStats};
@@ -52,6 +52,10 @@ pub enum PortError {
         cause: io::Error,
         hint: &'static str,
     },
+    #[error("conflicts with {0}")]
+    Taken(String),
+    #[error("no port of {range} is free (the last one tried: {last})")]
+    NoFreePort { range: String, last: Box<PortError> },
 }
 
 impl PortError {
@@ -207,6 +211,64 @@ pub fn bind_spec(spec: &PortSpec) -> Result<Bound, PortError> {
         }
     }
     Ok(bound)
+}
+
+/// Whether a bind failed only because the port is taken.
+fn in_use(e: &PortError) -> bool {
+    matches!(e, PortError::Listen { cause, .. } if cause.raw_os_error() == Some(libc::EADDRINUSE))
+}
+
+/// Binds the listeners of a range spec (see [`PortRangeSpec::expand`]):
+/// either every port of the range or, on the first failure, none (what
+/// was bound is closed again), or, for a parent range to one child port,
+/// the first port of the range that is free. `taken` names the spec that
+/// already holds a candidate, if one does: such a port counts as in use
+/// without a bind.
+/// Needs no runtime, like [`bind_spec`].
+pub fn bind_range(
+    range: &PortRangeSpec,
+    taken: impl Fn(&PortSpec) -> Option<String>,
+) -> Result<Vec<(PortSpec, Bound)>, PortError> {
+    match range.expand() {
+        Expansion::All(specs) => {
+            // Dropping `bound` on an error closes what was bound: the
+            // range is published whole or not at all.
+            let mut bound = Vec::with_capacity(specs.len());
+            for spec in specs {
+                if let Some(other) = taken(&spec) {
+                    return Err(PortError::Taken(other));
+                }
+                let b = bind_spec(&spec)?;
+                bound.push((spec, b));
+            }
+            Ok(bound)
+        }
+        Expansion::FirstFree(specs) => {
+            let mut last = None;
+            for spec in specs {
+                let e = match taken(&spec) {
+                    Some(other) => PortError::Taken(other),
+                    None => match bind_spec(&spec) {
+                        Ok(b) => {
+                            tracing::info!(range = %range, spec = %spec,
+                                "publishing the first free port of the range: {}",
+                                spec.parent_port);
+                            return Ok(vec![(spec, b)]);
+                        }
+                        Err(e) if in_use(&e) => e,
+                        Err(e) => return Err(e),
+                    },
+                };
+                tracing::debug!(spec = %spec, error = %e, "port of the range taken, trying the next");
+                last = Some(e);
+            }
+            Err(PortError::NoFreePort {
+                range: range.to_string(),
+                // A parent range holds two ports or more: `last` is set.
+                last: Box::new(last.unwrap_or(PortError::Taken(range.to_string()))),
+            })
+        }
+    }
 }
 
 impl PortManager {

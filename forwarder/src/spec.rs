@@ -333,49 +333,267 @@ fn parse_port(spec: &str, field: &str, what: &str) -> Result<u16, SpecError> {
     }
 }
 
+/// The fields of a `-p` text: protocol, parent IP, parent port(s), child
+/// IP, child port(s); the port fields still unparsed.
+struct Fields<'a> {
+    proto: Proto,
+    parent_ip: Option<IpAddr>,
+    parent_port: &'a str,
+    child_ip: Option<IpAddr>,
+    child_port: &'a str,
+}
+
+/// Splits `[PARENTIP:]PARENTPORT:[CHILDIP:]CHILDPORT[/PROTO]` into fields.
+fn fields(spec: &str) -> Result<Fields<'_>, SpecError> {
+    let (body, proto) = match spec.rsplit_once('/') {
+        Some((b, p)) => (b, p.parse::<Proto>().map_err(|e| invalid(spec, e))?),
+        None => (spec, Proto::Tcp),
+    };
+    if body.is_empty() {
+        return Err(invalid(spec, "empty"));
+    }
+    let f = split_fields(spec, body)?;
+    let (pip, pport, cip, cport) = match f.as_slice() {
+        [pp, cp] => (None, *pp, None, *cp),
+        [ip, pp, cp] => (Some(*ip), *pp, None, *cp),
+        [ip, pp, cip, cp] => (Some(*ip), *pp, Some(*cip), *cp),
+        _ => {
+            return Err(invalid(
+                spec,
+                "expected PARENTPORT:CHILDPORT, PARENTIP:PARENTPORT:CHILDPORT or \
+                 PARENTIP:PARENTPORT:CHILDIP:CHILDPORT (IPv6 addresses in brackets)",
+            ))
+        }
+    };
+    let ip = |field: Option<&str>, what| match field {
+        Some("") | None => Ok(None),
+        Some(ip) => parse_ip(spec, ip, what).map(Some),
+    };
+    Ok(Fields {
+        proto,
+        parent_ip: ip(pip, "parent IP")?,
+        parent_port: pport,
+        child_ip: ip(cip, "child IP")?,
+        child_port: cport,
+    })
+}
+
 impl FromStr for PortSpec {
     type Err = SpecError;
 
     /// Parses `PARENTPORT:CHILDPORT`, `PARENTIP:PARENTPORT:CHILDPORT` or
     /// `PARENTIP:PARENTPORT:CHILDIP:CHILDPORT`, each with an optional
-    /// `/tcp`, `/tcp4` or `/tcp6`.
+    /// `/tcp`, `/tcp4` or `/tcp6`. Port ranges are [`PortRangeSpec`]'s.
     fn from_str(spec: &str) -> Result<Self, SpecError> {
-        let (body, proto) = match spec.rsplit_once('/') {
-            Some((b, p)) => (b, p.parse::<Proto>().map_err(|e| invalid(spec, e))?),
-            None => (spec, Proto::Tcp),
-        };
-        if body.is_empty() {
-            return Err(invalid(spec, "empty"));
-        }
-        let f = split_fields(spec, body)?;
-        let (pip, pport, cip, cport) = match f.as_slice() {
-            [pp, cp] => (None, *pp, None, *cp),
-            [ip, pp, cp] => (Some(*ip), *pp, None, *cp),
-            [ip, pp, cip, cp] => (Some(*ip), *pp, Some(*cip), *cp),
-            _ => {
-                return Err(invalid(
-                    spec,
-                    "expected PARENTPORT:CHILDPORT, PARENTIP:PARENTPORT:CHILDPORT or \
-                     PARENTIP:PARENTPORT:CHILDIP:CHILDPORT (IPv6 addresses in brackets)",
-                ))
-            }
-        };
-        let parent_ip = match pip {
-            Some("") | None => None,
-            Some(ip) => Some(parse_ip(spec, ip, "parent IP")?),
-        };
-        let child_ip = match cip {
-            Some("") | None => None,
-            Some(ip) => Some(parse_ip(spec, ip, "child IP")?),
-        };
+        let f = fields(spec)?;
         PortSpec {
-            proto,
-            parent_ip,
-            parent_port: parse_port(spec, pport, "parent port")?,
-            child_ip,
-            child_port: parse_port(spec, cport, "child port")?,
+            proto: f.proto,
+            parent_ip: f.parent_ip,
+            parent_port: parse_port(spec, f.parent_port, "parent port")?,
+            child_ip: f.child_ip,
+            child_port: parse_port(spec, f.child_port, "child port")?,
         }
         .validate(spec)
+    }
+}
+
+/// An inclusive range of ports: `N` (one port) or `FIRST-LAST`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds (at least one).
+    pub fn count(self) -> usize {
+        usize::from(self.last - self.first) + 1
+    }
+
+    /// The ports in order.
+    pub fn ports(self) -> impl Iterator<Item = u16> {
+        self.first..=self.last
+    }
+
+    /// Parses `N` or `FIRST-LAST` (docker's rules: both ends 1-65535, the
+    /// first not above the last).
+    fn parse(spec: &str, field: &str, what: &str) -> Result<PortRange, SpecError> {
+        let Some((a, b)) = field.split_once('-') else {
+            let p = parse_port(spec, field, what)?;
+            return Ok(PortRange { first: p, last: p });
+        };
+        if a.is_empty() || b.is_empty() {
+            return Err(invalid(
+                spec,
+                format!("{what} range {field:?} is empty on one side (expected FIRST-LAST)"),
+            ));
+        }
+        let end = |s: &str| -> Result<u32, SpecError> {
+            if !s.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(invalid(
+                    spec,
+                    format!("{what} range {field:?}: {s:?} is not a number"),
+                ));
+            }
+            Ok(s.parse::<u32>().unwrap_or(u32::MAX))
+        };
+        let (first, last) = (end(a)?, end(b)?);
+        if first == 0 || first > 65535 || last > 65535 {
+            return Err(invalid(
+                spec,
+                format!("{what} range {field} is out of range (ports 1-65535)"),
+            ));
+        }
+        if first > last {
+            return Err(invalid(
+                spec,
+                format!("{what} range {field} is inverted (its first port is above its last)"),
+            ));
+        }
+        // Both ends checked to be within 1..=65535 above.
+        Ok(PortRange {
+            first: first as u16,
+            last: last as u16,
+        })
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
+/// A `-p` spec whose ports may be ranges, as `docker run -p` takes them:
+/// `8000-8010:9000-9010`, `127.0.0.1:8000-8010:8000-8010/udp`,
+/// `8000-8010:80`. A pure parse: [`PortRangeSpec::expand`] turns it into
+/// the [`PortSpec`]s to publish; the API stays one port per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRangeSpec {
+    /// The text as given, named in every message about the spec.
+    pub text: String,
+    pub proto: Proto,
+    pub parent_ip: Option<IpAddr>,
+    pub parent: PortRange,
+    pub child_ip: Option<IpAddr>,
+    pub child: PortRange,
+}
+
+/// What publishing a [`PortRangeSpec`] means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expansion {
+    /// Publish every spec, all of them or none (equal-length ranges, or a
+    /// single port).
+    All(Vec<PortSpec>),
+    /// Publish the first of these whose parent port is free, and only
+    /// that one (a parent range to one child port, as docker does).
+    FirstFree(Vec<PortSpec>),
+}
+
+impl Expansion {
+    /// Every spec the expansion may publish, in order.
+    pub fn specs(&self) -> &[PortSpec] {
+        match self {
+            Expansion::All(s) | Expansion::FirstFree(s) => s,
+        }
+    }
+}
+
+impl PortRangeSpec {
+    /// The specs to publish, and whether all or the first free one. The
+    /// ranges were checked when parsing, so this cannot fail.
+    pub fn expand(&self) -> Expansion {
+        let one = |parent_port, child_port| PortSpec {
+            proto: self.proto,
+            parent_ip: self.parent_ip,
+            parent_port,
+            child_ip: self.child_ip,
+            child_port,
+        };
+        if self.child.count() == 1 && self.parent.count() > 1 {
+            let c = self.child.first;
+            Expansion::FirstFree(self.parent.ports().map(|p| one(p, c)).collect())
+        } else {
+            Expansion::All(
+                self.parent
+                    .ports()
+                    .zip(self.child.ports())
+                    .map(|(p, c)| one(p, c))
+                    .collect(),
+            )
+        }
+    }
+}
+
+impl From<PortSpec> for PortRangeSpec {
+    fn from(s: PortSpec) -> Self {
+        PortRangeSpec {
+            text: s.to_string(),
+            proto: s.proto,
+            parent_ip: s.parent_ip,
+            parent: PortRange {
+                first: s.parent_port,
+                last: s.parent_port,
+            },
+            child_ip: s.child_ip,
+            child: PortRange {
+                first: s.child_port,
+                last: s.child_port,
+            },
+        }
+    }
+}
+
+impl fmt::Display for PortRangeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for PortRangeSpec {
+    type Err = SpecError;
+
+    /// Parses a [`PortSpec`] text whose ports may be `FIRST-LAST` ranges:
+    /// equal lengths, or a parent range to one child port.
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let f = fields(spec)?;
+        let parent = PortRange::parse(spec, f.parent_port, "parent port")?;
+        let child = PortRange::parse(spec, f.child_port, "child port")?;
+        if parent.count() != child.count() && child.count() != 1 {
+            return Err(invalid(
+                spec,
+                format!(
+                    "the parent range {parent} ({} ports) and the child range {child} ({} \
+                     ports) differ in length: give ranges of equal length, or a parent range \
+                     and one child port",
+                    parent.count(),
+                    child.count()
+                ),
+            ));
+        }
+        // The family rules are the same for every port of the range:
+        // check them on the first, and keep their normalisation (0.0.0.0
+        // means tcp4, and so on).
+        let first = PortSpec {
+            proto: f.proto,
+            parent_ip: f.parent_ip,
+            parent_port: parent.first,
+            child_ip: f.child_ip,
+            child_port: child.first,
+        }
+        .validate(spec)?;
+        Ok(PortRangeSpec {
+            text: spec.to_string(),
+            proto: first.proto,
+            parent_ip: first.parent_ip,
+            parent,
+            child_ip: first.child_ip,
+            child,
+        })
     }
 }
 
@@ -561,6 +779,109 @@ mod tests {
         assert_eq!(a[1], ("[::]:53".parse().unwrap(), true));
         assert!(ok("53:53/udp").proto.is_udp());
         assert!(!ok("53:53/tcp").proto.is_udp());
+    }
+}
+
+#[cfg(test)]
+mod range_tests {
+    use super::*;
+
+    fn specs(list: &[&str]) -> Vec<PortSpec> {
+        list.iter()
+            .map(|s| s.parse().unwrap_or_else(|e| panic!("{s}: {e}")))
+            .collect()
+    }
+
+    #[test]
+    fn ranges_expand_as_docker_does() {
+        let all = |l: &[&str]| Expansion::All(specs(l));
+        let first_free = |l: &[&str]| Expansion::FirstFree(specs(l));
+        let cases = [
+            ("8080:80", all(&["8080:80"])),
+            ("8000-8000:9000", all(&["8000:9000"])),
+            ("8000-8000:9000-9000", all(&["8000:9000"])),
+            (
+                "8000-8002:9000-9002",
+                all(&["8000:9000", "8001:9001", "8002:9002"]),
+            ),
+            (
+                "127.0.0.1:8000-8001:8000-8001/udp",
+                all(&["127.0.0.1:8000:8000/udp", "127.0.0.1:8001:8001/udp"]),
+            ),
+            (
+                "[::1]:8000-8001:[fd00::2]:80-81/tcp6",
+                all(&[
+                    "[::1]:8000:[fd00::2]:80/tcp6",
+                    "[::1]:8001:[fd00::2]:81/tcp6",
+                ]),
+            ),
+            (
+                "0.0.0.0:8000-8001:80-81",
+                all(&["0.0.0.0:8000:80", "0.0.0.0:8001:81"]),
+            ),
+            (
+                "8000-8002:80",
+                first_free(&["8000:80", "8001:80", "8002:80"]),
+            ),
+            (
+                "127.0.0.2:65534-65535:10.0.0.2:53/udp",
+                first_free(&[
+                    "127.0.0.2:65534:10.0.0.2:53/udp",
+                    "127.0.0.2:65535:10.0.0.2:53/udp",
+                ]),
+            ),
+            ("1-1:65535-65535", all(&["1:65535"])),
+        ];
+        for (text, want) in cases {
+            let r: PortRangeSpec = text.parse().unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(r.expand(), want, "{text}");
+            assert_eq!(r.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn bad_ranges_are_refused_naming_the_spec() {
+        let cases = [
+            (
+                "8010-8000:9010-9000",
+                "parent port range 8010-8000 is inverted",
+            ),
+            (
+                "8000-8010:9010-9000",
+                "child port range 9010-9000 is inverted",
+            ),
+            ("65530-65540:80", "range 65530-65540 is out of range"),
+            ("80:65535-70000", "range 65535-70000 is out of range"),
+            ("0-10:0-10", "range 0-10 is out of range"),
+            ("8000-:80", "empty on one side"),
+            ("-8000:80", "empty on one side"),
+            ("8000-8010:-", "empty on one side"),
+            ("8000-80x0:80", "\"80x0\" is not a number"),
+            ("8000-8010:9000-9004", "differ in length"),
+            ("8000:9000-9001", "differ in length"),
+            ("99999999999999999999-1:80", "out of range"),
+            ("127.0.0.1:8000-8001:[::1]:80-81", "family"),
+            ("8000-8001:80-81/sctp", "not supported yet"),
+            ("8000-8001", "expected"),
+        ];
+        for (text, want) in cases {
+            let err = text.parse::<PortRangeSpec>().expect_err(text).to_string();
+            assert!(err.contains(&format!("{text:?}")), "{text}: {err}");
+            assert!(err.contains(want), "{text}: {err} (want {want:?})");
+        }
+    }
+
+    #[test]
+    fn a_single_spec_is_a_range_of_one() {
+        for text in ["8080:80", "127.0.0.2:53:53/udp", "[::1]:80:[::1]:8080/tcp6"] {
+            let spec: PortSpec = text.parse().expect(text);
+            let r: PortRangeSpec = text.parse().expect(text);
+            assert_eq!(r.expand(), Expansion::All(vec![spec.clone()]), "{text}");
+            assert_eq!(PortRangeSpec::from(spec.clone()).expand(), r.expand());
+        }
+        // PortSpec itself (the fuzz targets, the API) still takes one port.
+        let err = "8000-8001:80".parse::<PortSpec>().expect_err("range");
+        assert!(err.to_string().contains("not a number"), "{err}");
     }
 }
 

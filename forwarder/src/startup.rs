@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 use crate::dial::Dial;
 use crate::engine::{self, Mode, Prepared};
 use crate::port::{self, PortManager};
-use crate::spec::{self, PortSpec};
+use crate::spec::{self, Expansion, PortRangeSpec, PortSpec};
 use crate::wire::{Event, Ready, StatsEvent};
 use crate::{agent, api, netns, sys};
 
@@ -49,7 +49,8 @@ pub struct Config {
     /// `api.sock` stand in for `child_pid` and `api_socket`
     /// ([`crate::rootlesskit`]).
     pub rootlesskit_state_dir: Option<PathBuf>,
-    pub publish: Vec<PortSpec>,
+    /// `-p` specs, port ranges included.
+    pub publish: Vec<PortRangeSpec>,
     pub mode: Mode,
     pub ebpf_parser: bool,
     pub api_socket: Option<PathBuf>,
@@ -57,6 +58,36 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// UDP flow expiry and cap.
     pub udp: crate::udp::UdpOptions,
+}
+
+/// The first two `-p` specs that would listen on the same address and
+/// port, as texts. A parent range to one child port takes whichever of
+/// its ports is free, so only its own conflicts with no free port left
+/// are found when binding.
+pub fn first_conflict(publish: &[PortRangeSpec]) -> Option<(String, String)> {
+    let fixed: Vec<(&PortRangeSpec, PortSpec)> = publish
+        .iter()
+        .flat_map(|r| match r.expand() {
+            Expansion::All(specs) => specs.into_iter().map(|s| (r, s)).collect(),
+            Expansion::FirstFree(_) => Vec::new(),
+        })
+        .collect();
+    for (i, (ra, a)) in fixed.iter().enumerate() {
+        if let Some((rb, b)) = fixed[..i]
+            .iter()
+            .find(|(rb, b)| !std::ptr::eq(*rb, *ra) && b.conflicts_with(a))
+        {
+            let show = |r: &PortRangeSpec, s: &PortSpec| {
+                if r.parent.count() == 1 {
+                    s.to_string()
+                } else {
+                    format!("{s} (of {r})")
+                }
+            };
+            return Some((show(ra, a), show(rb, b)));
+        }
+    }
+    None
 }
 
 /// How a run is told to stop.
@@ -230,10 +261,8 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
             "nothing to publish: give at least one -p SPEC, or --api-socket to add ports later"
         );
     }
-    for (i, a) in config.publish.iter().enumerate() {
-        if let Some(b) = config.publish[..i].iter().find(|b| b.conflicts_with(a)) {
-            anyhow::bail!("cannot publish {a}: conflicts with {b}");
-        }
+    if let Some((a, b)) = first_conflict(&config.publish) {
+        anyhow::bail!("cannot publish {a}: conflicts with {b}");
     }
     let nofile = match sys::raise_nofile_limit() {
         Ok(n) => n,
@@ -276,10 +305,16 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
     // 4. The child's namespace, or the agent.
     let dial = prepare_dialer(&config)?;
     // 5. Listeners.
-    let mut bound = Vec::new();
-    for spec in &config.publish {
-        let b = port::bind_spec(spec).with_context(|| format!("cannot publish {spec}"))?;
-        bound.push((spec.clone(), b));
+    let mut bound: Vec<(PortSpec, port::Bound)> = Vec::new();
+    for range in &config.publish {
+        let b = port::bind_range(range, |s| {
+            bound
+                .iter()
+                .find(|(b, _)| b.conflicts_with(s))
+                .map(|(b, _)| b.to_string())
+        })
+        .with_context(|| format!("cannot publish {range}"))?;
+        bound.extend(b);
     }
     // Watch the child (--child-pid): the forwarder ends with it, as
     // RootlessKit does. With --child-netns the forwarder's own reference

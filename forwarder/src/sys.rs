@@ -9,15 +9,15 @@
 //! stays plain.
 
 use std::io;
-use std::mem::{size_of, MaybeUninit};
-use std::net::Shutdown;
+use std::mem::{size_of, zeroed, MaybeUninit};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -513,6 +513,381 @@ pub fn is_resource_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
+}
+
+// ---------------------------------------------------------------------------
+// UDP: batched datagram I/O with packet info and drop counts (udp.rs).
+
+/// Control-message space per received datagram (a packet-info message and
+/// a drop count fit in 64 bytes).
+const CTRL: usize = 128;
+
+/// setsockopt(2) of an `int` option.
+pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
+    setsockopt(fd, level, name, val)
+}
+
+/// Entries of SO_MEMINFO's answer (SK_MEMINFO_VARS).
+const MEMINFO_VARS: usize = libc::SK_MEMINFO_DROPS as usize + 1;
+
+/// The kernel's drop counter of a socket (SO_MEMINFO, SK_MEMINFO_DROPS;
+/// Linux 3.6).
+pub fn meminfo_drops(fd: BorrowedFd<'_>) -> Option<u32> {
+    getsockopt::<[u32; MEMINFO_VARS]>(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)
+        .ok()
+        .map(|info| info[libc::SK_MEMINFO_DROPS as usize])
+}
+
+/// Sends one datagram on a connected socket without blocking.
+pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
+    // SAFETY: data is a readable buffer of data.len() bytes.
+    let r = unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Receives and discards one queued datagram without blocking; returns its
+/// length.
+pub fn recv_discard(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut byte = [0u8; 1];
+    // SAFETY: a one-byte buffer; MSG_TRUNC only reports the length.
+    let r = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            byte.as_mut_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Where a datagram was addressed (IP_PKTINFO / IPV6_PKTINFO): the
+/// address a client wrote to and the interface it came in on (kept for
+/// IPv6 link-local addresses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PktInfo {
+    pub ip: IpAddr,
+    pub ifindex: u32,
+}
+
+/// What one received datagram's control messages said.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Ancillary {
+    pub local: Option<PktInfo>,
+    pub drops: Option<u32>,
+}
+
+/// Preallocated recvmmsg/sendmmsg state: `count` buffers of `buf` bytes
+/// with their headers, names and control space ([`CTRL`] bytes each).
+pub struct Batch {
+    count: usize,
+    buf: usize,
+    bufs: Vec<u8>,
+    iov: Vec<libc::iovec>,
+    names: Vec<libc::sockaddr_storage>,
+    ctrl: Vec<u64>,
+    hdrs: Vec<libc::mmsghdr>,
+    /// Headers and iovecs for sends (pointing into `bufs`).
+    send_iov: Vec<libc::iovec>,
+    send_hdrs: Vec<libc::mmsghdr>,
+    /// One destination name and one control message shared by a send.
+    send_name: libc::sockaddr_storage,
+    send_ctrl: [u64; CTRL / 8],
+}
+
+// SAFETY: the raw pointers in the headers only ever point into buffers
+// owned by the same Batch (set again before each call), so moving the
+// Batch to another thread moves what they point at with it.
+unsafe impl Send for Batch {}
+
+impl Batch {
+    /// Room for `count` datagrams of at most `buf` bytes each (a datagram
+    /// longer than `buf` is reported as [`Batch::truncated`]).
+    pub fn new(count: usize, buf: usize) -> Batch {
+        // SAFETY: all-zero is a valid value of these C structs.
+        let (iov, hdr, name) = unsafe {
+            (
+                zeroed::<libc::iovec>(),
+                zeroed::<libc::mmsghdr>(),
+                zeroed::<libc::sockaddr_storage>(),
+            )
+        };
+        Batch {
+            count,
+            buf,
+            // calloc'd: pages are only backed once a datagram reaches them.
+            bufs: vec![0; count * buf],
+            iov: vec![iov; count],
+            names: vec![name; count],
+            ctrl: vec![0; count * CTRL / 8],
+            hdrs: vec![hdr; count],
+            send_iov: vec![iov; count],
+            send_hdrs: vec![hdr; count],
+            send_name: name,
+            send_ctrl: [0; CTRL / 8],
+        }
+    }
+
+    /// Receives up to `count` datagrams (recvmmsg(2), Linux 2.6.33);
+    /// `Ok(0)` when none is queued.
+    pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
+        let base = self.bufs.as_mut_ptr();
+        let ctrl = self.ctrl.as_mut_ptr();
+        let buf = self.buf;
+        for i in 0..self.count {
+            // SAFETY: offsets stay inside the buffers allocated in new().
+            unsafe {
+                self.iov[i] = libc::iovec {
+                    iov_base: base.add(i * buf).cast(),
+                    iov_len: buf,
+                };
+                let h = &mut self.hdrs[i];
+                h.msg_len = 0;
+                h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
+                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+                h.msg_hdr.msg_iov = &mut self.iov[i];
+                h.msg_hdr.msg_iovlen = 1;
+                h.msg_hdr.msg_control = ctrl.add(i * CTRL / 8).cast();
+                h.msg_hdr.msg_controllen = CTRL;
+                h.msg_hdr.msg_flags = 0;
+            }
+        }
+        // SAFETY: every header points at memory owned by self.
+        let n = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                self.count as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(n as usize)
+    }
+
+    /// The length of received datagram `i` (as much as fitted).
+    pub fn len(&self, i: usize) -> usize {
+        (self.hdrs[i].msg_len as usize).min(self.buf)
+    }
+
+    /// Whether datagram `i` was longer than its buffer.
+    pub fn truncated(&self, i: usize) -> bool {
+        self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+    }
+
+    /// The bytes of datagram `i`.
+    pub fn data(&self, i: usize) -> &[u8] {
+        &self.bufs[i * self.buf..i * self.buf + self.len(i)]
+    }
+
+    /// The sender of datagram `i`.
+    pub fn source(&self, i: usize) -> Option<SocketAddr> {
+        let len = self.hdrs[i].msg_hdr.msg_namelen as usize;
+        let ss = &self.names[i];
+        // SAFETY: the kernel filled names[i] with a sockaddr of `len` bytes
+        // of the family it names; each cast reads within the storage.
+        unsafe {
+            match ss.ss_family as i32 {
+                libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
+                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                    Some(SocketAddr::from((
+                        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                        u16::from_be(a.sin_port),
+                    )))
+                }
+                libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
+                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                        Ipv6Addr::from(a.sin6_addr.s6_addr),
+                        u16::from_be(a.sin6_port),
+                        a.sin6_flowinfo,
+                        a.sin6_scope_id,
+                    )))
+                }
+                _ => None,
+            }
+        }
+    }
+
+    /// What datagram `i`'s control messages said.
+    pub fn ancillary(&self, i: usize) -> Ancillary {
+        let mut out = Ancillary::default();
+        let h = &self.hdrs[i].msg_hdr;
+        // SAFETY: the kernel wrote msg_controllen bytes of well-formed
+        // control messages into our control space; CMSG_* walk within it.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                let data = libc::CMSG_DATA(c);
+                match ((*c).cmsg_level, (*c).cmsg_type) {
+                    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
+                        out.drops = Some(std::ptr::read_unaligned(data.cast::<u32>()));
+                    }
+                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                        let p = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
+                        out.local = Some(PktInfo {
+                            ip: Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)).into(),
+                            ifindex: p.ipi_ifindex as u32,
+                        });
+                    }
+                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                        let p = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
+                        out.local = Some(PktInfo {
+                            ip: Ipv6Addr::from(p.ipi6_addr.s6_addr).into(),
+                            ifindex: p.ipi6_ifindex,
+                        });
+                    }
+                    _ => {}
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        out
+    }
+
+    /// Sends datagrams `range` of the buffers on `fd`, to `to` (None: the
+    /// socket is connected) from `from` (None: the socket's own address).
+    /// Returns how many were sent before the first error, and that error
+    /// (sendmmsg(2), Linux 3.0).
+    pub fn send(
+        &mut self,
+        fd: RawFd,
+        range: std::ops::Range<usize>,
+        to: Option<&SockAddr>,
+        from: Option<PktInfo>,
+    ) -> (usize, Option<io::Error>) {
+        let (name, namelen) = match to {
+            Some(a) => {
+                // SAFETY: a SockAddr holds at most a sockaddr_storage.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        a.as_ptr().cast::<u8>(),
+                        (&mut self.send_name as *mut libc::sockaddr_storage).cast::<u8>(),
+                        a.len() as usize,
+                    )
+                };
+                (
+                    (&mut self.send_name as *mut libc::sockaddr_storage).cast(),
+                    a.len(),
+                )
+            }
+            None => (std::ptr::null_mut(), 0),
+        };
+        let ctrl_len = match from {
+            Some(l) => self.encode_pktinfo(l),
+            None => 0,
+        };
+        let ctrl = if ctrl_len > 0 {
+            self.send_ctrl.as_mut_ptr().cast()
+        } else {
+            std::ptr::null_mut()
+        };
+        let count = range.len();
+        let base = self.bufs.as_mut_ptr();
+        let buf = self.buf;
+        for (k, i) in range.clone().enumerate() {
+            let len = self.len(i);
+            // SAFETY: offsets stay inside bufs.
+            self.send_iov[k] = libc::iovec {
+                iov_base: unsafe { base.add(i * buf) }.cast(),
+                iov_len: len,
+            };
+            let h = &mut self.send_hdrs[k];
+            h.msg_len = 0;
+            h.msg_hdr.msg_name = name;
+            h.msg_hdr.msg_namelen = namelen;
+            h.msg_hdr.msg_iov = &mut self.send_iov[k];
+            h.msg_hdr.msg_iovlen = 1;
+            h.msg_hdr.msg_control = ctrl;
+            h.msg_hdr.msg_controllen = ctrl_len;
+            h.msg_hdr.msg_flags = 0;
+        }
+        let mut sent = 0;
+        while sent < count {
+            // SAFETY: the headers point at memory owned by self.
+            let n = unsafe {
+                libc::sendmmsg(
+                    fd,
+                    self.send_hdrs.as_mut_ptr().add(sent),
+                    (count - sent) as libc::c_uint,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            if n <= 0 {
+                return (sent, Some(io::Error::last_os_error()));
+            }
+            sent += n as usize;
+        }
+        (sent, None)
+    }
+
+    /// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source
+    /// address of a send; returns its length.
+    fn encode_pktinfo(&mut self, l: PktInfo) -> usize {
+        // SAFETY: a msghdr pointing at send_ctrl (CTRL bytes, 8-aligned) is
+        // what CMSG_FIRSTHDR needs; both messages fit in CTRL bytes.
+        unsafe {
+            let mut h: libc::msghdr = zeroed();
+            h.msg_control = self.send_ctrl.as_mut_ptr().cast();
+            h.msg_controllen = CTRL;
+            let c = libc::CMSG_FIRSTHDR(&h);
+            match l.ip {
+                IpAddr::V4(v4) => {
+                    let len = size_of::<libc::in_pktinfo>() as u32;
+                    (*c).cmsg_level = libc::IPPROTO_IP;
+                    (*c).cmsg_type = libc::IP_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                    let p = libc::in_pktinfo {
+                        ipi_ifindex: 0,
+                        ipi_spec_dst: libc::in_addr {
+                            s_addr: u32::from(v4).to_be(),
+                        },
+                        ipi_addr: libc::in_addr { s_addr: 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
+                    libc::CMSG_SPACE(len) as usize
+                }
+                IpAddr::V6(v6) => {
+                    let len = size_of::<libc::in6_pktinfo>() as u32;
+                    (*c).cmsg_level = libc::IPPROTO_IPV6;
+                    (*c).cmsg_type = libc::IPV6_PKTINFO;
+                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
+                    // The interface only matters for link-local addresses.
+                    let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+                    let p = libc::in6_pktinfo {
+                        ipi6_addr: libc::in6_addr {
+                            s6_addr: v6.octets(),
+                        },
+                        ipi6_ifindex: if link_local { l.ifindex } else { 0 },
+                    };
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
+                    libc::CMSG_SPACE(len) as usize
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -90,9 +90,8 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::mem::{size_of, zeroed};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,6 +105,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use crate::dial::{Dial, DialFailure, DialRequest};
 use crate::spec::PortSpec;
+use crate::sys::{self, Batch};
 
 /// Largest UDP payload over IPv4 (65,535 - 20 - 8).
 pub const MAX_PAYLOAD_V4: usize = 65_507;
@@ -119,9 +119,6 @@ const _: () = assert!(BUF > MAX_PAYLOAD_V6 && MAX_PAYLOAD_V6 > MAX_PAYLOAD_V4);
 pub const BATCH: usize = 32;
 /// Datagrams that may wait for a flow's dial; more are dropped.
 pub const DIAL_BACKLOG: usize = 16;
-/// Control-message space per received datagram (a packet-info message and
-/// a drop count fit in 64 bytes).
-const CTRL: usize = 128;
 /// How long a flow's dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoll token of the parent socket (flow sockets use their slot index).
@@ -528,56 +525,13 @@ impl<T> FlowTable<T> {
 // ---------------------------------------------------------------------------
 // System-call helpers.
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn set_int(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
-    // SAFETY: val is a valid c_int for the duration of the call.
-    cvt(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&val as *const i32).cast(),
-            size_of::<i32>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
-
-/// Entries of SO_MEMINFO's answer (SK_MEMINFO_VARS).
-const MEMINFO_VARS: usize = libc::SK_MEMINFO_DROPS as usize + 1;
-
-/// The kernel's drop counter of a socket (SO_MEMINFO, SK_MEMINFO_DROPS;
-/// Linux 3.6).
-fn meminfo_drops(fd: BorrowedFd<'_>) -> Option<u32> {
-    let mut info = [0u32; MEMINFO_VARS];
-    let mut len = size_of::<[u32; MEMINFO_VARS]>() as libc::socklen_t;
-    // SAFETY: info and len are valid out-pointers of the given size.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_MEMINFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    (r == 0).then(|| info[libc::SK_MEMINFO_DROPS as usize])
-}
-
 /// Options every socket of ours gets: drop counts on each datagram
 /// (SO_RXQ_OVFL, Linux 2.6.33) and a larger receive buffer: RCVBUF bytes
 /// where CAP_NET_ADMIN allows (SO_RCVBUFFORCE, while the forwarder still
 /// holds it at start), else as much as net.core.rmem_max allows.
 fn prepare(fd: BorrowedFd<'_>) -> io::Result<()> {
-    set_int(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
-    if set_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF as i32).is_err() {
+    sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
+    if sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF as i32).is_err() {
         let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(RCVBUF);
     }
     Ok(())
@@ -597,9 +551,11 @@ pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
     prepare(sock.as_fd())?;
     if addr.ip().is_unspecified() {
         match addr {
-            SocketAddr::V4(_) => set_int(sock.as_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?,
+            SocketAddr::V4(_) => {
+                sys::set_int_option(sock.as_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?
+            }
             SocketAddr::V6(_) => {
-                set_int(sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?
+                sys::set_int_option(sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?
             }
         }
     }
@@ -609,320 +565,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
 
 /// Where replies to a client leave from: the address it wrote to and the
 /// interface it came in on (kept for IPv6 link-local addresses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Local {
-    ip: IpAddr,
-    ifindex: u32,
-}
-
-/// What one received datagram's control messages said.
-#[derive(Debug, Default, Clone, Copy)]
-struct Ancillary {
-    local: Option<Local>,
-    drops: Option<u32>,
-}
-
-/// Preallocated recvmmsg/sendmmsg state: [`BATCH`] buffers of [`BUF`]
-/// bytes with their headers, names and control space.
-struct Batch {
-    bufs: Vec<u8>,
-    iov: Vec<libc::iovec>,
-    names: Vec<libc::sockaddr_storage>,
-    ctrl: Vec<u64>,
-    hdrs: Vec<libc::mmsghdr>,
-    /// Headers and iovecs for sends (pointing into `bufs`).
-    send_iov: Vec<libc::iovec>,
-    send_hdrs: Vec<libc::mmsghdr>,
-    /// One destination name and one control message shared by a send.
-    send_name: libc::sockaddr_storage,
-    send_ctrl: [u64; CTRL / 8],
-}
-
-// SAFETY: the raw pointers in the headers only ever point into buffers
-// owned by the same Batch (set again before each call), so moving the
-// Batch to another thread moves what they point at with it.
-unsafe impl Send for Batch {}
-
-impl Batch {
-    fn new() -> Batch {
-        // SAFETY: all-zero is a valid value of these C structs.
-        let (iov, hdr, name) = unsafe {
-            (
-                zeroed::<libc::iovec>(),
-                zeroed::<libc::mmsghdr>(),
-                zeroed::<libc::sockaddr_storage>(),
-            )
-        };
-        Batch {
-            // calloc'd: pages are only backed once a datagram reaches them.
-            bufs: vec![0; BATCH * BUF],
-            iov: vec![iov; BATCH],
-            names: vec![name; BATCH],
-            ctrl: vec![0; BATCH * CTRL / 8],
-            hdrs: vec![hdr; BATCH],
-            send_iov: vec![iov; BATCH],
-            send_hdrs: vec![hdr; BATCH],
-            send_name: name,
-            send_ctrl: [0; CTRL / 8],
-        }
-    }
-
-    /// Receives up to [`BATCH`] datagrams; `Ok(0)` when none is queued.
-    fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let base = self.bufs.as_mut_ptr();
-        let ctrl = self.ctrl.as_mut_ptr();
-        for i in 0..BATCH {
-            // SAFETY: offsets stay inside the buffers allocated in new().
-            unsafe {
-                self.iov[i] = libc::iovec {
-                    iov_base: base.add(i * BUF).cast(),
-                    iov_len: BUF,
-                };
-                let h = &mut self.hdrs[i];
-                h.msg_len = 0;
-                h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = &mut self.iov[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_control = ctrl.add(i * CTRL / 8).cast();
-                h.msg_hdr.msg_controllen = CTRL;
-                h.msg_hdr.msg_flags = 0;
-            }
-        }
-        // SAFETY: every header points at memory owned by self.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                BATCH as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(0);
-            }
-            return Err(e);
-        }
-        Ok(n as usize)
-    }
-
-    fn len(&self, i: usize) -> usize {
-        (self.hdrs[i].msg_len as usize).min(BUF)
-    }
-
-    fn truncated(&self, i: usize) -> bool {
-        self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
-    }
-
-    fn data(&self, i: usize) -> &[u8] {
-        &self.bufs[i * BUF..i * BUF + self.len(i)]
-    }
-
-    /// The sender of datagram `i`.
-    fn source(&self, i: usize) -> Option<SocketAddr> {
-        let len = self.hdrs[i].msg_hdr.msg_namelen as usize;
-        let ss = &self.names[i];
-        // SAFETY: the kernel filled names[i] with a sockaddr of `len` bytes
-        // of the family it names; each cast reads within the storage.
-        unsafe {
-            match ss.ss_family as i32 {
-                libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
-                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                    Some(SocketAddr::from((
-                        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                        u16::from_be(a.sin_port),
-                    )))
-                }
-                libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
-                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                        Ipv6Addr::from(a.sin6_addr.s6_addr),
-                        u16::from_be(a.sin6_port),
-                        a.sin6_flowinfo,
-                        a.sin6_scope_id,
-                    )))
-                }
-                _ => None,
-            }
-        }
-    }
-
-    fn ancillary(&self, i: usize) -> Ancillary {
-        let mut out = Ancillary::default();
-        let h = &self.hdrs[i].msg_hdr;
-        // SAFETY: the kernel wrote msg_controllen bytes of well-formed
-        // control messages into our control space; CMSG_* walk within it.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(h);
-            while !c.is_null() {
-                let data = libc::CMSG_DATA(c);
-                match ((*c).cmsg_level, (*c).cmsg_type) {
-                    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
-                        out.drops = Some(std::ptr::read_unaligned(data.cast::<u32>()));
-                    }
-                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                        let p = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
-                        out.local = Some(Local {
-                            ip: Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)).into(),
-                            ifindex: p.ipi_ifindex as u32,
-                        });
-                    }
-                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                        let p = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
-                        out.local = Some(Local {
-                            ip: Ipv6Addr::from(p.ipi6_addr.s6_addr).into(),
-                            ifindex: p.ipi6_ifindex,
-                        });
-                    }
-                    _ => {}
-                }
-                c = libc::CMSG_NXTHDR(h, c);
-            }
-        }
-        out
-    }
-
-    /// Sends datagrams `range` of the buffers on `fd`, to `to` (None: the
-    /// socket is connected) from `from` (None: the socket's own address).
-    /// Returns how many were sent before the first error, and that error.
-    fn send(
-        &mut self,
-        fd: RawFd,
-        range: std::ops::Range<usize>,
-        to: Option<&SockAddr>,
-        from: Option<Local>,
-    ) -> (usize, Option<io::Error>) {
-        let (name, namelen) = match to {
-            Some(a) => {
-                // SAFETY: a SockAddr holds at most a sockaddr_storage.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        a.as_ptr().cast::<u8>(),
-                        (&mut self.send_name as *mut libc::sockaddr_storage).cast::<u8>(),
-                        a.len() as usize,
-                    )
-                };
-                (
-                    (&mut self.send_name as *mut libc::sockaddr_storage).cast(),
-                    a.len(),
-                )
-            }
-            None => (std::ptr::null_mut(), 0),
-        };
-        let ctrl_len = match from {
-            Some(l) => self.encode_pktinfo(l),
-            None => 0,
-        };
-        let ctrl = if ctrl_len > 0 {
-            self.send_ctrl.as_mut_ptr().cast()
-        } else {
-            std::ptr::null_mut()
-        };
-        let count = range.len();
-        let base = self.bufs.as_mut_ptr();
-        for (k, i) in range.clone().enumerate() {
-            let len = self.len(i);
-            // SAFETY: offsets stay inside bufs.
-            self.send_iov[k] = libc::iovec {
-                iov_base: unsafe { base.add(i * BUF) }.cast(),
-                iov_len: len,
-            };
-            let h = &mut self.send_hdrs[k];
-            h.msg_len = 0;
-            h.msg_hdr.msg_name = name;
-            h.msg_hdr.msg_namelen = namelen;
-            h.msg_hdr.msg_iov = &mut self.send_iov[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = ctrl;
-            h.msg_hdr.msg_controllen = ctrl_len;
-            h.msg_hdr.msg_flags = 0;
-        }
-        let mut sent = 0;
-        while sent < count {
-            // SAFETY: the headers point at memory owned by self.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.send_hdrs.as_mut_ptr().add(sent),
-                    (count - sent) as libc::c_uint,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n <= 0 {
-                return (sent, Some(io::Error::last_os_error()));
-            }
-            sent += n as usize;
-        }
-        (sent, None)
-    }
-
-    /// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source
-    /// address of a send; returns its length.
-    fn encode_pktinfo(&mut self, l: Local) -> usize {
-        // SAFETY: a msghdr pointing at send_ctrl (CTRL bytes, 8-aligned) is
-        // what CMSG_FIRSTHDR needs; both messages fit in CTRL bytes.
-        unsafe {
-            let mut h: libc::msghdr = zeroed();
-            h.msg_control = self.send_ctrl.as_mut_ptr().cast();
-            h.msg_controllen = CTRL;
-            let c = libc::CMSG_FIRSTHDR(&h);
-            match l.ip {
-                IpAddr::V4(v4) => {
-                    let len = size_of::<libc::in_pktinfo>() as u32;
-                    (*c).cmsg_level = libc::IPPROTO_IP;
-                    (*c).cmsg_type = libc::IP_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                    let p = libc::in_pktinfo {
-                        ipi_ifindex: 0,
-                        ipi_spec_dst: libc::in_addr {
-                            s_addr: u32::from(v4).to_be(),
-                        },
-                        ipi_addr: libc::in_addr { s_addr: 0 },
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                    libc::CMSG_SPACE(len) as usize
-                }
-                IpAddr::V6(v6) => {
-                    let len = size_of::<libc::in6_pktinfo>() as u32;
-                    (*c).cmsg_level = libc::IPPROTO_IPV6;
-                    (*c).cmsg_type = libc::IPV6_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                    // The interface only matters for link-local addresses.
-                    let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
-                    let p = libc::in6_pktinfo {
-                        ipi6_addr: libc::in6_addr {
-                            s6_addr: v6.octets(),
-                        },
-                        ipi6_ifindex: if link_local { l.ifindex } else { 0 },
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                    libc::CMSG_SPACE(len) as usize
-                }
-            }
-        }
-    }
-}
+use crate::sys::PktInfo as Local;
 
 /// Reads and discards what is queued on a socket that is being closed;
 /// returns how many datagrams there were (at most `limit`).
 fn drain(fd: BorrowedFd<'_>, limit: u64) -> u64 {
     let mut n = 0;
-    let mut byte = [0u8; 1];
     while n < limit {
-        // SAFETY: a one-byte buffer; MSG_TRUNC only reports the length.
-        let r = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-            )
-        };
-        if r < 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = sys::recv_discard(fd) {
             if e.raw_os_error() == Some(libc::ECONNREFUSED) {
                 continue; // a pending ICMP error, not a datagram
             }
@@ -960,15 +610,6 @@ struct Flow {
 
 type DialResult = (usize, u64, Result<(OwnedFd, SocketAddr), DialFailure>);
 
-/// The epoll instance in a form tokio can watch.
-struct Ep(Epoll);
-
-impl AsRawFd for Ep {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0 .0.as_raw_fd()
-    }
-}
-
 struct Relay {
     parent: OwnedFd,
     addr: SocketAddr,
@@ -980,7 +621,7 @@ struct Relay {
     stats: Arc<UdpStats>,
     /// The budget shared with TCP connections (`--max-connections`).
     slots: Arc<Semaphore>,
-    ep: AsyncFd<Ep>,
+    ep: AsyncFd<sys::EpollFd>,
     flows: FlowTable<Flow>,
     batch: Box<Batch>,
     parent_drops: DropCounter,
@@ -1065,9 +706,7 @@ impl Relay {
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         ep.add(&parent, EpollEvent::new(EpollFlags::EPOLLIN, PARENT))
             .map_err(io::Error::from)?;
-        // SAFETY: the AsyncFd owns the epoll instance for its whole life.
-        let ep = unsafe { AsyncFd::register_with_interest(Ep(ep), Interest::READABLE) }
-            .map_err(|e| e.into_parts().1)?;
+        let ep = sys::async_fd(sys::EpollFd(ep), Interest::READABLE)?;
         Ok(Relay {
             pktinfo: addr.ip().is_unspecified(),
             parent,
@@ -1079,7 +718,7 @@ impl Relay {
             slots,
             ep,
             flows: FlowTable::new(opts.max_flows),
-            batch: Box::new(Batch::new()),
+            batch: Box::new(Batch::new(BATCH, BUF)),
             parent_drops: DropCounter::default(),
             next_id: 1,
             started: Instant::now(),
@@ -1323,17 +962,7 @@ impl Relay {
                     return;
                 };
                 for d in pending {
-                    // SAFETY: d is a valid buffer for the call.
-                    let r = unsafe {
-                        libc::send(
-                            sock.as_raw_fd(),
-                            d.as_ptr().cast(),
-                            d.len(),
-                            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                        )
-                    };
-                    if r < 0 {
-                        let e = io::Error::last_os_error();
+                    if let Err(e) = sys::send_nonblocking(sock.as_fd(), &d) {
                         let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
                             Loss::Oversize
                         } else {
@@ -1367,7 +996,7 @@ impl Relay {
         match state {
             FlowState::Dialing(p) => self.stats.lost(why, p.len() as u64),
             FlowState::Ready { sock, mut drops } => {
-                if let Some(d) = meminfo_drops(sock.as_fd()) {
+                if let Some(d) = sys::meminfo_drops(sock.as_fd()) {
                     let new = drops.update(d);
                     self.stats.lost(Loss::ChildRxQueueOverflow, new);
                 }
@@ -1459,7 +1088,7 @@ impl Relay {
             }
             drop(self.close(flow, Loss::Expired));
         }
-        if let Some(d) = meminfo_drops(self.parent.as_fd()) {
+        if let Some(d) = sys::meminfo_drops(self.parent.as_fd()) {
             let new = self.parent_drops.update(d);
             self.stats.lost(Loss::RxQueueOverflow, new);
         }
@@ -1621,7 +1250,7 @@ mod tests {
             tx.send_to(&vec![k as u8; *n], dst).unwrap();
         }
         // Loopback delivers synchronously: everything is queued already.
-        let mut b = Batch::new();
+        let mut b = Batch::new(BATCH, BUF);
         let n = b.recv(rx.as_raw_fd()).unwrap();
         assert_eq!(n, sizes.len());
         let mut got = Vec::new();

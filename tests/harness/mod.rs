@@ -6,328 +6,27 @@
 //! Everything runs as root (namespaces, BPF); traffic stays on loopback
 //! inside the namespaces a test created.
 
-pub mod bpf;
 pub mod data;
 pub mod servers;
 pub mod soak;
 pub mod udp;
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use forwarder::wire;
+use forwarder_testkit::procfs;
+pub use forwarder_testkit::procfs::{thread_caps, ThreadCaps, CAP_NET_BIND_SERVICE};
+pub use forwarder_testkit::{
+    bpf, drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER,
+};
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
-
-/// Fails clearly when not root: the suite needs namespaces and BPF.
-pub fn require_root() {
-    // SAFETY: geteuid cannot fail.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the netns suite must run as root (cargo xtask test)"
-    );
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-fn ip(args: &[&str]) {
-    let st = Command::new("ip")
-        .args(args)
-        .status()
-        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
-    assert!(st.success(), "ip {args:?} failed: {st}");
-}
-
-/// The unprivileged user the rootless tests run as (`cargo xtask setup`
-/// creates it; created here too if missing).
-pub const TEST_USER: &str = "fwdtest";
-
-/// The test user's uid and gid, creating the user if needed.
-pub fn test_user() -> (u32, u32) {
-    static IDS: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
-    *IDS.get_or_init(|| {
-        let id = |flag: &str| -> Option<u32> {
-            let out = Command::new("id").args([flag, TEST_USER]).output().ok()?;
-            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-        };
-        if id("-u").is_none() {
-            let _ = Command::new("useradd")
-                .args([
-                    "--system",
-                    "--no-create-home",
-                    "--shell",
-                    "/usr/sbin/nologin",
-                    TEST_USER,
-                ])
-                .status();
-        }
-        (
-            id("-u").expect("test user (useradd fwdtest)"),
-            id("-g").expect("test user's group"),
-        )
-    })
-}
-
-/// A command that runs as the unprivileged test user.
-pub fn user_command(program: &str) -> Command {
-    let (uid, gid) = test_user();
-    let mut c = Command::new(program);
-    // SAFETY: drop_to_user makes only raw syscalls.
-    unsafe {
-        c.pre_exec(move || drop_to_user(uid, gid, false));
-    }
-    c
-}
-
-/// How the forwarder under test runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Privilege {
-    /// As root, entering namespaces the test made with `ip netns`.
-    Root,
-    /// As the unprivileged test user, against a user + network namespace
-    /// that user created (`unshare --user --map-root-user --net`).
-    User,
-    /// The same, with CAP_BPF and CAP_NET_ADMIN as ambient capabilities.
-    UserWithBpf,
-}
-
-/// A network namespace with loopback up, deleted on drop: a named one made
-/// by root, or one owned by the test user's own user namespace and held by
-/// a process of that user.
-pub struct Netns {
-    pub name: String,
-    holder: Option<Child>,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Netns {
-        require_root();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("fwt-{}-{n}-{tag}", std::process::id());
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name, holder: None };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// A user + network namespace created by the unprivileged test user, as
-    /// a rootless container runtime would.
-    pub fn new_rootless() -> Netns {
-        require_root();
-        let (uid, gid) = test_user();
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--user", "--map-root-user", "--net", "sleep", "infinity"])
-            .stdin(Stdio::null());
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let holder = cmd.spawn().expect("unshare (util-linux)");
-        let pid = holder.id();
-        // Wait until the holder is in its new namespace and its user
-        // namespace has its uid and gid maps (unshare writes them after
-        // unsharing; joining it before fails with EINVAL).
-        let own = std::fs::read_link("/proc/self/ns/net").ok();
-        for _ in 0..200 {
-            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            // unshare execs sleep once the maps are written.
-            let mapped = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "sleep");
-            if theirs.is_some() && theirs != own && mapped {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let ns = Netns {
-            name: format!("pid{pid}"),
-            holder: Some(holder),
-        };
-        let st = Command::new("nsenter")
-            .arg(format!("--net={}", ns.path().display()))
-            .args(["ip", "link", "set", "lo", "up"])
-            .status()
-            .expect("nsenter");
-        assert!(st.success(), "bringing lo up in {}", ns.name);
-        ns
-    }
-
-    /// The PID holding a user-owned namespace.
-    pub fn holder_pid(&self) -> Option<u32> {
-        self.holder.as_ref().map(|c| c.id())
-    }
-
-    /// The namespace file.
-    pub fn path(&self) -> PathBuf {
-        match &self.holder {
-            Some(c) => PathBuf::from(format!("/proc/{}/ns/net", c.id())),
-            None => PathBuf::from(format!("/run/netns/{}", self.name)),
-        }
-    }
-
-    /// A command that runs inside this namespace (it enters it between
-    /// fork and exec, so the PID is the program's own).
-    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let nsfile = File::open(self.path()).expect("open netns");
-        let mut cmd = Command::new(program);
-        // SAFETY: only setns between fork and exec; the file moves into the
-        // closure and stays open as long as the Command.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(nsfile.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd
-    }
-
-    /// Sets a sysctl inside the namespace (written from a thread that
-    /// entered it: /proc/sys/net follows the writer's namespace).
-    pub fn sysctl(&self, key: &str, value: &str) {
-        let file = format!("/proc/sys/{}", key.replace('.', "/"));
-        let value = value.to_string();
-        let r = self.run(move || std::fs::write(&file, value));
-        assert!(r.is_ok(), "sysctl {key} in {}: {r:?}", self.name);
-    }
-
-    /// Disables IPv6 on every interface of the namespace. On a kernel
-    /// booted with `ipv6.disable=1` (no IPv6 at all, `cargo xtask vm-test`)
-    /// there is nothing to disable.
-    pub fn disable_ipv6(&self) {
-        if !std::path::Path::new("/proc/sys/net/ipv6").exists() {
-            eprintln!("this kernel has no IPv6 (ipv6.disable=1): nothing to disable");
-            return;
-        }
-        self.sysctl("net.ipv6.conf.all.disable_ipv6", "1");
-        self.sysctl("net.ipv6.conf.default.disable_ipv6", "1");
-        self.sysctl("net.ipv6.conf.lo.disable_ipv6", "1");
-    }
-
-    /// Runs `f` on a fresh thread that has entered this namespace: sockets
-    /// it creates belong here for their whole life.
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let file = File::open(self.path()).expect("open netns");
-        std::thread::spawn(move || {
-            // SAFETY: setns on this thread only.
-            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("netns thread panicked")
-    }
-
-    /// A listening socket bound in this namespace.
-    pub fn listen(&self, addr: &str) -> TcpListener {
-        self.listen_with(addr, |_| {})
-    }
-
-    /// Fills `l`'s accept queue: shrinks its backlog to zero and connects
-    /// one socket to it from inside this namespace, which takes the only
-    /// slot until `l` accepts it. Until then the kernel drops SYNs to `l`.
-    /// Returns the filler, to keep open meanwhile.
-    pub fn fill_accept_queue(&self, l: &TcpListener) -> std::net::TcpStream {
-        socket2::SockRef::from(l).listen(0).expect("listen(0)");
-        let addr = l.local_addr().expect("local address");
-        self.run(move || std::net::TcpStream::connect(addr).expect("filler connection"))
-    }
-
-    /// SYNs this namespace dropped because a listener's accept queue was
-    /// full (TcpExt ListenOverflows of its /proc/net/netstat).
-    pub fn listen_overflows(&self) -> u64 {
-        self.run(|| {
-            let text = std::fs::read_to_string("/proc/thread-self/net/netstat").expect("netstat");
-            let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
-            let (names, values) = (lines.next().unwrap_or(""), lines.next().unwrap_or(""));
-            names
-                .split_whitespace()
-                .zip(values.split_whitespace())
-                .find(|(n, _)| *n == "ListenOverflows")
-                .and_then(|(_, v)| v.parse().ok())
-                .expect("ListenOverflows in /proc/net/netstat")
-        })
-    }
-
-    /// Like [`Netns::listen`], with socket options set before listen().
-    pub fn listen_with(
-        &self,
-        addr: &str,
-        opts: impl FnOnce(&socket2::Socket) + Send + 'static,
-    ) -> TcpListener {
-        let addr: SocketAddr = addr.parse().expect("address");
-        let std = self.run(move || {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )
-            .expect("socket");
-            if addr.is_ipv6() {
-                s.set_only_v6(true).expect("v6only");
-            }
-            s.set_reuse_address(true).expect("reuseaddr");
-            opts(&s);
-            s.bind(&addr.into())
-                .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            s.listen(1024).expect("listen");
-            s.set_nonblocking(true).expect("nonblocking");
-            std::net::TcpListener::from(s)
-        });
-        TcpListener::from_std(std).expect("tokio listener")
-    }
-
-    /// Connects from inside this namespace.
-    pub async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
-        let addr: SocketAddr = addr.parse().expect("address");
-        let fd: OwnedFd = self.run(move || {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(addr),
-                socket2::Type::STREAM,
-                None,
-            )
-            .expect("socket");
-            s.set_nonblocking(true).expect("nonblocking");
-            s.into()
-        });
-        TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
-            .connect(addr)
-            .await
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        match self.holder.take() {
-            Some(mut c) => {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            None => {
-                let _ = Command::new("ip")
-                    .args(["netns", "del", &self.name])
-                    .status();
-            }
-        }
-    }
-}
+use tokio::net::TcpStream;
 
 /// The parent namespace (where the forwarder listens and clients connect)
 /// and the child (where the servers are).
@@ -382,91 +81,17 @@ pub fn forwarder_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder")
 }
 
-/// Becomes `uid`/`gid` with no capabilities, or with CAP_BPF and
-/// CAP_NET_ADMIN raised as ambient capabilities (what `setpriv --inh-caps
-/// +bpf,+net_admin --ambient-caps +bpf,+net_admin` does). Runs between
-/// fork and exec: raw syscalls only.
-pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_BPF: u32 = 39;
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let err = std::io::Error::last_os_error;
-    // SAFETY: plain syscalls in the forked child.
-    unsafe {
-        if with_bpf && libc::prctl(libc::PR_SET_KEEPCAPS, 1) != 0 {
-            return Err(err());
-        }
-        if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setgid(gid) != 0
-            || libc::setuid(uid) != 0
-        {
-            return Err(err());
-        }
-        if with_bpf {
-            let mut hdr = Header {
-                version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
-                pid: 0,
-            };
-            let lo = 1u32 << CAP_NET_ADMIN;
-            let hi = 1u32 << (CAP_BPF - 32);
-            let data = [
-                Data {
-                    effective: lo,
-                    permitted: lo,
-                    inheritable: lo,
-                },
-                Data {
-                    effective: hi,
-                    permitted: hi,
-                    inheritable: hi,
-                },
-            ];
-            if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) != 0 {
-                return Err(err());
-            }
-            for cap in [CAP_NET_ADMIN, CAP_BPF] {
-                if libc::prctl(
-                    libc::PR_CAP_AMBIENT,
-                    libc::PR_CAP_AMBIENT_RAISE,
-                    cap as libc::c_ulong,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(err());
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Decodes one line of the forwarder's stdout with the wire types the
-/// forwarder writes it with ([`forwarder::wire::Event`]), so a line that
-/// drifts from them fails the test that reads it. The event is handed on as
-/// JSON for the cases to index.
+/// Decodes one line of the forwarder's stdout
+/// ([`forwarder_testkit::decode_event`]).
 pub fn decode_event(line: &str) -> Result<Value, String> {
-    serde_json::from_str::<wire::Event>(line)
-        .map_err(|e| format!("stdout line is not a wire::Event ({e}): {line}"))
-        .and_then(|ev| serde_json::to_value(ev).map_err(|e| e.to_string()))
+    forwarder_testkit::decode_event(line).map_err(|e| format!("{e:#}"))
 }
 
 /// A running forwarder, started inside a namespace.
 pub struct Fwd {
     child: Option<Child>,
     pub pid: u32,
-    events: mpsc::Receiver<Result<Value, String>>,
+    events: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
     pub ready: Value,
     base_fds: usize,
@@ -547,15 +172,7 @@ impl Fwd {
             .unwrap_or_else(|e| panic!("starting {}: {e}", forwarder_bin().display()));
         drop(nsfile);
         let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(decode_event(&line)).is_err() {
-                    break;
-                }
-            }
-        });
+        let rx = forwarder_testkit::process::lines(child.stdout.take().expect("stdout"));
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("stderr");
         let sink = stderr.clone();
@@ -632,9 +249,11 @@ impl Fwd {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.events.recv_timeout(left) {
-                Ok(Ok(v)) if v["event"] == name => return v,
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => panic!("{e}"),
+                Ok(line) => match decode_event(&line) {
+                    Ok(v) if v["event"] == name => return v,
+                    Ok(_) => continue,
+                    Err(e) => panic!("{e}"),
+                },
                 Err(_) => {
                     let status = self
                         .child
@@ -667,30 +286,17 @@ impl Fwd {
 
     /// Open descriptors of the forwarder.
     pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| d.count())
-            .unwrap_or(0)
+        procfs::fd_count(self.pid).unwrap_or(0)
     }
 
     /// Open pipe descriptors of the forwarder.
     pub fn pipe_fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid))
-            .map(|d| {
-                d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                    .filter(|t| t.to_string_lossy().starts_with("pipe:"))
-                    .count()
-            })
-            .unwrap_or(0)
+        procfs::pipe_fd_count(self.pid).unwrap_or(0)
     }
 
     /// User + system CPU time in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let f: Vec<&str> = after.split_whitespace().collect();
-        // fields 14 and 15 of stat; after ")" they are at 11 and 12.
-        f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        procfs::cpu_ticks(self.pid).unwrap_or(0)
     }
 
     /// Every thread of the forwarder with its effective capabilities.
@@ -701,24 +307,7 @@ impl Fwd {
     /// The child-side dial agents the forwarder started (its children
     /// running `child-agent`).
     pub fn agent_pids(&self) -> Vec<u32> {
-        // Children are listed per thread that forked them.
-        let children: String = std::fs::read_dir(format!("/proc/{}/task", self.pid))
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
-        children
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .unwrap_or_default()
-                    .contains("child-agent")
-            })
-            .collect()
+        procfs::children_running(self.pid, "child-agent")
     }
 
     /// Asserts that every thread of the forwarder holds at most
@@ -749,22 +338,12 @@ impl Fwd {
 
     /// The effective capability set (CapEff of /proc/PID/status).
     pub fn cap_eff(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("CapEff:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .unwrap_or(u64::MAX)
+        procfs::status_caps(self.pid, "CapEff:").unwrap_or(u64::MAX)
     }
 
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        procfs::status_kib(self.pid, "VmRSS:").unwrap_or(0)
     }
 
     /// Waits until every connection has ended and checks that nothing
@@ -869,54 +448,6 @@ impl Drop for Fwd {
             let _ = c.wait();
         }
     }
-}
-
-/// CAP_NET_BIND_SERVICE as a bit of a capability set.
-pub const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
-
-/// One thread's name and capability sets, from /proc/PID/task/TID/status.
-#[derive(Debug, Clone)]
-pub struct ThreadCaps {
-    pub tid: u32,
-    pub name: String,
-    /// CapEff.
-    pub eff: u64,
-    /// CapPrm.
-    pub prm: u64,
-}
-
-/// Every thread of `pid` with its capability sets.
-pub fn thread_caps(pid: u32) -> Vec<ThreadCaps> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in dir.flatten() {
-        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
-            continue;
-        };
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        let field = |k: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(k))
-                .map(|v| v.trim().to_string())
-        };
-        let hex = |k: &str| {
-            field(k)
-                .and_then(|v| u64::from_str_radix(&v, 16).ok())
-                .unwrap_or(u64::MAX)
-        };
-        out.push(ThreadCaps {
-            tid,
-            name: field("Name:").unwrap_or_default(),
-            eff: hex("CapEff:"),
-            prm: hex("CapPrm:"),
-        });
-    }
-    out
 }
 
 /// Makes dropping `s` send a reset (SO_LINGER with a zero timeout).

@@ -138,11 +138,11 @@ pub fn run() -> Result<()> {
     catch_interrupts();
     let bin = build_forwarder()?;
 
-    let ns = Netns::new(&format!("fwd-demo-{}", std::process::id()))?;
-    println!("child namespace: {}", ns.path());
+    let ns = Netns::named(&format!("fwd-demo-{}", std::process::id()))?;
+    println!("child namespace: {}", ns.path().display());
 
     let me = std::env::current_exe().context("locating the xtask binary")?;
-    let mut cmd = ns.cmd(&me);
+    let mut cmd = ns.ip_exec(&me);
     cmd.args([
         "demo-server",
         "--bind",
@@ -162,7 +162,7 @@ pub fn run() -> Result<()> {
 
     let args: Vec<String> = [
         "--child-netns",
-        &ns.path(),
+        &ns.path().display().to_string(),
         "-p",
         "127.0.0.2:8080:80",
         "-p",

@@ -177,11 +177,20 @@ pub fn socat(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
     })
 }
 
+/// `pasta --netns NS -f -q --runas 0`: pasta attached to `ns`, in the
+/// foreground, quiet, as root; the caller adds the ports.
+pub fn pasta_command(ns: &Netns) -> Command {
+    let mut cmd = Command::new("pasta");
+    cmd.arg("--netns")
+        .arg(ns.path())
+        .args(["-f", "-q", "--runas", "0"]);
+    cmd
+}
+
 /// pasta attached to the bench's child namespace.
 pub fn pasta(ns: &Netns, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
-    let mut cmd = Command::new("pasta");
-    cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
-        .args(["-t", &format!("127.0.0.1/{}:{}", iperf.0, iperf.1)])
+    let mut cmd = pasta_command(ns);
+    cmd.args(["-t", &format!("127.0.0.1/{}:{}", iperf.0, iperf.1)])
         .args(["-t", &format!("127.0.0.1/{}:{}", echo.0, echo.1)])
         .args(["-T", "none", "-u", "none", "-U", "none"]);
     die_with_parent(&mut cmd, libc::SIGTERM);

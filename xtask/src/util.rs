@@ -1,7 +1,8 @@
 //! Helpers shared by the tasks: running commands with errors that name
-//! them, the workspace and its target directory, throw-away network
-//! namespaces, child processes stopped (by PID) when dropped, and a running
-//! forwarder read through its JSON-lines stdout.
+//! them, the workspace and its target directory, and interrupts. Network
+//! namespaces, child processes stopped (by PID) when dropped and a running
+//! forwarder read through its JSON-lines stdout come from the test kit
+//! (`testkit/`), shared with the netns suite.
 //!
 //! Clean-up is done by `Drop` guards, so it also happens on error paths.
 //! The tasks that start processes (`demo`, `bench`) catch SIGINT, SIGTERM and
@@ -9,19 +10,15 @@
 //! still run (a killed xtask cannot clean up; its children at least die
 //! with it through `PR_SET_PDEATHSIG`).
 
-use std::collections::VecDeque;
-use std::ffi::OsStr;
 use std::fmt;
-use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::{CommandExt as _, ExitStatusExt as _};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 
 /// A command that ran and failed. `main` exits with its exit code, so
 /// `cargo xtask test` fails the way `cargo test` did.
@@ -56,15 +53,6 @@ impl fmt::Display for CommandFailed {
 }
 
 impl std::error::Error for CommandFailed {}
-
-/// A command line for messages: program and arguments, space-separated.
-pub fn show(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program())
-        .chain(cmd.get_args())
-        .map(OsStr::to_string_lossy)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
 
 /// Runs a command with inherited stdio; fails (with `CommandFailed`) unless
 /// it exits 0.
@@ -120,7 +108,7 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Finished> {
         .stderr(Stdio::piped());
     die_with_parent(cmd, libc::SIGKILL);
     let mut child = Proc::spawn(cmd, &shown)?;
-    let c = child.child.as_mut().context("no child")?;
+    let c = child.child()?;
     let out = drain(c.stdout.take());
     let err = drain(c.stderr.take());
     let deadline = Instant::now() + limit;
@@ -151,22 +139,6 @@ fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Stri
         }
         String::from_utf8_lossy(&s).into_owned()
     })
-}
-
-/// Makes the command's process receive `sig` when xtask dies, so that an
-/// xtask killed outright leaves no server behind. (`ip netns exec` execs
-/// its program without forking, so this reaches the program itself.)
-pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork
-    // and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
 }
 
 /// The workspace root (xtask's parent directory).
@@ -236,152 +208,8 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-/// A network namespace with loopback up, deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    /// `ip netns add NAME` and `ip -n NAME link set lo up`. 127.0.0.0/8
-    /// is all local on lo, so 127.0.0.2 needs no address of its own.
-    pub fn new(name: &str) -> Result<Self> {
-        if !is_root() {
-            bail!("creating a network namespace needs root");
-        }
-        output(Command::new("ip").args(["netns", "add", name]))
-            .with_context(|| format!("creating network namespace {name}"))?;
-        let ns = Netns {
-            name: name.to_string(),
-        };
-        output(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))
-            .with_context(|| format!("bringing up lo in {name}"))?;
-        Ok(ns)
-    }
-
-    /// The namespace file, for `--child-netns`.
-    pub fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// A command that runs inside the namespace (`ip netns exec`).
-    pub fn cmd(&self, program: impl AsRef<OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec"]).arg(&self.name).arg(program);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        if let Err(e) = output(Command::new("ip").args(["netns", "del", &self.name])) {
-            eprintln!("warning: deleting network namespace {}: {e:#}", self.name);
-        }
-    }
-}
-
-/// A child process we started; killed (SIGKILL, by its PID) and reaped on
-/// drop unless it was stopped before.
-pub struct Proc {
-    name: String,
-    child: Option<Child>,
-}
-
-impl Proc {
-    /// Spawns `cmd`; `name` is used in messages.
-    pub fn spawn(cmd: &mut Command, name: &str) -> Result<Self> {
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name} (`{}`)", show(cmd)))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child: Some(child),
-        })
-    }
-
-    /// Its PID.
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
-    /// The child itself (to take its pipes).
-    pub fn child(&mut self) -> Result<&mut Child> {
-        self.child
-            .as_mut()
-            .with_context(|| format!("{} was already stopped", self.name))
-    }
-
-    /// Sends a signal to it, by PID.
-    pub fn signal(&self, sig: libc::c_int) -> Result<()> {
-        let pid = self
-            .pid()
-            .with_context(|| format!("{} was already stopped", self.name))?;
-        let pid = libc::pid_t::try_from(pid).context("PID out of range")?;
-        // SAFETY: plain kill(2) on our own, not yet reaped, child.
-        if unsafe { libc::kill(pid, sig) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("signalling {} (PID {pid})", self.name));
-        }
-        Ok(())
-    }
-
-    /// Its exit status, if it has exited.
-    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
-        let name = self.name.clone();
-        match self.child.as_mut() {
-            None => Ok(None),
-            Some(c) => c.try_wait().with_context(|| format!("waiting for {name}")),
-        }
-    }
-
-    /// Sends `sig` and waits up to `limit` for it to exit; kills it after
-    /// that (and says so).
-    pub fn stop(&mut self, sig: libc::c_int, limit: Duration) -> Result<ExitStatus> {
-        self.signal(sig)?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.try_wait()? {
-                self.child = None;
-                return Ok(st);
-            }
-            if Instant::now() > deadline {
-                let pid = self.pid();
-                if let Some(mut c) = self.child.take() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-                bail!(
-                    "{} (PID {pid:?}) did not exit within {limit:?} of signal {sig}; killed it",
-                    self.name
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // Child::kill is kill(pid, SIGKILL) on this child only.
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Reads a pipe line by line in a thread; lines arrive on the receiver,
-/// which disconnects at end of file.
-pub fn lines<R: Read + Send + 'static>(r: R) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
+pub use forwarder_testkit::process::{die_with_parent, lines, show, Forwarder, Proc};
+pub use forwarder_testkit::{decode_event, Netns};
 
 /// Starts a helper server (`cmd`'s stdout must be piped), killed if xtask
 /// dies, and waits up to 10 s for its first line to start with `ready`.
@@ -397,171 +225,5 @@ pub fn spawn_ready(cmd: &mut Command, name: &str, ready: &str) -> Result<Proc> {
         Ok(l) if l.starts_with(ready) => Ok(server),
         Ok(l) => bail!("{name} said {l:?} instead of {ready:?}"),
         Err(_) => bail!("{name} did not start (its errors are above)"),
-    }
-}
-
-/// How long a forwarder may take to report `ready`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Decodes a line of the forwarder's stdout with the wire types it is
-/// written with ([`forwarder::wire::Event`]), as JSON for the caller to
-/// index.
-pub fn decode_event(line: &str) -> Result<serde_json::Value> {
-    let ev: forwarder::wire::Event =
-        serde_json::from_str(line).context("not a forwarder event (forwarder::wire::Event)")?;
-    Ok(serde_json::to_value(ev)?)
-}
-
-/// A running `forwarder run ...`, its stdout read as JSON lines.
-pub struct Forwarder {
-    proc: Proc,
-    events: Receiver<String>,
-    /// The last lines of its stderr, when not inherited.
-    log: Option<Arc<Mutex<VecDeque<String>>>>,
-    /// The `{"event":"ready",...}` line.
-    pub ready: serde_json::Value,
-    name: String,
-}
-
-impl Forwarder {
-    /// Starts `BIN run ARGS...` in this namespace and waits for its ready
-    /// line. With `quiet`, its log (stderr) is kept and shown only if it
-    /// fails; otherwise it goes to our stderr.
-    pub fn start(bin: &Path, args: &[String], quiet: bool, name: &str) -> Result<Self> {
-        let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if quiet {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            });
-        die_with_parent(&mut cmd, libc::SIGTERM);
-        let mut proc = Proc::spawn(&mut cmd, name)?;
-        let child = proc.child()?;
-        let stdout = child.stdout.take().context("the forwarder's stdout")?;
-        let log = child.stderr.take().map(|stderr| {
-            let log = Arc::new(Mutex::new(VecDeque::new()));
-            let keep = Arc::clone(&log);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = keep.lock() {
-                        if l.len() == 30 {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
-                    }
-                }
-            });
-            log
-        });
-        let mut fwd = Forwarder {
-            proc,
-            events: lines(stdout),
-            log,
-            ready: serde_json::Value::Null,
-            name: name.to_string(),
-        };
-        fwd.ready = fwd
-            .event("ready", READY_TIMEOUT)
-            .with_context(|| format!("starting {name} (`{}`)", show(&cmd)))?;
-        Ok(fwd)
-    }
-
-    /// The engine its ready line names.
-    pub fn engine(&self) -> &str {
-        self.ready["engine"].as_str().unwrap_or("?")
-    }
-
-    /// Its PID.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
-    }
-
-    /// Its stderr's last lines, for error messages.
-    fn log_tail(&self) -> String {
-        match self.log.as_ref().and_then(|l| l.lock().ok()) {
-            Some(l) if !l.is_empty() => format!(
-                "\nits last log lines:\n  {}",
-                l.iter().cloned().collect::<Vec<_>>().join("\n  ")
-            ),
-            _ => String::new(),
-        }
-    }
-
-    /// Waits for the next stdout line whose `event` is `name`.
-    pub fn event(&mut self, name: &str, limit: Duration) -> Result<serde_json::Value> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(line) => {
-                    let v = decode_event(&line)
-                        .with_context(|| format!("{} wrote {line:?}", self.name))?;
-                    if v["event"] == name {
-                        return Ok(v);
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    bail!(
-                        "{} wrote no {name:?} event within {limit:?}{}",
-                        self.name,
-                        self.log_tail()
-                    );
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    // Give it a moment to be reapable, for the status.
-                    std::thread::sleep(Duration::from_millis(100));
-                    let status = match self.proc.try_wait()? {
-                        Some(st) => format!("exited ({st})"),
-                        None => "closed its stdout".to_string(),
-                    };
-                    bail!(
-                        "{} {status} before its {name:?} event{}",
-                        self.name,
-                        self.log_tail()
-                    );
-                }
-            }
-        }
-    }
-
-    /// Sends SIGUSR1 and returns the stats line it answers with.
-    pub fn stats(&mut self) -> Result<serde_json::Value> {
-        self.proc.signal(libc::SIGUSR1)?;
-        self.event("stats", Duration::from_secs(10))
-    }
-
-    /// Stops it with SIGTERM; fails unless it exits 0 within 10 s. Returns
-    /// the stats line it writes on the way out, if any.
-    pub fn stop(mut self) -> Result<Option<serde_json::Value>> {
-        let status = self.proc.stop(libc::SIGTERM, Duration::from_secs(10))?;
-        if !status.success() {
-            return Err(anyhow!(
-                "{} exited with {status} after SIGTERM{}",
-                self.name,
-                self.log_tail()
-            ));
-        }
-        let mut last = None;
-        while let Ok(line) = self.events.recv_timeout(Duration::from_secs(2)) {
-            let v = decode_event(&line).with_context(|| format!("{} wrote {line:?}", self.name))?;
-            if v["event"] == "stats" {
-                last = Some(v);
-            }
-        }
-        Ok(last)
-    }
-}
-
-impl Drop for Forwarder {
-    /// On error paths: SIGTERM first, so it can release what it holds;
-    /// `Proc`'s drop kills it if it takes longer than 3 s.
-    fn drop(&mut self) {
-        if self.proc.pid().is_some() {
-            let _ = self.proc.stop(libc::SIGTERM, Duration::from_secs(3));
-        }
     }
 }

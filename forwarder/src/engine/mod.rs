@@ -14,6 +14,8 @@
 //! splice and copy share one driver ([`relay`]); they differ only in how a
 //! chunk is moved.
 
+#[cfg(test)]
+mod contract;
 pub mod copy;
 #[cfg(feature = "ebpf")]
 pub mod ebpf;

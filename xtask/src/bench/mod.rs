@@ -76,10 +76,18 @@
 //! `bench/results/profile.md`). Every process it starts is stopped by its
 //! PID; all traffic stays on loopback and in the bench's namespaces.
 
+//
+// Where things are: `systems.rs` starts the systems under test (direct,
+// the engines, the peers); this file holds the plan and the workloads
+// (throughput, latency, rate, scale; `udp.rs`, `docker.rs` and
+// `profile.rs` the others); `report.rs` turns the results into the
+// Markdown report, the JSON, the chart and the targets.
+
 mod docker;
 mod profile;
 mod report;
-mod sample;
+mod systems;
+use forwarder_testkit::procfs as sample;
 pub mod udp;
 
 use std::collections::BTreeMap;
@@ -94,7 +102,6 @@ use anyhow::{bail, Context as _, Result};
 use serde_json::Value;
 
 use crate::load;
-use crate::peers::{self, Peer};
 use crate::util::{
     build_forwarder, catch_interrupts, check_interrupted, die_with_parent, output_within, root,
     spawn_ready, Forwarder, Netns, Proc,
@@ -405,7 +412,7 @@ fn iperf(
     cpus: Option<(usize, usize)>,
 ) -> Result<(f64, f64)> {
     let (mut cmd, port) = match sys.iperf_port {
-        None => (ns.cmd("iperf3"), SERVER_PORT),
+        None => (ns.ip_exec("iperf3"), SERVER_PORT),
         Some(port) => (Command::new("iperf3"), port),
     };
     cmd.args(["-c", "127.0.0.1", "-J", "--connect-timeout", "5000"])
@@ -484,7 +491,7 @@ pub fn difference(a: &[f64], b: &[f64]) -> f64 {
 /// Starts the iperf3 server in the child and waits until it listens. Its
 /// stdout is drained for as long as it runs.
 fn iperf_server(ns: &Netns) -> Result<Proc> {
-    let mut cmd = ns.cmd("iperf3");
+    let mut cmd = ns.ip_exec("iperf3");
     cmd.args(["-s", "-B", "127.0.0.1", "-p", &SERVER_PORT.to_string()])
         .arg("--forceflush")
         .stdin(Stdio::null())
@@ -510,7 +517,7 @@ fn iperf_server(ns: &Netns) -> Result<Proc> {
 
 /// Starts the echo server (`xtask bench-echo`) in the child.
 fn echo_server(ns: &Netns, me: &Path) -> Result<Proc> {
-    let mut cmd = ns.cmd(me);
+    let mut cmd = ns.ip_exec(me);
     cmd.args(["bench-echo", "--bind", &format!("127.0.0.1:{ECHO_PORT}")])
         .stdin(Stdio::null())
         .stdout(Stdio::piped());
@@ -539,7 +546,7 @@ where
         (Some(why), _) => Err(why.clone()),
         (None, None) => Err("no echo port".to_string()),
         (None, Some((in_child, addr))) => {
-            let netns = in_child.then(|| ns.path());
+            let netns = in_child.then(|| ns.path().display().to_string());
             load::in_netns(netns, move || work(addr)).map_err(|e| format!("{e:#}"))
         }
     }
@@ -661,115 +668,72 @@ fn run_inner(args: &Args) -> Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_string());
-    let ns = Netns::new(&format!("fwd-bench-{}", std::process::id()))?;
+    let ns = Netns::named(&format!("fwd-bench-{}", std::process::id()))?;
     // The scale workload dials 10,000 connections per system and
     // repetition from the child's 127.0.0.1 to one server port, and each
     // leaves a TIME_WAIT there: give the child's dialers the whole port
     // range (this namespace's setting only).
     crate::util::run(
-        ns.cmd("sysctl")
+        ns.ip_exec("sysctl")
             .args(["-qw", "net.ipv4.ip_local_port_range=1024 65000"]),
     )
     .context("widening the child namespace's ephemeral port range")?;
     let _server = iperf_server(&ns)?;
     let _echo = echo_server(&ns, &me)?;
 
-    let ports = free_ports(2 * (ENGINES.len() + 3))?;
-    let mut ports = ports.into_iter();
-    let mut next_port = || ports.next().context("out of free ports");
-    let mut forwarders: Vec<(&'static str, Forwarder)> = Vec::new();
-    let mut systems = vec![System {
-        name: "direct".into(),
-        label: "direct (no forwarder)".into(),
-        iperf_port: None,
-        echo_port: Some(ECHO_PORT),
-        pid: None,
-        failed: None,
-    }];
-    for mode in ENGINES {
-        let (port, eport) = (next_port()?, next_port()?);
-        let args = [
-            "--child-netns".to_string(),
-            ns.path(),
-            "--mode".to_string(),
-            mode.to_string(),
-            "-p".to_string(),
-            format!("127.0.0.1:{port}:{SERVER_PORT}"),
-            "-p".to_string(),
-            format!("127.0.0.1:{eport}:{ECHO_PORT}"),
-        ];
-        let name = format!("forwarder --mode {mode}");
-        let fwd = Forwarder::start(&bin, &args, true, &name)?;
-        if mode != "auto" && fwd.engine() != mode {
-            bail!("{name} reports engine {:?}", fwd.engine());
-        }
-        let label = if mode == "auto" {
-            format!("forwarder `--mode auto` (picked {})", fwd.engine())
-        } else {
-            format!("forwarder `--mode {mode}`")
-        };
-        systems.push(System {
-            name: mode.into(),
-            label,
-            iperf_port: Some(port),
-            echo_port: Some(eport),
-            pid: fwd.pid(),
-            failed: None,
-        });
-        forwarders.push((mode, fwd));
-    }
-
-    // The peers: each either runs or is reported with the reason it does not.
-    let mut running_peers: Vec<Peer> = Vec::new();
-    let peer_labels = [
-        ("socat", "socat, fork + `ip netns exec` per connection"),
-        ("rootlesskit", "RootlessKit 1.1 builtin port driver"),
-        ("pasta", "pasta (passt), splice path"),
-    ];
-    for (name, label) in peer_labels {
-        let (p, e) = (next_port()?, next_port()?);
-        let started = if args.no_peers {
-            Err(anyhow::anyhow!("--no-peers"))
-        } else {
-            eprintln!("bench: starting {name}");
-            match name {
-                "socat" => peers::socat(&ns, (p, SERVER_PORT), (e, ECHO_PORT)),
-                "rootlesskit" => peers::rootlesskit(&me, (p, SERVER_PORT), (e, ECHO_PORT)),
-                _ => peers::pasta(&ns, (p, SERVER_PORT), (e, ECHO_PORT)),
-            }
-        };
-        let mut sys = System {
-            name: name.into(),
-            label: label.into(),
-            iperf_port: Some(p),
-            echo_port: Some(e),
-            pid: None,
-            failed: None,
-        };
-        match started {
-            Ok(peer) => {
-                sys.pid = peer.pid;
-                sys.echo_port = peer.echo_port;
-                running_peers.push(peer);
-            }
-            Err(e) => {
-                eprintln!("bench: {name} not run: {e:#}");
-                sys.failed = Some(format!("{e:#}"));
-            }
-        }
-        systems.push(sys);
-    }
-
-    let mut res = Results::default();
+    let mut carriers = systems::start(args, &ns, &bin, &me)?;
     let mut plan = plan;
+    let limits = Limits {
+        nofile,
+        nofile_short,
+    };
+    let (mut res, profile_md) = run_workloads(args, &mut plan, &ns, &bin, &mut carriers, &limits)?;
+
+    // Final statistics of each forwarder, then a clean stop.
+    std::thread::sleep(Duration::from_millis(500));
+    for (mode, mut fwd) in carriers.forwarders {
+        let stats = fwd.stats()?;
+        fwd.stop()?;
+        res.fwd_stats.push((mode, stats));
+    }
+    drop(carriers.peers);
+
+    let report = report::Report {
+        plan: &plan,
+        systems: &carriers.systems,
+        res: &res,
+        machine: report::Machine::read(load, nofile),
+    };
+    write_results(args, &report, profile_md)
+}
+
+/// The descriptor limit the bench runs with, and why it is short of what
+/// the scale workload asks for, if it is.
+struct Limits {
+    nofile: u64,
+    nofile_short: Option<String>,
+}
+
+/// Runs the workloads the plan names over every system, in the bench's
+/// order (scale and Docker last); with `--profile`, also the profile.
+fn run_workloads(
+    args: &Args,
+    plan: &mut Plan,
+    ns: &Netns,
+    bin: &Path,
+    carriers: &mut systems::Carriers,
+    limits: &Limits,
+) -> Result<(Results, Option<String>)> {
+    let systems = &mut carriers.systems;
+    let mut res = Results::default();
     if plan.has(Workload::Throughput) {
-        throughput(&plan, &ns, &mut systems, &mut res)?;
+        throughput(plan, ns, systems, &mut res)?;
     }
     if plan.has(Workload::Latency) {
-        latency(&plan, &ns, &systems, &mut res)?;
+        latency(plan, ns, systems, &mut res)?;
     }
     if plan.has(Workload::Rate) {
-        rate(&plan, &ns, &systems, &mut res)?;
+        rate(plan, ns, systems, &mut res)?;
     }
     if plan.has(Workload::Udp) {
         eprintln!("bench: udp");
@@ -780,63 +744,61 @@ fn run_inner(args: &Args) -> Result<()> {
             peers: !args.no_peers,
             compare_bin: None,
         };
-        res.udp = Some(udp::measure(&udp_plan, &ns, &bin)?);
+        res.udp = Some(udp::measure(&udp_plan, ns, bin)?);
     }
     // Scale last: a peer that runs out of descriptors may not recover
     // (RootlessKit's listener stops accepting), which must not cost it the
     // other workloads.
     if plan.has(Workload::Scale) {
-        let base = systems
-            .iter()
-            .filter(|s| ENGINES.contains(&s.name.as_str()))
-            .filter_map(|s| sample::fd_count(s.pid?).ok())
-            .max()
-            .unwrap_or(0);
-        let fit = scale_fit(plan.scale_conns, nofile, base);
-        if fit < plan.scale_conns {
-            let why = format!(
-                "{fit} connections instead of {}: {}; a forwarder holds two sockets per \
-                 connection and already {base} other descriptors",
-                plan.scale_conns,
-                nofile_short.as_deref().unwrap_or("the descriptor limit")
-            );
-            eprintln!("bench: scale: {why}");
-            plan.scale_note = Some(why);
-            plan.scale_conns = fit;
-        }
-        scale(&plan, &ns, &systems, &mut forwarders, &mut res)?;
+        fit_scale(plan, systems, limits);
+        scale(plan, ns, systems, &mut carriers.forwarders, &mut res)?;
     }
     if plan.has(Workload::Docker) {
         check_interrupted()?;
-        res.docker = Some(docker::run(&plan, &bin));
+        res.docker = Some(docker::run(plan, bin));
     }
-    for s in &systems {
+    for s in systems.iter() {
         if let Some(rss) = s.pid.and_then(|p| sample::peak_rss_mib(p).ok()) {
             res.peak_rss.insert(s.name.clone(), rss);
         }
     }
     let profile_md = if args.profile {
-        Some(profile::run(&plan, &ns, &systems)?)
+        Some(profile::run(plan, ns, systems)?)
     } else {
         None
     };
+    Ok((res, profile_md))
+}
 
-    // Final statistics of each forwarder, then a clean stop.
-    std::thread::sleep(Duration::from_millis(500));
-    for (mode, mut fwd) in forwarders {
-        let stats = fwd.stats()?;
-        fwd.stop()?;
-        res.fwd_stats.push((mode, stats));
+/// Lowers the scale workload's connection count to what the descriptor
+/// limit allows the forwarders, saying why in the plan.
+fn fit_scale(plan: &mut Plan, systems: &[System], limits: &Limits) {
+    let base = systems
+        .iter()
+        .filter(|s| ENGINES.contains(&s.name.as_str()))
+        .filter_map(|s| sample::fd_count(s.pid?).ok())
+        .max()
+        .unwrap_or(0);
+    let fit = scale_fit(plan.scale_conns, limits.nofile, base);
+    if fit < plan.scale_conns {
+        let why = format!(
+            "{fit} connections instead of {}: {}; a forwarder holds two sockets per \
+             connection and already {base} other descriptors",
+            plan.scale_conns,
+            limits
+                .nofile_short
+                .as_deref()
+                .unwrap_or("the descriptor limit")
+        );
+        eprintln!("bench: scale: {why}");
+        plan.scale_note = Some(why);
+        plan.scale_conns = fit;
     }
-    drop(running_peers);
+}
 
-    let report = report::Report {
-        plan: &plan,
-        systems: &systems,
-        res: &res,
-        load,
-        nofile,
-    };
+/// Prints the report and writes it, the raw numbers, the chart and (with
+/// `--profile`) the profile into bench/results.
+fn write_results(args: &Args, report: &report::Report, profile_md: Option<String>) -> Result<()> {
     let (md, json) = report.render()?;
     print!("{md}");
     let dir = root().join("bench/results");

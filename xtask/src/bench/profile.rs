@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
-use super::sample::{self, CpuTimes};
 use super::{iperf, on_echo, Placement, Plan, System};
 use crate::load;
 use crate::util::{output_within, Netns, Proc};
+use forwarder_testkit::procfs::{self as sample, CpuTimes};
 
 /// Kernel functions that mark the stages of the data path: the sending
 /// and receiving system calls, the TCP receive, the verdict, the psock
@@ -326,11 +326,18 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
         return Ok(md);
     }
     let _stats = BpfStats::enable()?;
+    bulk(&mut md, plan, ns, pid, [direct, ebpf])?;
+    ping_pong(&mut md, plan, ns, pid, [direct, ebpf])?;
+    conn_rate(&mut md, plan, ns, pid, ebpf)?;
+    Ok(md)
+}
 
-    // Bulk, one stream, each direction.
+/// Bulk, one stream, each direction, through `systems` (direct, ebpf);
+/// `pid` is the ebpf forwarder's.
+fn bulk(md: &mut String, plan: &Plan, ns: &Netns, pid: u32, systems: [&System; 2]) -> Result<()> {
     for (d, dir) in ["forward", "reverse"].iter().enumerate() {
         writeln!(md, "## Bulk, one stream, {dir}\n")?;
-        for sys in [direct, ebpf] {
+        for sys in systems {
             eprintln!("bench: profiling {dir} bulk through {}", sys.name);
             let (run, (gbit, bytes)) =
                 Profiled::run(pid, &format!("bulk-{d}-{}", sys.name), || {
@@ -349,13 +356,22 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
                 sys.label,
                 busy(&run.cpu)
             )?;
-            run.write(&mut md, (sys.name == "ebpf").then_some(pid), bytes)?;
+            run.write(md, (sys.name == "ebpf").then_some(pid), bytes)?;
         }
     }
+    Ok(())
+}
 
-    // Ping-pong, 1 byte.
+/// Ping-pong, 1 byte, through `systems` (direct, ebpf).
+fn ping_pong(
+    md: &mut String,
+    plan: &Plan,
+    ns: &Netns,
+    pid: u32,
+    systems: [&System; 2],
+) -> Result<()> {
     writeln!(md, "## Ping-pong, 1 byte\n")?;
-    for sys in [direct, ebpf] {
+    for sys in systems {
         eprintln!("bench: profiling ping-pong through {}", sys.name);
         let n = plan.round_trips;
         let (run, lat) = Profiled::run(pid, &format!("pingpong-{}", sys.name), || {
@@ -374,10 +390,13 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
             lat[1],
             busy(&run.cpu)
         )?;
-        run.write(&mut md, (sys.name == "ebpf").then_some(pid), 0.0)?;
+        run.write(md, (sys.name == "ebpf").then_some(pid), 0.0)?;
     }
+    Ok(())
+}
 
-    // Connection rate, 32 clients: the forwarder process alone.
+/// Connection rate, 32 clients, through the ebpf forwarder: its own time.
+fn conn_rate(md: &mut String, plan: &Plan, ns: &Netns, pid: u32, ebpf: &System) -> Result<()> {
     writeln!(
         md,
         "## Connection rate, 32 clients: the ebpf forwarder's own time\n"
@@ -402,16 +421,16 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
         fwd_cpu / c.completed.max(1) as f64 * 1e6
     )?;
     block(
-        &mut md,
+        md,
         "Time inside each system call, callees included (forwarder threads)",
         &rec.syscalls(1.0)?,
     )?;
     block(
-        &mut md,
+        md,
         "Hottest symbols (forwarder threads)",
         &rec.report("comm,dso,sym", 1.0, 30)?,
     )?;
-    Ok(md)
+    Ok(())
 }
 
 fn utc_now() -> String {

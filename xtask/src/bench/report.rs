@@ -16,17 +16,59 @@ pub struct Report<'a> {
     pub plan: &'a Plan,
     pub systems: &'a [System],
     pub res: &'a Results,
+    pub machine: Machine,
+}
+
+/// Facts about the machine and the run, read once before rendering.
+pub struct Machine {
+    /// `date -u` when the report was made.
+    pub date: String,
+    /// `uname -r`.
+    pub kernel: String,
+    /// `iperf3 --version`'s first line.
+    pub iperf: String,
+    pub ncpu: usize,
+    /// The command line the bench ran with.
+    pub command: String,
     /// /proc/loadavg before the first run.
     pub load: String,
     /// The descriptor limit the bench ran with.
     pub nofile: u64,
 }
 
-fn first_line(mut cmd: Command) -> String {
-    output(&mut cmd)
-        .ok()
-        .and_then(|s| s.lines().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".to_string())
+impl Machine {
+    /// Reads the date, the kernel, iperf3's version, the CPU count and the
+    /// command line; `load` and `nofile` come from the start of the run.
+    pub fn read(load: String, nofile: u64) -> Machine {
+        let first_line = |program: &str, args: &[&str]| {
+            output(Command::new(program).args(args))
+                .ok()
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown".to_string())
+        };
+        Machine {
+            date: first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
+            kernel: first_line("uname", &["-r"]),
+            iperf: first_line("iperf3", &["--version"]),
+            ncpu: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            command: std::iter::once("cargo xtask".to_string())
+                .chain(std::env::args().skip(1))
+                .collect::<Vec<_>>()
+                .join(" "),
+            load,
+            nofile,
+        }
+    }
+}
+
+/// The JSON of the workload sections (null where a workload did not run).
+#[derive(Default)]
+struct WorkloadsJson {
+    throughput: serde_json::Map<String, Value>,
+    latency: Value,
+    rate: Value,
+    scale: Value,
+    docker: Value,
 }
 
 /// A reason fit for one table cell.
@@ -84,6 +126,23 @@ impl Target {
             met: figure.map(|x| x <= bound),
         }
     }
+}
+
+/// Each CPU's median busy share over `runs`, as "a% / b% / ...".
+fn per_cpu_busy(runs: Option<&Vec<super::ThrRun>>, ncpu: usize) -> String {
+    let Some(runs) = runs else {
+        return String::new();
+    };
+    (0..ncpu)
+        .map(|c| {
+            let v: Vec<f64> = runs
+                .iter()
+                .filter_map(|r| r.cpu.per_cpu_busy.get(c).copied())
+                .collect();
+            format!("{:.0}%", median(&v) * 100.0)
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
 }
 
 impl Report<'_> {
@@ -192,6 +251,29 @@ impl Report<'_> {
 
     fn targets(&self) -> Vec<Target> {
         let mut t = Vec::new();
+        if self.plan.has(Workload::Throughput) {
+            self.throughput_targets(&mut t);
+        }
+        if self.plan.has(Workload::Latency) {
+            self.latency_targets(&mut t);
+        }
+        if self.plan.has(Workload::Rate) {
+            self.rate_targets(&mut t);
+        }
+        if let Some(u) = &self.res.udp {
+            for (what, x, bound) in u.targets() {
+                t.push(Target::at_least(what, x, "x", bound));
+            }
+        }
+        if self.plan.has(Workload::Scale) {
+            self.scale_targets(&mut t);
+        }
+        t
+    }
+
+    /// Bulk throughput: ebpf against splice and pasta, auto against the
+    /// best engine, and ebpf's machine CPU per GB.
+    fn throughput_targets(&self, t: &mut Vec<Target>) {
         let finite = |v: f64| v.is_finite().then_some(v);
         let p = Self::PRIMARY;
         let streams_name = |n: u32| {
@@ -201,165 +283,165 @@ impl Report<'_> {
                 format!("{n} streams")
             }
         };
-        if self.plan.has(Workload::Throughput) {
-            for streams in STREAMS {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    for (other, goal) in [("splice", 1.0), ("pasta", 1.2)] {
-                        let x = finite(self.thr_ratio("ebpf", other, (p, streams, d)));
-                        t.push(Target::at_least(
-                            format!(
-                                "ebpf bulk throughput {dir}, {}, unpinned, x {other}",
-                                streams_name(streams)
-                            ),
-                            x,
-                            "x",
-                            goal,
-                        ));
-                    }
-                }
-            }
-            for streams in STREAMS {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    t.push(self.auto_target(
+        for streams in STREAMS {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                for (other, goal) in [("splice", 1.0), ("pasta", 1.2)] {
+                    let x = finite(self.thr_ratio("ebpf", other, (p, streams, d)));
+                    t.push(Target::at_least(
                         format!(
-                            "auto bulk throughput {dir}, {}, unpinned, x the best engine",
+                            "ebpf bulk throughput {dir}, {}, unpinned, x {other}",
                             streams_name(streams)
                         ),
-                        |n| self.gbits(n, (p, streams, d)),
-                        false,
+                        x,
+                        "x",
+                        goal,
                     ));
                 }
             }
-            let (e, s) = (self.cpu_per_gb("ebpf", p), self.cpu_per_gb("splice", p));
-            t.push(Target::at_most(
-                "ebpf machine CPU per GB, unpinned, x splice's".into(),
-                finite(e / s),
-                "x",
-                0.8,
-            ));
         }
-        if self.plan.has(Workload::Latency) {
-            let (e, s) = (self.lat(1, "ebpf", 0), self.lat(1, "splice", 0));
-            let x = (!e.is_empty() && !s.is_empty()).then(|| difference(&e, &s));
-            t.push(Target::at_most(
-                "ebpf p50 latency 1 B, minus splice's (required)".into(),
-                x,
-                "us",
-                0.0,
-            ));
-            for size in SIZES {
-                let (e, d) = (self.lat(size, "ebpf", 0), self.lat(size, "direct", 0));
-                let x = (!e.is_empty() && !d.is_empty()).then(|| difference(&e, &d));
-                t.push(Target::at_most(
-                    format!("ebpf p50 latency {size} B, minus direct's"),
-                    x,
-                    "us",
-                    10.0,
-                ));
-                let (e, p) = (self.lat(size, "ebpf", 2), self.lat(size, "pasta", 2));
-                let x = (!e.is_empty() && !p.is_empty()).then(|| difference(&e, &p));
-                t.push(Target::at_most(
-                    format!("ebpf p99.9 latency {size} B, minus pasta's"),
-                    x,
-                    "us",
-                    0.0,
-                ));
-            }
-            for size in SIZES {
+        for streams in STREAMS {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
                 t.push(self.auto_target(
-                    format!("auto p50 latency {size} B, the best engine's / auto's"),
-                    |n| self.lat(size, n, 0),
-                    true,
-                ));
-            }
-        }
-        if self.plan.has(Workload::Rate) {
-            for clients in CLIENTS {
-                let (a, s, r) = (
-                    self.cps(clients, "auto"),
-                    self.cps(clients, "splice"),
-                    self.cps(clients, "rootlesskit"),
-                );
-                let x = (!a.is_empty() && !s.is_empty()).then(|| ratio(&a, &s));
-                t.push(Target::at_least(
-                    format!("auto connection rate, {clients} client(s), x splice"),
-                    x,
-                    "x",
-                    1.0,
-                ));
-                let x = (!a.is_empty() && !r.is_empty()).then(|| ratio(&a, &r));
-                t.push(Target::at_least(
-                    format!("auto connection rate, {clients} client(s), x RootlessKit"),
-                    x,
-                    "x",
-                    2.0,
-                ));
-                t.push(self.auto_target(
-                    format!("auto connection rate, {clients} client(s), x the best engine"),
-                    |n| self.cps(clients, n),
+                    format!(
+                        "auto bulk throughput {dir}, {}, unpinned, x the best engine",
+                        streams_name(streams)
+                    ),
+                    |n| self.gbits(n, (p, streams, d)),
                     false,
                 ));
             }
         }
-        if let Some(u) = &self.res.udp {
-            for (what, x, bound) in u.targets() {
-                t.push(Target::at_least(what, x, "x", bound));
-            }
-        }
-        if self.plan.has(Workload::Scale) {
-            let held = self
-                .res
-                .scale
-                .get("ebpf")
-                .and_then(|c| c.runs.iter().filter_map(|r| r.rss_mib).reduce(f64::max));
-            let mb = |mib: f64| mib * 1024.0 * 1024.0 / 1e6;
-            for (what, v) in [
-                ("RSS while holding", held),
-                (
-                    "peak RSS over the whole run, which includes holding",
-                    self.res.peak_rss.get("ebpf").copied(),
-                ),
-            ] {
-                t.push(Target::at_most(
-                    format!(
-                        "ebpf forwarder {what} {} idle connections",
-                        self.plan.scale_conns
-                    ),
-                    v.map(mb),
-                    "MB",
-                    30.0,
-                ));
-            }
-        }
-        t
+        let (e, s) = (self.cpu_per_gb("ebpf", p), self.cpu_per_gb("splice", p));
+        t.push(Target::at_most(
+            "ebpf machine CPU per GB, unpinned, x splice's".into(),
+            finite(e / s),
+            "x",
+            0.8,
+        ));
     }
 
-    pub fn render(&self) -> Result<(String, Value)> {
-        let plan = self.plan;
-        let mut date = Command::new("date");
-        date.args(["-u", "+%Y-%m-%d %H:%M:%S UTC"]);
-        let date = first_line(date);
-        let mut uname = Command::new("uname");
-        uname.arg("-r");
-        let kernel = first_line(uname);
-        let mut iperf = Command::new("iperf3");
-        iperf.arg("--version");
-        let iperf = first_line(iperf);
-        let ncpu = std::thread::available_parallelism().map_or(0, |n| n.get());
-        let command = std::iter::once("cargo xtask".to_string())
-            .chain(std::env::args().skip(1))
-            .collect::<Vec<_>>()
-            .join(" ");
+    /// Latency: ebpf against splice, direct and pasta; auto against the best
+    /// engine.
+    fn latency_targets(&self, t: &mut Vec<Target>) {
+        let (e, s) = (self.lat(1, "ebpf", 0), self.lat(1, "splice", 0));
+        let x = (!e.is_empty() && !s.is_empty()).then(|| difference(&e, &s));
+        t.push(Target::at_most(
+            "ebpf p50 latency 1 B, minus splice's (required)".into(),
+            x,
+            "us",
+            0.0,
+        ));
+        for size in SIZES {
+            let (e, d) = (self.lat(size, "ebpf", 0), self.lat(size, "direct", 0));
+            let x = (!e.is_empty() && !d.is_empty()).then(|| difference(&e, &d));
+            t.push(Target::at_most(
+                format!("ebpf p50 latency {size} B, minus direct's"),
+                x,
+                "us",
+                10.0,
+            ));
+            let (e, p) = (self.lat(size, "ebpf", 2), self.lat(size, "pasta", 2));
+            let x = (!e.is_empty() && !p.is_empty()).then(|| difference(&e, &p));
+            t.push(Target::at_most(
+                format!("ebpf p99.9 latency {size} B, minus pasta's"),
+                x,
+                "us",
+                0.0,
+            ));
+        }
+        for size in SIZES {
+            t.push(self.auto_target(
+                format!("auto p50 latency {size} B, the best engine's / auto's"),
+                |n| self.lat(size, n, 0),
+                true,
+            ));
+        }
+    }
 
+    /// Connection rate: auto against splice, RootlessKit and the best engine.
+    fn rate_targets(&self, t: &mut Vec<Target>) {
+        for clients in CLIENTS {
+            let (a, s, r) = (
+                self.cps(clients, "auto"),
+                self.cps(clients, "splice"),
+                self.cps(clients, "rootlesskit"),
+            );
+            let x = (!a.is_empty() && !s.is_empty()).then(|| ratio(&a, &s));
+            t.push(Target::at_least(
+                format!("auto connection rate, {clients} client(s), x splice"),
+                x,
+                "x",
+                1.0,
+            ));
+            let x = (!a.is_empty() && !r.is_empty()).then(|| ratio(&a, &r));
+            t.push(Target::at_least(
+                format!("auto connection rate, {clients} client(s), x RootlessKit"),
+                x,
+                "x",
+                2.0,
+            ));
+            t.push(self.auto_target(
+                format!("auto connection rate, {clients} client(s), x the best engine"),
+                |n| self.cps(clients, n),
+                false,
+            ));
+        }
+    }
+
+    /// Scale: the ebpf forwarder's memory while holding idle connections.
+    fn scale_targets(&self, t: &mut Vec<Target>) {
+        let held = self
+            .res
+            .scale
+            .get("ebpf")
+            .and_then(|c| c.runs.iter().filter_map(|r| r.rss_mib).reduce(f64::max));
+        let mb = |mib: f64| mib * 1024.0 * 1024.0 / 1e6;
+        for (what, v) in [
+            ("RSS while holding", held),
+            (
+                "peak RSS over the whole run, which includes holding",
+                self.res.peak_rss.get("ebpf").copied(),
+            ),
+        ] {
+            t.push(Target::at_most(
+                format!(
+                    "ebpf forwarder {what} {} idle connections",
+                    self.plan.scale_conns
+                ),
+                v.map(mb),
+                "MB",
+                30.0,
+            ));
+        }
+    }
+
+    /// The Markdown report and the JSON of the run. Runs no command: the
+    /// machine's facts were read before ([`Machine::read`]).
+    pub fn render(&self) -> Result<(String, Value)> {
         let mut md = String::new();
+        self.render_header(&mut md)?;
+        let targets = self.render_targets(&mut md)?;
+        let workloads = self.render_workloads(&mut md)?;
+        let resources = self.render_resources(&mut md)?;
+        self.render_footer(&mut md)?;
+        Ok((md, self.json(targets, workloads, resources)))
+    }
+
+    /// The title and how the run was made.
+    fn render_header(&self, md: &mut String) -> Result<()> {
+        let m = &self.machine;
         writeln!(md, "# forwarder against direct loopback and its peers\n")?;
-        writeln!(md, "- date: {date}; kernel {kernel}; {ncpu} CPUs; {iperf}")?;
+        writeln!(
+            md,
+            "- date: {}; kernel {}; {} CPUs; {}",
+            m.date, m.kernel, m.ncpu, m.iperf
+        )?;
         writeln!(
             md,
             "- load average (1, 5, 15 min) before the first run: {}",
-            self.load
+            m.load
         )?;
-        writeln!(md, "- command: `{command}`")?;
+        writeln!(md, "- command: `{}`", m.command)?;
         writeln!(
             md,
             "- direct: client and server both in the child namespace; engines: one forwarder \
@@ -377,67 +459,70 @@ impl Report<'_> {
             "- every workload repeated and interleaved across the systems; figures are the \
              median (min-max) over repetitions; ratios are medians of per-repetition ratios; \
              descriptor limit {}\n",
-            self.nofile
+            m.nofile
         )?;
+        Ok(())
+    }
 
-        // Targets.
+    /// The targets table; returns its JSON rows.
+    fn render_targets(&self, md: &mut String) -> Result<Vec<Value>> {
         let targets = self.targets();
         let mut targets_json = Vec::new();
-        if !targets.is_empty() {
-            writeln!(md, "## Targets\n")?;
-            writeln!(md, "| target | figure | goal | |")?;
-            writeln!(md, "|---|---|---|---|")?;
-            for t in &targets {
-                let fig = t
-                    .figure
-                    .map_or_else(|| "n/a".to_string(), |f| format!("{f:.2} {}", t.unit));
-                let verdict = match t.met {
-                    Some(true) => "met",
-                    Some(false) => "**missed**",
-                    None => "not measured",
-                };
-                writeln!(
-                    md,
-                    "| {} | {fig} | {} {} | {verdict} |",
-                    t.what, t.goal, t.unit
-                )?;
-                targets_json.push(json!({"target": t.what, "figure": t.figure, "unit": t.unit,
-                    "goal": t.goal, "met": t.met}));
-            }
-            writeln!(md)?;
+        if targets.is_empty() {
+            return Ok(targets_json);
         }
+        writeln!(md, "## Targets\n")?;
+        writeln!(md, "| target | figure | goal | |")?;
+        writeln!(md, "|---|---|---|---|")?;
+        for t in &targets {
+            let fig = t
+                .figure
+                .map_or_else(|| "n/a".to_string(), |f| format!("{f:.2} {}", t.unit));
+            let verdict = match t.met {
+                Some(true) => "met",
+                Some(false) => "**missed**",
+                None => "not measured",
+            };
+            writeln!(
+                md,
+                "| {} | {fig} | {} {} | {verdict} |",
+                t.what, t.goal, t.unit
+            )?;
+            targets_json.push(json!({"target": t.what, "figure": t.figure, "unit": t.unit,
+                "goal": t.goal, "met": t.met}));
+        }
+        writeln!(md)?;
+        Ok(targets_json)
+    }
 
-        let mut thr_json = serde_json::Map::new();
+    /// One section per workload the plan ran; returns their JSON.
+    fn render_workloads(&self, md: &mut String) -> Result<WorkloadsJson> {
+        let plan = self.plan;
+        let mut out = WorkloadsJson::default();
         if plan.has(Workload::Throughput) {
-            self.render_throughput(&mut md, &mut thr_json)?;
+            self.render_throughput(md, &mut out.throughput)?;
         }
-        let lat_json = if plan.has(Workload::Latency) {
-            self.render_latency(&mut md)?
-        } else {
-            Value::Null
-        };
-        let rate_json = if plan.has(Workload::Rate) {
-            self.render_rate(&mut md)?
-        } else {
-            Value::Null
-        };
+        if plan.has(Workload::Latency) {
+            out.latency = self.render_latency(md)?;
+        }
+        if plan.has(Workload::Rate) {
+            out.rate = self.render_rate(md)?;
+        }
         if let Some(u) = &self.res.udp {
-            u.render(&mut md, "##");
+            u.render(md, "##");
         }
-        let scale_json = if plan.has(Workload::Scale) {
-            self.render_scale(&mut md)?
-        } else {
-            Value::Null
-        };
-        let docker_json = match (&self.res.docker, plan.has(Workload::Docker)) {
-            (Some(d), true) => {
-                self.render_docker(&mut md, d)?;
-                serde_json::to_value(d)?
-            }
-            _ => Value::Null,
-        };
-        let res_json = self.render_resources(&mut md)?;
+        if plan.has(Workload::Scale) {
+            out.scale = self.render_scale(md)?;
+        }
+        if let (Some(d), true) = (&self.res.docker, plan.has(Workload::Docker)) {
+            self.render_docker(md, d)?;
+            out.docker = serde_json::to_value(d)?;
+        }
+        Ok(out)
+    }
 
+    /// The systems that did not run, and the bytes each forwarder carried.
+    fn render_footer(&self, md: &mut String) -> Result<()> {
         let failed: Vec<_> = self
             .systems
             .iter()
@@ -469,38 +554,42 @@ impl Report<'_> {
                 st["connections"], st["active"]
             )?;
         }
+        Ok(())
+    }
 
-        let json = json!({
-            "date": date,
-            "kernel": kernel,
-            "cpus": ncpu,
-            "iperf3": iperf,
-            "command": command,
+    /// The run's JSON: the machine, the plan, every section's figures.
+    fn json(&self, targets: Vec<Value>, w: WorkloadsJson, resources: Value) -> Value {
+        let (plan, m) = (self.plan, &self.machine);
+        json!({
+            "date": m.date,
+            "kernel": m.kernel,
+            "cpus": m.ncpu,
+            "iperf3": m.iperf,
+            "command": m.command,
             "workloads": plan.workloads.iter().map(|w| format!("{w:?}").to_lowercase()).collect::<Vec<_>>(),
             "seconds_per_run": plan.secs,
             "repetitions": plan.reps,
             "placements": plan.placements.iter().map(|p| json!({"name": p.name(),
                 "iperf3_affinity": p.affinity(plan.cpus).map(|(c, s)| [c, s])})).collect::<Vec<_>>(),
-            "nofile": self.nofile,
-            "load_average_before": self.load,
-            "targets": targets_json,
+            "nofile": m.nofile,
+            "load_average_before": m.load,
+            "targets": targets,
             "systems": self.systems.iter().map(|s| json!({"name": s.name, "label": s.label,
                 "pid": s.pid, "not_run": s.failed})).collect::<Vec<_>>(),
-            "throughput": thr_json,
-            "latency": lat_json,
-            "connection_rate": rate_json,
-            "scale": scale_json,
-            "rootless_docker": docker_json,
+            "throughput": w.throughput,
+            "latency": w.latency,
+            "connection_rate": w.rate,
+            "scale": w.scale,
+            "rootless_docker": w.docker,
             "udp": self.res.udp,
-            "resources": res_json,
+            "resources": resources,
             "forwarder_stats": self
                 .res
                 .fwd_stats
                 .iter()
                 .map(|(m, st)| (m.to_string(), st.clone()))
                 .collect::<serde_json::Map<_, _>>(),
-        });
-        Ok((md, json))
+        })
     }
 
     /// The rootless Docker table: one row per system.
@@ -609,7 +698,16 @@ impl Report<'_> {
                 self.render_thr_table(md, out, place, streams)?;
             }
         }
-        // Where the CPU goes.
+        self.render_thr_cpu(md, out)
+    }
+
+    /// Where the CPU went during the primary placement's throughput runs:
+    /// machine CPU per GB, its kernel part, and each CPU's busy share.
+    fn render_thr_cpu(
+        &self,
+        md: &mut String,
+        out: &mut serde_json::Map<String, Value>,
+    ) -> Result<()> {
         writeln!(
             md,
             "### CPU during the throughput runs\n\n\
@@ -652,22 +750,7 @@ impl Report<'_> {
             let gb: f64 = all.iter().map(|r| r.bytes).sum::<f64>() / 1e9;
             let busy: f64 = all.iter().map(|r| r.cpu.busy_s).sum();
             let kernel: f64 = all.iter().map(|r| r.cpu.kernel_s).sum();
-            let per_cpu = |d: usize| {
-                m.get(&(primary, 1, d))
-                    .map(|runs| {
-                        (0..ncpu)
-                            .map(|c| {
-                                let v: Vec<f64> = runs
-                                    .iter()
-                                    .filter_map(|r| r.cpu.per_cpu_busy.get(c).copied())
-                                    .collect();
-                                format!("{:.0}%", median(&v) * 100.0)
-                            })
-                            .collect::<Vec<_>>()
-                            .join(" / ")
-                    })
-                    .unwrap_or_default()
-            };
+            let per_cpu = |d: usize| per_cpu_busy(m.get(&(primary, 1, d)), ncpu);
             if gb > 0.0 {
                 writeln!(
                     md,
@@ -1175,8 +1258,15 @@ mod tests {
             plan: &plan,
             systems: &systems,
             res: &res,
-            load: "0 0 0".into(),
-            nofile: 1024,
+            machine: Machine {
+                date: "2026-01-01 00:00:00 UTC".into(),
+                kernel: "6.18.0".into(),
+                iperf: "iperf 3.18".into(),
+                ncpu: 2,
+                command: "cargo xtask bench".into(),
+                load: "0 0 0".into(),
+                nofile: 1024,
+            },
         };
         let verdict = |what: &str| {
             report

@@ -442,7 +442,7 @@ fn forwarder(bin: &Path, ns: &Netns, name: &str, shared: &Arc<AtomicU64>) -> Res
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
     let fwd_args: Vec<String> = [
         "--child-netns".to_string(),
-        ns.path(),
+        ns.path().display().to_string(),
         "-p".into(),
         format!("127.0.0.1:{ps}:{SINK}/udp"),
         "-p".into(),
@@ -467,12 +467,11 @@ fn forwarder(bin: &Path, ns: &Netns, name: &str, shared: &Arc<AtomicU64>) -> Res
 /// own servers: the main bench's TCP pasta already holds the bench's child
 /// namespace, and a second pasta there forwards nothing.
 fn pasta() -> Result<System> {
-    let ns = Netns::new(&format!("fwd-bench-udp-pasta-{}", std::process::id()))?;
-    let servers = servers(&ns.path())?;
+    let ns = Netns::named(&format!("fwd-bench-udp-pasta-{}", std::process::id()))?;
+    let servers = servers(&ns.path().display().to_string())?;
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
-    let mut cmd = Command::new("pasta");
-    cmd.args(["--netns", &ns.path(), "-f", "-q", "--runas", "0"])
-        .args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
+    let mut cmd = crate::peers::pasta_command(&ns);
+    cmd.args(["-u", &format!("127.0.0.1/{ps}:{SINK}")])
         .args(["-u", &format!("127.0.0.1/{pe}:{ECHO}")])
         .args(["-t", "none", "-T", "none", "-U", "none"])
         .stdin(Stdio::null())
@@ -501,10 +500,10 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
     };
     let mut systems = vec![System {
         name: "direct".into(),
-        client_ns: Some(ns.path()),
+        client_ns: Some(ns.path().display().to_string()),
         sink: local(SINK),
         echo: local(ECHO),
-        servers: servers(&ns.path())?,
+        servers: servers(&ns.path().display().to_string())?,
         _guards: Vec::new(),
     }];
     let shared = systems[0].servers.received.clone();
@@ -729,7 +728,7 @@ pub fn run(args: &UdpArgs) -> Result<()> {
     crate::setup::run()?;
     crate::util::catch_interrupts();
     let bin = build_forwarder()?;
-    let ns = Netns::new(&format!("fwd-bench-udp-{}", std::process::id()))?;
+    let ns = Netns::named(&format!("fwd-bench-udp-{}", std::process::id()))?;
     let plan = UdpPlan {
         secs: args.secs,
         reps: args.reps,

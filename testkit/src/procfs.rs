@@ -1,6 +1,7 @@
-//! Readings from /proc for the bench: a process's CPU time and memory,
-//! its descriptors, the machine's CPU time per CPU, and the run-time
-//! statistics of the BPF programs a process holds.
+//! Readings from /proc, for the tests and the bench alike: a process's CPU
+//! time and memory, its descriptors, its threads' capabilities, its dial
+//! agents, the machine's CPU time per CPU, and the run-time statistics of
+//! the BPF programs a process holds.
 
 use std::collections::BTreeMap;
 
@@ -12,36 +13,91 @@ fn hz() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
 }
 
-/// utime + stime of a process, in seconds.
-pub fn cpu_seconds(pid: u32) -> Result<f64> {
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces), from field 3.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, r)| r)
         .context("malformed /proc/PID/stat")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
+    let ticks = |i: usize| -> Result<u64> {
         f.get(i)
-            .and_then(|s| s.parse::<f64>().ok())
+            .and_then(|s| s.parse::<u64>().ok())
             .context("malformed /proc/PID/stat")
     };
     // utime and stime are fields 14 and 15: indices 11 and 12 here.
-    Ok((ticks(11)? + ticks(12)?) / hz())
+    Ok(ticks(11)? + ticks(12)?)
 }
 
-/// A `Vm*:` line of /proc/PID/status, in MiB.
-fn status_mib(pid: u32, key: &str) -> Result<f64> {
+/// utime + stime of a process, in seconds.
+pub fn cpu_seconds(pid: u32) -> Result<f64> {
+    Ok(cpu_ticks(pid)? as f64 / hz())
+}
+
+/// The value of a `KEY:` line of /proc/PID/status, trimmed.
+fn status_field(pid: u32, key: &str) -> Result<String> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|kb| kb.parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
+        .map(|v| v.trim().to_string())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// A `Vm*:` line of /proc/PID/status, in KiB.
+pub fn status_kib(pid: u32, key: &str) -> Result<u64> {
+    let v = status_field(pid, key)?;
+    v.split_whitespace()
+        .next()
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .with_context(|| format!("malformed {key} {v:?} in /proc/{pid}/status"))
+}
+
+/// A capability set (`CapEff:`, `CapPrm:`, ...) of /proc/PID/status.
+pub fn status_caps(pid: u32, key: &str) -> Result<u64> {
+    let v = status_field(pid, key)?;
+    u64::from_str_radix(&v, 16)
+        .with_context(|| format!("malformed {key} {v:?} in /proc/{pid}/status"))
+}
+
+/// Open pipe descriptors of a process.
+pub fn pipe_fd_count(pid: u32) -> Result<usize> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("listing /proc/{pid}/fd"))?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("pipe:"))
+        .count())
+}
+
+/// The children of `pid` (of any of its threads) whose command line
+/// contains `needle`.
+pub fn children_running(pid: u32, needle: &str) -> Vec<u32> {
+    // Children are listed per thread that forked them.
+    let children: String = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .contains(needle)
+        })
+        .collect()
+}
+
+/// A `Vm*:` line of /proc/PID/status, in MiB.
+fn status_mib(pid: u32, key: &str) -> Result<f64> {
+    Ok(status_kib(pid, key)? as f64 / 1024.0)
 }
 
 /// Peak resident set size (VmHWM) in MiB.
@@ -166,6 +222,54 @@ pub fn bpf_programs(pid: u32) -> Result<BpfReading> {
         }
     }
     Ok(progs)
+}
+
+/// CAP_NET_BIND_SERVICE as a bit of a capability set.
+pub const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
+
+/// One thread's name and capability sets, from /proc/PID/task/TID/status.
+#[derive(Debug, Clone)]
+pub struct ThreadCaps {
+    pub tid: u32,
+    pub name: String,
+    /// CapEff.
+    pub eff: u64,
+    /// CapPrm.
+    pub prm: u64,
+}
+
+/// Every thread of `pid` with its capability sets.
+pub fn thread_caps(pid: u32) -> Vec<ThreadCaps> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+        };
+        let hex = |k: &str| {
+            field(k)
+                .and_then(|v| u64::from_str_radix(&v, 16).ok())
+                .unwrap_or(u64::MAX)
+        };
+        out.push(ThreadCaps {
+            tid,
+            name: field("Name:").unwrap_or_default(),
+            eff: hex("CapEff:"),
+            prm: hex("CapPrm:"),
+        });
+    }
+    out
 }
 
 #[cfg(test)]

@@ -1,0 +1,137 @@
+//! The systems under test, started once for the whole bench: direct
+//! loopback (no carrier), one forwarder per engine (and one in auto mode),
+//! and the peers (socat, RootlessKit, pasta), each publishing the child's
+//! iperf3 and echo servers on free ports here.
+
+use std::path::Path;
+
+use anyhow::{bail, Context as _, Result};
+
+use super::{free_ports, Args, System, ECHO_PORT, ENGINES, SERVER_PORT};
+use crate::peers::{self, Peer};
+use crate::util::{Forwarder, Netns};
+
+/// Everything that carries the bench's traffic, kept until the end.
+pub struct Carriers {
+    /// The report's rows: direct, the engines, the peers (a peer that could
+    /// not start is a row with its reason).
+    pub systems: Vec<System>,
+    /// The forwarders by engine name, for their final statistics.
+    pub forwarders: Vec<(&'static str, Forwarder)>,
+    /// The peers that run.
+    pub peers: Vec<Peer>,
+}
+
+/// Starts every system; a forwarder that fails to start, or reports
+/// another engine than asked, fails the bench; a peer that fails is
+/// reported as not run.
+pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers> {
+    let ports = free_ports(2 * (ENGINES.len() + 3))?;
+    let mut ports = ports.into_iter();
+    let mut next_port = || ports.next().context("out of free ports");
+    let mut systems = vec![System {
+        name: "direct".into(),
+        label: "direct (no forwarder)".into(),
+        iperf_port: None,
+        echo_port: Some(ECHO_PORT),
+        pid: None,
+        failed: None,
+    }];
+    let mut forwarders = Vec::new();
+    for mode in ENGINES {
+        let ports = (next_port()?, next_port()?);
+        let (sys, fwd) = start_forwarder(ns, bin, mode, ports)?;
+        systems.push(sys);
+        forwarders.push((mode, fwd));
+    }
+    let mut running = Vec::new();
+    for (name, label) in PEERS {
+        let ports = (next_port()?, next_port()?);
+        let started = if args.no_peers {
+            Err(anyhow::anyhow!("--no-peers"))
+        } else {
+            start_peer(ns, me, name, ports)
+        };
+        let mut sys = System {
+            name: name.into(),
+            label: label.into(),
+            iperf_port: Some(ports.0),
+            echo_port: Some(ports.1),
+            pid: None,
+            failed: None,
+        };
+        match started {
+            Ok(peer) => {
+                sys.pid = peer.pid;
+                sys.echo_port = peer.echo_port;
+                running.push(peer);
+            }
+            Err(e) => {
+                eprintln!("bench: {name} not run: {e:#}");
+                sys.failed = Some(format!("{e:#}"));
+            }
+        }
+        systems.push(sys);
+    }
+    Ok(Carriers {
+        systems,
+        forwarders,
+        peers: running,
+    })
+}
+
+/// The peers: name and report label.
+const PEERS: [(&str, &str); 3] = [
+    ("socat", "socat, fork + `ip netns exec` per connection"),
+    ("rootlesskit", "RootlessKit 1.1 builtin port driver"),
+    ("pasta", "pasta (passt), splice path"),
+];
+
+/// A forwarder in `mode` publishing the iperf3 and echo servers on
+/// `(port, echo port)`.
+fn start_forwarder(
+    ns: &Netns,
+    bin: &Path,
+    mode: &'static str,
+    (port, eport): (u16, u16),
+) -> Result<(System, Forwarder)> {
+    let args = [
+        "--child-netns".to_string(),
+        ns.path().display().to_string(),
+        "--mode".to_string(),
+        mode.to_string(),
+        "-p".to_string(),
+        format!("127.0.0.1:{port}:{SERVER_PORT}"),
+        "-p".to_string(),
+        format!("127.0.0.1:{eport}:{ECHO_PORT}"),
+    ];
+    let name = format!("forwarder --mode {mode}");
+    let fwd = Forwarder::start(bin, &args, true, &name)?;
+    if mode != "auto" && fwd.engine() != mode {
+        bail!("{name} reports engine {:?}", fwd.engine());
+    }
+    let label = if mode == "auto" {
+        format!("forwarder `--mode auto` (picked {})", fwd.engine())
+    } else {
+        format!("forwarder `--mode {mode}`")
+    };
+    let sys = System {
+        name: mode.into(),
+        label,
+        iperf_port: Some(port),
+        echo_port: Some(eport),
+        pid: fwd.pid(),
+        failed: None,
+    };
+    Ok((sys, fwd))
+}
+
+/// A peer publishing the iperf3 and echo servers on `(port, echo port)`.
+fn start_peer(ns: &Netns, me: &Path, name: &str, (p, e): (u16, u16)) -> Result<Peer> {
+    eprintln!("bench: starting {name}");
+    match name {
+        "socat" => peers::socat(ns, (p, SERVER_PORT), (e, ECHO_PORT)),
+        "rootlesskit" => peers::rootlesskit(me, (p, SERVER_PORT), (e, ECHO_PORT)),
+        _ => peers::pasta(ns, (p, SERVER_PORT), (e, ECHO_PORT)),
+    }
+}
