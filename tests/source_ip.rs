@@ -172,17 +172,27 @@ async fn tcp_sees_clients(privilege: Privilege) {
     let before = routing_state(&pair.child);
     tcp_whoami(pair.child.listen("127.0.0.1:80"));
     tcp_whoami(pair.child.listen("[::1]:80"));
-    let f = start(
-        &pair,
-        &[
-            "--mode",
-            "copy",
-            "-p",
-            "8080:80/tcp4",
-            "-p",
-            "[::]:8080:80/tcp6",
-        ],
-    );
+    // The API socket (root only: the test user cannot reach a root-owned
+    // temporary directory).
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.display().to_string();
+    let mut args = vec![
+        "--mode",
+        "copy",
+        "-p",
+        "8080:80/tcp4",
+        "-p",
+        "[::]:8080:80/tcp6",
+    ];
+    if privilege == Privilege::Root {
+        args.extend(["--api-socket", &sock_s]);
+    }
+    let f = start(&pair, &args);
+    if privilege == Privilege::Root {
+        let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+        assert_eq!(info["portDriver"]["sourceIP"], true, "{info}");
+    }
     let needle = "preserving client addresses";
     let err = f.wait_stderr(needle, Duration::from_secs(5));
     assert!(err.contains(needle), "{err}");
@@ -224,7 +234,25 @@ async fn tcp_off() {
     let pair = pair(Privilege::Root);
     let before = routing_state(&pair.child);
     tcp_whoami(pair.child.listen("127.0.0.1:80"));
-    let f = start(&pair, &["--no-source-ip", "-p", "8080:80/tcp4"]);
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = start(
+        &pair,
+        &[
+            "--no-source-ip",
+            "-p",
+            "8080:80/tcp4",
+            "--api-socket",
+            &sock_s,
+        ],
+    );
+    let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+    assert_eq!(info["portDriver"]["sourceIP"], false, "{info}");
+    assert!(
+        f.agent_pids().is_empty(),
+        "root mode without source preservation needs no agent"
+    );
     let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
     assert_eq!(routing_state(&pair.child), before);
