@@ -441,3 +441,28 @@ async fn udp_root() {
 async fn udp_rootless_agent() {
     udp_sees_clients(Privilege::User).await;
 }
+
+/// The child's default route really takes replies away: without the local
+/// route of the forwarder's table, a transparent dial gets no answer and
+/// the client learns nothing from the server (the routing is what the
+/// other cases prove).
+#[tokio::test]
+async fn without_the_return_route_replies_are_lost() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    ip_in(
+        &pair.child,
+        &["-4", "route", "flush", "table", "1719100530"],
+    );
+    let mut c = pair.client(&format!("{CLIENT4}:8080")).await;
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
+    assert!(
+        !matches!(r, Ok(Ok(n)) if n > 0),
+        "the server answered without the return route: {r:?}"
+    );
+    drop(c);
+    f.stop();
+}
