@@ -466,3 +466,25 @@ async fn without_the_return_route_replies_are_lost() {
     drop(c);
     f.stop();
 }
+
+/// Root mode: a killed agent cannot be restarted once the forwarder has
+/// dropped its capabilities; the forwarder says so once and keeps serving
+/// from its own thread in the child, without source preservation.
+#[tokio::test]
+async fn root_agent_killed_falls_back() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    let (me, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert_eq!(seen, me.to_string());
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    kill9(agents[0]);
+    let needle = "dialing from the forwarder's own thread in the child";
+    let err = f.wait_stderr(needle, Duration::from_secs(10));
+    assert!(err.contains(needle), "{err}");
+    let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    f.assert_least_privilege();
+    f.stop();
+}

@@ -481,6 +481,8 @@ pub struct AgentClient {
     sock: Arc<Mutex<Arc<Packet>>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
+    /// Dials instead of the agent once set ([`AgentClient::fall_back_to`]).
+    fallback: Arc<Mutex<Option<ChildDialer>>>,
 }
 
 impl AgentClient {
@@ -493,6 +495,7 @@ impl AgentClient {
             sock: Arc::new(Mutex::new(sock)),
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
+            fallback: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -504,6 +507,18 @@ impl AgentClient {
             *s = sock;
         }
         Ok(())
+    }
+
+    /// From now on every clone of this client dials with `dialer` (a thread
+    /// in the child's namespace), for an agent that cannot be restarted.
+    pub fn fall_back_to(&self, dialer: ChildDialer) {
+        if let Ok(mut f) = self.fallback.lock() {
+            *f = Some(dialer);
+        }
+    }
+
+    fn fallback(&self) -> Option<ChildDialer> {
+        self.fallback.lock().ok().and_then(|f| f.clone())
     }
 
     /// Registers a socket and starts the task that reads its replies.
@@ -606,6 +621,9 @@ impl AgentClient {
 /// passes the connected socket back.
 impl Dial for AgentClient {
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.tcp(req).await });
+        }
         Box::pin(async move {
             let (fd, reached) = self
                 .request(req.spec, req.ipv6_listener, req.source)
@@ -618,6 +636,9 @@ impl Dial for AgentClient {
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.udp(req).await });
+        }
         Box::pin(self.request(req.spec, req.ipv6_listener, req.source))
     }
 

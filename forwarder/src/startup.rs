@@ -177,6 +177,10 @@ enum DialSetup {
         process: Option<(std::process::Child, agent::AgentTarget)>,
         /// Source preservation is on in the agent.
         source_ip: bool,
+        /// Root mode: a thread in the child's namespace that dials (without
+        /// source preservation) if the agent dies, since a new one cannot
+        /// be started once capabilities are dropped.
+        fallback: Option<netns::ChildDialer>,
     },
 }
 
@@ -205,6 +209,7 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
             fd,
             process: None,
             source_ip,
+            fallback: None,
         });
     }
     let path = match (&config.child_netns, config.child_pid) {
@@ -226,10 +231,13 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
                     agent_pid = child.id(),
                     "preserving client addresses: dialing through a child-side agent"
                 );
+                // Where this process may enter the namespace (root mode).
+                let fallback = netns::ChildDialer::new(&path).ok();
                 return Ok(DialSetup::Agent {
                     fd,
                     process: Some((child, target)),
                     source_ip: true,
+                    fallback,
                 });
             }
             // It said why; kept for a rootless forwarder, which needs it
@@ -260,6 +268,7 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
                 fd,
                 process: Some((child, target)),
                 source_ip: false,
+                fallback: None,
             })
         }
         (Err(e), _) => Err(e.into()),
@@ -451,9 +460,16 @@ impl Serve {
         };
         let engine = prepared.start()?;
         let source_ip = dial.source_ip();
+        let mut fallback = None;
         let (dialer, mut agent_process, agent_client) = match dial {
             DialSetup::Netns(d) => (Arc::new(d) as Arc<dyn Dial>, None, None),
-            DialSetup::Agent { fd, process, .. } => {
+            DialSetup::Agent {
+                fd,
+                process,
+                fallback: fb,
+                ..
+            } => {
+                fallback = fb;
                 let client =
                     agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
                 let dialer: Arc<dyn Dial> = Arc::new(client.clone());
@@ -559,6 +575,14 @@ impl Serve {
                             tracing::warn!(%status, agent_pid = child.id(),
                                 "the dial agent exited while the child lives; restarted it");
                             agent_process = Some((child, target));
+                        }
+                        Err(e) if fallback.is_some() => {
+                            if let Some(d) = fallback.take() {
+                                client.fall_back_to(d);
+                            }
+                            tracing::warn!(%status, error = %format!("{e:#}"),
+                                "the dial agent exited and cannot be restarted: dialing from the forwarder's own thread in the child, without source address preservation");
+                            agent_process = None;
                         }
                         Err(e) => {
                             tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
