@@ -167,7 +167,7 @@ fn start(pair: &Pair, extra: &[&str]) -> Fwd {
     Fwd::start(pair, extra)
 }
 
-async fn tcp_sees_clients(privilege: Privilege) {
+async fn tcp_sees_clients(privilege: Privilege, mode: &str) {
     let pair = pair(privilege);
     let before = routing_state(&pair.child);
     tcp_whoami(pair.child.listen("127.0.0.1:80"));
@@ -179,7 +179,7 @@ async fn tcp_sees_clients(privilege: Privilege) {
     let sock_s = sock.display().to_string();
     let mut args = vec![
         "--mode",
-        "copy",
+        mode,
         "-p",
         "8080:80/tcp4",
         "-p",
@@ -189,6 +189,9 @@ async fn tcp_sees_clients(privilege: Privilege) {
         args.extend(["--api-socket", &sock_s]);
     }
     let f = start(&pair, &args);
+    if mode != "auto" {
+        assert_eq!(f.engine(), mode, "{}", f.ready);
+    }
     if privilege == Privilege::Root {
         let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
         assert_eq!(info["portDriver"]["sourceIP"], true, "{info}");
@@ -219,13 +222,23 @@ async fn tcp_sees_clients(privilege: Privilege) {
 }
 
 #[tokio::test]
-async fn tcp_root() {
-    tcp_sees_clients(Privilege::Root).await;
+async fn tcp_root_copy() {
+    tcp_sees_clients(Privilege::Root, "copy").await;
+}
+
+#[tokio::test]
+async fn tcp_root_splice() {
+    tcp_sees_clients(Privilege::Root, "splice").await;
+}
+
+#[tokio::test]
+async fn tcp_root_ebpf() {
+    tcp_sees_clients(Privilege::Root, "ebpf").await;
 }
 
 #[tokio::test]
 async fn tcp_rootless_agent() {
-    tcp_sees_clients(Privilege::User).await;
+    tcp_sees_clients(Privilege::User, "auto").await;
 }
 
 /// `--no-source-ip`: today's behaviour, and nothing is installed.

@@ -4,6 +4,12 @@
 //! whole life. So one OS thread enters the child namespace once, at start,
 //! and does nothing but create sockets on request; the connect itself then
 //! runs on the tokio runtime like any other socket operation.
+//!
+//! With source preservation ([`ChildDialer::with_source_ip`], in the agent
+//! only, which holds the capabilities for it) the caller's thread makes the
+//! new socket transparent and binds it to the client's address before the
+//! connect, and adds a UDP flow's return rule ([`crate::srcip`]); where that
+//! does not apply the dial is as without it, the reason logged once.
 
 use std::fs::File;
 use std::io;
