@@ -12,11 +12,15 @@
 //!
 //! Wire format, one datagram each way per dial (at most [`MAX_MESSAGE`]
 //! bytes of JSON):
-//! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool}`; a spec
-//!   whose proto is udp, udp4 or udp6 asks for a connected UDP socket (a
-//!   flow of [`crate::udp`]), any other for a connected TCP stream;
-//! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready"}` once
-//!   the agent has dropped its capabilities (the forwarder waits for it);
+//! - request `{"id": N, "spec": PortSpec, "ipv6_listener": bool, "source":
+//!   "ADDR"}` (`source`, the client's address, optional); a spec whose proto
+//!   is udp, udp4 or udp6 asks for a connected UDP socket (a flow of
+//!   [`crate::udp`]), any other for a connected TCP stream;
+//! - `{"udp_closed": ["REACHED", "LOCAL"]}`: a flow's socket was closed, its
+//!   return rule goes ([`crate::srcip`]); no reply;
+//! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready",
+//!   "source_ip": bool}` once the agent has dropped its capabilities (the
+//!   forwarder waits for it);
 //! - reply `{"id": N, "ok": true, "reached": "ADDR"}` with the socket
 //!   attached, or `{"id": N, "ok": false, "errno": E, "message": "..."}`.
 //!
@@ -48,7 +52,7 @@ use crate::dial::{Dial, DialFailure, DialFuture, DialRequest};
 use crate::netns::ChildDialer;
 use crate::spec::{ApiSpec, PortSpec};
 use crate::sys;
-use crate::wire::{AgentReply, AgentRequest, AGENT_MAX_MESSAGE};
+use crate::wire::{AgentFlowClosed, AgentReply, AgentRequest, AGENT_MAX_MESSAGE};
 
 /// Largest request or reply.
 pub const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
@@ -162,11 +166,24 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> AgentReply {
 /// Decodes and validates one request: its id, the spec (checked as the API
 /// checks one) and whether the connection was accepted on IPv6; or the
 /// error reply to send.
-pub(crate) fn decode_request(data: &[u8]) -> Result<(u64, PortSpec, bool), AgentReply> {
+pub(crate) fn decode_request(
+    data: &[u8],
+) -> Result<(u64, PortSpec, bool, Option<SocketAddr>), AgentReply> {
     let req: AgentRequest = serde_json::from_slice(data)
         .map_err(|e| error_reply(0, libc::EINVAL, format!("malformed request: {e}")))?;
     let spec = PortSpec::try_from(&req.spec).map_err(|e| error_reply(req.id, libc::EINVAL, e))?;
-    Ok((req.id, spec, req.ipv6_listener))
+    let source = match req.source.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => {
+            return Err(error_reply(
+                req.id,
+                libc::EINVAL,
+                "source is not an address:port",
+            ))
+        }
+    };
+    Ok((req.id, spec, req.ipv6_listener, source))
 }
 
 /// Decodes a reply from the agent (the forwarder's side).
@@ -176,13 +193,14 @@ pub(crate) fn decode_reply(data: &[u8]) -> Option<AgentReply> {
 
 /// Handles one request: parse, validate, dial in this namespace.
 async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedFd>) {
-    let (id, spec, ipv6_listener) = match decode_request(data) {
+    let (id, spec, ipv6_listener, source) = match decode_request(data) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
     };
     let req = DialRequest {
         spec: &spec,
         ipv6_listener,
+        source,
     };
     let dialed = if spec.proto.is_udp() {
         tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await
@@ -229,6 +247,7 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
         id: 0,
         ok: true,
         message: Some(HELLO.into()),
+        source_ip: Some(dialer.source_ip().is_some()),
         ..Default::default()
     };
     send_reply(&sock, &hello, None).await?;
@@ -242,6 +261,12 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
                 format!("request larger than {MAX_MESSAGE} bytes"),
             );
             let _ = send_reply(&sock, &r, None).await;
+            continue;
+        }
+        if let Ok(c) = serde_json::from_slice::<AgentFlowClosed>(&buf[..n]) {
+            if let [Ok(reached), Ok(local)] = c.udp_closed.map(|a| a.parse::<SocketAddr>()) {
+                dialer.udp_closed(reached, local);
+            }
             continue;
         }
         let data = buf[..n].to_vec();
@@ -264,14 +289,38 @@ async fn send_reply(sock: &Packet, reply: &AgentReply, fd: Option<RawFd>) -> io:
 
 /// `forwarder child-agent`: serves the descriptor `fd` (a connected
 /// SOCK_SEQPACKET socket) or a listening socket at `path`, dialing in the
-/// namespace this process is in.
-pub async fn run(fd: Option<RawFd>, path: Option<&Path>) -> anyhow::Result<()> {
-    use anyhow::Context as _;
+/// namespace this process is in; with `routing` (source preservation on),
+/// from the clients' addresses. Ends on SIGTERM or when its peer goes, and
+/// then removes the routing.
+pub async fn run(
+    fd: Option<RawFd>,
+    path: Option<&Path>,
+    routing: Option<crate::srcip::Routing>,
+) -> anyhow::Result<()> {
     // Die with whoever started us (the forwarder, or a runtime).
     let _ = sys::term_with_parent();
     // Capabilities were dropped by main() before the runtime started: the
-    // agent needs none to create and connect sockets.
-    let dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
+    // agent needs none to create and connect sockets, and keeps
+    // CAP_NET_ADMIN and CAP_NET_RAW only for source preservation.
+    let mut dialer = ChildDialer::new(Path::new("/proc/self/ns/net"))?;
+    if let Some(r) = routing {
+        dialer = dialer.with_source_ip(r);
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let r = tokio::select! {
+        r = serve(fd, path, dialer.clone()) => r,
+        _ = term.recv() => Ok(()),
+    };
+    // The routing goes with the last reference to it: the dialer's tasks
+    // end with the runtime; remove it now, while the runtime still runs.
+    if let Some(s) = dialer.source_ip() {
+        s.routing().teardown();
+    }
+    r
+}
+
+async fn serve(fd: Option<RawFd>, path: Option<&Path>, dialer: ChildDialer) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     match (fd, path) {
         (Some(fd), _) => {
             let fd = sys::adopt_fd(fd).with_context(|| format!("--fd {fd}"))?;
@@ -338,55 +387,89 @@ impl SeqpacketListener {
     }
 }
 
-/// Starts `forwarder child-agent` inside the user and network namespaces
-/// of `pid`: the child process joins the target's user namespace (allowed
-/// to the namespace's owner) and then its network namespace before exec,
-/// and serves one end of a socket pair. Returns the process and the other
-/// end, for [`AgentClient::new`]. Needs no runtime.
-pub fn spawn_in(pid: u32) -> anyhow::Result<(std::process::Child, OwnedFd)> {
+/// Where a dial agent the forwarder starts itself runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentTarget {
+    /// In the user and network namespaces of this process (rootless).
+    Pid(u32),
+    /// In this network namespace file, in the forwarder's own user
+    /// namespace (root mode with source preservation).
+    Netns(std::path::PathBuf),
+}
+
+/// A started agent: the process, the forwarder's end of its socket, and
+/// whether source preservation is on in it.
+pub type Spawned = (std::process::Child, OwnedFd, bool);
+
+/// Starts `forwarder child-agent` in the namespaces of `target`: the child
+/// process joins the target's user namespace (allowed to the namespace's
+/// owner) when it differs from ours and then its network namespace before
+/// exec, and serves one end of a socket pair. `source_ip` asks it to
+/// preserve client addresses ([`crate::srcip`]) where the child permits.
+/// Returns the process and the other end, for [`AgentClient::new`], and
+/// whether source preservation is on. Needs no runtime.
+pub fn spawn(target: &AgentTarget, source_ip: bool) -> anyhow::Result<Spawned> {
     use anyhow::Context as _;
-    let open = |ns: &str| {
-        std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
-            .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
-    };
-    let same_user = {
-        let a = std::fs::metadata(format!("/proc/{pid}/ns/user"));
-        let b = std::fs::metadata("/proc/self/ns/user");
-        match (a, b) {
-            (Ok(a), Ok(b)) => {
-                use std::os::unix::fs::MetadataExt;
-                a.ino() == b.ino() && a.dev() == b.dev()
-            }
-            _ => false,
+    let (userns, netns, what) = match target {
+        AgentTarget::Pid(pid) => {
+            let open = |ns: &str| {
+                std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
+                    .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
+            };
+            let same_user = {
+                let a = std::fs::metadata(format!("/proc/{pid}/ns/user"));
+                let b = std::fs::metadata("/proc/self/ns/user");
+                match (a, b) {
+                    (Ok(a), Ok(b)) => {
+                        use std::os::unix::fs::MetadataExt;
+                        a.ino() == b.ino() && a.dev() == b.dev()
+                    }
+                    _ => false,
+                }
+            };
+            let userns = open("user")?;
+            (
+                (!same_user).then_some(userns),
+                open("net")?,
+                format!("PID {pid}"),
+            )
         }
+        AgentTarget::Netns(path) => (
+            None,
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+            path.display().to_string(),
+        ),
     };
-    let userns = open("user")?;
-    let netns = open("net")?;
     let (ours, theirs) = pair()?;
     let exe = std::env::current_exe().context("locating the forwarder binary")?;
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["child-agent", "--fd", "3"]);
+    if source_ip {
+        cmd.arg("--source-ip");
+    }
     sys::enter_namespaces_on_exec(
         &mut cmd,
-        (!same_user).then(|| userns.as_fd()),
+        userns.as_ref().map(|u| u.as_fd()),
         netns.as_fd(),
         theirs.as_fd(),
     );
     let child = cmd.spawn().with_context(|| {
         format!(
-            "cannot start the dial agent in the namespaces of PID {pid} (joining a user \
+            "cannot start the dial agent in the namespaces of {what} (joining a user \
              namespace is allowed to its owner, entering a network namespace needs \
              CAP_SYS_ADMIN over its user namespace)"
         )
     })?;
     drop(theirs);
     let mut child = child;
-    if let Err(e) = await_hello(&ours, HELLO_TIMEOUT) {
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(e).context("the dial agent did not start");
+    match await_hello(&ours, HELLO_TIMEOUT) {
+        Ok(on) => Ok((child, ours, on)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e).context("the dial agent did not start")
+        }
     }
-    Ok((child, ours))
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(AgentReply, Option<OwnedFd>)>>>>;
@@ -398,6 +481,8 @@ pub struct AgentClient {
     sock: Arc<Mutex<Arc<Packet>>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
+    /// Dials instead of the agent once set ([`AgentClient::fall_back_to`]).
+    fallback: Arc<Mutex<Option<ChildDialer>>>,
 }
 
 impl AgentClient {
@@ -410,6 +495,7 @@ impl AgentClient {
             sock: Arc::new(Mutex::new(sock)),
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
+            fallback: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -421,6 +507,18 @@ impl AgentClient {
             *s = sock;
         }
         Ok(())
+    }
+
+    /// From now on every clone of this client dials with `dialer` (a thread
+    /// in the child's namespace), for an agent that cannot be restarted.
+    pub fn fall_back_to(&self, dialer: ChildDialer) {
+        if let Ok(mut f) = self.fallback.lock() {
+            *f = Some(dialer);
+        }
+    }
+
+    fn fallback(&self) -> Option<ChildDialer> {
+        self.fallback.lock().ok().and_then(|f| f.clone())
     }
 
     /// Registers a socket and starts the task that reads its replies.
@@ -456,7 +554,7 @@ impl AgentClient {
 
     /// Connects to an agent listening at `path`; the socket is for
     /// [`AgentClient::new`]. Needs no runtime.
-    pub fn connect(path: &Path) -> io::Result<OwnedFd> {
+    pub fn connect(path: &Path) -> io::Result<(OwnedFd, bool)> {
         let fd = nix::sys::socket::socket(
             AddressFamily::Unix,
             SockType::SeqPacket,
@@ -465,14 +563,15 @@ impl AgentClient {
         )?;
         let addr = nix::sys::socket::UnixAddr::new(path)?;
         nix::sys::socket::connect(fd.as_raw_fd(), &addr)?;
-        await_hello(&fd, HELLO_TIMEOUT)?;
-        Ok(fd)
+        let on = await_hello(&fd, HELLO_TIMEOUT)?;
+        Ok((fd, on))
     }
 
     async fn request(
         &self,
         spec: &PortSpec,
         ipv6_listener: bool,
+        source: Option<SocketAddr>,
     ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
         let fail = |errno: i32, message: String| DialFailure {
             errno: Some(errno),
@@ -487,6 +586,7 @@ impl AgentClient {
             id,
             spec: ApiSpec::from(spec),
             ipv6_listener,
+            source: source.map(|s| s.to_string()),
         };
         let data = serde_json::to_vec(&req).map_err(|e| fail(libc::EINVAL, e.to_string()))?;
         let sock = match self.sock.lock() {
@@ -521,8 +621,13 @@ impl AgentClient {
 /// passes the connected socket back.
 impl Dial for AgentClient {
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.tcp(req).await });
+        }
         Box::pin(async move {
-            let (fd, reached) = self.request(req.spec, req.ipv6_listener).await?;
+            let (fd, reached) = self
+                .request(req.spec, req.ipv6_listener, req.source)
+                .await?;
             let fail = |e: io::Error| DialFailure::new(libc::EIO, e.to_string());
             let std = std::net::TcpStream::from(fd);
             std.set_nonblocking(true).map_err(fail)?;
@@ -531,7 +636,27 @@ impl Dial for AgentClient {
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        Box::pin(self.request(req.spec, req.ipv6_listener))
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.udp(req).await });
+        }
+        Box::pin(self.request(req.spec, req.ipv6_listener, req.source))
+    }
+
+    fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
+        let msg = AgentFlowClosed {
+            udp_closed: [reached.to_string(), local.to_string()],
+        };
+        let (Ok(data), Ok(sock)) = (serde_json::to_vec(&msg), self.sock.lock()) else {
+            return;
+        };
+        let sock = sock.clone();
+        // Best effort: a lost message leaves one narrow rule until the agent
+        // exits (and removes them all).
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = sock.send(&data, None).await;
+            });
+        }
     }
 }
 
@@ -539,8 +664,8 @@ impl Dial for AgentClient {
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Waits (blocking, no runtime needed) for the agent's greeting on a
-/// connected socket.
-fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
+/// connected socket; returns whether source preservation is on there.
+fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
     if !sys::wait_readable(fd.as_fd(), timeout)? {
         return Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -552,8 +677,9 @@ fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<()> {
     check_hello(&buf[..n])
 }
 
-/// Whether a datagram is the agent's greeting.
-fn check_hello(data: &[u8]) -> io::Result<()> {
+/// Whether a datagram is the agent's greeting, and whether it says source
+/// preservation is on.
+fn check_hello(data: &[u8]) -> io::Result<bool> {
     let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
     if data.is_empty() {
         return Err(bad("the dial agent exited before greeting".into()));
@@ -561,7 +687,7 @@ fn check_hello(data: &[u8]) -> io::Result<()> {
     let hello: AgentReply = serde_json::from_slice(data)
         .map_err(|e| bad(format!("the dial agent's greeting is not valid: {e}")))?;
     if hello.id == 0 && hello.ok && hello.message.as_deref() == Some(HELLO) {
-        Ok(())
+        Ok(hello.source_ip == Some(true))
     } else {
         Err(bad(format!(
             "unexpected greeting from the dial agent: {hello:?}"

@@ -418,6 +418,7 @@ async fn get_info(State(s): State<Arc<ApiState>>) -> Json<Info> {
             driver: "forwarder".into(),
             protos: protos().into_iter().map(String::from).collect(),
             disallow_loopback_child_ip: false,
+            source_ip: s.ports.source_ip(),
         },
     })
 }

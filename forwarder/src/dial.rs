@@ -101,6 +101,9 @@ pub struct DialRequest<'a> {
     pub spec: &'a PortSpec,
     /// The parent socket that received it is an IPv6 socket.
     pub ipv6_listener: bool,
+    /// The client's address and port, to bind as the dialed socket's source
+    /// where source preservation is on and applies ([`crate::srcip`]).
+    pub source: Option<SocketAddr>,
 }
 
 impl DialRequest<'_> {
@@ -124,6 +127,13 @@ pub trait Dial: Send + Sync {
     /// A connected UDP socket for a flow received by a socket of the
     /// request's (udp, udp4 or udp6) spec.
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd>;
+
+    /// A UDP flow's socket, dialed by [`Dial::udp`], reaching `reached`
+    /// from `local` (its own address), was closed: undo what the dial set
+    /// up for it (the return rule of a flow with the client's address).
+    fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
+        let _ = (reached, local);
+    }
 }
 
 /// Executes `plan` with `connect`: the target, then the IPv4 fallback when

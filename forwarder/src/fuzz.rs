@@ -99,7 +99,7 @@ pub fn api_port_body(data: &[u8]) {
 /// One datagram on the dial agent's socket, read by either side.
 pub fn agent_message(data: &[u8]) {
     match agent::decode_request(data) {
-        Ok((_, spec, ipv6_listener)) => {
+        Ok((_, spec, ipv6_listener, _)) => {
             accepted_spec(&String::from_utf8_lossy(data), &spec);
             let _ = dial::plan(&spec, ipv6_listener);
         }

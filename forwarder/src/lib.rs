@@ -32,6 +32,7 @@ pub mod port;
 pub mod ratelimit;
 pub mod rootlesskit;
 pub mod spec;
+pub mod srcip;
 pub mod startup;
 pub mod stats;
 pub mod sys;

@@ -40,6 +40,10 @@ enum Command {
         /// Serve an inherited, connected SOCK_SEQPACKET socket.
         #[arg(long, value_name = "N")]
         fd: Option<i32>,
+        /// Dial from the clients' addresses (IP_TRANSPARENT and policy
+        /// routing in this namespace; keeps CAP_NET_ADMIN and CAP_NET_RAW).
+        #[arg(long)]
+        source_ip: bool,
     },
     /// Show the kernel, which engines can run here and which one auto
     /// mode would pick, and why.
@@ -165,6 +169,11 @@ struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     udp_max_flows: u32,
+    /// Dial from the forwarder's own address in the child, as before,
+    /// instead of the client's (source preservation is on by default where
+    /// the child permits it: IP_TRANSPARENT and policy routing there).
+    #[arg(long)]
+    no_source_ip: bool,
 }
 
 impl From<RunArgs> for startup::Config {
@@ -182,7 +191,9 @@ impl From<RunArgs> for startup::Config {
             udp: forwarder::udp::UdpOptions {
                 idle_timeout: a.udp_idle_timeout,
                 max_flows: a.udp_max_flows as usize,
+                source_ip: false,
             },
+            source_ip: !a.no_source_ip,
         }
     }
 }
@@ -220,6 +231,10 @@ struct AttachArgs {
     #[arg(long, value_name = "N", default_value_t = 4096,
           value_parser = clap::value_parser!(u32).range(1..))]
     udp_max_flows: u32,
+    /// Dial from the forwarder's own address in the child instead of the
+    /// client's.
+    #[arg(long)]
+    no_source_ip: bool,
 }
 
 /// Checks across options that clap's attributes cannot express, so that
@@ -304,11 +319,37 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // Start-up builds its own runtime once capabilities are dropped.
         Command::Run(args) => startup::run(args.into(), startup::Shutdown::Signals).and_then(ended),
-        Command::ChildAgent { socket, fd } => {
+        Command::ChildAgent {
+            socket,
+            fd,
+            source_ip,
+        } => {
             // Before any thread exists: the agent keeps no capability (it
-            // may hold all of them in the container's user namespace).
-            match sys::drop_thread_capabilities(&[]) {
-                Ok(()) => with_runtime(agent::run(fd, socket.as_deref())),
+            // may hold all of them in the container's user namespace), but
+            // CAP_NET_ADMIN and CAP_NET_RAW while it preserves source
+            // addresses.
+            let routing = if source_ip {
+                match forwarder::srcip::probe().and_then(|()| forwarder::srcip::Routing::install())
+                {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!("source address preservation is off in this child: {e}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let keep: &[caps::Capability] = if routing.is_some() {
+                &[
+                    caps::Capability::CAP_NET_ADMIN,
+                    caps::Capability::CAP_NET_RAW,
+                ]
+            } else {
+                &[]
+            };
+            match sys::drop_thread_capabilities(keep) {
+                Ok(()) => with_runtime(agent::run(fd, socket.as_deref(), routing)),
                 Err(e) => Err(anyhow::anyhow!("cannot drop capabilities: {e}")),
             }
         }
@@ -358,7 +399,9 @@ fn attach_docker(a: AttachArgs) -> Result<()> {
         udp: forwarder::udp::UdpOptions {
             idle_timeout: a.udp_idle_timeout,
             max_flows: a.udp_max_flows as usize,
+            source_ip: false,
         },
+        source_ip: !a.no_source_ip,
     };
     startup::run(config, startup::Shutdown::Signals).and_then(ended)
 }

@@ -4,19 +4,27 @@
 //! whole life. So one OS thread enters the child namespace once, at start,
 //! and does nothing but create sockets on request; the connect itself then
 //! runs on the tokio runtime like any other socket operation.
+//!
+//! With source preservation ([`ChildDialer::with_source_ip`], in the agent
+//! only, which holds the capabilities for it) the caller's thread makes the
+//! new socket transparent and binds it to the client's address before the
+//! connect, and adds a UDP flow's return rule ([`crate::srcip`]); where that
+//! does not apply the dial is as without it, the reason logged once.
 
 use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
 use std::thread;
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::dial::{self, Dial, DialFuture, DialRequest};
+use crate::srcip::{self, Routing, Skip};
 use crate::sys;
 
 /// Why the child namespace could not be used.
@@ -42,6 +50,42 @@ type Request = (bool, bool, oneshot::Sender<io::Result<OwnedFd>>);
 #[derive(Clone)]
 pub struct ChildDialer {
     tx: mpsc::Sender<Request>,
+    /// Source address preservation, when on ([`crate::srcip`]).
+    source_ip: Option<Arc<SourceIp>>,
+}
+
+/// Source preservation's state in a dialer: the routing installed in the
+/// child and which fallbacks were logged already.
+pub struct SourceIp {
+    routing: Routing,
+    logged: AtomicU8,
+}
+
+impl SourceIp {
+    /// The source to bind for a dial of `target` by `client`, or `None`
+    /// (logged once per reason).
+    fn source(&self, client: SocketAddr, target: SocketAddr) -> Option<SocketAddr> {
+        match srcip::source_for(client, target, &srcip::local_addresses()) {
+            Ok(s) => Some(s),
+            Err(why) => {
+                self.log_once(why as u8, &why.to_string(), client, target);
+                None
+            }
+        }
+    }
+
+    fn log_once(&self, bit: u8, why: &str, client: SocketAddr, target: SocketAddr) {
+        let bit = 1u8 << bit;
+        if self.logged.fetch_or(bit, Relaxed) & bit == 0 {
+            tracing::info!(%client, %target,
+                "this connection reaches the child from the forwarder's address, not the client's: {why} (logged once)");
+        }
+    }
+
+    /// The routing installed in the child.
+    pub fn routing(&self) -> &Routing {
+        &self.routing
+    }
 }
 
 impl ChildDialer {
@@ -95,7 +139,12 @@ impl ChildDialer {
                 cause,
             })?;
         let r = match ready_rx.recv() {
-            Ok(Ok(())) => return Ok(ChildDialer { tx }),
+            Ok(Ok(())) => {
+                return Ok(ChildDialer {
+                    tx,
+                    source_ip: None,
+                })
+            }
             // setns(CLONE_NEWNET) answers EINVAL for a file that is not a
             // network namespace (EPERM is the permission case).
             Ok(Err(cause)) if cause.raw_os_error() == Some(libc::EINVAL) => {
@@ -115,6 +164,21 @@ impl ChildDialer {
         // process's child only, but a clean state is cheap).
         let _ = thread.join();
         r
+    }
+
+    /// Dials with the client's address as the source, through `routing`
+    /// (installed in this namespace by the caller).
+    pub fn with_source_ip(mut self, routing: Routing) -> Self {
+        self.source_ip = Some(Arc::new(SourceIp {
+            routing,
+            logged: AtomicU8::new(0),
+        }));
+        self
+    }
+
+    /// Source preservation's state, when on.
+    pub fn source_ip(&self) -> Option<&Arc<SourceIp>> {
+        self.source_ip.as_ref()
     }
 
     async fn raw_socket(&self, ipv6: bool, udp: bool) -> io::Result<OwnedFd> {
@@ -145,6 +209,57 @@ impl ChildDialer {
         let stream = sock.connect(addr).await?;
         Ok(stream)
     }
+
+    /// Connects to `addr` from `client`'s address and port where source
+    /// preservation applies, else as [`Self::connect`].
+    async fn connect_from(&self, addr: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
+        let Some(s) = &self.source_ip else {
+            return self.connect(addr).await;
+        };
+        let Some(src) = s.source(client, addr) else {
+            return self.connect(addr).await;
+        };
+        let sock = self.socket(addr.is_ipv6()).await?;
+        if let Err(e) = srcip::bind_transparent(sock.as_fd(), src, true) {
+            s.log_once(
+                Skip::RemoteTarget as u8 + 1,
+                &format!("cannot bind {src} in the child: {e}"),
+                client,
+                addr,
+            );
+            return self.connect(addr).await;
+        }
+        sock.connect(addr).await
+    }
+
+    /// A UDP socket connected to `addr` from `client`'s address and port
+    /// where source preservation applies (with the flow's return rule
+    /// added), else as [`Self::connect_udp`].
+    async fn connect_udp_from(&self, addr: SocketAddr, client: SocketAddr) -> io::Result<OwnedFd> {
+        let Some(s) = &self.source_ip else {
+            return self.connect_udp(addr).await;
+        };
+        let Some(src) = s.source(client, addr) else {
+            return self.connect_udp(addr).await;
+        };
+        let fd = self.raw_socket(addr.is_ipv6(), true).await?;
+        let bound = srcip::bind_transparent(fd.as_fd(), src, false)
+            .and_then(|()| s.routing.add_flow(addr, src));
+        if let Err(e) = bound {
+            s.log_once(
+                Skip::RemoteTarget as u8 + 1,
+                &format!("cannot bind {src} in the child: {e}"),
+                client,
+                addr,
+            );
+            return self.connect_udp(addr).await;
+        }
+        if let Err(e) = socket2::SockRef::from(&fd).connect(&addr.into()) {
+            let _ = s.routing.remove_flow(addr, src);
+            return Err(e);
+        }
+        Ok(fd)
+    }
 }
 
 /// Executes the request's [`dial::DialPlan`] in this namespace. For UDP the
@@ -152,10 +267,28 @@ impl ChildDialer {
 /// or no address in the child).
 impl Dial for ChildDialer {
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
-        Box::pin(dial::execute(req.plan(), |a| self.connect(a)))
+        match req.source {
+            Some(client) => Box::pin(dial::execute(req.plan(), move |a| {
+                self.connect_from(a, client)
+            })),
+            None => Box::pin(dial::execute(req.plan(), |a| self.connect(a))),
+        }
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        Box::pin(dial::execute(req.plan(), |a| self.connect_udp(a)))
+        match req.source {
+            Some(client) => Box::pin(dial::execute(req.plan(), move |a| {
+                self.connect_udp_from(a, client)
+            })),
+            None => Box::pin(dial::execute(req.plan(), |a| self.connect_udp(a))),
+        }
+    }
+
+    fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
+        if let Some(s) = &self.source_ip {
+            if let Err(e) = s.routing.remove_flow(reached, local) {
+                tracing::warn!(error = %e, flow = %local, "cannot remove a UDP flow's return rule");
+            }
+        }
     }
 }

@@ -136,6 +136,9 @@ struct Ctx {
     /// (`--max-connections`), over all ports.
     slots: Arc<Semaphore>,
     max_connections: usize,
+    /// Dial with the client's address as the source (the dialer applies it
+    /// where it can: [`crate::srcip`]).
+    source_ip: bool,
 }
 
 /// Published ports.
@@ -293,6 +296,7 @@ impl PortManager {
                 udp: UdpOptions::default(),
                 slots: Arc::new(Semaphore::new(max)),
                 max_connections: max,
+                source_ip: false,
             }),
             state: Mutex::new(State {
                 next_id: 1,
@@ -307,6 +311,21 @@ impl PortManager {
             ctx.udp = opts;
         }
         self
+    }
+
+    /// Passes clients' addresses to the dialer as the source to bind
+    /// (before any port is added): the dialer has source preservation on.
+    pub fn with_source_ip(mut self, on: bool) -> Self {
+        if let Some(ctx) = Arc::get_mut(&mut self.ctx) {
+            ctx.source_ip = on;
+            ctx.udp.source_ip = on;
+        }
+        self
+    }
+
+    /// Whether source preservation is on.
+    pub fn source_ip(&self) -> bool {
+        self.ctx.source_ip
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {
@@ -626,6 +645,11 @@ async fn handle(
     let req = DialRequest {
         spec: &spec,
         ipv6_listener: local.is_ipv6(),
+        source: if ctx.source_ip {
+            sock.peer_addr().ok()
+        } else {
+            None
+        },
     };
     let dialed = tokio::select! {
         d = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.tcp(req)) => d,

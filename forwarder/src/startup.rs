@@ -58,6 +58,9 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// UDP flow expiry and cap.
     pub udp: crate::udp::UdpOptions,
+    /// Preserve client addresses where the child permits
+    /// ([`crate::srcip`]; `--no-source-ip` clears it).
+    pub source_ip: bool,
 }
 
 /// The first two `-p` specs that would listen on the same address and
@@ -201,16 +204,44 @@ enum DialSetup {
     Netns(netns::ChildDialer),
     Agent {
         fd: OwnedFd,
-        process: Option<std::process::Child>,
+        /// The agent this forwarder started, and where (to restart it).
+        process: Option<(std::process::Child, agent::AgentTarget)>,
+        /// Source preservation is on in the agent.
+        source_ip: bool,
+        /// Root mode: a thread in the child's namespace that dials (without
+        /// source preservation) if the agent dies, since a new one cannot
+        /// be started once capabilities are dropped.
+        fallback: Option<netns::ChildDialer>,
     },
 }
 
+impl DialSetup {
+    fn source_ip(&self) -> bool {
+        matches!(
+            self,
+            DialSetup::Agent {
+                source_ip: true,
+                ..
+            }
+        )
+    }
+}
+
+/// Opens the child's namespace or starts the agent. With source
+/// preservation asked for, an agent does the dialing, in root mode too: it
+/// alone keeps the capabilities that needs. Where the child does not permit
+/// it (the agent logs why), dialing is as without it.
 fn prepare_dialer(config: &Config) -> Result<DialSetup> {
     if let Some(sock) = &config.child_agent {
-        let fd = agent::AgentClient::connect(sock)
+        let (fd, source_ip) = agent::AgentClient::connect(sock)
             .with_context(|| format!("cannot connect to the dial agent at {}", sock.display()))?;
-        tracing::info!(agent = %sock.display(), "dialing through the child-side agent");
-        return Ok(DialSetup::Agent { fd, process: None });
+        tracing::info!(agent = %sock.display(), source_ip, "dialing through the child-side agent");
+        return Ok(DialSetup::Agent {
+            fd,
+            process: None,
+            source_ip,
+            fallback: None,
+        });
     }
     let path = match (&config.child_netns, config.child_pid) {
         (Some(p), _) => p.clone(),
@@ -219,17 +250,56 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
             anyhow::bail!("one of --child-netns, --child-pid or --child-agent is required")
         }
     };
+    let target = match config.child_pid {
+        Some(pid) => agent::AgentTarget::Pid(pid),
+        None => agent::AgentTarget::Netns(path.clone()),
+    };
+    let mut unused_agent = None;
+    if config.source_ip {
+        match agent::spawn(&target, true) {
+            Ok((child, fd, true)) => {
+                tracing::info!(
+                    agent_pid = child.id(),
+                    "preserving client addresses: dialing through a child-side agent"
+                );
+                // Where this process may enter the namespace (root mode).
+                let fallback = netns::ChildDialer::new(&path).ok();
+                return Ok(DialSetup::Agent {
+                    fd,
+                    process: Some((child, target)),
+                    source_ip: true,
+                    fallback,
+                });
+            }
+            // It said why; kept for a rootless forwarder, which needs it
+            // anyway.
+            Ok(spawned) => unused_agent = Some(spawned),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                "source address preservation is off: cannot start the dial agent"),
+        }
+    }
     match (netns::ChildDialer::new(&path), config.child_pid) {
-        (Ok(d), _) => Ok(DialSetup::Netns(d)),
+        (Ok(d), _) => {
+            if let Some((mut child, _, _)) = unused_agent {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Ok(DialSetup::Netns(d))
+        }
         (Err(netns::NetnsError::Enter { cause, .. }), Some(pid))
             if cause.raw_os_error() == Some(libc::EPERM) =>
         {
-            let (child, fd) = agent::spawn_in(pid)?;
+            let (child, fd, _) = match unused_agent {
+                Some(a) => a,
+                None => agent::spawn(&target, false)?,
+            };
             tracing::info!(pid, agent_pid = child.id(),
                 "not permitted to enter the child's network namespace; dialing through a child-side agent");
             Ok(DialSetup::Agent {
                 fd,
-                process: Some(child),
+                process: Some((child, target)),
+                source_ip: false,
+                fallback: None,
             })
         }
         (Err(e), _) => Err(e.into()),
@@ -424,9 +494,17 @@ impl Serve {
             Shutdown::Channel(rx) => (None, None, None, Some(rx)),
         };
         let engine = prepared.start()?;
+        let source_ip = dial.source_ip();
+        let mut fallback = None;
         let (dialer, mut agent_process, agent_client) = match dial {
             DialSetup::Netns(d) => (Arc::new(d) as Arc<dyn Dial>, None, None),
-            DialSetup::Agent { fd, process } => {
+            DialSetup::Agent {
+                fd,
+                process,
+                fallback: fb,
+                ..
+            } => {
+                fallback = fb;
                 let client =
                     agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
                 let dialer: Arc<dyn Dial> = Arc::new(client.clone());
@@ -445,7 +523,8 @@ impl Serve {
         tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
         let ports = Arc::new(
             PortManager::with_max_connections(dialer, engine, max_connections)
-                .with_udp_options(config.udp),
+                .with_udp_options(config.udp)
+                .with_source_ip(source_ip),
         );
         let mut listeners = Vec::new();
         for (spec, b) in bound {
@@ -511,25 +590,34 @@ impl Serve {
                 _ = agent_check.tick(), if agent_process.is_some() => {
                     let exited = agent_process
                         .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten());
-                    let (Some(status), Some(pid), Some(client)) =
-                        (exited, config.child_pid, agent_client.as_ref())
+                        .and_then(|(c, _)| c.try_wait().ok().flatten());
+                    let (Some(status), Some((_, target)), Some(client)) =
+                        (exited, agent_process.as_ref(), agent_client.as_ref())
                     else {
                         continue;
                     };
-                    if !process_alive(pid) {
+                    let target = target.clone();
+                    if matches!(target, agent::AgentTarget::Pid(pid) if !process_alive(pid)) {
                         // The child's pidfd ends the run next.
                         agent_process = None;
                         continue;
                     }
-                    match respawn_agent(pid).await.and_then(|(child, fd)| {
+                    match respawn_agent(target.clone(), source_ip).await.and_then(|(child, fd, _)| {
                         client.replace(fd).map_err(anyhow::Error::from)?;
                         Ok(child)
                     }) {
                         Ok(child) => {
                             tracing::warn!(%status, agent_pid = child.id(),
                                 "the dial agent exited while the child lives; restarted it");
-                            agent_process = Some(child);
+                            agent_process = Some((child, target));
+                        }
+                        Err(e) if fallback.is_some() => {
+                            if let Some(d) = fallback.take() {
+                                client.fall_back_to(d);
+                            }
+                            tracing::warn!(%status, error = %format!("{e:#}"),
+                                "the dial agent exited and cannot be restarted: dialing from the forwarder's own thread in the child, without source address preservation");
+                            agent_process = None;
                         }
                         Err(e) => {
                             tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
@@ -550,12 +638,30 @@ impl Serve {
         ports.close_all(Duration::from_secs(2)).await;
         let stats = StatsEvent::from(api::stats(&ports));
         emit(&Event::Stats(Box::new(stats.clone())));
-        if let Some(c) = agent_process.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some((c, _)) = agent_process.as_mut() {
+            stop_agent(c).await;
         }
         Ok((ready, stats, ending))
     }
+}
+
+/// Asks the agent to stop (SIGTERM: it removes its routing in the child
+/// first), then kills it if it has not within 2 s.
+async fn stop_agent(c: &mut std::process::Child) {
+    if let Ok(pid) = i32::try_from(c.id()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    for _ in 0..100 {
+        if matches!(c.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = c.kill();
+    let _ = c.wait();
 }
 
 /// Whether `pid` still runs (not a zombie).
@@ -571,8 +677,11 @@ fn process_alive(pid: u32) -> bool {
 /// Starts a new dial agent for `pid` from a thread that lives as long as
 /// the process (the agent's parent-death signal follows the thread that
 /// forked it, and the runtime's blocking threads come and go).
-async fn respawn_agent(pid: u32) -> Result<(std::process::Child, OwnedFd)> {
-    type Job = (u32, oneshot::Sender<Result<(std::process::Child, OwnedFd)>>);
+async fn respawn_agent(target: agent::AgentTarget, source_ip: bool) -> Result<agent::Spawned> {
+    type Job = (
+        (agent::AgentTarget, bool),
+        oneshot::Sender<Result<agent::Spawned>>,
+    );
     static SPAWNER: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> =
         std::sync::OnceLock::new();
     let tx = SPAWNER.get_or_init(|| {
@@ -580,8 +689,8 @@ async fn respawn_agent(pid: u32) -> Result<(std::process::Child, OwnedFd)> {
         let _ = std::thread::Builder::new()
             .name("agent-spawner".into())
             .spawn(move || {
-                while let Ok((pid, reply)) = rx.recv() {
-                    let _ = reply.send(agent::spawn_in(pid));
+                while let Ok(((target, source_ip), reply)) = rx.recv() {
+                    let _ = reply.send(agent::spawn(&target, source_ip));
                 }
             });
         std::sync::Mutex::new(tx)
@@ -589,7 +698,7 @@ async fn respawn_agent(pid: u32) -> Result<(std::process::Child, OwnedFd)> {
     let (rtx, rrx) = oneshot::channel();
     tx.lock()
         .map_err(|_| anyhow::anyhow!("agent spawner lock poisoned"))?
-        .send((pid, rtx))
+        .send(((target, source_ip), rtx))
         .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?;
     rrx.await
         .map_err(|_| anyhow::anyhow!("the agent spawner thread has stopped"))?
@@ -666,6 +775,7 @@ mod tests {
             api_socket: None,
             max_connections: None,
             udp: Default::default(),
+            source_ip: false,
         };
         let (stop, stopped) = oneshot::channel();
         let t = std::thread::spawn(move || {

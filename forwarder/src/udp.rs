@@ -135,6 +135,10 @@ pub struct UdpOptions {
     /// Live flows per published address; beyond it the least recently
     /// active flow is evicted.
     pub max_flows: usize,
+    /// Flows are dialed from the client's address where the dialer can
+    /// ([`crate::srcip`]); each closed flow is reported back to the dialer
+    /// ([`Dial::udp_closed`]) so it can remove the flow's return rule.
+    pub source_ip: bool,
 }
 
 impl Default for UdpOptions {
@@ -142,6 +146,7 @@ impl Default for UdpOptions {
         UdpOptions {
             idle_timeout: Duration::from_secs(60),
             max_flows: 4096,
+            source_ip: false,
         }
     }
 }
@@ -909,10 +914,12 @@ impl Relay {
         }
         let (dialer, spec, tx) = (self.dialer.clone(), self.spec.clone(), self.dial_tx.clone());
         let ipv6 = self.addr.is_ipv6();
+        let source_ip = self.opts.source_ip;
         tokio::spawn(async move {
             let req = DialRequest {
                 spec: &spec,
                 ipv6_listener: ipv6,
+                source: source_ip.then_some(client),
             };
             let r = match tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await {
                 Ok(r) => r,
@@ -929,7 +936,11 @@ impl Relay {
     fn dialed(&mut self, (idx, id, result): DialResult) {
         let ours = matches!(self.flows.get(idx), Some(f) if f.id == id);
         if !ours {
-            return; // evicted or expired meanwhile; the socket is closed
+            // Evicted or expired meanwhile; the socket is closed.
+            if let Ok((sock, _)) = &result {
+                self.closed(sock.as_fd());
+            }
+            return;
         }
         match result {
             Ok((sock, _reached)) => {
@@ -1002,10 +1013,26 @@ impl Relay {
                 }
                 self.stats.lost(why, drain(sock.as_fd(), 1 << 20));
                 self.stats.flows.fetch_sub(1, Relaxed);
+                self.closed(sock.as_fd());
                 // Dropping the socket also removes it from the epoll set.
             }
         }
         slot
+    }
+
+    /// Tells the dialer a flow socket goes (source preservation: its
+    /// return rule is removed).
+    fn closed(&self, sock: BorrowedFd<'_>) {
+        if !self.opts.source_ip {
+            return;
+        }
+        let s = socket2::SockRef::from(&sock);
+        let (Ok(peer), Ok(local)) = (s.peer_addr(), s.local_addr()) else {
+            return;
+        };
+        if let (Some(peer), Some(local)) = (peer.as_socket(), local.as_socket()) {
+            self.dialer.udp_closed(peer, local);
+        }
     }
 
     /// Replies from the child: one batch from flow `idx`'s socket.

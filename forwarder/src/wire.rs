@@ -75,6 +75,10 @@ pub struct PortDriverInfo {
     pub protos: Vec<String>,
     #[serde(rename = "disallowLoopbackChildIP")]
     pub disallow_loopback_child_ip: bool,
+    /// The container sees clients' own addresses (source preservation on;
+    /// a forwarder extension, absent in RootlessKit's).
+    #[serde(rename = "sourceIP", default)]
+    pub source_ip: bool,
 }
 
 /// Statistics of one port.
@@ -176,6 +180,18 @@ pub struct AgentRequest {
     pub spec: ApiSpec,
     /// It arrived on an IPv6 socket.
     pub ipv6_listener: bool,
+    /// The client's address and port, to bind as the source where source
+    /// preservation is on and applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// The forwarder tells the agent that a UDP flow's socket was closed:
+/// `[reached, local]` as the dial reported and the socket's own address.
+/// The agent removes the flow's return rule; no reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentFlowClosed {
+    pub udp_closed: [String; 2],
 }
 
 /// The agent's answer to an [`AgentRequest`] (or, with id 0, its greeting).
@@ -191,6 +207,9 @@ pub struct AgentReply {
     pub errno: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// In the greeting: whether source preservation is on in the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<bool>,
 }
 
 #[cfg(test)]
@@ -248,6 +267,7 @@ mod tests {
                 driver: "forwarder".into(),
                 protos: vec!["tcp".into()],
                 disallow_loopback_child_ip: false,
+                source_ip: true,
             },
         };
         let v = serde_json::to_value(&info).unwrap();

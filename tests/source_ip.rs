@@ -1,0 +1,503 @@
+//! Source address preservation (issue 14): a server in the child sees the
+//! client's own address and port, and its replies come back to the client,
+//! although the child has a default route elsewhere, as a real container
+//! has. Clients sit on documentation addresses of a link in the
+//! parent namespace, or on 127.0.0.5; as root and rootless (the agent);
+//! TCP and UDP; and the child's routing is as it was after the forwarder
+//! exits, is killed, or is killed with its agent (then the next start
+//! cleans up).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use forwarder_tests::udp::bind_in;
+use forwarder_tests::{within, Fwd, Netns, Pair, Privilege};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+
+const CLIENT4: &str = "192.0.2.2";
+const CLIENT6: &str = "2001:db8::2";
+
+/// Runs `ip ARGS` inside `ns` and asserts it worked.
+fn ip_in(ns: &Netns, args: &[&str]) {
+    let st = ns
+        .command("ip")
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    assert!(st.success(), "ip {args:?} in {}: {st}", ns.name);
+}
+
+/// The output of `ip ARGS` inside `ns`.
+fn ip_out(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.command("ip").args(args).output().expect("ip");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A pair where the parent has a link with the clients' addresses
+/// and the child a default route out of a link of its own (so replies to a
+/// client that take the main table never come back).
+fn pair(privilege: Privilege) -> Pair {
+    let pair = Pair::with(privilege);
+    let p = &pair.parent;
+    // Veth pairs with both ends in one namespace (this kernel may lack
+    // the dummy driver).
+    ip_in(
+        p,
+        &["link", "add", "cl0", "type", "veth", "peer", "name", "cl1"],
+    );
+    ip_in(p, &["link", "set", "cl0", "up"]);
+    ip_in(p, &["link", "set", "cl1", "up"]);
+    ip_in(p, &["addr", "add", &format!("{CLIENT4}/24"), "dev", "cl0"]);
+    ip_in(
+        p,
+        &[
+            "addr",
+            "add",
+            &format!("{CLIENT6}/64"),
+            "dev",
+            "cl0",
+            "nodad",
+        ],
+    );
+    let c = &pair.child;
+    ip_in(
+        c,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+        ],
+    );
+    ip_in(c, &["link", "set", "eth0", "up"]);
+    ip_in(c, &["link", "set", "eth1", "up"]);
+    ip_in(c, &["addr", "add", "198.51.100.2/24", "dev", "eth0"]);
+    ip_in(
+        c,
+        &["addr", "add", "2001:db8:1::2/64", "dev", "eth0", "nodad"],
+    );
+    ip_in(c, &["route", "add", "default", "via", "198.51.100.1"]);
+    ip_in(
+        c,
+        &["-6", "route", "add", "default", "via", "2001:db8:1::1"],
+    );
+    pair
+}
+
+/// The child's routing state: rules, every table's routes, and the
+/// sysctl the TCP return path sets.
+fn routing_state(ns: &Netns) -> String {
+    let fwmark = ns.run(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").unwrap_or_default()
+    });
+    // Link-local addresses come and go with the veths' address
+    // configuration on their own: not ours to compare.
+    [
+        ip_out(ns, &["-4", "rule", "show"]),
+        ip_out(ns, &["-6", "rule", "show"]),
+        ip_out(ns, &["-4", "route", "show", "table", "all"]),
+        ip_out(ns, &["-6", "route", "show", "table", "all"]),
+        format!("tcp_fwmark_accept={fwmark}"),
+    ]
+    .join("\n")
+    .lines()
+    .filter(|l| !l.contains("fe80:"))
+    .collect::<Vec<_>>()
+    .join("\n")
+}
+
+/// A TCP server in the child that sends the peer address it sees as a
+/// line, then echoes.
+fn tcp_whoami(l: TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = s.write_all(format!("{peer}\n").as_bytes()).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects from `from` (port chosen by the kernel) in the parent to `to`,
+/// returns the peer address the child's server reports, and checks the
+/// echo (the return path).
+async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
+    let from: SocketAddr = from.parse().expect("from");
+    let to: SocketAddr = to.parse().expect("to");
+    let fd: std::os::fd::OwnedFd = pair.parent.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        s.bind(&from.into()).expect("bind the client");
+        s.set_nonblocking(true).expect("nonblocking");
+        s.into()
+    });
+    let s = within(
+        10,
+        "the connection",
+        TcpSocket::from_std_stream(std::net::TcpStream::from(fd)).connect(to),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    let me = s.local_addr().expect("local");
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    within(10, "the server's report", r.read_line(&mut line))
+        .await
+        .expect("read the report");
+    let mut s = r.into_inner();
+    s.write_all(b"echo me").await.expect("write");
+    let mut buf = [0u8; 7];
+    within(10, "the echo", s.read_exact(&mut buf))
+        .await
+        .expect("read the echo");
+    assert_eq!(&buf, b"echo me");
+    (me, line.trim().to_string())
+}
+
+fn start(pair: &Pair, extra: &[&str]) -> Fwd {
+    Fwd::start(pair, extra)
+}
+
+async fn tcp_sees_clients(privilege: Privilege, mode: &str) {
+    let pair = pair(privilege);
+    let before = routing_state(&pair.child);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    tcp_whoami(pair.child.listen("[::1]:80"));
+    // The API socket (root only: the test user cannot reach a root-owned
+    // temporary directory).
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.display().to_string();
+    let mut args = vec![
+        "--mode",
+        mode,
+        "-p",
+        "8080:80/tcp4",
+        "-p",
+        "[::]:8080:80/tcp6",
+    ];
+    if privilege == Privilege::Root {
+        args.extend(["--api-socket", &sock_s]);
+    }
+    let f = start(&pair, &args);
+    if mode != "auto" {
+        assert_eq!(f.engine(), mode, "{}", f.ready);
+    }
+    if privilege == Privilege::Root {
+        let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+        assert_eq!(info["portDriver"]["sourceIP"], true, "{info}");
+    }
+    let needle = "preserving client addresses";
+    let err = f.wait_stderr(needle, Duration::from_secs(5));
+    assert!(err.contains(needle), "{err}");
+    for (from, to) in [
+        (format!("{CLIENT4}:0"), format!("{CLIENT4}:8080")),
+        ("127.0.0.5:0".to_string(), "127.0.0.1:8080".to_string()),
+        (format!("[{CLIENT6}]:0"), format!("[{CLIENT6}]:8080")),
+    ] {
+        let (me, seen) = tcp_ask(&pair, &from, &to).await;
+        assert_eq!(
+            seen,
+            me.to_string(),
+            "{from} -> {to}: the server saw {seen}"
+        );
+    }
+    // A client on the child's own address (127.0.0.1) falls back: the
+    // server sees the forwarder's socket in the child.
+    let (me, seen) = tcp_ask(&pair, "127.0.0.1:0", "127.0.0.1:8080").await;
+    assert_ne!(seen, me.to_string());
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    assert_ne!(routing_state(&pair.child), before, "no routing installed?");
+    f.stop();
+    assert_eq!(routing_state(&pair.child), before, "routing left behind");
+}
+
+#[tokio::test]
+async fn tcp_root_copy() {
+    tcp_sees_clients(Privilege::Root, "copy").await;
+}
+
+#[tokio::test]
+async fn tcp_root_splice() {
+    tcp_sees_clients(Privilege::Root, "splice").await;
+}
+
+#[tokio::test]
+async fn tcp_root_ebpf() {
+    tcp_sees_clients(Privilege::Root, "ebpf").await;
+}
+
+#[tokio::test]
+async fn tcp_rootless_agent() {
+    tcp_sees_clients(Privilege::User, "auto").await;
+}
+
+/// `--no-source-ip`: today's behaviour, and nothing is installed.
+#[tokio::test]
+async fn tcp_off() {
+    let pair = pair(Privilege::Root);
+    let before = routing_state(&pair.child);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = start(
+        &pair,
+        &[
+            "--no-source-ip",
+            "-p",
+            "8080:80/tcp4",
+            "--api-socket",
+            &sock_s,
+        ],
+    );
+    let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+    assert_eq!(info["portDriver"]["sourceIP"], false, "{info}");
+    assert!(
+        f.agent_pids().is_empty(),
+        "root mode without source preservation needs no agent"
+    );
+    let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    assert_eq!(routing_state(&pair.child), before);
+    f.stop();
+}
+
+/// Two clients with the same address and port, on two published ports,
+/// are both served (from the same source address and port in the child).
+#[tokio::test]
+async fn same_client_two_ports() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    tcp_whoami(pair.child.listen("127.0.0.1:81"));
+    let f = start(&pair, &["-p", "8080:80/tcp4", "-p", "8081:81/tcp4"]);
+    let from = format!("{CLIENT4}:40000");
+    let reuse = |to: String| {
+        let from: SocketAddr = from.parse().expect("from");
+        let to: SocketAddr = to.parse().expect("to");
+        pair.parent.run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                .expect("socket");
+            s.set_reuse_address(true).expect("reuseaddr");
+            s.bind(&from.into()).expect("bind");
+            s.connect(&to.into()).expect("connect");
+            s.set_nonblocking(true).expect("nonblocking");
+            std::net::TcpStream::from(s)
+        })
+    };
+    let a = reuse(format!("{CLIENT4}:8080"));
+    let b = reuse(format!("{CLIENT4}:8081"));
+    for s in [a, b] {
+        let mut s = tokio::net::TcpStream::from_std(s).expect("tokio");
+        let mut line = String::new();
+        let mut r = BufReader::new(&mut s);
+        within(10, "the report", r.read_line(&mut line))
+            .await
+            .expect("report");
+        assert_eq!(line.trim(), from);
+        s.write_all(b"x").await.expect("write");
+        let mut b = [0u8; 1];
+        within(10, "the echo", s.read_exact(&mut b))
+            .await
+            .expect("echo");
+    }
+    f.stop();
+}
+
+/// After SIGKILL the agent (told by its parent's death) removes the
+/// routing; killed together with its agent, the next start does.
+#[tokio::test]
+async fn routing_cleaned_after_sigkill() {
+    let pair = pair(Privilege::Root);
+    let before = routing_state(&pair.child);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    kill9(f.pid);
+    wait_gone(agents[0]).await;
+    assert_eq!(routing_state(&pair.child), before, "after SIGKILL");
+    drop(f);
+
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    let agents = f.agent_pids();
+    kill9(agents[0]);
+    kill9(f.pid);
+    wait_gone(agents[0]).await;
+    assert_ne!(routing_state(&pair.child), before, "nothing left to clean?");
+    drop(f);
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    f.stop();
+    assert_eq!(
+        routing_state(&pair.child),
+        before,
+        "the next start cleaned up"
+    );
+}
+
+fn kill9(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(st.success());
+}
+
+async fn wait_gone(pid: u32) {
+    for _ in 0..250 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty()
+            || stat
+                .rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{pid} still runs");
+}
+
+/// A UDP server in the child that answers each datagram with the sender's
+/// address as it sees it.
+fn udp_whoami(s: UdpSocket) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((_, from)) = s.recv_from(&mut buf).await {
+            let _ = s.send_to(from.to_string().as_bytes(), from).await;
+        }
+    });
+}
+
+async fn udp_sees_clients(privilege: Privilege) {
+    let pair = pair(privilege);
+    let before = routing_state(&pair.child);
+    udp_whoami(bind_in(&pair.child, "127.0.0.1:53", None));
+    udp_whoami(bind_in(&pair.child, "[::1]:53", None));
+    let f = start(
+        &pair,
+        &[
+            "--udp-idle-timeout",
+            "1",
+            "-p",
+            "5353:53/udp4",
+            "-p",
+            "[::]:5353:53/udp6",
+        ],
+    );
+    for (from, to) in [
+        (format!("{CLIENT4}:0"), format!("{CLIENT4}:5353")),
+        ("127.0.0.5:0".to_string(), "127.0.0.1:5353".to_string()),
+        (format!("[{CLIENT6}]:0"), format!("[{CLIENT6}]:5353")),
+    ] {
+        let c = bind_in(&pair.parent, &from, None);
+        c.connect(&to).await.expect("connect");
+        let me = c.local_addr().expect("local");
+        // Two round trips: the flow's first datagram and one on the
+        // established flow.
+        for _ in 0..2 {
+            c.send(b"who").await.expect("send");
+            let mut buf = vec![0u8; 2048];
+            let n = within(5, "a reply", c.recv(&mut buf))
+                .await
+                .unwrap_or_else(|e| panic!("{from} -> {to}: {e}"));
+            assert_eq!(
+                String::from_utf8_lossy(&buf[..n]),
+                me.to_string(),
+                "{from} -> {to}"
+            );
+        }
+    }
+    // Each flow added one rule; they go at the flows' expiry.
+    let flows = |st: &str| st.matches("ipproto udp").count();
+    assert_eq!(
+        flows(&routing_state(&pair.child)),
+        3,
+        "{}",
+        routing_state(&pair.child)
+    );
+    let mut left = usize::MAX;
+    for _ in 0..100 {
+        left = flows(&routing_state(&pair.child));
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        left,
+        0,
+        "flow rules after expiry: {}",
+        routing_state(&pair.child)
+    );
+    f.stop();
+    assert_eq!(routing_state(&pair.child), before, "routing left behind");
+}
+
+#[tokio::test]
+async fn udp_root() {
+    udp_sees_clients(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn udp_rootless_agent() {
+    udp_sees_clients(Privilege::User).await;
+}
+
+/// The child's default route really takes replies away: without the local
+/// route of the forwarder's table, a transparent dial gets no answer and
+/// the client learns nothing from the server (the routing is what the
+/// other cases prove).
+#[tokio::test]
+async fn without_the_return_route_replies_are_lost() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    ip_in(
+        &pair.child,
+        &["-4", "route", "flush", "table", "1719100530"],
+    );
+    let mut c = pair.client(&format!("{CLIENT4}:8080")).await;
+    let mut buf = [0u8; 64];
+    let r = tokio::time::timeout(Duration::from_secs(3), c.read(&mut buf)).await;
+    assert!(
+        !matches!(r, Ok(Ok(n)) if n > 0),
+        "the server answered without the return route: {r:?}"
+    );
+    drop(c);
+    f.stop();
+}
+
+/// Root mode: a killed agent cannot be restarted once the forwarder has
+/// dropped its capabilities; the forwarder says so once and keeps serving
+/// from its own thread in the child, without source preservation.
+#[tokio::test]
+async fn root_agent_killed_falls_back() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    let (me, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert_eq!(seen, me.to_string());
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    kill9(agents[0]);
+    let needle = "dialing from the forwarder's own thread in the child";
+    let err = f.wait_stderr(needle, Duration::from_secs(10));
+    assert!(err.contains(needle), "{err}");
+    let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    f.assert_least_privilege();
+    f.stop();
+}
