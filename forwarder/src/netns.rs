@@ -112,13 +112,17 @@ impl ChildDialer {
             .name("child-netns".into())
             .spawn(move || {
                 // Once inside, this thread gives up every capability: it
-                // only creates sockets, which needs none.
+                // only creates sockets, which needs none. It gives them up
+                // when it could not enter too: until the kernel has reaped
+                // it, an exiting thread still shows in /proc with the
+                // capabilities it was created with.
                 let entered = if same {
                     Ok(())
                 } else {
                     sys::setns_net(ns.as_fd())
-                }
-                .and_then(|()| sys::drop_thread_capabilities(&[]));
+                };
+                let dropped = sys::drop_thread_capabilities(&[]);
+                let entered = entered.and(dropped);
                 let ok = entered.is_ok();
                 let _ = ready_tx.send(entered);
                 drop(ns);
