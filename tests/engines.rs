@@ -1737,8 +1737,16 @@ pub async fn bytes_stay_in_the_kernel(engine: &Engine) {
     let wall = t0.elapsed().as_secs_f64();
     let cpu = f.cpu_ticks().saturating_sub(cpu0) as f64 / hz;
     eprintln!("forwarder CPU {cpu:.2} s during {wall:.2} s of transfers, {n} bytes each way");
+    // 10% on real hardware. In an emulated guest (vm-test) every syscall
+    // and timer wake-up of the supervisor costs many times more while the
+    // bytes still move in the kernel (checked by path below): 25% there.
+    let share = if forwarder_tests::time_scale() > 1 {
+        0.25
+    } else {
+        0.1
+    };
     assert!(
-        cpu < 0.1 * wall,
+        cpu < share * wall,
         "forwarder used {cpu:.2} s of CPU during {wall:.2} s of transfers ({n} bytes each way); stderr:\n{}",
         f.stderr()
     );
