@@ -82,6 +82,17 @@ impl SourceIp {
         }
     }
 
+    /// Logs, once, that `src` could not be bound for a dial (the dial
+    /// then goes on from the child's own address).
+    fn bind_failed(&self, src: SocketAddr, e: &io::Error, client: SocketAddr, target: SocketAddr) {
+        self.log_once(
+            Skip::RemoteTarget as u8 + 1,
+            &format!("cannot bind {src} in the child: {e}"),
+            client,
+            target,
+        );
+    }
+
     /// The routing installed in the child.
     pub fn routing(&self) -> &Routing {
         &self.routing
@@ -225,12 +236,7 @@ impl ChildDialer {
         };
         let sock = self.socket(addr.is_ipv6()).await?;
         if let Err(e) = srcip::bind_transparent(sock.as_fd(), src, true) {
-            s.log_once(
-                Skip::RemoteTarget as u8 + 1,
-                &format!("cannot bind {src} in the child: {e}"),
-                client,
-                addr,
-            );
+            s.bind_failed(src, &e, client, addr);
             return self.connect(addr).await;
         }
         sock.connect(addr).await
@@ -250,12 +256,7 @@ impl ChildDialer {
         let bound = srcip::bind_transparent(fd.as_fd(), src, false)
             .and_then(|()| s.routing.add_flow(addr, src));
         if let Err(e) = bound {
-            s.log_once(
-                Skip::RemoteTarget as u8 + 1,
-                &format!("cannot bind {src} in the child: {e}"),
-                client,
-                addr,
-            );
+            s.bind_failed(src, &e, client, addr);
             return self.connect_udp(addr).await;
         }
         if let Err(e) = socket2::SockRef::from(&fd).connect(&addr.into()) {
