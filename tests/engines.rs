@@ -1430,6 +1430,14 @@ pub async fn stalled_reader(engine: &Engine) {
             .cloned()
             .unwrap_or_default()
     };
+    // ebpf: the throttle engages past 32 MiB of backlog and the window cap
+    // lets 4 MiB more in; until the controller (woken every 2 MiB the
+    // verdict redirects) gets a CPU, the sender runs at loopback speed. On
+    // a loaded 2-CPU machine that added up to 31 MiB (65 MiB held, in a
+    // clean-clone CI run with seven configurations in parallel), so the
+    // bound leaves 60 MiB for it. What catches a leak is the second check:
+    // nothing may keep growing while the client does not read.
+    let held_bound: u64 = (32 + 4 + 60) << 20;
     let (rss0, global0) = (f.rss_kib(), tcp_mem_bytes());
     let warned0 = warnings(&f.stderr());
     let (mut held_first, mut held_second) = (0u64, 0u64);
@@ -1452,6 +1460,17 @@ pub async fn stalled_reader(engine: &Engine) {
             .bytes_received
             .saturating_sub(s1.recv_q + s0.bytes_acked + s0.send_q);
         held_max = held_max.max(held);
+        // At once: a sender that is not held back fills the host's memory
+        // within seconds (the ebpf backlog is charged to no socket; it took
+        // a CI machine's 24 GiB when autotuning undid the throttle).
+        assert!(
+            held < held_bound,
+            "the forwarder held {} KiB for a client that did not read, {:?} into the stall \
+             (bound {} KiB)",
+            held >> 10,
+            t.elapsed(),
+            held_bound >> 10
+        );
         if t.elapsed() < stall / 2 {
             held_first = held_first.max(held);
         } else {
@@ -1464,14 +1483,6 @@ pub async fn stalled_reader(engine: &Engine) {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let (rmem, wmem) = (sysctl_max("tcp_rmem"), sysctl_max("tcp_wmem"));
-    // ebpf: the throttle engages past 32 MiB of backlog and the window cap
-    // lets 4 MiB more in; until the controller (woken every 2 MiB the
-    // verdict redirects) gets a CPU, the sender runs at loopback speed. On
-    // a loaded 2-CPU machine that added up to 31 MiB (65 MiB held, in a
-    // clean-clone CI run with seven configurations in parallel), so the
-    // bound leaves 60 MiB for it. What catches a leak is the second check:
-    // nothing may keep growing while the client does not read.
-    let held_bound: u64 = (32 + 4 + 60) << 20;
     let mem_bound = 2 * rmem + 2 * wmem + (16 << 20);
     eprintln!(
         "stalled {stall:?} ({samples} samples): forwarder RSS {rss0} -> at most {rss_max} KiB; \

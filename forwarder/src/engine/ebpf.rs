@@ -101,7 +101,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use super::handoff::{Direction, End, Limits, Observed, Pacing, Wait, Window};
+use super::handoff::{self, Clamps, Direction, End, Limits, Observed, Pacing, Wait, Window};
 use super::{splice::SpliceEngine, Conn, Engine, EngineKind, MapEntries};
 use crate::stats::DataPath;
 use crate::sys::{self, EpollFd};
@@ -126,12 +126,18 @@ const LIMITS: Limits = Limits {
     backlog_share: 1 << 20,
     drain_stall: Duration::from_secs(5),
 };
-/// The clamp applied meanwhile (the kernel raises it to its minimum).
-const THROTTLE_CLAMP: u32 = 1;
 /// Receive window cap of both sockets from handoff on: bytes a sender may
 /// still send after its direction is throttled (the kernel never takes back
 /// a window it advertised), so what a throttled direction can add to its
-/// backlog. Enough for full speed on loopback and veth.
+/// backlog. Enough for full speed on loopback and veth. The throttle's
+/// clamp is 1 (the kernel raises it to its minimum, about 2 KiB).
+/// Autotuning raises a clamp whenever it grows the receive buffer, so each
+/// supervisor pass re-applies these ([`handoff::clamp_to_enforce`]).
+const CLAMPS: Clamps = Clamps {
+    cap: WINDOW_CAP,
+    throttle: 1,
+    throttle_held: 64 << 10,
+};
 const WINDOW_CAP: u32 = 4 << 20;
 
 /// Options of the ebpf engine.
@@ -772,15 +778,27 @@ impl Inner {
                 match step.window {
                     Window::Keep => {}
                     Window::Clamp => {
-                        let old = sys::window_clamp(fd(i)).unwrap_or(u32::MAX / 2);
-                        if sys::set_window_clamp(fd(i), THROTTLE_CLAMP).is_ok() {
+                        if sys::set_window_clamp(fd(i), CLAMPS.throttle).is_ok() {
                             tracing::trace!(side = i, "throttling the sender");
-                            dirs[i].clamped(old);
+                            dirs[i].clamped();
                         }
                     }
-                    Window::Restore(old) => {
+                    Window::Release => {
                         tracing::trace!(side = i, "releasing the sender");
-                        let _ = sys::set_window_clamp(fd(i), old);
+                        let _ = sys::set_window_clamp(fd(i), CLAMPS.cap);
+                    }
+                }
+                // Autotuning may have raised the clamp since the last pass.
+                if !observed.fin_received {
+                    if let Some(c) = sys::window_clamp(fd(i)).ok().and_then(|cur| {
+                        handoff::clamp_to_enforce(cur, dirs[i].is_throttled(), &CLAMPS)
+                    }) {
+                        tracing::trace!(
+                            side = i,
+                            clamp = c,
+                            "re-applying the receive window clamp"
+                        );
+                        let _ = sys::set_window_clamp(fd(i), c);
                     }
                 }
                 match step.end {

@@ -11,12 +11,16 @@
 //! - **Throttle.** The kernel queues redirected bytes on j's psock without
 //!   limit, so when the backlog (redirected but not yet in j's send queue)
 //!   passes [`Limits::backlog_high`], side i's receive window is clamped
-//!   (TCP_WINDOW_CLAMP) to slow its sender; at half that the old clamp is
-//!   restored. While the backlogs of all the engine's connections together
+//!   (TCP_WINDOW_CLAMP) to slow its sender; at half that it is released to
+//!   the engine's window cap. While the backlogs of all the engine's connections together
 //!   exceed [`Limits::backlog_total_high`], the threshold is
 //!   [`Limits::backlog_share`] instead: the backlog is charged to no socket,
 //!   so only this bounds the engine's memory. Not once i has seen FIN:
-//!   nothing more is coming.
+//!   nothing more is coming. The kernel's receive-buffer autotuning raises
+//!   a socket's clamp each time it grows the buffer, which would undo the
+//!   cap and the throttle alike (and did: a sender ran gigabytes into the
+//!   backlog), so every pass re-applies the clamp the direction should
+//!   have ([`clamp_to_enforce`]).
 //! - **Drain, then FIN.** After side i received FIN, the FIN is passed on
 //!   (shutdown(j, SHUT_WR)) only when every byte received on i was
 //!   redirected and sits in j's send queue ([`direction_drained`]):
@@ -86,10 +90,35 @@ impl Observed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     Keep,
-    /// Clamp it; report the clamp it had with [`Direction::clamped`].
+    /// Clamp it to the throttle; confirm with [`Direction::clamped`].
     Clamp,
-    /// Put this clamp back.
-    Restore(u32),
+    /// Release it to the window cap.
+    Release,
+}
+
+/// The receive-window clamps the supervisor keeps on a socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clamps {
+    /// The cap from handoff on, while not throttled.
+    pub cap: u32,
+    /// The clamp asked for while throttled.
+    pub throttle: u32,
+    /// A clamp at or below this is a throttle still in place (the kernel
+    /// raises a tiny clamp to its own minimum, so the value read back is
+    /// not the one set).
+    pub throttle_held: u32,
+}
+
+/// The clamp to set on side i, whose clamp reads `current`, if it is
+/// above what the direction should have (`throttled` or not): the kernel's
+/// receive-buffer autotuning raises the clamp each time it grows the
+/// buffer. `None`: it is in place.
+pub fn clamp_to_enforce(current: u32, throttled: bool, c: &Clamps) -> Option<u32> {
+    if throttled {
+        (current > c.throttle_held.max(c.throttle)).then_some(c.throttle)
+    } else {
+        (current > c.cap).then_some(c.cap)
+    }
 }
 
 /// What to do about the direction's end.
@@ -116,8 +145,8 @@ pub struct Step {
 /// The state of one direction i -> j.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Direction {
-    /// Side i's clamp before we throttled it.
-    throttled: Option<u32>,
+    /// Side i's receive window is clamped to the throttle.
+    throttled: bool,
     /// The FIN has been passed on to side j.
     done: bool,
     /// Since when the drain has made no progress with j idle.
@@ -135,13 +164,12 @@ impl Direction {
 
     /// Side i's receive window is clamped.
     pub fn is_throttled(&self) -> bool {
-        self.throttled.is_some()
+        self.throttled
     }
 
-    /// The clamp asked for by [`Window::Clamp`] is in place; `old` is the
-    /// one it replaced.
-    pub fn clamped(&mut self, old: u32) {
-        self.throttled = Some(old);
+    /// The clamp asked for by [`Window::Clamp`] is in place.
+    pub fn clamped(&mut self) {
+        self.throttled = true;
     }
 
     /// The FIN asked for by [`End::SendFin`] was sent.
@@ -171,16 +199,16 @@ impl Direction {
             lim.backlog_high
         };
         match self.throttled {
-            None if backlog > high && !o.fin_received => {
+            false if backlog > high && !o.fin_received => {
                 step.window = Window::Clamp;
                 step.poll_again = true;
             }
-            Some(old) if backlog <= high / 2 => {
-                step.window = Window::Restore(old);
-                self.throttled = None;
+            true if backlog <= high / 2 => {
+                step.window = Window::Release;
+                self.throttled = false;
             }
-            Some(_) => step.poll_again = true,
-            None => {}
+            true => step.poll_again = true,
+            false => {}
         }
         if !o.fin_received {
             return step;
@@ -335,11 +363,11 @@ mod tests {
         // The clamp did not take: nothing recorded, asked again.
         assert!(!d.is_throttled());
         assert_eq!(d.step(&obs(201, 100), t, &LIM).window, Window::Clamp);
-        d.clamped(65535);
+        d.clamped();
         let seq: &[(Observed, Window, bool)] = &[
             (obs(300, 100), Window::Keep, true),
             (obs(300, 240), Window::Keep, true),
-            (obs(300, 250), Window::Restore(65535), false),
+            (obs(300, 250), Window::Release, false),
             (obs(300, 250), Window::Keep, false),
         ];
         for (o, w, again) in seq {
@@ -369,12 +397,40 @@ mod tests {
         // total passes 1000.
         assert_eq!(d.step(&busy(50, 0, 1000), t, &LIM).window, Window::Keep);
         assert_eq!(d.step(&busy(50, 0, 1001), t, &LIM).window, Window::Clamp);
-        d.clamped(7);
+        d.clamped();
         assert_eq!(d.step(&busy(50, 44, 1001), t, &LIM).window, Window::Keep);
-        assert_eq!(
-            d.step(&busy(50, 45, 1001), t, &LIM).window,
-            Window::Restore(7)
-        );
+        assert_eq!(d.step(&busy(50, 45, 1001), t, &LIM).window, Window::Release);
+    }
+
+    /// The clamp a pass re-applies: autotuning raised it past the cap, or
+    /// lifted a throttle; a throttle the kernel rounded up is in place.
+    #[test]
+    fn clamp_enforcement_table() {
+        let c = Clamps {
+            cap: 4 << 20,
+            throttle: 1,
+            throttle_held: 64 << 10,
+        };
+        // (current, throttled, to set)
+        let table: &[(u32, bool, Option<u32>)] = &[
+            (4 << 20, false, None),
+            (65_535, false, None),
+            // Autotuning grew the buffer to 32 MiB and the clamp with it.
+            (32 << 20, false, Some(4 << 20)),
+            // The throttle as the kernel reads it back (its minimum).
+            (2304, true, None),
+            (64 << 10, true, None),
+            // Autotuning lifted the throttle.
+            ((64 << 10) + 1, true, Some(1)),
+            (32 << 20, true, Some(1)),
+        ];
+        for &(current, throttled, want) in table {
+            assert_eq!(
+                clamp_to_enforce(current, throttled, &c),
+                want,
+                "clamp {current}, throttled {throttled}"
+            );
+        }
     }
 
     /// FIN is passed on only when drained; a stalled drain resets after
