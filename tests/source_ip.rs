@@ -217,8 +217,14 @@ async fn tcp_sees_clients(privilege: Privilege, mode: &str) {
     assert_ne!(seen, me.to_string());
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
     assert_ne!(routing_state(&pair.child), before, "no routing installed?");
+    let stderr = f.stderr_handle();
     f.stop();
     assert_eq!(routing_state(&pair.child), before, "routing left behind");
+    // Stopping the agent at exit is no failure worth an error line (the
+    // reader of the forwarder's stderr gets its last lines just after).
+    std::thread::sleep(forwarder_tests::limit(Duration::from_millis(300)));
+    let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(!err.contains("ERROR"), "errors at a clean stop:\n{err}");
 }
 
 #[tokio::test]
@@ -487,7 +493,15 @@ async fn without_the_return_route_replies_are_lost() {
 async fn root_agent_killed_falls_back() {
     let pair = pair(Privilege::Root);
     tcp_whoami(pair.child.listen("127.0.0.1:80"));
-    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    let dir = tempfile::tempdir().expect("tmp dir");
+    let sock = dir.path().join("api.sock");
+    let sock_s = sock.display().to_string();
+    let f = start(&pair, &["-p", "8080:80/tcp4", "--api-socket", &sock_s]);
+    let source_ip = || {
+        let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+        info["portDriver"]["sourceIP"].clone()
+    };
+    assert_eq!(source_ip(), true);
     let (me, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
     assert_eq!(seen, me.to_string());
     let agents = f.agent_pids();
@@ -498,6 +512,8 @@ async fn root_agent_killed_falls_back() {
     assert!(err.contains(needle), "{err}");
     let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    // The API tells the truth about the fallback.
+    assert_eq!(source_ip(), false, "/v1/info after the fallback");
     f.assert_least_privilege();
     f.stop();
 }

@@ -34,7 +34,7 @@ use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -483,30 +483,46 @@ pub struct AgentClient {
     next_id: Arc<AtomicU64>,
     /// Dials instead of the agent once set ([`AgentClient::fall_back_to`]).
     fallback: Arc<Mutex<Option<ChildDialer>>>,
+    /// The current agent greeted with source preservation on.
+    source_ip: Arc<AtomicBool>,
+    /// The forwarder is stopping the agent: its socket closing is expected.
+    stopping: Arc<AtomicBool>,
 }
 
 impl AgentClient {
-    /// Wraps a connected SOCK_SEQPACKET socket to an agent. Must run inside
-    /// the tokio runtime.
-    pub fn new(fd: OwnedFd) -> io::Result<AgentClient> {
+    /// Wraps a connected SOCK_SEQPACKET socket to an agent, which greeted
+    /// with source preservation `source_ip`. Must run inside the tokio
+    /// runtime.
+    pub fn new(fd: OwnedFd, source_ip: bool) -> io::Result<AgentClient> {
         let pending: Pending = Default::default();
-        let sock = Self::attach(fd, pending.clone())?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sock = Self::attach(fd, pending.clone(), stopping.clone())?;
         Ok(AgentClient {
             sock: Arc::new(Mutex::new(sock)),
             pending,
             next_id: Arc::new(AtomicU64::new(1)),
             fallback: Arc::new(Mutex::new(None)),
+            source_ip: Arc::new(AtomicBool::new(source_ip)),
+            stopping,
         })
     }
 
-    /// Switches to a new agent's socket (after a restart); every clone of
-    /// this client uses it from now on. Must run inside the runtime.
-    pub fn replace(&self, fd: OwnedFd) -> io::Result<()> {
-        let sock = Self::attach(fd, self.pending.clone())?;
+    /// Switches to a new agent's socket (after a restart; the new agent
+    /// greeted with `source_ip`); every clone of this client uses it from
+    /// now on. Must run inside the runtime.
+    pub fn replace(&self, fd: OwnedFd, source_ip: bool) -> io::Result<()> {
+        let sock = Self::attach(fd, self.pending.clone(), self.stopping.clone())?;
         if let Ok(mut s) = self.sock.lock() {
             *s = sock;
         }
+        self.source_ip.store(source_ip, Relaxed);
         Ok(())
+    }
+
+    /// The forwarder is about to stop the agent: its socket closing from
+    /// now on is not an error worth logging.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Relaxed);
     }
 
     /// From now on every clone of this client dials with `dialer` (a thread
@@ -522,7 +538,7 @@ impl AgentClient {
     }
 
     /// Registers a socket and starts the task that reads its replies.
-    fn attach(fd: OwnedFd, pending: Pending) -> io::Result<Arc<Packet>> {
+    fn attach(fd: OwnedFd, pending: Pending, stopping: Arc<AtomicBool>) -> io::Result<Arc<Packet>> {
         let sock = Arc::new(Packet::new(fd)?);
         let (s, p) = (sock.clone(), pending);
         tokio::spawn(async move {
@@ -540,7 +556,13 @@ impl AgentClient {
                         }
                     }
                     Ok(None) | Err(_) => {
-                        tracing::error!("the dial agent is gone: new connections cannot be dialed");
+                        if stopping.load(Relaxed) {
+                            tracing::debug!("the dial agent has stopped");
+                        } else {
+                            tracing::error!(
+                                "the dial agent is gone: new connections cannot be dialed"
+                            );
+                        }
                         if let Ok(mut m) = p.lock() {
                             m.clear();
                         }
@@ -620,6 +642,13 @@ impl AgentClient {
 /// Asks the agent to dial: it applies the same rules in the child and
 /// passes the connected socket back.
 impl Dial for AgentClient {
+    fn preserves_source(&self) -> bool {
+        match self.fallback() {
+            Some(d) => d.preserves_source(),
+            None => self.source_ip.load(Relaxed),
+        }
+    }
+
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
         if let Some(d) = self.fallback() {
             return Box::pin(async move { d.tcp(req).await });

@@ -134,6 +134,12 @@ pub trait Dial: Send + Sync {
     fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
         let _ = (reached, local);
     }
+
+    /// Whether dials made now bind the client's address as their source
+    /// (source preservation is on and working, [`crate::srcip`]).
+    fn preserves_source(&self) -> bool {
+        false
+    }
 }
 
 /// Executes `plan` with `connect`: the target, then the IPv4 fallback when

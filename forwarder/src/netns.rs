@@ -271,6 +271,10 @@ impl ChildDialer {
 /// IPv4 fallback applies when the connect fails for lack of IPv6 (no route
 /// or no address in the child).
 impl Dial for ChildDialer {
+    fn preserves_source(&self) -> bool {
+        self.source_ip.is_some()
+    }
+
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
         match req.source {
             Some(client) => Box::pin(dial::execute(req.plan(), move |a| {

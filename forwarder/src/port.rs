@@ -323,9 +323,10 @@ impl PortManager {
         self
     }
 
-    /// Whether source preservation is on.
+    /// Whether source preservation is on: asked for, and the dialer (an
+    /// agent, or the thread that replaced a lost one) applies it.
     pub fn source_ip(&self) -> bool {
-        self.ctx.source_ip
+        self.ctx.source_ip && self.ctx.dialer.preserves_source()
     }
 
     pub fn engine(&self) -> &Arc<dyn Engine> {

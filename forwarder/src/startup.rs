@@ -502,11 +502,11 @@ impl Serve {
                 fd,
                 process,
                 fallback: fb,
-                ..
+                source_ip,
             } => {
                 fallback = fb;
-                let client =
-                    agent::AgentClient::new(fd).context("cannot talk to the dial agent")?;
+                let client = agent::AgentClient::new(fd, source_ip)
+                    .context("cannot talk to the dial agent")?;
                 let dialer: Arc<dyn Dial> = Arc::new(client.clone());
                 (dialer, process, Some(client))
             }
@@ -602,8 +602,8 @@ impl Serve {
                         agent_process = None;
                         continue;
                     }
-                    match respawn_agent(target.clone(), source_ip).await.and_then(|(child, fd, _)| {
-                        client.replace(fd).map_err(anyhow::Error::from)?;
+                    match respawn_agent(target.clone(), source_ip).await.and_then(|(child, fd, on)| {
+                        client.replace(fd, on).map_err(anyhow::Error::from)?;
                         Ok(child)
                     }) {
                         Ok(child) => {
@@ -639,6 +639,9 @@ impl Serve {
         let stats = StatsEvent::from(api::stats(&ports));
         emit(&Event::Stats(Box::new(stats.clone())));
         if let Some((c, _)) = agent_process.as_mut() {
+            if let Some(client) = &agent_client {
+                client.stopping();
+            }
             stop_agent(c).await;
         }
         Ok((ready, stats, ending))
