@@ -306,26 +306,25 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
     }
 }
 
-/// Runs the forwarder: start-up in the order the module comment gives,
-/// then serving until `shutdown`. Returns what the run did.
-pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
-    // 0. Attached to a RootlessKit: its child_pid and api.sock stand in for
-    // --child-pid and --api-socket; its own socket is put back on exit
-    // (also on an error from here on: the attachment's drop).
-    let mut attachment = match &config.rootlesskit_state_dir {
-        Some(dir) => {
-            let a = crate::rootlesskit::Attachment::attach(dir, |sock| {
-                crate::client::info_blocking(sock).map_err(|e| format!("{e:#}"))
-            })?;
-            tracing::info!(state_dir = %dir.display(), child_pid = a.child_pid,
-                "attached to RootlessKit");
-            config.child_pid = Some(a.child_pid);
-            config.api_socket = Some(a.api_socket.clone());
-            Some(a)
-        }
-        None => None,
+/// Step 0: attaches to the RootlessKit of `--rootlesskit-state-dir`, whose
+/// child PID and API socket then stand in for the configuration's.
+fn attach_rootlesskit(config: &mut Config) -> Result<Option<crate::rootlesskit::Attachment>> {
+    let Some(dir) = &config.rootlesskit_state_dir else {
+        return Ok(None);
     };
-    // 1. Validate.
+    let a = crate::rootlesskit::Attachment::attach(dir, |sock| {
+        crate::client::info_blocking(sock).map_err(|e| format!("{e:#}"))
+    })?;
+    tracing::info!(state_dir = %dir.display(), child_pid = a.child_pid,
+        "attached to RootlessKit");
+    config.child_pid = Some(a.child_pid);
+    config.api_socket = Some(a.api_socket.clone());
+    Ok(Some(a))
+}
+
+/// Step 1: refuses a configuration with nothing to do or conflicting
+/// specs; raises RLIMIT_NOFILE and returns the connection limit.
+fn validate(config: &Config) -> Result<usize> {
     if config.publish.is_empty() && config.api_socket.is_none() {
         anyhow::bail!(
             "nothing to publish: give at least one -p SPEC, or --api-socket to add ports later"
@@ -345,38 +344,34 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
         .max_connections
         .unwrap_or_else(|| default_max_connections(nofile));
     tracing::debug!(nofile, max_connections, "limits");
-    // 2. The API socket.
-    let api_listener = config.api_socket.as_deref().map(api::bind).transpose()?;
-    // 3. BPF.
-    let (mut prepared, reason) = engine::select(
-        config.mode,
-        engine::ebpf::Options {
-            parser: config.ebpf_parser,
-        },
-    )?;
-    let mut map_thread_keeps = None;
-    if let Prepared::Ebpf(loaded) = &mut prepared {
-        let probe = loaded.probe_unprivileged_map_access();
-        let errno = probe.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
-        match map_privilege(errno, kernel_version()) {
-            MapPrivilege::None => {
-                tracing::debug!("BPF map updates through held descriptors need no capability here")
-            }
-            MapPrivilege::Keep(cap) => {
-                loaded
-                    .keep_capability_on_map_thread(cap)
-                    .context("cannot start the BPF map thread")?;
-                tracing::info!(capability = %cap,
-                    "bpf() checks a capability on every command on this kernel (unprivileged_bpf_disabled before Linux 5.19): the bpf-maps thread keeps it, every other thread drops it");
-                map_thread_keeps = Some(cap);
-            }
+    Ok(max_connections)
+}
+
+/// Step 3, after loading: whether map updates need a capability on this
+/// kernel; if so a `bpf-maps` thread keeps it (returned) and runs them.
+fn map_thread(loaded: &mut engine::ebpf::Loaded) -> Result<Option<caps::Capability>> {
+    let probe = loaded.probe_unprivileged_map_access();
+    let errno = probe.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
+    match map_privilege(errno, kernel_version()) {
+        MapPrivilege::None => {
+            tracing::debug!("BPF map updates through held descriptors need no capability here");
+            Ok(None)
+        }
+        MapPrivilege::Keep(cap) => {
+            loaded
+                .keep_capability_on_map_thread(cap)
+                .context("cannot start the BPF map thread")?;
+            tracing::info!(capability = %cap,
+                "bpf() checks a capability on every command on this kernel (unprivileged_bpf_disabled before Linux 5.19): the bpf-maps thread keeps it, every other thread drops it");
+            Ok(Some(cap))
         }
     }
-    // 4. The child's namespace, or the agent.
-    let dial = prepare_dialer(&config)?;
-    // 5. Listeners.
+}
+
+/// Step 5: binds every `-p` spec's listeners, a range whole or not at all.
+fn bind_all(publish: &[PortRangeSpec]) -> Result<Vec<(PortSpec, port::Bound)>> {
     let mut bound: Vec<(PortSpec, port::Bound)> = Vec::new();
-    for range in &config.publish {
+    for range in publish {
         let b = port::bind_range(range, |s| {
             bound
                 .iter()
@@ -386,6 +381,35 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
         .with_context(|| format!("cannot publish {range}"))?;
         bound.extend(b);
     }
+    Ok(bound)
+}
+
+/// Runs the forwarder: start-up in the order the module comment gives,
+/// then serving until `shutdown`. Returns what the run did.
+pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
+    // 0. Attached to a RootlessKit: its child_pid and api.sock stand in for
+    // --child-pid and --api-socket; its own socket is put back on exit
+    // (also on an error from here on: the attachment's drop).
+    let mut attachment = attach_rootlesskit(&mut config)?;
+    // 1. Validate.
+    let max_connections = validate(&config)?;
+    // 2. The API socket.
+    let api_listener = config.api_socket.as_deref().map(api::bind).transpose()?;
+    // 3. BPF.
+    let (mut prepared, reason) = engine::select(
+        config.mode,
+        engine::ebpf::Options {
+            parser: config.ebpf_parser,
+        },
+    )?;
+    let map_thread_keeps = match &mut prepared {
+        Prepared::Ebpf(loaded) => map_thread(loaded)?,
+        _ => None,
+    };
+    // 4. The child's namespace, or the agent.
+    let dial = prepare_dialer(&config)?;
+    // 5. Listeners.
+    let bound = bind_all(&config.publish)?;
     // Watch the child (--child-pid): the forwarder ends with it, as
     // RootlessKit does. With --child-netns the forwarder's own reference
     // keeps the namespace alive, so there is nothing to watch.
@@ -411,12 +435,10 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    let netns_path = match (&config.child_netns, config.child_pid) {
-        (Some(p), _) => p.clone(),
-        (None, Some(pid)) => PathBuf::from(format!("/proc/{pid}/ns/net")),
-        (None, None) => PathBuf::new(),
-    };
-    let child_pid = config.child_pid.or_else(|| pid_of_netns(&netns_path));
+    let child_pid = config.child_pid.or_else(|| match &config.child_netns {
+        Some(p) => pid_of_netns(p),
+        None => None,
+    });
     let serve = Serve {
         config,
         prepared,
@@ -474,86 +496,37 @@ impl Serve {
             max_connections,
             child_watch,
         } = self;
-        let child_watch = match child_watch {
-            Some((pid, fd)) => Some((
-                pid,
+        let child_watch = child_watch
+            .map(|(pid, fd)| {
                 sys::async_fd(fd, tokio::io::Interest::READABLE)
-                    .context("cannot watch the child process")?,
-            )),
-            None => None,
-        };
+                    .map(|fd| (pid, fd))
+                    .context("cannot watch the child process")
+            })
+            .transpose()?;
         // Handlers first: a SIGUSR1 that arrives after "ready" but before
         // its handler would otherwise kill the process (the default action).
-        let (mut term, mut int, mut usr1, mut stop_rx) = match shutdown {
-            Shutdown::Signals => (
-                Some(signal(SignalKind::terminate())?),
-                Some(signal(SignalKind::interrupt())?),
-                Some(signal(SignalKind::user_defined1())?),
-                None,
-            ),
-            Shutdown::Channel(rx) => (None, None, None, Some(rx)),
-        };
+        let (mut stops, mut usr1) = Stops::new(shutdown)?;
         let engine = prepared.start()?;
         let source_ip = dial.source_ip();
-        let mut fallback = None;
-        let (dialer, mut agent_process, agent_client) = match dial {
-            DialSetup::Netns(d) => (Arc::new(d) as Arc<dyn Dial>, None, None),
-            DialSetup::Agent {
-                fd,
-                process,
-                fallback: fb,
-                source_ip,
-            } => {
-                fallback = fb;
-                let client = agent::AgentClient::new(fd, source_ip)
-                    .context("cannot talk to the dial agent")?;
-                let dialer: Arc<dyn Dial> = Arc::new(client.clone());
-                (dialer, process, Some(client))
-            }
-        };
-        let mut agent_check = tokio::time::interval(Duration::from_millis(200));
-        // The ebpf engine's program layout, named in the log and the ready
-        // line.
-        let variant =
-            (engine.kind() == engine::EngineKind::Ebpf).then_some(if config.ebpf_parser {
-                "parser+verdict"
-            } else {
-                "verdict"
-            });
+        let (dialer, mut agent) = AgentWatch::from_setup(dial)?;
+        let variant = variant(engine.kind(), config.ebpf_parser);
         tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
         let ports = Arc::new(
             PortManager::with_max_connections(dialer, engine, max_connections)
                 .with_udp_options(config.udp)
                 .with_source_ip(source_ip),
         );
-        let mut listeners = Vec::new();
-        for (spec, b) in bound {
-            let st = ports
-                .add_bound(spec.clone(), spec::ApiSpec::from(&spec), b)
-                .with_context(|| format!("cannot publish {spec}"))?;
-            listeners.extend(st.listeners.iter().copied());
-        }
-        let (stop_api, api_stopped) = oneshot::channel::<()>();
-        let api_task = match (&config.api_socket, api_listener) {
-            (Some(path), Some(listener)) => {
-                let listener = tokio::net::UnixListener::from_std(listener)
-                    .context("cannot serve the API socket")?;
-                let state = Arc::new(api::ApiState {
-                    ports: ports.clone(),
-                    state_dir: path
-                        .parent()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                    child_pid,
-                    network_driver,
-                });
-                tracing::info!(socket = %path.display(), "serving the port API");
-                Some(tokio::spawn(api::serve(listener, state, async {
-                    let _ = api_stopped.await;
-                })))
-            }
-            _ => None,
-        };
+        let listeners = publish(&ports, bound)?;
+        let api = ApiServer::start(
+            config.api_socket.as_deref(),
+            api_listener,
+            api::ApiState {
+                ports: ports.clone(),
+                state_dir: String::new(),
+                child_pid,
+                network_driver,
+            },
+        )?;
         let ready = Ready {
             engine: ports.engine().kind(),
             variant: variant.map(String::from),
@@ -561,90 +534,268 @@ impl Serve {
             listeners,
         };
         emit(&Event::Ready(ready.clone()));
-
+        let mut agent_check = tokio::time::interval(Duration::from_millis(200));
         let ending = loop {
             tokio::select! {
-                _ = recv(&mut term) => break Ending::Requested,
-                _ = recv(&mut int) => break Ending::Requested,
-                _ = async {
-                    match stop_rx.as_mut() {
-                        Some(rx) => {
-                            let _ = rx.await;
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => break Ending::Requested,
-                pid = async {
-                    match child_watch.as_ref() {
-                        Some((pid, fd)) => {
-                            let _ = fd.readable().await;
-                            *pid
-                        }
-                        None => std::future::pending().await,
-                    }
-                } => {
+                () = stops.requested() => break Ending::Requested,
+                pid = child_exit(child_watch.as_ref()) => {
                     tracing::error!(pid, "the child process exited: stopping, nothing is left to forward to");
                     break Ending::ChildExited(pid);
                 }
-                _ = recv(&mut usr1) => emit(&stats_event(&ports)),
-                _ = agent_check.tick(), if agent_process.is_some() => {
-                    let exited = agent_process
-                        .as_mut()
-                        .and_then(|(c, _)| c.try_wait().ok().flatten());
-                    let (Some(status), Some((_, target)), Some(client)) =
-                        (exited, agent_process.as_ref(), agent_client.as_ref())
-                    else {
-                        continue;
-                    };
-                    let target = target.clone();
-                    if matches!(target, agent::AgentTarget::Pid(pid) if !process_alive(pid)) {
-                        // The child's pidfd ends the run next.
-                        agent_process = None;
-                        continue;
-                    }
-                    match respawn_agent(target.clone(), source_ip).await.and_then(|(child, fd, on)| {
-                        client.replace(fd, on).map_err(anyhow::Error::from)?;
-                        Ok(child)
-                    }) {
-                        Ok(child) => {
-                            tracing::warn!(%status, agent_pid = child.id(),
-                                "the dial agent exited while the child lives; restarted it");
-                            agent_process = Some((child, target));
-                        }
-                        Err(e) if fallback.is_some() => {
-                            if let Some(d) = fallback.take() {
-                                client.fall_back_to(d);
-                            }
-                            tracing::warn!(%status, error = %format!("{e:#}"),
-                                "the dial agent exited and cannot be restarted: dialing from the forwarder's own thread in the child, without source address preservation");
-                            agent_process = None;
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
-                            break Ending::AgentLost(format!("{e:#}"));
-                        }
+                () = recv(&mut usr1) => emit(&stats_event(&ports)),
+                _ = agent_check.tick(), if agent.is_running() => {
+                    if let Some(ending) = agent.check(source_ip).await {
+                        break ending;
                     }
                 }
             }
         };
         tracing::info!("shutting down");
-        let _ = stop_api.send(());
-        if let Some(t) = api_task {
-            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
-        }
-        if let Some(path) = &config.api_socket {
-            let _ = std::fs::remove_file(path);
-        }
+        api.stop(config.api_socket.as_deref()).await;
         ports.close_all(Duration::from_secs(2)).await;
         let stats = StatsEvent::from(api::stats(&ports));
         emit(&Event::Stats(Box::new(stats.clone())));
-        if let Some((c, _)) = agent_process.as_mut() {
-            if let Some(client) = &agent_client {
+        agent.stop().await;
+        Ok((ready, stats, ending))
+    }
+}
+
+/// The ebpf engine's program layout, named in the log and the ready line.
+fn variant(kind: engine::EngineKind, parser: bool) -> Option<&'static str> {
+    (kind == engine::EngineKind::Ebpf).then_some(if parser { "parser+verdict" } else { "verdict" })
+}
+
+/// Publishes the listeners bound at start-up; returns their addresses.
+fn publish(
+    ports: &PortManager,
+    bound: Vec<(PortSpec, port::Bound)>,
+) -> Result<Vec<std::net::SocketAddr>> {
+    let mut listeners = Vec::new();
+    for (spec, b) in bound {
+        let st = ports
+            .add_bound(spec.clone(), spec::ApiSpec::from(&spec), b)
+            .with_context(|| format!("cannot publish {spec}"))?;
+        listeners.extend(st.listeners.iter().copied());
+    }
+    Ok(listeners)
+}
+
+/// What ends a run on request: SIGTERM or SIGINT, or the caller's channel
+/// (library callers).
+struct Stops {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+    channel: Option<oneshot::Receiver<()>>,
+}
+
+impl Stops {
+    /// The stops, and SIGUSR1's handler (a stats line) where signals are
+    /// handled.
+    fn new(shutdown: Shutdown) -> Result<(Stops, Option<tokio::signal::unix::Signal>)> {
+        Ok(match shutdown {
+            Shutdown::Signals => (
+                Stops {
+                    term: Some(signal(SignalKind::terminate())?),
+                    int: Some(signal(SignalKind::interrupt())?),
+                    channel: None,
+                },
+                Some(signal(SignalKind::user_defined1())?),
+            ),
+            Shutdown::Channel(rx) => (
+                Stops {
+                    term: None,
+                    int: None,
+                    channel: Some(rx),
+                },
+                None,
+            ),
+        })
+    }
+
+    /// A stop was asked for.
+    async fn requested(&mut self) {
+        let channel = async {
+            match self.channel.as_mut() {
+                Some(rx) => {
+                    let _ = rx.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = recv(&mut self.term) => {}
+            () = recv(&mut self.int) => {}
+            () = channel => {}
+        }
+    }
+}
+
+/// The PID given with --child-pid, once that process has exited; never
+/// without one.
+async fn child_exit(watch: Option<&(u32, tokio::io::unix::AsyncFd<OwnedFd>)>) -> u32 {
+    match watch {
+        Some((pid, fd)) => {
+            let _ = fd.readable().await;
+            *pid
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The port API's server task, if an API socket was asked for.
+struct ApiServer {
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl ApiServer {
+    /// Serves `state` on the socket claimed at start-up (its state
+    /// directory is the socket's).
+    fn start(
+        path: Option<&Path>,
+        listener: Option<std::os::unix::net::UnixListener>,
+        mut state: api::ApiState,
+    ) -> Result<ApiServer> {
+        let (Some(path), Some(listener)) = (path, listener) else {
+            return Ok(ApiServer {
+                task: None,
+                stop: None,
+            });
+        };
+        let listener =
+            tokio::net::UnixListener::from_std(listener).context("cannot serve the API socket")?;
+        state.state_dir = path
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tracing::info!(socket = %path.display(), "serving the port API");
+        let task = tokio::spawn(api::serve(listener, Arc::new(state), async {
+            let _ = stopped.await;
+        }));
+        Ok(ApiServer {
+            task: Some(task),
+            stop: Some(stop),
+        })
+    }
+
+    /// Stops serving (2 s for requests in progress) and removes the socket.
+    async fn stop(self, path: Option<&Path>) {
+        if let Some(stop) = self.stop {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.task {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        if let Some(path) = path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The dial agent this forwarder runs, watched for its exit: restarted
+/// while the child lives, or replaced by the thread kept in the child's
+/// namespace (root mode), or the run ends.
+struct AgentWatch {
+    process: Option<(std::process::Child, agent::AgentTarget)>,
+    client: Option<agent::AgentClient>,
+    /// Root mode: dials from the forwarder's own thread in the child if the
+    /// agent dies.
+    fallback: Option<netns::ChildDialer>,
+}
+
+impl AgentWatch {
+    /// The dialer the port manager uses, and the agent to watch (none when
+    /// the forwarder dials from its own thread in the child).
+    fn from_setup(dial: DialSetup) -> Result<(Arc<dyn Dial>, AgentWatch)> {
+        match dial {
+            DialSetup::Netns(d) => Ok((
+                Arc::new(d),
+                AgentWatch {
+                    process: None,
+                    client: None,
+                    fallback: None,
+                },
+            )),
+            DialSetup::Agent {
+                fd,
+                process,
+                fallback,
+                source_ip,
+            } => {
+                let client = agent::AgentClient::new(fd, source_ip)
+                    .context("cannot talk to the dial agent")?;
+                Ok((
+                    Arc::new(client.clone()),
+                    AgentWatch {
+                        process,
+                        client: Some(client),
+                        fallback,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// A started agent is being watched.
+    fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// Looks at the agent: if it exited, restarts it, falls back, or says
+    /// the run must end.
+    async fn check(&mut self, source_ip: bool) -> Option<Ending> {
+        let exited = self
+            .process
+            .as_mut()
+            .and_then(|(c, _)| c.try_wait().ok().flatten());
+        let (Some(status), Some((_, target)), Some(client)) =
+            (exited, self.process.as_ref(), self.client.as_ref())
+        else {
+            return None;
+        };
+        let target = target.clone();
+        if matches!(target, agent::AgentTarget::Pid(pid) if !process_alive(pid)) {
+            // The child's pidfd ends the run next.
+            self.process = None;
+            return None;
+        }
+        let respawned =
+            respawn_agent(target.clone(), source_ip)
+                .await
+                .and_then(|(child, fd, on)| {
+                    client.replace(fd, on).map_err(anyhow::Error::from)?;
+                    Ok(child)
+                });
+        match respawned {
+            Ok(child) => {
+                tracing::warn!(%status, agent_pid = child.id(),
+                    "the dial agent exited while the child lives; restarted it");
+                self.process = Some((child, target));
+                None
+            }
+            Err(e) => {
+                self.process = None;
+                if let Some(d) = self.fallback.take() {
+                    client.fall_back_to(d);
+                    tracing::warn!(%status, error = %format!("{e:#}"),
+                        "the dial agent exited and cannot be restarted: dialing from the forwarder's own thread in the child, without source address preservation");
+                    return None;
+                }
+                tracing::error!(error = %format!("{e:#}"), "the dial agent exited and cannot be restarted: stopping");
+                Some(Ending::AgentLost(format!("{e:#}")))
+            }
+        }
+    }
+
+    /// Stops the agent (it removes its routing in the child first).
+    async fn stop(&mut self) {
+        if let Some((c, _)) = self.process.as_mut() {
+            if let Some(client) = &self.client {
                 client.stopping();
             }
             stop_agent(c).await;
         }
-        Ok((ready, stats, ending))
     }
 }
 
