@@ -531,7 +531,7 @@ fn list_cases(bin: &Path, args: &[String]) -> Result<Vec<String>> {
 
 /// Runs the selection on the host kernel.
 fn host_column(bins: &Binaries, cases: &[String], args: &Args, dir: &Path) -> Result<Column> {
-    let release = output(Command::new("uname").arg("-r"))?.trim().to_string();
+    let release = crate::util::kernel_release()?.trim().to_string();
     say(&format!("host ({release}): {} cases", cases.len()));
     let t0 = Instant::now();
     let out = Command::new(&bins.engines)
@@ -1014,9 +1014,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     cols.extend(vm_cols);
     check_interrupted()?;
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?
-        .trim()
-        .to_string();
+    let date = crate::util::UtcTime::now().date();
     let text = report(&cols, ipv6.as_ref(), &date);
     let path = vmdir.join("vm-matrix.md");
     fs::write(&path, &text)?;

@@ -21,9 +21,9 @@ pub struct Report<'a> {
 
 /// Facts about the machine and the run, read once before rendering.
 pub struct Machine {
-    /// `date -u` when the report was made.
+    /// When the report was made, UTC.
     pub date: String,
-    /// `uname -r`.
+    /// The kernel release (`uname -r`).
     pub kernel: String,
     /// `iperf3 --version`'s first line.
     pub iperf: String,
@@ -37,7 +37,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Reads the date, the kernel, iperf3's version, the CPU count and the
+    /// Reads the date, the kernel release, iperf3's version, the CPU count and the
     /// command line; `load` and `nofile` come from the start of the run.
     pub fn read(load: String, nofile: u64) -> Machine {
         let first_line = |program: &str, args: &[&str]| {
@@ -47,8 +47,11 @@ impl Machine {
                 .unwrap_or_else(|| "unknown".to_string())
         };
         Machine {
-            date: first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
-            kernel: first_line("uname", &["-r"]),
+            date: crate::util::UtcTime::now().to_second(),
+            kernel: crate::util::kernel_release()
+                .ok()
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown".to_string()),
             iperf: first_line("iperf3", &["--version"]),
             ncpu: std::thread::available_parallelism().map_or(0, |n| n.get()),
             command: std::iter::once("cargo xtask".to_string())

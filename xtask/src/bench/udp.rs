@@ -742,13 +742,7 @@ pub fn run(args: &UdpArgs) -> Result<()> {
         md,
         "`cargo xtask {}`, {}\n",
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
-        String::from_utf8_lossy(
-            &Command::new("date")
-                .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-                .output()?
-                .stdout
-        )
-        .trim()
+        crate::util::UtcTime::now().to_minute()
     );
     res.render(&mut md, "#");
     let _ = writeln!(md, "\n## Targets\n");
