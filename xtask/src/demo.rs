@@ -19,12 +19,13 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{build_forwarder, catch_interrupts, spawn_ready, Forwarder, Netns};
+use crate::util::{build_forwarder, catch_interrupts, spawn_ready, Forwarder, Netns, Proc};
 
 /// The line the server prints once all its sockets listen.
 const SERVER_READY: &str = "demo-server: listening";
@@ -133,6 +134,9 @@ fn get(addr: &str) -> Result<Response> {
     })
 }
 
+/// `cargo xtask demo`: a child namespace with an HTTP server, the
+/// forwarder publishing it, a GET through each published port, the
+/// forwarder's statistics, then a clean stop.
 pub fn run() -> Result<()> {
     crate::setup::run()?;
     catch_interrupts();
@@ -140,7 +144,25 @@ pub fn run() -> Result<()> {
 
     let ns = Netns::named(&format!("fwd-demo-{}", std::process::id()))?;
     println!("child namespace: {}", ns.path().display());
+    let server = start_server(&ns)?;
+    let mut fwd = start_forwarder(&bin, &ns)?;
+    let (failed, sent, received) = send_requests();
+    print_stats(&mut fwd, sent, received)?;
+    fwd.stop().context("stopping the forwarder")?;
+    println!("forwarder stopped cleanly");
+    // `server` (killed by PID) and `ns` (deleted) are cleaned up on drop.
+    drop(server);
+    drop(ns);
+    if failed > 0 {
+        bail!("{failed} of {} requests failed", REQUESTS.len());
+    }
+    println!("demo ok");
+    Ok(())
+}
 
+/// Starts `xtask demo-server` in `ns` on the two child addresses of
+/// REQUESTS and waits until it is ready.
+fn start_server(ns: &Netns) -> Result<Proc> {
     let me = std::env::current_exe().context("locating the xtask binary")?;
     let mut cmd = ns.ip_exec(&me);
     cmd.args([
@@ -159,7 +181,12 @@ pub fn run() -> Result<()> {
         REQUESTS[1].1,
         server.pid().unwrap_or(0)
     );
+    Ok(server)
+}
 
+/// Starts the forwarder publishing 127.0.0.2:8080 and port 8081 to port 80
+/// in `ns`, shows its command line and what it said when ready.
+fn start_forwarder(bin: &Path, ns: &Netns) -> Result<Forwarder> {
     let args: Vec<String> = [
         "--child-netns",
         &ns.path().display().to_string(),
@@ -171,7 +198,7 @@ pub fn run() -> Result<()> {
     .map(String::from)
     .to_vec();
     println!("$ {} run {}", bin.display(), args.join(" "));
-    let mut fwd = Forwarder::start(&bin, &args, false, "the forwarder")?;
+    let fwd = Forwarder::start(bin, &args, false, "the forwarder")?;
     println!(
         "forwarder ready (PID {}): engine {} ({}), listening on {}",
         fwd.pid().unwrap_or(0),
@@ -179,7 +206,13 @@ pub fn run() -> Result<()> {
         fwd.ready["reason"].as_str().unwrap_or("no reason given"),
         fwd.ready["listeners"]
     );
+    Ok(fwd)
+}
 
+/// GETs each published address and checks the answer came from the
+/// expected child address. Returns (failed requests, bytes sent, bytes
+/// received).
+fn send_requests() -> (usize, usize, usize) {
     let (mut failed, mut sent, mut received) = (0, 0, 0);
     for (addr, expect) in REQUESTS {
         match get(addr) {
@@ -198,7 +231,12 @@ pub fn run() -> Result<()> {
             }
         }
     }
+    (failed, sent, received)
+}
 
+/// Shows what the forwarder says it carried, beside what the client sent
+/// and received.
+fn print_stats(fwd: &mut Forwarder, sent: usize, received: usize) -> Result<()> {
     let stats = fwd.stats().context("asking the forwarder for statistics")?;
     println!(
         "carried by the {} engine: {} connections ({} active, {} dial failures); \
@@ -217,15 +255,6 @@ pub fn run() -> Result<()> {
     if let Some(maps) = stats.get("bpf_map_entries") {
         println!("BPF map entries: {maps}");
     }
-    fwd.stop().context("stopping the forwarder")?;
-    println!("forwarder stopped cleanly");
-    // `server` (killed by PID) and `ns` (deleted) are cleaned up on drop.
-    drop(server);
-    drop(ns);
-    if failed > 0 {
-        bail!("{failed} of {} requests failed", REQUESTS.len());
-    }
-    println!("demo ok");
     Ok(())
 }
 

@@ -509,29 +509,40 @@ struct Row {
     result: Result<String>,
 }
 
-/// Runs one configuration's checks, appending a row each.
-fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> Result<()> {
-    let mut row = |check: &'static str, f: &mut dyn FnMut() -> Result<String>| -> bool {
+/// One configuration's rows: each check is timed, said on stderr and
+/// appended.
+struct Checks<'r> {
+    config: Config,
+    rows: &'r mut Vec<Row>,
+}
+
+impl Checks<'_> {
+    /// Runs one check and records its outcome (a failed check does not stop
+    /// the configuration).
+    fn row(&mut self, check: &'static str, f: &mut dyn FnMut() -> Result<String>) {
         let t = Instant::now();
         let result = f();
-        let ok = result.is_ok();
         eprintln!(
             "e2e: {:<28} {:<40} {}",
-            config.name(),
+            self.config.name(),
             check,
             match &result {
                 Ok(s) => format!("ok ({s})"),
                 Err(e) => format!("FAILED: {e:#}"),
             }
         );
-        rows.push(Row {
-            config: config.name(),
+        self.rows.push(Row {
+            config: self.config.name(),
             check,
             secs: t.elapsed().as_secs_f64(),
             result,
         });
-        ok
-    };
+    }
+}
+
+/// Runs one configuration's checks, appending a row each.
+fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> Result<()> {
+    let mut checks = Checks { config, rows };
     let mut dockerd = Dockerd::start(env, "none")?;
     ensure_image(env)?;
     let state_dir = PathBuf::from(
@@ -549,7 +560,7 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
     };
     let mut fwd = Fwd::start(env, bin, caps, &[])?;
     let engine = fwd.ready["engine"].as_str().unwrap_or("?").to_string();
-    row("forwarder attached", &mut || {
+    checks.row("forwarder attached", &mut || {
         ensure!(
             state_dir.join("api.sock.rootlesskit").exists(),
             "RootlessKit's socket was not set aside"
@@ -560,25 +571,47 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
         ))
     });
     let _ = env.docker(&["rm", "-f", "web"]);
+    let mount = format!("{}:/www:ro", env.www.display());
+    let run = web_run(&mount);
+    container_checks(env, bin, &state_dir, &run, &mut checks);
+    // Leave a container publishing, then stop dockerd under it.
+    env.docker(&run)?;
+    within(Duration::from_secs(10), all_answer)?;
+    checks.row("dockerd stops: no listener", &mut || {
+        dockerd_stops(&mut dockerd, &mut fwd)
+    });
+    Ok(())
+}
+
+/// The `docker run` arguments of the test container `web`: every port of
+/// PUBLISH published, `mount` (the web root) mounted, httpd and the echo
+/// server running.
+fn web_run(mount: &str) -> Vec<&str> {
     let mut run = vec!["run", "-d", "--name", "web"];
     for (p, _) in PUBLISH {
         run.extend(["-p", p]);
     }
-    let mount = format!("{}:/www:ro", env.www.display());
     run.extend([
         "-v",
-        &mount,
+        mount,
         IMAGE,
         "/bin/busybox",
         "sh",
         "-c",
         "/bin/echo-server 53 & exec /bin/busybox httpd -f -p 80 -h /www",
     ]);
-    row("docker run -p publishes", &mut || {
-        env.docker(&run)?;
+    run
+}
+
+/// The container's life through the forwarder: `docker run` (`run`)
+/// publishes, a 1 GiB download arrives whole, a restart re-adds the ports
+/// and `docker rm -f` removes them.
+fn container_checks(env: &Env, bin: &Path, state_dir: &Path, run: &[&str], checks: &mut Checks) {
+    checks.row("docker run -p publishes", &mut || {
+        env.docker(run)?;
         within(Duration::from_secs(10), all_answer)
     });
-    row("1 GiB download, SHA-256", &mut || {
+    checks.row("1 GiB download, SHA-256", &mut || {
         let t = Instant::now();
         let (sha, n, _) = get("127.0.0.1:8081", "/big")?;
         ensure!(n == BIG, "received {n} bytes of {BIG}");
@@ -592,46 +625,45 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
             (BIG * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
         ))
     });
-    row("docker restart re-adds", &mut || {
+    checks.row("docker restart re-adds", &mut || {
         env.docker(&["restart", "-t", "1", "web"])?;
         let s = within(Duration::from_secs(10), all_answer)?;
-        let n = api_ports(env, bin, &state_dir)?;
+        let n = api_ports(env, bin, state_dir)?;
         ensure!(n == API_PORTS, "{n} ports in the API, expected {API_PORTS}");
         Ok(s)
     });
-    row("docker rm -f removes", &mut || {
+    checks.row("docker rm -f removes", &mut || {
         env.docker(&["rm", "-f", "web"])?;
         let n = within(Duration::from_secs(10), || {
-            let n = api_ports(env, bin, &state_dir)?;
+            let n = api_ports(env, bin, state_dir)?;
             ensure!(n == 0, "{n} ports left in the API");
             Ok(n)
         })?;
         Ok(format!("{n} ports; {}", none_answer()?))
     });
-    // Leave a container publishing, then stop dockerd under it.
-    env.docker(&run)?;
-    within(Duration::from_secs(10), all_answer)?;
-    row("dockerd stops: no listener", &mut || {
-        dockerd.stop()?;
-        let st = within(Duration::from_secs(15), || {
-            fwd.proc
-                .try_wait()?
-                .context("the forwarder is still running")
-        })?;
-        let log = std::fs::read_to_string(&fwd.log).unwrap_or_default();
-        let last = log.lines().last().unwrap_or("").to_string();
-        // Status 1 with the reason: the unit's Restart=on-failure then
-        // starts it again against a restarted dockerd.
-        ensure!(
-            !st.success() && last.contains("the child process") && last.contains("exited"),
-            "the forwarder exited ({st}) without saying its child exited: {last}"
-        );
-        Ok(format!(
-            "forwarder exited ({st}): {last}; {}",
-            none_answer()?
-        ))
-    });
-    Ok(())
+}
+
+/// Stops dockerd under a publishing container: the forwarder must exit
+/// with status 1 saying its child process exited, and nothing may answer.
+fn dockerd_stops(dockerd: &mut Dockerd, fwd: &mut Fwd) -> Result<String> {
+    dockerd.stop()?;
+    let st = within(Duration::from_secs(15), || {
+        fwd.proc
+            .try_wait()?
+            .context("the forwarder is still running")
+    })?;
+    let log = std::fs::read_to_string(&fwd.log).unwrap_or_default();
+    let last = log.lines().last().unwrap_or("").to_string();
+    // Status 1 with the reason: the unit's Restart=on-failure then
+    // starts it again against a restarted dockerd.
+    ensure!(
+        !st.success() && last.contains("the child process") && last.contains("exited"),
+        "the forwarder exited ({st}) without saying its child exited: {last}"
+    );
+    Ok(format!(
+        "forwarder exited ({st}): {last}; {}",
+        none_answer()?
+    ))
 }
 
 /// A tarball holding `/bin/busybox` (Debian's busybox-static) and

@@ -16,7 +16,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -225,5 +225,116 @@ pub fn spawn_ready(cmd: &mut Command, name: &str, ready: &str) -> Result<Proc> {
         Ok(l) if l.starts_with(ready) => Ok(server),
         Ok(l) => bail!("{name} said {l:?} instead of {ready:?}"),
         Err(_) => bail!("{name} did not start (its errors are above)"),
+    }
+}
+
+/// A moment in UTC, broken down into calendar date and time of day: the
+/// dates in the reports, without running `date`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UtcTime {
+    pub year: i64,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+}
+
+impl UtcTime {
+    /// The system clock now (a clock before 1970 gives a date before 1970).
+    pub fn now() -> UtcTime {
+        let secs = match SystemTime::now().duration_since(UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+        };
+        UtcTime::from_unix(secs)
+    }
+
+    /// The UTC calendar time `secs` seconds after 1970-01-01 00:00:00 UTC
+    /// (proleptic Gregorian calendar, no leap seconds, as Unix time counts).
+    pub fn from_unix(secs: i64) -> UtcTime {
+        let days = secs.div_euclid(86_400);
+        let of_day = secs.rem_euclid(86_400);
+        // Days since 1970-01-01 to a civil date, counting in 400-year eras
+        // that start on March 1st (so the leap day ends a year).
+        let z = days + 719_468; // days since 0000-03-01
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097); // day of era, 0..=146096
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of year from March 1st
+        let mp = (5 * doy + 2) / 153; // month from March, 0..=11
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        UtcTime {
+            year,
+            // In range by construction: 1..=12, 1..=31, and under a day.
+            month: month as u32,
+            day: day as u32,
+            hour: (of_day / 3600) as u32,
+            minute: (of_day / 60 % 60) as u32,
+            second: (of_day % 60) as u32,
+        }
+    }
+
+    /// `2026-11-29`.
+    pub fn date(self) -> String {
+        format!("{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+
+    /// `2026-11-29 03:23 UTC`.
+    pub fn to_minute(self) -> String {
+        format!("{} {:02}:{:02} UTC", self.date(), self.hour, self.minute)
+    }
+
+    /// `2026-11-29 03:23:32 UTC`.
+    pub fn to_second(self) -> String {
+        format!(
+            "{} {:02}:{:02}:{:02} UTC",
+            self.date(),
+            self.hour,
+            self.minute,
+            self.second
+        )
+    }
+}
+
+/// The running kernel's release, as `uname -r` prints it (e.g.
+/// `6.1.0-57-cloud-amd64`).
+pub fn kernel_release() -> Result<String> {
+    let uts = nix::sys::utsname::uname().context("uname(2)")?;
+    Ok(uts.release().to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_time_from_unix_seconds() {
+        // Expected values from GNU `date -u -d @SECS '+%Y-%m-%d %H:%M:%S'`.
+        for (secs, want) in [
+            (0, "1970-01-01 00:00:00 UTC"),
+            (-1, "1969-12-31 23:59:59 UTC"),
+            (951_782_400, "2000-02-29 00:00:00 UTC"),
+            (978_307_199, "2000-12-31 23:59:59 UTC"),
+            (1_795_920_000, "2026-11-29 02:40:00 UTC"),
+            (1_795_937_012, "2026-11-29 07:23:32 UTC"),
+            (4_107_542_399, "2100-02-28 23:59:59 UTC"),
+            (4_107_542_400, "2100-03-01 00:00:00 UTC"),
+            (253_402_300_799, "9999-12-31 23:59:59 UTC"),
+        ] {
+            let t = UtcTime::from_unix(secs);
+            assert_eq!(t.to_second(), want, "{secs}");
+            assert_eq!(t.to_minute(), format!("{} UTC", &want[..16]), "{secs}");
+            assert_eq!(t.date(), want[..10], "{secs}");
+        }
+    }
+
+    #[test]
+    fn kernel_release_is_unames() {
+        let ours = kernel_release().expect("uname(2)");
+        let theirs = output(Command::new("uname").arg("-r")).expect("uname -r");
+        assert_eq!(ours, theirs.trim());
     }
 }

@@ -531,7 +531,7 @@ fn list_cases(bin: &Path, args: &[String]) -> Result<Vec<String>> {
 
 /// Runs the selection on the host kernel.
 fn host_column(bins: &Binaries, cases: &[String], args: &Args, dir: &Path) -> Result<Column> {
-    let release = output(Command::new("uname").arg("-r"))?.trim().to_string();
+    let release = crate::util::kernel_release()?.trim().to_string();
     say(&format!("host ({release}): {} cases", cases.len()));
     let t0 = Instant::now();
     let out = Command::new(&bins.engines)
@@ -611,13 +611,13 @@ fn tail(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// One boot: runs `script` (a shell script written to the scratch
-/// directory) and waits for it. Returns the scratch directory.
 /// The scratch directory of a boot.
 fn run_dir(label: &str) -> Result<PathBuf> {
     Ok(target_dir()?.join("vm/run").join(label))
 }
 
+/// One boot: runs `script` (a shell script written to the scratch
+/// directory) and waits for it. Returns the scratch directory.
 fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> Result<PathBuf> {
     let dir = run_dir(label)?;
     let _ = fs::remove_dir_all(&dir);
@@ -626,6 +626,48 @@ fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> 
     fs::write(&script_path, script)?;
     let console = dir.join("console.log");
     let log = fs::File::create(&console)?;
+    let mut cmd = vng_command(k, &dir, &script_path, append, log)?;
+    say(&format!(
+        "boot {label}: {} (console: {})",
+        k.release,
+        console.display()
+    ));
+    let mut child = cmd.spawn().context("starting vng")?;
+    let t0 = Instant::now();
+    let status = wait_for_guest(&mut child, t0, k, label, &console, args)?;
+    let console_text = fs::read_to_string(&console).unwrap_or_default();
+    if console_text.contains("Kernel panic") {
+        bail!(
+            "boot {label} ({}): kernel panic. Console tail:\n{}",
+            k.release,
+            tail(&console, 40)
+        );
+    }
+    if !dir.join("done").is_file() {
+        bail!(
+            "boot {label} ({}): the guest script did not finish (vng {:?}). Console tail:\n{}",
+            k.release,
+            status,
+            tail(&console, 40)
+        );
+    }
+    say(&format!(
+        "boot {label}: done in {:.0} s",
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(dir)
+}
+
+/// The vng command that boots kernel `k` without KVM (2 CPUs, 2 GiB),
+/// `dir` shared read-write, `append` on the kernel command line, runs
+/// `script_path` and writes its console to `log`; killed if xtask dies.
+fn vng_command(
+    k: &Kernel,
+    dir: &Path,
+    script_path: &Path,
+    append: &[&str],
+    log: fs::File,
+) -> Result<Command> {
     let mut cmd = Command::new(which("vng").context("vng is not installed")?);
     cmd.arg("--run")
         .arg(k.image())
@@ -643,7 +685,7 @@ fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> 
     }
     cmd.arg("--exec")
         .arg(format!("sh {}", script_path.display()))
-        .current_dir(&dir)
+        .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -657,18 +699,25 @@ fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> 
         }
     }
     crate::util::die_with_parent(&mut cmd, libc::SIGKILL);
-    say(&format!(
-        "boot {label}: {} (console: {})",
-        k.release,
-        console.display()
-    ));
-    let mut child = cmd.spawn().context("starting vng")?;
+    Ok(cmd)
+}
+
+/// Waits for vng (started at `t0`) to exit. Past the timeout or on an
+/// interrupt it kills QEMU, then the rest of vng's tree, and fails with the
+/// console's tail.
+fn wait_for_guest(
+    child: &mut std::process::Child,
+    t0: Instant,
+    k: &Kernel,
+    label: &str,
+    console: &Path,
+    args: &Args,
+) -> Result<Option<std::process::ExitStatus>> {
     let pid = child.id();
     let limit = Duration::from_secs(args.timeout * 60);
-    let t0 = Instant::now();
-    let status = loop {
+    loop {
         if let Some(st) = child.try_wait()? {
-            break Some(st);
+            return Ok(Some(st));
         }
         let stop = if t0.elapsed() > limit {
             Some(format!("no end within {} minutes", args.timeout))
@@ -693,32 +742,11 @@ fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> 
             bail!(
                 "boot {label} ({}): {why}; killed QEMU. Console tail:\n{}",
                 k.release,
-                tail(&console, 40)
+                tail(console, 40)
             );
         }
         std::thread::sleep(Duration::from_millis(200));
-    };
-    let console_text = fs::read_to_string(&console).unwrap_or_default();
-    if console_text.contains("Kernel panic") {
-        bail!(
-            "boot {label} ({}): kernel panic. Console tail:\n{}",
-            k.release,
-            tail(&console, 40)
-        );
     }
-    if !dir.join("done").is_file() {
-        bail!(
-            "boot {label} ({}): the guest script did not finish (vng {:?}). Console tail:\n{}",
-            k.release,
-            status,
-            tail(&console, 40)
-        );
-    }
-    say(&format!(
-        "boot {label}: done in {:.0} s",
-        t0.elapsed().as_secs_f64()
-    ));
-    Ok(dir)
 }
 
 /// The guest script: writes `kernel`, each run's output and exit code,
@@ -940,13 +968,7 @@ pub fn run(args: &Args) -> Result<()> {
     if !is_root() {
         bail!("vm-test installs packages and kernels and runs the netns suite: run it as root");
     }
-    let lines: Vec<&Line> = match args.kernel.as_str() {
-        "all" => LINES.iter().collect(),
-        k => vec![LINES
-            .iter()
-            .find(|l| l.name == k)
-            .with_context(|| format!("--kernel {k}: expected 6.1, 6.12 or all"))?],
-    };
+    let lines = selected_lines(args)?;
     crate::util::catch_interrupts();
     crate::setup::run()?;
     setup()?;
@@ -956,6 +978,48 @@ pub fn run(args: &Args) -> Result<()> {
         .map(|l| kernel(l, &debs))
         .collect::<Result<Vec<_>>>()?;
     let bins = build()?;
+    let cases = selected_cases(&bins, args)?;
+    let vmdir = target_dir()?.join("vm");
+    let mut cols = Vec::new();
+    if !args.no_host {
+        cols.push(host_column(&bins, &cases, args, &vmdir)?);
+    }
+    let (vm_cols, ipv6) = boot_all(&kernels, &bins, &cases, args);
+    if vm_cols.len() != kernels.len() {
+        bail!("a boot's thread panicked");
+    }
+    cols.extend(vm_cols);
+    check_interrupted()?;
+    let date = crate::util::UtcTime::now().date();
+    let text = report(&cols, ipv6.as_ref(), &date);
+    let path = vmdir.join("vm-matrix.md");
+    fs::write(&path, &text)?;
+    println!("{text}");
+    say(&format!("report: {}", path.display()));
+    if args.record {
+        record(&text)?;
+    }
+    let failed = failures(&cols, ipv6.as_ref());
+    if !failed.is_empty() {
+        bail!("vm-test failed:\n{}", failed.join("\n"));
+    }
+    Ok(())
+}
+
+/// The kernel lines `--kernel` asks for.
+fn selected_lines(args: &Args) -> Result<Vec<&'static Line>> {
+    Ok(match args.kernel.as_str() {
+        "all" => LINES.iter().collect(),
+        k => vec![LINES
+            .iter()
+            .find(|l| l.name == k)
+            .with_context(|| format!("--kernel {k}: expected 6.1, 6.12 or all"))?],
+    })
+}
+
+/// The engine-suite cases to run: checks `--engine`, then lists the
+/// suite's cases and keeps those the arguments select (at least one).
+fn selected_cases(bins: &Binaries, args: &Args) -> Result<Vec<String>> {
     for e in &args.engines {
         if !ENGINES.contains(&e.as_str()) {
             bail!("--engine {e}: expected one of {}", ENGINES.join(", "));
@@ -968,18 +1032,25 @@ pub fn run(args: &Args) -> Result<()> {
     if cases.is_empty() {
         bail!("no cases selected");
     }
-    let vmdir = target_dir()?.join("vm");
-    let mut cols = Vec::new();
-    if !args.no_host {
-        cols.push(host_column(&bins, &cases, args, &vmdir)?);
-    }
+    Ok(cases)
+}
+
+/// Boots every kernel with the cases, and the first once more with
+/// ipv6.disable=1 (unless `--no-ipv6-boot`). Returns the columns of the
+/// boots whose thread did not panic and the IPv6 boot's (release, outcome,
+/// detail).
+fn boot_all(
+    kernels: &[Kernel],
+    bins: &Binaries,
+    cases: &[String],
+    args: &Args,
+) -> (Vec<Column>, Option<(String, Outcome, String)>) {
     // The boots run at the same time: each guest's vCPUs are host
     // threads, and on a shared machine several guests finish sooner than
     // one after the other.
-    let (vm_cols, ipv6) = std::thread::scope(|scope| {
+    std::thread::scope(|scope| {
         let ipv6 = (!args.no_ipv6_boot).then(|| {
             let k = &kernels[0];
-            let bins = &bins;
             scope.spawn(move || {
                 let (o, detail) = ipv6_boot(k, bins, args);
                 say(&format!("ipv6.disable=1 boot: {}", mark(Some(&o))));
@@ -989,7 +1060,6 @@ pub fn run(args: &Args) -> Result<()> {
         let handles: Vec<_> = kernels
             .iter()
             .map(|k| {
-                let (bins, cases) = (&bins, &cases);
                 scope.spawn(move || {
                     let col = vm_column(k, bins, cases, args);
                     say(&format!(
@@ -1008,25 +1078,14 @@ pub fn run(args: &Args) -> Result<()> {
             .collect();
         let cols: Vec<Column> = handles.into_iter().filter_map(|h| h.join().ok()).collect();
         (cols, ipv6.and_then(|h| h.join().ok()))
-    });
-    if vm_cols.len() != kernels.len() {
-        bail!("a boot's thread panicked");
-    }
-    cols.extend(vm_cols);
-    check_interrupted()?;
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"]))?
-        .trim()
-        .to_string();
-    let text = report(&cols, ipv6.as_ref(), &date);
-    let path = vmdir.join("vm-matrix.md");
-    fs::write(&path, &text)?;
-    println!("{text}");
-    say(&format!("report: {}", path.display()));
-    if args.record {
-        record(&text)?;
-    }
+    })
+}
+
+/// One line per failure: a column's error, each case that did not pass,
+/// and the IPv6 boot if it did not pass (with its detail).
+fn failures(cols: &[Column], ipv6: Option<&(String, Outcome, String)>) -> Vec<String> {
     let mut failed = Vec::new();
-    for c in &cols {
+    for c in cols {
         if let Some(e) = &c.error {
             failed.push(format!("{}: {e}", c.title));
         }
@@ -1036,7 +1095,7 @@ pub fn run(args: &Args) -> Result<()> {
             }
         }
     }
-    if let Some((rel, o, d)) = &ipv6 {
+    if let Some((rel, o, d)) = ipv6 {
         if *o != Outcome::Pass {
             failed.push(format!(
                 "{rel} ipv6.disable=1: {IPV6_TEST}: {}\n{d}",
@@ -1044,10 +1103,7 @@ pub fn run(args: &Args) -> Result<()> {
             ));
         }
     }
-    if !failed.is_empty() {
-        bail!("vm-test failed:\n{}", failed.join("\n"));
-    }
-    Ok(())
+    failed
 }
 
 #[cfg(test)]

@@ -840,6 +840,26 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
         systems.iter().filter(|s| s.failed.is_none()).count(),
         STREAMS.len()
     );
+    warm_up(ns, systems, res)?;
+    for rep in 1..=reps {
+        for &place in &plan.placements {
+            for streams in STREAMS {
+                for d in 0..DIRECTIONS.len() {
+                    for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
+                        check_interrupted()?;
+                        thr_run(plan, ns, sys, rep, (place, streams, d), res)?;
+                    }
+                }
+            }
+        }
+    }
+    carrier_cpu_per_gb(systems, &cpu_before, res);
+    Ok(())
+}
+
+/// A 1-s unpinned iperf3 run through each system that has not failed; a
+/// peer that fails it is marked failed, anything else failing is an error.
+fn warm_up(ns: &Netns, systems: &mut [System], res: &mut Results) -> Result<()> {
     for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
         check_interrupted()?;
         match iperf(ns, sys, 1, 1, false, None) {
@@ -848,55 +868,67 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
             Err(e) => return Err(e).with_context(|| format!("warm-up of {}", sys.name)),
         }
     }
-    for rep in 1..=reps {
-        for &place in &plan.placements {
-            let pin = place.affinity(plan.cpus);
-            let pname = place.name();
-            for streams in STREAMS {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    for sys in systems.iter_mut().filter(|s| s.failed.is_none()) {
-                        check_interrupted()?;
-                        let before = CpuTimes::now()?;
-                        let (gbit, bytes) = match iperf(ns, sys, secs, streams, d == 1, pin) {
-                            Ok(r) => r,
-                            Err(e) if sys.is_peer() => {
-                                sys.failed = Some(format!(
-                                    "repetition {rep}, {pname}, {streams} stream(s) {dir}: {e:#}"
-                                ));
-                                continue;
-                            }
-                            Err(e) => {
-                                return Err(e).with_context(|| {
-                                    format!(
-                                        "repetition {rep}, {pname}, {streams} stream(s) {dir}, {}",
-                                        sys.name
-                                    )
-                                })
-                            }
-                        };
-                        let cpu = before.until(&CpuTimes::now()?);
-                        eprintln!(
-                        "bench: rep {rep}/{reps} {pname:8} x{streams} {dir:7} {:11} {gbit:6.2} Gbit/s, CPUs busy {}",
-                        sys.name,
-                        cpu.per_cpu_busy
-                            .iter()
-                            .map(|f| format!("{:.0}%", f * 100.0))
-                            .collect::<Vec<_>>()
-                            .join(" ")
-                    );
-                        res.thr
-                            .entry(sys.name.clone())
-                            .or_default()
-                            .entry((place, streams, d))
-                            .or_default()
-                            .push(ThrRun { gbit, bytes, cpu });
-                        *res.bytes.entry(sys.name.clone()).or_default() += bytes;
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
-                }
-            }
+    Ok(())
+}
+
+/// One iperf3 run of repetition `rep` through `sys` for `key` (placement,
+/// streams, direction), with the machine's CPU use around it, into
+/// `res`; then a short pause. A peer that fails is marked failed (and not
+/// run again), anything else failing is an error.
+fn thr_run(
+    plan: &Plan,
+    ns: &Netns,
+    sys: &mut System,
+    rep: u32,
+    key: ThrKey,
+    res: &mut Results,
+) -> Result<()> {
+    let (place, streams, d) = key;
+    let (reps, secs, dir) = (plan.reps, plan.secs, DIRECTIONS[d]);
+    let pin = place.affinity(plan.cpus);
+    let pname = place.name();
+    let before = CpuTimes::now()?;
+    let (gbit, bytes) = match iperf(ns, sys, secs, streams, d == 1, pin) {
+        Ok(r) => r,
+        Err(e) if sys.is_peer() => {
+            sys.failed = Some(format!(
+                "repetition {rep}, {pname}, {streams} stream(s) {dir}: {e:#}"
+            ));
+            return Ok(());
         }
-    }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "repetition {rep}, {pname}, {streams} stream(s) {dir}, {}",
+                    sys.name
+                )
+            })
+        }
+    };
+    let cpu = before.until(&CpuTimes::now()?);
+    eprintln!(
+        "bench: rep {rep}/{reps} {pname:8} x{streams} {dir:7} {:11} {gbit:6.2} Gbit/s, CPUs busy {}",
+        sys.name,
+        cpu.per_cpu_busy
+            .iter()
+            .map(|f| format!("{:.0}%", f * 100.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    res.thr
+        .entry(sys.name.clone())
+        .or_default()
+        .entry(key)
+        .or_default()
+        .push(ThrRun { gbit, bytes, cpu });
+    *res.bytes.entry(sys.name.clone()).or_default() += bytes;
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(())
+}
+
+/// Each carrier's own CPU seconds (since `cpu_before`) per GB it carried,
+/// into `res.cpu_per_gb`.
+fn carrier_cpu_per_gb(systems: &[System], cpu_before: &BTreeMap<String, f64>, res: &mut Results) {
     for sys in systems.iter() {
         let (Some(pid), Some(before)) = (sys.pid, cpu_before.get(&sys.name)) else {
             continue;
@@ -908,7 +940,6 @@ fn throughput(plan: &Plan, ns: &Netns, systems: &mut [System], res: &mut Results
             }
         }
     }
-    Ok(())
 }
 
 /// Runs a repeated workload: per repetition, key (size, clients) and
@@ -1041,32 +1072,7 @@ fn scale(
                 ));
                 continue;
             }
-            let pid = sys.pid;
-            let r = on_echo(sys, ns, move |addr| async move {
-                let held = load::hold(addr, n, SCALE_PARALLEL).await;
-                // Let the carrier settle (tasks parked, buffers returned).
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                let rss_mib = pid.and_then(|p| sample::rss_mib(p).ok());
-                let fds = pid.and_then(|p| sample::fd_count(p).ok());
-                if let Some(e) = held.error {
-                    bail!(
-                        "{e} (with {} connections open; the carrier held {} descriptors)",
-                        held.streams.len(),
-                        fds.map_or_else(|| "n/a".to_string(), |f| f.to_string())
-                    );
-                }
-                let run = ScaleRun {
-                    conns: held.streams.len(),
-                    open_secs: held.open_secs,
-                    p99_setup_us: load::latency_summary(&held.setup_ns)[1],
-                    rss_mib,
-                    fds,
-                    drained_secs: None,
-                };
-                drop(held.streams);
-                Ok(run)
-            });
-            let mut run = match r {
+            let mut run = match hold_idle(ns, sys, n) {
                 Ok(run) => run,
                 Err(e) => {
                     eprintln!("bench: scale {:11} not run: {e}", sys.name);
@@ -1074,27 +1080,7 @@ fn scale(
                     continue;
                 }
             };
-            if let Some((_, fwd)) = forwarders.iter_mut().find(|(m, _)| *m == sys.name) {
-                let t0 = Instant::now();
-                loop {
-                    let st = fwd.stats()?;
-                    if st["active"] == 0 {
-                        run.drained_secs = Some(t0.elapsed().as_secs_f64());
-                        break;
-                    }
-                    if t0.elapsed() > Duration::from_secs(30) {
-                        cell.failed = Some(format!(
-                            "{} connections still active 30 s after the clients closed",
-                            st["active"]
-                        ));
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            } else {
-                // A peer or direct: give the closes a moment.
-                std::thread::sleep(Duration::from_secs(1));
-            }
+            await_closed(forwarders, sys, &mut run, cell)?;
             eprintln!(
                 "bench: rep {rep}/{} scale {:11} {} connections in {:.2} s, RSS {} MiB, {} fds",
                 plan.scale_reps,
@@ -1106,6 +1092,71 @@ fn scale(
             );
             cell.runs.push(run);
         }
+    }
+    Ok(())
+}
+
+/// Opens `n` idle connections through `sys`, reads the carrier's RSS and
+/// descriptors while they are held (after half a second to settle), then
+/// closes them. Fails with the reason, and the descriptors held, if not
+/// all could be opened.
+fn hold_idle(ns: &Netns, sys: &System, n: usize) -> std::result::Result<ScaleRun, String> {
+    let pid = sys.pid;
+    on_echo(sys, ns, move |addr| async move {
+        let held = load::hold(addr, n, SCALE_PARALLEL).await;
+        // Let the carrier settle (tasks parked, buffers returned).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss_mib = pid.and_then(|p| sample::rss_mib(p).ok());
+        let fds = pid.and_then(|p| sample::fd_count(p).ok());
+        if let Some(e) = held.error {
+            bail!(
+                "{e} (with {} connections open; the carrier held {} descriptors)",
+                held.streams.len(),
+                fds.map_or_else(|| "n/a".to_string(), |f| f.to_string())
+            );
+        }
+        let run = ScaleRun {
+            conns: held.streams.len(),
+            open_secs: held.open_secs,
+            p99_setup_us: load::latency_summary(&held.setup_ns)[1],
+            rss_mib,
+            fds,
+            drained_secs: None,
+        };
+        drop(held.streams);
+        Ok(run)
+    })
+}
+
+/// After the clients closed: a forwarder is polled until it reports no
+/// active connection (the time goes into `run.drained_secs`; still active
+/// after 30 s fails the cell); a peer or direct gets a second.
+fn await_closed(
+    forwarders: &mut [(&'static str, Forwarder)],
+    sys: &System,
+    run: &mut ScaleRun,
+    cell: &mut Cell<ScaleRun>,
+) -> Result<()> {
+    let Some((_, fwd)) = forwarders.iter_mut().find(|(m, _)| *m == sys.name) else {
+        // A peer or direct: give the closes a moment.
+        std::thread::sleep(Duration::from_secs(1));
+        return Ok(());
+    };
+    let t0 = Instant::now();
+    loop {
+        let st = fwd.stats()?;
+        if st["active"] == 0 {
+            run.drained_secs = Some(t0.elapsed().as_secs_f64());
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            cell.failed = Some(format!(
+                "{} connections still active 30 s after the clients closed",
+                st["active"]
+            ));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

@@ -294,9 +294,7 @@ pub const KEPT_MARKER: &str = "<!-- kept by `cargo xtask bench --profile` -->";
 pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
     let mut md = String::new();
     writeln!(md, "# Profile of the ebpf engine\n")?;
-    let mut uname = Command::new("uname");
-    uname.arg("-r");
-    let kernel = crate::util::output(&mut uname).unwrap_or_default();
+    let kernel = crate::util::kernel_release().unwrap_or_default();
     writeln!(
         md,
         "Made by `{}` on {}, kernel {}; `perf record -e cpu-clock -F 999 -g`, \
@@ -306,7 +304,7 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
             .chain(std::env::args().skip(1))
             .collect::<Vec<_>>()
             .join(" "),
-        utc_now(),
+        crate::util::UtcTime::now().to_minute(),
         kernel.trim()
     )?;
     let find = |n: &str| systems.iter().find(|s| s.name == n && s.failed.is_none());
@@ -431,12 +429,4 @@ fn conn_rate(md: &mut String, plan: &Plan, ns: &Netns, pid: u32, ebpf: &System) 
         &rec.report("comm,dso,sym", 1.0, 30)?,
     )?;
     Ok(())
-}
-
-fn utc_now() -> String {
-    let mut date = Command::new("date");
-    date.args(["-u", "+%Y-%m-%d %H:%M UTC"]);
-    crate::util::output(&mut date)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown date".into())
 }

@@ -21,9 +21,9 @@ pub struct Report<'a> {
 
 /// Facts about the machine and the run, read once before rendering.
 pub struct Machine {
-    /// `date -u` when the report was made.
+    /// When the report was made, UTC.
     pub date: String,
-    /// `uname -r`.
+    /// The kernel release (`uname -r`).
     pub kernel: String,
     /// `iperf3 --version`'s first line.
     pub iperf: String,
@@ -37,7 +37,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    /// Reads the date, the kernel, iperf3's version, the CPU count and the
+    /// Reads the date, the kernel release, iperf3's version, the CPU count and the
     /// command line; `load` and `nofile` come from the start of the run.
     pub fn read(load: String, nofile: u64) -> Machine {
         let first_line = |program: &str, args: &[&str]| {
@@ -47,8 +47,11 @@ impl Machine {
                 .unwrap_or_else(|| "unknown".to_string())
         };
         Machine {
-            date: first_line("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]),
-            kernel: first_line("uname", &["-r"]),
+            date: crate::util::UtcTime::now().to_second(),
+            kernel: crate::util::kernel_release()
+                .ok()
+                .and_then(|s| s.lines().next().map(str::to_string))
+                .unwrap_or_else(|| "unknown".to_string()),
             iperf: first_line("iperf3", &["--version"]),
             ncpu: std::thread::available_parallelism().map_or(0, |n| n.get()),
             command: std::iter::once("cargo xtask".to_string())
@@ -796,38 +799,66 @@ impl Report<'_> {
         )?;
         writeln!(md, "|---|---|---|---|---|")?;
         for sys in self.systems {
-            let mut row = format!("| {} |", sys.label);
-            let mut entry = serde_json::Map::new();
-            let have = (0..2).all(|d| !self.gbits(&sys.name, (place, streams, d)).is_empty());
-            if have {
-                for (d, dir) in DIRECTIONS.iter().enumerate() {
-                    let g = self.gbits(&sys.name, (place, streams, d));
-                    let x = self.thr_ratio(&sys.name, "direct", (place, streams, d));
-                    write!(row, " {} | {x:.2} |", spread(&g, 1))?;
-                    let runs = &self.res.thr[&sys.name][&(place, streams, d)];
-                    entry.insert(
-                        dir.to_string(),
-                        json!({"gbit_per_s": g, "median": median(&g), "ratio_to_direct": x,
-                               "runs": runs}),
-                    );
-                }
-            } else {
-                let why = sys.failed.as_deref().unwrap_or("no results");
-                write!(row, " {} | | | |", cell(why))?;
-            }
+            let row = self.render_thr_row(out, sys, place, streams)?;
             writeln!(md, "{row}")?;
-            let sys_out = out
-                .entry(sys.name.clone())
-                .or_insert_with(|| json!({}))
-                .as_object_mut();
-            if let Some(o) = sys_out {
-                let p = o.entry(pname).or_insert_with(|| json!({}));
-                if let Some(p) = p.as_object_mut() {
-                    p.insert(format!("streams_{streams}"), Value::Object(entry));
-                }
+        }
+        let pairs = self.thr_pairs(out, place, streams);
+        if !pairs.is_empty() {
+            writeln!(md, "\nPair by pair: {}.", pairs.join("; "))?;
+        }
+        writeln!(md)?;
+        Ok(())
+    }
+
+    /// One system's row of a throughput table (both directions, or why
+    /// there are none), and its JSON under `out[system][placement]`.
+    fn render_thr_row(
+        &self,
+        out: &mut serde_json::Map<String, Value>,
+        sys: &System,
+        place: Placement,
+        streams: u32,
+    ) -> Result<String> {
+        let mut row = format!("| {} |", sys.label);
+        let mut entry = serde_json::Map::new();
+        let have = (0..2).all(|d| !self.gbits(&sys.name, (place, streams, d)).is_empty());
+        if have {
+            for (d, dir) in DIRECTIONS.iter().enumerate() {
+                let g = self.gbits(&sys.name, (place, streams, d));
+                let x = self.thr_ratio(&sys.name, "direct", (place, streams, d));
+                write!(row, " {} | {x:.2} |", spread(&g, 1))?;
+                let runs = &self.res.thr[&sys.name][&(place, streams, d)];
+                entry.insert(
+                    dir.to_string(),
+                    json!({"gbit_per_s": g, "median": median(&g), "ratio_to_direct": x,
+                           "runs": runs}),
+                );
+            }
+        } else {
+            let why = sys.failed.as_deref().unwrap_or("no results");
+            write!(row, " {} | | | |", cell(why))?;
+        }
+        let sys_out = out
+            .entry(sys.name.clone())
+            .or_insert_with(|| json!({}))
+            .as_object_mut();
+        if let Some(o) = sys_out {
+            let p = o.entry(place.name()).or_insert_with(|| json!({}));
+            if let Some(p) = p.as_object_mut() {
+                p.insert(format!("streams_{streams}"), Value::Object(entry));
             }
         }
-        // ebpf against splice and each peer, and splice against copy.
+        Ok(row)
+    }
+
+    /// ebpf against splice and each peer, and splice against copy: the
+    /// ratios where both ran, as text, and into `out["A_over_B"]`.
+    fn thr_pairs(
+        &self,
+        out: &mut serde_json::Map<String, Value>,
+        place: Placement,
+        streams: u32,
+    ) -> Vec<String> {
         let mut pairs = Vec::new();
         for (a, b) in [
             ("ebpf", "splice"),
@@ -844,7 +875,7 @@ impl Report<'_> {
                     .entry(format!("{a}_over_{b}"))
                     .or_insert_with(|| json!({}));
                 if let Some(o) = pair.as_object_mut() {
-                    let p = o.entry(pname).or_insert_with(|| json!({}));
+                    let p = o.entry(place.name()).or_insert_with(|| json!({}));
                     if let Some(p) = p.as_object_mut() {
                         p.insert(
                             format!("streams_{streams}"),
@@ -854,11 +885,7 @@ impl Report<'_> {
                 }
             }
         }
-        if !pairs.is_empty() {
-            writeln!(md, "\nPair by pair: {}.", pairs.join("; "))?;
-        }
-        writeln!(md)?;
-        Ok(())
+        pairs
     }
 
     fn render_latency(&self, md: &mut String) -> Result<Value> {

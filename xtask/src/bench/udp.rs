@@ -498,6 +498,28 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
         reps: plan.reps,
         ..Default::default()
     };
+    let mut systems = start_systems(plan, ns, bin, &mut res)?;
+    let echoes = probe_systems(&mut systems, &mut res);
+    res.systems = systems.iter().map(|s| s.name.clone()).collect();
+    for size in SIZES {
+        for &rate in &plan.rates {
+            res.rows.push(flood_row(plan, &systems, size, rate)?);
+        }
+        res.rows.push(echo_row(plan, &systems, &echoes, size)?);
+    }
+    drop(systems);
+    Ok(res)
+}
+
+/// Starts the systems to measure: direct (servers in `ns`), the forwarder
+/// (and the one to compare with), and the peers if asked for; a peer that
+/// cannot start is recorded in `res.not_run`.
+fn start_systems(
+    plan: &UdpPlan,
+    ns: &Netns,
+    bin: &Path,
+    res: &mut UdpResults,
+) -> Result<Vec<System>> {
     let mut systems = vec![System {
         name: "direct".into(),
         client_ns: Some(ns.path().display().to_string()),
@@ -521,6 +543,13 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
             Err(e) => res.not_run.push(("pasta".into(), format!("{e:#}"))),
         }
     }
+    Ok(systems)
+}
+
+/// Drops the systems whose sink does not answer (into `res.not_run`),
+/// finds which of the rest echo (the others into `res.no_echo`) and says
+/// both on stderr. Returns, per remaining system, whether it echoes.
+fn probe_systems(systems: &mut Vec<System>, res: &mut UdpResults) -> Vec<bool> {
     systems.retain(|s| match probe_sink(s) {
         Ok(()) => true,
         Err(e) => {
@@ -544,55 +573,59 @@ pub fn measure(plan: &UdpPlan, ns: &Netns, bin: &Path) -> Result<UdpResults> {
     for (name, why) in &res.no_echo {
         eprintln!("bench udp: {name}: no echo runs: {why}");
     }
-    res.systems = systems.iter().map(|s| s.name.clone()).collect();
-    for size in SIZES {
-        for &rate in &plan.rates {
-            let mut runs = vec![Vec::new(); systems.len()];
-            for _ in 0..plan.reps {
-                crate::util::check_interrupted()?;
-                for (k, s) in systems.iter().enumerate() {
-                    let before = s.servers.received.load(Ordering::Relaxed);
-                    let sent = flood(s.client_ns.clone(), s.sink, size, rate, plan.secs)?;
-                    std::thread::sleep(Duration::from_millis(300));
-                    let got = s.servers.received.load(Ordering::Relaxed) - before;
-                    runs[k].push(Sample {
-                        per_s: got as f64 / plan.secs as f64,
-                        sent,
-                        got_or_lost: got,
-                    });
-                }
-            }
-            eprintln!("bench udp: {size} B flood at {rate}/s done");
-            res.rows.push(Row {
-                size,
-                rate: Some(rate),
-                runs,
+    echoes
+}
+
+/// The flood row for one size and offered rate: every repetition floods
+/// each system in turn and counts what its sink received.
+fn flood_row(plan: &UdpPlan, systems: &[System], size: usize, rate: u64) -> Result<Row> {
+    let mut runs = vec![Vec::new(); systems.len()];
+    for _ in 0..plan.reps {
+        crate::util::check_interrupted()?;
+        for (k, s) in systems.iter().enumerate() {
+            let before = s.servers.received.load(Ordering::Relaxed);
+            let sent = flood(s.client_ns.clone(), s.sink, size, rate, plan.secs)?;
+            std::thread::sleep(Duration::from_millis(300));
+            let got = s.servers.received.load(Ordering::Relaxed) - before;
+            runs[k].push(Sample {
+                per_s: got as f64 / plan.secs as f64,
+                sent,
+                got_or_lost: got,
             });
         }
-        let mut runs = vec![Vec::new(); systems.len()];
-        for _ in 0..plan.reps {
-            crate::util::check_interrupted()?;
-            for (k, s) in systems.iter().enumerate() {
-                if !echoes[k] {
-                    continue;
-                }
-                let (r, ok, lost) = echo_rate(s.client_ns.clone(), s.echo, size, plan.secs)?;
-                runs[k].push(Sample {
-                    per_s: r,
-                    sent: ok,
-                    got_or_lost: lost,
-                });
-            }
-        }
-        eprintln!("bench udp: {size} B echo done");
-        res.rows.push(Row {
-            size,
-            rate: None,
-            runs,
-        });
     }
-    drop(systems);
-    Ok(res)
+    eprintln!("bench udp: {size} B flood at {rate}/s done");
+    Ok(Row {
+        size,
+        rate: Some(rate),
+        runs,
+    })
+}
+
+/// The echo row for one size: every repetition runs the echo rate through
+/// each system that echoes (`echoes[k]`).
+fn echo_row(plan: &UdpPlan, systems: &[System], echoes: &[bool], size: usize) -> Result<Row> {
+    let mut runs = vec![Vec::new(); systems.len()];
+    for _ in 0..plan.reps {
+        crate::util::check_interrupted()?;
+        for (k, s) in systems.iter().enumerate() {
+            if !echoes[k] {
+                continue;
+            }
+            let (r, ok, lost) = echo_rate(s.client_ns.clone(), s.echo, size, plan.secs)?;
+            runs[k].push(Sample {
+                per_s: r,
+                sent: ok,
+                got_or_lost: lost,
+            });
+        }
+    }
+    eprintln!("bench udp: {size} B echo done");
+    Ok(Row {
+        size,
+        rate: None,
+        runs,
+    })
 }
 
 impl UdpResults {
@@ -742,13 +775,7 @@ pub fn run(args: &UdpArgs) -> Result<()> {
         md,
         "`cargo xtask {}`, {}\n",
         std::env::args().skip(1).collect::<Vec<_>>().join(" "),
-        String::from_utf8_lossy(
-            &Command::new("date")
-                .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-                .output()?
-                .stdout
-        )
-        .trim()
+        crate::util::UtcTime::now().to_minute()
     );
     res.render(&mut md, "#");
     let _ = writeln!(md, "\n## Targets\n");
