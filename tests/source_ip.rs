@@ -80,7 +80,25 @@ fn pair(privilege: Privilege) -> Pair {
         c,
         &["-6", "route", "add", "default", "via", "2001:db8:1::1"],
     );
+    // IPv6 installs an address's local route only once the link's carrier
+    // is seen up (the kernel's link watch, up to a second after `up`), so
+    // a test's "before" snapshot must wait for it or it races it.
+    wait_local_route(p, CLIENT6);
+    wait_local_route(c, "2001:db8:1::2");
     pair
+}
+
+/// Waits until `addr`'s local route is in `ns`'s IPv6 local table.
+fn wait_local_route(ns: &Netns, addr: &str) {
+    let want = format!("local {addr} ");
+    let deadline = std::time::Instant::now() + forwarder_tests::limit(Duration::from_secs(5));
+    while !ip_out(ns, &["-6", "route", "show", "table", "local"]).contains(&want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no local route for {addr} after 5 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// The child's routing state: rules, every table's routes, and the

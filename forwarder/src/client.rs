@@ -260,6 +260,19 @@ pub async fn status(socket: &Path) -> Result<()> {
     }
     // The total also counts ports removed since the start.
     row("total", "(incl. removed ports)", &st.total);
+    print_udp(&st);
+    let b = st.total.bytes_by_path;
+    println!(
+        "bytes by path: bpf {}, splice {}, copy {}",
+        human(b.bpf),
+        human(b.splice),
+        human(b.copy)
+    );
+    Ok(())
+}
+
+/// `forwarder status`'s UDP table and drop counts, for UDP ports only.
+fn print_udp(st: &Stats) {
     let udp: Vec<_> = st
         .ports
         .iter()
@@ -311,14 +324,6 @@ pub async fn status(socket: &Path) -> Result<()> {
             );
         }
     }
-    let b = st.total.bytes_by_path;
-    println!(
-        "bytes by path: bpf {}, splice {}, copy {}",
-        human(b.bpf),
-        human(b.splice),
-        human(b.copy)
-    );
-    Ok(())
 }
 
 #[cfg(test)]

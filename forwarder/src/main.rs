@@ -323,36 +323,7 @@ fn main() -> ExitCode {
             socket,
             fd,
             source_ip,
-        } => {
-            // Before any thread exists: the agent keeps no capability (it
-            // may hold all of them in the container's user namespace), but
-            // CAP_NET_ADMIN and CAP_NET_RAW while it preserves source
-            // addresses.
-            let routing = if source_ip {
-                match forwarder::srcip::probe().and_then(|()| forwarder::srcip::Routing::install())
-                {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::warn!("source address preservation is off in this child: {e}");
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            let keep: &[caps::Capability] = if routing.is_some() {
-                &[
-                    caps::Capability::CAP_NET_ADMIN,
-                    caps::Capability::CAP_NET_RAW,
-                ]
-            } else {
-                &[]
-            };
-            match sys::drop_thread_capabilities(keep) {
-                Ok(()) => with_runtime(agent::run(fd, socket.as_deref(), routing)),
-                Err(e) => Err(anyhow::anyhow!("cannot drop capabilities: {e}")),
-            }
-        }
+        } => child_agent(fd, socket.as_deref(), source_ip),
         Command::Status { api_socket } => with_runtime(client::status(&api_socket)),
         Command::Check { json } => kernel::check(json),
         Command::AttachDocker(a) => attach_docker(a),
@@ -373,6 +344,36 @@ fn main() -> ExitCode {
             eprintln!("forwarder: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `forwarder child-agent`: the dial agent inside the child's namespaces.
+fn child_agent(fd: Option<i32>, socket: Option<&std::path::Path>, source_ip: bool) -> Result<()> {
+    // Before any thread exists: the agent keeps no capability (it may hold
+    // all of them in the container's user namespace), but CAP_NET_ADMIN
+    // and CAP_NET_RAW while it preserves source addresses.
+    let routing = if source_ip {
+        match forwarder::srcip::probe().and_then(|()| forwarder::srcip::Routing::install()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!("source address preservation is off in this child: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let keep: &[caps::Capability] = if routing.is_some() {
+        &[
+            caps::Capability::CAP_NET_ADMIN,
+            caps::Capability::CAP_NET_RAW,
+        ]
+    } else {
+        &[]
+    };
+    match sys::drop_thread_capabilities(keep) {
+        Ok(()) => with_runtime(agent::run(fd, socket, routing)),
+        Err(e) => Err(anyhow::anyhow!("cannot drop capabilities: {e}")),
     }
 }
 

@@ -589,6 +589,19 @@ async fn dispatch_events(inner: Arc<Inner>) {
     }
 }
 
+/// What a pass over one direction looks at.
+struct Pass<'a> {
+    socks: &'a [std::net::TcpStream; 2],
+    /// Side i's cookie (its verdict counters).
+    cookie_i: u64,
+    /// Side j's send queue at handoff.
+    base_j: u64,
+    /// The direction's source side.
+    i: usize,
+    /// Side i has received a FIN.
+    fin_received: bool,
+}
+
 enum Outcome {
     Closed,
     /// A peer's reset or error, or the forwarder stopping.
@@ -608,23 +621,7 @@ impl Inner {
             (Ok(a), Ok(b)) => [a, b],
             _ => return, // deregistration failed: the sockets are closed
         };
-        let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
-        let handoff = (|| -> io::Result<([u64; 2], [u64; 2])> {
-            let cookies = [
-                sys::socket_cookie(socks[0].as_fd())?,
-                sys::socket_cookie(socks[1].as_fd())?,
-            ];
-            let base = [
-                sys::tcp_counters(socks[0].as_fd())?.queued(),
-                sys::tcp_counters(socks[1].as_fd())?.queued(),
-            ];
-            for s in &socks {
-                sys::set_window_clamp(s.as_fd(), WINDOW_CAP)?;
-            }
-            self.maps.insert(cookies, fds, port.id)?;
-            Ok((cookies, base))
-        })();
-        let (cookies, base) = match handoff {
+        let (cookies, base) = match self.hand_off(&socks, port.id) {
             Ok(x) => x,
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                 // A side already saw FIN (CLOSE_WAIT): the kernel admits only
@@ -692,6 +689,29 @@ impl Inner {
         drop(guard);
     }
 
+    /// Handoff: caps both windows and puts the pair into the maps. Returns
+    /// the cookies and each side's send queue (acked + unacked) now.
+    fn hand_off(
+        &self,
+        socks: &[std::net::TcpStream; 2],
+        port_id: u32,
+    ) -> io::Result<([u64; 2], [u64; 2])> {
+        let cookies = [
+            sys::socket_cookie(socks[0].as_fd())?,
+            sys::socket_cookie(socks[1].as_fd())?,
+        ];
+        let base = [
+            sys::tcp_counters(socks[0].as_fd())?.queued(),
+            sys::tcp_counters(socks[1].as_fd())?.queued(),
+        ];
+        for s in socks {
+            sys::set_window_clamp(s.as_fd(), WINDOW_CAP)?;
+        }
+        let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
+        self.maps.insert(cookies, fds, port_id)?;
+        Ok((cookies, base))
+    }
+
     /// Hands a connection the maps cannot take to the splice engine.
     fn fall_back(&self, socks: [std::net::TcpStream; 2], guard: crate::stats::ConnGuard) {
         let [a, b] = socks;
@@ -756,64 +776,20 @@ impl Inner {
             }
             let mut poll_again = false;
             for i in 0..2 {
-                let j = 1 - i;
                 if dirs[i].is_done() {
                     continue;
                 }
-                let mut observed = match self.observe(socks, cookies[i], base[j], i, st[i].rdhup) {
-                    Ok(o) => o,
-                    Err(why) => return Outcome::Reset(why),
+                let pass = Pass {
+                    socks,
+                    cookie_i: cookies[i],
+                    base_j: base[1 - i],
+                    i,
+                    fin_received: st[i].rdhup,
                 };
-                let backlog = observed.backlog();
-                // Keep the engine-wide total current.
-                if backlog > reported[i] {
-                    self.backlog_total.fetch_add(backlog - reported[i], Relaxed);
-                } else {
-                    self.backlog_total.fetch_sub(reported[i] - backlog, Relaxed);
+                match self.pass(&pass, &mut dirs[i], &mut reported[i]) {
+                    Ok(again) => poll_again |= again,
+                    Err(outcome) => return outcome,
                 }
-                reported[i] = backlog;
-                observed.engine_total = self.backlog_total.load(Relaxed);
-                tracing::trace!(side = i, ?observed, "observed");
-                let step = dirs[i].step(&observed, Instant::now(), &LIMITS);
-                match step.window {
-                    Window::Keep => {}
-                    Window::Clamp => {
-                        if sys::set_window_clamp(fd(i), CLAMPS.throttle).is_ok() {
-                            tracing::trace!(side = i, "throttling the sender");
-                            dirs[i].clamped();
-                        }
-                    }
-                    Window::Release => {
-                        tracing::trace!(side = i, "releasing the sender");
-                        let _ = sys::set_window_clamp(fd(i), CLAMPS.cap);
-                    }
-                }
-                // Autotuning may have raised the clamp since the last pass.
-                if !observed.fin_received {
-                    if let Some(c) = sys::window_clamp(fd(i)).ok().and_then(|cur| {
-                        handoff::clamp_to_enforce(cur, dirs[i].is_throttled(), &CLAMPS)
-                    }) {
-                        tracing::trace!(
-                            side = i,
-                            clamp = c,
-                            "re-applying the receive window clamp"
-                        );
-                        let _ = sys::set_window_clamp(fd(i), c);
-                    }
-                }
-                match step.end {
-                    End::Open => {}
-                    End::SendFin => {
-                        if let Err(e) = sys::shutdown_write(fd(j)) {
-                            return Outcome::Reset(format!("shutdown side {j}: {e}"));
-                        }
-                        dirs[i].fin_sent();
-                    }
-                    End::Reset(why) => {
-                        return Outcome::Broken(format!("direction {i}->{j}: {why}"))
-                    }
-                }
-                poll_again |= step.poll_again;
             }
             if dirs.iter().all(Direction::is_done) {
                 return Outcome::Closed;
@@ -822,11 +798,8 @@ impl Inner {
             // holds a share of the engine-wide total, look again soon so the
             // total does not keep a stale share.
             let holding = reported.iter().any(|&b| b > 0);
-            match pacing.next(
-                poll_again,
-                dirs.iter().any(Direction::is_throttled),
-                holding,
-            ) {
+            let throttled = dirs.iter().any(Direction::is_throttled);
+            match pacing.next(poll_again, throttled, holding) {
                 Wait::Yield => tokio::task::yield_now().await,
                 Wait::Sleep(d) => {
                     tokio::select! {
@@ -837,6 +810,61 @@ impl Inner {
                 Wait::Park => notify.notified().await,
             }
         }
+    }
+
+    /// One pass over direction i -> j: observe, keep the engine-wide
+    /// backlog total current (`reported` is this direction's share of it),
+    /// decide ([`Direction::step`]) and carry the decision out. Returns
+    /// whether to look again soon, or how the connection ends.
+    fn pass(&self, p: &Pass<'_>, dir: &mut Direction, reported: &mut u64) -> Result<bool, Outcome> {
+        let (i, j) = (p.i, 1 - p.i);
+        let fd = |k: usize| -> BorrowedFd<'_> { p.socks[k].as_fd() };
+        let mut observed = self
+            .observe(p.socks, p.cookie_i, p.base_j, i, p.fin_received)
+            .map_err(Outcome::Reset)?;
+        let backlog = observed.backlog();
+        if backlog > *reported {
+            self.backlog_total.fetch_add(backlog - *reported, Relaxed);
+        } else {
+            self.backlog_total.fetch_sub(*reported - backlog, Relaxed);
+        }
+        *reported = backlog;
+        observed.engine_total = self.backlog_total.load(Relaxed);
+        tracing::trace!(side = i, ?observed, "observed");
+        let step = dir.step(&observed, Instant::now(), &LIMITS);
+        match step.window {
+            Window::Keep => {}
+            Window::Clamp => {
+                if sys::set_window_clamp(fd(i), CLAMPS.throttle).is_ok() {
+                    tracing::trace!(side = i, "throttling the sender");
+                    dir.clamped();
+                }
+            }
+            Window::Release => {
+                tracing::trace!(side = i, "releasing the sender");
+                let _ = sys::set_window_clamp(fd(i), CLAMPS.cap);
+            }
+        }
+        // Autotuning may have raised the clamp since the last pass.
+        if !observed.fin_received {
+            if let Some(c) = sys::window_clamp(fd(i))
+                .ok()
+                .and_then(|cur| handoff::clamp_to_enforce(cur, dir.is_throttled(), &CLAMPS))
+            {
+                tracing::trace!(side = i, clamp = c, "re-applying the receive window clamp");
+                let _ = sys::set_window_clamp(fd(i), c);
+            }
+        }
+        match step.end {
+            End::Open => {}
+            End::SendFin => {
+                sys::shutdown_write(fd(j))
+                    .map_err(|e| Outcome::Reset(format!("shutdown side {j}: {e}")))?;
+                dir.fin_sent();
+            }
+            End::Reset(why) => return Err(Outcome::Broken(format!("direction {i}->{j}: {why}"))),
+        }
+        Ok(step.poll_again)
     }
 
     /// Reads what [`Direction::step`] needs about direction i -> j: the
