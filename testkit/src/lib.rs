@@ -8,7 +8,8 @@
 //! - [`bpf`]: the BPF maps a process holds and their entries, read from
 //!   the kernel directly;
 //! - [`process`]: child processes stopped by PID when dropped, pipes read
-//!   line by line, a running forwarder read through its stdout events;
+//!   line by line, and [`process::Forwarder`], the one way both run a
+//!   forwarder: its stdout events, its whole log, signals, stopping;
 //! - [`decode_event`]: the forwarder's stdout lines, read with its own wire
 //!   types.
 //!

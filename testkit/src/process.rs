@@ -1,8 +1,9 @@
 //! Processes a run starts: child processes stopped (by PID) when dropped,
 //! pipes read line by line, and a running forwarder read through its
-//! JSON-lines stdout.
+//! JSON-lines stdout with its log (stderr) kept whole. `xtask` starts one
+//! with [`Forwarder::start`]; the suite's harness prepares its own command
+//! (namespace, test user, limits) and hands it to [`Forwarder::spawn`].
 
-use std::collections::VecDeque;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt as _;
@@ -72,11 +73,15 @@ impl Proc {
             .with_context(|| format!("{} was already stopped", self.name))
     }
 
-    /// Sends a signal to it, by PID.
-    pub fn signal(&self, sig: libc::c_int) -> Result<()> {
+    /// Sends a signal to it, by PID; refused once it has exited (its PID
+    /// may then be reused), which this checks first.
+    pub fn signal(&mut self, sig: libc::c_int) -> Result<()> {
         let pid = self
             .pid()
             .with_context(|| format!("{} was already stopped", self.name))?;
+        if let Some(st) = self.try_wait()? {
+            bail!("{} (PID {pid}) has already exited ({st})", self.name);
+        }
         let pid = libc::pid_t::try_from(pid).context("PID out of range")?;
         // SAFETY: plain kill(2) on our own, not yet reaped, child.
         if unsafe { libc::kill(pid, sig) } != 0 {
@@ -96,8 +101,12 @@ impl Proc {
     }
 
     /// Sends `sig` and waits up to `limit` for it to exit; kills it after
-    /// that (and says so).
+    /// that (and says so). If it has already exited, returns that status.
     pub fn stop(&mut self, sig: libc::c_int, limit: Duration) -> Result<ExitStatus> {
+        if let Some(st) = self.try_wait()? {
+            self.child = None;
+            return Ok(st);
+        }
         self.signal(sig)?;
         let deadline = Instant::now() + limit;
         loop {
@@ -121,13 +130,20 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// Kills it (SIGKILL, by PID) and reaps it, if it is still ours.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             // Child::kill is kill(pid, SIGKILL) on this child only.
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -148,12 +164,23 @@ pub fn lines<R: Read + Send + 'static>(r: R) -> Receiver<String> {
 /// How long a forwarder may take to report `ready`.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A running `forwarder run ...`, its stdout read as JSON lines.
+/// How many of its last log lines [`Forwarder::start`]'s error messages
+/// quote.
+const LOG_TAIL: usize = 30;
+
+/// A running `forwarder run ...`, its stdout read as JSON lines and, when
+/// its stderr is piped, the whole of its log kept.
 pub struct Forwarder {
     proc: Proc,
+    pid: u32,
     events: Receiver<String>,
-    /// The last lines of its stderr, when not inherited.
-    log: Option<Arc<Mutex<VecDeque<String>>>>,
+    /// Its stderr, whole, when piped (empty when inherited).
+    log: Arc<Mutex<String>>,
+    /// Disconnects when the log reader reaches the end of the pipe.
+    log_eof: Option<Receiver<()>>,
+    /// How many of the log's last lines error messages quote (`None`:
+    /// all of it).
+    log_tail: Option<usize>,
     /// The `{"event":"ready",...}` line.
     pub ready: serde_json::Value,
     name: String,
@@ -161,48 +188,69 @@ pub struct Forwarder {
 
 impl Forwarder {
     /// Starts `BIN run ARGS...` in this namespace and waits for its ready
-    /// line. With `quiet`, its log (stderr) is kept and shown only if it
-    /// fails; otherwise it goes to our stderr.
+    /// line. With `quiet`, its log (stderr) is kept and its last lines are
+    /// shown only if it fails; otherwise it goes to our stderr. It gets
+    /// SIGTERM if we die.
     pub fn start(bin: &Path, args: &[String], quiet: bool, name: &str) -> Result<Self> {
         let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(if quiet {
-                Stdio::piped()
-            } else {
-                Stdio::inherit()
-            });
+        cmd.arg("run").args(args).stderr(if quiet {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
         die_with_parent(&mut cmd, libc::SIGTERM);
-        let mut proc = Proc::spawn(&mut cmd, name)?;
+        Self::spawn(&mut cmd, name, READY_TIMEOUT, Some(LOG_TAIL))
+    }
+
+    /// Spawns a prepared command (the caller chooses the program, its
+    /// arguments and what runs before exec: a namespace, a user, limits)
+    /// and waits up to `ready_timeout` for its ready line. Its stdin is
+    /// /dev/null and its stdout is read here; if the caller piped its
+    /// stderr (`Stdio::piped()`), the whole of it is kept
+    /// ([`Forwarder::stderr`]). Error messages quote the last `log_tail`
+    /// lines of that log, or all of it with `None`.
+    pub fn spawn(
+        cmd: &mut Command,
+        name: &str,
+        ready_timeout: Duration,
+        log_tail: Option<usize>,
+    ) -> Result<Self> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        let mut proc = Proc::spawn(cmd, name)?;
+        let pid = proc.pid().context("the forwarder's PID")?;
         let child = proc.child()?;
         let stdout = child.stdout.take().context("the forwarder's stdout")?;
-        let log = child.stderr.take().map(|stderr| {
-            let log = Arc::new(Mutex::new(VecDeque::new()));
-            let keep = Arc::clone(&log);
+        let log = Arc::new(Mutex::new(String::new()));
+        let log_eof = child.stderr.take().map(|mut stderr| {
+            let sink = Arc::clone(&log);
+            let (eof, log_eof) = mpsc::channel::<()>();
             std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if let Ok(mut l) = keep.lock() {
-                        if l.len() == 30 {
-                            l.pop_front();
-                        }
-                        l.push_back(line);
+                let _eof = eof;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stderr.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    if let Ok(mut s) = sink.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
                     }
                 }
             });
-            log
+            log_eof
         });
         let mut fwd = Forwarder {
             proc,
+            pid,
             events: lines(stdout),
             log,
+            log_eof,
+            log_tail,
             ready: serde_json::Value::Null,
             name: name.to_string(),
         };
         fwd.ready = fwd
-            .event("ready", READY_TIMEOUT)
-            .with_context(|| format!("starting {name} (`{}`)", show(&cmd)))?;
+            .event("ready", ready_timeout)
+            .with_context(|| format!("starting {name} (`{}`)", show(cmd)))?;
         Ok(fwd)
     }
 
@@ -211,20 +259,61 @@ impl Forwarder {
         self.ready["engine"].as_str().unwrap_or("?")
     }
 
-    /// Its PID.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.pid()
+    /// Its PID (also after it has exited).
+    pub fn pid(&self) -> u32 {
+        self.pid
     }
 
-    /// Its stderr's last lines, for error messages.
-    fn log_tail(&self) -> String {
-        match self.log.as_ref().and_then(|l| l.lock().ok()) {
-            Some(l) if !l.is_empty() => format!(
-                "\nits last log lines:\n  {}",
-                l.iter().cloned().collect::<Vec<_>>().join("\n  ")
-            ),
-            _ => String::new(),
+    /// What it has written to stderr so far (empty unless piped).
+    pub fn stderr(&self) -> String {
+        self.log.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// A handle on its stderr that outlives [`Forwarder::stop`] (the
+    /// reader thread keeps appending until the pipe closes).
+    pub fn stderr_handle(&self) -> Arc<Mutex<String>> {
+        Arc::clone(&self.log)
+    }
+
+    /// Waits up to `limit` for `needle` to appear on its stderr (read by a
+    /// background thread, so a line logged before an event on stdout may
+    /// reach us after it). Returns stderr as it is then.
+    pub fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let err = self.stderr();
+            if err.contains(needle) || Instant::now() > deadline {
+                return err;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits up to `limit` for its log to reach the end of the pipe (once
+    /// it has exited, so that the last lines are read).
+    fn wait_log_eof(&self, limit: Duration) {
+        if let Some(eof) = &self.log_eof {
+            let _ = eof.recv_timeout(limit);
+        }
+    }
+
+    /// Its log for error messages: the last `log_tail` lines, or all.
+    fn log_for_errors(&self) -> String {
+        let log = self.stderr();
+        let lines: Vec<&str> = log.lines().collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        let from = match self.log_tail {
+            Some(n) => lines.len().saturating_sub(n),
+            None => 0,
+        };
+        let what = if from == 0 {
+            "its log (stderr)"
+        } else {
+            "its last log lines"
+        };
+        format!("\n{what}:\n  {}", lines[from..].join("\n  "))
     }
 
     /// Waits for the next stdout line whose `event` is `name`.
@@ -244,12 +333,14 @@ impl Forwarder {
                     bail!(
                         "{} wrote no {name:?} event within {limit:?}{}",
                         self.name,
-                        self.log_tail()
+                        self.log_for_errors()
                     );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    // Give it a moment to be reapable, for the status.
+                    // Give it a moment to be reapable, for the status,
+                    // and its log to be read to the end.
                     std::thread::sleep(Duration::from_millis(100));
+                    self.wait_log_eof(Duration::from_secs(1));
                     let status = match self.proc.try_wait()? {
                         Some(st) => format!("exited ({st})"),
                         None => "closed its stdout".to_string(),
@@ -257,28 +348,73 @@ impl Forwarder {
                     bail!(
                         "{} {status} before its {name:?} event{}",
                         self.name,
-                        self.log_tail()
+                        self.log_for_errors()
                     );
                 }
             }
         }
     }
 
-    /// Sends SIGUSR1 and returns the stats line it answers with.
+    /// Sends SIGUSR1 and returns the stats line it answers with (waiting
+    /// up to 10 s).
     pub fn stats(&mut self) -> Result<serde_json::Value> {
+        self.stats_within(Duration::from_secs(10))
+    }
+
+    /// Sends SIGUSR1 and waits up to `limit` for the stats line.
+    pub fn stats_within(&mut self, limit: Duration) -> Result<serde_json::Value> {
         self.proc.signal(libc::SIGUSR1)?;
-        self.event("stats", Duration::from_secs(10))
+        self.event("stats", limit)
+    }
+
+    /// Sends it a signal, by PID (refused once it has exited).
+    pub fn signal(&mut self, sig: libc::c_int) -> Result<()> {
+        self.proc.signal(sig)
+    }
+
+    /// Its exit status, if it has exited (by itself or a signal).
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
+        self.proc.try_wait()
+    }
+
+    /// Waits up to `limit` for it to exit by itself; `None` if it has not.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.try_wait()? {
+                return Ok(Some(st));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills it outright (SIGKILL, by PID) and reaps it, if still running.
+    pub fn kill(&mut self) {
+        self.proc.kill();
     }
 
     /// Stops it with SIGTERM; fails unless it exits 0 within 10 s. Returns
-    /// the stats line it writes on the way out, if any.
-    pub fn stop(mut self) -> Result<Option<serde_json::Value>> {
-        let status = self.proc.stop(libc::SIGTERM, Duration::from_secs(10))?;
+    /// the last stats line it wrote on the way out, if any.
+    pub fn stop(self) -> Result<Option<serde_json::Value>> {
+        self.stop_within(Duration::from_secs(10))
+    }
+
+    /// Like [`Forwarder::stop`], waiting up to `limit` for the exit (then
+    /// killing it and failing).
+    pub fn stop_within(mut self, limit: Duration) -> Result<Option<serde_json::Value>> {
+        let status = self
+            .proc
+            .stop(libc::SIGTERM, limit)
+            .map_err(|e| anyhow!("{e:#}{}", self.log_for_errors()))?;
+        self.wait_log_eof(Duration::from_millis(500));
         if !status.success() {
             return Err(anyhow!(
                 "{} exited with {status} after SIGTERM{}",
                 self.name,
-                self.log_tail()
+                self.log_for_errors()
             ));
         }
         let mut last = None;
@@ -299,5 +435,49 @@ impl Drop for Forwarder {
         if self.proc.pid().is_some() {
             let _ = self.proc.stop(libc::SIGTERM, Duration::from_secs(3));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A "forwarder" that logs 40 numbered lines and exits before its
+    /// ready line.
+    fn failing() -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args([
+            "-c",
+            "i=1; while [ $i -le 40 ]; do echo \"log line $i.\" >&2; i=$((i+1)); done; exit 3",
+        ])
+        .stderr(Stdio::piped());
+        cmd
+    }
+
+    #[test]
+    fn errors_quote_the_log_tail() {
+        let Err(e) = Forwarder::spawn(&mut failing(), "fake", Duration::from_secs(10), Some(30))
+        else {
+            panic!("a process without a ready line started");
+        };
+        let e = format!("{e:#}");
+        assert!(e.contains("exited (exit status: 3)"), "{e}");
+        assert!(
+            e.contains("log line 11.") && e.contains("log line 40."),
+            "{e}"
+        );
+        assert!(!e.contains("log line 10."), "{e}");
+    }
+
+    #[test]
+    fn errors_quote_the_whole_log() {
+        let Err(e) = Forwarder::spawn(&mut failing(), "fake", Duration::from_secs(10), None) else {
+            panic!("a process without a ready line started");
+        };
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("log line 1.") && e.contains("log line 40."),
+            "{e}"
+        );
     }
 }

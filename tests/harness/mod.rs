@@ -12,14 +12,14 @@ pub mod soak;
 pub mod udp;
 
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use forwarder_testkit::process::Forwarder;
 use forwarder_testkit::procfs;
 pub use forwarder_testkit::procfs::{thread_caps, ThreadCaps, CAP_NET_BIND_SERVICE};
 pub use forwarder_testkit::{
@@ -87,12 +87,14 @@ pub fn decode_event(line: &str) -> Result<Value, String> {
     forwarder_testkit::decode_event(line).map_err(|e| format!("{e:#}"))
 }
 
-/// A running forwarder, started inside a namespace.
+/// A running forwarder, started inside a namespace: the test kit's
+/// [`Forwarder`] (events, the whole stderr, signals, stopping) with the
+/// suite's checks on top: descriptors and BPF maps left behind, the
+/// capabilities its threads and dial agents hold.
 pub struct Fwd {
-    child: Option<Child>,
+    /// `None` once stopped.
+    inner: Option<Forwarder>,
     pub pid: u32,
-    events: mpsc::Receiver<String>,
-    stderr: Arc<Mutex<String>>,
     pub ready: Value,
     base_fds: usize,
 }
@@ -142,10 +144,7 @@ impl Fwd {
         let nsfile = File::open(ns.path()).expect("open netns");
         let nsfd = nsfile.as_raw_fd();
         let mut cmd = Command::new(forwarder_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args(args).stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -167,106 +166,61 @@ impl Fwd {
                 Ok(())
             });
         }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {}: {e}", forwarder_bin().display()));
+        // Failures quote the whole stderr: the cases search it.
+        let inner = Forwarder::spawn(
+            &mut cmd,
+            "the forwarder",
+            limit(Duration::from_secs(20)),
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e:#}"));
         drop(nsfile);
-        let pid = child.id();
-        let rx = forwarder_testkit::process::lines(child.stdout.take().expect("stdout"));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err_pipe = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err_pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                }
-            }
-        });
         let mut f = Fwd {
-            child: Some(child),
-            pid,
-            events: rx,
-            stderr,
-            ready: Value::Null,
+            pid: inner.pid(),
+            ready: inner.ready.clone(),
+            inner: Some(inner),
             base_fds: 0,
         };
-        f.ready = f.event("ready", limit(Duration::from_secs(20)));
         f.base_fds = f.fd_count();
         f
     }
 
+    /// The test kit's forwarder; it is there until [`Fwd::stop`] takes it.
+    fn inner(&self) -> &Forwarder {
+        self.inner.as_ref().expect("the forwarder was stopped")
+    }
+
+    fn inner_mut(&mut self) -> &mut Forwarder {
+        self.inner.as_mut().expect("the forwarder was stopped")
+    }
+
     /// Waits up to `timeout` for the forwarder to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut()?;
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                return Some(st);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.inner_mut()
+            .wait_exit(timeout)
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// A handle on the forwarder's stderr that outlives [`Fwd::stop`].
     pub fn stderr_handle(&self) -> Arc<Mutex<String>> {
-        self.stderr.clone()
+        self.inner().stderr_handle()
     }
 
     /// What the forwarder has written to stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+        self.inner().stderr()
     }
 
     /// Waits up to `timeout` for `needle` to appear on stderr (read by a
     /// background thread, so a line logged before an event on stdout may
     /// reach us after it). Returns stderr as it is then.
     pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let err = self.stderr();
-            if err.contains(needle) || Instant::now() > deadline {
-                return err;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.inner().wait_stderr(needle, timeout)
     }
 
     /// The hash and socket maps the forwarder holds, counted by the kernel.
     pub fn bpf_maps(&self) -> Vec<bpf::MapInfo> {
         bpf::map_entries(self.pid)
-    }
-
-    fn event(&mut self, name: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.events.recv_timeout(left) {
-                Ok(line) => match decode_event(&line) {
-                    Ok(v) if v["event"] == name => return v,
-                    Ok(_) => continue,
-                    Err(e) => panic!("{e}"),
-                },
-                Err(_) => {
-                    let status = self
-                        .child
-                        .as_mut()
-                        .and_then(|c| c.try_wait().ok().flatten());
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "no {name:?} event from the forwarder (exit status {status:?}); stderr:\n{}",
-                        self.stderr()
-                    );
-                }
-            }
-        }
     }
 
     /// The engine the forwarder runs.
@@ -279,9 +233,9 @@ impl Fwd {
 
     /// Asks for a stats line (SIGUSR1).
     pub fn stats(&mut self) -> Value {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid as i32, libc::SIGUSR1) };
-        self.event("stats", limit(Duration::from_secs(30)))
+        self.inner_mut()
+            .stats_within(limit(Duration::from_secs(30)))
+            .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
     /// Open descriptors of the forwarder.
@@ -398,29 +352,18 @@ impl Fwd {
     /// it exits (nothing pinned or left attached).
     pub fn stop(mut self) -> Value {
         let map_ids: Vec<u32> = self.bpf_maps().iter().map(|m| m.id).collect();
-        let mut child = self.child.take().expect("running");
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + limit(Duration::from_secs(10));
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                break st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
+        let inner = self.inner.take().expect("running");
+        let stderr = inner.stderr_handle();
+        let stderr = move || stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let stats = inner
+            .stop_within(limit(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap_or_else(|| {
                 panic!(
-                    "forwarder did not exit within 10 s of SIGTERM; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert!(
-            status.success(),
-            "forwarder exited with {status}; stderr:\n{}",
-            self.stderr()
-        );
-        let stats = self.event("stats", limit(Duration::from_secs(10)));
+                    "no \"stats\" event from the forwarder as it stopped; stderr:\n{}",
+                    stderr()
+                )
+            });
         let deadline = Instant::now() + limit(Duration::from_secs(5));
         loop {
             let left: Vec<u32> = map_ids
@@ -434,7 +377,7 @@ impl Fwd {
             assert!(
                 Instant::now() < deadline,
                 "BPF maps {left:?} outlived the forwarder by 5 s; stderr:\n{}",
-                self.stderr()
+                stderr()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -443,10 +386,10 @@ impl Fwd {
 }
 
 impl Drop for Fwd {
+    /// A case that fails (or is done with it) kills the forwarder outright.
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(f) = self.inner.as_mut() {
+            f.kill();
         }
     }
 }

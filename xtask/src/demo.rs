@@ -201,7 +201,7 @@ fn start_forwarder(bin: &Path, ns: &Netns) -> Result<Forwarder> {
     let fwd = Forwarder::start(bin, &args, false, "the forwarder")?;
     println!(
         "forwarder ready (PID {}): engine {} ({}), listening on {}",
-        fwd.pid().unwrap_or(0),
+        fwd.pid(),
         fwd.engine(),
         fwd.ready["reason"].as_str().unwrap_or("no reason given"),
         fwd.ready["listeners"]

@@ -120,7 +120,7 @@ fn start_forwarder(
         label,
         iperf_port: Some(port),
         echo_port: Some(eport),
-        pid: fwd.pid(),
+        pid: Some(fwd.pid()),
         failed: None,
     };
     Ok((sys, fwd))
