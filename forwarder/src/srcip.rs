@@ -35,7 +35,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Mutex;
 
 use netlink_packet_core::{
@@ -437,20 +437,7 @@ pub fn bind_transparent(fd: BorrowedFd<'_>, source: SocketAddr, mark: bool) -> i
     if source.is_ipv4() {
         s.set_ip_transparent_v4(true)?;
     } else {
-        let one: libc::c_int = 1;
-        // SAFETY: a valid descriptor and an int option of the right size.
-        let r = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_IPV6,
-                libc::IPV6_TRANSPARENT,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        crate::sys::set_ipv6_transparent(fd)?;
     }
     s.set_reuse_address(true)?;
     if mark {

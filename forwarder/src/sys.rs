@@ -152,6 +152,12 @@ pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
     )
 }
 
+/// Lets an IPv6 socket bind a non-local address (`IPV6_TRANSPARENT`,
+/// CAP_NET_ADMIN or CAP_NET_RAW; socket2 has only the IPv4 option).
+pub fn set_ipv6_transparent(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1 as libc::c_int)
+}
+
 /// Disables Nagle's algorithm: a relay must not add its own delay.
 pub fn set_nodelay(fd: BorrowedFd<'_>) -> io::Result<()> {
     SockRef::from(&fd).set_tcp_nodelay(true)
