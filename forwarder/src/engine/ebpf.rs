@@ -79,6 +79,16 @@
 //! target's send buffer) made it slower, and pausing the verdict instead
 //! (out of FWD_SOCKS, back in with SO_RCVLOWAT) helped 30-50% but stays
 //! below splice and cannot resume a socket that got its FIN while paused.
+//! The throttle itself costs about 200 ms each time it engages: on
+//! loopback only a clamp below one MSS stops the sender (a larger one is
+//! re-opened by every acknowledgement), the sender then waits for its own
+//! zero-window probe (RTO-based, at least 200 ms), and raising the clamp
+//! sends no window update (Linux announces a reopened window only when
+//! data is consumed or a segment arrives). No kick from userspace
+//! (TCP_QUICKACK, SO_RCVLOWAT, a peek) sends one. A far bigger target send
+//! buffer (SO_SNDBUFFORCE) keeps the backlog below the throttle and helped
+//! most (about 4x unpinned), still below splice, but it needs
+//! CAP_NET_ADMIN after start-up, which no thread keeps.
 //! Figures and commands: `bench/results/profile.md`. So auto mode runs
 //! splice ([`super::AUTO_REASON`]); this engine runs with `--mode ebpf`.
 

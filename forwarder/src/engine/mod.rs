@@ -40,8 +40,9 @@ use crate::stats::ConnGuard;
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// The fastest engine measured for traffic as users run it: splice.
-    /// The ebpf engine is slower than splice when nothing is pinned (see
-    /// [`AUTO_REASON`]), so auto mode never picks it; `--mode ebpf` does.
+    /// The ebpf engine is slower than splice when nothing is pinned (its
+    /// ready line and `forwarder check` say why), so auto mode never picks
+    /// it; `--mode ebpf` does.
     Auto,
     /// In-kernel splicing with an sk_skb sockmap program (CAP_BPF + CAP_NET_ADMIN).
     Ebpf,

@@ -387,10 +387,14 @@ fn raise_nofile() -> Result<(u64, Option<String>)> {
 
 /// How many connections the scale workload can hold through carriers
 /// that keep two sockets each, given the descriptor limit and the most
-/// descriptors any carrier holds already.
+/// descriptors any carrier holds already, and through a forwarder run with
+/// default flags: its `--max-connections` default at that limit (beyond
+/// it a forwarder stops accepting, as documented).
 fn scale_fit(asked: usize, limit: u64, base_fds: usize) -> usize {
     let room = limit.saturating_sub(base_fds as u64 + 16) / 2;
-    asked.min(usize::try_from(room).unwrap_or(usize::MAX))
+    asked
+        .min(usize::try_from(room).unwrap_or(usize::MAX))
+        .min(forwarder::startup::default_max_connections(limit))
 }
 
 /// Loopback ports free right now, distinct.
@@ -783,12 +787,14 @@ fn fit_scale(plan: &mut Plan, systems: &[System], limits: &Limits) {
     if fit < plan.scale_conns {
         let why = format!(
             "{fit} connections instead of {}: {}; a forwarder holds two sockets per \
-             connection and already {base} other descriptors",
+             connection and already {base} other descriptors, and with default flags \
+             accepts at most {} connections at this limit (`--max-connections`)",
             plan.scale_conns,
             limits
                 .nofile_short
                 .as_deref()
-                .unwrap_or("the descriptor limit")
+                .unwrap_or("the descriptor limit"),
+            forwarder::startup::default_max_connections(limits.nofile)
         );
         eprintln!("bench: scale: {why}");
         plan.scale_note = Some(why);
@@ -1187,8 +1193,10 @@ mod tests {
     #[test]
     fn scale_fits_the_descriptor_limit() {
         assert_eq!(scale_fit(10_000, 262_144, 30), 10_000);
-        // 20,000 descriptors, 30 in use, 16 spare: 9,977 pairs.
-        assert_eq!(scale_fit(10_000, 20_000, 30), 9_977);
+        // 20,000 descriptors, 30 in use, 16 spare would hold 9,977 pairs;
+        // a forwarder's default --max-connections is (20000 - 256) / 2.
+        assert_eq!(scale_fit(10_000, 20_000, 30), 9_872);
+        assert_eq!(scale_fit(10_000, 20_000, 2_000), 8_992);
         assert_eq!(scale_fit(10_000, 10, 30), 0);
     }
 }
