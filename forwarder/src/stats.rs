@@ -3,7 +3,8 @@
 //! Userspace engines add bytes as they move them. The ebpf engine's bytes
 //! are counted by the BPF program per socket; the engine folds a
 //! connection's counters into its port when the connection ends and
-//! reports live connections' counters on demand ([`crate::engine::Engine::live_bytes`]).
+//! reports live connections' counters on demand (`Engine::live_bytes`;
+//! the engine module uses this one, never the other way round).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
 use std::sync::Arc;
