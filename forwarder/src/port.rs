@@ -687,3 +687,160 @@ fn dial_failed(sock: TcpStream, spec: &PortSpec, stats: &PortStats, why: &str) {
             "dial in the child failed, client reset: {why}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The port manager against a fake [`Dial`]: no namespace, no root.
+    //! The fake records every request and connects to a server of this
+    //! process (or fails), so these check what the manager asks of its
+    //! dialer and what it does with the answer.
+
+    use super::*;
+    use crate::dial::{DialFailure, DialFuture};
+    use crate::engine::copy::CopyEngine;
+    use std::os::fd::OwnedFd;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What the fake saw of one dial: the plan's target, the listener's
+    /// family and the source to bind.
+    type Seen = (SocketAddr, bool, Option<SocketAddr>);
+
+    struct FakeDial {
+        /// Where every dial really connects; `None`: every dial fails.
+        server: Option<SocketAddr>,
+        preserves: bool,
+        seen: Mutex<Vec<Seen>>,
+    }
+
+    impl FakeDial {
+        fn new(server: Option<SocketAddr>, preserves: bool) -> Arc<FakeDial> {
+            Arc::new(FakeDial {
+                server,
+                preserves,
+                seen: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Dial for FakeDial {
+        fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+            self.seen.lock().expect("seen").push((
+                req.plan().target,
+                req.ipv6_listener,
+                req.source,
+            ));
+            Box::pin(async move {
+                let server = self
+                    .server
+                    .ok_or_else(|| DialFailure::new(libc::ECONNREFUSED, "fake: refused"))?;
+                let s = TcpStream::connect(server)
+                    .await
+                    .map_err(|e| DialFailure::new(libc::EIO, e.to_string()))?;
+                Ok((s, server))
+            })
+        }
+
+        fn udp<'a>(&'a self, _req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+            Box::pin(async { Err(DialFailure::new(libc::EPROTONOSUPPORT, "fake: no udp")) })
+        }
+
+        fn preserves_source(&self) -> bool {
+            self.preserves
+        }
+    }
+
+    /// A port of this machine free right now.
+    fn free_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    }
+
+    fn publish(m: &PortManager, text: &str) -> PortStatus {
+        let spec: PortSpec = text.parse().expect("spec");
+        let api = ApiSpec::from(&spec);
+        m.add(spec, api).expect("add")
+    }
+
+    /// An echo server of this process; returns its address.
+    async fn echo_server() -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let mut b = [0u8; 64];
+                    while let Ok(n) = s.read(&mut b).await {
+                        if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn carries_a_connection_and_asks_the_dialer_by_the_plan() {
+        let server = echo_server().await;
+        let fake = FakeDial::new(Some(server), true);
+        let m = PortManager::new(fake.clone(), Arc::new(CopyEngine)).with_source_ip(true);
+        let p = free_port();
+        let st = publish(&m, &format!("127.0.0.1:{p}:127.0.0.2:7007"));
+        assert_eq!(m.list().len(), 1);
+        let mut c = TcpStream::connect(("127.0.0.1", p)).await.expect("connect");
+        c.write_all(b"ping").await.expect("write");
+        let mut b = [0u8; 4];
+        c.read_exact(&mut b).await.expect("echo");
+        assert_eq!(&b, b"ping");
+        let seen = fake.seen.lock().expect("seen").clone();
+        let me = c.local_addr().expect("addr");
+        assert_eq!(
+            seen,
+            vec![("127.0.0.2:7007".parse().expect("addr"), false, Some(me))]
+        );
+        m.remove(st.id).await.expect("remove");
+        assert!(m.list().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_failed_dial_resets_the_client_and_the_port_keeps_serving() {
+        let fake = FakeDial::new(None, false);
+        let m = PortManager::new(fake.clone(), Arc::new(CopyEngine));
+        let p = free_port();
+        publish(&m, &format!("127.0.0.1:{p}:80"));
+        for _ in 0..2 {
+            let mut c = TcpStream::connect(("127.0.0.1", p)).await.expect("connect");
+            let mut b = [0u8; 1];
+            let r = tokio::time::timeout(Duration::from_secs(5), c.read(&mut b))
+                .await
+                .expect("an answer within 5 s");
+            let e = r.expect_err("a reset, not EOF or data");
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionReset, "{e}");
+        }
+        // No source asked for: source preservation is off.
+        assert!(fake
+            .seen
+            .lock()
+            .expect("seen")
+            .iter()
+            .all(|s| s.2.is_none()));
+        let (ports, _) = m.stats();
+        assert_eq!(ports[0].stats.dial_failures, 2);
+        assert_eq!(m.list().len(), 1);
+    }
+
+    #[test]
+    fn source_preservation_needs_a_dialer_that_applies_it() {
+        let engine: Arc<dyn Engine> = Arc::new(CopyEngine);
+        let m = |asked: bool, preserves: bool| {
+            PortManager::new(FakeDial::new(None, preserves), engine.clone())
+                .with_source_ip(asked)
+                .source_ip()
+        };
+        assert!(m(true, true));
+        assert!(!m(true, false));
+        assert!(!m(false, true));
+        assert!(!m(false, false));
+    }
+}
