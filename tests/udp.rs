@@ -589,6 +589,69 @@ pub async fn shared_budget(privilege: Privilege) {
     f.stop();
 }
 
+/// A datagram that says which one it is: `k` in its first four bytes, a
+/// pattern of `k` after.
+fn numbered(k: usize, len: usize) -> Vec<u8> {
+    let mut d: Vec<u8> = (0..len).map(|i| (i * 31 + k) as u8).collect();
+    d[..4].copy_from_slice(&(k as u32).to_be_bytes());
+    d
+}
+
+pub async fn gso_refused_by_the_route(privilege: Privilege) {
+    // Loopback with an Ethernet MTU on both sides. Runs of 1,400-byte
+    // datagrams fit the path MTU and go as GSO packets; runs of 4,000-byte
+    // ones cannot (a GSO segment must fit the path MTU), so the kernel
+    // refuses them and the forwarder sends them one by one, fragmented:
+    // every datagram must still arrive whole, both ways, none counted lost.
+    let pair = Pair::with(privilege);
+    for ns in [&pair.parent, &pair.child] {
+        let out = ns
+            .command("ip")
+            .args(["link", "set", "lo", "mtu", "1500"])
+            .output()
+            .expect("ip link");
+        assert!(out.status.success(), "{out:?}");
+    }
+    udp::echo(bind_in(&pair.child, "127.0.0.1:53", Some(8 << 20)));
+    let spec = "127.0.0.1:5353:53/udp";
+    let mut f = start(&pair, &[], &[spec]);
+    let c = client_in(&pair.parent, "127.0.0.1:5353");
+    udp::force_rcvbuf(&c, 8 << 20);
+    const ROUNDS: usize = 20;
+    const WINDOW: usize = 16;
+    within(60, "bursts over a 1500-byte MTU", async {
+        assert_eq!(ask(&c, b"up").await, b"up");
+        for len in [4000usize, 1400] {
+            for round in 0..ROUNDS {
+                let ks: Vec<usize> = (round * WINDOW..(round + 1) * WINDOW).collect();
+                for &k in &ks {
+                    c.send(&numbered(k, len)).await.expect("send");
+                }
+                let mut got = HashSet::new();
+                let mut buf = vec![0u8; 65_536];
+                for _ in &ks {
+                    let n = within(5, "a reply", c.recv(&mut buf)).await.expect("recv");
+                    let k = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                    assert_eq!(n, len, "datagram {k}: wrong length");
+                    assert!(buf[..n] == numbered(k, len)[..], "datagram {k} altered");
+                    got.insert(k);
+                }
+                assert_eq!(got, ks.into_iter().collect(), "{len} bytes");
+            }
+        }
+    })
+    .await;
+    let st = settled(&mut f);
+    f.stop();
+    let u = port_udp(&st, spec);
+    let all = (2 * ROUNDS * WINDOW + 1) as u64;
+    assert_eq!(n(&u["datagrams_to_child"]), all, "{st}");
+    assert_eq!(n(&u["datagrams_to_parent"]), all, "{st}");
+    for (why, v) in u["drops"].as_object().expect("drops") {
+        assert_eq!(v, 0, "{why}: {st}");
+    }
+}
+
 macro_rules! suite {
     ($($name:ident: $privilege:ident;)*) => {$(
         mod $name {
@@ -614,6 +677,8 @@ macro_rules! suite {
             async fn rootlessctl_api() { super::rootlessctl_api(P).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn shared_budget() { super::shared_budget(P).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn gso_refused_by_the_route() { super::gso_refused_by_the_route(P).await }
         }
     )*};
 }

@@ -598,6 +598,62 @@ pub struct Ancillary {
     pub drops: Option<u32>,
 }
 
+/// How large a UDP GSO run may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GsoLimits {
+    /// Datagrams per run (UDP_MAX_SEGMENTS: 64 before Linux 6.9, 128 since).
+    pub segments: usize,
+    /// Payload bytes per run: one IPv4 datagram's worth (65,507), so a run
+    /// fits either family.
+    pub bytes: usize,
+}
+
+impl Default for GsoLimits {
+    fn default() -> Self {
+        GsoLimits {
+            segments: 64,
+            bytes: 65_507,
+        }
+    }
+}
+
+/// Splits `n` datagrams (lengths by index from `len`) into sends, written
+/// to `out` as `(count, segment)` per message, in order. A run of two or
+/// more datagrams of one length (`segment`), optionally ending with one
+/// shorter but non-empty datagram, goes as one UDP GSO message within
+/// `max`; anything else goes alone (`segment` 0: no GSO). Empty datagrams
+/// always go alone: a GSO message cannot carry them.
+pub fn gso_runs(
+    n: usize,
+    len: impl Fn(usize) -> usize,
+    max: GsoLimits,
+    out: &mut Vec<(usize, usize)>,
+) {
+    out.clear();
+    let mut i = 0;
+    while i < n {
+        let seg = len(i);
+        let mut count = 1;
+        let mut total = seg;
+        if seg > 0 {
+            while i + count < n && count < max.segments {
+                let next = len(i + count);
+                if next == 0 || next > seg || total + next > max.bytes {
+                    break;
+                }
+                count += 1;
+                total += next;
+                if next < seg {
+                    // A shorter datagram ends the run.
+                    break;
+                }
+            }
+        }
+        out.push((count, if count > 1 { seg } else { 0 }));
+        i += count;
+    }
+}
+
 /// Preallocated recvmmsg/sendmmsg state: `count` buffers of `buf` bytes
 /// with their headers, names and control space ([`CTRL`] bytes each).
 pub struct Batch {
@@ -611,9 +667,14 @@ pub struct Batch {
     /// Headers and iovecs for sends (pointing into `bufs`).
     send_iov: Vec<libc::iovec>,
     send_hdrs: Vec<libc::mmsghdr>,
-    /// One destination name and one control message shared by a send.
+    /// One destination name shared by a send, control space per message.
     send_name: libc::sockaddr_storage,
-    send_ctrl: [u64; CTRL / 8],
+    send_ctrl: Vec<u64>,
+    /// Whether sends try UDP GSO; the largest run it may carry.
+    gso: bool,
+    gso_max: GsoLimits,
+    /// The messages of a send, `(count, segment)` each ([`gso_runs`]).
+    runs: Vec<(usize, usize)>,
 }
 
 // SAFETY: the raw pointers in the headers only ever point into buffers
@@ -645,7 +706,10 @@ impl Batch {
             send_iov: vec![iov; count],
             send_hdrs: vec![hdr; count],
             send_name: name,
-            send_ctrl: [0; CTRL / 8],
+            send_ctrl: vec![0; count * CTRL / 8],
+            gso: true,
+            gso_max: GsoLimits::default(),
+            runs: Vec::with_capacity(count),
         }
     }
 
@@ -775,8 +839,18 @@ impl Batch {
 
     /// Sends datagrams `range` of the buffers on `fd`, to `to` (None: the
     /// socket is connected) from `from` (None: the socket's own address).
-    /// Returns how many were sent before the first error, and that error
-    /// (sendmmsg(2), Linux 3.0).
+    /// Returns how many were sent before the first error, and that error.
+    ///
+    /// One sendmmsg(2) (Linux 3.0) carries the whole range. Runs of
+    /// datagrams of one size ([`gso_runs`]) go as one message each with
+    /// UDP_SEGMENT (UDP GSO, Linux 4.18): the stack handles the run as one
+    /// packet and cuts it into the original datagrams only where they are
+    /// delivered, so boundaries stay exactly as received. Where the kernel
+    /// or the route refuses GSO (EIO for a device without checksum offload,
+    /// EINVAL for a segment above the path MTU, ENOPROTOOPT on an older
+    /// kernel) the rest of the range is sent one datagram per message;
+    /// refusals that come from the kernel or device turn GSO off for this
+    /// batch for good.
     pub fn send(
         &mut self,
         fd: RawFd,
@@ -801,62 +875,142 @@ impl Batch {
             }
             None => (std::ptr::null_mut(), 0),
         };
-        let ctrl_len = match from {
-            Some(l) => self.encode_pktinfo(l),
-            None => 0,
-        };
-        let ctrl = if ctrl_len > 0 {
-            self.send_ctrl.as_mut_ptr().cast()
-        } else {
-            std::ptr::null_mut()
-        };
-        let count = range.len();
-        let base = self.bufs.as_mut_ptr();
-        let buf = self.buf;
-        for (k, i) in range.clone().enumerate() {
-            let len = self.len(i);
-            // SAFETY: offsets stay inside bufs.
-            self.send_iov[k] = libc::iovec {
-                iov_base: unsafe { base.add(i * buf) }.cast(),
-                iov_len: len,
-            };
-            let h = &mut self.send_hdrs[k];
-            h.msg_len = 0;
-            h.msg_hdr.msg_name = name;
-            h.msg_hdr.msg_namelen = namelen;
-            h.msg_hdr.msg_iov = &mut self.send_iov[k];
-            h.msg_hdr.msg_iovlen = 1;
-            h.msg_hdr.msg_control = ctrl;
-            h.msg_hdr.msg_controllen = ctrl_len;
-            h.msg_hdr.msg_flags = 0;
-        }
-        let mut sent = 0;
-        while sent < count {
+        let mut start = range.start;
+        let mut plain = !self.gso;
+        let mut msgs = self.build_send(start..range.end, name, namelen, from, plain);
+        let mut done = 0;
+        while done < msgs {
             // SAFETY: the headers point at memory owned by self.
             let n = unsafe {
                 libc::sendmmsg(
                     fd,
-                    self.send_hdrs.as_mut_ptr().add(sent),
-                    (count - sent) as libc::c_uint,
+                    self.send_hdrs.as_mut_ptr().add(done),
+                    (msgs - done) as libc::c_uint,
                     libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
                 )
             };
-            if n <= 0 {
-                return (sent, Some(io::Error::last_os_error()));
+            if n > 0 {
+                for h in &self.send_hdrs[done..done + n as usize] {
+                    start += h.msg_hdr.msg_iovlen;
+                }
+                done += n as usize;
+                continue;
             }
-            sent += n as usize;
+            let e = io::Error::last_os_error();
+            let segmented = self.send_hdrs[done].msg_hdr.msg_iovlen > 1;
+            let for_good = matches!(
+                e.raw_os_error(),
+                Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
+            );
+            let refused =
+                for_good || matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE));
+            if !(segmented && refused) {
+                return (start - range.start, Some(e));
+            }
+            // GSO refused: the rest one datagram per message.
+            self.gso &= !for_good;
+            plain = true;
+            msgs = self.build_send(start..range.end, name, namelen, from, plain);
+            done = 0;
         }
-        (sent, None)
+        (start - range.start, None)
+    }
+
+    /// Fills the send headers for datagrams `range`: one message per
+    /// [`gso_runs`] run (or per datagram when `plain`); returns how many.
+    fn build_send(
+        &mut self,
+        range: std::ops::Range<usize>,
+        name: *mut libc::c_void,
+        namelen: libc::socklen_t,
+        from: Option<PktInfo>,
+        plain: bool,
+    ) -> usize {
+        let base = self.bufs.as_mut_ptr();
+        let buf = self.buf;
+        for (k, i) in range.clone().enumerate() {
+            // SAFETY: offsets stay inside bufs.
+            self.send_iov[k] = libc::iovec {
+                iov_base: unsafe { base.add(i * buf) }.cast(),
+                iov_len: self.len(i),
+            };
+        }
+        let mut runs = std::mem::take(&mut self.runs);
+        if plain {
+            runs.clear();
+            runs.extend(range.clone().map(|_| (1, 0)));
+        } else {
+            let hdrs = &self.hdrs;
+            let cap = self.buf;
+            let at = range.start;
+            let len = |k: usize| (hdrs[at + k].msg_len as usize).min(cap);
+            gso_runs(range.len(), len, self.gso_max, &mut runs);
+        }
+        let mut first = 0;
+        for (m, &(count, seg)) in runs.iter().enumerate() {
+            let ctrl_len = self.encode_send_ctrl(m, from, seg);
+            let ctrl = if ctrl_len > 0 {
+                // SAFETY: message m's control space lies inside send_ctrl.
+                unsafe { self.send_ctrl.as_mut_ptr().add(m * CTRL / 8) }.cast()
+            } else {
+                std::ptr::null_mut()
+            };
+            let h = &mut self.send_hdrs[m];
+            h.msg_len = 0;
+            h.msg_hdr.msg_name = name;
+            h.msg_hdr.msg_namelen = namelen;
+            h.msg_hdr.msg_iov = &mut self.send_iov[first];
+            h.msg_hdr.msg_iovlen = count;
+            h.msg_hdr.msg_control = ctrl;
+            h.msg_hdr.msg_controllen = ctrl_len;
+            h.msg_hdr.msg_flags = 0;
+            first += count;
+        }
+        let msgs = runs.len();
+        self.runs = runs;
+        msgs
+    }
+
+    /// Writes message `m`'s control messages: the source address (`from`)
+    /// and the segment size of a GSO run (`seg` > 0); returns their length.
+    fn encode_send_ctrl(&mut self, m: usize, from: Option<PktInfo>, seg: usize) -> usize {
+        let mut len = match from {
+            Some(l) => self.encode_pktinfo(m, l),
+            None => 0,
+        };
+        if seg > 0 {
+            // SAFETY: message m's CTRL bytes (8-aligned) hold the packet
+            // info (at most 40 bytes) and this message (24 bytes) after it.
+            unsafe {
+                let c = self
+                    .send_ctrl
+                    .as_mut_ptr()
+                    .add(m * CTRL / 8)
+                    .cast::<u8>()
+                    .add(len) as *mut libc::cmsghdr;
+                (*c).cmsg_level = libc::SOL_UDP;
+                (*c).cmsg_type = libc::UDP_SEGMENT;
+                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
+                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
+                len += libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
+            }
+        }
+        len
+    }
+
+    /// Whether sends still try UDP GSO (false once the kernel refused it).
+    pub fn gso(&self) -> bool {
+        self.gso
     }
 
     /// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source
     /// address of a send; returns its length.
-    fn encode_pktinfo(&mut self, l: PktInfo) -> usize {
-        // SAFETY: a msghdr pointing at send_ctrl (CTRL bytes, 8-aligned) is
-        // what CMSG_FIRSTHDR needs; both messages fit in CTRL bytes.
+    fn encode_pktinfo(&mut self, m: usize, l: PktInfo) -> usize {
+        // SAFETY: a msghdr pointing at message m's control space (CTRL
+        // bytes, 8-aligned) is what CMSG_FIRSTHDR needs; both messages fit.
         unsafe {
             let mut h: libc::msghdr = zeroed();
-            h.msg_control = self.send_ctrl.as_mut_ptr().cast();
+            h.msg_control = self.send_ctrl.as_mut_ptr().add(m * CTRL / 8).cast();
             h.msg_controllen = CTRL;
             let c = libc::CMSG_FIRSTHDR(&h);
             match l.ip {
@@ -902,6 +1056,63 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
+
+    fn runs(lens: &[usize], max: GsoLimits) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        gso_runs(lens.len(), |i| lens[i], max, &mut out);
+        out
+    }
+
+    #[test]
+    fn gso_runs_group_equal_sizes_and_keep_order() {
+        let max = GsoLimits::default();
+        // Equal sizes go together; a shorter one may end a run; a longer
+        // one, an empty one and a lone one go alone.
+        assert_eq!(
+            runs(&[100, 100, 100, 40, 100, 200, 0, 0, 7], max),
+            vec![(4, 100), (1, 0), (1, 0), (1, 0), (1, 0), (1, 0)]
+        );
+        assert_eq!(runs(&[64; 5], max), vec![(5, 64)]);
+        assert_eq!(runs(&[64, 64, 64, 64, 32, 32], max), vec![(5, 64), (1, 0)]);
+        assert_eq!(runs(&[], max), vec![]);
+        assert_eq!(runs(&[0, 0], max), vec![(1, 0), (1, 0)]);
+        // Two datagrams that together exceed one datagram's worth of
+        // payload cannot share a message.
+        assert_eq!(runs(&[40_000, 40_000], max), vec![(1, 0), (1, 0)]);
+    }
+
+    #[test]
+    fn gso_runs_respect_the_limits() {
+        let max = GsoLimits {
+            segments: 4,
+            bytes: 1000,
+        };
+        // Ten of 100: four, four, two (segments); ten of 300: three a run
+        // (bytes), then one alone.
+        assert_eq!(runs(&[100; 10], max), vec![(4, 100), (4, 100), (2, 100)]);
+        assert_eq!(
+            runs(&[300; 10], max),
+            vec![(3, 300), (3, 300), (3, 300), (1, 0)]
+        );
+        // Every datagram is in exactly one message, in order.
+        let lens: Vec<usize> = (0..500)
+            .map(|i| [1400, 1400, 1400, 9, 0, 64][i % 6])
+            .collect();
+        let got = runs(&lens, GsoLimits::default());
+        assert_eq!(got.iter().map(|r| r.0).sum::<usize>(), lens.len());
+        let mut at = 0;
+        for (count, seg) in got {
+            let run = &lens[at..at + count];
+            if seg == 0 {
+                assert_eq!(count, 1);
+            } else {
+                assert!(count >= 2 && run[..count - 1].iter().all(|&l| l == seg));
+                assert!(run[count - 1] > 0 && run[count - 1] <= seg);
+                assert!(run.iter().sum::<usize>() <= 65_507);
+            }
+            at += count;
+        }
+    }
 
     #[test]
     fn tcp_info_layout_matches_kernel() {

@@ -51,10 +51,20 @@
 //! Batching: the relay reads up to [`BATCH`] datagrams per recvmmsg(2)
 //! from the parent socket and sends each run of consecutive datagrams of
 //! one flow with one sendmmsg(2); replies are read per flow socket with
-//! recvmmsg and sent to the client with one sendmmsg. Buffers and headers
-//! are allocated once per relay ([`BATCH`] x 64 KiB, touched only as far
-//! as datagrams reach); per datagram the relay neither allocates nor locks
-//! (a datagram waiting for its flow's dial is the one copy made).
+//! recvmmsg and sent to the client with one sendmmsg. Within a send,
+//! consecutive datagrams of one size travel as one UDP GSO message
+//! (UDP_SEGMENT, Linux 4.18; see [`sys::gso_runs`]): the stack builds,
+//! routes and loops back one packet per run and cuts it into the original
+//! datagrams only at the receiving socket (or the device), so each
+//! datagram costs a copy and an enqueue rather than a trip through the IP
+//! stack, and boundaries stay exactly as received. A receiver that asked
+//! for UDP_GRO gets such a run whole, as it would from a NIC. Where GSO is
+//! refused (a segment above the path MTU, a device without checksum
+//! offload, a kernel without it) the datagrams go one per message. In the
+//! bench this raised the flood rate the relay keeps up with 1.5-1.8x. Buffers and
+//! headers are allocated once per relay ([`BATCH`] x 64 KiB, touched only
+//! as far as datagrams reach); per datagram the relay neither allocates
+//! nor locks (a datagram waiting for its flow's dial is the one copy made).
 //!
 //! Datagrams are kept whole: every buffer holds 65,536 bytes, one more than
 //! the largest UDP payload (65,507 bytes over IPv4, 65,527 over IPv6), so
@@ -84,9 +94,9 @@
 //! userspace must still create and expire; the child would see packets
 //! that no socket of ours sent, so the dial rules, the per-flow socket and
 //! the accounting above would all have to be rebuilt in BPF. Batched
-//! recvmmsg/sendmmsg already moves each datagram with one copy in and one
-//! out, at a cost per call rather than per datagram, so we kept UDP in
-//! userspace.
+//! recvmmsg/sendmmsg with GSO already moves each datagram with one copy in
+//! and one out, at a cost per call and per run rather than per datagram,
+//! so we kept UDP in userspace.
 
 use std::collections::HashMap;
 use std::io;
@@ -1258,18 +1268,24 @@ mod tests {
         assert_eq!(sum.datagrams_to_child, 6);
     }
 
-    #[test]
-    fn batch_round_trip_on_loopback() {
-        // The preallocated recvmmsg/sendmmsg headers, checked against the
-        // kernel on this namespace's loopback: payloads and boundaries
-        // kept, the sender's address and the destination address read back.
-        let rx = bind("0.0.0.0:0".parse().unwrap()).unwrap();
-        let port = socket2::SockRef::from(&rx)
+    /// A relay socket ([`bind`]) on `addr` and its port.
+    fn bound(addr: &str) -> (OwnedFd, u16) {
+        let s = bind(addr.parse().unwrap()).unwrap();
+        let port = socket2::SockRef::from(&s)
             .local_addr()
             .unwrap()
             .as_socket()
             .unwrap()
             .port();
+        (s, port)
+    }
+
+    #[test]
+    fn batch_round_trip_on_loopback() {
+        // The preallocated recvmmsg/sendmmsg headers, checked against the
+        // kernel on this namespace's loopback: payloads and boundaries
+        // kept, the sender's address and the destination address read back.
+        let (rx, port) = bound("0.0.0.0:0");
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dst = SocketAddr::from(([127, 0, 0, 1], port));
         let sizes = [0usize, 1, 64, 1400, MAX_PAYLOAD_V4];
@@ -1311,5 +1327,78 @@ mod tests {
             let (len, from) = tx.recv_from(&mut buf).unwrap();
             assert_eq!((len, from), (n, dst));
         }
+    }
+
+    #[test]
+    fn gso_sends_runs_as_one_packet_and_keeps_boundaries() {
+        // Datagrams read into a batch, then sent on from a chosen source
+        // address (packet info and segment size in one control buffer):
+        // runs of one size go as one GSO packet (a receiver that asked for
+        // UDP_GRO gets such a run whole, with its segment size), and a
+        // plain receiver gets every datagram exactly as it was, from the
+        // chosen address.
+        for (any, src) in [("0.0.0.0:0", "127.0.0.2"), ("[::]:0", "::1")] {
+            let (rx, port) = bound(any);
+            let src: std::net::IpAddr = src.parse().unwrap();
+            let dst = SocketAddr::new(src, port);
+            let local = |ip: std::net::IpAddr| SocketAddr::new(ip, 0);
+            let tx = std::net::UdpSocket::bind(local(src)).unwrap();
+            let mut sizes = vec![1000usize; 20];
+            sizes.extend([300, 0, 64, 64, 64, 64, 64, 1]);
+            for (k, n) in sizes.iter().enumerate() {
+                tx.send_to(&vec![k as u8; *n], dst).unwrap();
+            }
+            let mut b = Batch::new(BATCH, BUF);
+            assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), sizes.len());
+            let plain = std::net::UdpSocket::bind(local(src)).unwrap();
+            let gro = std::net::UdpSocket::bind(local(src)).unwrap();
+            nix::sys::socket::setsockopt(&gro, nix::sys::socket::sockopt::UdpGroSegment, &true)
+                .unwrap();
+            let from = Some(Local {
+                ip: src,
+                ifindex: 0,
+            });
+            for to in [&plain, &gro] {
+                let to = SockAddr::from(to.local_addr().unwrap());
+                let (sent, err) = b.send(rx.as_raw_fd(), 0..sizes.len(), Some(&to), from);
+                assert!(err.is_none(), "{err:?}");
+                assert_eq!(sent, sizes.len());
+                assert!(b.gso(), "the kernel refused GSO on loopback");
+            }
+            plain.set_nonblocking(true).unwrap();
+            let mut buf = vec![0u8; BUF];
+            for (k, n) in sizes.iter().enumerate() {
+                let (len, from) = plain.recv_from(&mut buf).unwrap();
+                assert_eq!((len, from), (*n, dst), "datagram {k}");
+                assert!(buf[..len].iter().all(|x| *x == k as u8), "datagram {k}");
+            }
+            assert!(plain.recv(&mut buf).is_err(), "more datagrams than sent");
+            // The GRO receiver: the 20 of 1000 bytes and the 300 after
+            // them in one read, segment size 1000.
+            assert_eq!(gro_read(&gro, &mut buf), (20 * 1000 + 300, vec![1000]));
+        }
+    }
+
+    /// One read from a UDP_GRO socket: its length and segment sizes.
+    fn gro_read(s: &std::net::UdpSocket, buf: &mut [u8]) -> (usize, Vec<i32>) {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, SockaddrStorage};
+        let mut iov = [std::io::IoSliceMut::new(buf)];
+        let mut space = nix::cmsg_space!(i32);
+        let m = recvmsg::<SockaddrStorage>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let segs = m
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                ControlMessageOwned::UdpGroSegments(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        (m.bytes, segs)
     }
 }
