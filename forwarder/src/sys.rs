@@ -606,6 +606,10 @@ pub struct GsoLimits {
     /// Payload bytes per run: one IPv4 datagram's worth (65,507), so a run
     /// fits either family.
     pub bytes: usize,
+    /// Largest segment (datagram) size a run may have: lowered below a size
+    /// the route refused (a segment must fit the path MTU), so datagrams
+    /// that large go one per message without asking again.
+    pub segment: usize,
 }
 
 impl Default for GsoLimits {
@@ -613,6 +617,7 @@ impl Default for GsoLimits {
         GsoLimits {
             segments: 64,
             bytes: 65_507,
+            segment: usize::MAX,
         }
     }
 }
@@ -635,7 +640,7 @@ pub fn gso_runs(
         let seg = len(i);
         let mut count = 1;
         let mut total = seg;
-        if seg > 0 {
+        if seg > 0 && seg <= max.segment {
             while i + count < n && count < max.segments {
                 let next = len(i + count);
                 if next == 0 || next > seg || total + next > max.bytes {
@@ -848,9 +853,9 @@ impl Batch {
     /// delivered, so boundaries stay exactly as received. Where the kernel
     /// or the route refuses GSO (EIO for a device without checksum offload,
     /// EINVAL for a segment above the path MTU, ENOPROTOOPT on an older
-    /// kernel) the rest of the range is sent one datagram per message;
-    /// refusals that come from the kernel or device turn GSO off for this
-    /// batch for good.
+    /// kernel) the rest of the range is sent one datagram per message; a
+    /// refused segment size is not tried again, and refusals that come from
+    /// the kernel or device turn GSO off for this batch for good.
     pub fn send(
         &mut self,
         fd: RawFd,
@@ -907,8 +912,13 @@ impl Batch {
             if !(segmented && refused) {
                 return (start - range.start, Some(e));
             }
-            // GSO refused: the rest one datagram per message.
+            // GSO refused: the rest one datagram per message. A segment
+            // size the route refused (EINVAL, EMSGSIZE: above the path MTU)
+            // is not asked again; a refusal by the kernel or the device
+            // turns GSO off.
             self.gso &= !for_good;
+            let seg = self.runs[done].1;
+            self.gso_max.segment = self.gso_max.segment.min(seg.saturating_sub(1));
             plain = true;
             msgs = self.build_send(start..range.end, name, namelen, from, plain);
             done = 0;
@@ -1086,6 +1096,7 @@ mod tests {
         let max = GsoLimits {
             segments: 4,
             bytes: 1000,
+            ..GsoLimits::default()
         };
         // Ten of 100: four, four, two (segments); ten of 300: three a run
         // (bytes), then one alone.
@@ -1093,6 +1104,15 @@ mod tests {
         assert_eq!(
             runs(&[300; 10], max),
             vec![(3, 300), (3, 300), (3, 300), (1, 0)]
+        );
+        // Segments above a size the route refused go alone.
+        let max = GsoLimits {
+            segment: 1399,
+            ..GsoLimits::default()
+        };
+        assert_eq!(
+            runs(&[1400, 1400, 1399, 1399, 1399, 100], max),
+            vec![(1, 0), (1, 0), (4, 1399)]
         );
         // Every datagram is in exactly one message, in order.
         let lens: Vec<usize> = (0..500)
