@@ -601,7 +601,8 @@ pub struct Ancillary {
 /// How large a UDP GSO run may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GsoLimits {
-    /// Datagrams per run (UDP_MAX_SEGMENTS: 64 before Linux 6.9, 128 since).
+    /// Datagrams per run (UDP_MAX_SEGMENTS: 64 in the kernels that brought
+    /// UDP GSO; later ones allow more).
     pub segments: usize,
     /// Payload bytes per run: one IPv4 datagram's worth (65,507), so a run
     /// fits either family.
