@@ -804,6 +804,39 @@ pub async fn big_transfers(engine: &Engine) {
     assert_eq!(st["active"].as_u64(), Some(0), "{st}");
 }
 
+pub async fn handoff_fails_half_way(engine: &Engine) {
+    // A download whose server answers and closes while the ebpf engine is
+    // between the two sockets' entry into SOCKS (widened to 300 ms by the
+    // test seam): the request, sent 100 ms after connecting, reaches the
+    // server through the first socket's verdict, the server streams and
+    // sends FIN, and the second socket can no longer enter the sockmap
+    // (CLOSE_WAIT). The engine must count the request, wait for it, and
+    // hand the rest to the splice engine: the download arrives whole with
+    // its EOF. Every engine must do the same without the seam mattering.
+    let pair = pair(engine);
+    servers::source(pair.child.listen("127.0.0.1:90"));
+    let mut args: Vec<&str> = engine.args.to_vec();
+    args.extend(["-p", "127.0.0.1:8090:90"]);
+    let f = Fwd::start_with_env(&pair, &args, &[("FWD_TEST_HANDOFF_GAP_MS", "300")]);
+    assert_eq!(f.engine(), engine.expect, "engine; stderr:\n{}", f.stderr());
+    const N: u64 = 100 << 10;
+    within(20, "a download through a half-failed handoff", async {
+        let mut c = pair.client("127.0.0.1:8090").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut req = [0u8; 16];
+        req[..8].copy_from_slice(&N.to_le_bytes());
+        req[8..].copy_from_slice(&9u64.to_le_bytes());
+        c.write_all(&req).await.expect("request");
+        let (n, hash) = servers::read_tally(&mut c).await.expect("download");
+        assert_eq!((n, hash), (N, expected(9, N)), "the download");
+    })
+    .await;
+    // The client has closed: the connection ends, every count is final.
+    let st = finish(f).await;
+    assert_eq!(st["bytes_to_child"].as_u64(), Some(16), "the request: {st}");
+    assert_eq!(st["bytes_to_parent"].as_u64(), Some(N), "{st}");
+}
+
 pub async fn slow_reader(engine: &Engine) {
     let pair = pair(engine);
     let l = pair.child.listen_with("127.0.0.1:91", |s| {
@@ -1664,6 +1697,8 @@ macro_rules! suite {
             async fn early_and_late_data() { super::early_and_late_data(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn server_speaks_first() { super::server_speaks_first(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn handoff_fails_half_way() { super::handoff_fails_half_way(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn half_close_client_first() { super::half_close_client_first(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

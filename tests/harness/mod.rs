@@ -103,16 +103,22 @@ impl Fwd {
     /// Starts `forwarder run --child-netns <child> ARGS...` in `pair.parent`
     /// and waits for its ready line.
     pub fn start(pair: &Pair, args: &[&str]) -> Fwd {
-        Self::start_with(pair, args, None)
+        Self::start_with(pair, args, None, &[])
+    }
+
+    /// Like [`Fwd::start`], with extra environment variables for the
+    /// forwarder (its test seams, e.g. FWD_TEST_HANDOFF_GAP_MS).
+    pub fn start_with_env(pair: &Pair, args: &[&str], env: &[(&str, &str)]) -> Fwd {
+        Self::start_with(pair, args, None, env)
     }
 
     /// Like [`Fwd::start`], with RLIMIT_NOFILE (soft and hard) set to
     /// `nofile` for the forwarder.
     pub fn start_with_nofile(pair: &Pair, args: &[&str], nofile: u64) -> Fwd {
-        Self::start_with(pair, args, Some(nofile))
+        Self::start_with(pair, args, Some(nofile), &[])
     }
 
-    fn start_with(pair: &Pair, args: &[&str], nofile: Option<u64>) -> Fwd {
+    fn start_with(pair: &Pair, args: &[&str], nofile: Option<u64>, env: &[(&str, &str)]) -> Fwd {
         // Rootless: name the container's PID, as a user would; the
         // forwarder finds it may not enter and starts its dial agent.
         let mut full = match pair.child.holder_pid() {
@@ -124,7 +130,7 @@ impl Fwd {
             ],
         };
         full.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn_as(&pair.parent, &full, nofile, pair.privilege)
+        Self::spawn_env(&pair.parent, &full, nofile, pair.privilege, env)
     }
 
     /// Starts the binary as root with exactly `args` inside `ns`.
@@ -136,6 +142,16 @@ impl Fwd {
     /// unprivileged test user (optionally with ambient CAP_BPF and
     /// CAP_NET_ADMIN).
     pub fn spawn_as(ns: &Netns, args: &[String], nofile: Option<u64>, privilege: Privilege) -> Fwd {
+        Self::spawn_env(ns, args, nofile, privilege, &[])
+    }
+
+    fn spawn_env(
+        ns: &Netns,
+        args: &[String],
+        nofile: Option<u64>,
+        privilege: Privilege,
+        env: &[(&str, &str)],
+    ) -> Fwd {
         let ids = match privilege {
             Privilege::Root => None,
             _ => Some(test_user()),
@@ -144,7 +160,9 @@ impl Fwd {
         let nsfile = File::open(ns.path()).expect("open netns");
         let nsfd = nsfile.as_raw_fd();
         let mut cmd = Command::new(forwarder_bin());
-        cmd.args(args).stderr(Stdio::piped());
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {

@@ -26,6 +26,12 @@
 //!   socket entered SOCKS (early data from the client, a server's banner)
 //!   wait in its receive queue; setting SO_RCVLOWAT re-runs the socket's
 //!   data-ready callback, now the verdict's, which takes the queue in order.
+//!   If the second socket cannot enter SOCKS (it saw FIN or RST meanwhile,
+//!   or the map is full), both leave SOCKS again, but the first socket's
+//!   verdict may already have redirected bytes: they are counted and
+//!   waited for until they are in the peer's send queue (removing TARGETS
+//!   earlier would drop what the peer's psock still holds), then the splice
+//!   engine carries the rest of the connection in order.
 //! - data: the verdict redirects each skb to the peer's egress and counts
 //!   its bytes in the source socket's PEERS entry. The kernel sends
 //!   redirected skbs asynchronously from the peer's psock backlog.
@@ -201,9 +207,27 @@ struct Maps {
     peers: BpfHashMap<MapData, u64, Peer>,
 }
 
+/// Test seam: FWD_TEST_HANDOFF_GAP_MS widens the moment between the two
+/// sockets' entry into SOCKS (where the first socket's verdict already
+/// runs), so the netns suite can make the second entry fail there
+/// deterministically. Unset, it costs one load of a cached value.
+fn handoff_gap() {
+    static GAP: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    let gap = GAP.get_or_init(|| {
+        std::env::var("FWD_TEST_HANDOFF_GAP_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis)
+    });
+    if let Some(d) = gap {
+        std::thread::sleep(*d);
+    }
+}
+
 impl Maps {
     /// Puts a connection into the maps in the order the module comment
-    /// explains; on failure removes whatever it added.
+    /// explains; on failure takes both sockets out of SOCKS again (the
+    /// rest is the caller's, see [`Inner::abandon_handoff`]).
     fn insert(&mut self, cookies: [u64; 2], fds: [RawFd; 2], port_id: u32) -> io::Result<()> {
         let r = (|| -> Result<(), aya::maps::MapError> {
             for i in 0..2 {
@@ -219,12 +243,20 @@ impl Maps {
                 self.targets.insert(cookies[i], fds[i], 0)?;
             }
             for i in 0..2 {
+                if i == 1 {
+                    handoff_gap();
+                }
                 self.socks.insert(cookies[i], fds[i], 0)?;
             }
             Ok(())
         })();
         r.map_err(|e| {
-            self.remove(cookies);
+            // Stop the verdicts; what they may have redirected meanwhile is
+            // the caller's to wait for ([`Inner::abandon_handoff`]) before
+            // TARGETS and PEERS go.
+            for c in &cookies {
+                let _ = self.socks.remove(c);
+            }
             match e {
                 aya::maps::MapError::SyscallError(aya::sys::SyscallError { io_error, .. }) => {
                     io_error
@@ -631,24 +663,29 @@ impl Inner {
             (Ok(a), Ok(b)) => [a, b],
             _ => return, // deregistration failed: the sockets are closed
         };
-        let (cookies, base) = match self.hand_off(&socks, port.id) {
+        let (cookies, base) = match self.prepare(&socks) {
             Ok(x) => x,
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                // A side already saw FIN (CLOSE_WAIT): the kernel admits only
-                // established sockets into a sockmap.
-                tracing::debug!("connection half-closed before handoff; splice engine takes it");
-                self.fall_back(socks, guard);
-                return;
-            }
             Err(e) => {
-                if !self.fallback_logged.swap(true, Relaxed) {
-                    tracing::warn!(error = %e,
-                        "cannot put a connection into the BPF maps (full?); such connections run on the splice engine");
-                }
+                tracing::warn!(error = %e, "cannot prepare a connection's sockets for BPF; the splice engine takes it");
                 self.fall_back(socks, guard);
                 return;
             }
         };
+        let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
+        if let Err(e) = self.maps.insert(cookies, fds, port.id) {
+            if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                // A side already saw FIN (CLOSE_WAIT): the kernel admits only
+                // established sockets into a sockmap.
+                tracing::debug!("connection half-closed before handoff; splice engine takes it");
+            } else if !self.fallback_logged.swap(true, Relaxed) {
+                tracing::warn!(error = %e,
+                    "cannot put a connection into the BPF maps (full?); such connections run on the splice engine");
+            }
+            if self.abandon_handoff(&socks, cookies, base, &port).await {
+                self.fall_back(socks, guard);
+            }
+            return;
+        }
         let notify = Arc::new(Notify::new());
         {
             let mut w = lock(&self.waiters);
@@ -699,13 +736,9 @@ impl Inner {
         drop(guard);
     }
 
-    /// Handoff: caps both windows and puts the pair into the maps. Returns
-    /// the cookies and each side's send queue (acked + unacked) now.
-    fn hand_off(
-        &self,
-        socks: &[std::net::TcpStream; 2],
-        port_id: u32,
-    ) -> io::Result<([u64; 2], [u64; 2])> {
+    /// Before handoff: both cookies, each side's send queue (acked +
+    /// unacked) now, and both windows capped.
+    fn prepare(&self, socks: &[std::net::TcpStream; 2]) -> io::Result<([u64; 2], [u64; 2])> {
         let cookies = [
             sys::socket_cookie(socks[0].as_fd())?,
             sys::socket_cookie(socks[1].as_fd())?,
@@ -717,9 +750,62 @@ impl Inner {
         for s in socks {
             sys::set_window_clamp(s.as_fd(), WINDOW_CAP)?;
         }
-        let fds = [socks[0].as_raw_fd(), socks[1].as_raw_fd()];
-        self.maps.insert(cookies, fds, port_id)?;
         Ok((cookies, base))
+    }
+
+    /// After a handoff that failed half-way (one socket entered SOCKS, the
+    /// other could not: it saw FIN or RST meanwhile). Both are out of SOCKS
+    /// again, but the verdict of the first may have redirected bytes in
+    /// between: they are counted, and waited for until they are in the
+    /// peer's TCP send queue (taking TARGETS away earlier would drop what
+    /// the peer's psock still holds), so the splice engine continues the
+    /// stream in order. Returns false, having reset both sockets, where
+    /// those bytes cannot be accounted for (dropped, or stalled for
+    /// [`Limits::drain_stall`]).
+    async fn abandon_handoff(
+        &self,
+        socks: &[std::net::TcpStream; 2],
+        cookies: [u64; 2],
+        base: [u64; 2],
+        port: &Arc<crate::stats::PortStats>,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + LIMITS.drain_stall;
+        let mut whole = true;
+        for i in 0..2 {
+            while let Some(p) = self.maps.peer(cookies[i]) {
+                if p.dropped > 0 {
+                    whole = false;
+                    break;
+                }
+                let queued_j = sys::tcp_counters(socks[1 - i].as_fd())
+                    .map(|c| c.queued().saturating_sub(base[1 - i]))
+                    .unwrap_or(0);
+                if queued_j >= p.bytes {
+                    break;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    whole = false;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        let finals = self.maps.remove(cookies);
+        for (i, p) in finals.iter().enumerate() {
+            if let Some(p) = p {
+                port.add_bytes(i, p.bytes, DataPath::Bpf);
+            }
+        }
+        if !whole {
+            tracing::warn!(
+                port = port.id,
+                "bytes redirected during a failed handoff were lost; resetting the connection"
+            );
+            for s in socks {
+                let _ = sys::set_linger_zero(s.as_fd());
+            }
+        }
+        whole
     }
 
     /// Hands a connection the maps cannot take to the splice engine.
