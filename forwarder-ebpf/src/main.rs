@@ -38,6 +38,8 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use forwarder_common::{Peer, CHECK_SHIFT, MAX_SOCKETS};
 
+mod local;
+
 /// Sockets whose incoming bytes the verdict handles, by cookie.
 #[map]
 static FWD_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_SOCKETS, 0);

@@ -166,9 +166,16 @@ fn error_reply(id: u64, errno: i32, message: impl Into<String>) -> AgentReply {
 /// Decodes and validates one request: its id, the spec (checked as the API
 /// checks one) and whether the connection was accepted on IPv6; or the
 /// error reply to send.
-pub(crate) fn decode_request(
-    data: &[u8],
-) -> Result<(u64, PortSpec, bool, Option<SocketAddr>), AgentReply> {
+/// A dial request as the agent understood it.
+pub(crate) struct Decoded {
+    pub id: u64,
+    pub spec: PortSpec,
+    pub ipv6_listener: bool,
+    pub source: Option<SocketAddr>,
+    pub bind_port: Option<u16>,
+}
+
+pub(crate) fn decode_request(data: &[u8]) -> Result<Decoded, AgentReply> {
     let req: AgentRequest = serde_json::from_slice(data)
         .map_err(|e| error_reply(0, libc::EINVAL, format!("malformed request: {e}")))?;
     let spec = PortSpec::try_from(&req.spec).map_err(|e| error_reply(req.id, libc::EINVAL, e))?;
@@ -183,7 +190,13 @@ pub(crate) fn decode_request(
             ))
         }
     };
-    Ok((req.id, spec, req.ipv6_listener, source))
+    Ok(Decoded {
+        id: req.id,
+        spec,
+        ipv6_listener: req.ipv6_listener,
+        source,
+        bind_port: req.bind_port,
+    })
 }
 
 /// Decodes a reply from the agent (the forwarder's side).
@@ -193,7 +206,13 @@ pub(crate) fn decode_reply(data: &[u8]) -> Option<AgentReply> {
 
 /// Handles one request: parse, validate, dial in this namespace.
 async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedFd>) {
-    let (id, spec, ipv6_listener, source) = match decode_request(data) {
+    let Decoded {
+        id,
+        spec,
+        ipv6_listener,
+        source,
+        bind_port,
+    } = match decode_request(data) {
         Ok(r) => r,
         Err(reply) => return (reply, None),
     };
@@ -201,6 +220,7 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedF
         spec: &spec,
         ipv6_listener,
         source,
+        bind_port,
     };
     let dialed = if spec.proto.is_udp() {
         tokio::time::timeout(DIAL_TIMEOUT, dialer.udp(req)).await
@@ -594,6 +614,7 @@ impl AgentClient {
         spec: &PortSpec,
         ipv6_listener: bool,
         source: Option<SocketAddr>,
+        bind_port: Option<u16>,
     ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
         let fail = |errno: i32, message: String| DialFailure {
             errno: Some(errno),
@@ -609,6 +630,7 @@ impl AgentClient {
             spec: ApiSpec::from(spec),
             ipv6_listener,
             source: source.map(|s| s.to_string()),
+            bind_port,
         };
         let data = serde_json::to_vec(&req).map_err(|e| fail(libc::EINVAL, e.to_string()))?;
         let sock = match self.sock.lock() {
@@ -655,7 +677,7 @@ impl Dial for AgentClient {
         }
         Box::pin(async move {
             let (fd, reached) = self
-                .request(req.spec, req.ipv6_listener, req.source)
+                .request(req.spec, req.ipv6_listener, req.source, req.bind_port)
                 .await?;
             let fail = |e: io::Error| DialFailure::new(libc::EIO, e.to_string());
             let std = std::net::TcpStream::from(fd);
@@ -668,7 +690,7 @@ impl Dial for AgentClient {
         if let Some(d) = self.fallback() {
             return Box::pin(async move { d.udp(req).await });
         }
-        Box::pin(self.request(req.spec, req.ipv6_listener, req.source))
+        Box::pin(self.request(req.spec, req.ipv6_listener, req.source, None))
     }
 
     fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {

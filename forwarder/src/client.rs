@@ -263,7 +263,8 @@ pub async fn status(socket: &Path) -> Result<()> {
     print_udp(&st);
     let b = st.total.bytes_by_path;
     println!(
-        "bytes by path: bpf {}, splice {}, copy {}",
+        "bytes by path: msg {}, bpf {}, splice {}, copy {}",
+        human(b.msg),
         human(b.bpf),
         human(b.splice),
         human(b.copy)

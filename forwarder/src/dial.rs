@@ -104,6 +104,13 @@ pub struct DialRequest<'a> {
     /// The client's address and port, to bind as the dialed socket's source
     /// where source preservation is on and applies ([`crate::srcip`]).
     pub source: Option<SocketAddr>,
+    /// A port to bind the dialed TCP socket to before it connects (on the
+    /// client's address where source preservation applies, else on the
+    /// unspecified address), so the forwarder knows the dialed socket's
+    /// port before the container's server accepts it (the local-client
+    /// path registers it, see `engine::local`). Where the port cannot be
+    /// bound the dial goes on from an ephemeral port.
+    pub bind_port: Option<u16>,
 }
 
 impl DialRequest<'_> {

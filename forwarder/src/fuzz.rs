@@ -99,9 +99,9 @@ pub fn api_port_body(data: &[u8]) {
 /// One datagram on the dial agent's socket, read by either side.
 pub fn agent_message(data: &[u8]) {
     match agent::decode_request(data) {
-        Ok((_, spec, ipv6_listener, _)) => {
-            accepted_spec(&String::from_utf8_lossy(data), &spec);
-            let _ = dial::plan(&spec, ipv6_listener);
+        Ok(req) => {
+            accepted_spec(&String::from_utf8_lossy(data), &req.spec);
+            let _ = dial::plan(&req.spec, req.ipv6_listener);
         }
         Err(reply) => {
             assert!(!reply.ok && reply.errno == Some(libc::EINVAL), "{reply:?}");

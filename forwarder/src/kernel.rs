@@ -154,6 +154,10 @@ pub struct Probes {
     /// splice(2) between a pipe and a socket's kind of descriptor works.
     #[serde(serialize_with = "ser_probe")]
     pub splice: Probe,
+    /// The local-client path's programs (sock_ops, sk_msg) load and
+    /// attach, to the cgroup v2 root.
+    #[serde(serialize_with = "ser_probe")]
+    pub local_path: Probe,
 }
 
 fn ser_probe<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
@@ -234,6 +238,7 @@ pub fn probe() -> Probes {
         programs_verdict: no(),
         programs_parser: no(),
         splice: splice_works(),
+        local_path: no(),
     }
 }
 
@@ -264,6 +269,7 @@ pub fn probe() -> Probes {
             programs_verdict: skipped(),
             programs_parser: skipped(),
             splice: splice_works(),
+            local_path: skipped(),
         };
     }
     let sockhash = map(MapType::SockHash, "SOCKHASH");
@@ -280,9 +286,12 @@ pub fn probe() -> Probes {
             Err(e) => Err(format!("{e}")),
         };
     let load = |parser: bool| -> Probe {
-        crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options { parser })
-            .map(drop)
-            .map_err(|e| format!("{e:#}"))
+        crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options {
+            parser,
+            ..Default::default()
+        })
+        .map(drop)
+        .map_err(|e| format!("{e:#}"))
     };
     Probes {
         bpf,
@@ -293,7 +302,48 @@ pub fn probe() -> Probes {
         programs_verdict: load(false),
         programs_parser: load(true),
         splice: splice_works(),
+        local_path: local_path(),
     }
+}
+
+/// The local-client path loads and attaches (to the default cgroup).
+#[cfg(feature = "ebpf")]
+fn local_path() -> Probe {
+    let cgroup = crate::engine::local::default_cgroup().ok_or_else(|| {
+        "no cgroup v2 hierarchy (/sys/fs/cgroup/unified or /sys/fs/cgroup)".to_string()
+    })?;
+    crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options {
+        local: Some(cgroup),
+        local_required: true,
+        ..Default::default()
+    })
+    .map(drop)
+    .map_err(|e| format!("{e:#}"))
+}
+
+/// The capabilities the BPF paths use, held or not, and what is lost
+/// without each.
+pub fn capabilities() -> Vec<(&'static str, bool, &'static str)> {
+    use caps::{CapSet, Capability};
+    let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
+    vec![
+        (
+            "CAP_BPF",
+            has(Capability::CAP_BPF),
+            "no ebpf engine and no local-client path",
+        ),
+        (
+            "CAP_NET_ADMIN",
+            has(Capability::CAP_NET_ADMIN),
+            "no ebpf engine and no local-client path",
+        ),
+        (
+            "CAP_PERFMON",
+            has(Capability::CAP_PERFMON),
+            "no local-client path (its sk_msg program reads the sender's TCP sequence, which \
+             needs it); the ebpf engine's sk_skb path still runs",
+        ),
+    ]
 }
 
 /// Creating a one-entry hash map is the least a BPF user must be allowed.
@@ -349,7 +399,11 @@ pub fn check(json: bool) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "kernel": { "release": release, "version": version },
             "probes": p,
+            "capabilities": capabilities().iter().map(|(n, held, lost)| serde_json::json!({
+                "name": n, "held": held, "without": lost,
+            })).collect::<Vec<_>>(),
             "engines": {
+                "local_path": p.local_path.is_ok(),
                 "ebpf": p.programs_verdict.is_ok(),
                 "ebpf_parser": p.programs_parser.is_ok(),
                 "splice": p.splice.is_ok(),
@@ -389,6 +443,18 @@ pub fn check(json: bool) -> anyhow::Result<()> {
     );
     println!("  splice:                         {}", show(&p.splice));
     println!("  copy:                           yes");
+    println!(
+        "  local-client path (sock_ops + sk_msg, with --mode ebpf): {}",
+        show(&p.local_path)
+    );
+    println!("capabilities:");
+    for (name, held, lost) in capabilities() {
+        if held {
+            println!("  {name}: held");
+        } else {
+            println!("  {name}: missing: {lost}");
+        }
+    }
     if ebpf_ok {
         if let Some(why) = version.and_then(avoid_ebpf) {
             println!("  note: the ebpf programs load, but {why}");
@@ -415,6 +481,7 @@ mod tests {
             programs_verdict: Ok(()),
             programs_parser: Ok(()),
             splice: Ok(()),
+            local_path: Ok(()),
         }
     }
 

@@ -174,6 +174,16 @@ struct RunArgs {
     /// the child permits it: IP_TRANSPARENT and policy routing there).
     #[arg(long)]
     no_source_ip: bool,
+    /// With --mode ebpf: do not move local clients' bytes inside their own
+    /// send calls (the sock_ops/sk_msg local-client path); every
+    /// connection then takes the sk_skb path.
+    #[arg(long)]
+    no_local_path: bool,
+    /// The cgroup v2 directory whose TCP sockets the local-client path may
+    /// admit (default: the whole host, /sys/fs/cgroup/unified on hybrid
+    /// hosts, else /sys/fs/cgroup).
+    #[arg(long, value_name = "PATH")]
+    bpf_cgroup: Option<PathBuf>,
 }
 
 impl From<RunArgs> for startup::Config {
@@ -194,6 +204,8 @@ impl From<RunArgs> for startup::Config {
                 source_ip: false,
             },
             source_ip: !a.no_source_ip,
+            local_path: !a.no_local_path,
+            bpf_cgroup: a.bpf_cgroup,
         }
     }
 }
@@ -403,6 +415,8 @@ fn attach_docker(a: AttachArgs) -> Result<()> {
             source_ip: false,
         },
         source_ip: !a.no_source_ip,
+        local_path: true,
+        bpf_cgroup: None,
     };
     startup::run(config, startup::Shutdown::Signals).and_then(ended)
 }

@@ -220,24 +220,47 @@ impl ChildDialer {
 
     /// Connects to `addr` inside the child namespace.
     pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
+        self.connect_port(addr, None).await
+    }
+
+    /// Connects to `addr` from `port` of the unspecified address where that
+    /// port can be bound ([`DialRequest::bind_port`]), else as
+    /// [`Self::connect`].
+    async fn connect_port(&self, addr: SocketAddr, port: Option<u16>) -> io::Result<TcpStream> {
         let sock = self.socket(addr.is_ipv6()).await?;
+        if let Some(port) = port {
+            let any: std::net::IpAddr = if addr.is_ipv6() {
+                std::net::Ipv6Addr::UNSPECIFIED.into()
+            } else {
+                std::net::Ipv4Addr::UNSPECIFIED.into()
+            };
+            if let Err(e) = sock.bind(SocketAddr::new(any, port)) {
+                tracing::debug!(port, error = %e, "cannot bind the dial's port; dialing from an ephemeral one");
+                return self.socket(addr.is_ipv6()).await?.connect(addr).await;
+            }
+        }
         let stream = sock.connect(addr).await?;
         Ok(stream)
     }
 
     /// Connects to `addr` from `client`'s address and port where source
     /// preservation applies, else as [`Self::connect`].
-    async fn connect_from(&self, addr: SocketAddr, client: SocketAddr) -> io::Result<TcpStream> {
+    async fn connect_from(
+        &self,
+        addr: SocketAddr,
+        client: SocketAddr,
+        port: Option<u16>,
+    ) -> io::Result<TcpStream> {
         let Some(s) = &self.source_ip else {
-            return self.connect(addr).await;
+            return self.connect_port(addr, port).await;
         };
         let Some(src) = s.source(client, addr) else {
-            return self.connect(addr).await;
+            return self.connect_port(addr, port).await;
         };
         let sock = self.socket(addr.is_ipv6()).await?;
         if let Err(e) = srcip::bind_transparent(sock.as_fd(), src, true) {
             s.bind_failed(src, &e, client, addr);
-            return self.connect(addr).await;
+            return self.connect_port(addr, port).await;
         }
         sock.connect(addr).await
     }
@@ -267,6 +290,22 @@ impl ChildDialer {
     }
 }
 
+/// The cookie of the network namespace at `path` (`SO_NETNS_COOKIE` of a
+/// socket made there by a short-lived thread; entering needs CAP_SYS_ADMIN
+/// over the namespace's owner).
+pub fn netns_cookie(path: &Path) -> io::Result<u64> {
+    let ns = File::open(path)?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            sys::setns_net(ns.as_fd())?;
+            let sock = sys::tcp_socket(false)?;
+            sys::netns_cookie(sock.as_fd())
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the namespace probe thread panicked")))
+    })
+}
+
 /// Executes the request's [`dial::DialPlan`] in this namespace. For UDP the
 /// IPv4 fallback applies when the connect fails for lack of IPv6 (no route
 /// or no address in the child).
@@ -276,11 +315,14 @@ impl Dial for ChildDialer {
     }
 
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        let port = req.bind_port;
         match req.source {
             Some(client) => Box::pin(dial::execute(req.plan(), move |a| {
-                self.connect_from(a, client)
+                self.connect_from(a, client, port)
             })),
-            None => Box::pin(dial::execute(req.plan(), |a| self.connect(a))),
+            None => Box::pin(dial::execute(req.plan(), move |a| {
+                self.connect_port(a, port)
+            })),
         }
     }
 

@@ -403,6 +403,11 @@ impl PortManager {
                 )),
             })
             .collect();
+        if !spec.proto.is_udp() {
+            for a in &listeners {
+                self.ctx.engine.listening(*a, true);
+            }
+        }
         tracing::info!(id, spec = %spec, listeners = ?listeners, "port published");
         st.ports.insert(
             id,
@@ -416,6 +421,15 @@ impl PortManager {
             },
         );
         Ok(PortStatus { id, api, listeners })
+    }
+
+    /// Tells the engine that a TCP port's listeners are gone.
+    fn unlisten(&self, port: &Port) {
+        if !port.spec.proto.is_udp() {
+            for a in &port.listeners {
+                self.ctx.engine.listening(*a, false);
+            }
+        }
     }
 
     /// Ports in id order.
@@ -441,6 +455,7 @@ impl PortManager {
             port
         };
         tracing::info!(id, spec = %port.spec, "port removed");
+        self.unlisten(&port);
         let udp = port.udp.clone();
         port.close().await;
         if let Some(u) = udp {
@@ -464,6 +479,7 @@ impl PortManager {
             ports
         };
         for (_, p) in ports {
+            self.unlisten(&p);
             let udp = p.udp.clone();
             p.close().await;
             if let Some(u) = udp {
@@ -643,6 +659,10 @@ async fn handle(
         Ok(a) => a,
         Err(_) => return,
     };
+    // A local client whose socket the kernel admitted to the local path:
+    // the dial binds a port known in advance, so the container server's
+    // socket can be admitted too (`engine::local`).
+    let bind_port = ctx.engine.before_dial(&sock);
     let req = DialRequest {
         spec: &spec,
         ipv6_listener: local.is_ipv6(),
@@ -651,14 +671,21 @@ async fn handle(
         } else {
             None
         },
+        bind_port,
     };
     let dialed = tokio::select! {
         d = tokio::time::timeout(DIAL_TIMEOUT, ctx.dialer.tcp(req)) => d,
         () = stats.closed() => {
+            if let Some(p) = bind_port {
+                ctx.engine.after_dial(p);
+            }
             let _ = sys::set_linger_zero(sock.as_fd());
             return;
         }
     };
+    if let Some(p) = bind_port {
+        ctx.engine.after_dial(p);
+    }
     match dialed {
         Ok(Ok((child, _reached))) => {
             let _ = sys::set_nodelay(sock.as_fd());

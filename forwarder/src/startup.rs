@@ -61,6 +61,39 @@ pub struct Config {
     /// Preserve client addresses where the child permits
     /// ([`crate::srcip`]; `--no-source-ip` clears it).
     pub source_ip: bool,
+    /// Run the local-client path ([`engine::local`]) with the ebpf engine.
+    pub local_path: bool,
+    /// The cgroup v2 directory the local path's `sock_ops` program watches
+    /// (`None`: the whole host, [`engine::local::default_cgroup`]).
+    pub bpf_cgroup: Option<PathBuf>,
+}
+
+/// The ebpf engine's options: with the local-client path, its cgroup and
+/// the child namespace's cookie (known now in root mode).
+fn ebpf_options(config: &Config) -> anyhow::Result<engine::ebpf::Options> {
+    #[cfg_attr(not(feature = "ebpf"), allow(unused_mut))]
+    let mut opts = engine::ebpf::Options {
+        parser: config.ebpf_parser,
+        ..Default::default()
+    };
+    #[cfg(feature = "ebpf")]
+    if config.local_path && config.mode == Mode::Ebpf {
+        let cgroup = match &config.bpf_cgroup {
+            Some(c) => c.clone(),
+            None => engine::local::default_cgroup().context(
+                "no cgroup v2 hierarchy found (/sys/fs/cgroup/unified or /sys/fs/cgroup): \
+                 mount one, name a cgroup with --bpf-cgroup, or pass --no-local-path",
+            )?,
+        };
+        opts.local = Some(cgroup);
+        let path = match (&config.child_netns, config.child_pid) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(pid)) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
+            _ => None,
+        };
+        opts.child_netns = path.and_then(|p| netns::netns_cookie(&p).ok());
+    }
+    Ok(opts)
 }
 
 /// The first two `-p` specs that would listen on the same address and
@@ -396,12 +429,7 @@ pub fn run(mut config: Config, shutdown: Shutdown) -> Result<Report> {
     // 2. The API socket.
     let api_listener = config.api_socket.as_deref().map(api::bind).transpose()?;
     // 3. BPF.
-    let (mut prepared, reason) = engine::select(
-        config.mode,
-        engine::ebpf::Options {
-            parser: config.ebpf_parser,
-        },
-    )?;
+    let (mut prepared, reason) = engine::select(config.mode, ebpf_options(&config)?)?;
     let map_thread_keeps = match &mut prepared {
         Prepared::Ebpf(loaded) => map_thread(loaded)?,
         _ => None,
@@ -930,6 +958,8 @@ mod tests {
             max_connections: None,
             udp: Default::default(),
             source_ip: false,
+            local_path: false,
+            bpf_cgroup: None,
         };
         let (stop, stopped) = oneshot::channel();
         let t = std::thread::spawn(move || {

@@ -22,6 +22,9 @@ pub enum DataPath {
     Splice = 1,
     /// Copied through a userspace buffer.
     Copy = 2,
+    /// Moved by the sk_msg program inside the sender's own sendmsg(), into
+    /// the forwarder's socket on the other side (the local-client path).
+    Msg = 3,
 }
 
 /// Counters of one published port. Direction index 0 is parent -> child
@@ -33,7 +36,7 @@ pub struct PortStats {
     pub connections: AtomicU64,
     pub dial_failures: AtomicU64,
     pub bytes: [AtomicU64; 2],
-    pub by_path: [AtomicU64; 3],
+    pub by_path: [AtomicU64; 4],
     /// Set when the forwarder stops: the port's connections end now
     /// instead of running to their end ([`PortStats::closed`]).
     shutting_down: AtomicBool,
@@ -93,6 +96,7 @@ impl PortStats {
                 bpf: self.by_path[0].load(Relaxed) + bpf_live,
                 splice: self.by_path[1].load(Relaxed),
                 copy: self.by_path[2].load(Relaxed),
+                msg: self.by_path[3].load(Relaxed),
             },
         }
     }
@@ -124,9 +128,13 @@ impl Drop for ConnGuard {
 /// Bytes by data path.
 #[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ByPath {
+    /// Redirected by the sk_skb program.
     pub bpf: u64,
     pub splice: u64,
     pub copy: u64,
+    /// Moved by the sk_msg program in the sender's own call.
+    #[serde(default)]
+    pub msg: u64,
 }
 
 /// A point-in-time copy of a port's (or the total's) counters.
@@ -150,5 +158,6 @@ impl std::ops::AddAssign for Snapshot {
         self.bytes_by_path.bpf += o.bytes_by_path.bpf;
         self.bytes_by_path.splice += o.bytes_by_path.splice;
         self.bytes_by_path.copy += o.bytes_by_path.copy;
+        self.bytes_by_path.msg += o.bytes_by_path.msg;
     }
 }

@@ -1061,6 +1061,24 @@ impl Batch {
     }
 }
 
+/// The cookie of the network namespace a socket belongs to
+/// (`SO_NETNS_COOKIE`, Linux 5.14); BPF programs see the same value
+/// through `bpf_get_netns_cookie`.
+pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt(fd, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
+}
+
+/// The TCP state of a socket (`tcpi_state`: `libc::TCP_ESTABLISHED`, ...).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    let info: TcpInfoPrefix = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
+    Ok(info.u8s[0])
+}
+
+/// The socket's current send buffer size (`SO_SNDBUF`, as autotuned).
+pub fn send_buffer(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    SockRef::from(&fd).send_buffer_size().map(|n| n as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

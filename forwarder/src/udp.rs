@@ -927,6 +927,7 @@ impl Relay {
         let source_ip = self.opts.source_ip;
         tokio::spawn(async move {
             let req = DialRequest {
+                bind_port: None,
                 spec: &spec,
                 ipv6_listener: ipv6,
                 source: source_ip.then_some(client),

@@ -184,6 +184,10 @@ pub struct AgentRequest {
     /// preservation is on and applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
+    /// A port to bind the dialed TCP socket to before it connects
+    /// ([`crate::dial::DialRequest::bind_port`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind_port: Option<u16>,
 }
 
 /// The forwarder tells the agent that a UDP flow's socket was closed:

@@ -110,7 +110,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{
-    Peer, MAP_EVENTS, MAP_PEERS, MAP_SOCKS, MAP_TARGETS, PROG_PARSER, PROG_VERDICT,
+    Peer, GLOBAL_WRITE_SEQ_OFF, MAP_EVENTS, MAP_PEERS, MAP_SOCKS, MAP_TARGETS, PROG_PARSER,
+    PROG_VERDICT,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
@@ -157,11 +158,19 @@ const CLAMPS: Clamps = Clamps {
 const WINDOW_CAP: u32 = 4 << 20;
 
 /// Options of the ebpf engine.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Also attach the stream parser program (each skb one message) instead
     /// of running the verdict alone.
     pub parser: bool,
+    /// Run the local-client path ([`super::local`]) with its `sock_ops`
+    /// program attached to this cgroup v2 directory.
+    pub local: Option<std::path::PathBuf>,
+    /// Fail when the local-client path cannot start, instead of running
+    /// without it (`forwarder check`'s probe).
+    pub local_required: bool,
+    /// The child namespace's cookie, where known at start.
+    pub child_netns: Option<u64>,
 }
 
 /// Why the ebpf engine could not start.
@@ -194,6 +203,16 @@ fn chain(e: &anyhow::Error) -> String {
         }
     }
     out.join(": ")
+}
+
+/// Logs why the local-client path is off; the engine runs without it.
+fn local_off(e: &anyhow::Error) {
+    tracing::warn!(
+        "the local-client path is off, every connection takes the sk_skb path: {} (it needs \
+         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, the kernel's BTF, and a cgroup v2 hierarchy; \
+         `forwarder check` tells which is missing)",
+        chain(e)
+    );
 }
 
 fn load_err(what: &'static str) -> impl FnOnce(anyhow::Error) -> EbpfError {
@@ -367,6 +386,8 @@ impl MapHost {
 }
 
 struct Inner {
+    /// The local-client path, when on.
+    local: Option<Arc<super::local::Local>>,
     maps: MapHost,
     epoll: AsyncFd<EpollFd>,
     events: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
@@ -390,6 +411,7 @@ pub struct EbpfEngine {
 /// The programs loaded and attached and the maps created, before any
 /// runtime exists: the privileged half of the engine's start-up.
 pub struct Loaded {
+    local: Option<(super::local::Loaded, Option<u64>)>,
     maps: MapHost,
     events: RingBuf<MapData>,
     epoll: Epoll,
@@ -402,7 +424,25 @@ impl EbpfEngine {
     /// before dropping capabilities, then [`Loaded::start`] in the runtime.
     pub fn load(opts: Options) -> Result<Loaded, EbpfError> {
         let _ = sys::raise_memlock_limit();
+        // The local-client path reads `write_seq` of `struct tcp_sock` at
+        // the offset the running kernel's BTF gives.
+        let mut local_cgroup = opts.local.clone();
+        let write_seq_off: u32 = match &local_cgroup {
+            Some(_) => match super::local::kernel_write_seq_offset() {
+                Ok(off) => off,
+                Err(e) if opts.local_required => {
+                    return Err(load_err("cannot start the local-client path")(e))
+                }
+                Err(e) => {
+                    local_off(&e);
+                    local_cgroup = None;
+                    0
+                }
+            },
+            None => 0,
+        };
         let mut bpf = EbpfLoader::new()
+            .override_global(GLOBAL_WRITE_SEQ_OFF, &write_seq_off, true)
             .load(PROGRAMS)
             .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
         let take = |bpf: &mut Ebpf, name: &str| {
@@ -438,9 +478,33 @@ impl EbpfEngine {
                 .with_context(|| format!("attaching {name} to {MAP_SOCKS}"))
                 .map_err(load_err("cannot attach the sk_skb program"))?;
         }
+        let local = match &local_cgroup {
+            Some(cgroup) => {
+                let attached = targets
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|fd| Ok(MapData::from_fd(fd)?))
+                    .and_then(|md| Ok(SockHash::try_from(aya::maps::Map::SockHash(md))?))
+                    .and_then(|dup| super::local::attach(&mut bpf, cgroup, dup));
+                match attached {
+                    Ok(l) => Some((l, opts.child_netns)),
+                    Err(e) if opts.local_required => {
+                        return Err(load_err("cannot start the local-client path")(e))
+                    }
+                    Err(e) => {
+                        local_off(&e);
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
             .map_err(|e| load_err("cannot create an epoll set")(e.into()))?;
         Ok(Loaded {
+            local,
             maps: MapHost::Local(Box::new(Mutex::new(Maps {
                 socks,
                 targets,
@@ -489,17 +553,30 @@ impl Loaded {
     /// needs no capability.
     pub fn start(self) -> Result<EbpfEngine, EbpfError> {
         let Loaded {
+            local,
             maps,
             events,
             epoll,
             mut bpf,
         } = self;
+        let local = match local {
+            Some((l, netns)) => {
+                let l = l
+                    .start(netns)
+                    .map_err(|e| load_err("cannot start the local-client path")(e.into()))?;
+                tracing::info!(cgroup = %l.cgroup.display(),
+                    "local-client path on: local clients' sends move inside their own sendmsg()");
+                Some(l)
+            }
+            None => None,
+        };
         let epoll = sys::async_fd(EpollFd(epoll), Interest::READABLE)
             .map_err(|e| load_err("cannot register the epoll set")(e.into()))?;
         let events = sys::async_fd(events, Interest::READABLE)
             .map_err(|e| load_err("cannot register the event ring")(e.into()))?;
         let logger = spawn_bpf_logger(&mut bpf);
         let inner = Arc::new(Inner {
+            local,
             maps,
             epoll,
             events: tokio::sync::Mutex::new(events),
@@ -656,6 +733,12 @@ enum Outcome {
 impl Inner {
     /// Runs one connection from handoff to teardown.
     async fn run(self: Arc<Self>, conn: Conn) {
+        if let Some(l) = &self.local {
+            if let Some(pair) = l.pair(&conn.sides).await {
+                super::local::run(l.clone(), conn, pair).await;
+                return;
+            }
+        }
         let Conn { sides, guard } = conn;
         let port = guard.port().clone();
         let [a, b] = sides;
@@ -1008,6 +1091,22 @@ impl Engine for EbpfEngine {
 
     fn spawn(&self, conn: Conn) {
         tokio::spawn(self.inner.clone().run(conn));
+    }
+
+    fn listening(&self, addr: std::net::SocketAddr, on: bool) {
+        if let Some(l) = &self.inner.local {
+            l.listening(addr, on);
+        }
+    }
+
+    fn before_dial(&self, accepted: &tokio::net::TcpStream) -> Option<u16> {
+        self.inner.local.as_ref()?.before_dial(accepted)
+    }
+
+    fn after_dial(&self, port: u16) {
+        if let Some(l) = &self.inner.local {
+            l.after_dial(port);
+        }
     }
 
     fn live_bytes(&self) -> HashMap<u32, [u64; 2]> {

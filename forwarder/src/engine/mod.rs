@@ -23,11 +23,14 @@ pub mod ebpf;
 #[path = "ebpf_disabled.rs"]
 pub mod ebpf;
 pub mod handoff;
+#[cfg(feature = "ebpf")]
+pub mod local;
 pub mod relay;
 pub mod splice;
 
 use std::collections::HashMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -128,6 +131,25 @@ pub trait Engine: Send + Sync {
     /// Current BPF map occupancy (ebpf engine only).
     fn map_entries(&self) -> Option<MapEntries> {
         None
+    }
+
+    /// A published port's listener now accepts at `addr` (`on`), or has
+    /// closed (`!on`). The local-client path admits clients of these.
+    fn listening(&self, addr: SocketAddr, on: bool) {
+        let _ = (addr, on);
+    }
+
+    /// Called with an accepted socket before its dial: a port for the dial
+    /// to bind, registered so that the container server's socket is
+    /// admitted to the local-client path, or `None`.
+    fn before_dial(&self, accepted: &TcpStream) -> Option<u16> {
+        let _ = accepted;
+        None
+    }
+
+    /// The dial of a port from [`Engine::before_dial`] has ended.
+    fn after_dial(&self, port: u16) {
+        let _ = port;
     }
 }
 
