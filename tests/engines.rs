@@ -657,8 +657,19 @@ pub async fn least_privilege(engine: &Engine) {
     .await;
     if engine.expect == "ebpf" {
         let maps = f.bpf_maps();
-        for name in ["FWD_SOCKS", "FWD_TARGETS", "FWD_PEERS"] {
-            let m = maps.iter().find(|m| m.name == name);
+        // Local clients take the local-client path where it runs: its maps
+        // hold the client's and server's sockets (admitted) and the
+        // forwarder's (targets), and each sender's link and flow.
+        let local = maps
+            .iter()
+            .any(|m| m.name == "FWD_MSG_SOCKS" && m.entries > 0);
+        let names: &[&str] = if local {
+            &["FWD_MSG_SOCKS", "FWD_TARGETS", "FWD_LINKS", "FWD_FLOWS"]
+        } else {
+            &["FWD_SOCKS", "FWD_TARGETS", "FWD_PEERS"]
+        };
+        for name in names {
+            let m = maps.iter().find(|m| m.name == *name);
             assert_eq!(
                 m.map(|m| m.entries),
                 Some(16),
@@ -666,10 +677,15 @@ pub async fn least_privilege(engine: &Engine) {
             );
         }
         let st = f.stats();
-        assert_eq!(
-            st["bytes_by_path"]["splice"], 0,
-            "fell back to splice: {st}"
-        );
+        // The local path relays what a sender wrote before its link was
+        // armed (the request, written right after connect) with splice.
+        if !local {
+            assert_eq!(
+                st["bytes_by_path"]["splice"], 0,
+                "fell back to splice: {st}"
+            );
+        }
+        assert_eq!(st["bytes_by_path"]["copy"], 0, "copied: {st}");
     }
     f.assert_least_privilege();
     drop(conns);
@@ -1735,6 +1751,8 @@ macro_rules! suite {
             async fn stalled_reader() { super::stalled_reader(ARGS).await }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn stop_under_load() { super::stop_under_load(ARGS).await }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn flow_control_contract() { super::flow_control_contract(ARGS).await }
             $($(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $extra() { super::$extra(ARGS).await }
@@ -1744,7 +1762,7 @@ macro_rules! suite {
 }
 
 suite! {
-    ebpf: ["--mode", "ebpf"] => "ebpf", Root + [bytes_stay_in_the_kernel];
+    ebpf: ["--mode", "ebpf"] => "ebpf", Root + [bytes_stay_in_the_kernel, local_path_moves_bytes_in_the_senders_call];
     ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"] => "ebpf", Root + [bytes_stay_in_the_kernel];
     splice: ["--mode", "splice"] => "splice", Root;
     copy: ["--mode", "copy"] => "copy", Root;
@@ -1767,7 +1785,17 @@ pub async fn bytes_stay_in_the_kernel(engine: &Engine) {
     let pair = pair(engine);
     servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
     servers::source(pair.child.listen("127.0.0.1:90"));
-    let f = start(&pair, engine, &["127.0.0.1:8089:89", "127.0.0.1:8090:90"]);
+    // The sk_skb path, which carries every connection whatever its reader:
+    // local_path_moves_bytes_in_the_senders_call covers the local path.
+    let mut args: Vec<&str> = engine.args.to_vec();
+    args.extend([
+        "--no-local-path",
+        "-p",
+        "127.0.0.1:8089:89",
+        "-p",
+        "127.0.0.1:8090:90",
+    ]);
+    let f = Fwd::start(&pair, &args);
     let n = big();
     let (want_up, want_down) = (expected(6, n), expected(8, n));
     // SAFETY: sysconf has no preconditions.
@@ -1807,4 +1835,338 @@ pub async fn bytes_stay_in_the_kernel(engine: &Engine) {
     assert_eq!(by["splice"], 0, "bytes spliced in userspace: {st}");
     assert!(st["bytes_to_child"].as_u64() >= Some(n), "{st}");
     assert!(st["bytes_to_parent"].as_u64() >= Some(n), "{st}");
+}
+
+/// How a writer waits for room in its socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Writer {
+    /// Blocking `write()`.
+    Blocking,
+    /// Non-blocking, `poll()` for POLLOUT after EAGAIN (level-triggered).
+    Level,
+    /// Non-blocking, edge-triggered epoll for EPOLLOUT after EAGAIN.
+    Edge,
+}
+
+const WRITERS: [Writer; 3] = [Writer::Blocking, Writer::Level, Writer::Edge];
+
+/// The calling thread's id, for [`thread_cpu`].
+fn gettid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
+/// CPU time (user + system) of thread `tid` of this process, in clock ticks.
+fn thread_cpu(tid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+    // Fields after the command (which may hold spaces) start at state (3);
+    // utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.iter().sum()
+}
+
+/// Writes the stream (seed, n) to `s` the way `kind` waits for room, then
+/// shuts down the write side. Fails after 60 s without room (a writer that
+/// is never woken).
+fn write_stream(s: std::net::TcpStream, kind: Writer, seed: u64, n: u64) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let hang = || {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{kind:?} writer never woken"),
+        )
+    };
+    s.set_nonblocking(kind != Writer::Blocking)?;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+    if kind == Writer::Edge {
+        epoll.add(
+            s.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLOUT | EpollFlags::EPOLLET, 0),
+        )?;
+    }
+    let mut p = Pattern::new(seed, n);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut w = &s;
+    while let Some(len) = p.next_chunk(&mut buf) {
+        let mut off = 0;
+        while off < len {
+            match w.write(&buf[off..len]) {
+                Ok(k) => off += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => match kind {
+                    Writer::Blocking => return Err(e),
+                    Writer::Level => {
+                        let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLOUT)];
+                        if poll(&mut fds, PollTimeout::from(60_000u16))? == 0 {
+                            return Err(hang());
+                        }
+                    }
+                    Writer::Edge => {
+                        let mut ev = [EpollEvent::empty()];
+                        if epoll.wait(&mut ev, EpollTimeout::from(60_000u16))? == 0 {
+                            return Err(hang());
+                        }
+                    }
+                },
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    s.shutdown(std::net::Shutdown::Write)
+}
+
+/// Reads `s` to EOF after sleeping `stall`: (bytes, SHA-256).
+fn read_after_stall(mut s: std::net::TcpStream, stall: Duration) -> io::Result<(u64, String)> {
+    use std::io::Read;
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    std::thread::sleep(stall);
+    let mut t = forwarder_tests::data::Tally::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            return Ok(t.finish());
+        }
+        t.add(&buf[..k]);
+    }
+}
+
+/// TCP's flow-control contract, kept through the forwarder: writers of
+/// every kind (blocking, level- and edge-triggered) facing a reader that
+/// stalls 3 s, in both directions, are held back without spinning (their
+/// CPU while held stays under 25%), woken when room returns, and every
+/// byte arrives (SHA-256). 256 MiB each unless FWD_TEST_BIG_BYTES is
+/// smaller.
+pub async fn flow_control_contract(engine: &Engine) {
+    let pair = pair(engine);
+    let n = big().min(256 << 20);
+    let stall = Duration::from_secs(3);
+    // Upload: the server reads a 1-byte tag, stalls, then reads the rest.
+    let up = pair
+        .child
+        .listen("127.0.0.1:97")
+        .into_std()
+        .expect("std listener");
+    let (up_tx, up_rx) = std::sync::mpsc::channel::<(u8, io::Result<(u64, String)>)>();
+    std::thread::spawn(move || {
+        up.set_nonblocking(false).expect("blocking listener");
+        while let Ok((s, _)) = up.accept() {
+            let tx = up_tx.clone();
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut tag = [0u8; 1];
+                let r = (&s).read_exact(&mut tag);
+                let got = r.and_then(|()| read_after_stall(s, stall));
+                let _ = tx.send((tag[0], got));
+            });
+        }
+    });
+    // Download: the server reads a 1-byte tag (which writer) and writes.
+    let down = pair
+        .child
+        .listen("127.0.0.1:98")
+        .into_std()
+        .expect("std listener");
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel::<(u8, i32)>();
+    let (wr_tx, wr_rx) = std::sync::mpsc::channel::<(u8, io::Result<()>)>();
+    std::thread::spawn(move || {
+        down.set_nonblocking(false).expect("blocking listener");
+        while let Ok((s, _)) = down.accept() {
+            let (tid_tx, wr_tx) = (tid_tx.clone(), wr_tx.clone());
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut tag = [0u8; 1];
+                if (&s).read_exact(&mut tag).is_err() {
+                    return;
+                }
+                let _ = tid_tx.send((tag[0], gettid()));
+                let kind = WRITERS[usize::from(tag[0]) % 3];
+                let _ = wr_tx.send((tag[0], write_stream(s, kind, 20 + u64::from(tag[0]), n)));
+            });
+        }
+    });
+    let f = start(&pair, engine, &["127.0.0.1:8097:97", "127.0.0.1:8098:98"]);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    for upload in [true, false] {
+        let what = if upload { "upload" } else { "download" };
+        let t0 = Instant::now();
+        let mut writers = Vec::new();
+        let mut readers = Vec::new();
+        let (ctid_tx, ctid_rx) = std::sync::mpsc::channel::<(u8, i32)>();
+        for (i, kind) in WRITERS.iter().enumerate() {
+            let tag = i as u8;
+            let c = pair
+                .client(if upload {
+                    "127.0.0.1:8097"
+                } else {
+                    "127.0.0.1:8098"
+                })
+                .await
+                .into_std()
+                .expect("std stream");
+            c.set_nonblocking(false).expect("blocking");
+            std::io::Write::write_all(&mut &c, &[tag]).expect("tag");
+            if upload {
+                let (kind, tx) = (*kind, ctid_tx.clone());
+                writers.push(std::thread::spawn(move || {
+                    let _ = tx.send((tag, gettid()));
+                    (tag, write_stream(c, kind, 20 + u64::from(tag), n))
+                }));
+            } else {
+                readers.push(std::thread::spawn(move || {
+                    (tag, read_after_stall(c, stall))
+                }));
+            }
+        }
+        let tids: Vec<(u8, i32)> = (0..3)
+            .map(|_| {
+                if upload { &ctid_rx } else { &tid_rx }
+                    .recv_timeout(Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("{what}: a writer did not start: {e}"))
+            })
+            .collect();
+        // The window in which every reader stalls, less a margin at each end.
+        let from = t0 + Duration::from_millis(700);
+        let to = t0 + stall - Duration::from_millis(300);
+        tokio::time::sleep_until(from.into()).await;
+        let cpu0: Vec<u64> = tids.iter().map(|(_, t)| thread_cpu(*t)).collect();
+        tokio::time::sleep_until(to.into()).await;
+        let window = to - from;
+        for ((tag, tid), c0) in tids.iter().zip(cpu0) {
+            let used = thread_cpu(*tid).saturating_sub(c0) as f64 / hz;
+            assert!(
+                used < 0.25 * window.as_secs_f64(),
+                "{what}: the {:?} writer used {used:.2} s of CPU in {window:?} while its reader \
+                 stalled (a writer spinning on EAGAIN); stderr:\n{}",
+                WRITERS[usize::from(*tag)],
+                f.stderr()
+            );
+        }
+        let deadline = Duration::from_secs(120);
+        if upload {
+            for w in writers {
+                let (tag, r) = w.join().expect("writer thread");
+                r.unwrap_or_else(|e| panic!("upload: {:?} writer: {e}", WRITERS[usize::from(tag)]));
+            }
+            for _ in 0..3 {
+                let (tag, got) = up_rx
+                    .recv_timeout(deadline)
+                    .unwrap_or_else(|e| panic!("upload: a reader did not finish: {e}"));
+                let got = got.unwrap_or_else(|e| panic!("upload reader {tag}: {e}"));
+                assert_eq!(
+                    got,
+                    (n, expected(20 + u64::from(tag), n)),
+                    "upload from the {:?} writer",
+                    WRITERS[usize::from(tag)]
+                );
+            }
+        } else {
+            for _ in 0..3 {
+                let (tag, r) = wr_rx
+                    .recv_timeout(deadline)
+                    .unwrap_or_else(|e| panic!("download: a writer did not finish: {e}"));
+                r.unwrap_or_else(|e| {
+                    panic!("download: {:?} writer: {e}", WRITERS[usize::from(tag)])
+                });
+            }
+            for r in readers {
+                let (tag, got) = r.join().expect("reader thread");
+                let got = got.unwrap_or_else(|e| panic!("download reader {tag}: {e}"));
+                assert_eq!(
+                    got,
+                    (n, expected(20 + u64::from(tag), n)),
+                    "download to the {:?} writer's reader",
+                    WRITERS[usize::from(tag)]
+                );
+            }
+        }
+    }
+    finish(f).await;
+}
+
+/// The local-client path with a real peer: iperf3 through the forwarder,
+/// forward and reverse (2 s each). A local client's bytes and the server's
+/// replies move inside the sender's own sendmsg() (the sk_msg redirect,
+/// counted as bpf), not through the forwarder's relay, and the forwarder's
+/// CPU stays a small fraction of the transfers' time. Failed first against
+/// a build without the local path: every byte went through the relay.
+pub async fn local_path_moves_bytes_in_the_senders_call(engine: &Engine) {
+    let pair = pair(engine);
+    let mut server = pair
+        .child
+        .command("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", "93"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 -s (cargo xtask setup installs iperf3)");
+    let f = start(&pair, engine, &["127.0.0.1:8093:93"]);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (cpu0, t0) = (f.cpu_ticks(), Instant::now());
+    let mut moved = 0u64;
+    for reverse in [false, true] {
+        let mut cmd = pair.parent.command("iperf3");
+        cmd.args(["-c", "127.0.0.1", "-p", "8093", "-t", "2", "-J"]);
+        if reverse {
+            cmd.arg("-R");
+        }
+        let mut out = None;
+        // The server may not listen yet the first time.
+        for _ in 0..50 {
+            let o = cmd.output().expect("iperf3 -c");
+            if o.status.success() {
+                out = Some(o);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let out = out.unwrap_or_else(|| panic!("iperf3 never succeeded; stderr:\n{}", f.stderr()));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        eprintln!(
+            "iperf3 reverse={reverse}: {bytes} bytes, {:.1} Gbit/s",
+            bps / 1e9
+        );
+        assert!(bytes > 0, "iperf3 moved nothing: {v}");
+        moved += bytes;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = f.cpu_ticks().saturating_sub(cpu0) as f64 / hz;
+    eprintln!("forwarder CPU {cpu:.2} s during {wall:.2} s, {moved} bytes");
+    let _ = server.kill();
+    let _ = server.wait();
+    let share = if forwarder_tests::time_scale() > 1 {
+        0.25
+    } else {
+        0.1
+    };
+    assert!(
+        cpu < share * wall,
+        "forwarder used {cpu:.2} s of CPU during {wall:.2} s of iperf3; stderr:\n{}",
+        f.stderr()
+    );
+    let st = finish(f).await;
+    let by = &st["bytes_by_path"];
+    let msg = by["msg"].as_u64().unwrap_or(0);
+    assert!(
+        msg >= moved / 10 * 9,
+        "the senders' own calls should have moved at least 90% of the {moved} bytes: {st}"
+    );
+    assert_eq!(by["bpf"], 0, "bytes took the sk_skb path: {st}");
+    assert_eq!(by["copy"], 0, "bytes copied in userspace: {st}");
 }

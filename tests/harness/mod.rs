@@ -323,15 +323,20 @@ impl Fwd {
     /// leaked: descriptors back to the count at start (plus two for each
     /// idle pipe the splice path keeps for reuse, at most 64 pipes), no
     /// pipe or buffer in use and, for the ebpf engine, every BPF map the
-    /// process holds empty (read from the kernel directly, not from the
-    /// forwarder).
+    /// process holds empty but the listen endpoints (read from the kernel
+    /// directly, not from the forwarder).
     pub async fn assert_clean(&mut self) {
         let deadline = Instant::now() + limit(Duration::from_secs(10));
         loop {
             let st = self.stats();
             let fds = self.fd_count();
             let maps = bpf::map_entries(self.pid);
-            let busy_maps: Vec<_> = maps.iter().filter(|m| m.entries > 0).collect();
+            // FWD_LISTEN holds the published ports' listen endpoints (the
+            // local-client path's configuration), not connections.
+            let busy_maps: Vec<_> = maps
+                .iter()
+                .filter(|m| m.entries > 0 && m.name != "FWD_LISTEN")
+                .collect();
             let pooled = &st["pooled"];
             let pooled_pipes = pooled["pipes"].as_u64().unwrap_or(u64::MAX);
             let ok = st["active"] == 0
