@@ -236,8 +236,8 @@ pub async fn stop_with_open_connections(engine: &Engine) {
         "exit took {:?}",
         t.elapsed()
     );
-    // The forwarder is gone: both connections end with the reset the
-    // README promises at exit, never a hang and never a clean EOF (the busy
+    // The forwarder is gone: both connections end with the reset
+    // docs/cli.md promises at exit, never a hang and never a clean EOF (the busy
     // stream was cut short).
     let idle_end = within(5, "idle connection ends", async {
         let mut b = [0u8; 16];
@@ -441,7 +441,7 @@ pub async fn resets(engine: &Engine) {
         );
 
         // No server: the dial fails and the client is reset promptly, as
-        // the README promises (the reset may already be there when
+        // docs/rules.md promises (the reset may already be there when
         // connect() checks the socket's error).
         let t = Instant::now();
         match pair.parent.connect("127.0.0.1:8086").await {

@@ -1,4 +1,4 @@
-//! The deployment the README documents for rootless Docker and nerdctl
+//! The deployment docs/rootless.md documents for rootless Docker and nerdctl
 //! users: RootlessKit owns the container's namespaces (slirp4netns, no port
 //! driver of its own), the forwarder runs as the same unprivileged user,
 //! pointed at RootlessKit's child PID, and is driven with rootlessctl

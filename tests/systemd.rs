@@ -1,7 +1,7 @@
 //! The shipped systemd units (contrib/systemd) pass `systemd-analyze
-//! verify --user`, installed as the README says: the forwarder unit at
-//! `~/.config/systemd/user`, the drop-in beside rootless Docker's own
-//! `docker.service` (a stand-in shaped like the one
+//! verify --user`, installed as the README and the unit's header say: the
+//! forwarder unit at `~/.config/systemd/user`, the drop-in beside rootless
+//! Docker's own `docker.service` (a stand-in shaped like the one
 //! dockerd-rootless-setuptool.sh writes), the binary at
 //! `~/.cargo/bin/forwarder`.
 

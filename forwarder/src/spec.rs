@@ -29,7 +29,7 @@ fn invalid(spec: &str, why: impl Into<String>) -> SpecError {
 ///
 /// `tcp` and `udp` mean "whatever the parent IP's family is", and for an
 /// unspecified parent IP both families (the IPv6 half may be discarded when
-/// the parent has no IPv6, see the README's IPv6 rules).
+/// the parent has no IPv6, see docs/rules.md, IPv6 rules for publishing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {

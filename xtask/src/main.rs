@@ -12,6 +12,7 @@ mod chart;
 mod demo;
 mod e2e;
 mod fuzz;
+mod links;
 mod load;
 mod peers;
 mod setup;
@@ -38,8 +39,8 @@ enum Task {
     Setup,
     /// Run the forwarder on a built-in default: a demo namespace and server.
     Demo,
-    /// Build everything in release mode and run the whole suite, then the
-    /// fuzz targets (20 s each).
+    /// Check the docs' links, build everything in release mode and run the
+    /// whole suite, then the fuzz targets (20 s each).
     Test {
         /// Leave out the fuzzing stage (also left out when arguments pick
         /// tests).
@@ -50,6 +51,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Check that every relative link in the Markdown files resolves (the
+    /// file, and the heading a #anchor names).
+    Links,
     /// Run the fuzz targets (cargo-fuzz, nightly) for a bounded time.
     Fuzz(fuzz::Args),
     /// The soak test alone, for longer: 2,000 connections of mixed traffic
@@ -83,6 +87,7 @@ fn run(task: Task) -> Result<()> {
         Task::Setup => setup::run(),
         Task::Demo => demo::run(),
         Task::Test { no_fuzz, args } => test::run(&args, !no_fuzz),
+        Task::Links => links::run(),
         Task::Fuzz(args) => {
             setup::run()?;
             fuzz::run(&args)

@@ -1,4 +1,6 @@
-//! `cargo xtask test`: `setup`, a release build of the workspace (the
+//! `cargo xtask test`: the link check (`cargo xtask links`: every
+//! relative link in the Markdown files resolves; a dead one fails the task
+//! before anything is built), `setup`, a release build of the workspace (the
 //! forwarder with its eBPF programs embedded: forwarder/build.rs compiles
 //! forwarder-ebpf with nightly and bpf-linker), then every test in release
 //! mode: the unit tests and the netns integration suite in `tests/`, which
@@ -51,6 +53,8 @@ fn split(args: &[String]) -> (&[String], &[String]) {
 }
 
 pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
+    // First, as it takes a second: the docs' links, files and anchors.
+    crate::links::run().context("the link check (cargo xtask links)")?;
     crate::setup::run()?;
     if !is_root() {
         bail!("the suite creates network namespaces and loads BPF programs: run it as root");

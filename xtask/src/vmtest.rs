@@ -33,8 +33,7 @@
 //!   port comes up IPv4-only with a warning, tcp6 is refused alone,
 //!   /v1/info lists no tcp6) and checks the guest really had no IPv6.
 //! - Report: a kernel × engine × case table, `target/vm/vm-matrix.md`;
-//!   `--record` also writes `bench/results/vm-matrix.md` and the README's
-//!   copy.
+//!   `--record` also writes `bench/results/vm-matrix.md`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -112,7 +111,7 @@ pub struct Args {
     /// Skip the `ipv6.disable=1` boot.
     #[arg(long)]
     no_ipv6_boot: bool,
-    /// Also write bench/results/vm-matrix.md and the README's copy.
+    /// Also write bench/results/vm-matrix.md.
     #[arg(long)]
     record: bool,
 }
@@ -935,32 +934,12 @@ fn report(cols: &[Column], ipv6: Option<&(String, Outcome, String)>, date: &str)
     s
 }
 
-const README_START: &str = "<!-- vm-matrix:start -->";
-const README_END: &str = "<!-- vm-matrix:end -->";
-
-/// Replaces the README's copy of the report (between the markers).
+/// Records the report in `bench/results/vm-matrix.md`, which the docs
+/// link to (docs/testing.md).
 fn record(text: &str) -> Result<()> {
     let results = root().join("bench/results/vm-matrix.md");
     fs::write(&results, text).with_context(|| format!("writing {}", results.display()))?;
-    let readme = root().join("README.md");
-    let r = fs::read_to_string(&readme)?;
-    let (Some(a), Some(b)) = (r.find(README_START), r.find(README_END)) else {
-        bail!("README.md has no {README_START} … {README_END} block");
-    };
-    // The title carries the command and the date: the README keeps both.
-    let (title, body) = text.split_once('\n').unwrap_or(("", text));
-    let when = title
-        .trim_start_matches("# Engine suite by kernel (")
-        .trim_end_matches(')');
-    let body = body.trim();
-    let new = format!(
-        "{}{README_START}\nMeasured with {when} (also in \
-         [bench/results/vm-matrix.md](bench/results/vm-matrix.md)).\n\n{body}\n{}",
-        &r[..a],
-        &r[b..]
-    );
-    fs::write(&readme, new)?;
-    say(&format!("recorded {} and the README", results.display()));
+    say(&format!("recorded {}", results.display()));
     Ok(())
 }
 
