@@ -1762,7 +1762,7 @@ macro_rules! suite {
 }
 
 suite! {
-    ebpf: ["--mode", "ebpf"] => "ebpf", Root + [bytes_stay_in_the_kernel, local_path_moves_bytes_in_the_senders_call];
+    ebpf: ["--mode", "ebpf"] => "ebpf", Root + [bytes_stay_in_the_kernel];
     ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"] => "ebpf", Root + [bytes_stay_in_the_kernel];
     splice: ["--mode", "splice"] => "splice", Root;
     copy: ["--mode", "copy"] => "copy", Root;
@@ -1786,7 +1786,7 @@ pub async fn bytes_stay_in_the_kernel(engine: &Engine) {
     servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
     servers::source(pair.child.listen("127.0.0.1:90"));
     // The sk_skb path, which carries every connection whatever its reader:
-    // local_path_moves_bytes_in_the_senders_call covers the local path.
+    // tests/local_path.rs covers the local path.
     let mut args: Vec<&str> = engine.args.to_vec();
     args.extend([
         "--no-local-path",
@@ -2093,80 +2093,4 @@ pub async fn flow_control_contract(engine: &Engine) {
         }
     }
     finish(f).await;
-}
-
-/// The local-client path with a real peer: iperf3 through the forwarder,
-/// forward and reverse (2 s each). A local client's bytes and the server's
-/// replies move inside the sender's own sendmsg() (the sk_msg redirect,
-/// counted as bpf), not through the forwarder's relay, and the forwarder's
-/// CPU stays a small fraction of the transfers' time. Failed first against
-/// a build without the local path: every byte went through the relay.
-pub async fn local_path_moves_bytes_in_the_senders_call(engine: &Engine) {
-    let pair = pair(engine);
-    let mut server = pair
-        .child
-        .command("iperf3")
-        .args(["-s", "-B", "127.0.0.1", "-p", "93"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("iperf3 -s (cargo xtask setup installs iperf3)");
-    let f = start(&pair, engine, &["127.0.0.1:8093:93"]);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let (cpu0, t0) = (f.cpu_ticks(), Instant::now());
-    let mut moved = 0u64;
-    for reverse in [false, true] {
-        let mut cmd = pair.parent.command("iperf3");
-        cmd.args(["-c", "127.0.0.1", "-p", "8093", "-t", "2", "-J"]);
-        if reverse {
-            cmd.arg("-R");
-        }
-        let mut out = None;
-        // The server may not listen yet the first time.
-        for _ in 0..50 {
-            let o = cmd.output().expect("iperf3 -c");
-            if o.status.success() {
-                out = Some(o);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let out = out.unwrap_or_else(|| panic!("iperf3 never succeeded; stderr:\n{}", f.stderr()));
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-        let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-        let bps = v["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
-        eprintln!(
-            "iperf3 reverse={reverse}: {bytes} bytes, {:.1} Gbit/s",
-            bps / 1e9
-        );
-        assert!(bytes > 0, "iperf3 moved nothing: {v}");
-        moved += bytes;
-    }
-    let wall = t0.elapsed().as_secs_f64();
-    let cpu = f.cpu_ticks().saturating_sub(cpu0) as f64 / hz;
-    eprintln!("forwarder CPU {cpu:.2} s during {wall:.2} s, {moved} bytes");
-    let _ = server.kill();
-    let _ = server.wait();
-    let share = if forwarder_tests::time_scale() > 1 {
-        0.25
-    } else {
-        0.1
-    };
-    assert!(
-        cpu < share * wall,
-        "forwarder used {cpu:.2} s of CPU during {wall:.2} s of iperf3; stderr:\n{}",
-        f.stderr()
-    );
-    let st = finish(f).await;
-    let by = &st["bytes_by_path"];
-    let msg = by["msg"].as_u64().unwrap_or(0);
-    assert!(
-        msg >= moved / 10 * 9,
-        "the senders' own calls should have moved at least 90% of the {moved} bytes: {st}"
-    );
-    assert_eq!(by["bpf"], 0, "bytes took the sk_skb path: {st}");
-    assert_eq!(by["copy"], 0, "bytes copied in userspace: {st}");
 }

@@ -99,6 +99,11 @@ pub const PROG_MSG: &str = "fwd_msg";
 /// Name of the global (read-only data) holding the offset of `write_seq`
 /// in the running kernel's `struct tcp_sock`, from its BTF.
 pub const GLOBAL_WRITE_SEQ_OFF: &str = "WRITE_SEQ_OFF";
+/// Name of the global holding the offset of `sk_wmem_queued` in the
+/// kernel's `struct sock` (the start of `struct tcp_sock`).
+pub const GLOBAL_WMEM_OFF: &str = "WMEM_OFF";
+/// Name of the global holding the offset of `sk_sndbuf` in `struct sock`.
+pub const GLOBAL_SNDBUF_OFF: &str = "SNDBUF_OFF";
 
 /// Capacity of the local path's maps (sockets).
 pub const MAX_LOCAL: u32 = 65_536;
@@ -183,8 +188,16 @@ pub struct Link {
 pub struct Acks {
     /// `snd_una` when the target was established.
     pub base: u32,
-    /// `snd_una` now.
+    /// `snd_una` at the last callback.
     pub una: u32,
+    /// `write_seq` at the last callback.
+    pub written: u32,
+    /// `sk_wmem_queued` at the last callback: the memory the kernel
+    /// compares with the send buffer before it lets a sender queue more.
+    pub wmem: u32,
+    /// `sk_sndbuf` at the last callback.
+    pub sndbuf: u32,
+    pub _pad: u32,
 }
 
 /// What the sk_msg program did for one admitted socket.

@@ -118,6 +118,26 @@ static FWD_SELF: SkStorage<Admission> = SkStorage::new();
 #[unsafe(no_mangle)]
 static WRITE_SEQ_OFF: u32 = 0;
 
+/// Offsets of `sk_wmem_queued` and `sk_sndbuf` in `struct sock`, which
+/// `struct tcp_sock` begins with (set like [`WRITE_SEQ_OFF`]).
+#[unsafe(no_mangle)]
+static WMEM_OFF: u32 = 0;
+#[unsafe(no_mangle)]
+static SNDBUF_OFF: u32 = 0;
+
+/// Reads a 32-bit field at a BTF offset of the TCP socket behind `sk`.
+///
+/// # Safety
+/// `sk` must be a socket pointer the verifier knows (`bpf_sock`).
+unsafe fn tcp_field(sk: *mut bpf_sock, off: &u32) -> Option<u32> {
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return None;
+    }
+    let off = unsafe { core::ptr::read_volatile(off) };
+    Some(unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(off as usize).cast::<u32>()) })
+}
+
 const AF_INET: u32 = 2;
 const RTT_CB: u32 = aya_ebpf::bindings::BPF_SOCK_OPS_RTT_CB;
 const RTT_CB_FLAG: i32 = aya_ebpf::bindings::BPF_SOCK_OPS_RTT_CB_FLAG as i32;
@@ -270,25 +290,62 @@ fn listened(peer: Endpoint) -> bool {
     }
 }
 
+/// The target's queue state now: `snd_una`, `write_seq`, the memory it
+/// holds and its send buffer. `None` if the socket is not a full TCP
+/// socket.
+fn target_state(ctx: &SockOpsContext) -> Option<(u32, u32, u32, u32)> {
+    // SAFETY: reading the context's fields and its socket pointer, which
+    // is checked for null.
+    unsafe {
+        let sk: *mut bpf_sock = (*ctx.ops).__bindgen_anon_2.sk;
+        if sk.is_null() {
+            return None;
+        }
+        let una = (*ctx.ops).snd_una;
+        let written = tcp_field(sk, &WRITE_SEQ_OFF)?;
+        let wmem = tcp_field(sk, &WMEM_OFF)?;
+        let sndbuf = tcp_field(sk, &SNDBUF_OFF)?;
+        Some((una, written, wmem, sndbuf))
+    }
+}
+
 /// Starts following the acknowledgements of the forwarder's own socket
-/// (a redirect target): its RTT callback on, its `snd_una` recorded.
+/// (a redirect target): its RTT callback on, its state recorded.
 fn follow(ctx: &SockOpsContext) {
-    // SAFETY: the helper takes the program's context; a field read.
-    let (cookie, una) = unsafe { (bpf_get_socket_cookie(ctx.ops.cast()), (*ctx.ops).snd_una) };
-    let acks = Acks { base: una, una };
+    // SAFETY: the helper takes the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some((una, written, wmem, sndbuf)) = target_state(ctx) else {
+        return;
+    };
+    let acks = Acks {
+        base: una,
+        una,
+        written,
+        wmem,
+        sndbuf,
+        _pad: 0,
+    };
     if FWD_ACKS.insert(&cookie, &acks, 0).is_ok() && ctx.set_cb_flags(RTT_CB_FLAG).is_ok() {
         count(|c| &mut c.targets);
     }
 }
 
-/// A target's `snd_una` moved.
+/// A target's `snd_una` moved: its state again.
 fn acked(ctx: &SockOpsContext) {
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let Some((una, written, wmem, sndbuf)) = target_state(ctx) else {
+        return;
+    };
     if let Some(a) = FWD_ACKS.get_ptr_mut(&cookie) {
         // SAFETY: a points into a live map value; only this socket's
         // callbacks, which its lock serialises, write it.
-        unsafe { core::ptr::write_volatile(&raw mut (*a).una, (*ctx.ops).snd_una) };
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*a).una, una);
+            core::ptr::write_volatile(&raw mut (*a).written, written);
+            core::ptr::write_volatile(&raw mut (*a).wmem, wmem);
+            core::ptr::write_volatile(&raw mut (*a).sndbuf, sndbuf);
+        }
     }
 }
 
@@ -370,13 +427,7 @@ unsafe fn verdict(ctx: &SkMsgContext) -> u32 {
     let flow = unsafe { &mut *flow };
     let size = u64::from(ctx.size());
     let within = match unsafe { FWD_ACKS.get(&link.target) } {
-        // What the target would hold after this send: all that went in,
-        // less what its peer acknowledged (sequence arithmetic, mod 2^32).
-        Some(a) => {
-            let written = link.arm_at.wrapping_add(flow.redirected).wrapping_add(size) as u32;
-            let acked = a.una.wrapping_sub(a.base);
-            u64::from(written.wrapping_sub(acked)) <= link.cap
-        }
+        Some(a) => room(a, &link, flow.redirected, size),
         None => false,
     };
     if flow.armed == 0 {
@@ -401,14 +452,42 @@ unsafe fn verdict(ctx: &SkMsgContext) -> u32 {
     SK_PASS
 }
 
+/// Whether the target has room for `size` more bytes, in two measures
+/// (sequence arithmetic, mod 2^32):
+/// - bytes: all that went in (the relay's `arm_at` plus the redirects)
+///   less what its peer acknowledged stays within the link's cap;
+/// - memory: what the kernel compares with the send buffer. The memory at
+///   the last callback, plus the bytes written since and now at the
+///   memory-per-byte the queue had then (segments split for a small
+///   window cost more than their bytes), at least 1.25 and at most 4,
+///   stays within 7/8 of the send buffer. Memory only shrinks with
+///   acknowledgements, which run the callback.
+fn room(a: &Acks, link: &Link, redirected: u64, size: u64) -> bool {
+    let written = link.arm_at.wrapping_add(redirected) as u32;
+    let after = written.wrapping_add(size as u32);
+    let acked = a.una.wrapping_sub(a.base);
+    if u64::from(after.wrapping_sub(acked)) > link.cap {
+        return false;
+    }
+    let at_cb = a.written.wrapping_sub(a.base);
+    // Negative when the relay wrote before it moved arm_at: nothing new.
+    let since = (written.wrapping_sub(at_cb) as i32).max(0) as u64;
+    let queued = u64::from(a.written.wrapping_sub(a.una));
+    // Memory per byte, in eighths.
+    let per_byte = if queued > 0 {
+        (u64::from(a.wmem) * 8 / queued).clamp(10, 32)
+    } else {
+        10
+    };
+    let need = u64::from(a.wmem) + (since + size) * per_byte / 8;
+    need <= u64::from(a.sndbuf) / 8 * 7
+}
+
 /// Whether every byte this socket sent by TCP since admission has been
 /// relayed into the target: `write_seq - base == arm_at` (mod 2^32).
 unsafe fn agreed(sk: *mut bpf_sock, base: u32, arm_at: u64) -> bool {
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
-    if tp.is_null() {
-        return false;
+    match unsafe { tcp_field(sk, &WRITE_SEQ_OFF) } {
+        Some(seq) => seq.wrapping_sub(base) == arm_at as u32,
+        None => false,
     }
-    let off = unsafe { core::ptr::read_volatile(&raw const WRITE_SEQ_OFF) };
-    let seq = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(off as usize).cast::<u32>()) };
-    seq.wrapping_sub(base) == arm_at as u32
 }

@@ -110,8 +110,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{
-    Peer, GLOBAL_WRITE_SEQ_OFF, MAP_EVENTS, MAP_PEERS, MAP_SOCKS, MAP_TARGETS, PROG_PARSER,
-    PROG_VERDICT,
+    Peer, GLOBAL_SNDBUF_OFF, GLOBAL_WMEM_OFF, GLOBAL_WRITE_SEQ_OFF, MAP_EVENTS, MAP_PEERS,
+    MAP_SOCKS, MAP_TARGETS, PROG_PARSER, PROG_VERDICT,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
@@ -427,22 +427,29 @@ impl EbpfEngine {
         // The local-client path reads `write_seq` of `struct tcp_sock` at
         // the offset the running kernel's BTF gives.
         let mut local_cgroup = opts.local.clone();
-        let write_seq_off: u32 = match &local_cgroup {
-            Some(_) => match super::local::kernel_write_seq_offset() {
-                Ok(off) => off,
+        let offsets = super::local::Offsets {
+            write_seq: 0,
+            wmem_queued: 0,
+            sndbuf: 0,
+        };
+        let offsets = match &local_cgroup {
+            Some(_) => match super::local::kernel_offsets() {
+                Ok(o) => o,
                 Err(e) if opts.local_required => {
                     return Err(load_err("cannot start the local-client path")(e))
                 }
                 Err(e) => {
                     local_off(&e);
                     local_cgroup = None;
-                    0
+                    offsets
                 }
             },
-            None => 0,
+            None => offsets,
         };
         let mut bpf = EbpfLoader::new()
-            .override_global(GLOBAL_WRITE_SEQ_OFF, &write_seq_off, true)
+            .override_global(GLOBAL_WRITE_SEQ_OFF, &offsets.write_seq, true)
+            .override_global(GLOBAL_WMEM_OFF, &offsets.wmem_queued, true)
+            .override_global(GLOBAL_SNDBUF_OFF, &offsets.sndbuf, true)
             .load(PROGRAMS)
             .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
         let take = |bpf: &mut Ebpf, name: &str| {

@@ -111,6 +111,12 @@ fn is_cgroup2(p: &Path) -> bool {
 /// Offset in bytes of `write_seq` in `struct tcp_sock`, from raw kernel
 /// BTF (`/sys/kernel/btf/vmlinux`). `None` if the BTF does not say.
 pub fn write_seq_offset(btf: &[u8]) -> Option<u32> {
+    member_offset(btf, b"tcp_sock", b"write_seq")
+}
+
+/// Offset in bytes of member `member` of `struct name` in raw BTF (the
+/// first struct of that name), `None` if absent or not byte-aligned.
+pub fn member_offset(btf: &[u8], struct_name: &[u8], member: &[u8]) -> Option<u32> {
     let u32_at = |off: usize| -> Option<u32> {
         btf.get(off..off + 4)
             .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -143,10 +149,10 @@ pub fn write_seq_offset(btf: &[u8]) -> Option<u32> {
             2 | 7..=12 | 16 | 18 => 0, // ptr, fwd, typedef, qualifiers, func, float, type_tag
             _ => return None,
         };
-        if kind == 4 && name(name_off)? == b"tcp_sock" {
+        if kind == 4 && name(name_off)? == struct_name {
             for m in 0..vlen {
                 let mo = at + 12 * m;
-                if name(u32_at(mo)?)? == b"write_seq" {
+                if name(u32_at(mo)?)? == member {
                     let bits = u32_at(mo + 8)?;
                     let bits = if kind_flag { bits & 0x00ff_ffff } else { bits };
                     return (bits % 8 == 0).then_some(bits / 8);
@@ -159,12 +165,36 @@ pub fn write_seq_offset(btf: &[u8]) -> Option<u32> {
     None
 }
 
-/// [`write_seq_offset`] of the running kernel.
-pub fn kernel_write_seq_offset() -> anyhow::Result<u32> {
+/// Offsets the programs read in the running kernel's TCP sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offsets {
+    /// `tcp_sock.write_seq`.
+    pub write_seq: u32,
+    /// `sock.sk_wmem_queued` (`struct tcp_sock` begins with `struct sock`).
+    pub wmem_queued: u32,
+    /// `sock.sk_sndbuf`.
+    pub sndbuf: u32,
+}
+
+/// [`Offsets`] from the running kernel's BTF.
+pub fn kernel_offsets() -> anyhow::Result<Offsets> {
     let path = "/sys/kernel/btf/vmlinux";
     let btf = std::fs::read(path)
         .with_context(|| format!("cannot read the kernel's BTF ({path}: CONFIG_DEBUG_INFO_BTF)"))?;
-    write_seq_offset(&btf).with_context(|| format!("{path} describes no tcp_sock.write_seq"))
+    let find = |s: &[u8], m: &[u8]| {
+        member_offset(&btf, s, m).with_context(|| {
+            format!(
+                "{path} describes no {}.{}",
+                String::from_utf8_lossy(s),
+                String::from_utf8_lossy(m)
+            )
+        })
+    };
+    Ok(Offsets {
+        write_seq: find(b"tcp_sock", b"write_seq")?,
+        wmem_queued: find(b"sock", b"sk_wmem_queued")?,
+        sndbuf: find(b"sock", b"sk_sndbuf")?,
+    })
 }
 
 /// `addr` as the programs key it: v4-mapped for IPv4, network byte order.
@@ -473,6 +503,13 @@ impl Drop for Hook {
             let _ = m.links.remove(c);
         }
         for c in &self.targets {
+            if let Ok(a) = m.acks.get(c, 0) {
+                tracing::debug!(
+                    ?a,
+                    queued = a.written.wrapping_sub(a.una),
+                    "local path: target done"
+                );
+            }
             let _ = m.targets.remove(c);
             let _ = m.acks.remove(c);
         }
@@ -511,6 +548,8 @@ impl Chunk for LocalChunk {
         {
             let n = self.inner.fill(src).await?;
             if n == 0 {
+                tracing::debug!(side = self.from, state = ?sys::tcp_state(src.as_fd()), counters = ?sys::tcp_counters(src.as_fd()),
+                    relayed = self.hook.relayed[self.from].load(Relaxed), "local path: EOF");
                 // A socket reaches CLOSE at EOF either by a reset or by the
                 // peer's FIN after ours (then it is in TIME_WAIT, and our
                 // own socket shows CLOSE): only without our FIN is it a
@@ -666,12 +705,17 @@ mod tests {
     }
 
     #[test]
-    fn the_running_kernel_describes_write_seq() {
-        // Every kernel this project supports (5.13+ with BTF) has it; on
-        // x86_64 it sits well inside struct tcp_sock.
-        let off = kernel_write_seq_offset().expect("kernel BTF");
-        assert!(off > 0 && off < 4096, "{off}");
-        assert_eq!(off % 4, 0);
+    fn the_running_kernel_describes_the_fields_read() {
+        // Every kernel this project supports (5.13+ with BTF) has them;
+        // struct sock's fields lie before tcp_sock's own.
+        let o = kernel_offsets().expect("kernel BTF");
+        for off in [o.write_seq, o.wmem_queued, o.sndbuf] {
+            assert!(off > 0 && off < 4096 && off % 4 == 0, "{o:?}");
+        }
+        assert!(
+            o.wmem_queued < o.write_seq && o.sndbuf < o.write_seq,
+            "{o:?}"
+        );
     }
 
     #[test]

@@ -214,6 +214,10 @@ const ECHO_PORT: u16 = 7007;
 /// The forwarder's modes, in the order they run after direct; `auto` runs
 /// whatever engine auto mode picks here.
 const ENGINES: [&str; 4] = ["ebpf", "splice", "copy", "auto"];
+/// The forwarders the loopback workloads run: the modes, and `ebpf-skb`,
+/// `--mode ebpf --no-local-path`, which carries local clients the way it
+/// carries clients its sock_ops program does not see (the sk_skb path).
+const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-skb", "splice", "copy", "auto"];
 /// The engines auto mode may pick, against which it is judged.
 pub const AUTO_CHOICES: [&str; 3] = ["ebpf", "splice", "copy"];
 const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
@@ -247,7 +251,7 @@ pub struct System {
 
 impl System {
     fn is_peer(&self) -> bool {
-        self.name != "direct" && !ENGINES.contains(&self.name.as_str())
+        self.name != "direct" && !FORWARDERS.contains(&self.name.as_str())
     }
 }
 
@@ -779,7 +783,7 @@ fn run_workloads(
 fn fit_scale(plan: &mut Plan, systems: &[System], limits: &Limits) {
     let base = systems
         .iter()
-        .filter(|s| ENGINES.contains(&s.name.as_str()))
+        .filter(|s| FORWARDERS.contains(&s.name.as_str()))
         .filter_map(|s| sample::fd_count(s.pid?).ok())
         .max()
         .unwrap_or(0);

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{free_ports, Args, System, ECHO_PORT, ENGINES, SERVER_PORT};
+use super::{free_ports, Args, System, ECHO_PORT, FORWARDERS, SERVER_PORT};
 use crate::peers::{self, Peer};
 use crate::util::{Forwarder, Netns};
 
@@ -26,7 +26,7 @@ pub struct Carriers {
 /// another engine than asked, fails the bench; a peer that fails is
 /// reported as not run.
 pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers> {
-    let ports = free_ports(2 * (ENGINES.len() + 3))?;
+    let ports = free_ports(2 * (FORWARDERS.len() + 3))?;
     let mut ports = ports.into_iter();
     let mut next_port = || ports.next().context("out of free ports");
     let mut systems = vec![System {
@@ -38,7 +38,7 @@ pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers>
         failed: None,
     }];
     let mut forwarders = Vec::new();
-    for mode in ENGINES {
+    for mode in FORWARDERS {
         let ports = (next_port()?, next_port()?);
         let (sys, fwd) = start_forwarder(ns, bin, mode, ports)?;
         systems.push(sys);
@@ -95,25 +95,35 @@ fn start_forwarder(
     mode: &'static str,
     (port, eport): (u16, u16),
 ) -> Result<(System, Forwarder)> {
-    let args = [
+    // ebpf-skb: the ebpf engine without its local-client path.
+    let (engine, extra): (&str, &[&str]) = match mode {
+        "ebpf-skb" => ("ebpf", &["--no-local-path"]),
+        m => (m, &[]),
+    };
+    let mut args = vec![
         "--child-netns".to_string(),
         ns.path().display().to_string(),
         "--mode".to_string(),
-        mode.to_string(),
+        engine.to_string(),
         "-p".to_string(),
         format!("127.0.0.1:{port}:{SERVER_PORT}"),
         "-p".to_string(),
         format!("127.0.0.1:{eport}:{ECHO_PORT}"),
     ];
-    let name = format!("forwarder --mode {mode}");
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let flags = std::iter::once(format!("--mode {engine}"))
+        .chain(extra.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let name = format!("forwarder {flags}");
     let fwd = Forwarder::start(bin, &args, true, &name)?;
-    if mode != "auto" && fwd.engine() != mode {
+    if mode != "auto" && fwd.engine() != engine {
         bail!("{name} reports engine {:?}", fwd.engine());
     }
-    let label = if mode == "auto" {
-        format!("forwarder `--mode auto` (picked {})", fwd.engine())
-    } else {
-        format!("forwarder `--mode {mode}`")
+    let label = match mode {
+        "auto" => format!("forwarder `--mode auto` (picked {})", fwd.engine()),
+        "ebpf" => "forwarder `--mode ebpf` (local clients: sk_msg)".to_string(),
+        _ => format!("forwarder `{flags}`"),
     };
     let sys = System {
         name: mode.into(),
