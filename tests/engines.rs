@@ -1764,6 +1764,10 @@ macro_rules! suite {
 suite! {
     ebpf: ["--mode", "ebpf"] => "ebpf", Root + [bytes_stay_in_the_kernel];
     ebpf_parser: ["--mode", "ebpf", "--ebpf-parser"] => "ebpf", Root + [bytes_stay_in_the_kernel];
+    // The local-client path: local clients' sends move inside their own
+    // sendmsg() (sock_ops + sk_msg); its own measurements are in
+    // tests/local_path.rs.
+    ebpf_local: ["--mode", "ebpf", "--local-path"] => "ebpf", Root;
     splice: ["--mode", "splice"] => "splice", Root;
     copy: ["--mode", "copy"] => "copy", Root;
     // auto mode as root, where BPF would load: splice, which measures
@@ -1785,17 +1789,7 @@ pub async fn bytes_stay_in_the_kernel(engine: &Engine) {
     let pair = pair(engine);
     servers::sink_hash(pair.child.listen("127.0.0.1:89"), 0);
     servers::source(pair.child.listen("127.0.0.1:90"));
-    // The sk_skb path, which carries every connection whatever its reader:
-    // tests/local_path.rs covers the local path.
-    let mut args: Vec<&str> = engine.args.to_vec();
-    args.extend([
-        "--no-local-path",
-        "-p",
-        "127.0.0.1:8089:89",
-        "-p",
-        "127.0.0.1:8090:90",
-    ]);
-    let f = Fwd::start(&pair, &args);
+    let f = start(&pair, engine, &["127.0.0.1:8089:89", "127.0.0.1:8090:90"]);
     let n = big();
     let (want_up, want_down) = (expected(6, n), expected(8, n));
     // SAFETY: sysconf has no preconditions.

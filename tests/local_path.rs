@@ -90,7 +90,7 @@ fn assert_local(st: &Value, moved: u64) {
 /// quiet machine: a local client's bytes and the server's replies move
 /// inside the sender's own sendmsg() (counted as msg), not through the
 /// relay nor the sk_skb path, and the forwarder's CPU stays a small
-/// fraction of the transfers' time. Failed first with `--no-local-path`
+/// fraction of the transfers' time. Failed first without `--local-path`
 /// (msg 0: every byte took sk_skb). Under load the share falls: a reader
 /// that falls behind spends its writer's credit, the writer's bytes take
 /// the relay until it pauses, and iperf3 never pauses (two at once on
@@ -100,7 +100,10 @@ async fn local_path_moves_bytes_in_the_senders_call() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let pair = Pair::new();
     let _server = Iperf::serve(&pair, 93);
-    let f = Fwd::start(&pair, &["--mode", "ebpf", "-p", "127.0.0.1:8093:93"]);
+    let f = Fwd::start(
+        &pair,
+        &["--mode", "ebpf", "--local-path", "-p", "127.0.0.1:8093:93"],
+    );
     assert!(
         f.wait_stderr("local-client path on", Duration::from_secs(5))
             .contains("local-client path on"),
@@ -143,8 +146,14 @@ async fn two_forwarders_each_take_their_own_clients() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (p1, p2) = (Pair::new(), Pair::new());
     let (_s1, _s2) = (Iperf::serve(&p1, 94), Iperf::serve(&p2, 95));
-    let f1 = Fwd::start(&p1, &["--mode", "ebpf", "-p", "127.0.0.1:8094:94"]);
-    let f2 = Fwd::start(&p2, &["--mode", "ebpf", "-p", "127.0.0.1:8095:95"]);
+    let f1 = Fwd::start(
+        &p1,
+        &["--mode", "ebpf", "--local-path", "-p", "127.0.0.1:8094:94"],
+    );
+    let f2 = Fwd::start(
+        &p2,
+        &["--mode", "ebpf", "--local-path", "-p", "127.0.0.1:8095:95"],
+    );
     let (a, b) = tokio::join!(iperf(&p1, 8094, false, &f1), iperf(&p2, 8095, true, &f2));
     let (st1, st2) = (finish(f1).await, finish(f2).await);
     for st in [&st1, &st2] {

@@ -444,7 +444,7 @@ pub fn check(json: bool) -> anyhow::Result<()> {
     println!("  splice:                         {}", show(&p.splice));
     println!("  copy:                           yes");
     println!(
-        "  local-client path (sock_ops + sk_msg, with --mode ebpf): {}",
+        "  local-client path (sock_ops + sk_msg, --mode ebpf --local-path): {}",
         show(&p.local_path)
     );
     println!("capabilities:");

@@ -174,11 +174,12 @@ struct RunArgs {
     /// the child permits it: IP_TRANSPARENT and policy routing there).
     #[arg(long)]
     no_source_ip: bool,
-    /// With --mode ebpf: do not move local clients' bytes inside their own
-    /// send calls (the sock_ops/sk_msg local-client path); every
-    /// connection then takes the sk_skb path.
+    /// With --mode ebpf: move local clients' bytes inside their own send
+    /// calls (the sock_ops/sk_msg local-client path; needs CAP_PERFMON as
+    /// well). Off by default: a blocking read on an admitted socket can
+    /// return EAGAIN on the kernels tested (see docs/architecture.md).
     #[arg(long)]
-    no_local_path: bool,
+    local_path: bool,
     /// The cgroup v2 directory whose TCP sockets the local-client path may
     /// admit (default: the whole host, /sys/fs/cgroup/unified on hybrid
     /// hosts, else /sys/fs/cgroup).
@@ -204,7 +205,7 @@ impl From<RunArgs> for startup::Config {
                 source_ip: false,
             },
             source_ip: !a.no_source_ip,
-            local_path: !a.no_local_path,
+            local_path: a.local_path,
             bpf_cgroup: a.bpf_cgroup,
         }
     }
@@ -415,7 +416,7 @@ fn attach_docker(a: AttachArgs) -> Result<()> {
             source_ip: false,
         },
         source_ip: !a.no_source_ip,
-        local_path: true,
+        local_path: false,
         bpf_cgroup: None,
     };
     startup::run(config, startup::Shutdown::Signals).and_then(ended)

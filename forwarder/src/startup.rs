@@ -82,7 +82,7 @@ fn ebpf_options(config: &Config) -> anyhow::Result<engine::ebpf::Options> {
             Some(c) => c.clone(),
             None => engine::local::default_cgroup().context(
                 "no cgroup v2 hierarchy found (/sys/fs/cgroup/unified or /sys/fs/cgroup): \
-                 mount one, name a cgroup with --bpf-cgroup, or pass --no-local-path",
+                 mount one, name a cgroup with --bpf-cgroup, or leave out --local-path",
             )?,
         };
         opts.local = Some(cgroup);

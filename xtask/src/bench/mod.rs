@@ -214,10 +214,11 @@ const ECHO_PORT: u16 = 7007;
 /// The forwarder's modes, in the order they run after direct; `auto` runs
 /// whatever engine auto mode picks here.
 const ENGINES: [&str; 4] = ["ebpf", "splice", "copy", "auto"];
-/// The forwarders the loopback workloads run: the modes, and `ebpf-skb`,
-/// `--mode ebpf --no-local-path`, which carries local clients the way it
-/// carries clients its sock_ops program does not see (the sk_skb path).
-const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-skb", "splice", "copy", "auto"];
+/// The forwarders the loopback workloads run: the modes, and `ebpf-local`,
+/// `--mode ebpf --local-path`, which carries the bench's local clients on
+/// the local-client path (`ebpf` carries them as every client its
+/// sock_ops program does not see: the sk_skb path).
+const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-local", "splice", "copy", "auto"];
 /// The engines auto mode may pick, against which it is judged.
 pub const AUTO_CHOICES: [&str; 3] = ["ebpf", "splice", "copy"];
 const DIRECTIONS: [&str; 2] = ["forward", "reverse"];

@@ -95,9 +95,9 @@ fn start_forwarder(
     mode: &'static str,
     (port, eport): (u16, u16),
 ) -> Result<(System, Forwarder)> {
-    // ebpf-skb: the ebpf engine without its local-client path.
+    // ebpf-local: the ebpf engine with its local-client path.
     let (engine, extra): (&str, &[&str]) = match mode {
-        "ebpf-skb" => ("ebpf", &["--no-local-path"]),
+        "ebpf-local" => ("ebpf", &["--local-path"]),
         m => (m, &[]),
     };
     let mut args = vec![
@@ -122,7 +122,6 @@ fn start_forwarder(
     }
     let label = match mode {
         "auto" => format!("forwarder `--mode auto` (picked {})", fwd.engine()),
-        "ebpf" => "forwarder `--mode ebpf` (local clients: sk_msg)".to_string(),
         _ => format!("forwarder `{flags}`"),
     };
     let sys = System {
