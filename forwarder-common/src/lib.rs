@@ -104,6 +104,9 @@ pub const GLOBAL_WRITE_SEQ_OFF: &str = "WRITE_SEQ_OFF";
 pub const GLOBAL_WMEM_OFF: &str = "WMEM_OFF";
 /// Name of the global holding the offset of `sk_sndbuf` in `struct sock`.
 pub const GLOBAL_SNDBUF_OFF: &str = "SNDBUF_OFF";
+/// Name of the global holding the offset of `icsk_ulp_ops` in `struct
+/// inet_connection_sock` (the start of `struct tcp_sock`).
+pub const GLOBAL_ULP_OFF: &str = "ULP_OFF";
 
 /// Capacity of the local path's maps (sockets).
 pub const MAX_LOCAL: u32 = 65_536;

@@ -44,6 +44,8 @@
 //!   socket lock, so no TCP-path byte can slip in between the check and
 //!   the redirect, and a redirected byte never overtakes one sent by TCP.
 //!   Switching back to TCP is always safe.
+//! - A socket that turns on an upper-layer protocol after admission (kTLS
+//!   runs the program on plaintext records) is never redirected again.
 //! - The credit keeps the target's queue below its send buffer, so a
 //!   redirect never waits on the target: a sender is only ever held back
 //!   by its own socket, whose poll and wake-ups are TCP's. The queue after
@@ -124,6 +126,25 @@ static WRITE_SEQ_OFF: u32 = 0;
 static WMEM_OFF: u32 = 0;
 #[unsafe(no_mangle)]
 static SNDBUF_OFF: u32 = 0;
+/// Offset of `icsk_ulp_ops` in `struct inet_connection_sock`.
+#[unsafe(no_mangle)]
+static ULP_OFF: u32 = 0;
+
+/// Whether the socket behind `sk` has turned on an upper-layer protocol
+/// (kTLS): its sends reach the program as plaintext records, which must
+/// never be redirected past the ULP. `true` when it cannot be told.
+///
+/// # Safety
+/// `sk` must be a socket pointer the verifier knows (`bpf_sock`).
+unsafe fn has_ulp(sk: *mut bpf_sock) -> bool {
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk.cast()) };
+    if tp.is_null() {
+        return true;
+    }
+    let off = unsafe { core::ptr::read_volatile(&raw const ULP_OFF) };
+    let ops = unsafe { core::ptr::read_volatile(tp.cast::<u8>().add(off as usize).cast::<u64>()) };
+    ops != 0
+}
 
 /// Reads a 32-bit field at a BTF offset of the TCP socket behind `sk`.
 ///
@@ -425,6 +446,11 @@ unsafe fn verdict(ctx: &SkMsgContext) -> u32 {
         return SK_PASS;
     };
     let flow = unsafe { &mut *flow };
+    if unsafe { has_ulp(sk) } {
+        // kTLS (or another ULP) came on after admission: TCP from now on.
+        flow.armed = 0;
+        return SK_PASS;
+    }
     let size = u64::from(ctx.size());
     let within = match unsafe { FWD_ACKS.get(&link.target) } {
         Some(a) => room(a, &link, flow.redirected, size),

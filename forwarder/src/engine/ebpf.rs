@@ -110,8 +110,8 @@ use aya::maps::{HashMap as BpfHashMap, MapData, RingBuf, SockHash};
 use aya::programs::SkSkb;
 use aya::{Ebpf, EbpfLoader};
 use forwarder_common::{
-    Peer, GLOBAL_SNDBUF_OFF, GLOBAL_WMEM_OFF, GLOBAL_WRITE_SEQ_OFF, MAP_EVENTS, MAP_PEERS,
-    MAP_SOCKS, MAP_TARGETS, PROG_PARSER, PROG_VERDICT,
+    Peer, GLOBAL_SNDBUF_OFF, GLOBAL_ULP_OFF, GLOBAL_WMEM_OFF, GLOBAL_WRITE_SEQ_OFF, MAP_EVENTS,
+    MAP_PEERS, MAP_SOCKS, MAP_TARGETS, PROG_PARSER, PROG_VERDICT,
 };
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use tokio::io::unix::AsyncFd;
@@ -431,6 +431,7 @@ impl EbpfEngine {
             write_seq: 0,
             wmem_queued: 0,
             sndbuf: 0,
+            ulp_ops: 0,
         };
         let offsets = match &local_cgroup {
             Some(_) => match super::local::kernel_offsets() {
@@ -450,6 +451,7 @@ impl EbpfEngine {
             .override_global(GLOBAL_WRITE_SEQ_OFF, &offsets.write_seq, true)
             .override_global(GLOBAL_WMEM_OFF, &offsets.wmem_queued, true)
             .override_global(GLOBAL_SNDBUF_OFF, &offsets.sndbuf, true)
+            .override_global(GLOBAL_ULP_OFF, &offsets.ulp_ops, true)
             .load(PROGRAMS)
             .map_err(|e| load_err("cannot load the eBPF programs")(e.into()))?;
         let take = |bpf: &mut Ebpf, name: &str| {

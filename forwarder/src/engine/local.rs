@@ -174,6 +174,9 @@ pub struct Offsets {
     pub wmem_queued: u32,
     /// `sock.sk_sndbuf`.
     pub sndbuf: u32,
+    /// `inet_connection_sock.icsk_ulp_ops` (`struct tcp_sock` begins with
+    /// `struct inet_connection_sock`).
+    pub ulp_ops: u32,
 }
 
 /// [`Offsets`] from the running kernel's BTF.
@@ -194,6 +197,7 @@ pub fn kernel_offsets() -> anyhow::Result<Offsets> {
         write_seq: find(b"tcp_sock", b"write_seq")?,
         wmem_queued: find(b"sock", b"sk_wmem_queued")?,
         sndbuf: find(b"sock", b"sk_sndbuf")?,
+        ulp_ops: find(b"inet_connection_sock", b"icsk_ulp_ops")?,
     })
 }
 
@@ -709,13 +713,14 @@ mod tests {
         // Every kernel this project supports (5.13+ with BTF) has them;
         // struct sock's fields lie before tcp_sock's own.
         let o = kernel_offsets().expect("kernel BTF");
-        for off in [o.write_seq, o.wmem_queued, o.sndbuf] {
+        for off in [o.write_seq, o.wmem_queued, o.sndbuf, o.ulp_ops] {
             assert!(off > 0 && off < 4096 && off % 4 == 0, "{o:?}");
         }
         assert!(
             o.wmem_queued < o.write_seq && o.sndbuf < o.write_seq,
             "{o:?}"
         );
+        assert!(o.ulp_ops > o.sndbuf && o.ulp_ops < o.write_seq, "{o:?}");
     }
 
     #[test]
