@@ -136,6 +136,24 @@ fn rust_src() -> Result<()> {
         .context("adding rust-src to the nightly toolchain")
 }
 
+/// rustfmt and clippy for the default toolchain: `cargo xtask test` runs
+/// both as gates.
+fn lint_tools() -> Result<()> {
+    let comps = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .context("listing rustup components (is rustup installed?)")?;
+    let has = |name: &str| comps.lines().any(|l| l.trim().starts_with(name));
+    for c in ["rustfmt", "clippy"] {
+        if has(c) {
+            item(c, "ok");
+        } else {
+            item(c, "installing");
+            run_cmd(Command::new("rustup").args(["component", "add", c]))
+                .with_context(|| format!("adding {c} to the default toolchain"))?;
+        }
+    }
+    Ok(())
+}
+
 /// `$CARGO_HOME`, by default `~/.cargo`.
 fn cargo_home() -> Option<PathBuf> {
     std::env::var_os("CARGO_HOME")
@@ -366,6 +384,7 @@ fn rootless() -> Result<()> {
 pub fn run() -> Result<()> {
     packages()?;
     rust_src()?;
+    lint_tools()?;
     bpf_linker()?;
     cargo_fuzz()?;
     rootless()?;

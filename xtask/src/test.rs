@@ -1,6 +1,7 @@
 //! `cargo xtask test`: the link check (`cargo xtask links`: every
 //! relative link in the Markdown files resolves; a dead one fails the task
-//! before anything is built), `setup`, a release build of the workspace (the
+//! before anything is built), `setup`, the lint gates (`cargo fmt --check`,
+//! `cargo clippy --all-targets -- -D warnings`), a release build of the workspace (the
 //! forwarder with its eBPF programs embedded: forwarder/build.rs compiles
 //! forwarder-ebpf with nightly and bpf-linker), then every test in release
 //! mode: the unit tests and the netns integration suite in `tests/`, which
@@ -59,6 +60,11 @@ pub fn run(args: &[String], with_fuzz: bool) -> Result<()> {
     if !is_root() {
         bail!("the suite creates network namespaces and loads BPF programs: run it as root");
     }
+    // The lint gates: formatting, then clippy with warnings as errors.
+    run_cmd(cargo().args(["fmt", "--all", "--", "--check"]))
+        .context("cargo fmt --check: run `cargo fmt --all`")?;
+    run_cmd(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))
+        .context("cargo clippy --all-targets -- -D warnings")?;
     run_cmd(cargo().args(["build", "--release"]).args(WORKSPACE))
         .context("building the workspace")?;
     // The suite runs the binary a user gets from `cargo install --locked
