@@ -20,6 +20,10 @@
 //! `port` and `kernel` build on those; `api` and `client` on `port` and
 //! `wire`; `startup` on everything.
 
+// Every unsafe block lives in `sys`, each with its SAFETY comment; the
+// compiler refuses one anywhere else.
+#![deny(unsafe_code)]
+
 pub mod agent;
 pub mod api;
 pub mod client;
@@ -35,6 +39,7 @@ pub mod spec;
 pub mod srcip;
 pub mod startup;
 pub mod stats;
+#[allow(unsafe_code)]
 pub mod sys;
 pub mod udp;
 pub mod wire;

@@ -3,6 +3,9 @@
 //! permitted. This file is the command line; the work is in the library
 //! (`lib.rs`).
 
+// The command line holds no unsafe code (the library keeps it in `sys`).
+#![forbid(unsafe_code)]
+
 use forwarder::{agent, client, engine, kernel, rootlesskit, spec, startup, sys};
 
 use std::path::PathBuf;
