@@ -750,7 +750,15 @@ pub async fn connection_limit_and_floods(engine: &Engine) {
             silent.push(pair.client("127.0.0.1:8080").await);
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(f.stats()["active"].as_u64() <= Some(20));
+        // `None <= Some(20)` would pass on a missing field: read it first.
+        let st = f.stats();
+        let active = st["active"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no active count: {st}"));
+        assert!(
+            active <= 20,
+            "{active} connections active at the limit of 20: {st}"
+        );
         drop(silent);
         for _ in 0..100 {
             let mut c = pair.client("127.0.0.1:8080").await;
