@@ -60,6 +60,16 @@ fn start(pair: &Pair, engine: &Engine, specs: &[&str]) -> Fwd {
     }
     let f = Fwd::start(pair, &args);
     assert_eq!(f.engine(), engine.expect, "engine; stderr:\n{}", f.stderr());
+    if engine.args.contains(&"--local-path") {
+        // The configuration exists to run every case through the path: a
+        // forwarder that fell back to sk_skb (it logs why) fails here.
+        let needle = "local-client path on";
+        let err = f.wait_stderr(needle, Duration::from_secs(5));
+        assert!(
+            err.contains(needle),
+            "the local-client path did not start:\n{err}"
+        );
+    }
     // Once running, only CAP_NET_BIND_SERVICE (bit 10) may be left, on
     // every thread; the dial agent keeps nothing.
     f.assert_least_privilege();

@@ -56,7 +56,7 @@ const BIG_BYTES: u64 = 64 << 20;
 const TIME_SCALE: u32 = 6;
 
 /// The engines the matrix covers: the suite's module names.
-const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "splice", "copy"];
+const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "ebpf_local", "splice", "copy"];
 
 /// The engines `cargo xtask test` (CI) runs in the 6.1 guest: the two
 /// ebpf variants, whose data path is the kernel's sockmap code. The whole
@@ -99,7 +99,8 @@ pub struct Args {
     /// Limit per boot, in minutes; QEMU is killed after it.
     #[arg(long, default_value_t = 45)]
     timeout: u64,
-    /// Only these engines (comma-separated: ebpf, ebpf_parser, splice, copy).
+    /// Only these engines (comma-separated: ebpf, ebpf_parser, ebpf_local,
+    /// splice, copy).
     #[arg(long = "engine", value_delimiter = ',', default_values_t = ENGINES.iter().map(|e| e.to_string()))]
     engines: Vec<String>,
     /// Only cases whose name contains one of these (e.g. `big_transfers`).
