@@ -1953,6 +1953,17 @@ fn read_after_stall(mut s: std::net::TcpStream, stall: Duration) -> io::Result<(
     }
 }
 
+/// Checks what the reader of writer `tag`'s stream of `n` bytes got.
+fn assert_stream(what: &str, tag: u8, got: io::Result<(u64, String)>, n: u64) {
+    let got = got.unwrap_or_else(|e| panic!("{what} reader {tag}: {e}"));
+    assert_eq!(
+        got,
+        (n, expected(20 + u64::from(tag), n)),
+        "{what}: the stream of the {:?} writer",
+        WRITERS[usize::from(tag)]
+    );
+}
+
 /// TCP's flow-control contract, kept through the forwarder: writers of
 /// every kind (blocking, level- and edge-triggered) facing a reader that
 /// stalls 3 s, in both directions, are held back without spinning (their
@@ -2075,13 +2086,7 @@ pub async fn flow_control_contract(engine: &Engine) {
                 let (tag, got) = up_rx
                     .recv_timeout(deadline)
                     .unwrap_or_else(|e| panic!("upload: a reader did not finish: {e}"));
-                let got = got.unwrap_or_else(|e| panic!("upload reader {tag}: {e}"));
-                assert_eq!(
-                    got,
-                    (n, expected(20 + u64::from(tag), n)),
-                    "upload from the {:?} writer",
-                    WRITERS[usize::from(tag)]
-                );
+                assert_stream("upload", tag, got, n);
             }
         } else {
             for _ in 0..3 {
@@ -2094,13 +2099,7 @@ pub async fn flow_control_contract(engine: &Engine) {
             }
             for r in readers {
                 let (tag, got) = r.join().expect("reader thread");
-                let got = got.unwrap_or_else(|e| panic!("download reader {tag}: {e}"));
-                assert_eq!(
-                    got,
-                    (n, expected(20 + u64::from(tag), n)),
-                    "download to the {:?} writer's reader",
-                    WRITERS[usize::from(tag)]
-                );
+                assert_stream("download", tag, got, n);
             }
         }
     }
