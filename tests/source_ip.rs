@@ -211,7 +211,7 @@ async fn tcp_sees_clients(privilege: Privilege, mode: &str) {
         assert_eq!(f.engine(), mode, "{}", f.ready);
     }
     if privilege == Privilege::Root {
-        let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+        let info = forwarder::cli::client::info_blocking(&sock).expect("GET /v1/info");
         assert_eq!(info["portDriver"]["sourceIP"], true, "{info}");
     }
     let needle = "preserving client addresses";
@@ -284,7 +284,7 @@ async fn tcp_off() {
             &sock_s,
         ],
     );
-    let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+    let info = forwarder::cli::client::info_blocking(&sock).expect("GET /v1/info");
     assert_eq!(info["portDriver"]["sourceIP"], false, "{info}");
     assert!(
         f.agent_pids().is_empty(),
@@ -516,7 +516,7 @@ async fn root_agent_killed_falls_back() {
     let sock_s = sock.display().to_string();
     let f = start(&pair, &["-p", "8080:80/tcp4", "--api-socket", &sock_s]);
     let source_ip = || {
-        let info = forwarder::client::info_blocking(&sock).expect("GET /v1/info");
+        let info = forwarder::cli::client::info_blocking(&sock).expect("GET /v1/info");
         info["portDriver"]["sourceIP"].clone()
     };
     assert_eq!(source_ip(), true);

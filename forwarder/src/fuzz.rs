@@ -17,12 +17,12 @@
 //! - [`agent_message`]: one datagram on the dial agent's socket, decoded as a
 //!   request (the agent's side) and as a reply (the forwarder's side). Every
 //!   error reply the agent would send fits in one datagram of
-//!   [`crate::agent::MAX_MESSAGE`] bytes, so the forwarder reads it whole.
+//!   [`crate::child::agent::MAX_MESSAGE`] bytes, so the forwarder reads it whole.
 
-use crate::agent;
-use crate::api;
-use crate::dial;
-use crate::spec::{ApiSpec, PortSpec};
+use crate::child::agent;
+use crate::child::dial;
+use crate::parent::api;
+use crate::wire::spec::{ApiSpec, PortSpec};
 
 /// Checks the properties of a spec that was accepted from `input`.
 fn accepted_spec(input: &str, spec: &PortSpec) {
@@ -122,7 +122,7 @@ pub fn agent_message(data: &[u8]) {
             );
         }
     }
-    if let Some(reply) = agent::decode_reply(data) {
+    if let Some(reply) = crate::parent::agent::decode_reply(data) {
         // What the forwarder does with a reply's address: unparsable ones
         // are tolerated, never a panic.
         let _ = reply

@@ -32,41 +32,16 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::oneshot;
 
-use crate::dial::Dial;
-use crate::engine::{self, Mode, Prepared};
-use crate::port::{self, PortManager};
-use crate::spec::{self, Expansion, PortRangeSpec, PortSpec};
+use crate::child::dial::Dial;
+use crate::child::netns;
+pub use crate::cli::args::Config;
+use crate::engine::{self, Prepared};
+use crate::parent::agent;
+use crate::parent::api;
+use crate::parent::port::{self, PortManager};
+use crate::sys;
+use crate::wire::spec::{self, first_conflict, PortRangeSpec, PortSpec};
 use crate::wire::{Event, Ready, StatsEvent};
-use crate::{agent, api, netns, sys};
-
-/// What `forwarder run` was asked to do.
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub child_netns: Option<PathBuf>,
-    pub child_pid: Option<u32>,
-    pub child_agent: Option<PathBuf>,
-    /// Attach to this RootlessKit state directory: its `child_pid` and
-    /// `api.sock` stand in for `child_pid` and `api_socket`
-    /// ([`crate::rootlesskit`]).
-    pub rootlesskit_state_dir: Option<PathBuf>,
-    /// `-p` specs, port ranges included.
-    pub publish: Vec<PortRangeSpec>,
-    pub mode: Mode,
-    pub ebpf_parser: bool,
-    pub api_socket: Option<PathBuf>,
-    /// `None`: derived from the descriptor limit ([`default_max_connections`]).
-    pub max_connections: Option<usize>,
-    /// UDP flow expiry and cap.
-    pub udp: crate::udp::UdpOptions,
-    /// Preserve client addresses where the child permits
-    /// ([`crate::srcip`]; `--no-source-ip` clears it).
-    pub source_ip: bool,
-    /// Run the local-client path ([`engine::local`]) with the ebpf engine.
-    pub local_path: bool,
-    /// The cgroup v2 directory the local path's `sock_ops` program watches
-    /// (`None`: the whole host, [`engine::local::default_cgroup`]).
-    pub bpf_cgroup: Option<PathBuf>,
-}
 
 /// The ebpf engine's options: with the local-client path, its cgroup and
 /// the child namespace's cookie (known now in root mode).
@@ -77,7 +52,7 @@ fn ebpf_options(config: &Config) -> anyhow::Result<engine::ebpf::Options> {
         ..Default::default()
     };
     #[cfg(feature = "ebpf")]
-    if config.local_path && config.mode == Mode::Ebpf {
+    if config.local_path && config.mode == engine::Mode::Ebpf {
         let cgroup = match &config.bpf_cgroup {
             Some(c) => c.clone(),
             None => engine::local::default_cgroup().context(
@@ -94,36 +69,6 @@ fn ebpf_options(config: &Config) -> anyhow::Result<engine::ebpf::Options> {
         opts.child_netns = path.and_then(|p| netns::netns_cookie(&p).ok());
     }
     Ok(opts)
-}
-
-/// The first two `-p` specs that would listen on the same address and
-/// port, as texts. A parent range to one child port takes whichever of
-/// its ports is free, so only its own conflicts with no free port left
-/// are found when binding.
-pub fn first_conflict(publish: &[PortRangeSpec]) -> Option<(String, String)> {
-    let fixed: Vec<(&PortRangeSpec, PortSpec)> = publish
-        .iter()
-        .flat_map(|r| match r.expand() {
-            Expansion::All(specs) => specs.into_iter().map(|s| (r, s)).collect(),
-            Expansion::FirstFree(_) => Vec::new(),
-        })
-        .collect();
-    for (i, (ra, a)) in fixed.iter().enumerate() {
-        if let Some((rb, b)) = fixed[..i]
-            .iter()
-            .find(|(rb, b)| !std::ptr::eq(*rb, *ra) && b.conflicts_with(a))
-        {
-            let show = |r: &PortRangeSpec, s: &PortSpec| {
-                if r.parent.count() == 1 {
-                    s.to_string()
-                } else {
-                    format!("{s} (of {r})")
-                }
-            };
-            return Some((show(ra, a), show(rb, b)));
-        }
-    }
-    None
 }
 
 /// How a run is told to stop.
@@ -341,12 +286,14 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
 
 /// Step 0: attaches to the RootlessKit of `--rootlesskit-state-dir`, whose
 /// child PID and API socket then stand in for the configuration's.
-fn attach_rootlesskit(config: &mut Config) -> Result<Option<crate::rootlesskit::Attachment>> {
+fn attach_rootlesskit(
+    config: &mut Config,
+) -> Result<Option<crate::parent::rootlesskit::Attachment>> {
     let Some(dir) = &config.rootlesskit_state_dir else {
         return Ok(None);
     };
-    let a = crate::rootlesskit::Attachment::attach(dir, |sock| {
-        crate::client::info_blocking(sock).map_err(|e| format!("{e:#}"))
+    let a = crate::parent::rootlesskit::Attachment::attach(dir, |sock| {
+        crate::cli::client::info_blocking(sock).map_err(|e| format!("{e:#}"))
     })?;
     tracing::info!(state_dir = %dir.display(), child_pid = a.child_pid,
         "attached to RootlessKit");
@@ -899,6 +846,7 @@ async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::Mode;
     use caps::Capability::{CAP_BPF, CAP_SYS_ADMIN};
 
     #[test]

@@ -29,7 +29,7 @@ use tokio::net::{TcpListener, TcpStream};
 use super::copy::CopyEngine;
 use super::splice::SpliceEngine;
 use super::{Conn, Engine};
-use crate::stats::PortStats;
+use crate::engine::stats::PortStats;
 
 /// What a case gets: the client's and the server's ends, and the port's
 /// counters.

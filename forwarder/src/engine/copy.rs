@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 
 use super::relay::{self, Chunk, Pool};
 use super::{Conn, Engine, EngineKind};
-use crate::stats::DataPath;
+use crate::engine::stats::DataPath;
 
 /// Size of each direction's buffer.
 pub const BUF_SIZE: usize = 64 * 1024;

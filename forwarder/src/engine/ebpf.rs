@@ -56,7 +56,7 @@
 //!   PEERS; the final counts go to the port's statistics; both sockets
 //!   close.
 //! - forwarder exit: the port manager shuts the port down
-//!   ([`crate::stats::PortStats::closed`]); the connection takes the reset
+//!   ([`crate::engine::stats::PortStats::closed`]); the connection takes the reset
 //!   path above, so its map entries are gone and its bytes counted before
 //!   the final stats line.
 //!
@@ -120,7 +120,7 @@ use tokio::sync::Notify;
 
 use super::handoff::{self, Clamps, Direction, End, Limits, Observed, Pacing, Wait, Window};
 use super::{splice::SpliceEngine, Conn, Engine, EngineKind, MapEntries};
-use crate::stats::DataPath;
+use crate::engine::stats::DataPath;
 use crate::sys::{self, EpollFd};
 
 /// The programs, built by `forwarder/build.rs` from `forwarder-ebpf`.
@@ -859,7 +859,7 @@ impl Inner {
         socks: &[std::net::TcpStream; 2],
         cookies: [u64; 2],
         base: [u64; 2],
-        port: &Arc<crate::stats::PortStats>,
+        port: &Arc<crate::engine::stats::PortStats>,
     ) -> bool {
         let deadline = tokio::time::Instant::now() + LIMITS.drain_stall;
         let mut whole = true;
@@ -901,7 +901,7 @@ impl Inner {
     }
 
     /// Hands a connection the maps cannot take to the splice engine.
-    fn fall_back(&self, socks: [std::net::TcpStream; 2], guard: crate::stats::ConnGuard) {
+    fn fall_back(&self, socks: [std::net::TcpStream; 2], guard: crate::engine::stats::ConnGuard) {
         let [a, b] = socks;
         match (
             tokio::net::TcpStream::from_std(a),

@@ -76,7 +76,7 @@ use tokio::net::TcpStream;
 use super::relay::{self, Chunk};
 use super::splice::SpliceChunk;
 use super::Conn;
-use crate::stats::{DataPath, PortStats};
+use crate::engine::stats::{DataPath, PortStats};
 use crate::sys;
 
 /// The default cgroup v2 hierarchy root, and where hybrid hosts mount it.

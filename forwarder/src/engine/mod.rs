@@ -13,6 +13,12 @@
 //!
 //! splice and copy share one driver ([`relay`]); they differ only in how a
 //! chunk is moved.
+//!
+//! Also here: the per-port counters the engines update ([`stats`]), and
+//! what the running kernel offers them and which engine auto mode picks
+//! ([`kernel`]).
+//!
+//! May use: `sys`, `wire`.
 
 #[cfg(test)]
 mod contract;
@@ -23,20 +29,22 @@ pub mod ebpf;
 #[path = "ebpf_disabled.rs"]
 pub mod ebpf;
 pub mod handoff;
+pub mod kernel;
 #[cfg(feature = "ebpf")]
 pub mod local;
 pub mod relay;
 pub mod splice;
+pub mod stats;
 
 use std::collections::HashMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::stats::ConnGuard;
+use crate::engine::stats::ConnGuard;
+pub use crate::wire::{EngineKind, MapEntries, Pooled};
 
 /// The engine chosen by `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -55,25 +63,6 @@ pub enum Mode {
     Copy,
 }
 
-/// The engine actually running.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    Ebpf,
-    Splice,
-    Copy,
-}
-
-impl fmt::Display for EngineKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            EngineKind::Ebpf => "ebpf",
-            EngineKind::Splice => "splice",
-            EngineKind::Copy => "copy",
-        })
-    }
-}
-
 /// A connected pair, ready to be forwarded: `sides[0]` was accepted in the
 /// parent namespace, `sides[1]` dialed in the child.
 pub struct Conn {
@@ -81,25 +70,6 @@ pub struct Conn {
     /// Counts the connection as active until dropped; gives the port's
     /// counters.
     pub guard: ConnGuard,
-}
-
-/// Entries in the BPF maps, for leak checks.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct MapEntries {
-    pub sockets: u64,
-    pub targets: u64,
-    pub peers: u64,
-}
-
-/// The splice and copy paths' movers (see [`relay::Pool`]): idle ones kept
-/// for reuse, and ones in use by connections that are moving data. Each
-/// pipe holds two descriptors.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Pooled {
-    pub pipes: usize,
-    pub pipes_in_use: usize,
-    pub buffers: usize,
-    pub buffers_in_use: usize,
 }
 
 /// What the pools hold now.

@@ -43,8 +43,8 @@ use std::sync::Mutex;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::engine::stats::{DataPath, PortStats};
 use crate::engine::Conn;
-use crate::stats::{DataPath, PortStats};
 use crate::sys;
 
 /// How many idle movers of one kind a [`Pool`] keeps for reuse.

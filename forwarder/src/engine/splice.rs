@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use super::copy::CopyChunk;
 use super::relay::{self, Chunk, Pool};
 use super::{Conn, Engine, EngineKind};
-use crate::stats::DataPath;
+use crate::engine::stats::DataPath;
 use crate::sys::{self, Pipe};
 
 /// Requested capacity of each direction's pipe: large enough that one

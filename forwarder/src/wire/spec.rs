@@ -597,6 +597,36 @@ impl FromStr for PortRangeSpec {
     }
 }
 
+/// The first two `-p` specs that would listen on the same address and
+/// port, as texts. A parent range to one child port takes whichever of
+/// its ports is free, so only its own conflicts with no free port left
+/// are found when binding.
+pub fn first_conflict(publish: &[PortRangeSpec]) -> Option<(String, String)> {
+    let fixed: Vec<(&PortRangeSpec, PortSpec)> = publish
+        .iter()
+        .flat_map(|r| match r.expand() {
+            Expansion::All(specs) => specs.into_iter().map(|s| (r, s)).collect(),
+            Expansion::FirstFree(_) => Vec::new(),
+        })
+        .collect();
+    for (i, (ra, a)) in fixed.iter().enumerate() {
+        if let Some((rb, b)) = fixed[..i]
+            .iter()
+            .find(|(rb, b)| !std::ptr::eq(*rb, *ra) && b.conflicts_with(a))
+        {
+            let show = |r: &PortRangeSpec, s: &PortSpec| {
+                if r.parent.count() == 1 {
+                    s.to_string()
+                } else {
+                    format!("{s} (of {r})")
+                }
+            };
+            return Some((show(ra, a), show(rb, b)));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

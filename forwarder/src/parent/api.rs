@@ -42,9 +42,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::port::{PortError, PortManager};
-use crate::spec::{ApiSpec, PortSpec};
+use crate::parent::port::{PortError, PortManager};
 use crate::sys;
+use crate::wire::spec::{ApiSpec, PortSpec};
 pub use crate::wire::API_VERSION;
 use crate::wire::{ErrorBody, Info, PortDriverInfo, PortStatus, Stats};
 
@@ -164,8 +164,8 @@ struct Guarded {
     slots: Arc<Semaphore>,
 }
 
-static REFUSAL_LOG: crate::ratelimit::Every =
-    crate::ratelimit::Every::new(std::time::Duration::from_secs(1));
+static REFUSAL_LOG: crate::parent::ratelimit::Every =
+    crate::parent::ratelimit::Every::new(std::time::Duration::from_secs(1));
 
 /// Logs a refused peer, once a second at most.
 fn log_refusal(uid: Option<u32>, pid: Option<i32>) {
@@ -448,15 +448,15 @@ mod tests {
     //! 127.0.0.1:P -> Q reaches a server on 127.0.0.1:Q here.
 
     use super::*;
+    use crate::child::netns::ChildDialer;
     use crate::engine::{copy::CopyEngine, Engine};
-    use crate::netns::ChildDialer;
     use axum::http::{Method, Request};
     use std::net::TcpListener as StdListener;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tower::ServiceExt;
 
     fn state() -> Arc<ApiState> {
-        let dialer: Arc<dyn crate::dial::Dial> =
+        let dialer: Arc<dyn crate::child::dial::Dial> =
             Arc::new(ChildDialer::new(Path::new("/proc/self/ns/net")).expect("own netns"));
         let engine: Arc<dyn Engine> = Arc::new(CopyEngine);
         Arc::new(ApiState {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use serde::{Deserialize, Serialize};
+pub use crate::wire::{ByPath, Snapshot};
 
 /// Which mechanism moved a byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,42 +122,5 @@ impl ConnGuard {
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
-    }
-}
-
-/// Bytes by data path.
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct ByPath {
-    /// Redirected by the sk_skb program.
-    pub bpf: u64,
-    pub splice: u64,
-    pub copy: u64,
-    /// Moved by the sk_msg program in the sender's own call.
-    #[serde(default)]
-    pub msg: u64,
-}
-
-/// A point-in-time copy of a port's (or the total's) counters.
-#[derive(Debug, Default, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Snapshot {
-    pub active: u64,
-    pub connections: u64,
-    pub dial_failures: u64,
-    pub bytes_to_child: u64,
-    pub bytes_to_parent: u64,
-    pub bytes_by_path: ByPath,
-}
-
-impl std::ops::AddAssign for Snapshot {
-    fn add_assign(&mut self, o: Snapshot) {
-        self.active += o.active;
-        self.connections += o.connections;
-        self.dial_failures += o.dial_failures;
-        self.bytes_to_child += o.bytes_to_child;
-        self.bytes_to_parent += o.bytes_to_parent;
-        self.bytes_by_path.bpf += o.bytes_by_path.bpf;
-        self.bytes_by_path.splice += o.bytes_by_path.splice;
-        self.bytes_by_path.copy += o.bytes_by_path.copy;
-        self.bytes_by_path.msg += o.bytes_by_path.msg;
     }
 }

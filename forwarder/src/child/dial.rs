@@ -27,7 +27,7 @@ use std::pin::Pin;
 
 use tokio::net::TcpStream;
 
-use crate::spec::PortSpec;
+use crate::wire::spec::PortSpec;
 
 /// Where to dial in the child, and where to retry if IPv6 is unusable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,7 @@ pub struct DialRequest<'a> {
     /// The parent socket that received it is an IPv6 socket.
     pub ipv6_listener: bool,
     /// The client's address and port, to bind as the dialed socket's source
-    /// where source preservation is on and applies ([`crate::srcip`]).
+    /// where source preservation is on and applies ([`crate::child::srcip`]).
     pub source: Option<SocketAddr>,
     /// A port to bind the dialed TCP socket to before it connects (on the
     /// client's address where source preservation applies, else on the
@@ -143,7 +143,7 @@ pub trait Dial: Send + Sync {
     }
 
     /// Whether dials made now bind the client's address as their source
-    /// (source preservation is on and working, [`crate::srcip`]).
+    /// (source preservation is on and working, [`crate::child::srcip`]).
     fn preserves_source(&self) -> bool {
         false
     }

@@ -10,7 +10,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
+use crate::wire::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
 use crate::wire::{ErrorBody, PortStatus, Stats};
 
 /// One HTTP/1.1 request over the API socket.

@@ -14,18 +14,22 @@
 //!   between the forwarder and its child-side dial agent; a reply that
 //!   succeeded carries the dialed socket as SCM_RIGHTS ancillary data.
 //!
-//! Only data lives here: no I/O, no decisions. The counters these messages
-//! carry are defined beside the code that counts them (`stats`, `udp`,
-//! `engine`) and re-exported.
+//! Only data lives here: no I/O, no decisions, and no other module of the
+//! crate is used, so a change elsewhere cannot change a message by
+//! accident. The port specs' two forms (the `-p` text and the API's JSON)
+//! are in [`spec`], the counters' snapshots in [`counters`].
+//!
+//! May use: nothing.
+
+pub mod counters;
+pub mod spec;
 
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::engine::{EngineKind, MapEntries, Pooled};
-pub use crate::spec::ApiSpec;
-pub use crate::stats::{ByPath, Snapshot};
-pub use crate::udp::{Drops, UdpSnapshot};
+pub use counters::{ByPath, Drops, EngineKind, MapEntries, Pooled, Snapshot, UdpSnapshot};
+pub use spec::ApiSpec;
 
 /// The API version `/v1/info` reports (RootlessKit's).
 pub const API_VERSION: &str = "1.1.1";
@@ -170,6 +174,11 @@ impl From<Stats> for StatsEvent {
 /// The largest agent message either way, in bytes.
 pub const AGENT_MAX_MESSAGE: usize = 4096;
 
+/// The `message` of the agent's greeting, the reply with id 0 it sends
+/// first on every connection once it holds no capability and is ready to
+/// dial.
+pub const AGENT_HELLO: &str = "agent ready";
+
 /// The forwarder asks the agent to dial for a connection or flow.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRequest {
@@ -185,7 +194,7 @@ pub struct AgentRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<String>,
     /// A port to bind the dialed TCP socket to before it connects
-    /// ([`crate::dial::DialRequest::bind_port`]).
+    /// ([`crate::child::dial::DialRequest::bind_port`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bind_port: Option<u16>,
 }

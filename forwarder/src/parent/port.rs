@@ -23,12 +23,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
-use crate::dial::{Dial, DialRequest};
+use crate::child::dial::{Dial, DialRequest};
+use crate::engine::stats::{PortStats, Snapshot};
 use crate::engine::{Conn, Engine};
-use crate::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
-use crate::stats::{PortStats, Snapshot};
 use crate::sys;
 use crate::udp::{self, UdpOptions, UdpSnapshot, UdpStats};
+use crate::wire::spec::{ApiSpec, Expansion, PortRangeSpec, PortSpec};
 pub use crate::wire::PortReport;
 
 /// How long a dial in the child may take before the client is reset.
@@ -137,7 +137,7 @@ struct Ctx {
     slots: Arc<Semaphore>,
     max_connections: usize,
     /// Dial with the client's address as the source (the dialer applies it
-    /// where it can: [`crate::srcip`]).
+    /// where it can: [`crate::child::srcip`]).
     source_ip: bool,
 }
 
@@ -630,7 +630,8 @@ async fn accept_loop(
 }
 
 /// Rate limit for the connection-limit warning, shared by all ports.
-static LIMIT_WARN: crate::ratelimit::Every = crate::ratelimit::Every::new(Duration::from_secs(1));
+static LIMIT_WARN: crate::parent::ratelimit::Every =
+    crate::parent::ratelimit::Every::new(Duration::from_secs(1));
 
 /// Logs that the connection limit is reached, once a second at most.
 fn limit_reached(max: usize) {
@@ -643,7 +644,8 @@ fn limit_reached(max: usize) {
 }
 
 /// Rate limit for dial-failure warnings, shared by all ports.
-static DIAL_WARN: crate::ratelimit::Every = crate::ratelimit::Every::new(Duration::from_secs(1));
+static DIAL_WARN: crate::parent::ratelimit::Every =
+    crate::parent::ratelimit::Every::new(Duration::from_secs(1));
 
 /// Dials the child for one accepted connection and hands the pair to the
 /// engine; on failure resets the client.
@@ -723,7 +725,7 @@ mod tests {
     //! dialer and what it does with the answer.
 
     use super::*;
-    use crate::dial::{DialFailure, DialFuture};
+    use crate::child::dial::{DialFailure, DialFuture};
     use crate::engine::copy::CopyEngine;
     use std::os::fd::OwnedFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,7 +8,7 @@
 //! With source preservation ([`ChildDialer::with_source_ip`], in the agent
 //! only, which holds the capabilities for it) the caller's thread makes the
 //! new socket transparent and binds it to the client's address before the
-//! connect, and adds a UDP flow's return rule ([`crate::srcip`]); where that
+//! connect, and adds a UDP flow's return rule ([`crate::child::srcip`]); where that
 //! does not apply the dial is as without it, the reason logged once.
 
 use std::fs::File;
@@ -23,8 +23,8 @@ use std::thread;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
 
-use crate::dial::{self, Dial, DialFuture, DialRequest};
-use crate::srcip::{self, Routing, Skip};
+use crate::child::dial::{self, Dial, DialFuture, DialRequest};
+use crate::child::srcip::{self, Routing, Skip};
 use crate::sys;
 
 /// Why the child namespace could not be used.
@@ -50,7 +50,7 @@ type Request = (bool, bool, oneshot::Sender<io::Result<OwnedFd>>);
 #[derive(Clone)]
 pub struct ChildDialer {
     tx: mpsc::Sender<Request>,
-    /// Source address preservation, when on ([`crate::srcip`]).
+    /// Source address preservation, when on ([`crate::child::srcip`]).
     source_ip: Option<Arc<SourceIp>>,
 }
 

@@ -1,0 +1,372 @@
+//! The forwarder's side of the child-side dial agent
+//! ([`crate::child::agent`], which documents the protocol): starting an
+//! agent in the container's namespaces ([`spawn`]) or connecting to one a
+//! runtime started, and [`AgentClient`], the dialer that asks it for each
+//! connection's socket and implements [`Dial`] like the in-process one.
+//!
+//! Requests carry an id; replies may come back in any order and are
+//! matched to their waiting dial by it. A request is bounded by the dial
+//! timeout; an agent that goes away fails every pending dial at once, and
+//! the port manager then restarts it or ends the run.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use nix::sys::socket::MsgFlags;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+use crate::child::dial::{Dial, DialFailure, DialFuture, DialRequest};
+use crate::child::netns::ChildDialer;
+use crate::sys::{self, SeqPacket};
+use crate::wire::spec::{ApiSpec, PortSpec};
+use crate::wire::{AgentFlowClosed, AgentReply, AgentRequest, AGENT_HELLO, AGENT_MAX_MESSAGE};
+
+/// Largest request or reply.
+const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentTarget {
+    /// In the user and network namespaces of this process (rootless).
+    Pid(u32),
+    /// In this network namespace file, in the forwarder's own user
+    /// namespace (root mode with source preservation).
+    Netns(std::path::PathBuf),
+}
+
+/// A started agent: the process, the forwarder's end of its socket, and
+/// whether source preservation is on in it.
+pub type Spawned = (std::process::Child, OwnedFd, bool);
+
+/// Starts `forwarder child-agent` in the namespaces of `target`: the child
+/// process joins the target's user namespace (allowed to the namespace's
+/// owner) when it differs from ours and then its network namespace before
+/// exec, and serves one end of a socket pair. `source_ip` asks it to
+/// preserve client addresses ([`crate::child::srcip`]) where the child permits.
+/// Returns the process and the other end, for [`AgentClient::new`], and
+/// whether source preservation is on. Needs no runtime.
+pub fn spawn(target: &AgentTarget, source_ip: bool) -> anyhow::Result<Spawned> {
+    use anyhow::Context as _;
+    let (userns, netns, what) = match target {
+        AgentTarget::Pid(pid) => {
+            let open = |ns: &str| {
+                std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
+                    .with_context(|| format!("cannot open /proc/{pid}/ns/{ns}"))
+            };
+            let same_user = {
+                let a = std::fs::metadata(format!("/proc/{pid}/ns/user"));
+                let b = std::fs::metadata("/proc/self/ns/user");
+                match (a, b) {
+                    (Ok(a), Ok(b)) => {
+                        use std::os::unix::fs::MetadataExt;
+                        a.ino() == b.ino() && a.dev() == b.dev()
+                    }
+                    _ => false,
+                }
+            };
+            let userns = open("user")?;
+            (
+                (!same_user).then_some(userns),
+                open("net")?,
+                format!("PID {pid}"),
+            )
+        }
+        AgentTarget::Netns(path) => (
+            None,
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+            path.display().to_string(),
+        ),
+    };
+    let (ours, theirs) = sys::seqpacket_pair()?;
+    let exe = std::env::current_exe().context("locating the forwarder binary")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["child-agent", "--fd", "3"]);
+    if source_ip {
+        cmd.arg("--source-ip");
+    }
+    sys::enter_namespaces_on_exec(
+        &mut cmd,
+        userns.as_ref().map(|u| u.as_fd()),
+        netns.as_fd(),
+        theirs.as_fd(),
+    );
+    let child = cmd.spawn().with_context(|| {
+        format!(
+            "cannot start the dial agent in the namespaces of {what} (joining a user \
+             namespace is allowed to its owner, entering a network namespace needs \
+             CAP_SYS_ADMIN over its user namespace)"
+        )
+    })?;
+    drop(theirs);
+    let mut child = child;
+    match await_hello(&ours, HELLO_TIMEOUT) {
+        Ok(on) => Ok((child, ours, on)),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e).context("the dial agent did not start")
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(AgentReply, Option<OwnedFd>)>>>>;
+
+/// The forwarder's side: sends dial requests to an agent and collects the
+/// sockets.
+#[derive(Clone)]
+pub struct AgentClient {
+    sock: Arc<Mutex<Arc<SeqPacket>>>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    /// Dials instead of the agent once set ([`AgentClient::fall_back_to`]).
+    fallback: Arc<Mutex<Option<ChildDialer>>>,
+    /// The current agent greeted with source preservation on.
+    source_ip: Arc<AtomicBool>,
+    /// The forwarder is stopping the agent: its socket closing is expected.
+    stopping: Arc<AtomicBool>,
+}
+
+impl AgentClient {
+    /// Wraps a connected SOCK_SEQPACKET socket to an agent, which greeted
+    /// with source preservation `source_ip`. Must run inside the tokio
+    /// runtime.
+    pub fn new(fd: OwnedFd, source_ip: bool) -> io::Result<AgentClient> {
+        let pending: Pending = Default::default();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let sock = Self::attach(fd, pending.clone(), stopping.clone())?;
+        Ok(AgentClient {
+            sock: Arc::new(Mutex::new(sock)),
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            fallback: Arc::new(Mutex::new(None)),
+            source_ip: Arc::new(AtomicBool::new(source_ip)),
+            stopping,
+        })
+    }
+
+    /// Switches to a new agent's socket (after a restart; the new agent
+    /// greeted with `source_ip`); every clone of this client uses it from
+    /// now on. Must run inside the runtime.
+    pub fn replace(&self, fd: OwnedFd, source_ip: bool) -> io::Result<()> {
+        let sock = Self::attach(fd, self.pending.clone(), self.stopping.clone())?;
+        if let Ok(mut s) = self.sock.lock() {
+            *s = sock;
+        }
+        self.source_ip.store(source_ip, Relaxed);
+        Ok(())
+    }
+
+    /// The forwarder is about to stop the agent: its socket closing from
+    /// now on is not an error worth logging.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Relaxed);
+    }
+
+    /// From now on every clone of this client dials with `dialer` (a thread
+    /// in the child's namespace), for an agent that cannot be restarted.
+    pub fn fall_back_to(&self, dialer: ChildDialer) {
+        if let Ok(mut f) = self.fallback.lock() {
+            *f = Some(dialer);
+        }
+    }
+
+    fn fallback(&self) -> Option<ChildDialer> {
+        self.fallback.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// Registers a socket and starts the task that reads its replies.
+    fn attach(
+        fd: OwnedFd,
+        pending: Pending,
+        stopping: Arc<AtomicBool>,
+    ) -> io::Result<Arc<SeqPacket>> {
+        let sock = Arc::new(SeqPacket::new(fd)?);
+        let (s, p) = (sock.clone(), pending);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_MESSAGE];
+            loop {
+                match s.recv(&mut buf).await {
+                    Ok(Some((n, _, mut fds))) => {
+                        let Some(reply) = decode_reply(&buf[..n]) else {
+                            tracing::warn!("malformed reply from the dial agent");
+                            continue;
+                        };
+                        let waiter = p.lock().ok().and_then(|mut m| m.remove(&reply.id));
+                        if let Some(w) = waiter {
+                            let _ = w.send((reply, fds.pop()));
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        if stopping.load(Relaxed) {
+                            tracing::debug!("the dial agent has stopped");
+                        } else {
+                            tracing::error!(
+                                "the dial agent is gone: new connections cannot be dialed"
+                            );
+                        }
+                        if let Ok(mut m) = p.lock() {
+                            m.clear();
+                        }
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(sock)
+    }
+
+    /// Connects to an agent listening at `path`; the socket is for
+    /// [`AgentClient::new`]. Needs no runtime.
+    pub fn connect(path: &Path) -> io::Result<(OwnedFd, bool)> {
+        let fd = sys::seqpacket_connect(path)?;
+        let on = await_hello(&fd, HELLO_TIMEOUT)?;
+        Ok((fd, on))
+    }
+
+    async fn request(
+        &self,
+        spec: &PortSpec,
+        ipv6_listener: bool,
+        source: Option<SocketAddr>,
+        bind_port: Option<u16>,
+    ) -> Result<(OwnedFd, SocketAddr), DialFailure> {
+        let fail = |errno: i32, message: String| DialFailure {
+            errno: Some(errno),
+            message,
+        };
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut m) = self.pending.lock() {
+            m.insert(id, tx);
+        }
+        let req = AgentRequest {
+            id,
+            spec: ApiSpec::from(spec),
+            ipv6_listener,
+            source: source.map(|s| s.to_string()),
+            bind_port,
+        };
+        let data = serde_json::to_vec(&req).map_err(|e| fail(libc::EINVAL, e.to_string()))?;
+        let sock = match self.sock.lock() {
+            Ok(s) => s.clone(),
+            Err(_) => return Err(fail(libc::EPIPE, "dial agent: lock poisoned".into())),
+        };
+        if let Err(e) = sock.send(&data, None).await {
+            if let Ok(mut m) = self.pending.lock() {
+                m.remove(&id);
+            }
+            return Err(fail(libc::EPIPE, format!("dial agent: {e}")));
+        }
+        let (reply, fd) = rx
+            .await
+            .map_err(|_| fail(libc::EPIPE, "the dial agent is gone".into()))?;
+        if !reply.ok {
+            return Err(DialFailure {
+                errno: reply.errno,
+                message: reply.message.unwrap_or_else(|| "dial failed".into()),
+            });
+        }
+        let fd = fd.ok_or_else(|| fail(libc::EPROTO, "agent replied without a socket".into()))?;
+        let reached = reply
+            .reached
+            .and_then(|r| r.parse().ok())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Ok((fd, reached))
+    }
+}
+
+/// Asks the agent to dial: it applies the same rules in the child and
+/// passes the connected socket back.
+impl Dial for AgentClient {
+    fn preserves_source(&self) -> bool {
+        match self.fallback() {
+            Some(d) => d.preserves_source(),
+            None => self.source_ip.load(Relaxed),
+        }
+    }
+
+    fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.tcp(req).await });
+        }
+        Box::pin(async move {
+            let (fd, reached) = self
+                .request(req.spec, req.ipv6_listener, req.source, req.bind_port)
+                .await?;
+            let fail = |e: io::Error| DialFailure::new(libc::EIO, e.to_string());
+            let std = std::net::TcpStream::from(fd);
+            std.set_nonblocking(true).map_err(fail)?;
+            TcpStream::from_std(std).map(|s| (s, reached)).map_err(fail)
+        })
+    }
+
+    fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
+        if let Some(d) = self.fallback() {
+            return Box::pin(async move { d.udp(req).await });
+        }
+        Box::pin(self.request(req.spec, req.ipv6_listener, req.source, None))
+    }
+
+    fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
+        let msg = AgentFlowClosed {
+            udp_closed: [reached.to_string(), local.to_string()],
+        };
+        let (Ok(data), Ok(sock)) = (serde_json::to_vec(&msg), self.sock.lock()) else {
+            return;
+        };
+        let sock = sock.clone();
+        // Best effort: a lost message leaves one narrow rule until the agent
+        // exits (and removes them all).
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                let _ = sock.send(&data, None).await;
+            });
+        }
+    }
+}
+
+/// How long a starting agent may take to greet.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Waits (blocking, no runtime needed) for the agent's greeting on a
+/// connected socket; returns whether source preservation is on there.
+fn await_hello(fd: &OwnedFd, timeout: Duration) -> io::Result<bool> {
+    if !sys::wait_readable(fd.as_fd(), timeout)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no greeting from the dial agent within {timeout:?}"),
+        ));
+    }
+    let mut buf = [0u8; MAX_MESSAGE];
+    let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+    check_hello(&buf[..n])
+}
+
+/// Whether a datagram is the agent's greeting, and whether it says source
+/// preservation is on.
+fn check_hello(data: &[u8]) -> io::Result<bool> {
+    let bad = |m: String| io::Error::new(io::ErrorKind::InvalidData, m);
+    if data.is_empty() {
+        return Err(bad("the dial agent exited before greeting".into()));
+    }
+    let hello: AgentReply = serde_json::from_slice(data)
+        .map_err(|e| bad(format!("the dial agent's greeting is not valid: {e}")))?;
+    if hello.id == 0 && hello.ok && hello.message.as_deref() == Some(AGENT_HELLO) {
+        Ok(hello.source_ip == Some(true))
+    } else {
+        Err(bad(format!(
+            "unexpected greeting from the dial agent: {hello:?}"
+        )))
+    }
+}
+
+/// Decodes a reply from the agent (the forwarder's side).
+pub(crate) fn decode_reply(data: &[u8]) -> Option<AgentReply> {
+    serde_json::from_slice(data).ok()
+}

@@ -1,0 +1,85 @@
+//! Descriptors: adopting raw ones, registering them with tokio, and
+//! waiting on them without a runtime.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::cvt;
+
+/// A descriptor that its value owns for its whole life, as tokio's
+/// registration requires: it stays open and the same until the value is
+/// dropped. Implemented here, for the types that do, and nowhere else.
+pub trait OwnsFd: AsRawFd {}
+
+impl OwnsFd for OwnedFd {}
+
+/// An epoll instance, owned.
+pub struct EpollFd(pub nix::sys::epoll::Epoll);
+
+impl AsRawFd for EpollFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_raw_fd()
+    }
+}
+
+impl OwnsFd for EpollFd {}
+
+#[cfg(feature = "ebpf")]
+impl OwnsFd for aya::maps::RingBuf<aya::maps::MapData> {}
+
+#[cfg(feature = "ebpf")]
+impl<T> OwnsFd for aya_log::EbpfLogger<T> {}
+
+/// Registers `inner` with the tokio reactor for `interest`.
+pub fn async_fd<T: OwnsFd>(inner: T, interest: Interest) -> io::Result<AsyncFd<T>> {
+    // SAFETY: OwnsFd: the descriptor stays open and the same for the
+    // value's, and so the AsyncFd's, whole life.
+    unsafe { AsyncFd::register_with_interest(inner, interest) }.map_err(|e| e.into_parts().1)
+}
+
+/// Takes ownership of a descriptor this process was handed by number (a
+/// command-line `--fd N` from the parent that started it).
+///
+/// # Errors
+/// EBADF unless `fd` is open.
+pub fn adopt_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: open (checked above), and handed to this process alone by
+    // its parent: nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Descriptors that arrived as SCM_RIGHTS ancillary data (nix hands them
+/// over as numbers): the kernel installed them for this process just now.
+pub fn adopt_received(raw: Vec<RawFd>) -> Vec<OwnedFd> {
+    raw.into_iter()
+        // SAFETY: fresh descriptors the kernel installed for us with the
+        // message; nothing else refers to them.
+        .map(|f| unsafe { OwnedFd::from_raw_fd(f) })
+        .collect()
+}
+
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK, owned.
+pub fn accept_owned(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    use nix::sys::socket::SockFlag;
+    let fd = nix::sys::socket::accept4(
+        listener.as_raw_fd(),
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+    )?;
+    // SAFETY: accept4 returned a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits up to `timeout` (blocking) for `fd` to be readable; false on
+/// timeout.
+pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Duration) -> io::Result<bool> {
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let mut pfd = [PollFd::new(fd, PollFlags::POLLIN)];
+    Ok(nix::poll::poll(&mut pfd, PollTimeout::from(ms))? > 0)
+}

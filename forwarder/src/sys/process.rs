@@ -1,0 +1,165 @@
+//! The process and its threads: namespaces, capabilities, resource
+//! limits, process handles and the umask.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+/// Moves the calling thread into the network namespace of `fd` (needs
+/// CAP_SYS_ADMIN over the namespace's owning user namespace).
+pub fn setns_net(fd: BorrowedFd<'_>) -> io::Result<()> {
+    Ok(nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?)
+}
+
+/// Sets the process umask for the guard's lifetime.
+pub struct Umask(nix::sys::stat::Mode);
+
+impl Umask {
+    pub fn set(mask: libc::mode_t) -> Umask {
+        Umask(nix::sys::stat::umask(
+            nix::sys::stat::Mode::from_bits_truncate(mask),
+        ))
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        nix::sys::stat::umask(self.0);
+    }
+}
+
+/// Reduces the calling thread's capabilities to `keep` (those of them it
+/// holds): the bounding set first (while CAP_SETPCAP may still be
+/// effective), then ambient, inheritable, effective and permitted, and sets
+/// no_new_privs so no later exec can gain any back.
+///
+/// capset(2) changes only the calling thread, so every thread that existed
+/// before must drop its own; threads created afterwards inherit the reduced
+/// sets. Returns an error only when the permitted set could not be reduced.
+pub fn drop_thread_capabilities(keep: &[caps::Capability]) -> io::Result<()> {
+    use caps::{CapSet, CapsHashSet};
+    let permitted = caps::read(None, CapSet::Permitted).map_err(io::Error::other)?;
+    let keep: CapsHashSet = permitted
+        .iter()
+        .filter(|c| keep.contains(c))
+        .copied()
+        .collect();
+    // Best effort: without CAP_SETPCAP the bounding set stays, which only
+    // matters to exec of a binary with file capabilities (no_new_privs
+    // below covers that too).
+    for cap in caps::all() {
+        if !keep.contains(&cap) {
+            let _ = caps::drop(None, CapSet::Bounding, cap);
+        }
+    }
+    let _ = caps::clear(None, CapSet::Ambient);
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new()).map_err(io::Error::other)?;
+    caps::set(None, CapSet::Effective, &keep).map_err(io::Error::other)?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(io::Error::other)?;
+    nix::sys::prctl::set_no_new_privs()?;
+    Ok(())
+}
+
+/// The calling thread's effective capability set as a bit mask (CapEff of
+/// `/proc/thread-self/status`), for logs and checks.
+pub fn thread_cap_eff() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Opens a pidfd for `pid` (Linux 5.3): readable once the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; returns a fresh descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The soft RLIMIT_NOFILE.
+pub fn nofile_limit() -> io::Result<u64> {
+    Ok(getrlimit(Resource::RLIMIT_NOFILE)?.0)
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: a forwarder holds two
+/// sockets (and in splice mode up to four pipe ends) per connection.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)?;
+    }
+    Ok(hard.max(soft))
+}
+
+/// Raises RLIMIT_MEMLOCK to unlimited: kernels before 5.11 charge BPF maps
+/// to it (newer ones use the memory cgroup, so failure is harmless there).
+pub fn raise_memlock_limit() -> io::Result<()> {
+    Ok(setrlimit(
+        Resource::RLIMIT_MEMLOCK,
+        libc::RLIM_INFINITY,
+        libc::RLIM_INFINITY,
+    )?)
+}
+
+/// This process's effective uid.
+pub fn euid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+
+/// Asks for SIGTERM when the parent thread exits (PR_SET_PDEATHSIG).
+pub fn term_with_parent() -> io::Result<()> {
+    Ok(nix::sys::prctl::set_pdeathsig(
+        nix::sys::signal::Signal::SIGTERM,
+    )?)
+}
+
+/// Arranges for `cmd`'s child, between fork and exec, to join the user
+/// namespace `userns` (when given: allowed to the namespace's owner), then
+/// the network namespace `netns` (CAP_SYS_ADMIN over its user namespace),
+/// to find `fd3` on descriptor 3, and to get SIGTERM when this thread ends.
+pub fn enter_namespaces_on_exec(
+    cmd: &mut std::process::Command,
+    userns: Option<BorrowedFd<'_>>,
+    netns: BorrowedFd<'_>,
+    fd3: BorrowedFd<'_>,
+) {
+    use std::os::unix::process::CommandExt;
+    let (user_fd, net_fd, agent_fd) = (
+        userns.map(|f| f.as_raw_fd()),
+        netns.as_raw_fd(),
+        fd3.as_raw_fd(),
+    );
+    // SAFETY: only async-signal-safe calls between fork and exec, on
+    // descriptors the caller keeps open until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Namespaces first: the namespace files may sit on descriptor
+            // 3, which the dup2 below replaces.
+            if let Some(u) = user_fd {
+                if libc::setns(u, libc::CLONE_NEWUSER) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if agent_fd == 3 {
+                // dup2 onto itself would leave close-on-exec set.
+                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            } else if libc::dup2(agent_fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+}
