@@ -84,6 +84,22 @@ fn assert_local(st: &Value, moved: u64) {
     );
     assert_eq!(by["bpf"], 0, "bytes took the sk_skb path: {st}");
     assert_eq!(by["copy"], 0, "bytes copied in userspace: {st}");
+    assert_admitted_own(st);
+}
+
+/// Asserts that the path admitted exactly this forwarder's connections:
+/// one client socket and one server socket for each, no other, and none
+/// refused.
+fn assert_admitted_own(st: &Value) {
+    let conns = st["connections"].as_u64().expect("connections");
+    let lp = &st["local_path"];
+    for k in ["clients", "servers"] {
+        let n = lp[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no local_path.{k} in the stats: {st}"));
+        assert_eq!(n, conns, "local_path.{k} against {conns} connections: {st}");
+    }
+    assert_eq!(lp["refused"].as_u64(), Some(0), "admissions refused: {st}");
 }
 
 /// iperf3 through `--mode ebpf`, forward and reverse, on an otherwise
@@ -164,6 +180,7 @@ async fn two_forwarders_each_take_their_own_clients() {
         );
         assert_eq!(by["bpf"], 0, "bytes took the sk_skb path: {st}");
         assert_eq!(by["copy"], 0, "bytes copied in userspace: {st}");
+        assert_admitted_own(st);
     }
     // Each forwarder's counters hold its own transfer only: what iperf3
     // received, plus its control connection and what was still in flight

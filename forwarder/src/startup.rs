@@ -108,7 +108,7 @@ pub struct Report {
 
 /// Writes one event as a line on stdout (the machine-readable channel;
 /// logs go to stderr).
-pub fn emit(event: &Event) {
+pub(crate) fn emit(event: &Event) {
     let Ok(line) = serde_json::to_string(event) else {
         return;
     };
@@ -131,7 +131,7 @@ fn pid_of_netns(path: &Path) -> Option<u32> {
 
 /// What map operations need on this kernel, decided from a probe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapPrivilege {
+pub(crate) enum MapPrivilege {
     /// Any thread may update the maps through the held descriptors.
     None,
     /// bpf() checks this capability on every command: one thread keeps it
@@ -149,7 +149,7 @@ pub enum MapPrivilege {
 /// before it, CAP_SYS_ADMIN is what bpf() wants. Any other probe failure is
 /// treated as "needs it" too: keeping one capability on one thread is
 /// safer than an engine that fails on its first connection.
-pub fn map_privilege(probe_errno: Option<i32>, kernel: (u32, u32)) -> MapPrivilege {
+pub(crate) fn map_privilege(probe_errno: Option<i32>, kernel: (u32, u32)) -> MapPrivilege {
     match probe_errno {
         None => MapPrivilege::None,
         Some(_) if kernel < (5, 8) => MapPrivilege::Keep(caps::Capability::CAP_SYS_ADMIN),

@@ -16,8 +16,8 @@
 //! May use: `wire`, `sys`. Nothing here knows about engines, ports or the
 //! API.
 
-pub mod agent;
-pub mod dial;
-pub mod netns;
+pub(crate) mod agent;
+pub(crate) mod dial;
+pub(crate) mod netns;
 pub mod setup;
-pub mod srcip;
+pub(crate) mod srcip;

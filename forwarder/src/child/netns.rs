@@ -218,14 +218,8 @@ impl ChildDialer {
         Ok(fd)
     }
 
-    /// Connects to `addr` inside the child namespace.
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<TcpStream> {
-        self.connect_port(addr, None).await
-    }
-
     /// Connects to `addr` from `port` of the unspecified address where that
-    /// port can be bound ([`DialRequest::bind_port`]), else as
-    /// [`Self::connect`].
+    /// port can be bound ([`DialRequest::bind_port`]), else from any port.
     async fn connect_port(&self, addr: SocketAddr, port: Option<u16>) -> io::Result<TcpStream> {
         let sock = self.socket(addr.is_ipv6()).await?;
         if let Some(port) = port {

@@ -267,7 +267,6 @@ fn lo_index() -> u32 {
 pub struct Routing {
     nl: Mutex<Netlink>,
     fwmark_accept_was: Mutex<Option<String>>,
-    ipv6: bool,
 }
 
 impl Routing {
@@ -285,7 +284,6 @@ impl Routing {
         let routing = Routing {
             nl: Mutex::new(nl),
             fwmark_accept_was: Mutex::new(None),
-            ipv6,
         };
         let was = std::fs::read_to_string(FWMARK_ACCEPT).map_err(SourceIpError::Sysctl)?;
         let set = was.trim() != "1";
@@ -337,11 +335,6 @@ impl Routing {
         )
         .map(drop)
         .or_else(|e| ignore(e, &[libc::ENOENT]))
-    }
-
-    /// Whether the child has IPv6 (the IPv6 rule and route were installed).
-    pub fn ipv6(&self) -> bool {
-        self.ipv6
     }
 }
 

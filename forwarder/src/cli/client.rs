@@ -64,7 +64,7 @@ fn check(status: StatusCode, body: &Bytes) -> Result<()> {
 }
 
 /// `GET /v1/info` of any RootlessKit-compatible API socket.
-pub async fn info(socket: &Path) -> Result<serde_json::Value> {
+pub(crate) async fn info(socket: &Path) -> Result<serde_json::Value> {
     let (status, bytes) = request(socket, Method::GET, "/v1/info", None).await?;
     check(status, &bytes)?;
     serde_json::from_slice(&bytes).context("decoding the reply")
@@ -237,6 +237,12 @@ pub async fn status(socket: &Path) -> Result<()> {
         println!(
             "bpf maps: {} sockets, {} targets, {} peers",
             m.sockets, m.targets, m.peers
+        );
+    }
+    if let Some(l) = st.local_path {
+        println!(
+            "local-client path: {} clients, {} servers admitted, {} refused, {} redirects failed",
+            l.clients, l.servers, l.refused, l.redirect_failed
         );
     }
     println!(

@@ -1133,6 +1133,17 @@ impl Engine for EbpfEngine {
             .unwrap_or_default()
     }
 
+    fn local_path(&self) -> Option<crate::wire::LocalPath> {
+        let c = self.inner.local.as_ref()?.counters();
+        Some(crate::wire::LocalPath {
+            clients: c.clients,
+            servers: c.servers,
+            refused: c.refused,
+            redirect_failed: c.redirect_failed,
+            targets: c.targets,
+        })
+    }
+
     fn map_entries(&self) -> Option<MapEntries> {
         self.inner
             .maps

@@ -26,7 +26,7 @@ use crate::engine::EngineKind;
 /// 6.1.0: Debian keeps the third number at 0 for its ABI; the line is what
 /// the rules look at).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct Version {
+pub(crate) struct Version {
     pub major: u32,
     pub minor: u32,
     pub patch: u32,
@@ -34,7 +34,7 @@ pub struct Version {
 
 impl Version {
     /// Parses the leading `MAJOR.MINOR[.PATCH]` of a release string.
-    pub fn parse(release: &str) -> Option<Version> {
+    pub(crate) fn parse(release: &str) -> Option<Version> {
         let head = release
             .split(|c: char| !(c.is_ascii_digit() || c == '.'))
             .next()?;
@@ -69,7 +69,7 @@ impl fmt::Display for Version {
 }
 
 /// The running kernel's release string (`uname -r`).
-pub fn release() -> String {
+pub(crate) fn release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -77,7 +77,7 @@ pub fn release() -> String {
 
 /// The oldest kernel the ebpf engine is offered on at all: sk_skb
 /// verdict-only mode (a verdict without a parser) arrived in 5.13.
-pub const MIN_EBPF: Version = Version::new(5, 13);
+pub(crate) const MIN_EBPF: Version = Version::new(5, 13);
 
 /// A kernel line on which auto mode does not pick ebpf, and why.
 struct Avoid {
@@ -104,7 +104,7 @@ struct Avoid {
 const AVOID: &[Avoid] = &[];
 
 /// Why auto mode must not pick ebpf on kernel `v`, if it must not.
-pub fn avoid_ebpf(v: Version) -> Option<String> {
+pub(crate) fn avoid_ebpf(v: Version) -> Option<String> {
     avoid_in(AVOID, v)
 }
 
@@ -119,17 +119,12 @@ fn avoid_in(list: &[Avoid], v: Version) -> Option<String> {
         .map(|a| format!("kernel {v}: {}", a.why))
 }
 
-/// Why the ebpf engine must not be trusted on the running kernel, if so.
-pub fn auto_refuses_ebpf() -> Option<String> {
-    Version::parse(&release()).and_then(avoid_ebpf)
-}
-
 /// One probe's result: `Ok(())` or what failed.
-pub type Probe = Result<(), String>;
+pub(crate) type Probe = Result<(), String>;
 
 /// What the running kernel offers the engines.
 #[derive(Debug, Clone, Serialize)]
-pub struct Probes {
+pub(crate) struct Probes {
     /// Creating a BPF map is permitted (CAP_BPF, or root).
     #[serde(serialize_with = "ser_probe")]
     pub bpf: Probe,
@@ -172,7 +167,7 @@ fn ser_probe<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
 
 /// Auto mode's choice and its reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub engine: EngineKind,
     pub reason: String,
 }
@@ -180,7 +175,7 @@ pub struct Decision {
 /// Whether the ebpf engine can run safely here, from the kernel version
 /// and the probes: its programs must load (the verdict-only variant, the
 /// default) and the kernel must not be on the [`avoid_ebpf`] list.
-pub fn ebpf_usable(v: Version, p: &Probes) -> Result<(), String> {
+pub(crate) fn ebpf_usable(v: Version, p: &Probes) -> Result<(), String> {
     if let Some(why) = avoid_ebpf(v) {
         return Err(format!("not safe here: {why}"));
     }
@@ -204,7 +199,7 @@ pub fn ebpf_usable(v: Version, p: &Probes) -> Result<(), String> {
 /// kernel has, also where ebpf could run (see
 /// [`crate::engine::AUTO_REASON`]); the reason says whether `--mode ebpf`
 /// would work here. Copy only if even splice failed.
-pub fn decide(v: Version, p: &Probes) -> Decision {
+pub(crate) fn decide(v: Version, p: &Probes) -> Decision {
     let ebpf = match ebpf_usable(v, p) {
         Ok(()) => format!("ebpf is available on kernel {v} with --mode ebpf"),
         Err(why) => format!("ebpf {why}"),
@@ -227,7 +222,7 @@ pub fn decide(v: Version, p: &Probes) -> Decision {
 
 /// Without the `ebpf` cargo feature there is no BPF object to probe with.
 #[cfg(not(feature = "ebpf"))]
-pub fn probe() -> Probes {
+pub(crate) fn probe() -> Probes {
     let no = || Err("built without the `ebpf` cargo feature".to_string());
     Probes {
         bpf: no(),
@@ -245,7 +240,7 @@ pub fn probe() -> Probes {
 /// Runs every probe against the running kernel (the program probes load
 /// the real programs into an engine that is never started).
 #[cfg(feature = "ebpf")]
-pub fn probe() -> Probes {
+pub(crate) fn probe() -> Probes {
     use aya::maps::MapType;
     use aya::programs::ProgramType;
     use aya::sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper};
@@ -323,7 +318,7 @@ fn local_path() -> Probe {
 
 /// The capabilities the BPF paths use, held or not, and what is lost
 /// without each.
-pub fn capabilities() -> Vec<(&'static str, bool, &'static str)> {
+pub(crate) fn capabilities() -> Vec<(&'static str, bool, &'static str)> {
     use caps::{CapSet, Capability};
     let has = |c| caps::has_cap(None, CapSet::Effective, c).unwrap_or(false);
     vec![

@@ -108,12 +108,6 @@ fn is_cgroup2(p: &Path) -> bool {
     p.join("cgroup.controllers").exists()
 }
 
-/// Offset in bytes of `write_seq` in `struct tcp_sock`, from raw kernel
-/// BTF (`/sys/kernel/btf/vmlinux`). `None` if the BTF does not say.
-pub fn write_seq_offset(btf: &[u8]) -> Option<u32> {
-    member_offset(btf, b"tcp_sock", b"write_seq")
-}
-
 /// Offset in bytes of member `member` of `struct name` in raw BTF (the
 /// first struct of that name), `None` if absent or not byte-aligned.
 pub fn member_offset(btf: &[u8], struct_name: &[u8], member: &[u8]) -> Option<u32> {
@@ -681,7 +675,10 @@ mod tests {
         types.extend(words(&[0, (6 << 24) | 2, 4, 14, 0, 22, 1]));
         // [4] struct tcp_sock { int snd_nxt @0; int write_seq @ bit 1536; }
         types.extend(words(&[5, (4 << 24) | 2, 256, 14, 1, 0, 22, 1, 1536]));
-        assert_eq!(write_seq_offset(&btf(&types, strings)), Some(192));
+        assert_eq!(
+            member_offset(&btf(&types, strings), b"tcp_sock", b"write_seq"),
+            Some(192)
+        );
         // A bitfield encoding (kind_flag) keeps the offset in the low 24 bits.
         let mut flagged = Vec::new();
         flagged.extend(words(&[1, 1 << 24, 4, 32]));
@@ -693,19 +690,31 @@ mod tests {
             1,
             (32 << 24) | 64,
         ]));
-        assert_eq!(write_seq_offset(&btf(&flagged, strings)), Some(8));
+        assert_eq!(
+            member_offset(&btf(&flagged, strings), b"tcp_sock", b"write_seq"),
+            Some(8)
+        );
     }
 
     #[test]
     fn write_seq_missing_or_garbage_is_none() {
         let strings = b"\0int\0tcp_sock\0snd_nxt\0";
         let types = words(&[5, (4 << 24) | 1, 256, 14, 0, 0]);
-        assert_eq!(write_seq_offset(&btf(&types, strings)), None);
-        assert_eq!(write_seq_offset(b"not btf at all, not even close"), None);
-        assert_eq!(write_seq_offset(&[]), None);
+        assert_eq!(
+            member_offset(&btf(&types, strings), b"tcp_sock", b"write_seq"),
+            None
+        );
+        assert_eq!(
+            member_offset(b"not btf at all, not even close", b"tcp_sock", b"write_seq"),
+            None
+        );
+        assert_eq!(member_offset(&[], b"tcp_sock", b"write_seq"), None);
         // An unknown kind stops the walk rather than misreading what follows.
         let unknown = words(&[0, 31 << 24, 0]);
-        assert_eq!(write_seq_offset(&btf(&unknown, strings)), None);
+        assert_eq!(
+            member_offset(&btf(&unknown, strings), b"tcp_sock", b"write_seq"),
+            None
+        );
     }
 
     #[test]

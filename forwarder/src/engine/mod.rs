@@ -22,19 +22,19 @@
 
 #[cfg(test)]
 mod contract;
-pub mod copy;
+pub(crate) mod copy;
 #[cfg(feature = "ebpf")]
-pub mod ebpf;
+pub(crate) mod ebpf;
 #[cfg(not(feature = "ebpf"))]
 #[path = "ebpf_disabled.rs"]
-pub mod ebpf;
-pub mod handoff;
+pub(crate) mod ebpf;
+pub(crate) mod handoff;
 pub mod kernel;
 #[cfg(feature = "ebpf")]
-pub mod local;
-pub mod relay;
-pub mod splice;
-pub mod stats;
+pub(crate) mod local;
+pub(crate) mod relay;
+pub(crate) mod splice;
+pub(crate) mod stats;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -100,6 +100,11 @@ pub trait Engine: Send + Sync {
 
     /// Current BPF map occupancy (ebpf engine only).
     fn map_entries(&self) -> Option<MapEntries> {
+        None
+    }
+
+    /// The local-client path's counters, when it runs.
+    fn local_path(&self) -> Option<crate::wire::LocalPath> {
         None
     }
 

@@ -432,6 +432,7 @@ pub fn stats(ports: &PortManager) -> Stats {
         total,
         ports: per_port,
         bpf_map_entries: ports.engine().map_entries(),
+        local_path: ports.engine().local_path(),
         pooled: crate::engine::pooled(),
         udp: ports.udp_total(),
     }

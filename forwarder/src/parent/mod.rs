@@ -16,8 +16,8 @@
 //! the [`crate::child::dial::Dial`] trait and the in-process dialer. Only
 //! `startup`, `fuzz` and `main.rs` use this folder.
 
-pub mod agent;
-pub mod api;
-pub mod port;
-pub mod ratelimit;
+pub(crate) mod agent;
+pub(crate) mod api;
+pub(crate) mod port;
+pub(crate) mod ratelimit;
 pub mod rootlesskit;

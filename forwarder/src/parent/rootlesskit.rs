@@ -29,11 +29,11 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// The API socket's name inside a state directory.
-pub const API_SOCK: &str = "api.sock";
+pub(crate) const API_SOCK: &str = "api.sock";
 /// Where RootlessKit's own socket is kept while the forwarder serves.
-pub const ASIDE: &str = "api.sock.rootlesskit";
+pub(crate) const ASIDE: &str = "api.sock.rootlesskit";
 /// The child PID file inside a state directory.
-pub const CHILD_PID: &str = "child_pid";
+pub(crate) const CHILD_PID: &str = "child_pid";
 
 /// Why attaching failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +70,7 @@ pub enum AttachError {
 
 /// What is at the API path and beside it when the forwarder starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct OnDisk {
+pub(crate) struct OnDisk {
     /// `api.sock` exists and something accepts connections on it.
     pub api_live: bool,
     /// `api.sock` exists (live or stale).
@@ -81,7 +81,7 @@ pub struct OnDisk {
 
 /// What to do with the state directory's sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Plan {
+pub(crate) enum Plan {
     /// `api.sock` is RootlessKit's, live: ask it whether it runs a port
     /// driver, then set it aside.
     AskThenSetAside,
@@ -99,7 +99,7 @@ pub enum Plan {
 }
 
 /// Decides from what is on disk (see the module comment).
-pub fn plan(d: OnDisk) -> Plan {
+pub(crate) fn plan(d: OnDisk) -> Plan {
     match (d.aside_exists, d.api_live) {
         (true, true) => Plan::Refuse,
         (true, false) => Plan::AlreadyAside,
@@ -110,7 +110,7 @@ pub fn plan(d: OnDisk) -> Plan {
 
 /// The port driver named in RootlessKit's `/v1/info` reply, if it runs one
 /// (`portDriver` is absent or null with `--port-driver=none`).
-pub fn port_driver(info: &serde_json::Value) -> Option<String> {
+pub(crate) fn port_driver(info: &serde_json::Value) -> Option<String> {
     match info.get("portDriver") {
         None | Some(serde_json::Value::Null) => None,
         Some(pd) => Some(
@@ -123,7 +123,7 @@ pub fn port_driver(info: &serde_json::Value) -> Option<String> {
 }
 
 /// Reads a PID file: one decimal number, surrounding white space allowed.
-pub fn parse_pid(content: &str) -> Option<u32> {
+pub(crate) fn parse_pid(content: &str) -> Option<u32> {
     content.trim().parse::<u32>().ok().filter(|&p| p > 0)
 }
 
@@ -131,7 +131,7 @@ pub fn parse_pid(content: &str) -> Option<u32> {
 /// puts RootlessKit's socket back (call it at exit, after the forwarder's
 /// own API socket has stopped serving).
 #[derive(Debug)]
-pub struct Attachment {
+pub(crate) struct Attachment {
     pub child_pid: u32,
     /// Where the forwarder serves its API.
     pub api_socket: PathBuf,
@@ -148,7 +148,7 @@ fn socket_answers(path: &Path) -> bool {
 impl Attachment {
     /// Attaches to the state directory `dir` (steps 1-3 of the module
     /// comment). `ask_info` performs `GET /v1/info` on a socket.
-    pub fn attach(
+    pub(crate) fn attach(
         dir: &Path,
         ask_info: impl Fn(&Path) -> Result<serde_json::Value, String>,
     ) -> Result<Attachment, AttachError> {
@@ -220,7 +220,7 @@ impl Attachment {
 
     /// Puts RootlessKit's socket back at `api.sock` (replacing the
     /// forwarder's own, which must no longer be served). Idempotent.
-    pub fn restore(&mut self) {
+    pub(crate) fn restore(&mut self) {
         let Some(aside) = self.aside.take() else {
             return;
         };
@@ -242,7 +242,7 @@ impl Drop for Attachment {
 
 /// Reads `ROOTLESSKIT_STATE_DIR` from a process environment block
 /// (`/proc/PID/environ`: NUL-separated `KEY=VALUE`).
-pub fn state_dir_from_environ(environ: &[u8]) -> Option<PathBuf> {
+pub(crate) fn state_dir_from_environ(environ: &[u8]) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     environ
         .split(|&b| b == 0)

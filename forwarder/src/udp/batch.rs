@@ -443,6 +443,7 @@ impl Batch {
     }
 
     /// Whether sends still try UDP GSO (false once the kernel refused it).
+    #[cfg(test)]
     pub fn gso(&self) -> bool {
         self.gso
     }

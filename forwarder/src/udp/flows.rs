@@ -49,11 +49,6 @@ impl<T> FlowTable<T> {
         self.map.len()
     }
 
-    /// No live flow.
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
     /// The slot of `key`'s flow.
     pub fn find(&self, key: &SocketAddr) -> Option<usize> {
         self.map.get(key).copied()

@@ -113,10 +113,8 @@ mod stats;
 use std::time::Duration;
 
 pub use crate::wire::{Drops, UdpSnapshot};
-pub use batch::{gso_runs, Ancillary, Batch, GsoLimits, PktInfo};
-pub use flows::FlowTable;
 pub use relay::{bind, serve};
-pub use stats::{DropCounter, Loss, UdpStats};
+pub use stats::UdpStats;
 
 /// Largest UDP payload over IPv4 (65,535 - 20 - 8).
 pub const MAX_PAYLOAD_V4: usize = 65_507;

@@ -35,6 +35,24 @@ pub struct MapEntries {
     pub peers: u64,
 }
 
+/// The local-client path's admissions and redirects, counted by its
+/// programs in the kernel (ebpf engine with the path on).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LocalPath {
+    /// Local clients' sockets admitted.
+    pub clients: u64,
+    /// Container servers' sockets admitted.
+    pub servers: u64,
+    /// Admissions the kernel refused (another program holds the socket, or
+    /// the map is full): those sockets stay on the TCP path.
+    pub refused: u64,
+    /// Redirects the kernel refused (the target was gone).
+    pub redirect_failed: u64,
+    /// The forwarder's own sockets whose acknowledgements the programs
+    /// follow.
+    pub targets: u64,
+}
+
 /// The splice and copy paths' movers (the relay's pools): idle ones kept
 /// for reuse, and ones in use by connections that are moving data. Each
 /// pipe holds two descriptors.

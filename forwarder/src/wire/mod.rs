@@ -28,7 +28,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-pub use counters::{ByPath, Drops, EngineKind, MapEntries, Pooled, Snapshot, UdpSnapshot};
+pub use counters::{
+    ByPath, Drops, EngineKind, LocalPath, MapEntries, Pooled, Snapshot, UdpSnapshot,
+};
 pub use spec::ApiSpec;
 
 /// The API version `/v1/info` reports (RootlessKit's).
@@ -110,6 +112,9 @@ pub struct Stats {
     /// Entries in the ebpf engine's maps (ebpf only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bpf_map_entries: Option<MapEntries>,
+    /// The local-client path's counters (ebpf with the path on).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub local_path: Option<LocalPath>,
     /// Idle pipes and buffers kept for reuse by the splice and copy paths.
     #[serde(default)]
     pub pooled: Pooled,
@@ -152,6 +157,8 @@ pub struct StatsEvent {
     pub ports: Vec<PortReport>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bpf_map_entries: Option<MapEntries>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub local_path: Option<LocalPath>,
     #[serde(default)]
     pub pooled: Pooled,
     #[serde(default)]
@@ -165,6 +172,7 @@ impl From<Stats> for StatsEvent {
             total: s.total,
             ports: s.ports,
             bpf_map_entries: s.bpf_map_entries,
+            local_path: s.local_path,
             pooled: s.pooled,
             udp: s.udp,
         }
@@ -255,6 +263,7 @@ mod tests {
             },
             ports: vec![],
             bpf_map_entries: None,
+            local_path: None,
             pooled: Pooled::default(),
             udp: UdpSnapshot::default(),
         }));
