@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::data::{expected_hash, Pattern};
 use forwarder_tests::servers::{self, read_tally, send_pattern, BANNER};
-use forwarder_tests::{bpf, reset_on_drop, within, Fwd, Pair, Privilege};
+use forwarder_tests::{
+    bpf, limit, reset_on_drop, wait_until_async, within, Fwd, Netns, Pair, Privilege,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -759,9 +761,24 @@ pub async fn connection_limit_and_floods(engine: &Engine) {
         for _ in 0..100 {
             silent.push(pair.client("127.0.0.1:8080").await);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wait until the forwarder is at its limit with clients left
+        // waiting in its backlog: one without the limit would have taken
+        // them (and the wait times out showing its count).
+        let st = wait_until_async(
+            limit(Duration::from_secs(10)),
+            "20 connections active and the rest waiting in the backlog",
+            async || {
+                let st = f.stats();
+                let waiting = tcp_backlog(&pair.parent, "127.0.0.1:8080");
+                if st["active"].as_u64() >= Some(20) && waiting > 0 {
+                    Ok(st)
+                } else {
+                    Err(format!("{waiting} in the backlog; {st}"))
+                }
+            },
+        )
+        .await;
         // `None <= Some(20)` would pass on a missing field: read it first.
-        let st = f.stats();
         let active = st["active"]
             .as_u64()
             .unwrap_or_else(|| panic!("no active count: {st}"));
@@ -856,6 +873,8 @@ pub async fn handoff_fails_half_way(engine: &Engine) {
     const N: u64 = 100 << 10;
     within(20, "a download through a half-failed handoff", async {
         let mut c = pair.client("127.0.0.1:8090").await;
+        // Part of the scenario, not a wait for a condition: the request
+        // must arrive after connecting, inside the seam's 300 ms gap.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut req = [0u8; 16];
         req[..8].copy_from_slice(&N.to_le_bytes());
@@ -992,43 +1011,73 @@ pub async fn fd_exhaustion(engine: &Engine) {
                 clients.push(c);
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Saturated: the process must be alive and idle, not spinning.
+        // Saturated once an accept has failed for want of descriptors: the
+        // process must then be alive and idle, not spinning.
+        wait_until_async(
+            limit(Duration::from_secs(10)),
+            "the forwarder to run out of descriptors",
+            async || {
+                let err = f.stderr();
+                if err.contains("accept failed, backing off") {
+                    Ok(())
+                } else {
+                    Err(format!("{} descriptors; stderr:\n{err}", f.fd_count()))
+                }
+            },
+        )
+        .await;
         let cpu0 = f.cpu_ticks();
+        // The window the CPU time is measured over.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu = (f.cpu_ticks() - cpu0) as f64 / hz;
         assert!(
             cpu < 0.3,
             "forwarder used {cpu:.2} s of CPU per second while out of descriptors"
         );
-        assert!(f.stats()["connections"].as_u64() > Some(0));
+        let st = f.stats();
+        assert!(st["connections"].as_u64() > Some(0), "{st}");
         drop(clients);
         // Descriptors free again: a new connection is served.
-        let mut served = false;
-        for _ in 0..50 {
-            if let Ok(mut c) = pair.parent.connect("127.0.0.1:8092").await {
-                let mut b = [0u8; 5];
-                if c.write_all(b"again").await.is_ok()
-                    && tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                {
-                    served = &b == b"again";
-                    if served {
-                        break;
-                    }
+        wait_until_async(
+            limit(Duration::from_secs(30)),
+            "a connection served after descriptors were freed",
+            async || {
+                let served = async {
+                    let mut c = pair.parent.connect("127.0.0.1:8092").await?;
+                    c.write_all(b"again").await?;
+                    let mut b = [0u8; 5];
+                    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await??;
+                    Ok::<_, io::Error>(b)
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            served,
-            "not serving after descriptors were freed; stderr:\n{}",
-            f.stderr()
-        );
+                .await;
+                match served {
+                    Ok(b) if &b == b"again" => Ok(()),
+                    Ok(b) => Err(format!("echoed {b:?}")),
+                    Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
+                }
+            },
+        )
+        .await;
     })
     .await;
     finish(f).await;
+}
+
+/// How many connections wait in the accept queue of the TCP socket
+/// listening on `addr` in `ns` (ss's Recv-Q of a listening socket).
+fn tcp_backlog(ns: &Netns, addr: &str) -> u64 {
+    let out = ns
+        .command("ss")
+        .args(["-tlnH", "src", addr])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace().skip_while(|w| *w != "LISTEN");
+            f.nth(1)?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no socket listening on {addr} in ss's output: {text:?}"))
 }
 
 /// Fills `out` with the next bytes of `p`.

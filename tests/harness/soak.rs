@@ -650,6 +650,7 @@ pub fn run(args: &[&str], expect_engine: &str, cfg: &Config) -> Report {
         }
         report.peak_rss_kib = report.peak_rss_kib.max(f.rss_kib());
         report.peak_fds = report.peak_fds.max(f.fd_count());
+        // The soak's sampling pace, not a wait for a condition.
         std::thread::sleep(Duration::from_secs(1));
     }
     shared.stop.store(true, Relaxed);
