@@ -341,16 +341,19 @@ async fn the_agent_exits_with_its_forwarder() {
         .expect("the forwarder started no agent");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(f.pid as i32, libc::SIGKILL) };
-    let mut gone = false;
-    for _ in 0..50 {
-        let state = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "agent {agent} outlived its forwarder");
+    wait_until_async(
+        limit(Duration::from_secs(5)),
+        &format!("agent {agent} to exit with its forwarder"),
+        async || {
+            let state = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
+            if state.is_empty() || state.contains(") Z") {
+                Ok(())
+            } else {
+                Err(state)
+            }
+        },
+    )
+    .await;
     drop(f);
 }
 
@@ -604,41 +607,37 @@ async fn a_killed_agent_is_restarted() {
     assert_eq!(old.len(), 1, "agents: {old:?}");
     // SAFETY: signalling a process our forwarder started.
     unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
-    let mut new = Vec::new();
-    for _ in 0..50 {
-        new = f.agent_pids();
+    wait_until_async(limit(Duration::from_secs(5)), "a new agent", async || {
+        let new = f.agent_pids();
         if new.len() == 1 && new != old {
-            break;
+            Ok(())
+        } else {
+            Err(format!("agents {new:?}; stderr:\n{}", f.stderr()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        new.len() == 1 && new != old,
-        "no new agent: {new:?}; {}",
-        f.stderr()
-    );
+    })
+    .await;
     // Until the forwarder has switched to the new agent, a dial fails and
     // the client is reset (as documented): retry until served.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let served = async {
-            let mut c = pair.parent.connect("127.0.0.1:8080").await.ok()?;
-            c.write_all(b"again").await.ok()?;
-            let mut b = [0u8; 5];
-            c.read_exact(&mut b).await.ok()?;
-            (&b == b"again").then_some(())
-        }
-        .await;
-        if served.is_some() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not served through the new agent within 10 s: {}",
-            f.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async(
+        limit(Duration::from_secs(10)),
+        "a connection served through the new agent",
+        async || {
+            let served = async {
+                let mut c = pair.parent.connect("127.0.0.1:8080").await?;
+                c.write_all(b"again").await?;
+                let mut b = [0u8; 5];
+                c.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(b)
+            }
+            .await;
+            match served {
+                Ok(b) if &b == b"again" => Ok(()),
+                Ok(b) => Err(format!("echoed {b:?}")),
+                Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
+            }
+        },
+    )
+    .await;
     // Once it has dialed, the new agent has dropped its capabilities (it
     // drops them before it serves; checking as soon as its PID appears
     // raced with its start).

@@ -133,9 +133,12 @@ pub async fn early_and_late_data(engine: &Engine) {
         c.write_all(early).await.expect("write");
         // The forwarder has dialed and its SYN was dropped: the dial is
         // pending while the early bytes wait.
-        while pair.child.listen_overflows() == dropped {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until_async(
+            limit(Duration::from_secs(20)),
+            "the forwarder's SYN to the child to be dropped",
+            async || pair.child.listen_overflows() != dropped,
+        )
+        .await;
         let _ = open.send(());
         let mut got = vec![0u8; early.len()];
         within(10, "early echo", c.read_exact(&mut got))
@@ -244,7 +247,7 @@ pub async fn stop_with_open_connections(engine: &Engine) {
         );
     }
     assert!(
-        t.elapsed() < forwarder_tests::limit(Duration::from_secs(5)),
+        t.elapsed() < limit(Duration::from_secs(5)),
         "exit took {:?}",
         t.elapsed()
     );
@@ -286,7 +289,7 @@ fn assert_reset(end: io::Result<()>, what: &str) {
 /// with an exact reset. A forwarder still holding the connection would take
 /// the byte, and the caller's time limit fails the test.
 async fn ends(c: &mut TcpStream) -> (io::Result<()>, bool) {
-    let quiet = forwarder_tests::limit(Duration::from_secs(2));
+    let quiet = limit(Duration::from_secs(2));
     let mut b = vec![0u8; 1 << 16];
     let mut probed = false;
     loop {
@@ -619,22 +622,27 @@ pub async fn idle_connections_hold_nothing(engine: &Engine) {
     .await;
     // Idle now: every mover back, at most 64 pipes kept, and no pipe
     // descriptor other than the pooled ones.
-    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(10));
-    loop {
-        let st = f.stats();
-        let p = &st["pooled"];
-        let pipes = p["pipes"].as_u64().unwrap_or(u64::MAX);
-        let held = (f.pipe_fd_count() as u64).saturating_sub(base_pipes);
-        if p["pipes_in_use"] == 0 && p["buffers_in_use"] == 0 && held == 2 * pipes && pipes <= 64 {
-            assert_eq!(st["active"].as_u64(), Some(N as u64), "{st}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{N} idle connections still hold movers: {p}, {held} pipe descriptors; {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let st = wait_until_async(
+        limit(Duration::from_secs(10)),
+        &format!("{N} idle connections to give their movers back"),
+        async || {
+            let st = f.stats();
+            let p = &st["pooled"];
+            let pipes = p["pipes"].as_u64().unwrap_or(u64::MAX);
+            let held = (f.pipe_fd_count() as u64).saturating_sub(base_pipes);
+            if p["pipes_in_use"] == 0
+                && p["buffers_in_use"] == 0
+                && held == 2 * pipes
+                && pipes <= 64
+            {
+                Ok(st)
+            } else {
+                Err(format!("pooled {p}, {held} pipe descriptors; {st}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(st["active"].as_u64(), Some(N as u64), "{st}");
     within(60, "the idle connections wake up", async {
         for (i, c) in conns.iter_mut().enumerate() {
             echo_roundtrip(c, &msg(i, 0x5a)).await;
@@ -1309,7 +1317,10 @@ pub async fn server_restart(engine: &Engine) {
     })
     .await;
     // Server down: each new client is reset at once.
-    let fails0 = f.stats()["dial_failures"].as_u64().unwrap_or(0);
+    let st = f.stats();
+    let fails0 = st["dial_failures"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no dial_failures count: {st}"));
     let warned0 = warnings(&f.stderr());
     let down = Instant::now();
     within(20, "dials while the server is down", async {
@@ -1717,7 +1728,7 @@ pub async fn stop_under_load(engine: &Engine) {
     assert_eq!(st["event"], "stats", "{st}");
     // 5 s on the host; stretched by the time scale under emulation (a
     // QEMU TCG guest runs several times slower).
-    let bound = forwarder_tests::limit(Duration::from_secs(5));
+    let bound = limit(Duration::from_secs(5));
     assert!(exited < bound, "exit took {exited:?}");
     // Every client connection ends within the bound of the signal.
     let left = bound.saturating_sub(t.elapsed()) + Duration::from_millis(100);
@@ -1743,27 +1754,28 @@ pub async fn stop_under_load(engine: &Engine) {
         "not every connection ended within {bound:?} of SIGTERM"
     );
     // Maps are checked by stop(); programs here, and every map by id.
-    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(5));
-    loop {
-        let maps_left: Vec<u32> = maps
-            .iter()
-            .copied()
-            .filter(|&id| bpf::map_exists(id))
-            .collect();
-        let progs_left: Vec<u32> = progs
-            .iter()
-            .copied()
-            .filter(|&id| bpf::prog_exists(id))
-            .collect();
-        if maps_left.is_empty() && progs_left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "BPF objects outlived the forwarder by 5 s: maps {maps_left:?}, programs {progs_left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        limit(Duration::from_secs(5)),
+        "the forwarder's BPF objects to be freed after it exited",
+        async || {
+            let maps_left: Vec<u32> = maps
+                .iter()
+                .copied()
+                .filter(|&id| bpf::map_exists(id))
+                .collect();
+            let progs_left: Vec<u32> = progs
+                .iter()
+                .copied()
+                .filter(|&id| bpf::prog_exists(id))
+                .collect();
+            if maps_left.is_empty() && progs_left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("maps {maps_left:?}, programs {progs_left:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// One module per engine, one test per case, so a failure names both.
