@@ -1019,18 +1019,33 @@ pub async fn fd_exhaustion(engine: &Engine) {
                 clients.push(c);
             }
         }
-        // Saturated once an accept has failed for want of descriptors: the
+        // Saturated once the forwarder has taken every client it could:
+        // an accept failed for want of descriptors (it logs that it backs
+        // off), or its descriptors and the clients left in its backlog
+        // have stopped changing (how the engines reach that differs). The
         // process must then be alive and idle, not spinning.
+        let mut last: Option<((usize, u64), Instant)> = None;
         wait_until_async(
             limit(Duration::from_secs(10)),
-            "the forwarder to run out of descriptors",
+            "the forwarder to run out of descriptors and settle",
             async || {
                 let err = f.stderr();
+                let now = (f.fd_count(), tcp_backlog(&pair.parent, "127.0.0.1:8092"));
                 if err.contains("accept failed, backing off") {
-                    Ok(())
-                } else {
-                    Err(format!("{} descriptors; stderr:\n{err}", f.fd_count()))
+                    return Ok(());
                 }
+                match last {
+                    Some((before, since)) if before == now => {
+                        if since.elapsed() >= Duration::from_millis(300) {
+                            return Ok(());
+                        }
+                    }
+                    _ => last = Some((now, Instant::now())),
+                }
+                Err(format!(
+                    "{} descriptors, {} clients in the backlog; stderr:\n{err}",
+                    now.0, now.1
+                ))
             },
         )
         .await;
