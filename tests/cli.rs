@@ -5,7 +5,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use forwarder::wire;
-use forwarder_tests::{forwarder_bin, require_root, servers, within, Fwd, Netns, Pair};
+use forwarder_tests::{
+    forwarder_bin, limit, require_root, servers, wait_until, wait_until_async, within, Fwd, Netns,
+    Pair,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[test]
@@ -338,16 +341,19 @@ async fn the_agent_exits_with_its_forwarder() {
         .expect("the forwarder started no agent");
     // SAFETY: signalling our own child.
     unsafe { libc::kill(f.pid as i32, libc::SIGKILL) };
-    let mut gone = false;
-    for _ in 0..50 {
-        let state = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
-        if state.is_empty() || state.contains(") Z") {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(gone, "agent {agent} outlived its forwarder");
+    wait_until_async(
+        limit(Duration::from_secs(5)),
+        &format!("agent {agent} to exit with its forwarder"),
+        async || {
+            let state = std::fs::read_to_string(format!("/proc/{agent}/stat")).unwrap_or_default();
+            if state.is_empty() || state.contains(") Z") {
+                Ok(())
+            } else {
+                Err(state)
+            }
+        },
+    )
+    .await;
     drop(f);
 }
 
@@ -494,12 +500,26 @@ async fn api_idle_clients_cannot_starve_it() {
     let idle: Vec<_> = (0..40)
         .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
-    // At most 32 accepted; the rest wait in the backlog.
+    // At most 32 accepted; the rest wait in the backlog. Wait until the
+    // forwarder has taken what it may (the backlog down to 8), then check
+    // that it took no more: a forwarder without the bound drains it.
+    let backlog = || unix_backlog(&pair.parent, &sock_s);
+    wait_until(
+        limit(Duration::from_secs(5)),
+        "the forwarder to accept 32 of the 40 API clients",
+        || {
+            let b = backlog();
+            (b <= 8).then_some(()).ok_or(format!(
+                "{b} in the backlog, {} descriptors ({base} before)",
+                f.fd_count()
+            ))
+        },
+    );
+    let (fds, left) = (f.fd_count(), backlog());
     assert!(
-        f.fd_count() <= base + 32,
-        "{} descriptors, {base} before: more than 32 API connections accepted",
-        f.fd_count()
+        fds <= base + 32 && left == 8,
+        "{fds} descriptors, {base} before, {left} clients left in the backlog: \
+         more than 32 API connections accepted"
     );
     let t = std::time::Instant::now();
     let (code, body) = curl_api(&sock_s, "/v1/ports", false);
@@ -510,11 +530,17 @@ async fn api_idle_clients_cannot_starve_it() {
         t.elapsed()
     );
     drop(idle);
-    std::thread::sleep(Duration::from_secs(1));
-    assert!(
-        f.fd_count() <= base + 1,
-        "{} descriptors, {base} before the idle clients",
-        f.fd_count()
+    // The forwarder closes them as they close; within 2 s, well inside the
+    // 10 s idle timeout that would close them anyway.
+    wait_until(
+        limit(Duration::from_secs(2)).min(Duration::from_secs(5)),
+        "the idle clients' API connections to be closed",
+        || {
+            let fds = f.fd_count();
+            (fds <= base + 1)
+                .then_some(())
+                .ok_or(format!("{fds} descriptors, {base} before the idle clients"))
+        },
     );
     f.stop();
     let _ = std::fs::remove_dir_all(&dir);
@@ -581,41 +607,37 @@ async fn a_killed_agent_is_restarted() {
     assert_eq!(old.len(), 1, "agents: {old:?}");
     // SAFETY: signalling a process our forwarder started.
     unsafe { libc::kill(old[0] as i32, libc::SIGKILL) };
-    let mut new = Vec::new();
-    for _ in 0..50 {
-        new = f.agent_pids();
+    wait_until_async(limit(Duration::from_secs(5)), "a new agent", async || {
+        let new = f.agent_pids();
         if new.len() == 1 && new != old {
-            break;
+            Ok(())
+        } else {
+            Err(format!("agents {new:?}; stderr:\n{}", f.stderr()))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(
-        new.len() == 1 && new != old,
-        "no new agent: {new:?}; {}",
-        f.stderr()
-    );
+    })
+    .await;
     // Until the forwarder has switched to the new agent, a dial fails and
     // the client is reset (as documented): retry until served.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let served = async {
-            let mut c = pair.parent.connect("127.0.0.1:8080").await.ok()?;
-            c.write_all(b"again").await.ok()?;
-            let mut b = [0u8; 5];
-            c.read_exact(&mut b).await.ok()?;
-            (&b == b"again").then_some(())
-        }
-        .await;
-        if served.is_some() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not served through the new agent within 10 s: {}",
-            f.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_async(
+        limit(Duration::from_secs(10)),
+        "a connection served through the new agent",
+        async || {
+            let served = async {
+                let mut c = pair.parent.connect("127.0.0.1:8080").await?;
+                c.write_all(b"again").await?;
+                let mut b = [0u8; 5];
+                c.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(b)
+            }
+            .await;
+            match served {
+                Ok(b) if &b == b"again" => Ok(()),
+                Ok(b) => Err(format!("echoed {b:?}")),
+                Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
+            }
+        },
+    )
+    .await;
     // Once it has dialed, the new agent has dropped its capabilities (it
     // drops them before it serves; checking as soon as its PID appears
     // raced with its start).
@@ -759,4 +781,18 @@ async fn port_ranges_publish_whole_or_not_at_all() {
     );
     assert!(out.stdout.is_empty(), "{:?}", out.stdout);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// How many connections wait in the backlog of the Unix socket listening
+/// at `path` in `ns` (ss's Recv-Q of a listening socket).
+fn unix_backlog(ns: &Netns, path: &str) -> u64 {
+    let out = ns
+        .command("ss")
+        .args(["-xlnH", "src", path])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or_else(|| panic!("no listening socket {path} in ss's output: {text:?}"))
 }

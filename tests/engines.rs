@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::data::{expected_hash, Pattern};
 use forwarder_tests::servers::{self, read_tally, send_pattern, BANNER};
-use forwarder_tests::{bpf, reset_on_drop, within, Fwd, Pair, Privilege};
+use forwarder_tests::{
+    bpf, limit, reset_on_drop, wait_until_async, within, Fwd, Netns, Pair, Privilege,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -131,9 +133,12 @@ pub async fn early_and_late_data(engine: &Engine) {
         c.write_all(early).await.expect("write");
         // The forwarder has dialed and its SYN was dropped: the dial is
         // pending while the early bytes wait.
-        while pair.child.listen_overflows() == dropped {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_until_async(
+            limit(Duration::from_secs(20)),
+            "the forwarder's SYN to the child to be dropped",
+            async || pair.child.listen_overflows() != dropped,
+        )
+        .await;
         let _ = open.send(());
         let mut got = vec![0u8; early.len()];
         within(10, "early echo", c.read_exact(&mut got))
@@ -242,7 +247,7 @@ pub async fn stop_with_open_connections(engine: &Engine) {
         );
     }
     assert!(
-        t.elapsed() < forwarder_tests::limit(Duration::from_secs(5)),
+        t.elapsed() < limit(Duration::from_secs(5)),
         "exit took {:?}",
         t.elapsed()
     );
@@ -284,7 +289,7 @@ fn assert_reset(end: io::Result<()>, what: &str) {
 /// with an exact reset. A forwarder still holding the connection would take
 /// the byte, and the caller's time limit fails the test.
 async fn ends(c: &mut TcpStream) -> (io::Result<()>, bool) {
-    let quiet = forwarder_tests::limit(Duration::from_secs(2));
+    let quiet = limit(Duration::from_secs(2));
     let mut b = vec![0u8; 1 << 16];
     let mut probed = false;
     loop {
@@ -617,22 +622,27 @@ pub async fn idle_connections_hold_nothing(engine: &Engine) {
     .await;
     // Idle now: every mover back, at most 64 pipes kept, and no pipe
     // descriptor other than the pooled ones.
-    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(10));
-    loop {
-        let st = f.stats();
-        let p = &st["pooled"];
-        let pipes = p["pipes"].as_u64().unwrap_or(u64::MAX);
-        let held = (f.pipe_fd_count() as u64).saturating_sub(base_pipes);
-        if p["pipes_in_use"] == 0 && p["buffers_in_use"] == 0 && held == 2 * pipes && pipes <= 64 {
-            assert_eq!(st["active"].as_u64(), Some(N as u64), "{st}");
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{N} idle connections still hold movers: {p}, {held} pipe descriptors; {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let st = wait_until_async(
+        limit(Duration::from_secs(10)),
+        &format!("{N} idle connections to give their movers back"),
+        async || {
+            let st = f.stats();
+            let p = &st["pooled"];
+            let pipes = p["pipes"].as_u64().unwrap_or(u64::MAX);
+            let held = (f.pipe_fd_count() as u64).saturating_sub(base_pipes);
+            if p["pipes_in_use"] == 0
+                && p["buffers_in_use"] == 0
+                && held == 2 * pipes
+                && pipes <= 64
+            {
+                Ok(st)
+            } else {
+                Err(format!("pooled {p}, {held} pipe descriptors; {st}"))
+            }
+        },
+    )
+    .await;
+    assert_eq!(st["active"].as_u64(), Some(N as u64), "{st}");
     within(60, "the idle connections wake up", async {
         for (i, c) in conns.iter_mut().enumerate() {
             echo_roundtrip(c, &msg(i, 0x5a)).await;
@@ -759,9 +769,25 @@ pub async fn connection_limit_and_floods(engine: &Engine) {
         for _ in 0..100 {
             silent.push(pair.client("127.0.0.1:8080").await);
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Wait until the forwarder is at its limit with clients left
+        // waiting in its backlog (one beyond the limit is checked below at
+        // once; one that drains the backlog times out showing its count).
+        let st = wait_until_async(
+            limit(Duration::from_secs(10)),
+            "20 connections active and the rest waiting in the backlog",
+            async || {
+                let st = f.stats();
+                let waiting = tcp_backlog(&pair.parent, "127.0.0.1:8080");
+                let active = st["active"].as_u64();
+                if active > Some(20) || (active == Some(20) && waiting > 0) {
+                    Ok(st)
+                } else {
+                    Err(format!("{waiting} in the backlog; {st}"))
+                }
+            },
+        )
+        .await;
         // `None <= Some(20)` would pass on a missing field: read it first.
-        let st = f.stats();
         let active = st["active"]
             .as_u64()
             .unwrap_or_else(|| panic!("no active count: {st}"));
@@ -856,6 +882,8 @@ pub async fn handoff_fails_half_way(engine: &Engine) {
     const N: u64 = 100 << 10;
     within(20, "a download through a half-failed handoff", async {
         let mut c = pair.client("127.0.0.1:8090").await;
+        // Part of the scenario, not a wait for a condition: the request
+        // must arrive after connecting, inside the seam's 300 ms gap.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut req = [0u8; 16];
         req[..8].copy_from_slice(&N.to_le_bytes());
@@ -992,43 +1020,88 @@ pub async fn fd_exhaustion(engine: &Engine) {
                 clients.push(c);
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Saturated: the process must be alive and idle, not spinning.
+        // Saturated once the forwarder has taken every client it could:
+        // an accept failed for want of descriptors (it logs that it backs
+        // off), or its descriptors and the clients left in its backlog
+        // have stopped changing (how the engines reach that differs). The
+        // process must then be alive and idle, not spinning.
+        let mut last: Option<((usize, u64), Instant)> = None;
+        wait_until_async(
+            limit(Duration::from_secs(10)),
+            "the forwarder to run out of descriptors and settle",
+            async || {
+                let err = f.stderr();
+                let now = (f.fd_count(), tcp_backlog(&pair.parent, "127.0.0.1:8092"));
+                if err.contains("accept failed, backing off") {
+                    return Ok(());
+                }
+                match last {
+                    Some((before, since)) if before == now => {
+                        if since.elapsed() >= Duration::from_millis(300) {
+                            return Ok(());
+                        }
+                    }
+                    _ => last = Some((now, Instant::now())),
+                }
+                Err(format!(
+                    "{} descriptors, {} clients in the backlog; stderr:\n{err}",
+                    now.0, now.1
+                ))
+            },
+        )
+        .await;
         let cpu0 = f.cpu_ticks();
+        // The window the CPU time is measured over.
         tokio::time::sleep(Duration::from_secs(1)).await;
         let cpu = (f.cpu_ticks() - cpu0) as f64 / hz;
         assert!(
             cpu < 0.3,
             "forwarder used {cpu:.2} s of CPU per second while out of descriptors"
         );
-        assert!(f.stats()["connections"].as_u64() > Some(0));
+        let st = f.stats();
+        assert!(st["connections"].as_u64() > Some(0), "{st}");
         drop(clients);
         // Descriptors free again: a new connection is served.
-        let mut served = false;
-        for _ in 0..50 {
-            if let Ok(mut c) = pair.parent.connect("127.0.0.1:8092").await {
-                let mut b = [0u8; 5];
-                if c.write_all(b"again").await.is_ok()
-                    && tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b))
-                        .await
-                        .is_ok_and(|r| r.is_ok())
-                {
-                    served = &b == b"again";
-                    if served {
-                        break;
-                    }
+        wait_until_async(
+            limit(Duration::from_secs(30)),
+            "a connection served after descriptors were freed",
+            async || {
+                let served = async {
+                    let mut c = pair.parent.connect("127.0.0.1:8092").await?;
+                    c.write_all(b"again").await?;
+                    let mut b = [0u8; 5];
+                    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await??;
+                    Ok::<_, io::Error>(b)
                 }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            served,
-            "not serving after descriptors were freed; stderr:\n{}",
-            f.stderr()
-        );
+                .await;
+                match served {
+                    Ok(b) if &b == b"again" => Ok(()),
+                    Ok(b) => Err(format!("echoed {b:?}")),
+                    Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
+                }
+            },
+        )
+        .await;
     })
     .await;
     finish(f).await;
+}
+
+/// How many connections wait in the accept queue of the TCP socket
+/// listening on `addr` in `ns` (ss's Recv-Q of a listening socket).
+fn tcp_backlog(ns: &Netns, addr: &str) -> u64 {
+    let out = ns
+        .command("ss")
+        .args(["-tlnH", "src", addr])
+        .output()
+        .expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace().skip_while(|w| *w != "LISTEN");
+            f.nth(1)?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no socket listening on {addr} in ss's output: {text:?}"))
 }
 
 /// Fills `out` with the next bytes of `p`.
@@ -1260,7 +1333,10 @@ pub async fn server_restart(engine: &Engine) {
     })
     .await;
     // Server down: each new client is reset at once.
-    let fails0 = f.stats()["dial_failures"].as_u64().unwrap_or(0);
+    let st = f.stats();
+    let fails0 = st["dial_failures"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no dial_failures count: {st}"));
     let warned0 = warnings(&f.stderr());
     let down = Instant::now();
     within(20, "dials while the server is down", async {
@@ -1668,7 +1744,7 @@ pub async fn stop_under_load(engine: &Engine) {
     assert_eq!(st["event"], "stats", "{st}");
     // 5 s on the host; stretched by the time scale under emulation (a
     // QEMU TCG guest runs several times slower).
-    let bound = forwarder_tests::limit(Duration::from_secs(5));
+    let bound = limit(Duration::from_secs(5));
     assert!(exited < bound, "exit took {exited:?}");
     // Every client connection ends within the bound of the signal.
     let left = bound.saturating_sub(t.elapsed()) + Duration::from_millis(100);
@@ -1694,27 +1770,28 @@ pub async fn stop_under_load(engine: &Engine) {
         "not every connection ended within {bound:?} of SIGTERM"
     );
     // Maps are checked by stop(); programs here, and every map by id.
-    let deadline = Instant::now() + forwarder_tests::limit(Duration::from_secs(5));
-    loop {
-        let maps_left: Vec<u32> = maps
-            .iter()
-            .copied()
-            .filter(|&id| bpf::map_exists(id))
-            .collect();
-        let progs_left: Vec<u32> = progs
-            .iter()
-            .copied()
-            .filter(|&id| bpf::prog_exists(id))
-            .collect();
-        if maps_left.is_empty() && progs_left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "BPF objects outlived the forwarder by 5 s: maps {maps_left:?}, programs {progs_left:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_async(
+        limit(Duration::from_secs(5)),
+        "the forwarder's BPF objects to be freed after it exited",
+        async || {
+            let maps_left: Vec<u32> = maps
+                .iter()
+                .copied()
+                .filter(|&id| bpf::map_exists(id))
+                .collect();
+            let progs_left: Vec<u32> = progs
+                .iter()
+                .copied()
+                .filter(|&id| bpf::prog_exists(id))
+                .collect();
+            if maps_left.is_empty() && progs_left.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("maps {maps_left:?}, programs {progs_left:?}"))
+            }
+        },
+    )
+    .await;
 }
 
 /// One module per engine, one test per case, so a failure names both.

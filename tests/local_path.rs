@@ -8,7 +8,7 @@
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use forwarder_tests::{Fwd, Pair};
+use forwarder_tests::{limit, wait_until_async, Fwd, Pair};
 use serde_json::Value;
 
 /// iperf3's server in the child, on `port`, until dropped.
@@ -44,24 +44,46 @@ async fn iperf(pair: &Pair, port: u16, reverse: bool, f: &Fwd) -> u64 {
         cmd.arg("-R");
     }
     // The server may not listen yet the first time.
-    for _ in 0..50 {
-        let o = cmd.output().expect("iperf3 -c");
-        if o.status.success() {
-            let v: Value = serde_json::from_slice(&o.stdout).expect("iperf3 JSON");
-            let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-            let bps = v["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0);
-            eprintln!(
-                "iperf3 to {port} reverse={reverse}: {bytes} bytes, {:.1} Gbit/s",
-                bps / 1e9
-            );
-            assert!(bytes > 0, "iperf3 moved nothing: {v}");
-            return bytes;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("iperf3 never succeeded; stderr:\n{}", f.stderr());
+    let o = wait_until_async(
+        limit(Duration::from_secs(10)),
+        &format!("iperf3 to port {port} to succeed"),
+        async || {
+            let o = cmd.output().expect("iperf3 -c");
+            if o.status.success() {
+                Ok(o)
+            } else {
+                Err(format!(
+                    "iperf3: {}{}; the forwarder's stderr:\n{}",
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr),
+                    f.stderr()
+                ))
+            }
+        },
+    )
+    .await;
+    let v: Value = serde_json::from_slice(&o.stdout).expect("iperf3 JSON");
+    let bytes = v["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no bytes received in iperf3's report: {v}"));
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    eprintln!(
+        "iperf3 to {port} reverse={reverse}: {bytes} bytes, {:.1} Gbit/s",
+        bps / 1e9
+    );
+    assert!(bytes > 0, "iperf3 moved nothing: {v}");
+    bytes
+}
+
+/// A count the stats must carry; panics with them if it is missing, where
+/// reading it as 0 could pass a bound.
+fn count(st: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(st, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {} in the stats: {st}", path.join(".")))
 }
 
 /// The tests of this binary run one at a time: a share of the bytes
@@ -77,7 +99,7 @@ async fn finish(mut f: Fwd) -> Value {
 /// bytes (counted as msg) and nothing took the sk_skb path.
 fn assert_local(st: &Value, moved: u64) {
     let by = &st["bytes_by_path"];
-    let msg = by["msg"].as_u64().unwrap_or(0);
+    let msg = count(st, &["bytes_by_path", "msg"]);
     assert!(
         msg >= moved / 10 * 9,
         "the senders' own calls should have moved at least 90% of the {moved} bytes: {st}"
@@ -186,8 +208,7 @@ async fn two_forwarders_each_take_their_own_clients() {
     // received, plus its control connection and what was still in flight
     // when it stopped counting; never the other's gigabytes.
     for (st, n) in [(&st1, a), (&st2, b)] {
-        let total = st["bytes_to_child"].as_u64().unwrap_or(0)
-            + st["bytes_to_parent"].as_u64().unwrap_or(0);
+        let total = count(st, &["bytes_to_child"]) + count(st, &["bytes_to_parent"]);
         assert!(
             total >= n && total < n + n / 10,
             "a forwarder counted {total} bytes for its {n}: {st}"

@@ -8,7 +8,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use forwarder_tests::{require_root, test_user, user_command, within, Fwd, Netns, Privilege};
+use forwarder_testkit::wait::try_wait_until;
+use forwarder_tests::{
+    limit, require_root, test_user, user_command, wait_until, wait_until_async, within, Fwd, Netns,
+    Privilege,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 struct Kill(Child);
@@ -18,11 +22,11 @@ impl Drop for Kill {
         // SAFETY: signalling our own child; RootlessKit stops its child on
         // SIGTERM.
         unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        for _ in 0..50 {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let exited = try_wait_until(Duration::from_secs(5), "RootlessKit to exit", || {
+            matches!(self.0.try_wait(), Ok(Some(_)))
+        });
+        if exited.is_ok() {
+            return;
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -84,17 +88,14 @@ async fn beside_rootlesskit() {
         .spawn()
         .expect("rootlesskit");
     let rk = Kill(rk);
-    let mut child_pid = None;
-    for _ in 0..100 {
-        if let Ok(p) = std::fs::read_to_string(state.join("child_pid")) {
-            if let Ok(p) = p.trim().parse::<u32>() {
-                child_pid = Some(p);
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let child_pid = child_pid.expect("RootlessKit wrote no child_pid");
+    let child_pid: u32 = wait_until(
+        limit(Duration::from_secs(10)),
+        "RootlessKit to write its child_pid",
+        || {
+            let p = std::fs::read_to_string(state.join("child_pid")).ok()?;
+            p.trim().parse().ok()
+        },
+    );
 
     // The forwarder, as the same user, in a parent namespace of our own.
     let parent = Netns::new("rkp");
@@ -120,20 +121,19 @@ async fn beside_rootlesskit() {
     assert!(ok && out.contains("8080"), "{out}");
     within(20, "traffic through the published port", async {
         // socat may still be starting inside RootlessKit: retry briefly.
-        for attempt in 0.. {
-            match parent.connect("127.0.0.1:8080").await {
-                Ok(mut c) => {
-                    c.write_all(b"beside rootlesskit").await.expect("write");
-                    let mut b = [0u8; 18];
-                    if c.read_exact(&mut b).await.is_ok() {
-                        assert_eq!(&b, b"beside rootlesskit");
-                        break;
-                    }
-                }
-                Err(e) => assert!(attempt < 50, "connect: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_until_async(
+            limit(Duration::from_secs(10)),
+            "an echo through the published port",
+            async || {
+                let mut c = parent.connect("127.0.0.1:8080").await?;
+                c.write_all(b"beside rootlesskit").await.expect("write");
+                let mut b = [0u8; 18];
+                c.read_exact(&mut b).await?;
+                assert_eq!(&b, b"beside rootlesskit");
+                Ok::<_, std::io::Error>(())
+            },
+        )
+        .await;
     })
     .await;
     let (ok, out) = rootlessctl(&sock, &["remove-ports", "1"]);

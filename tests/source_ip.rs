@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use forwarder_tests::udp::bind_in;
-use forwarder_tests::{within, Fwd, Netns, Pair, Privilege};
+use forwarder_tests::{limit, wait_until, wait_until_async, within, Fwd, Netns, Pair, Privilege};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, UdpSocket};
 
@@ -91,14 +91,14 @@ fn pair(privilege: Privilege) -> Pair {
 /// Waits until `addr`'s local route is in `ns`'s IPv6 local table.
 fn wait_local_route(ns: &Netns, addr: &str) {
     let want = format!("local {addr} ");
-    let deadline = std::time::Instant::now() + forwarder_tests::limit(Duration::from_secs(5));
-    while !ip_out(ns, &["-6", "route", "show", "table", "local"]).contains(&want) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no local route for {addr} after 5 s"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        limit(Duration::from_secs(5)),
+        &format!("the local route of {addr}"),
+        || {
+            let table = ip_out(ns, &["-6", "route", "show", "table", "local"]);
+            table.contains(&want).then_some(()).ok_or(table)
+        },
+    );
 }
 
 /// The child's routing state: rules, every table's routes, and the
@@ -236,11 +236,11 @@ async fn tcp_sees_clients(privilege: Privilege, mode: &str) {
     assert!(seen.starts_with("127.0.0.1:"), "{seen}");
     assert_ne!(routing_state(&pair.child), before, "no routing installed?");
     let stderr = f.stderr_handle();
+    // stop() returns once the forwarder's stderr is read to its end, the
+    // agent's last lines included.
     f.stop();
     assert_eq!(routing_state(&pair.child), before, "routing left behind");
-    // Stopping the agent at exit is no failure worth an error line (the
-    // reader of the forwarder's stderr gets its last lines just after).
-    std::thread::sleep(forwarder_tests::limit(Duration::from_millis(300)));
+    // Stopping the agent at exit is no failure worth an error line.
     let err = stderr.lock().map(|s| s.clone()).unwrap_or_default();
     assert!(!err.contains("ERROR"), "errors at a clean stop:\n{err}");
 }
@@ -379,18 +379,19 @@ fn kill9(pid: u32) {
 }
 
 async fn wait_gone(pid: u32) {
-    for _ in 0..250 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty()
-            || stat
-                .rsplit_once(')')
-                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("{pid} still runs");
+    wait_until_async(
+        limit(Duration::from_secs(5)),
+        &format!("process {pid} to exit"),
+        async || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let gone = stat.is_empty()
+                || stat
+                    .rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'));
+            gone.then_some(()).ok_or(stat)
+        },
+    )
+    .await;
 }
 
 /// A UDP server in the child that answers each datagram with the sender's
@@ -451,20 +452,15 @@ async fn udp_sees_clients(privilege: Privilege) {
         "{}",
         routing_state(&pair.child)
     );
-    let mut left = usize::MAX;
-    for _ in 0..100 {
-        left = flows(&routing_state(&pair.child));
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        left,
-        0,
-        "flow rules after expiry: {}",
-        routing_state(&pair.child)
-    );
+    wait_until_async(
+        limit(Duration::from_secs(10)),
+        "the flows' rules to go at their expiry",
+        async || {
+            let state = routing_state(&pair.child);
+            (flows(&state) == 0).then_some(()).ok_or(state)
+        },
+    )
+    .await;
     f.stop();
     assert_eq!(routing_state(&pair.child), before, "routing left behind");
 }

@@ -10,7 +10,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use forwarder_tests::udp::{self, bind_in, client_in, Sink};
-use forwarder_tests::{servers, test_user, within, Fwd, Pair, Privilege};
+use forwarder_tests::{
+    limit, servers, test_user, wait_until, wait_until_async, within, Fwd, Pair, Privilege,
+};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -221,30 +223,37 @@ pub async fn ipv6_fallback(privilege: Privilege) {
 /// counts a datagram after the send that delivered it returns, so a client
 /// can hold its reply a moment before the counter shows it.
 fn settled(f: &mut Fwd) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut last = f.stats();
-    loop {
-        std::thread::sleep(Duration::from_millis(50));
-        let st = f.stats();
-        if st["udp"] == last["udp"] || Instant::now() > deadline {
-            return st;
-        }
-        last = st;
-    }
+    // The counters as last read, and since when they have read so.
+    let mut last: Option<(Value, Instant)> = None;
+    wait_until(
+        limit(Duration::from_secs(5)),
+        "the UDP counters to stay still for 50 ms",
+        || {
+            let st = f.stats();
+            match &last {
+                Some((before, since)) if before["udp"] == st["udp"] => {
+                    if since.elapsed() >= Duration::from_millis(50) {
+                        return Ok(st);
+                    }
+                }
+                _ => last = Some((st.clone(), Instant::now())),
+            }
+            Err(st)
+        },
+    )
 }
 
 /// Polls the forwarder's stats until `ok` holds for the port, or panics.
 fn wait_udp(f: &mut Fwd, spec: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    wait_until(limit(Duration::from_secs(10)), what, || {
         let st = f.stats();
         let u = port_udp(&st, spec);
         if ok(&u) {
-            return u;
+            Ok(u)
+        } else {
+            Err(format!("{st}\n{}", f.stderr()))
         }
-        assert!(Instant::now() < deadline, "{what}: {st}\n{}", f.stderr());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    })
 }
 
 pub async fn idle_expiry(privilege: Privilege) {
@@ -336,24 +345,35 @@ pub async fn burst_accounted(privilege: Privilege) {
     // Every datagram sent either reached the child's socket or is in one
     // of the forwarder's drop counters; the sink's own queue overflows are
     // the kernel's to report, read from the sink's socket.
+    // Strictly: a missing or malformed drop count read as 0 would hide
+    // datagrams lost without being counted.
     let dropped = |u: &Value| -> u64 {
         u["drops"]
             .as_object()
-            .map(|d| d.values().filter_map(Value::as_u64).sum())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no drop counts: {u}"))
+            .values()
+            .map(n)
+            .sum()
     };
     let u = wait_udp(&mut f, spec, "every datagram accounted for", |u| {
         n(&u["datagrams_to_child"]) + dropped(u) == COUNT
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let (recv, sink_drops) = loop {
-        let r = sink.received.load(Ordering::Relaxed);
-        let d = udp::socket_drops(&*sink.socket);
-        if r + d == n(&u["datagrams_to_child"]) || Instant::now() > deadline {
-            break (r, d);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let forwarded = n(&u["datagrams_to_child"]);
+    let (recv, sink_drops) = wait_until(
+        limit(Duration::from_secs(10)),
+        "every datagram the forwarder counted as sent to reach the child's socket",
+        || {
+            let r = sink.received.load(Ordering::Relaxed);
+            let d = udp::socket_drops(&*sink.socket);
+            if r + d == forwarded {
+                Ok((r, d))
+            } else {
+                Err(format!(
+                    "the sink got {r} and dropped {d} of the {forwarded} forwarded: {u}"
+                ))
+            }
+        },
+    );
     eprintln!(
         "burst of {COUNT}: forwarded {}, parent queue drops {}, send errors {}; sink got {recv}, sink drops {sink_drops}",
         u["datagrams_to_child"], u["drops"]["rx_queue_overflow"], u["drops"]["send_error"]
@@ -555,32 +575,34 @@ pub async fn shared_budget(privilege: Privilege) {
     // Port b's client may expect a flow only once both ended connections
     // have given their slots back (the waiting one took one of them):
     // before that its datagram is rightly dropped as no_slot.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while f.stats()["active"].as_u64() != Some(4) {
-        assert!(
-            Instant::now() < deadline,
-            "the ended connections never ended"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    within(10, "recovery", async {
-        let mut got = Vec::new();
-        for _ in 0..50 {
+    wait_until(
+        limit(Duration::from_secs(10)),
+        "the ended connections to end (4 active)",
+        || {
+            let st = f.stats();
+            (st["active"].as_u64() == Some(4)).then_some(()).ok_or(st)
+        },
+    );
+    // A datagram sent before the slots were back is rightly dropped: send
+    // until one is answered.
+    let got = wait_until_async(
+        limit(Duration::from_secs(10)),
+        "port b to answer once the slots were freed",
+        async || {
             gb.send(b"z").await.expect("send");
             let mut buf = vec![0u8; 2048];
-            if let Ok(Ok(k)) =
-                tokio::time::timeout(Duration::from_millis(200), gb.recv(&mut buf)).await
-            {
-                got = buf[..k].to_vec();
-                break;
+            match tokio::time::timeout(Duration::from_millis(200), gb.recv(&mut buf)).await {
+                Ok(Ok(k)) => Ok(buf[..k].to_vec()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer within 200 ms".to_string()),
             }
-        }
-        assert!(
-            got.starts_with(b"b:"),
-            "port b never served after slots freed: {got:?}"
-        );
-    })
+        },
+    )
     .await;
+    assert!(
+        got.starts_with(b"b:"),
+        "port b answered {got:?} after the slots were freed"
+    );
     let u = wait_udp(&mut f, ub, "a flow on b", |u| u["flows"] == 1);
     assert_eq!(u["drops"]["no_slot"], 1, "{u}");
     let st = f.stats();

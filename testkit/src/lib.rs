@@ -10,6 +10,8 @@
 //! - [`process`]: child processes stopped by PID when dropped, pipes read
 //!   line by line, and [`process::Forwarder`], the one way both run a
 //!   forwarder: its stdout events, its whole log, signals, stopping;
+//! - [`wait`]: waiting for a condition, with a failure that names it,
+//!   instead of sleeping for a guess;
 //! - [`decode_event`]: the forwarder's stdout lines, read with its own wire
 //!   types.
 //!
@@ -20,6 +22,7 @@ pub mod bpf;
 pub mod netns;
 pub mod process;
 pub mod procfs;
+pub mod wait;
 
 pub use netns::{drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER};
 

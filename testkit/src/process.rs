@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt as _;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -178,6 +179,9 @@ pub struct Forwarder {
     log: Arc<Mutex<String>>,
     /// Disconnects when the log reader reaches the end of the pipe.
     log_eof: Option<Receiver<()>>,
+    /// Set when the log reader has reached the end of the pipe (or there
+    /// is no pipe): `log` then holds everything the process wrote.
+    log_ended: Arc<AtomicBool>,
     /// How many of the log's last lines error messages quote (`None`:
     /// all of it).
     log_tail: Option<usize>,
@@ -221,11 +225,22 @@ impl Forwarder {
         let child = proc.child()?;
         let stdout = child.stdout.take().context("the forwarder's stdout")?;
         let log = Arc::new(Mutex::new(String::new()));
+        let log_ended = Arc::new(AtomicBool::new(child.stderr.is_none()));
         let log_eof = child.stderr.take().map(|mut stderr| {
             let sink = Arc::clone(&log);
+            let ended = Arc::clone(&log_ended);
             let (eof, log_eof) = mpsc::channel::<()>();
             std::thread::spawn(move || {
                 let _eof = eof;
+                // Set after the last read is appended, whichever way the
+                // loop ends.
+                struct Ended(Arc<AtomicBool>);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        self.0.store(true, Ordering::SeqCst);
+                    }
+                }
+                let _ended = Ended(ended);
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = stderr.read(&mut buf) {
                     if n == 0 {
@@ -244,6 +259,7 @@ impl Forwarder {
             events: lines(stdout),
             log,
             log_eof,
+            log_ended,
             log_tail,
             ready: serde_json::Value::Null,
             name: name.to_string(),
@@ -273,6 +289,14 @@ impl Forwarder {
     /// reader thread keeps appending until the pipe closes).
     pub fn stderr_handle(&self) -> Arc<Mutex<String>> {
         Arc::clone(&self.log)
+    }
+
+    /// Whether its stderr has been read to the end of the pipe, so that the
+    /// [`Forwarder::stderr_handle`] holds all of it; outlives
+    /// [`Forwarder::stop`]. The pipe ends once the process and whatever
+    /// inherited it (its dial agents) have exited.
+    pub fn stderr_ended(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.log_ended)
     }
 
     /// Waits up to `limit` for `needle` to appear on its stderr (read by a

@@ -17,11 +17,12 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use forwarder_testkit::process::Forwarder;
 use forwarder_testkit::procfs;
 pub use forwarder_testkit::procfs::{thread_caps, ThreadCaps, CAP_NET_BIND_SERVICE};
+pub use forwarder_testkit::wait::{wait_until, wait_until_async};
 pub use forwarder_testkit::{
     bpf, drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER,
 };
@@ -199,7 +200,9 @@ impl Fwd {
             inner: Some(inner),
             base_fds: 0,
         };
-        f.base_fds = f.fd_count();
+        // Leniently: a forwarder that is gone already counts 0 here, which
+        // fails the checks against this count rather than passing them.
+        f.base_fds = procfs::fd_count(f.pid).unwrap_or(0);
         f
     }
 
@@ -256,19 +259,24 @@ impl Fwd {
             .unwrap_or_else(|e| panic!("{e:#}"))
     }
 
-    /// Open descriptors of the forwarder.
+    /// Open descriptors of the forwarder. Like the other readings of
+    /// /proc below, panics if the forwarder is gone: a 0 read from a dead
+    /// process would pass the checks that bound these readings.
     pub fn fd_count(&self) -> usize {
-        procfs::fd_count(self.pid).unwrap_or(0)
+        procfs::fd_count(self.pid)
+            .unwrap_or_else(|e| panic!("the forwarder {} is gone? {e:#}", self.pid))
     }
 
     /// Open pipe descriptors of the forwarder.
     pub fn pipe_fd_count(&self) -> usize {
-        procfs::pipe_fd_count(self.pid).unwrap_or(0)
+        procfs::pipe_fd_count(self.pid)
+            .unwrap_or_else(|e| panic!("the forwarder {} is gone? {e:#}", self.pid))
     }
 
     /// User + system CPU time in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
-        procfs::cpu_ticks(self.pid).unwrap_or(0)
+        procfs::cpu_ticks(self.pid)
+            .unwrap_or_else(|e| panic!("the forwarder {} is gone? {e:#}", self.pid))
     }
 
     /// Every thread of the forwarder with its effective capabilities.
@@ -316,7 +324,8 @@ impl Fwd {
 
     /// Resident memory in KiB.
     pub fn rss_kib(&self) -> u64 {
-        procfs::status_kib(self.pid, "VmRSS:").unwrap_or(0)
+        procfs::status_kib(self.pid, "VmRSS:")
+            .unwrap_or_else(|e| panic!("the forwarder {} is gone? {e:#}", self.pid))
     }
 
     /// Waits until every connection has ended and checks that nothing
@@ -326,58 +335,62 @@ impl Fwd {
     /// process holds empty but the listen endpoints (read from the kernel
     /// directly, not from the forwarder).
     pub async fn assert_clean(&mut self) {
-        let deadline = Instant::now() + limit(Duration::from_secs(10));
-        loop {
-            let st = self.stats();
-            let fds = self.fd_count();
-            let maps = bpf::map_entries(self.pid);
-            // FWD_LISTEN holds the published ports' listen endpoints (the
-            // local-client path's configuration), not connections.
-            let busy_maps: Vec<_> = maps
-                .iter()
-                .filter(|m| m.entries > 0 && m.name != "FWD_LISTEN")
-                .collect();
-            let pooled = &st["pooled"];
-            let pooled_pipes = pooled["pipes"].as_u64().unwrap_or(u64::MAX);
-            let ok = st["active"] == 0
-                && pooled_pipes <= 64
-                && fds as u64 <= self.base_fds as u64 + 2 * pooled_pipes
-                && pooled["pipes_in_use"] == 0
-                && pooled["buffers_in_use"] == 0
-                && busy_maps.is_empty();
-            if ok {
-                if self.engine() == "ebpf" {
-                    // The contract's maps must be among those checked, or
-                    // the check would pass whatever the forwarder left.
-                    for name in ["FWD_SOCKS", "FWD_TARGETS", "FWD_PEERS"] {
-                        assert!(
-                            maps.iter().any(|m| m.name == name),
-                            "expected the forwarder to hold the map {name}, found {maps:?}"
-                        );
-                    }
+        let base_fds = self.base_fds;
+        let maps = wait_until_async(
+            limit(Duration::from_secs(10)),
+            "every connection to end and nothing to be left in use",
+            async || {
+                let st = self.stats();
+                let fds = self.fd_count();
+                let maps = bpf::map_entries(self.pid);
+                // FWD_LISTEN holds the published ports' listen endpoints (the
+                // local-client path's configuration), not connections.
+                let busy_maps: Vec<_> = maps
+                    .iter()
+                    .filter(|m| m.entries > 0 && m.name != "FWD_LISTEN")
+                    .collect();
+                let pooled = &st["pooled"];
+                let pooled_pipes = pooled["pipes"].as_u64().unwrap_or(u64::MAX);
+                let ok = st["active"] == 0
+                    && pooled_pipes <= 64
+                    && fds as u64 <= base_fds as u64 + 2 * pooled_pipes
+                    && pooled["pipes_in_use"] == 0
+                    && pooled["buffers_in_use"] == 0
+                    && busy_maps.is_empty();
+                if ok {
+                    return Ok(maps);
                 }
-                return;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "not clean after 10 s: active {} fds {fds} (at start {}), maps {busy_maps:?}\nstats {st}\nstderr:\n{}",
+                Err(format!(
+                    "active {} fds {fds} (at start {base_fds}), maps {busy_maps:?}\nstats {st}\nstderr:\n{}",
                     st["active"],
-                    self.base_fds,
                     self.stderr()
+                ))
+            },
+        )
+        .await;
+        if self.engine() == "ebpf" {
+            // The contract's maps must be among those checked, or the check
+            // would pass whatever the forwarder left.
+            for name in ["FWD_SOCKS", "FWD_TARGETS", "FWD_PEERS"] {
+                assert!(
+                    maps.iter().any(|m| m.name == name),
+                    "expected the forwarder to hold the map {name}, found {maps:?}"
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     /// SIGTERM; asserts a clean exit and returns the final stats line.
     /// BPF maps the forwarder held must be gone from the kernel soon after
-    /// it exits (nothing pinned or left attached).
+    /// it exits (nothing pinned or left attached). Returns once its stderr
+    /// has been read to the end, so a [`Fwd::stderr_handle`] taken before
+    /// holds everything it and its agents logged.
     pub fn stop(mut self) -> Value {
         let map_ids: Vec<u32> = self.bpf_maps().iter().map(|m| m.id).collect();
         let inner = self.inner.take().expect("running");
         let stderr = inner.stderr_handle();
         let stderr = move || stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let stderr_ended = inner.stderr_ended();
         let stats = inner
             .stop_within(limit(Duration::from_secs(10)))
             .unwrap_or_else(|e| panic!("{e:#}"))
@@ -387,23 +400,26 @@ impl Fwd {
                     stderr()
                 )
             });
-        let deadline = Instant::now() + limit(Duration::from_secs(5));
-        loop {
-            let left: Vec<u32> = map_ids
-                .iter()
-                .copied()
-                .filter(|&id| bpf::map_exists(id))
-                .collect();
-            if left.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "BPF maps {left:?} outlived the forwarder by 5 s; stderr:\n{}",
-                stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_until(
+            limit(Duration::from_secs(5)),
+            "the BPF maps the forwarder held to be freed after it exited",
+            || {
+                let left: Vec<u32> = map_ids
+                    .iter()
+                    .copied()
+                    .filter(|&id| bpf::map_exists(id))
+                    .collect();
+                if left.is_empty() {
+                    return Ok(());
+                }
+                Err(format!("maps {left:?} remain; stderr:\n{}", stderr()))
+            },
+        );
+        wait_until(
+            limit(Duration::from_secs(5)),
+            "the forwarder's stderr to close (it and its dial agents exited)",
+            || stderr_ended.load(std::sync::atomic::Ordering::SeqCst),
+        );
         stats
     }
 }

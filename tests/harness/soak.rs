@@ -501,35 +501,38 @@ fn runtime_in(ns: &crate::Netns) -> tokio::runtime::Runtime {
 /// Waits until the forwarder reports `active` connections and nothing in
 /// use, then reads it.
 fn checkpoint(f: &mut Fwd, at: Duration, active: usize) -> Result<Checkpoint, String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = format!(
+        "the forwarder to settle at {active} active connections with nothing in use (checkpoint at {at:?})"
+    );
+    forwarder_testkit::wait::try_wait_until(Duration::from_secs(30), &what, || {
         let st = f.stats();
         let pooled = &st["pooled"];
         let settled = st["active"].as_u64() == Some(active as u64)
             && pooled["pipes_in_use"] == 0
             && pooled["buffers_in_use"] == 0;
-        if settled {
-            let maps = f
-                .bpf_maps()
-                .into_iter()
-                .map(|m| (m.name, m.entries))
-                .collect();
-            return Ok(Checkpoint {
-                at,
-                active: active as u64,
-                fds: f.fd_count(),
-                pooled_fds: 2 * pooled["pipes"].as_u64().unwrap_or(0) as usize,
-                rss_kib: f.rss_kib(),
-                maps,
-            });
+        if !settled {
+            return Err(st.to_string());
         }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "checkpoint at {at:?}: the forwarder did not settle at {active} active connections with nothing in use within 30 s: {st}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        // Settled, so the stats carry the pool: a missing count is a
+        // fault, not zero pooled descriptors.
+        let pipes = pooled["pipes"]
+            .as_u64()
+            .ok_or_else(|| format!("no pooled pipe count in {st}"))?;
+        let maps = f
+            .bpf_maps()
+            .into_iter()
+            .map(|m| (m.name, m.entries))
+            .collect();
+        Ok(Checkpoint {
+            at,
+            active: active as u64,
+            fds: f.fd_count(),
+            pooled_fds: 2 * pipes as usize,
+            rss_kib: f.rss_kib(),
+            maps,
+        })
+    })
+    .map_err(|e| e.to_string())
 }
 
 /// Checks a later checkpoint against the warm-up's.
@@ -650,6 +653,7 @@ pub fn run(args: &[&str], expect_engine: &str, cfg: &Config) -> Report {
         }
         report.peak_rss_kib = report.peak_rss_kib.max(f.rss_kib());
         report.peak_fds = report.peak_fds.max(f.fd_count());
+        // The soak's sampling pace, not a wait for a condition.
         std::thread::sleep(Duration::from_secs(1));
     }
     shared.stop.store(true, Relaxed);
