@@ -618,24 +618,11 @@ async fn a_killed_agent_is_restarted() {
     .await;
     // Until the forwarder has switched to the new agent, a dial fails and
     // the client is reset (as documented): retry until served.
-    wait_until_async(
-        limit(Duration::from_secs(10)),
+    pair.wait_served(
+        "127.0.0.1:8080",
+        Duration::from_secs(10),
         "a connection served through the new agent",
-        async || {
-            let served = async {
-                let mut c = pair.parent.connect("127.0.0.1:8080").await?;
-                c.write_all(b"again").await?;
-                let mut b = [0u8; 5];
-                c.read_exact(&mut b).await?;
-                Ok::<_, std::io::Error>(b)
-            }
-            .await;
-            match served {
-                Ok(b) if &b == b"again" => Ok(()),
-                Ok(b) => Err(format!("echoed {b:?}")),
-                Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
-            }
-        },
+        &f,
     )
     .await;
     // Once it has dialed, the new agent has dropped its capabilities (it

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use forwarder_tests::data::{expected_hash, Pattern};
 use forwarder_tests::servers::{self, read_tally, send_pattern, BANNER};
 use forwarder_tests::{
-    bpf, limit, reset_on_drop, wait_until_async, within, Fwd, Netns, Pair, Privilege,
+    bpf, echo_roundtrip, limit, reset_on_drop, wait_until_async, within, Fwd, Netns, Pair,
+    Privilege,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -105,15 +106,6 @@ async fn read_line<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> (u64, Strin
     let mut it = line.split_whitespace();
     let n = it.next().and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
     (n, it.next().unwrap_or_default().to_string())
-}
-
-async fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
-    c.write_all(msg).await.expect("write");
-    let mut got = vec![0u8; msg.len()];
-    within(5, "echo", c.read_exact(&mut got))
-        .await
-        .expect("echo");
-    assert_eq!(got, msg);
 }
 
 pub async fn early_and_late_data(engine: &Engine) {
@@ -666,14 +658,11 @@ pub async fn least_privilege(engine: &Engine) {
     servers::echo(pair.child.listen("127.0.0.1:80"));
     let mut f = start(&pair, engine, &["127.0.0.1:8080:80"]);
     f.assert_least_privilege();
-    let mut conns = Vec::new();
-    within(30, "connections after the drop", async {
-        for i in 0..8u8 {
-            let mut c = pair.client("127.0.0.1:8080").await;
-            echo_roundtrip(&mut c, &[i; 1000]).await;
-            conns.push(c);
-        }
-    })
+    let conns = within(
+        30,
+        "connections after the drop",
+        pair.echo_clients("127.0.0.1:8080", 8, 1000),
+    )
     .await;
     if engine.expect == "ebpf" {
         let maps = f.bpf_maps();
@@ -1062,24 +1051,11 @@ pub async fn fd_exhaustion(engine: &Engine) {
         assert!(st["connections"].as_u64() > Some(0), "{st}");
         drop(clients);
         // Descriptors free again: a new connection is served.
-        wait_until_async(
-            limit(Duration::from_secs(30)),
+        pair.wait_served(
+            "127.0.0.1:8092",
+            Duration::from_secs(30),
             "a connection served after descriptors were freed",
-            async || {
-                let served = async {
-                    let mut c = pair.parent.connect("127.0.0.1:8092").await?;
-                    c.write_all(b"again").await?;
-                    let mut b = [0u8; 5];
-                    tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await??;
-                    Ok::<_, io::Error>(b)
-                }
-                .await;
-                match served {
-                    Ok(b) if &b == b"again" => Ok(()),
-                    Ok(b) => Err(format!("echoed {b:?}")),
-                    Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
-                }
-            },
+            &f,
         )
         .await;
     })

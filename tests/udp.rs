@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 
 use forwarder_tests::udp::{self, bind_in, client_in, Sink};
 use forwarder_tests::{
-    limit, servers, test_user, wait_until, wait_until_async, within, Fwd, Pair, Privilege,
+    echo_roundtrip, limit, servers, test_user, wait_until, wait_until_async, within, Fwd, Pair,
+    Privilege,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::UdpSocket;
 
 fn start(pair: &Pair, extra: &[&str], specs: &[&str]) -> Fwd {
     let mut args: Vec<&str> = extra.to_vec();
@@ -457,15 +458,6 @@ pub async fn rootlessctl_api(privilege: Privilege) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-async fn tcp_echo(c: &mut TcpStream, msg: &[u8]) {
-    c.write_all(msg).await.expect("write");
-    let mut got = vec![0u8; msg.len()];
-    within(5, "TCP echo", c.read_exact(&mut got))
-        .await
-        .expect("echo");
-    assert_eq!(got, msg);
-}
-
 /// Waits `secs` for a reply that must not come.
 async fn no_reply(c: &UdpSocket, secs: u64) -> bool {
     let mut buf = vec![0u8; 2048];
@@ -494,14 +486,11 @@ pub async fn shared_budget(privilege: Privilege) {
         &["--max-connections", "8"],
         &["127.0.0.1:8080:80", ua, ub],
     );
-    let mut tcp = Vec::new();
-    within(20, "5 TCP connections", async {
-        for i in 0..5u8 {
-            let mut c = pair.client("127.0.0.1:8080").await;
-            tcp_echo(&mut c, &[i; 100]).await;
-            tcp.push(c);
-        }
-    })
+    let mut tcp = within(
+        20,
+        "5 TCP connections",
+        pair.echo_clients("127.0.0.1:8080", 5, 100),
+    )
     .await;
     let fa: Vec<UdpSocket> = (0..4)
         .map(|_| client_in(&pair.parent, "127.0.0.1:5353"))
@@ -557,7 +546,7 @@ pub async fn shared_budget(privilege: Privilege) {
     // Everything established keeps serving.
     within(20, "established at the limit", async {
         for (i, c) in tcp.iter_mut().enumerate() {
-            tcp_echo(c, &[i as u8 ^ 0x5a; 100]).await;
+            echo_roundtrip(c, &[i as u8 ^ 0x5a; 100]).await;
         }
         for (k, c) in fa[1..].iter().enumerate() {
             assert_eq!(ask(c, b"x").await, seen[k + 1]);

@@ -27,6 +27,7 @@ pub use forwarder_testkit::{
     bpf, drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER,
 };
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The parent namespace (where the forwarder listens and clients connect)
@@ -66,6 +67,51 @@ impl Pair {
             .await
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"))
     }
+
+    /// `n` clients of `addr` (an echo server behind it), each checked by
+    /// one round trip of `len` bytes, and kept open.
+    pub async fn echo_clients(&self, addr: &str, n: u8, len: usize) -> Vec<TcpStream> {
+        let mut conns = Vec::new();
+        for i in 0..n {
+            let mut c = self.client(addr).await;
+            echo_roundtrip(&mut c, &vec![i; len]).await;
+            conns.push(c);
+        }
+        conns
+    }
+
+    /// Waits until a new connection to `addr` (an echo server behind it) is
+    /// served, retrying while the forwarder resets clients it cannot serve
+    /// yet; on timeout panics naming `what`, with the last error and `f`'s
+    /// log.
+    pub async fn wait_served(&self, addr: &str, timeout: Duration, what: &str, f: &Fwd) {
+        wait_until_async(limit(timeout), what, async || {
+            let served = async {
+                let mut c = self.parent.connect(addr).await?;
+                c.write_all(b"again").await?;
+                let mut b = [0u8; 5];
+                tokio::time::timeout(Duration::from_secs(2), c.read_exact(&mut b)).await??;
+                Ok::<_, std::io::Error>(b)
+            }
+            .await;
+            match served {
+                Ok(b) if &b == b"again" => Ok(()),
+                Ok(b) => Err(format!("echoed {b:?}")),
+                Err(e) => Err(format!("{e}; stderr:\n{}", f.stderr())),
+            }
+        })
+        .await;
+    }
+}
+
+/// Writes `msg` and expects it echoed whole within 5 s.
+pub async fn echo_roundtrip(c: &mut TcpStream, msg: &[u8]) {
+    c.write_all(msg).await.expect("write");
+    let mut got = vec![0u8; msg.len()];
+    within(5, "echo", c.read_exact(&mut got))
+        .await
+        .expect("echo");
+    assert_eq!(got, msg);
 }
 
 impl Default for Pair {

@@ -157,21 +157,7 @@ const CLAMPS: Clamps = Clamps {
 };
 const WINDOW_CAP: u32 = 4 << 20;
 
-/// Options of the ebpf engine.
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// Also attach the stream parser program (each skb one message) instead
-    /// of running the verdict alone.
-    pub parser: bool,
-    /// Run the local-client path ([`super::local`]) with its `sock_ops`
-    /// program attached to this cgroup v2 directory.
-    pub local: Option<std::path::PathBuf>,
-    /// Fail when the local-client path cannot start, instead of running
-    /// without it (`forwarder check`'s probe).
-    pub local_required: bool,
-    /// The child namespace's cookie, where known at start.
-    pub child_netns: Option<u64>,
-}
+pub use super::EbpfOptions as Options;
 
 /// Why the ebpf engine could not start.
 #[derive(Debug, thiserror::Error)]

@@ -5,19 +5,8 @@
 
 use super::{Conn, Engine, EngineKind};
 
-/// Options of the ebpf engine (accepted and ignored here).
-#[derive(Debug, Clone, Default)]
-pub struct Options {
-    /// Also attach the stream parser program.
-    pub parser: bool,
-    /// The local-client path's cgroup.
-    pub local: Option<std::path::PathBuf>,
-    /// Fail when the local-client path cannot start, instead of running
-    /// without it (`forwarder check`'s probe).
-    pub local_required: bool,
-    /// The child namespace's cookie.
-    pub child_netns: Option<u64>,
-}
+/// Accepted and ignored here.
+pub use super::EbpfOptions as Options;
 
 /// Why the ebpf engine could not start.
 #[derive(Debug, thiserror::Error)]

@@ -63,6 +63,23 @@ pub enum Mode {
     Copy,
 }
 
+/// Options of the ebpf engine (the stand-in built without the `ebpf`
+/// feature takes and ignores them).
+#[derive(Debug, Clone, Default)]
+pub struct EbpfOptions {
+    /// Also attach the stream parser program (each skb one message) instead
+    /// of running the verdict alone.
+    pub parser: bool,
+    /// Run the local-client path (`local`) with its `sock_ops` program
+    /// attached to this cgroup v2 directory.
+    pub local: Option<std::path::PathBuf>,
+    /// Fail when the local-client path cannot start, instead of running
+    /// without it (`forwarder check`'s probe).
+    pub local_required: bool,
+    /// The child namespace's cookie, where known at start.
+    pub child_netns: Option<u64>,
+}
+
 /// A connected pair, ready to be forwarded: `sides[0]` was accepted in the
 /// parent namespace, `sides[1]` dialed in the child.
 pub struct Conn {
