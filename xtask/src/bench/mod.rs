@@ -131,6 +131,11 @@ pub struct Args {
     /// Leave out the peers (socat, RootlessKit, pasta).
     #[arg(long)]
     no_peers: bool,
+    /// Also run every forwarder mode with this binary (rows `MODE@base`),
+    /// interleaved with this build's in the same run, and report the two
+    /// side by side: an A/B against a build from before a change.
+    #[arg(long, value_name = "PATH")]
+    baseline: Option<std::path::PathBuf>,
     /// The workloads to run, comma-separated.
     #[arg(
         long,
@@ -218,7 +223,9 @@ const ENGINES: [&str; 4] = ["ebpf", "splice", "copy", "auto"];
 /// `--mode ebpf --local-path`, which carries the bench's local clients on
 /// the local-client path (`ebpf` carries them as every client its
 /// sock_ops program does not see: the sk_skb path).
-const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-local", "splice", "copy", "auto"];
+pub(crate) const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-local", "splice", "copy", "auto"];
+/// The suffix of a `--baseline` binary's rows.
+pub(crate) const BASELINE: &str = "@base";
 /// The engines auto mode may pick, against which it is judged.
 pub const AUTO_CHOICES: [&str; 3] = ["ebpf", "splice", "copy"];
 const DIRECTIONS: [&str; 2] = ["forward", "reverse"];
@@ -252,7 +259,12 @@ pub struct System {
 
 impl System {
     fn is_peer(&self) -> bool {
-        self.name != "direct" && !FORWARDERS.contains(&self.name.as_str())
+        self.name != "direct" && !self.is_forwarder()
+    }
+
+    /// A forwarder mode, of this build or of the `--baseline` binary.
+    fn is_forwarder(&self) -> bool {
+        FORWARDERS.contains(&self.name.strip_suffix(BASELINE).unwrap_or(&self.name))
     }
 }
 
@@ -320,7 +332,7 @@ pub struct Results {
     pub peak_rss: BTreeMap<String, f64>,
     /// Bytes iperf3 moved through each system, warm-ups included.
     pub bytes: BTreeMap<String, f64>,
-    pub fwd_stats: Vec<(&'static str, Value)>,
+    pub fwd_stats: Vec<(String, Value)>,
     /// The rootless Docker workload.
     pub docker: Option<docker::DockerResults>,
     /// The UDP workload.
@@ -784,7 +796,7 @@ fn run_workloads(
 fn fit_scale(plan: &mut Plan, systems: &[System], limits: &Limits) {
     let base = systems
         .iter()
-        .filter(|s| FORWARDERS.contains(&s.name.as_str()))
+        .filter(|s| s.is_forwarder())
         .filter_map(|s| sample::fd_count(s.pid?).ok())
         .max()
         .unwrap_or(0);
@@ -1061,7 +1073,7 @@ fn scale(
     plan: &Plan,
     ns: &Netns,
     systems: &[System],
-    forwarders: &mut [(&'static str, Forwarder)],
+    forwarders: &mut [(String, Forwarder)],
     res: &mut Results,
 ) -> Result<()> {
     let n = plan.scale_conns;
@@ -1143,7 +1155,7 @@ fn hold_idle(ns: &Netns, sys: &System, n: usize) -> std::result::Result<ScaleRun
 /// active connection (the time goes into `run.drained_secs`; still active
 /// after 30 s fails the cell); a peer or direct gets a second.
 fn await_closed(
-    forwarders: &mut [(&'static str, Forwarder)],
+    forwarders: &mut [(String, Forwarder)],
     sys: &System,
     run: &mut ScaleRun,
     cell: &mut Cell<ScaleRun>,

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::{
     difference, median, min_max, ratio, Cell, Placement, Plan, Results, System, ThrKey, Workload,
-    AUTO_CHOICES, CLIENTS, DIRECTIONS, SIZES, STREAMS,
+    AUTO_CHOICES, BASELINE, CLIENTS, DIRECTIONS, FORWARDERS, SIZES, STREAMS,
 };
 use crate::util::output;
 
@@ -425,6 +425,7 @@ impl Report<'_> {
         self.render_header(&mut md)?;
         let targets = self.render_targets(&mut md)?;
         let workloads = self.render_workloads(&mut md)?;
+        self.render_baseline(&mut md)?;
         let resources = self.render_resources(&mut md)?;
         self.render_footer(&mut md)?;
         Ok((md, self.json(targets, workloads, resources)))
@@ -522,6 +523,79 @@ impl Report<'_> {
             out.docker = serde_json::to_value(d)?;
         }
         Ok(out)
+    }
+
+    /// With `--baseline`: each mode of this build beside the same mode of
+    /// the baseline binary, medians with their min-max over the
+    /// repetitions, and the ratio of the medians (above 1: this build is
+    /// faster; for latency, below 1 is).
+    fn render_baseline(&self, md: &mut String) -> Result<()> {
+        let has = |n: &str| {
+            self.systems
+                .iter()
+                .any(|s| s.name == n && s.failed.is_none())
+        };
+        let modes: Vec<&str> = FORWARDERS
+            .into_iter()
+            .filter(|m| has(m) && has(&format!("{m}{BASELINE}")))
+            .collect();
+        if modes.is_empty() {
+            return Ok(());
+        }
+        writeln!(md, "## Against the baseline binary\n")?;
+        writeln!(
+            md,
+            "Every mode ran twice in this run, with this build and with the `--baseline` \
+             binary (rows `MODE{BASELINE}` above), interleaved. Medians (min-max) over the \
+             repetitions, unpinned; ratio = this build's median / the baseline's.\n"
+        )?;
+        writeln!(md, "| mode | figure | this build | baseline | ratio |")?;
+        writeln!(md, "|---|---|---|---|---|")?;
+        for m in modes {
+            let base = format!("{m}{BASELINE}");
+            let mut row = |what: String, a: Vec<f64>, b: Vec<f64>, p: usize| -> Result<()> {
+                if a.is_empty() || b.is_empty() {
+                    return Ok(());
+                }
+                let r = median(&a) / median(&b);
+                writeln!(
+                    md,
+                    "| {m} | {what} | {} | {} | {r:.2} |",
+                    spread(&a, p),
+                    spread(&b, p)
+                )?;
+                Ok(())
+            };
+            for streams in STREAMS {
+                for (d, dir) in DIRECTIONS.iter().enumerate() {
+                    let key = (Self::PRIMARY, streams, d);
+                    row(
+                        format!("throughput {streams} stream(s) {dir}, Gbit/s"),
+                        self.gbits(m, key),
+                        self.gbits(&base, key),
+                        1,
+                    )?;
+                }
+            }
+            for size in SIZES {
+                row(
+                    format!("{size}-byte round trip p50, us"),
+                    self.lat(size, m, 0),
+                    self.lat(size, &base, 0),
+                    1,
+                )?;
+            }
+            for clients in CLIENTS {
+                row(
+                    format!("connections/s, {clients} client(s)"),
+                    self.cps(clients, m),
+                    self.cps(clients, &base),
+                    0,
+                )?;
+            }
+        }
+        writeln!(md)?;
+        Ok(())
     }
 
     /// The systems that did not run, and the bytes each forwarder carried.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{free_ports, Args, System, ECHO_PORT, FORWARDERS, SERVER_PORT};
+use super::{free_ports, Args, System, BASELINE, ECHO_PORT, FORWARDERS, SERVER_PORT};
 use crate::peers::{self, Peer};
 use crate::util::{Forwarder, Netns};
 
@@ -17,7 +17,7 @@ pub struct Carriers {
     /// not start is a row with its reason).
     pub systems: Vec<System>,
     /// The forwarders by engine name, for their final statistics.
-    pub forwarders: Vec<(&'static str, Forwarder)>,
+    pub forwarders: Vec<(String, Forwarder)>,
     /// The peers that run.
     pub peers: Vec<Peer>,
 }
@@ -26,7 +26,7 @@ pub struct Carriers {
 /// another engine than asked, fails the bench; a peer that fails is
 /// reported as not run.
 pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers> {
-    let ports = free_ports(2 * (FORWARDERS.len() + 3))?;
+    let ports = free_ports(2 * (2 * FORWARDERS.len() + 3))?;
     let mut ports = ports.into_iter();
     let mut next_port = || ports.next().context("out of free ports");
     let mut systems = vec![System {
@@ -38,11 +38,18 @@ pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers>
         failed: None,
     }];
     let mut forwarders = Vec::new();
-    for mode in FORWARDERS {
-        let ports = (next_port()?, next_port()?);
-        let (sys, fwd) = start_forwarder(ns, bin, mode, ports)?;
-        systems.push(sys);
-        forwarders.push((mode, fwd));
+    let builds = std::iter::once((bin, "")).chain(args.baseline.as_deref().map(|b| (b, BASELINE)));
+    for (bin, suffix) in builds {
+        for mode in FORWARDERS {
+            let ports = (next_port()?, next_port()?);
+            let (mut sys, fwd) = start_forwarder(ns, bin, mode, ports)?;
+            if !suffix.is_empty() {
+                sys.name.push_str(suffix);
+                sys.label.push_str(" (baseline binary)");
+            }
+            forwarders.push((sys.name.clone(), fwd));
+            systems.push(sys);
+        }
     }
     let mut running = Vec::new();
     for (name, label) in PEERS {
