@@ -15,6 +15,8 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
+use crate::wait::try_wait_until;
+
 /// Fails clearly when not root: the suite needs namespaces and BPF.
 pub fn require_root() {
     // SAFETY: geteuid cannot fail.
@@ -24,6 +26,10 @@ pub fn require_root() {
         "the netns suite must run as root (cargo xtask test)"
     );
 }
+
+/// How long `unshare` may take to make a rootless namespace (it takes
+/// milliseconds; the limit is for a loaded machine).
+const HOLDER_READY: Duration = Duration::from_secs(10);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -173,21 +179,38 @@ impl Netns {
                 Ok(())
             });
         }
-        let holder = cmd.spawn().expect("unshare (util-linux)");
+        let mut holder = cmd.spawn().expect("unshare (util-linux)");
         let pid = holder.id();
         // Wait until the holder is in its new namespace and its user
         // namespace has its uid and gid maps (unshare writes them after
-        // unsharing; joining it before fails with EINVAL).
+        // unsharing; joining it before fails with EINVAL). Going on
+        // without them only fails later, less clearly (nsenter, the
+        // forwarder's setns), so running out of time fails here; so does
+        // unshare exiting (user namespaces not allowed, say).
         let own = std::fs::read_link("/proc/self/ns/net").ok();
-        for _ in 0..200 {
+        let what = format!("unshare (PID {pid}) to make its user and network namespaces");
+        let ready = try_wait_until(HOLDER_READY, &what, || {
+            if let Ok(Some(st)) = holder.try_wait() {
+                panic!("unshare (PID {pid}), making a rootless namespace, exited ({st})");
+            }
             let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
             // unshare execs sleep once the maps are written.
-            let mapped = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|c| c.trim() == "sleep");
-            if theirs.is_some() && theirs != own && mapped {
-                break;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if theirs.is_none() || theirs == own {
+                Err("its network namespace is still ours".to_string())
+            } else if comm.trim() != "sleep" {
+                Err(format!(
+                    "it has not exec'd sleep yet (it is {:?})",
+                    comm.trim()
+                ))
+            } else {
+                Ok(())
             }
-            std::thread::sleep(Duration::from_millis(10));
+        });
+        if let Err(timed_out) = ready {
+            let _ = holder.kill();
+            let _ = holder.wait();
+            panic!("{timed_out}");
         }
         let ns = Netns {
             name: format!("pid{pid}"),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::decode_event;
+use crate::wait::{try_wait_until, try_wait_until_or_abort};
 
 /// A command line for messages: program and arguments, space-separated.
 pub fn show(cmd: &Command) -> String {
@@ -109,24 +110,24 @@ impl Proc {
             return Ok(st);
         }
         self.signal(sig)?;
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.try_wait()? {
+        let what = format!("{} to exit after signal {sig}", self.name);
+        match try_wait_until_or_abort(limit, &what, || self.try_wait())? {
+            Ok(st) => {
                 self.child = None;
-                return Ok(st);
+                Ok(st)
             }
-            if Instant::now() > deadline {
+            Err(timed_out) => {
                 let pid = self.pid();
                 if let Some(mut c) = self.child.take() {
                     let _ = c.kill();
                     let _ = c.wait();
                 }
                 bail!(
-                    "{} (PID {pid:?}) did not exit within {limit:?} of signal {sig}; killed it",
+                    "{} (PID {pid:?}) did not exit within {limit:?} of signal {sig}; killed it \
+                     ({timed_out})",
                     self.name
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -301,16 +302,15 @@ impl Forwarder {
 
     /// Waits up to `limit` for `needle` to appear on its stderr (read by a
     /// background thread, so a line logged before an event on stdout may
-    /// reach us after it). Returns stderr as it is then.
+    /// reach us after it). Returns stderr as it is then, with or without
+    /// the needle: the caller judges it (and quotes it if it lacks it).
     pub fn wait_stderr(&self, needle: &str, limit: Duration) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
+        let what = format!("{needle:?} on {}'s stderr", self.name);
+        try_wait_until(limit, &what, || {
             let err = self.stderr();
-            if err.contains(needle) || Instant::now() > deadline {
-                return err;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            err.contains(needle).then_some(err)
+        })
+        .unwrap_or_else(|_| self.stderr())
     }
 
     /// Waits up to `limit` for its log to reach the end of the pipe (once
@@ -361,13 +361,16 @@ impl Forwarder {
                     );
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    // Give it a moment to be reapable, for the status,
-                    // and its log to be read to the end.
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Its log read to the end, and its exit status once it
+                    // is reapable (it may just have closed its stdout).
                     self.wait_log_eof(Duration::from_secs(1));
-                    let status = match self.proc.try_wait()? {
-                        Some(st) => format!("exited ({st})"),
-                        None => "closed its stdout".to_string(),
+                    let what = format!("{} to exit after closing its stdout", self.name);
+                    let proc = &mut self.proc;
+                    let exited =
+                        try_wait_until_or_abort(Duration::from_secs(1), &what, || proc.try_wait())?;
+                    let status = match exited {
+                        Ok(st) => format!("exited ({st})"),
+                        Err(_) => "closed its stdout".to_string(),
                     };
                     bail!(
                         "{} {status} before its {name:?} event{}",
@@ -403,16 +406,9 @@ impl Forwarder {
 
     /// Waits up to `limit` for it to exit by itself; `None` if it has not.
     pub fn wait_exit(&mut self, limit: Duration) -> Result<Option<ExitStatus>> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(st) = self.try_wait()? {
-                return Ok(Some(st));
-            }
-            if Instant::now() > deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let what = format!("{} to exit", self.name);
+        let proc = &mut self.proc;
+        Ok(try_wait_until_or_abort(limit, &what, || proc.try_wait())?.ok())
     }
 
     /// Kills it outright (SIGKILL, by PID) and reaps it, if still running.

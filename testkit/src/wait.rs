@@ -6,7 +6,9 @@
 //! was awaited, how long it was awaited, how many times it was checked,
 //! and what the last check saw. [`try_wait_until`] is the same wait
 //! returning the timeout as an error, for callers that report rather than
-//! panic.
+//! panic, and [`try_wait_until_or_abort`] is that wait for a check that
+//! can also fail outright (the process awaited has exited, a command could
+//! not run), which ends the wait at once with the check's own error.
 //!
 //! The closure says whether the condition holds by what it returns (see
 //! [`Condition`]):
@@ -21,6 +23,7 @@
 //! `limit()` (FWD_TEST_TIME_SCALE) before passing it, as it does every
 //! other limit.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -147,11 +150,52 @@ pub fn try_wait_until<C: Condition>(
     what: &str,
     mut condition: impl FnMut() -> C,
 ) -> Result<C::Value, TimedOut> {
+    match try_wait_until_or_abort(timeout, what, || Ok::<C, Infallible>(condition())) {
+        Ok(outcome) => outcome,
+        Err(never) => match never {},
+    }
+}
+
+/// [`try_wait_until`] for a check that can also fail outright: `condition`
+/// returns `Ok` with a [`Condition`] (met, or not yet), or `Err(e)` when
+/// there is no point waiting any longer (the process awaited has exited,
+/// the user interrupted, a command failed), which ends the wait at once
+/// and is returned as the outer error, as it is. The inner result is the
+/// wait's own: the value handed back, or [`TimedOut`].
+///
+/// With `anyhow`, `?` in the closure (give it a return type, `||
+/// -> anyhow::Result<_>`) aborts, and `try_wait_until_or_abort(...)??`
+/// returns either failure; map the inner error first to add to the
+/// timeout's message (a log's tail, say).
+///
+/// ```
+/// use std::time::Duration;
+/// use forwarder_testkit::wait::try_wait_until_or_abort;
+///
+/// let mut polls = 0;
+/// let r = try_wait_until_or_abort(Duration::from_secs(5), "the fifth poll", || {
+///     polls += 1;
+///     if polls == 3 {
+///         return Err("the counter broke at 3");
+///     }
+///     Ok(polls == 5)
+/// });
+/// assert_eq!(r.unwrap_err(), "the counter broke at 3");
+/// assert_eq!(polls, 3);
+/// ```
+pub fn try_wait_until_or_abort<C: Condition, E>(
+    timeout: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> Result<C, E>,
+) -> Result<Result<C::Value, TimedOut>, E> {
     let mut attempts = Attempts::new(timeout);
     loop {
-        match condition().check() {
-            Ok(v) => return Ok(v),
-            Err(last) => std::thread::sleep(attempts.after_failure(what, last)?),
+        match condition()?.check() {
+            Ok(v) => return Ok(Ok(v)),
+            Err(last) => match attempts.after_failure(what, last) {
+                Ok(pause) => std::thread::sleep(pause),
+                Err(timed_out) => return Ok(Err(timed_out)),
+            },
         }
     }
 }
@@ -272,6 +316,61 @@ mod tests {
         .unwrap_err();
         assert_eq!((checked, e.checks), (1, 1));
         assert_eq!(e.last, None);
+    }
+
+    #[test]
+    fn an_abort_ends_the_wait_at_once() {
+        let mut checked = 0;
+        let t = Instant::now();
+        let r = try_wait_until_or_abort(Duration::from_secs(5), "the child to listen", || {
+            checked += 1;
+            if checked == 2 {
+                return Err("the child exited");
+            }
+            Ok(Err::<(), _>("not listening"))
+        });
+        assert_eq!(r.unwrap_err(), "the child exited");
+        assert_eq!(checked, 2);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn without_an_abort_the_inner_result_is_the_wait() {
+        let mut n = 0;
+        let got = try_wait_until_or_abort(Duration::from_secs(5), "the third poll", || {
+            n += 1;
+            Ok::<_, String>((n == 3).then_some(n))
+        });
+        assert_eq!(got.unwrap().unwrap(), 3);
+
+        let e = try_wait_until_or_abort(Duration::from_millis(30), "never", || {
+            Ok::<_, String>(Err::<(), _>("still not"))
+        })
+        .unwrap()
+        .unwrap_err();
+        assert_eq!(e.last.as_deref(), Some("still not"));
+        assert!(e.to_string().contains("timed out waiting for never"), "{e}");
+    }
+
+    #[test]
+    fn anyhow_errors_abort_through_question_marks() {
+        fn waits(fail: bool) -> anyhow::Result<u32> {
+            let mut n = 0;
+            let v = try_wait_until_or_abort(
+                Duration::from_secs(5),
+                "the value",
+                || -> anyhow::Result<_> {
+                    n += 1;
+                    if fail {
+                        anyhow::bail!("gave up at check {n}");
+                    }
+                    Ok((n == 2).then_some(n))
+                },
+            )??;
+            Ok(v)
+        }
+        assert_eq!(waits(false).unwrap(), 2);
+        assert_eq!(waits(true).unwrap_err().to_string(), "gave up at check 1");
     }
 
     #[tokio::test]

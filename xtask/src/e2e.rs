@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context as _, Result};
 use sha2::{Digest, Sha256};
 
+use forwarder_testkit::wait::{try_wait_until, try_wait_until_or_abort};
+
 use crate::util::{self, die_with_parent, output, Proc};
 
 /// The unprivileged user dockerd and forwarder run as (`setup` creates it).
@@ -271,19 +273,22 @@ impl Dockerd {
             .stderr(logf);
         die_with_parent(&mut cmd, libc::SIGTERM);
         let proc = Proc::spawn(&mut cmd, "rootless dockerd")?;
-        let d = Dockerd { proc, log };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while env
-            .docker(&["info", "--format", "{{.ServerVersion}}"])
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "rootless dockerd did not answer within 60 s{}",
-                    d.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
+        let mut d = Dockerd { proc, log };
+        let answered = try_wait_until_or_abort(
+            Duration::from_secs(60),
+            "rootless dockerd to answer `docker info`",
+            || -> Result<_> {
+                let answer = env.docker(&["info", "--format", "{{.ServerVersion}}"]);
+                if answer.is_err() {
+                    if let Some(st) = d.proc.try_wait()? {
+                        bail!("rootless dockerd exited ({st}){}", d.log_tail());
+                    }
+                }
+                Ok(answer.map_err(|e| format!("{e:#}")))
+            },
+        )?;
+        if let Err(timed_out) = answered {
+            bail!("{timed_out}{}", d.log_tail());
         }
         Ok(d)
     }
@@ -489,16 +494,13 @@ fn api_ports(env: &Env, bin: &Path, state_dir: &Path) -> Result<usize> {
     Ok(v.as_array().map_or(0, Vec::len))
 }
 
-/// Waits up to `limit` for `check` to pass; returns its last result.
-pub fn within<T>(limit: Duration, mut check: impl FnMut() -> Result<T>) -> Result<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match check() {
-            Ok(v) => return Ok(v),
-            Err(e) if Instant::now() > deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
-        }
-    }
+/// Waits up to `limit` for `check` to pass and returns what it returned;
+/// past the limit, fails naming `what` (what is awaited) and quoting the
+/// last check's error.
+pub fn within<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Result<T>) -> Result<T> {
+    Ok(try_wait_until(limit, what, || {
+        check().map_err(|e| format!("{e:#}"))
+    })?)
 }
 
 /// A check's outcome.
@@ -576,7 +578,11 @@ fn configuration(env: &Env, bin: &Path, config: Config, rows: &mut Vec<Row>) -> 
     container_checks(env, bin, &state_dir, &run, &mut checks);
     // Leave a container publishing, then stop dockerd under it.
     env.docker(&run)?;
-    within(Duration::from_secs(10), all_answer)?;
+    within(
+        Duration::from_secs(10),
+        "every published port to answer",
+        all_answer,
+    )?;
     checks.row("dockerd stops: no listener", &mut || {
         dockerd_stops(&mut dockerd, &mut fwd)
     });
@@ -609,7 +615,11 @@ fn web_run(mount: &str) -> Vec<&str> {
 fn container_checks(env: &Env, bin: &Path, state_dir: &Path, run: &[&str], checks: &mut Checks) {
     checks.row("docker run -p publishes", &mut || {
         env.docker(run)?;
-        within(Duration::from_secs(10), all_answer)
+        within(
+            Duration::from_secs(10),
+            "every published port to answer",
+            all_answer,
+        )
     });
     checks.row("1 GiB download, SHA-256", &mut || {
         let t = Instant::now();
@@ -627,14 +637,18 @@ fn container_checks(env: &Env, bin: &Path, state_dir: &Path, run: &[&str], check
     });
     checks.row("docker restart re-adds", &mut || {
         env.docker(&["restart", "-t", "1", "web"])?;
-        let s = within(Duration::from_secs(10), all_answer)?;
+        let s = within(
+            Duration::from_secs(10),
+            "every published port to answer",
+            all_answer,
+        )?;
         let n = api_ports(env, bin, state_dir)?;
         ensure!(n == API_PORTS, "{n} ports in the API, expected {API_PORTS}");
         Ok(s)
     });
     checks.row("docker rm -f removes", &mut || {
         env.docker(&["rm", "-f", "web"])?;
-        let n = within(Duration::from_secs(10), || {
+        let n = within(Duration::from_secs(10), "the API to list no port", || {
             let n = api_ports(env, bin, state_dir)?;
             ensure!(n == 0, "{n} ports left in the API");
             Ok(n)
@@ -647,7 +661,7 @@ fn container_checks(env: &Env, bin: &Path, state_dir: &Path, run: &[&str], check
 /// with status 1 saying its child process exited, and nothing may answer.
 fn dockerd_stops(dockerd: &mut Dockerd, fwd: &mut Fwd) -> Result<String> {
     dockerd.stop()?;
-    let st = within(Duration::from_secs(15), || {
+    let st = within(Duration::from_secs(15), "the forwarder to exit", || {
         fwd.proc
             .try_wait()?
             .context("the forwarder is still running")

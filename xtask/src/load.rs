@@ -55,6 +55,7 @@ pub fn echo_server(bind: SocketAddr) -> Result<()> {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("bench-echo: accept: {e}");
+                    // Do not spin on a lasting error (out of descriptors).
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }

@@ -39,9 +39,10 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
+use forwarder_testkit::wait::try_wait_until_or_abort;
 
 use crate::util::{die_with_parent, output, show, Netns, Proc};
 
@@ -125,11 +126,12 @@ fn tail(log: &Log) -> String {
 /// Waits until something listens on 127.0.0.1:`port` (our own bind fails
 /// with EADDRINUSE; no connection is made), failing early if `p` exits.
 fn wait_listening(port: u16, p: &mut Proc, log: &Log, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match TcpListener::bind(("127.0.0.1", port)) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Ok(()),
-            _ => {}
+    let what = format!("something to listen on 127.0.0.1:{port}");
+    try_wait_until_or_abort(limit, &what, || -> Result<_> {
+        if matches!(TcpListener::bind(("127.0.0.1", port)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse)
+        {
+            return Ok(true);
         }
         if let Some(st) = p.try_wait()? {
             bail!(
@@ -137,14 +139,27 @@ fn wait_listening(port: u16, p: &mut Proc, log: &Log, limit: Duration) -> Result
                 tail(log)
             );
         }
-        if Instant::now() > deadline {
-            bail!(
-                "nothing listens on 127.0.0.1:{port} after {limit:?}{}",
-                tail(log)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(false)
+    })?
+    .map_err(|timed_out| anyhow!("{timed_out}{}", tail(log)))
+}
+
+/// Whether something in the network namespace of process `pid` listens
+/// on TCP `port` (any address), as its /proc/PID/net/tcp and tcp6 list
+/// it: a listener inside another namespace, seen without entering it.
+fn listens_in(pid: u32, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    ["tcp", "tcp6"].iter().any(|table| {
+        std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).is_ok_and(|t| {
+            t.lines().skip(1).any(|line| {
+                // sl local_address rem_address st ...; 0A is LISTEN.
+                let mut cols = line.split_whitespace();
+                let local = cols.nth(1);
+                let state = cols.nth(1);
+                local.is_some_and(|a| a.ends_with(&port)) && state == Some("0A")
+            })
+        })
+    })
 }
 
 /// One socat listener on `port` relaying into the child's `target`. The
@@ -270,20 +285,17 @@ pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Pee
     let (mut p, log) = spawn_logged(&mut cmd, "rootlesskit")?;
     peer.pid = p.pid();
     let sock = state.join("api.sock");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !sock.exists() {
+    let what = format!("rootlesskit to make {}", sock.display());
+    try_wait_until_or_abort(Duration::from_secs(15), &what, || -> Result<_> {
+        if sock.exists() {
+            return Ok(true);
+        }
         if let Some(st) = p.try_wait()? {
             bail!("rootlesskit exited ({st}){}", tail(&log));
         }
-        if Instant::now() > deadline {
-            bail!(
-                "rootlesskit made no {} within 15 s{}",
-                sock.display(),
-                tail(&log)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(false)
+    })?
+    .map_err(|timed_out| anyhow!("{timed_out}{}", tail(&log)))?;
     peer.procs.push((p, log));
     for (port, target) in [iperf, echo] {
         let mut add = as_user("rootlessctl", &dir);
@@ -296,8 +308,35 @@ pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Pee
     for port in [iperf.0, echo.0] {
         wait_listening(port, p, log, Duration::from_secs(10))?;
     }
+    // The servers inside start asynchronously (RootlessKit's listeners
+    // above are its own): wait until both listen in its child namespace,
+    // seen through the child's PID, which it writes to child_pid.
+    let child_pid = state.join("child_pid");
+    let what = format!(
+        "iperf3 and the echo server to listen on 127.0.0.1:{} and :{} inside RootlessKit",
+        iperf.1, echo.1
+    );
+    try_wait_until_or_abort(Duration::from_secs(10), &what, || -> Result<_> {
+        if let Some(st) = p.try_wait()? {
+            bail!("rootlesskit exited ({st}){}", tail(log));
+        }
+        let read = std::fs::read_to_string(&child_pid).unwrap_or_default();
+        let Ok(child) = read.trim().parse::<u32>() else {
+            return Ok(Err(format!("no PID in {}", child_pid.display())));
+        };
+        let missing: Vec<u16> = [iperf.1, echo.1]
+            .into_iter()
+            .filter(|&port| !listens_in(child, port))
+            .collect();
+        Ok(if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nothing listens on {missing:?} in the namespace of PID {child}"
+            ))
+        })
+    })?
+    .map_err(|timed_out| anyhow!("{timed_out}{}", tail(log)))?;
     peer.echo_port = Some(echo.0);
-    // The servers inside start asynchronously; give them a moment.
-    std::thread::sleep(Duration::from_millis(500));
     Ok(peer)
 }

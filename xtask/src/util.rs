@@ -16,9 +16,10 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
+use forwarder_testkit::wait::try_wait_until_or_abort;
 
 /// A command that ran and failed. `main` exits with its exit code, so
 /// `cargo xtask test` fails the way `cargo test` did.
@@ -111,17 +112,16 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Result<Finished> {
     let c = child.child()?;
     let out = drain(c.stdout.take());
     let err = drain(c.stderr.take());
-    let deadline = Instant::now() + limit;
-    let status = loop {
-        if let Some(st) = child.try_wait()? {
-            break st;
+    let what = format!("`{shown}` to finish");
+    let status = try_wait_until_or_abort(limit, &what, || -> Result<_> {
+        let st = child.try_wait()?;
+        if st.is_none() {
+            check_interrupted()?;
         }
-        if Instant::now() > deadline {
-            bail!("`{shown}` did not finish within {limit:?}; killed it");
-        }
-        check_interrupted()?;
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        Ok(st)
+    })?
+    // (Proc's drop kills it.)
+    .map_err(|timed_out| anyhow!("{timed_out}; killed it"))?;
     let join = |h: std::thread::JoinHandle<String>| h.join().unwrap_or_default();
     Ok(Finished {
         status,

@@ -43,6 +43,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use forwarder_testkit::wait::try_wait_until_or_abort;
 
 use crate::util::{cargo, check_interrupted, is_root, output, root, run as run_cmd, target_dir};
 
@@ -715,38 +716,37 @@ fn wait_for_guest(
 ) -> Result<Option<std::process::ExitStatus>> {
     let pid = child.id();
     let limit = Duration::from_secs(args.timeout * 60);
-    loop {
-        if let Some(st) = child.try_wait()? {
-            return Ok(Some(st));
+    let what = format!("the guest booted with {label} to end");
+    let ended = try_wait_until_or_abort(limit.saturating_sub(t0.elapsed()), &what, || {
+        let st = child.try_wait()?;
+        if st.is_none() {
+            check_interrupted()?;
         }
-        let stop = if t0.elapsed() > limit {
-            Some(format!("no end within {} minutes", args.timeout))
-        } else {
-            check_interrupted().err().map(|e| e.to_string())
-        };
-        if let Some(why) = stop {
-            // QEMU first (it holds the guest), then vng and the rest.
-            let tree = descendants(pid);
-            for &p in &tree {
-                if fs::read_to_string(format!("/proc/{p}/comm"))
-                    .is_ok_and(|c| c.starts_with("qemu-system"))
-                {
-                    kill(p);
-                }
-            }
-            for &p in &tree {
-                kill(p);
-            }
-            kill(pid);
-            let _ = child.wait();
-            bail!(
-                "boot {label} ({}): {why}; killed QEMU. Console tail:\n{}",
-                k.release,
-                tail(console, 40)
-            );
+        Ok::<_, anyhow::Error>(st)
+    });
+    let why = match ended {
+        Ok(Ok(st)) => return Ok(Some(st)),
+        Ok(Err(timed_out)) => format!("no end within {} minutes ({timed_out})", args.timeout),
+        Err(e) => format!("{e:#}"),
+    };
+    // QEMU first (it holds the guest), then vng and the rest.
+    let tree = descendants(pid);
+    for &p in &tree {
+        if fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.starts_with("qemu-system"))
+        {
+            kill(p);
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
+    for &p in &tree {
+        kill(p);
+    }
+    kill(pid);
+    let _ = child.wait();
+    bail!(
+        "boot {label} ({}): {why}; killed QEMU. Console tail:\n{}",
+        k.release,
+        tail(console, 40)
+    );
 }
 
 /// The guest script: writes `kernel`, each run's output and exit code,

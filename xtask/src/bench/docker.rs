@@ -197,16 +197,19 @@ fn measure(plan: &Plan, env: &Env, row: &mut Row) -> Result<()> {
     let http_addr = SocketAddr::from(([127, 0, 0, 1], http));
     let echo_addr = SocketAddr::from(([127, 0, 0, 1], echo));
     let r = (|| -> Result<()> {
-        e2e::within(Duration::from_secs(15), || {
-            download(http_addr, "/index.html")?;
-            let mut s = TcpStream::connect_timeout(&echo_addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            s.write_all(b"x")?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b)?;
-            Ok(())
-        })
-        .context("the published ports did not answer")?;
+        e2e::within(
+            Duration::from_secs(15),
+            "the published ports to answer",
+            || {
+                download(http_addr, "/index.html")?;
+                let mut s = TcpStream::connect_timeout(&echo_addr, Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"x")?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b)?;
+                Ok(())
+            },
+        )?;
         let dur = Duration::from_secs(plan.rate_secs);
         for rep in 1..=plan.reps {
             let (n, secs) = download(http_addr, "/big")?;

@@ -99,6 +99,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use forwarder_testkit::wait::{try_wait_until, try_wait_until_or_abort};
 use serde_json::Value;
 
 use crate::load;
@@ -449,8 +450,9 @@ fn iperf(
     }
     let limit = Duration::from_secs(u64::from(secs) + 30);
     // The server takes a moment to accept the next test after one ends
-    // ("the server is busy"): retry that, a few times.
-    for attempt in 1.. {
+    // ("the server is busy"): retry that, for a few seconds.
+    let what = format!("iperf3's server to take the test to {}", sys.name);
+    let (done, v) = try_wait_until_or_abort(IPERF_BUSY, &what, || -> Result<_> {
         let done = output_within(&mut cmd, limit)?;
         let v: Value = serde_json::from_str(&done.stdout).with_context(|| {
             format!(
@@ -461,26 +463,33 @@ fn iperf(
             )
         })?;
         if let Some(err) = v["error"].as_str() {
-            if err.contains("busy") && attempt < 5 {
-                std::thread::sleep(Duration::from_secs(1));
-                continue;
+            if err.contains("busy") {
+                return Ok(Err(format!("iperf3: {err}")));
             }
             bail!("iperf3 to {} failed: {err}", sys.name);
         }
-        if !done.status.success() {
-            bail!("iperf3 to {} failed ({})", sys.name, done.status);
-        }
-        let recv = &v["end"]["sum_received"];
-        let bits = recv["bits_per_second"].as_f64().with_context(|| {
-            format!(
-                "no end.sum_received.bits_per_second from iperf3 to {}",
-                sys.name
-            )
-        })?;
-        return Ok((bits / 1e9, recv["bytes"].as_f64().unwrap_or(0.0)));
+        Ok(Ok((done, v)))
+    })??;
+    if !done.status.success() {
+        bail!("iperf3 to {} failed ({})", sys.name, done.status);
     }
-    unreachable!("the retry loop returns")
+    let recv = &v["end"]["sum_received"];
+    let bits = recv["bits_per_second"].as_f64().with_context(|| {
+        format!(
+            "no end.sum_received.bits_per_second from iperf3 to {}",
+            sys.name
+        )
+    })?;
+    Ok((bits / 1e9, recv["bytes"].as_f64().unwrap_or(0.0)))
 }
+
+/// How long the forwarders' last connections are given to close before
+/// their final statistics.
+const FINAL_SETTLE: Duration = Duration::from_secs(1);
+
+/// How long an iperf3 server that answers "busy" (still ending the last
+/// test) is retried.
+const IPERF_BUSY: Duration = Duration::from_secs(5);
 
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
@@ -587,20 +596,19 @@ pub fn run(args: &Args) -> Result<()> {
 /// Reaps the orphans reparented to us (see `run`); every child we started
 /// ourselves was already waited for by its guard.
 fn reap_orphans() {
-    let deadline = Instant::now() + Duration::from_secs(2);
-    loop {
+    let mut reaped = 0u32;
+    let none_left = try_wait_until(Duration::from_secs(2), "the orphans to exit", || loop {
         let mut status = 0;
         // SAFETY: plain waitpid(2) for any child, not blocking.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid < 0 {
-            return; // ECHILD: none left
+        match unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) } {
+            pid if pid < 0 => return Ok(()), // ECHILD: none left
+            0 => return Err(format!("{reaped} reaped, some still running")),
+            _ => reaped += 1,
         }
-        if pid == 0 {
-            if Instant::now() > deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    });
+    // Not an error: init reaps what is left once the bench exits.
+    if let Err(timed_out) = none_left {
+        eprintln!("bench: {timed_out}; leaving them to init");
     }
 }
 
@@ -710,10 +718,27 @@ fn run_inner(args: &Args) -> Result<()> {
     };
     let (mut res, profile_md) = run_workloads(args, &mut plan, &ns, &bin, &mut carriers, &limits)?;
 
-    // Final statistics of each forwarder, then a clean stop.
-    std::thread::sleep(Duration::from_millis(500));
+    // Final statistics of each forwarder, once the last workload's
+    // connections have closed (any still open after a second are what
+    // the report calls active at the end), then a clean stop.
     for (mode, mut fwd) in carriers.forwarders {
-        let stats = fwd.stats()?;
+        let mut last = None;
+        let what = format!("{mode} to report no active connection");
+        let drained = try_wait_until_or_abort(FINAL_SETTLE, &what, || -> Result<_> {
+            let st = fwd.stats()?;
+            let done = st["active"] == 0;
+            let active = st["active"].to_string();
+            last = Some(st);
+            Ok(if done {
+                Ok(())
+            } else {
+                Err(format!("{active} active"))
+            })
+        })?;
+        if let Err(timed_out) = drained {
+            eprintln!("bench: {timed_out}; reporting them");
+        }
+        let stats = last.context("no statistics")?;
         fwd.stop()?;
         res.fwd_stats.push((mode, stats));
     }
@@ -945,6 +970,8 @@ fn thr_run(
         .or_default()
         .push(ThrRun { gbit, bytes, cpu });
     *res.bytes.entry(sys.name.clone()).or_default() += bytes;
+    // Pacing between runs, so one run's tail (closing streams, the
+    // server's end of test) does not overlap the next one's start.
     std::thread::sleep(Duration::from_millis(200));
     Ok(())
 }
@@ -1161,25 +1188,29 @@ fn await_closed(
     cell: &mut Cell<ScaleRun>,
 ) -> Result<()> {
     let Some((_, fwd)) = forwarders.iter_mut().find(|(m, _)| *m == sys.name) else {
-        // A peer or direct: give the closes a moment.
+        // A peer or direct: give the closes a moment. Nothing tells when
+        // they are done (direct has no process; a peer no count of its
+        // connections), so this one is a fixed pause.
         std::thread::sleep(Duration::from_secs(1));
         return Ok(());
     };
     let t0 = Instant::now();
-    loop {
+    let what = format!("{} to report no active connection", sys.name);
+    let drained = try_wait_until_or_abort(Duration::from_secs(30), &what, || -> Result<_> {
         let st = fwd.stats()?;
-        if st["active"] == 0 {
-            run.drained_secs = Some(t0.elapsed().as_secs_f64());
-            break;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
+        Ok(if st["active"] == 0 {
+            Ok(())
+        } else {
+            Err(format!("{} connections active", st["active"]))
+        })
+    })?;
+    match drained {
+        Ok(()) => run.drained_secs = Some(t0.elapsed().as_secs_f64()),
+        Err(timed_out) => {
             cell.failed = Some(format!(
-                "{} connections still active 30 s after the clients closed",
-                st["active"]
-            ));
-            break;
+                "still active 30 s after the clients closed ({timed_out})"
+            ))
         }
-        std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
 }

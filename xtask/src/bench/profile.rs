@@ -94,7 +94,9 @@ impl Perf {
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let proc = Proc::spawn(&mut cmd, "perf record")?;
-        // perf needs a moment before it samples.
+        // perf needs a moment before it samples, and says nothing when it
+        // starts (-q): a fixed pause, which at worst loses the first
+        // samples of the profile.
         std::thread::sleep(Duration::from_millis(300));
         Ok(Perf { proc, data })
     }

@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
+use forwarder_testkit::wait::{try_wait_until, try_wait_until_or_abort};
 
 use crate::util::{build_forwarder, die_with_parent, output, Forwarder, Netns, Proc};
 
@@ -238,6 +239,8 @@ fn flood(ns: Option<String>, to: SocketAddr, size: usize, rate: u64, secs: u64) 
             }
             let due = (el.as_secs_f64() * rate as f64) as u64;
             if sent >= due {
+                // Pacing: ahead of the offered rate, so wait for the next
+                // datagram's due time.
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
@@ -283,6 +286,7 @@ fn echo_rate(
                     while Instant::now() < end {
                         if s.send(&msg).await.is_err() {
                             lost += 1;
+                            // Do not spin on an immediate error.
                             tokio::time::sleep(Duration::from_millis(10)).await;
                             continue;
                         }
@@ -352,22 +356,23 @@ fn rootlesskit() -> Result<System> {
     .stdout(Stdio::null())
     .stderr(Stdio::null());
     die_with_parent(&mut cmd, libc::SIGTERM);
-    let proc = Proc::spawn(&mut cmd, "rootlesskit")?;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let (child_pid, sock) = loop {
-        let sock = state.join("api.sock");
-        if let Ok(p) = std::fs::read_to_string(state.join("child_pid")) {
-            if let Ok(p) = p.trim().parse::<u32>() {
-                if sock.exists() {
-                    break (p, sock);
-                }
-            }
+    let mut proc = Proc::spawn(&mut cmd, "rootlesskit")?;
+    let sock = state.join("api.sock");
+    let what = format!(
+        "rootlesskit to write its child_pid and make {}",
+        sock.display()
+    );
+    let child_pid = try_wait_until_or_abort(Duration::from_secs(15), &what, || -> Result<_> {
+        if let Some(st) = proc.try_wait()? {
+            bail!("rootlesskit exited ({st}) before it started");
         }
-        if Instant::now() > deadline {
-            bail!("rootlesskit did not start within 15 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        let read = std::fs::read_to_string(state.join("child_pid")).unwrap_or_default();
+        Ok(match read.trim().parse::<u32>() {
+            Err(_) => Err("no child_pid yet"),
+            Ok(_) if !sock.exists() => Err("no API socket yet"),
+            Ok(pid) => Ok(pid),
+        })
+    })??;
     let ns = format!("/proc/{child_pid}/ns/net");
     let servers = servers(&ns)?;
     let (ps, pe) = (free_udp_port()?, free_udp_port()?);
@@ -403,15 +408,18 @@ fn probe(sys: &System) -> Result<()> {
     thread_in(ns, move || {
         let s = UdpSocket::bind("127.0.0.1:0")?;
         s.connect(to)?;
+        // How long each probe's echo is awaited before the next probe.
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
         let mut b = [0u8; 8];
-        for _ in 0..25 {
-            let _ = s.send(b"probe");
-            if s.recv(&mut b).is_ok() {
-                return Ok(());
-            }
-        }
-        bail!("no echo from {to} within 5 s")
+        try_wait_until(
+            Duration::from_secs(5),
+            &format!("an echo from {to}"),
+            || {
+                let _ = s.send(b"probe");
+                s.recv(&mut b).is_ok()
+            },
+        )?;
+        Ok(())
     })
     .join()
     .map_err(|_| anyhow::anyhow!("probe panicked"))?
@@ -419,8 +427,10 @@ fn probe(sys: &System) -> Result<()> {
 
 /// Waits until `sys`'s sink counts a datagram.
 fn probe_sink(sys: &System) -> Result<()> {
-    for _ in 0..25 {
-        let before = sys.servers.received.load(Ordering::Relaxed);
+    let received = || sys.servers.received.load(Ordering::Relaxed);
+    let what = format!("a probe to reach the sink through {}", sys.sink);
+    try_wait_until_or_abort(Duration::from_secs(5), &what, || -> Result<_> {
+        let before = received();
         let (ns, to) = (sys.client_ns.clone(), sys.sink);
         thread_in(ns, move || {
             let s = UdpSocket::bind("127.0.0.1:0")?;
@@ -428,13 +438,14 @@ fn probe_sink(sys: &System) -> Result<()> {
             Ok(())
         })
         .join()
-        .map_err(|_| anyhow::anyhow!("probe panicked"))??;
-        std::thread::sleep(Duration::from_millis(200));
-        if sys.servers.received.load(Ordering::Relaxed) > before {
-            return Ok(());
-        }
-    }
-    bail!("nothing reached the sink through {} within 5 s", sys.sink)
+        .map_err(|_| anyhow!("probe panicked"))??;
+        // This probe counted, or is given up on for the next one.
+        Ok(try_wait_until(Duration::from_millis(200), "the probe", || {
+            received() > before
+        })
+        .is_ok())
+    })??;
+    Ok(())
 }
 
 /// A forwarder publishing the sink and the echo server of `ns`.
@@ -585,6 +596,9 @@ fn flood_row(plan: &UdpPlan, systems: &[System], size: usize, rate: u64) -> Resu
         for (k, s) in systems.iter().enumerate() {
             let before = s.servers.received.load(Ordering::Relaxed);
             let sent = flood(s.client_ns.clone(), s.sink, size, rate, plan.secs)?;
+            // Part of the measurement: what arrives within 300 ms of the
+            // flood's end counts (datagrams still queued in the carrier);
+            // later ones are lost. There is no end to wait for.
             std::thread::sleep(Duration::from_millis(300));
             let got = s.servers.received.load(Ordering::Relaxed) - before;
             runs[k].push(Sample {
