@@ -15,7 +15,7 @@ use forwarder_tests::{
     Privilege,
 };
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::UdpSocket;
 
 fn start(pair: &Pair, extra: &[&str], specs: &[&str]) -> Fwd {
@@ -505,15 +505,13 @@ pub async fn shared_budget(privilege: Privilege) {
     wait_udp(&mut f, ua, "3 flows", |u| u["flows"] == 3);
     assert_eq!(f.stats()["active"].as_u64(), Some(5));
     // TCP at the limit: the flows hold 3 of the 8 slots.
-    let mut waiting = pair.client("127.0.0.1:8080").await;
-    waiting.write_all(b"waiting").await.expect("write");
-    let mut b = [0u8; 7];
-    assert!(
-        tokio::time::timeout(Duration::from_secs(1), waiting.read_exact(&mut b))
-            .await
-            .is_err(),
-        "a sixth TCP connection was served while 3 UDP flows hold slots of --max-connections 8"
-    );
+    let mut waiting = pair
+        .assert_waits(
+            "127.0.0.1:8080",
+            "a sixth TCP connection was served while 3 UDP flows hold slots of \
+             --max-connections 8",
+        )
+        .await;
     // A new client of port a: flow 0, the least recently active, gives up
     // its slot.
     within(10, "a fourth flow on a", async {
@@ -557,6 +555,7 @@ pub async fn shared_budget(privilege: Privilege) {
     // client gets a flow on its next datagram.
     drop(tcp.drain(..2));
     within(10, "the waiting connection served", async {
+        let mut b = [0u8; 7];
         waiting.read_exact(&mut b).await.expect("echo");
         assert_eq!(&b, b"waiting");
     })

@@ -80,6 +80,23 @@ impl Pair {
         conns
     }
 
+    /// Connects to `addr` (an echo server behind it) and asserts that
+    /// nothing is echoed within 1 s: the connection waits in the listen
+    /// backlog. Returns it, still waiting; `why` says what serving it would
+    /// mean.
+    pub async fn assert_waits(&self, addr: &str, why: &str) -> TcpStream {
+        let mut waiting = self.client(addr).await;
+        waiting.write_all(b"waiting").await.expect("write");
+        let mut b = [0u8; 7];
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), waiting.read_exact(&mut b))
+                .await
+                .is_err(),
+            "{why}"
+        );
+        waiting
+    }
+
     /// Waits until a new connection to `addr` (an echo server behind it) is
     /// served, retrying while the forwarder resets clients it cannot serve
     /// yet; on timeout panics naming `what`, with the last error and `f`'s

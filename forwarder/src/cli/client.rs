@@ -233,13 +233,13 @@ pub async fn status(socket: &Path) -> Result<()> {
     check(status, &bytes)?;
     let st: Stats = serde_json::from_slice(&bytes).context("decoding the reply")?;
     println!("engine: {}", st.engine);
-    if let Some(m) = st.bpf_map_entries {
+    if let Some(m) = st.shared.bpf_map_entries {
         println!(
             "bpf maps: {} sockets, {} targets, {} peers",
             m.sockets, m.targets, m.peers
         );
     }
-    if let Some(l) = st.local_path {
+    if let Some(l) = st.shared.local_path {
         println!(
             "local-client path: {} clients, {} servers admitted, {} refused, {} redirects failed",
             l.clients, l.servers, l.refused, l.redirect_failed
@@ -299,7 +299,7 @@ fn print_udp(st: &Stats) {
         );
         for (id, u) in udp
             .iter()
-            .chain(std::iter::once(&("total".to_string(), st.udp)))
+            .chain(std::iter::once(&("total".to_string(), st.shared.udp)))
         {
             println!(
                 "{:<6} {:>7} {:>8} {:>12} {:>12} {:>12} {:>12} {:>9}",
@@ -313,7 +313,7 @@ fn print_udp(st: &Stats) {
                 u.drops.total()
             );
         }
-        let d = st.udp.drops;
+        let d = st.shared.udp.drops;
         if d.total() > 0 {
             println!(
                 "udp drops: rx queue {}, child rx queue {}, oversize {}, send error {}, \

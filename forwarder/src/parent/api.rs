@@ -46,7 +46,7 @@ use crate::parent::port::{PortError, PortManager};
 use crate::sys;
 use crate::wire::spec::{ApiSpec, PortSpec};
 pub use crate::wire::API_VERSION;
-use crate::wire::{ErrorBody, Info, PortDriverInfo, PortStatus, Stats};
+use crate::wire::{ErrorBody, Info, PortDriverInfo, PortStatus, SharedCounters, Stats};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -431,10 +431,12 @@ pub fn stats(ports: &PortManager) -> Stats {
         engine: ports.engine().kind().to_string(),
         total,
         ports: per_port,
-        bpf_map_entries: ports.engine().map_entries(),
-        local_path: ports.engine().local_path(),
-        pooled: crate::engine::pooled(),
-        udp: ports.udp_total(),
+        shared: SharedCounters {
+            bpf_map_entries: ports.engine().map_entries(),
+            local_path: ports.engine().local_path(),
+            pooled: crate::engine::pooled(),
+            udp: ports.udp_total(),
+        },
     }
 }
 

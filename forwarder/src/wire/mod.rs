@@ -109,6 +109,13 @@ pub struct Stats {
     pub total: Snapshot,
     /// The live ports.
     pub ports: Vec<PortReport>,
+    #[serde(flatten)]
+    pub shared: SharedCounters,
+}
+
+/// The counters of [`Stats`] and [`StatsEvent`] that belong to no port.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SharedCounters {
     /// Entries in the ebpf engine's maps (ebpf only).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bpf_map_entries: Option<MapEntries>,
@@ -155,14 +162,8 @@ pub struct StatsEvent {
     #[serde(flatten)]
     pub total: Snapshot,
     pub ports: Vec<PortReport>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub bpf_map_entries: Option<MapEntries>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub local_path: Option<LocalPath>,
-    #[serde(default)]
-    pub pooled: Pooled,
-    #[serde(default)]
-    pub udp: UdpSnapshot,
+    #[serde(flatten)]
+    pub shared: SharedCounters,
 }
 
 impl From<Stats> for StatsEvent {
@@ -171,10 +172,7 @@ impl From<Stats> for StatsEvent {
             engine: s.engine,
             total: s.total,
             ports: s.ports,
-            bpf_map_entries: s.bpf_map_entries,
-            local_path: s.local_path,
-            pooled: s.pooled,
-            udp: s.udp,
+            shared: s.shared,
         }
     }
 }
@@ -262,10 +260,7 @@ mod tests {
                 ..Default::default()
             },
             ports: vec![],
-            bpf_map_entries: None,
-            local_path: None,
-            pooled: Pooled::default(),
-            udp: UdpSnapshot::default(),
+            shared: SharedCounters::default(),
         }));
         let line = serde_json::to_string(&stats).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -273,6 +268,26 @@ mod tests {
         assert_eq!(v["active"], 1);
         assert_eq!(v["connections"], 2);
         assert!(v.get("bpf_map_entries").is_none(), "{v}");
+        // The counters shared by both shapes sit at top level too.
+        assert!(
+            v["pooled"].is_object() && v["udp"]["drops"].is_object(),
+            "{v}"
+        );
+        let api = serde_json::to_value(Stats {
+            engine: "copy".into(),
+            total: Snapshot::default(),
+            ports: vec![],
+            shared: SharedCounters::default(),
+        })
+        .unwrap();
+        assert!(
+            api["total"].is_object() && api["pooled"].is_object(),
+            "{api}"
+        );
+        assert!(
+            api["udp"]["drops"].is_object() && api.get("shared").is_none(),
+            "{api}"
+        );
         assert_eq!(serde_json::from_str::<Event>(&line).unwrap(), stats);
     }
 
