@@ -20,6 +20,11 @@
 //!   the control space exactly, since nix leaves `msg_controllen` at the
 //!   space given and the kernel refuses trailing room as a malformed
 //!   message.
+//!
+//! One wart stays inside nix: the only way to learn how many messages a
+//! sendmmsg sent is to walk its results, and that walk reads each slot's
+//! address, which a send never filled (`SockaddrStorage` is a union; nix
+//! only checks its family).
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
