@@ -30,9 +30,8 @@
 //! No module uses one that uses it back, nor any folder (checked by
 //! `layering` below).
 
-// Every unsafe block lives in `sys` or in the UDP batch I/O beside the
-// relay, each with its SAFETY comment; the compiler refuses one anywhere
-// else.
+// Every unsafe block lives in `sys`, each with its SAFETY comment; the
+// compiler refuses one anywhere else.
 #![deny(unsafe_code)]
 // Without the BPF object the ebpf engine is a stand-in, and the helpers
 // only it uses (sys's TCP probes, the handoff decisions) have no caller;

@@ -157,17 +157,6 @@ pub(crate) fn map_privilege(probe_errno: Option<i32>, kernel: (u32, u32)) -> Map
     }
 }
 
-/// The running kernel's (major, minor).
-fn kernel_version() -> (u32, u32) {
-    let rel = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut it = rel
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|p| p.parse().ok());
-    (it.next().unwrap_or(0), it.next().unwrap_or(0))
-}
-
 /// The default `--max-connections` for a descriptor limit: each connection
 /// holds two sockets (accepted and dialed); splice also borrows pipes from
 /// a bounded pool. Headroom covers the listeners, the API, the engine's
@@ -332,7 +321,9 @@ fn validate(config: &Config) -> Result<usize> {
 fn map_thread(loaded: &mut engine::ebpf::Loaded) -> Result<Option<caps::Capability>> {
     let probe = loaded.probe_unprivileged_map_access();
     let errno = probe.err().map(|e| e.raw_os_error().unwrap_or(libc::EIO));
-    match map_privilege(errno, kernel_version()) {
+    // An unreadable release counts as an old kernel: keep the capability.
+    let line = engine::kernel::Version::running().map_or((0, 0), |v| v.line());
+    match map_privilege(errno, line) {
         MapPrivilege::None => {
             tracing::debug!("BPF map updates through held descriptors need no capability here");
             Ok(None)

@@ -36,19 +36,11 @@ pub fn bind_in(ns: &Netns, addr: &str, rcvbuf: Option<usize>) -> UdpSocket {
     UdpSocket::from_std(std).expect("tokio socket")
 }
 
-/// SO_RCVBUFFORCE, so a test socket is not the bottleneck.
-pub fn force_rcvbuf(s: &impl AsRawFd, n: usize) {
-    let v = n as libc::c_int;
-    // SAFETY: v lives for the call.
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+/// SO_RCVBUFFORCE, so a test socket is not the bottleneck (best effort:
+/// without CAP_NET_ADMIN the default stays).
+pub fn force_rcvbuf(s: &impl std::os::fd::AsFd, n: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(s, sockopt::RcvBufForce, &n);
 }
 
 /// The kernel's count of datagrams a socket dropped (SO_MEMINFO).

@@ -300,10 +300,11 @@ impl UtcTime {
 }
 
 /// The running kernel's release, as `uname -r` prints it (e.g.
-/// `6.1.0-57-cloud-amd64`).
+/// `6.1.0-57-cloud-amd64`): the forwarder's reader, so both read it alike.
 pub fn kernel_release() -> Result<String> {
-    let uts = nix::sys::utsname::uname().context("uname(2)")?;
-    Ok(uts.release().to_string_lossy().into_owned())
+    let release = forwarder::engine::kernel::release();
+    anyhow::ensure!(!release.is_empty(), "cannot read the kernel release");
+    Ok(release)
 }
 
 #[cfg(test)]
@@ -333,7 +334,7 @@ mod tests {
 
     #[test]
     fn kernel_release_is_unames() {
-        let ours = kernel_release().expect("uname(2)");
+        let ours = kernel_release().expect("kernel release");
         let theirs = output(Command::new("uname").arg("-r")).expect("uname -r");
         assert_eq!(ours, theirs.trim());
     }

@@ -430,7 +430,7 @@ pub fn bind_transparent(fd: BorrowedFd<'_>, source: SocketAddr, mark: bool) -> i
     if source.is_ipv4() {
         s.set_ip_transparent_v4(true)?;
     } else {
-        crate::sys::set_ipv6_transparent(fd)?;
+        s.set_ip_transparent_v6(true)?;
     }
     s.set_reuse_address(true)?;
     if mark {

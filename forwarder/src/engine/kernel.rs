@@ -24,7 +24,8 @@ use crate::engine::EngineKind;
 
 /// A kernel version, as `uname -r` starts (`6.1.0-57-cloud-amd64` is
 /// 6.1.0: Debian keeps the third number at 0 for its ABI; the line is what
-/// the rules look at).
+/// the rules look at). The one parser of kernel versions: the controller's
+/// rules, its startup and xtask all read them here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub(crate) struct Version {
     pub major: u32,
@@ -33,12 +34,14 @@ pub(crate) struct Version {
 }
 
 impl Version {
-    /// Parses the leading `MAJOR.MINOR[.PATCH]` of a release string.
-    pub(crate) fn parse(release: &str) -> Option<Version> {
+    /// Parses the leading `MAJOR.MINOR[.PATCH]` of a release string; what
+    /// follows the numbers (`-57-cloud-amd64`, `+deb13-amd64`) is ignored.
+    /// `None` unless it starts with two numbers.
+    pub fn parse(release: &str) -> Option<Version> {
         let head = release
             .split(|c: char| !(c.is_ascii_digit() || c == '.'))
             .next()?;
-        let mut it = head.split('.').filter(|s| !s.is_empty());
+        let mut it = head.split('.');
         let major = it.next()?.parse().ok()?;
         let minor = it.next()?.parse().ok()?;
         let patch = it.next().and_then(|p| p.parse().ok()).unwrap_or(0);
@@ -49,7 +52,12 @@ impl Version {
         })
     }
 
-    const fn new(major: u32, minor: u32) -> Version {
+    /// The running kernel's version, if its release string parses.
+    pub fn running() -> Option<Version> {
+        Version::parse(&release())
+    }
+
+    pub const fn new(major: u32, minor: u32) -> Version {
         Version {
             major,
             minor,
@@ -57,7 +65,8 @@ impl Version {
         }
     }
 
-    fn line(self) -> (u32, u32) {
+    /// `(major, minor)`: the kernel line.
+    pub fn line(self) -> (u32, u32) {
         (self.major, self.minor)
     }
 }
@@ -68,8 +77,9 @@ impl fmt::Display for Version {
     }
 }
 
-/// The running kernel's release string (`uname -r`).
-pub(crate) fn release() -> String {
+/// The running kernel's release string, as `uname -r` prints it (e.g.
+/// `6.1.0-57-cloud-amd64`); empty if it cannot be read.
+pub fn release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -486,20 +496,39 @@ mod tests {
 
     #[test]
     fn versions_parse_from_release_strings() {
-        assert_eq!(v("6.1.0-57-cloud-amd64"), Version::new(6, 1));
-        assert_eq!(
-            v("6.12.117+deb12-cloud-amd64"),
-            Version {
-                major: 6,
-                minor: 12,
-                patch: 117
-            }
-        );
-        assert_eq!(v("6.18.44-fc-v669").minor, 18);
-        assert_eq!(v("5.14.0-427.el9.x86_64").line(), (5, 14));
-        assert_eq!(v("6.8"), Version::new(6, 8));
-        assert_eq!(Version::parse("linux"), None);
-        assert_eq!(Version::parse("6"), None);
+        let some = |major, minor, patch| {
+            Some(Version {
+                major,
+                minor,
+                patch,
+            })
+        };
+        for (release, want) in [
+            // Debian: the third number is 0, the ABI follows.
+            ("6.1.0-57-cloud-amd64", some(6, 1, 0)),
+            ("6.12.117+deb12-cloud-amd64", some(6, 12, 117)),
+            ("6.12.48+deb13-amd64", some(6, 12, 48)),
+            // Ubuntu, RHEL, a plain build, Firecracker's guests.
+            ("5.15.0-91-generic", some(5, 15, 0)),
+            ("5.14.0-427.el9.x86_64", some(5, 14, 0)),
+            ("6.18.0", some(6, 18, 0)),
+            ("6.18.44-fc-v669", some(6, 18, 44)),
+            ("6.8", some(6, 8, 0)),
+            ("6.8-rc1", some(6, 8, 0)),
+            // Garbage.
+            ("", None),
+            ("linux", None),
+            ("6", None),
+            ("6.", None),
+            (".6.1", None),
+            ("v6.1.0", None),
+            ("99999999999.1", None),
+        ] {
+            assert_eq!(Version::parse(release), want, "{release:?}");
+        }
+        assert_eq!(Version::new(6, 1), some(6, 1, 0).unwrap());
+        assert_eq!(some(5, 14, 3).unwrap().line(), (5, 14));
+        assert!(Version::new(5, 13) < Version::new(5, 15));
     }
 
     #[test]

@@ -65,15 +65,14 @@ pub fn adopt_received(raw: Vec<RawFd>) -> Vec<OwnedFd> {
         .collect()
 }
 
-/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK, owned.
+/// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK, owned (rustix: nix's
+/// accept4 returns a bare number).
 pub fn accept_owned(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    use nix::sys::socket::SockFlag;
-    let fd = nix::sys::socket::accept4(
-        listener.as_raw_fd(),
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-    )?;
-    // SAFETY: accept4 returned a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::SocketFlags;
+    Ok(rustix::net::accept_with(
+        listener,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+    )?)
 }
 
 /// Waits up to `timeout` (blocking) for `fd` to be readable; false on

@@ -1,9 +1,30 @@
 //! The platform layer: the thin layer between the controller and the
-//! kernel, for what the engines need and std/tokio do not offer. socket2,
-//! nix, rustix and libc make the calls wherever they cover one; what
-//! remains is written here, each unsafe block with its SAFETY comment and
-//! wrapped in a function that returns `io::Result`, so the callers' logic
-//! stays plain. Split by concern:
+//! kernel, for what the engines need and std/tokio do not offer. The crates
+//! make the calls: socket2 (sockets and their common options, cookies,
+//! IPV6_TRANSPARENT, flagged send/recv), nix (namespaces, rlimits, umask,
+//! prctl, pipes, splice, fcntl, poll, epoll, SO_PEERCRED, the UDP socket
+//! options, SOCK_SEQPACKET messages with SCM_RIGHTS), rustix (poll with
+//! POLLRDHUP, pidfd_open, FIONREAD, accept4 returning an owned
+//! descriptor) and libc (the `tcp_info` struct). Wrapped here, each in a
+//! function that returns `io::Result`, so the callers' logic stays plain.
+//!
+//! What remains hand-written, each unsafe block with its SAFETY comment,
+//! because no crate has it (as of socket2 0.6, nix 0.30, rustix 1.1):
+//!
+//! - getsockopt/setsockopt of `SO_RCVLOWAT`, `TCP_WINDOW_CLAMP`,
+//!   `TCP_INFO`, `SO_NETNS_COOKIE` and `SO_MEMINFO` ([`socket`]): none of
+//!   the three has these options (nix's `sockopt_impl!` is not exported);
+//! - the `SIOCOUTQ` ioctl ([`socket`]): rustix has FIONREAD only, nix only
+//!   the macros that generate an unsafe ioctl function;
+//! - adopting descriptors by number ([`fd`]): a `--fd N` from the parent,
+//!   and nix's SCM_RIGHTS and accept4, which hand out `RawFd`s;
+//! - registering a descriptor with tokio ([`fd`]): `AsyncFd` is safe only
+//!   for types that own their descriptor, which [`OwnsFd`] promises;
+//! - the pre-exec hook of the dial agent ([`process`]): `pre_exec` is
+//!   unsafe by contract; inside it nix makes the calls but dup2 onto
+//!   descriptor 3, for which nix wants an `OwnedFd` we do not have.
+//!
+//! Split by concern:
 //!
 //! - [`socket`]: socket creation and options, TCP counters and states;
 //! - [`splice`]: pipes and splice(2);
@@ -40,7 +61,8 @@ fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// getsockopt(2) for the options neither socket2 nor nix has.
+/// getsockopt(2) for the options socket2, nix and rustix all lack (see
+/// each caller).
 fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
     let mut val = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
@@ -59,7 +81,8 @@ fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<
     Ok(unsafe { val.assume_init() })
 }
 
-/// setsockopt(2) for the options neither socket2 nor nix has.
+/// setsockopt(2) for the options socket2, nix and rustix all lack (see
+/// each caller).
 fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, val: T) -> io::Result<()> {
     // SAFETY: &val is a readable buffer of size_of::<T>() bytes.
     cvt(unsafe {
@@ -74,14 +97,6 @@ fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, val: T) -> io:
     .map(drop)
 }
 
-/// An `int` out of an ioctl that writes one (SIOCOUTQ, FIONREAD).
-fn ioctl_int(fd: BorrowedFd<'_>, request: libc::Ioctl) -> io::Result<libc::c_int> {
-    let mut n: libc::c_int = 0;
-    // SAFETY: the requests passed here write one int.
-    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n) })?;
-    Ok(n)
-}
-
 /// Whether an accept/socket error means "out of descriptors or memory":
 /// back off and keep serving.
 pub fn is_resource_exhaustion(err: &io::Error) -> bool {
@@ -89,9 +104,4 @@ pub fn is_resource_exhaustion(err: &io::Error) -> bool {
         err.raw_os_error(),
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
-}
-
-/// setsockopt(2) of an `int` option.
-pub fn set_int_option(fd: BorrowedFd<'_>, level: i32, name: i32, val: i32) -> io::Result<()> {
-    setsockopt(fd, level, name, val)
 }

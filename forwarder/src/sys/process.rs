@@ -2,7 +2,7 @@
 //! limits, process handles and the umask.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -74,13 +74,14 @@ pub fn thread_cap_eff() -> u64 {
 
 /// Opens a pidfd for `pid` (Linux 5.3): readable once the process exits.
 pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; returns a fresh descriptor.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
 }
 
 /// The soft RLIMIT_NOFILE.
@@ -136,29 +137,32 @@ pub fn enter_namespaces_on_exec(
         netns.as_raw_fd(),
         fd3.as_raw_fd(),
     );
-    // SAFETY: only async-signal-safe calls between fork and exec, on
-    // descriptors the caller keeps open until spawn returns.
+    // SAFETY: only async-signal-safe calls between fork and exec (nix's
+    // setns, fcntl and prctl are plain syscalls), on descriptors the caller
+    // keeps open until spawn returns; borrow_raw's borrows end with the
+    // hook.
     unsafe {
         cmd.pre_exec(move || {
+            use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+            use nix::sched::{setns, CloneFlags};
             // Namespaces first: the namespace files may sit on descriptor
             // 3, which the dup2 below replaces.
             if let Some(u) = user_fd {
-                if libc::setns(u, libc::CLONE_NEWUSER) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                setns(BorrowedFd::borrow_raw(u), CloneFlags::CLONE_NEWUSER)?;
             }
-            if libc::setns(net_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            setns(BorrowedFd::borrow_raw(net_fd), CloneFlags::CLONE_NEWNET)?;
             if agent_fd == 3 {
                 // dup2 onto itself would leave close-on-exec set.
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                fcntl(
+                    BorrowedFd::borrow_raw(3),
+                    FcntlArg::F_SETFD(FdFlag::empty()),
+                )?;
             } else if libc::dup2(agent_fd, 3) < 0 {
+                // By hand: nix's dup2 wants the target as an OwnedFd, and
+                // descriptor 3 is not one this process owns.
                 return Err(io::Error::last_os_error());
             }
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
             Ok(())
         });
     }

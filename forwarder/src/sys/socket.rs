@@ -1,32 +1,22 @@
-//! Sockets: creation, options the crates lack, TCP counters and states.
+//! Sockets: creation, options (socket2 and nix where they have them; the
+//! rest by hand, each saying which crate lacks it), TCP counters and
+//! states.
 
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, Type};
 
-use super::{cvt, getsockopt, ioctl_int, setsockopt};
+use super::{cvt, getsockopt, setsockopt};
 
 /// The kernel's unique, never reused identifier of a socket (`SO_COOKIE`,
 /// Linux 4.12). The BPF program sees the same value through
 /// `bpf_get_socket_cookie`.
 pub fn socket_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     SockRef::from(&fd).cookie()
-}
-
-/// The prefix of the kernel's `struct tcp_info` up to the byte counters
-/// (`tcpi_bytes_received` is there since Linux 4.1).
-#[repr(C)]
-#[derive(Clone, Copy, Default, Debug)]
-struct TcpInfoPrefix {
-    u8s: [u8; 8],
-    u32s: [u32; 24],
-    pacing_rate: u64,
-    max_pacing_rate: u64,
-    bytes_acked: u64,
-    bytes_received: u64,
 }
 
 /// Byte counters of one TCP socket, as the drain check needs them.
@@ -50,13 +40,31 @@ impl TcpCounters {
 
 /// Reads [`TcpCounters`] of a TCP socket.
 pub fn tcp_counters(fd: BorrowedFd<'_>) -> io::Result<TcpCounters> {
-    let info: TcpInfoPrefix = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    let outq = ioctl_int(fd, libc::TIOCOUTQ)?;
+    let info = tcp_info(fd)?;
     Ok(TcpCounters {
-        bytes_received: info.bytes_received,
-        bytes_acked: info.bytes_acked,
-        outq: outq.max(0) as u64,
+        bytes_received: info.tcpi_bytes_received,
+        bytes_acked: info.tcpi_bytes_acked,
+        outq: outq(fd)?,
     })
+}
+
+/// The kernel's `struct tcp_info` (`TCP_INFO`; socket2, nix and rustix
+/// have no getter). An older kernel fills a prefix and leaves the rest
+/// zero; `tcpi_bytes_acked` and `tcpi_bytes_received` are there since
+/// Linux 4.1.
+fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
+    getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes written to a TCP socket and not yet acknowledged (`SIOCOUTQ`).
+/// Hand-written: rustix's ioctls have FIONREAD but not this one, and nix
+/// only has the macros that generate an unsafe ioctl function.
+fn outq(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut n: libc::c_int = 0;
+    // SIOCOUTQ has TIOCOUTQ's number; libc names only the latter.
+    // SAFETY: SIOCOUTQ writes one int to the pointer.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut n) })?;
+    Ok(n.max(0) as u64)
 }
 
 /// Makes the next close() send a reset (SO_LINGER on with a zero timeout).
@@ -67,12 +75,13 @@ pub fn set_linger_zero(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Sets `SO_RCVLOWAT`. On TCP this also re-runs the socket's data-ready
 /// callback when enough bytes are queued (Linux 4.18), which is how bytes
 /// that arrived before a socket entered the sockmap are handed to the
-/// verdict program.
+/// verdict program. socket2, nix and rustix have no `SO_RCVLOWAT`.
 pub fn set_rcvlowat(fd: BorrowedFd<'_>, bytes: i32) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
 }
 
-/// The socket's current receive window clamp (`TCP_WINDOW_CLAMP`).
+/// The socket's current receive window clamp (`TCP_WINDOW_CLAMP`; socket2,
+/// nix and rustix have no such option, as for the setter below).
 pub fn window_clamp(fd: BorrowedFd<'_>) -> io::Result<u32> {
     getsockopt::<i32>(fd, libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP).map(|v| v.max(0) as u32)
 }
@@ -88,12 +97,6 @@ pub fn set_window_clamp(fd: BorrowedFd<'_>, bytes: u32) -> io::Result<()> {
         libc::TCP_WINDOW_CLAMP,
         bytes.min(i32::MAX as u32) as i32,
     )
-}
-
-/// Lets an IPv6 socket bind a non-local address (`IPV6_TRANSPARENT`,
-/// CAP_NET_ADMIN or CAP_NET_RAW; socket2 has only the IPv4 option).
-pub fn set_ipv6_transparent(fd: BorrowedFd<'_>) -> io::Result<()> {
-    setsockopt(fd, libc::SOL_IPV6, libc::IPV6_TRANSPARENT, 1 as libc::c_int)
 }
 
 /// Disables Nagle's algorithm: a relay must not add its own delay.
@@ -124,19 +127,22 @@ pub struct SockState {
 
 /// Polls sockets without blocking and reports their state.
 pub fn poll_states<const N: usize>(fds: [BorrowedFd<'_>; N]) -> io::Result<[SockState; N]> {
-    // Custom: nix has no POLLRDHUP, and its revents() reports nothing at
-    // all when a bit it does not know is set.
-    let mut pfd = fds.map(|fd| libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLRDHUP,
-        revents: 0,
-    });
-    // SAFETY: pfd is an array of N pollfd.
-    cvt(unsafe { libc::poll(pfd.as_mut_ptr(), N as libc::nfds_t, 0) })?;
-    Ok(pfd.map(|p| SockState {
-        rdhup: p.revents & libc::POLLRDHUP != 0,
-        err: p.revents & libc::POLLERR != 0,
-        hup: p.revents & libc::POLLHUP != 0,
+    // rustix, not nix: nix has no POLLRDHUP, and its revents() reports
+    // nothing at all when a bit it does not know is set.
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut pfd = fds.map(|fd| PollFd::from_borrowed_fd(fd, PollFlags::RDHUP));
+    let now = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    rustix::event::poll(&mut pfd, Some(&now))?;
+    Ok(pfd.map(|p| {
+        let r = p.revents();
+        SockState {
+            rdhup: r.contains(PollFlags::RDHUP),
+            err: r.contains(PollFlags::ERR),
+            hup: r.contains(PollFlags::HUP),
+        }
     }))
 }
 
@@ -178,62 +184,24 @@ pub fn peer_cred(fd: BorrowedFd<'_>) -> io::Result<libc::ucred> {
 const MEMINFO_VARS: usize = libc::SK_MEMINFO_DROPS as usize + 1;
 
 /// The kernel's drop counter of a socket (SO_MEMINFO, SK_MEMINFO_DROPS;
-/// Linux 3.6).
+/// Linux 3.6; socket2, nix and rustix have no `SO_MEMINFO`).
 pub fn meminfo_drops(fd: BorrowedFd<'_>) -> Option<u32> {
     getsockopt::<[u32; MEMINFO_VARS]>(fd, libc::SOL_SOCKET, libc::SO_MEMINFO)
         .ok()
         .map(|info| info[libc::SK_MEMINFO_DROPS as usize])
 }
 
-/// Sends one datagram on a connected socket without blocking.
-pub fn send_nonblocking(fd: BorrowedFd<'_>, data: &[u8]) -> io::Result<usize> {
-    // SAFETY: data is a readable buffer of data.len() bytes.
-    let r = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            data.as_ptr().cast(),
-            data.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// Receives and discards one queued datagram without blocking; returns its
-/// length.
-pub fn recv_discard(fd: BorrowedFd<'_>) -> io::Result<usize> {
-    let mut byte = [0u8; 1];
-    // SAFETY: a one-byte buffer; MSG_TRUNC only reports the length.
-    let r = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            byte.as_mut_ptr().cast(),
-            1,
-            libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 /// The cookie of the network namespace a socket belongs to
 /// (`SO_NETNS_COOKIE`, Linux 5.14); BPF programs see the same value
-/// through `bpf_get_netns_cookie`.
+/// through `bpf_get_netns_cookie`. socket2 has `SO_COOKIE` but not this,
+/// nor have nix or rustix.
 pub fn netns_cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt(fd, libc::SOL_SOCKET, libc::SO_NETNS_COOKIE)
 }
 
 /// The TCP state of a socket (`tcpi_state`: `libc::TCP_ESTABLISHED`, ...).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
-    let info: TcpInfoPrefix = getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
-    Ok(info.u8s[0])
+    Ok(tcp_info(fd)?.tcpi_state)
 }
 
 /// The socket's current send buffer size (`SO_SNDBUF`, as autotuned).
@@ -247,13 +215,6 @@ mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
     use std::os::fd::AsFd;
-
-    #[test]
-    fn tcp_info_layout_matches_kernel() {
-        // bytes_acked/bytes_received sit at offsets 120/128 of struct tcp_info.
-        assert_eq!(std::mem::offset_of!(TcpInfoPrefix, bytes_acked), 120);
-        assert_eq!(std::mem::offset_of!(TcpInfoPrefix, bytes_received), 128);
-    }
 
     #[test]
     fn counters_follow_a_loopback_transfer() {

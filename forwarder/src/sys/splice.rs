@@ -1,11 +1,9 @@
 //! Pipes and splice(2), the splice engine's movers.
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::{BorrowedFd, OwnedFd};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
-
-use super::ioctl_int;
 
 /// A pipe for splice(2), non-blocking on both ends.
 pub struct Pipe {
@@ -36,8 +34,8 @@ pub fn pipe(size: usize) -> io::Result<Pipe> {
 
 /// Bytes waiting in a pipe (`FIONREAD` on its read end).
 pub fn pipe_pending(p: &Pipe) -> io::Result<usize> {
-    let n = ioctl_int(p.read.as_fd(), libc::FIONREAD)?;
-    Ok(usize::try_from(n).unwrap_or(0))
+    let n = rustix::io::ioctl_fionread(&p.read)?;
+    Ok(usize::try_from(n).unwrap_or(usize::MAX))
 }
 
 /// splice(2) with SPLICE_F_MOVE | SPLICE_F_NONBLOCK. `Ok(0)` is EOF.

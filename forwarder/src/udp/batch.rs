@@ -1,14 +1,44 @@
-//! Batched datagram I/O for the UDP relay: preallocated recvmmsg(2) and
-//! sendmmsg(2) headers with their control messages (IP_PKTINFO /
-//! IPV6_PKTINFO, SO_RXQ_OVFL, UDP_GRO on receive; the source address and
-//! UDP_SEGMENT on send), and the grouping of equal-sized datagrams into
-//! GSO runs ([`gso_runs`]).
+//! Batched datagram I/O for the UDP relay: recvmmsg(2) and sendmmsg(2)
+//! with their control messages (IP_PKTINFO / IPV6_PKTINFO and SO_RXQ_OVFL
+//! on receive; the source address and UDP_SEGMENT on send), and the
+//! grouping of equal-sized datagrams into GSO runs ([`gso_runs`]).
+//!
+//! nix makes the calls and encodes and decodes the control messages, so
+//! nothing here is unsafe. Three gaps of nix 0.30 shape the code:
+//!
+//! - its `MultiHeaders` cannot be reused for receiving control messages:
+//!   recvmmsg refills only the buffers between calls, not the name and
+//!   control lengths the kernel shrank to what it wrote, so after a
+//!   datagram without control messages a slot has no control space left
+//!   (nix-rust/nix#2813). [`Batch::recv`] prepares fresh headers per call
+//!   (three small allocations per call, not per datagram);
+//! - its sendmmsg applies one set of control messages to every message
+//!   of a call (nix-rust/nix#1954), while a send carries runs of different
+//!   GSO segment sizes. [`Batch::send`] makes one sendmmsg per group of
+//!   consecutive messages with the same control messages: one call for a
+//!   batch of equal datagrams, one more per change of size. It also sizes
+//!   the control space exactly, since nix leaves `msg_controllen` at the
+//!   space given and the kernel refuses trailing room as a malformed
+//!   message.
+//!
+//! - the only way to learn how many messages its sendmmsg sent is to walk
+//!   its results, and that walk reads each slot's address, which a send
+//!   never fills (nix leaves the slots uninitialised). So sendmmsg is used
+//!   only for connected sockets (the flows' sockets in the child), with
+//!   headers typed `()`, whose address slots are zero-sized; sends to a
+//!   client from the unconnected parent socket take one sendmsg per
+//!   message. A client's replies of one size are one GSO message, so that
+//!   is one call per size, as the grouping above makes anyway.
 
-use std::io;
-use std::mem::{size_of, zeroed};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
 
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, MultiHeaders,
+    RecvMsg, SockaddrStorage,
+};
 use socket2::SockAddr;
 
 /// Control-message space per received datagram (a packet-info message and
@@ -93,22 +123,14 @@ pub fn gso_runs(
     }
 }
 
-/// Preallocated recvmmsg/sendmmsg state: `count` buffers of `buf` bytes
-/// with their headers, names and control space ([`CTRL`] bytes each).
+/// Buffers for recvmmsg/sendmmsg: `count` of `buf` bytes each, and what
+/// the last receive said about each datagram.
 pub struct Batch {
     count: usize,
     buf: usize,
     bufs: Vec<u8>,
-    iov: Vec<libc::iovec>,
-    names: Vec<libc::sockaddr_storage>,
-    ctrl: Vec<u64>,
-    hdrs: Vec<libc::mmsghdr>,
-    /// Headers and iovecs for sends (pointing into `bufs`).
-    send_iov: Vec<libc::iovec>,
-    send_hdrs: Vec<libc::mmsghdr>,
-    /// One destination name shared by a send, control space per message.
-    send_name: libc::sockaddr_storage,
-    send_ctrl: Vec<u64>,
+    /// One entry per datagram of the last receive.
+    got: Vec<Received>,
     /// Whether sends try UDP GSO; the largest run it may carry.
     gso: bool,
     gso_max: GsoLimits,
@@ -116,36 +138,56 @@ pub struct Batch {
     runs: Vec<(usize, usize)>,
 }
 
-// SAFETY: the raw pointers in the headers only ever point into buffers
-// owned by the same Batch (set again before each call), so moving the
-// Batch to another thread moves what they point at with it.
-unsafe impl Send for Batch {}
+/// One received datagram, as the kernel described it.
+#[derive(Debug, Clone, Copy)]
+struct Received {
+    len: usize,
+    truncated: bool,
+    source: Option<SocketAddr>,
+    ancillary: Ancillary,
+}
+
+/// The source-address control message of a send, in the family's struct.
+#[derive(Clone, Copy)]
+enum Source {
+    V4(libc::in_pktinfo),
+    V6(libc::in6_pktinfo),
+}
+
+impl Source {
+    fn new(l: PktInfo) -> Source {
+        match l.ip {
+            IpAddr::V4(v4) => Source::V4(libc::in_pktinfo {
+                ipi_ifindex: 0,
+                ipi_spec_dst: libc::in_addr {
+                    s_addr: u32::from(v4).to_be(),
+                },
+                ipi_addr: libc::in_addr { s_addr: 0 },
+            }),
+            IpAddr::V6(v6) => {
+                // The interface only matters for link-local addresses.
+                let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
+                Source::V6(libc::in6_pktinfo {
+                    ipi6_addr: libc::in6_addr {
+                        s6_addr: v6.octets(),
+                    },
+                    ipi6_ifindex: if link_local { l.ifindex } else { 0 },
+                })
+            }
+        }
+    }
+}
 
 impl Batch {
     /// Room for `count` datagrams of at most `buf` bytes each (a datagram
     /// longer than `buf` is reported as [`Batch::truncated`]).
     pub fn new(count: usize, buf: usize) -> Batch {
-        // SAFETY: all-zero is a valid value of these C structs.
-        let (iov, hdr, name) = unsafe {
-            (
-                zeroed::<libc::iovec>(),
-                zeroed::<libc::mmsghdr>(),
-                zeroed::<libc::sockaddr_storage>(),
-            )
-        };
         Batch {
             count,
             buf,
             // calloc'd: pages are only backed once a datagram reaches them.
             bufs: vec![0; count * buf],
-            iov: vec![iov; count],
-            names: vec![name; count],
-            ctrl: vec![0; count * CTRL / 8],
-            hdrs: vec![hdr; count],
-            send_iov: vec![iov; count],
-            send_hdrs: vec![hdr; count],
-            send_name: name,
-            send_ctrl: vec![0; count * CTRL / 8],
+            got: Vec::with_capacity(count),
             gso: true,
             gso_max: GsoLimits::default(),
             runs: Vec::with_capacity(count),
@@ -155,55 +197,43 @@ impl Batch {
     /// Receives up to `count` datagrams (recvmmsg(2), Linux 2.6.33);
     /// `Ok(0)` when none is queued.
     pub fn recv(&mut self, fd: RawFd) -> io::Result<usize> {
-        let base = self.bufs.as_mut_ptr();
-        let ctrl = self.ctrl.as_mut_ptr();
         let buf = self.buf;
-        for i in 0..self.count {
-            // SAFETY: offsets stay inside the buffers allocated in new().
-            unsafe {
-                self.iov[i] = libc::iovec {
-                    iov_base: base.add(i * buf).cast(),
-                    iov_len: buf,
-                };
-                let h = &mut self.hdrs[i];
-                h.msg_len = 0;
-                h.msg_hdr.msg_name = (&mut self.names[i] as *mut libc::sockaddr_storage).cast();
-                h.msg_hdr.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-                h.msg_hdr.msg_iov = &mut self.iov[i];
-                h.msg_hdr.msg_iovlen = 1;
-                h.msg_hdr.msg_control = ctrl.add(i * CTRL / 8).cast();
-                h.msg_hdr.msg_controllen = CTRL;
-                h.msg_hdr.msg_flags = 0;
-            }
-        }
-        // SAFETY: every header points at memory owned by self.
-        let n = unsafe {
-            libc::recvmmsg(
-                fd,
-                self.hdrs.as_mut_ptr(),
-                self.count as libc::c_uint,
-                libc::MSG_DONTWAIT,
-                std::ptr::null_mut(),
-            )
+        self.got.clear();
+        // Fresh headers: nix's cannot be reused with control messages
+        // (see the module comment).
+        let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(
+            self.count,
+            Some(Vec::with_capacity(CTRL)),
+        );
+        let mut iovs: Vec<[IoSliceMut<'_>; 1]> = self
+            .bufs
+            .chunks_mut(buf)
+            .map(|b| [IoSliceMut::new(b)])
+            .collect();
+        let msgs = match recvmmsg(fd, &mut hdrs, iovs.iter_mut(), MsgFlags::MSG_DONTWAIT, None) {
+            Ok(msgs) => msgs,
+            Err(Errno::EAGAIN) => return Ok(0),
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock {
-                return Ok(0);
-            }
-            return Err(e);
+        for m in msgs {
+            self.got.push(Received {
+                len: m.bytes.min(buf),
+                truncated: m.flags.contains(MsgFlags::MSG_TRUNC),
+                source: m.address.as_ref().and_then(socket_addr),
+                ancillary: ancillary(&m),
+            });
         }
-        Ok(n as usize)
+        Ok(self.got.len())
     }
 
     /// The length of received datagram `i` (as much as fitted).
     pub fn len(&self, i: usize) -> usize {
-        (self.hdrs[i].msg_len as usize).min(self.buf)
+        self.got[i].len
     }
 
     /// Whether datagram `i` was longer than its buffer.
     pub fn truncated(&self, i: usize) -> bool {
-        self.hdrs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0
+        self.got[i].truncated
     }
 
     /// The bytes of datagram `i`.
@@ -213,83 +243,30 @@ impl Batch {
 
     /// The sender of datagram `i`.
     pub fn source(&self, i: usize) -> Option<SocketAddr> {
-        let len = self.hdrs[i].msg_hdr.msg_namelen as usize;
-        let ss = &self.names[i];
-        // SAFETY: the kernel filled names[i] with a sockaddr of `len` bytes
-        // of the family it names; each cast reads within the storage.
-        unsafe {
-            match ss.ss_family as i32 {
-                libc::AF_INET if len >= size_of::<libc::sockaddr_in>() => {
-                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
-                    Some(SocketAddr::from((
-                        Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                        u16::from_be(a.sin_port),
-                    )))
-                }
-                libc::AF_INET6 if len >= size_of::<libc::sockaddr_in6>() => {
-                    let a = &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
-                    Some(SocketAddr::V6(std::net::SocketAddrV6::new(
-                        Ipv6Addr::from(a.sin6_addr.s6_addr),
-                        u16::from_be(a.sin6_port),
-                        a.sin6_flowinfo,
-                        a.sin6_scope_id,
-                    )))
-                }
-                _ => None,
-            }
-        }
+        self.got[i].source
     }
 
     /// What datagram `i`'s control messages said.
     pub fn ancillary(&self, i: usize) -> Ancillary {
-        let mut out = Ancillary::default();
-        let h = &self.hdrs[i].msg_hdr;
-        // SAFETY: the kernel wrote msg_controllen bytes of well-formed
-        // control messages into our control space; CMSG_* walk within it.
-        unsafe {
-            let mut c = libc::CMSG_FIRSTHDR(h);
-            while !c.is_null() {
-                let data = libc::CMSG_DATA(c);
-                match ((*c).cmsg_level, (*c).cmsg_type) {
-                    (libc::SOL_SOCKET, libc::SO_RXQ_OVFL) => {
-                        out.drops = Some(std::ptr::read_unaligned(data.cast::<u32>()));
-                    }
-                    (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                        let p = std::ptr::read_unaligned(data.cast::<libc::in_pktinfo>());
-                        out.local = Some(PktInfo {
-                            ip: Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)).into(),
-                            ifindex: p.ipi_ifindex as u32,
-                        });
-                    }
-                    (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                        let p = std::ptr::read_unaligned(data.cast::<libc::in6_pktinfo>());
-                        out.local = Some(PktInfo {
-                            ip: Ipv6Addr::from(p.ipi6_addr.s6_addr).into(),
-                            ifindex: p.ipi6_ifindex,
-                        });
-                    }
-                    _ => {}
-                }
-                c = libc::CMSG_NXTHDR(h, c);
-            }
-        }
-        out
+        self.got[i].ancillary
     }
 
     /// Sends datagrams `range` of the buffers on `fd`, to `to` (None: the
     /// socket is connected) from `from` (None: the socket's own address).
     /// Returns how many were sent before the first error, and that error.
     ///
-    /// One sendmmsg(2) (Linux 3.0) carries the whole range. Runs of
-    /// datagrams of one size ([`gso_runs`]) go as one message each with
-    /// UDP_SEGMENT (UDP GSO, Linux 4.18): the stack handles the run as one
-    /// packet and cuts it into the original datagrams only where they are
-    /// delivered, so boundaries stay exactly as received. Where the kernel
-    /// or the route refuses GSO (EIO for a device without checksum offload,
-    /// EINVAL for a segment above the path MTU, ENOPROTOOPT on an older
-    /// kernel) the rest of the range is sent one datagram per message; a
-    /// refused segment size is not tried again, and refusals that come from
-    /// the kernel or device turn GSO off for this batch for good.
+    /// Runs of datagrams of one size ([`gso_runs`]) go as one message each
+    /// with UDP_SEGMENT (UDP GSO, Linux 4.18): the stack handles the run as
+    /// one packet and cuts it into the original datagrams only where they
+    /// are delivered, so boundaries stay exactly as received. The messages
+    /// go with sendmmsg(2) (Linux 3.0), one call per group of consecutive
+    /// messages with the same segment size (see the module comment): for a
+    /// batch of equal datagrams, one call. Where the kernel or the route
+    /// refuses GSO (EIO for a device without checksum offload, EINVAL for a
+    /// segment above the path MTU, ENOPROTOOPT on an older kernel) the rest
+    /// of the range is sent one datagram per message; a refused segment
+    /// size is not tried again, and refusals that come from the kernel or
+    /// device turn GSO off for this batch for good.
     pub fn send(
         &mut self,
         fd: RawFd,
@@ -297,46 +274,29 @@ impl Batch {
         to: Option<&SockAddr>,
         from: Option<PktInfo>,
     ) -> (usize, Option<io::Error>) {
-        let (name, namelen) = match to {
-            Some(a) => {
-                // SAFETY: a SockAddr holds at most a sockaddr_storage.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        a.as_ptr().cast::<u8>(),
-                        (&mut self.send_name as *mut libc::sockaddr_storage).cast::<u8>(),
-                        a.len() as usize,
-                    )
-                };
-                (
-                    (&mut self.send_name as *mut libc::sockaddr_storage).cast(),
-                    a.len(),
-                )
-            }
-            None => (std::ptr::null_mut(), 0),
+        let to = match to.map(|a| a.as_socket()) {
+            None => None,
+            Some(Some(a)) => Some(SockaddrStorage::from(a)),
+            Some(None) => return (0, Some(io::Error::from(io::ErrorKind::Unsupported))),
         };
+        let source = from.map(Source::new);
         let mut start = range.start;
         let mut plain = !self.gso;
-        let mut msgs = self.build_send(start..range.end, name, namelen, from, plain);
+        self.plan(start..range.end, plain);
         let mut done = 0;
-        while done < msgs {
-            // SAFETY: the headers point at memory owned by self.
-            let n = unsafe {
-                libc::sendmmsg(
-                    fd,
-                    self.send_hdrs.as_mut_ptr().add(done),
-                    (msgs - done) as libc::c_uint,
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            if n > 0 {
-                for h in &self.send_hdrs[done..done + n as usize] {
-                    start += h.msg_hdr.msg_iovlen;
+        while done < self.runs.len() {
+            let seg = self.runs[done].1;
+            let group = self.runs[done..].iter().take_while(|r| r.1 == seg).count();
+            let e = match self.send_group(fd, start, done..done + group, to, source) {
+                Ok(n) if n > 0 => {
+                    start += self.runs[done..done + n].iter().map(|r| r.0).sum::<usize>();
+                    done += n;
+                    continue;
                 }
-                done += n as usize;
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            let segmented = self.send_hdrs[done].msg_hdr.msg_iovlen > 1;
+                Ok(_) => io::Error::from(io::ErrorKind::WriteZero),
+                Err(e) => e,
+            };
+            let segmented = seg > 0;
             let for_good = matches!(
                 e.raw_os_error(),
                 Some(libc::EIO | libc::ENOPROTOOPT | libc::EOPNOTSUPP)
@@ -351,95 +311,101 @@ impl Batch {
             // is not asked again; a refusal by the kernel or the device
             // turns GSO off.
             self.gso &= !for_good;
-            let seg = self.runs[done].1;
             self.gso_max.segment = self.gso_max.segment.min(seg.saturating_sub(1));
             plain = true;
-            msgs = self.build_send(start..range.end, name, namelen, from, plain);
+            self.plan(start..range.end, plain);
             done = 0;
         }
         (start - range.start, None)
     }
 
-    /// Fills the send headers for datagrams `range`: one message per
-    /// [`gso_runs`] run (or per datagram when `plain`); returns how many.
-    fn build_send(
-        &mut self,
-        range: std::ops::Range<usize>,
-        name: *mut libc::c_void,
-        namelen: libc::socklen_t,
-        from: Option<PktInfo>,
-        plain: bool,
-    ) -> usize {
-        let base = self.bufs.as_mut_ptr();
-        let buf = self.buf;
-        for (k, i) in range.clone().enumerate() {
-            // SAFETY: offsets stay inside bufs.
-            self.send_iov[k] = libc::iovec {
-                iov_base: unsafe { base.add(i * buf) }.cast(),
-                iov_len: self.len(i),
-            };
-        }
-        let mut runs = std::mem::take(&mut self.runs);
+    /// Splits datagrams `range` into messages, `(count, segment)` each in
+    /// `self.runs`: one per [`gso_runs`] run, or per datagram when `plain`.
+    fn plan(&mut self, range: std::ops::Range<usize>, plain: bool) {
         if plain {
-            runs.clear();
-            runs.extend(range.clone().map(|_| (1, 0)));
+            self.runs.clear();
+            self.runs.extend(range.map(|_| (1, 0)));
         } else {
-            let hdrs = &self.hdrs;
-            let cap = self.buf;
+            let got = &self.got;
             let at = range.start;
-            let len = |k: usize| (hdrs[at + k].msg_len as usize).min(cap);
-            gso_runs(range.len(), len, self.gso_max, &mut runs);
+            gso_runs(
+                range.len(),
+                |k| got[at + k].len,
+                self.gso_max,
+                &mut self.runs,
+            );
         }
-        let mut first = 0;
-        for (m, &(count, seg)) in runs.iter().enumerate() {
-            let ctrl_len = self.encode_send_ctrl(m, from, seg);
-            let ctrl = if ctrl_len > 0 {
-                // SAFETY: message m's control space lies inside send_ctrl.
-                unsafe { self.send_ctrl.as_mut_ptr().add(m * CTRL / 8) }.cast()
-            } else {
-                std::ptr::null_mut()
-            };
-            let h = &mut self.send_hdrs[m];
-            h.msg_len = 0;
-            h.msg_hdr.msg_name = name;
-            h.msg_hdr.msg_namelen = namelen;
-            h.msg_hdr.msg_iov = &mut self.send_iov[first];
-            h.msg_hdr.msg_iovlen = count;
-            h.msg_hdr.msg_control = ctrl;
-            h.msg_hdr.msg_controllen = ctrl_len;
-            h.msg_hdr.msg_flags = 0;
-            first += count;
-        }
-        let msgs = runs.len();
-        self.runs = runs;
-        msgs
     }
 
-    /// Writes message `m`'s control messages: the source address (`from`)
-    /// and the segment size of a GSO run (`seg` > 0); returns their length.
-    fn encode_send_ctrl(&mut self, m: usize, from: Option<PktInfo>, seg: usize) -> usize {
-        let mut len = match from {
-            Some(l) => self.encode_pktinfo(m, l),
-            None => 0,
+    /// One sendmmsg(2) of messages `msgs` of `self.runs`, which share their
+    /// segment size; the first holds datagram `first`. Returns how many
+    /// messages went.
+    fn send_group(
+        &self,
+        fd: RawFd,
+        first: usize,
+        msgs: std::ops::Range<usize>,
+        to: Option<SockaddrStorage>,
+        source: Option<Source>,
+    ) -> io::Result<usize> {
+        let runs = &self.runs[msgs];
+        let datagrams: usize = runs.iter().map(|r| r.0).sum();
+        let iov: Vec<IoSlice<'_>> = (first..first + datagrams)
+            .map(|i| IoSlice::new(self.data(i)))
+            .collect();
+        let mut at = 0;
+        let per_msg: Vec<&[IoSlice<'_>]> = runs
+            .iter()
+            .map(|&(count, _)| {
+                at += count;
+                &iov[at - count..at]
+            })
+            .collect();
+        let seg = runs.first().map_or(0, |r| r.1) as u16;
+        let mut cmsgs = Vec::with_capacity(2);
+        // Exactly the space these messages take: nix sends all of it.
+        let space = match source {
+            Some(Source::V4(ref p)) => {
+                cmsgs.push(ControlMessage::Ipv4PacketInfo(p));
+                if seg > 0 {
+                    nix::cmsg_space!(libc::in_pktinfo, u16)
+                } else {
+                    nix::cmsg_space!(libc::in_pktinfo)
+                }
+            }
+            Some(Source::V6(ref p)) => {
+                cmsgs.push(ControlMessage::Ipv6PacketInfo(p));
+                if seg > 0 {
+                    nix::cmsg_space!(libc::in6_pktinfo, u16)
+                } else {
+                    nix::cmsg_space!(libc::in6_pktinfo)
+                }
+            }
+            None if seg > 0 => nix::cmsg_space!(u16),
+            None => Vec::new(),
         };
         if seg > 0 {
-            // SAFETY: message m's CTRL bytes (8-aligned) hold the packet
-            // info (at most 40 bytes) and this message (24 bytes) after it.
-            unsafe {
-                let c = self
-                    .send_ctrl
-                    .as_mut_ptr()
-                    .add(m * CTRL / 8)
-                    .cast::<u8>()
-                    .add(len) as *mut libc::cmsghdr;
-                (*c).cmsg_level = libc::SOL_UDP;
-                (*c).cmsg_type = libc::UDP_SEGMENT;
-                (*c).cmsg_len = libc::CMSG_LEN(size_of::<u16>() as u32) as _;
-                std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg as u16);
-                len += libc::CMSG_SPACE(size_of::<u16>() as u32) as usize;
-            }
+            cmsgs.push(ControlMessage::UdpGsoSegments(&seg));
         }
-        len
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL;
+        if let Some(to) = to {
+            // An unconnected socket: one sendmsg a message (see the module
+            // comment for why not sendmmsg); what went before an error
+            // counts, as sendmmsg would report it.
+            for (k, iov) in per_msg.iter().enumerate() {
+                if let Err(e) = sendmsg(fd, iov, &cmsgs, flags, Some(&to)) {
+                    return if k == 0 { Err(e.into()) } else { Ok(k) };
+                }
+            }
+            return Ok(per_msg.len());
+        }
+        // A connected socket: no address, so nix's headers hold none (a
+        // zero-sized `()`) and walking its results reads nothing unset.
+        let space = (space.capacity() > 0).then_some(space);
+        let mut hdrs = MultiHeaders::<()>::preallocate(runs.len(), space);
+        let addrs = vec![None; runs.len()];
+        let sent = sendmmsg(fd, &mut hdrs, &per_msg, &addrs, &cmsgs, flags)?;
+        Ok(sent.count())
     }
 
     /// Whether sends still try UDP GSO (false once the kernel refused it).
@@ -447,52 +413,43 @@ impl Batch {
     pub fn gso(&self) -> bool {
         self.gso
     }
+}
 
-    /// Writes an IP_PKTINFO / IPV6_PKTINFO message choosing the source
-    /// address of a send; returns its length.
-    fn encode_pktinfo(&mut self, m: usize, l: PktInfo) -> usize {
-        // SAFETY: a msghdr pointing at message m's control space (CTRL
-        // bytes, 8-aligned) is what CMSG_FIRSTHDR needs; both messages fit.
-        unsafe {
-            let mut h: libc::msghdr = zeroed();
-            h.msg_control = self.send_ctrl.as_mut_ptr().add(m * CTRL / 8).cast();
-            h.msg_controllen = CTRL;
-            let c = libc::CMSG_FIRSTHDR(&h);
-            match l.ip {
-                IpAddr::V4(v4) => {
-                    let len = size_of::<libc::in_pktinfo>() as u32;
-                    (*c).cmsg_level = libc::IPPROTO_IP;
-                    (*c).cmsg_type = libc::IP_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                    let p = libc::in_pktinfo {
-                        ipi_ifindex: 0,
-                        ipi_spec_dst: libc::in_addr {
-                            s_addr: u32::from(v4).to_be(),
-                        },
-                        ipi_addr: libc::in_addr { s_addr: 0 },
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                    libc::CMSG_SPACE(len) as usize
-                }
-                IpAddr::V6(v6) => {
-                    let len = size_of::<libc::in6_pktinfo>() as u32;
-                    (*c).cmsg_level = libc::IPPROTO_IPV6;
-                    (*c).cmsg_type = libc::IPV6_PKTINFO;
-                    (*c).cmsg_len = libc::CMSG_LEN(len) as _;
-                    // The interface only matters for link-local addresses.
-                    let link_local = v6.segments()[0] & 0xffc0 == 0xfe80;
-                    let p = libc::in6_pktinfo {
-                        ipi6_addr: libc::in6_addr {
-                            s6_addr: v6.octets(),
-                        },
-                        ipi6_ifindex: if link_local { l.ifindex } else { 0 },
-                    };
-                    std::ptr::write_unaligned(libc::CMSG_DATA(c).cast(), p);
-                    libc::CMSG_SPACE(len) as usize
-                }
+/// An IP socket address out of the kernel's.
+fn socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        Some(SocketAddr::V4((*v4).into()))
+    } else {
+        a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+    }
+}
+
+/// What a received datagram's control messages say. None is trusted when
+/// they did not all fit (MSG_CTRUNC, which nix reports as an error).
+fn ancillary<S>(m: &RecvMsg<'_, '_, S>) -> Ancillary {
+    let mut out = Ancillary::default();
+    let Ok(cmsgs) = m.cmsgs() else {
+        return out;
+    };
+    for c in cmsgs {
+        match c {
+            ControlMessageOwned::RxqOvfl(d) => out.drops = Some(d),
+            ControlMessageOwned::Ipv4PacketInfo(p) => {
+                out.local = Some(PktInfo {
+                    ip: Ipv4Addr::from(u32::from_be(p.ipi_addr.s_addr)).into(),
+                    ifindex: p.ipi_ifindex as u32,
+                });
             }
+            ControlMessageOwned::Ipv6PacketInfo(p) => {
+                out.local = Some(PktInfo {
+                    ip: Ipv6Addr::from(p.ipi6_addr.s6_addr).into(),
+                    ifindex: p.ipi6_ifindex,
+                });
+            }
+            _ => {}
         }
     }
+    out
 }
 
 #[cfg(test)]

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags};
-use socket2::{Domain, SockAddr, Socket, Type};
+use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -28,8 +29,8 @@ use crate::wire::spec::PortSpec;
 /// where CAP_NET_ADMIN allows (SO_RCVBUFFORCE, while the forwarder still
 /// holds it at start), else as much as net.core.rmem_max allows.
 fn prepare(fd: BorrowedFd<'_>) -> io::Result<()> {
-    sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RXQ_OVFL, 1)?;
-    if sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, RCVBUF as i32).is_err() {
+    setsockopt(&fd, sockopt::RxqOvfl, &1)?;
+    if setsockopt(&fd, sockopt::RcvBufForce, &RCVBUF).is_err() {
         let _ = socket2::SockRef::from(&fd).set_recv_buffer_size(RCVBUF);
     }
     Ok(())
@@ -49,12 +50,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<OwnedFd> {
     prepare(sock.as_fd())?;
     if addr.ip().is_unspecified() {
         match addr {
-            SocketAddr::V4(_) => {
-                sys::set_int_option(sock.as_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)?
-            }
-            SocketAddr::V6(_) => {
-                sys::set_int_option(sock.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO, 1)?
-            }
+            SocketAddr::V4(_) => setsockopt(&sock, sockopt::Ipv4PacketInfo, &true)?,
+            SocketAddr::V6(_) => setsockopt(&sock, sockopt::Ipv6RecvPacketInfo, &true)?,
         }
     }
     sock.bind(&addr.into())?;
@@ -70,7 +67,10 @@ use super::batch::PktInfo as Local;
 fn drain(fd: BorrowedFd<'_>, limit: u64) -> u64 {
     let mut n = 0;
     while n < limit {
-        if let Err(e) = sys::recv_discard(fd) {
+        // MSG_TRUNC: the datagram is dropped whole; one byte of room.
+        let mut byte = [std::mem::MaybeUninit::uninit()];
+        let flags = libc::MSG_DONTWAIT | libc::MSG_TRUNC;
+        if let Err(e) = SockRef::from(&fd).recv_with_flags(&mut byte, flags) {
             if e.raw_os_error() == Some(libc::ECONNREFUSED) {
                 continue; // a pending ICMP error, not a datagram
             }
@@ -467,7 +467,8 @@ impl Relay {
                     return;
                 };
                 for d in pending {
-                    if let Err(e) = sys::send_nonblocking(sock.as_fd(), &d) {
+                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+                    if let Err(e) = SockRef::from(sock).send_with_flags(&d, flags) {
                         let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
                             Loss::Oversize
                         } else {

@@ -145,17 +145,8 @@ fn thread_in<T: Send + 'static>(
 
 fn bind(addr: &str) -> Result<UdpSocket> {
     let s = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
-    let v: libc::c_int = 16 << 20;
-    // SAFETY: v lives for the call. (SO_RCVBUFFORCE: the bench is root.)
-    unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&v as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
+    // SO_RCVBUFFORCE: the bench is root (best effort all the same).
+    let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::RcvBufForce, &(16 << 20));
     s.set_read_timeout(Some(Duration::from_millis(100)))?;
     Ok(s)
 }
