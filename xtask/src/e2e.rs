@@ -23,7 +23,7 @@
 //!
 //! Every check is reported as a row; the task fails if any failed.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -354,44 +354,14 @@ impl Fwd {
 /// One HTTP GET over a fresh connection; the body's SHA-256 and length.
 fn get(addr: &str, path: &str) -> Result<(String, u64, Vec<u8>)> {
     let addr: SocketAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: e2e\r\n\r\n")?;
-    // Headers, up to the blank line.
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        ensure!(
-            s.read(&mut byte)? == 1,
-            "{addr} closed before the end of the headers"
-        );
-        head.push(byte[0]);
-        ensure!(head.len() < 16 * 1024, "{addr}: headers too long");
-    }
-    let status = String::from_utf8_lossy(&head);
-    ensure!(
-        status.starts_with("HTTP/1.") && status.contains(" 200 "),
-        "{addr}{path}: {}",
-        status.lines().next().unwrap_or("")
-    );
     let mut h = Sha256::new();
-    let mut n = 0u64;
     let mut first = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let k = s
-            .read(&mut buf)
-            .with_context(|| format!("reading from {addr}"))?;
-        if k == 0 {
-            break;
-        }
+    let n = util::http_get(addr, "e2e", path, |piece| {
         if first.len() < 256 {
-            first.extend_from_slice(&buf[..k.min(256 - first.len())]);
+            first.extend_from_slice(&piece[..piece.len().min(256 - first.len())]);
         }
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
+        h.update(piece);
+    })?;
     Ok((format!("{:x}", h.finalize()), n, first))
 }
 

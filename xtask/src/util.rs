@@ -307,6 +307,52 @@ pub fn kernel_release() -> Result<String> {
     Ok(release)
 }
 
+/// One HTTP/1.0 GET of `path` over a fresh connection to `addr`: checks
+/// for a 200 status and hands each piece of the body to `body` as it
+/// arrives; returns the body's length. `host` is the Host header.
+pub fn http_get(
+    addr: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    mut body: impl FnMut(&[u8]),
+) -> Result<u64> {
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut head = Vec::new();
+    let mut n = 0u64;
+    loop {
+        let k = s
+            .read(&mut buf)
+            .with_context(|| format!("reading from {addr}"))?;
+        if k == 0 {
+            break;
+        }
+        let mut at = 0;
+        // Still in the headers: split them off this read.
+        while at < k && !head.ends_with(b"\r\n\r\n") {
+            head.push(buf[at]);
+            at += 1;
+        }
+        if head.len() > 16 * 1024 {
+            bail!("{addr}: headers too long");
+        }
+        body(&buf[at..k]);
+        n += (k - at) as u64;
+    }
+    let status = String::from_utf8_lossy(&head);
+    if !(status.starts_with("HTTP/1.") && status.contains(" 200 ")) {
+        bail!(
+            "{addr}{path}: {}",
+            status.lines().next().unwrap_or("no answer")
+        );
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -392,15 +392,15 @@ impl PortManager {
                     stats.clone(),
                     self.ctx.clone(),
                 )),
-                (Served::Udp(sock), u) => tokio::spawn(udp::serve(
+                (Served::Udp(sock), u) => tokio::spawn(udp::serve(udp::Published {
                     sock,
                     addr,
-                    spec.clone(),
-                    u.clone().unwrap_or_default(),
-                    self.ctx.dialer.clone(),
-                    self.ctx.udp,
-                    self.ctx.slots.clone(),
-                )),
+                    spec: spec.clone(),
+                    stats: u.clone().unwrap_or_default(),
+                    dialer: self.ctx.dialer.clone(),
+                    opts: self.ctx.udp,
+                    slots: self.ctx.slots.clone(),
+                })),
             })
             .collect();
         if !spec.proto.is_udp() {

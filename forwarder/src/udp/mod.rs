@@ -113,7 +113,7 @@ mod stats;
 use std::time::Duration;
 
 pub use crate::wire::{Drops, UdpSnapshot};
-pub use relay::{bind, serve};
+pub use relay::{bind, serve, Published};
 pub use stats::UdpStats;
 
 /// Largest UDP payload over IPv4 (65,535 - 20 - 8).

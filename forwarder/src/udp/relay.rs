@@ -130,20 +130,25 @@ struct Relay {
     suppressed: u64,
 }
 
-/// Serves one published UDP address until the task is aborted. `sock` is
-/// from [`bind`]; each flow holds one permit of `slots`, the budget shared
-/// with TCP connections.
-pub async fn serve(
-    sock: OwnedFd,
-    addr: SocketAddr,
-    spec: PortSpec,
-    stats: Arc<UdpStats>,
-    dialer: Arc<dyn Dial>,
-    opts: UdpOptions,
-    slots: Arc<Semaphore>,
-) {
+/// A published UDP address and what its relay works with.
+pub struct Published {
+    /// The parent socket, from [`bind`].
+    pub sock: OwnedFd,
+    /// The address it is bound to.
+    pub addr: SocketAddr,
+    pub spec: PortSpec,
+    pub stats: Arc<UdpStats>,
+    pub dialer: Arc<dyn Dial>,
+    pub opts: UdpOptions,
+    /// The budget shared with TCP connections: each flow holds a permit.
+    pub slots: Arc<Semaphore>,
+}
+
+/// Serves one published UDP address until the task is aborted.
+pub async fn serve(p: Published) {
+    let (addr, opts) = (p.addr, p.opts);
     let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
-    let mut relay = match Relay::new(sock, addr, spec, stats, dialer, opts, slots, dial_tx) {
+    let mut relay = match Relay::new(p, dial_tx) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(%addr, error = %e, "cannot start the UDP relay");
@@ -190,17 +195,16 @@ pub async fn serve(
 }
 
 impl Relay {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        parent: OwnedFd,
-        addr: SocketAddr,
-        spec: PortSpec,
-        stats: Arc<UdpStats>,
-        dialer: Arc<dyn Dial>,
-        opts: UdpOptions,
-        slots: Arc<Semaphore>,
-        dial_tx: mpsc::UnboundedSender<DialResult>,
-    ) -> io::Result<Relay> {
+    fn new(p: Published, dial_tx: mpsc::UnboundedSender<DialResult>) -> io::Result<Relay> {
+        let Published {
+            sock: parent,
+            addr,
+            spec,
+            stats,
+            dialer,
+            opts,
+            slots,
+        } = p;
         let ep = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
         ep.add(&parent, EpollEvent::new(EpollFlags::EPOLLIN, PARENT))
             .map_err(io::Error::from)?;
@@ -680,6 +684,36 @@ mod tests {
             let (len, from) = tx.recv_from(&mut buf).unwrap();
             assert_eq!((len, from), (n, dst));
         }
+    }
+
+    #[test]
+    fn control_messages_survive_batches_without_them() {
+        // One Batch read again and again: after reads whose datagrams
+        // carried no control message, a datagram that carries one (the
+        // drop count SO_RXQ_OVFL attaches once the queue overflowed) must
+        // still show it. Headers whose control space shrank to what the
+        // last read used would lose it.
+        let (rx, port) = bound("127.0.0.1:0");
+        setsockopt(&rx, sockopt::RcvBuf, &2048).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dst = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut b = Batch::new(BATCH, BUF);
+        tx.send_to(b"first", dst).unwrap();
+        assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 1);
+        assert_eq!(b.ancillary(0).drops, None, "no drop yet");
+        // Overflow the small queue, then drain what it kept.
+        for _ in 0..200 {
+            tx.send_to(&[7u8; 1000], dst).unwrap();
+        }
+        while b.recv(rx.as_raw_fd()).unwrap() > 0 {}
+        tx.send_to(b"after", dst).unwrap();
+        assert_eq!(b.recv(rx.as_raw_fd()).unwrap(), 1);
+        assert_eq!(b.data(0), b"after");
+        let drops = b.ancillary(0).drops;
+        assert!(
+            drops.is_some_and(|d| d > 0),
+            "the drop count was lost: {drops:?}"
+        );
     }
 
     #[test]

@@ -31,7 +31,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{ensure, Result};
 
 use super::{free_ports, median, Plan, CLIENTS, ENGINES};
 use crate::e2e::{self, Dockerd, Env, Fwd};
@@ -245,37 +245,6 @@ fn measure(plan: &Plan, env: &Env, row: &mut Row) -> Result<()> {
 /// would be the bottleneck.
 fn download(addr: SocketAddr, path: &str) -> Result<(u64, f64)> {
     let t = Instant::now();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n")?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut head = Vec::new();
-    let mut body = 0u64;
-    loop {
-        let k = s
-            .read(&mut buf)
-            .with_context(|| format!("reading from {addr}"))?;
-        if k == 0 {
-            break;
-        }
-        if body == 0 && !head.ends_with(b"\r\n\r\n") {
-            // Still in the headers: split them off this read.
-            let mut i = 0;
-            while i < k && !head.ends_with(b"\r\n\r\n") {
-                head.push(buf[i]);
-                i += 1;
-            }
-            body += (k - i) as u64;
-        } else {
-            body += k as u64;
-        }
-    }
-    let status = String::from_utf8_lossy(&head);
-    ensure!(
-        status.starts_with("HTTP/1.") && status.contains(" 200 "),
-        "{addr}{path}: {}",
-        status.lines().next().unwrap_or("no answer")
-    );
-    Ok((body, t.elapsed().as_secs_f64()))
+    let n = crate::util::http_get(addr, "bench", path, |_| {})?;
+    Ok((n, t.elapsed().as_secs_f64()))
 }
