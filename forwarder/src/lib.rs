@@ -33,6 +33,10 @@
 // Every unsafe block lives in `sys`, each with its SAFETY comment; the
 // compiler refuses one anywhere else.
 #![deny(unsafe_code)]
+// The docs are written for `cargo doc --document-private-items`: the
+// public surface is kept narrow, and module docs link to the private
+// modules they describe.
+#![allow(rustdoc::private_intra_doc_links)]
 // Without the BPF object the ebpf engine is a stand-in, and the helpers
 // only it uses (sys's TCP probes, the handoff decisions) have no caller;
 // dead code is checked in the default build.

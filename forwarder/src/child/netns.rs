@@ -238,7 +238,7 @@ impl ChildDialer {
     }
 
     /// Connects to `addr` from `client`'s address and port where source
-    /// preservation applies, else as [`Self::connect`].
+    /// preservation applies, else from any address and port.
     async fn connect_from(
         &self,
         addr: SocketAddr,

@@ -126,7 +126,7 @@ use crate::sys::{self, EpollFd};
 /// The programs, built by `forwarder/build.rs` from `forwarder-ebpf`.
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/forwarder"));
 
-/// The supervisor's thresholds (see [`handoff`](super::handoff)): a
+/// The supervisor's thresholds (see [`super::handoff`]): a
 /// direction whose backlog (bytes redirected but not yet in the peer's TCP
 /// send queue) exceeds 32 MiB has its source's receive window clamped
 /// until the backlog is half that. While the backlogs of all connections

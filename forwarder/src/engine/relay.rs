@@ -113,7 +113,7 @@ pub trait Chunk: Send {
     /// Which counter the bytes go to.
     fn path(&self) -> DataPath;
     /// Waits until `src` is readable and moves up to one chunk out of it.
-    /// Returns 0 at EOF. Only called when [`Chunk::pending`] is 0.
+    /// Returns 0 at EOF. Only called when `pending` is 0.
     fn fill(&mut self, src: &TcpStream) -> impl Future<Output = io::Result<usize>> + Send;
     /// Writes everything pending to `dst`.
     fn drain(&mut self, dst: &TcpStream) -> impl Future<Output = io::Result<()>> + Send;

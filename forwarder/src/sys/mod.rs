@@ -27,7 +27,7 @@
 //! Split by concern:
 //!
 //! - [`socket`]: socket creation and options, TCP counters and states;
-//! - [`splice`]: pipes and splice(2);
+//! - [`mod@splice`]: pipes and splice(2);
 //! - [`process`]: namespaces, capabilities, limits and process handles;
 //! - [`fd`]: descriptors: ownership, tokio registration, waiting;
 //! - [`seqpacket`]: the dial agent's SOCK_SEQPACKET transport.

@@ -53,7 +53,7 @@
 //! one flow with one sendmmsg(2); replies are read per flow socket with
 //! recvmmsg and sent to the client with one sendmmsg. Within a send,
 //! consecutive datagrams of one size travel as one UDP GSO message
-//! (UDP_SEGMENT, Linux 4.18; see [`gso_runs`]): the stack builds,
+//! (UDP_SEGMENT, Linux 4.18; see [`batch::gso_runs`]): the stack builds,
 //! routes and loops back one packet per run and cuts it into the original
 //! datagrams only at the receiving socket (or the device), so each
 //! datagram costs a copy and an enqueue rather than a trip through the IP
@@ -146,7 +146,7 @@ pub struct UdpOptions {
     pub max_flows: usize,
     /// Flows are dialed from the client's address where the dialer can
     /// ([`crate::child::srcip`]); each closed flow is reported back to the dialer
-    /// ([`Dial::udp_closed`]) so it can remove the flow's return rule.
+    /// ([`crate::child::dial::Dial::udp_closed`]) so it can remove the flow's return rule.
     pub source_ip: bool,
 }
 

@@ -26,7 +26,7 @@ pub enum Loss {
     Expired,
     /// Waiting for a flow whose dial in the child failed.
     DialFailed,
-    /// More than [`DIAL_BACKLOG`] datagrams arrived while the flow dialed.
+    /// More than [`super::DIAL_BACKLOG`] datagrams arrived while the flow dialed.
     DialBacklog,
     /// A new client while every slot of `--max-connections` was taken and
     /// this address had no flow to evict.
