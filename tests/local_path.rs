@@ -5,77 +5,11 @@
 //! cases (early data, half-close, resets, the flow-control contract, ...)
 //! run through the path in the engines suite's `ebpf` configuration.
 
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use forwarder_tests::{limit, wait_until_async, Fwd, Pair};
+use forwarder_tests::iperf::{iperf, Iperf};
+use forwarder_tests::{Fwd, Pair};
 use serde_json::Value;
-
-/// iperf3's server in the child, on `port`, until dropped.
-struct Iperf(Child);
-
-impl Iperf {
-    fn serve(pair: &Pair, port: u16) -> Iperf {
-        let child = pair
-            .child
-            .command("iperf3")
-            .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 -s (cargo xtask setup installs iperf3)");
-        Iperf(child)
-    }
-}
-
-impl Drop for Iperf {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One iperf3 run of 2 s from the parent to `port` (`-R`: the server
-/// sends): the bytes received.
-async fn iperf(pair: &Pair, port: u16, reverse: bool, f: &Fwd) -> u64 {
-    let mut cmd = pair.parent.command("iperf3");
-    cmd.args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", "2", "-J"]);
-    if reverse {
-        cmd.arg("-R");
-    }
-    // The server may not listen yet the first time.
-    let o = wait_until_async(
-        limit(Duration::from_secs(10)),
-        &format!("iperf3 to port {port} to succeed"),
-        async || {
-            let o = cmd.output().expect("iperf3 -c");
-            if o.status.success() {
-                Ok(o)
-            } else {
-                Err(format!(
-                    "iperf3: {}{}; the forwarder's stderr:\n{}",
-                    String::from_utf8_lossy(&o.stdout),
-                    String::from_utf8_lossy(&o.stderr),
-                    f.stderr()
-                ))
-            }
-        },
-    )
-    .await;
-    let v: Value = serde_json::from_slice(&o.stdout).expect("iperf3 JSON");
-    let bytes = v["end"]["sum_received"]["bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no bytes received in iperf3's report: {v}"));
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    eprintln!(
-        "iperf3 to {port} reverse={reverse}: {bytes} bytes, {:.1} Gbit/s",
-        bps / 1e9
-    );
-    assert!(bytes > 0, "iperf3 moved nothing: {v}");
-    bytes
-}
 
 /// A count the stats must carry; panics with them if it is missing, where
 /// reading it as 0 could pass a bound.
@@ -153,7 +87,8 @@ async fn local_path_moves_bytes_in_the_senders_call() {
     let (cpu0, t0) = (f.cpu_ticks(), Instant::now());
     let mut moved = 0;
     for reverse in [false, true] {
-        moved += iperf(&pair, 8093, reverse, &f).await;
+        let flags: &[&str] = if reverse { &["-R"] } else { &[] };
+        moved += iperf(&pair, 8093, flags, &f).await;
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = f.cpu_ticks().saturating_sub(cpu0) as f64 / hz;
@@ -192,7 +127,7 @@ async fn two_forwarders_each_take_their_own_clients() {
         &p2,
         &["--mode", "ebpf", "--local-path", "-p", "127.0.0.1:8095:95"],
     );
-    let (a, b) = tokio::join!(iperf(&p1, 8094, false, &f1), iperf(&p2, 8095, true, &f2));
+    let (a, b) = tokio::join!(iperf(&p1, 8094, &[], &f1), iperf(&p2, 8095, &["-R"], &f2));
     let (st1, st2) = (finish(f1).await, finish(f2).await);
     for st in [&st1, &st2] {
         let by = &st["bytes_by_path"];

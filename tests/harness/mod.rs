@@ -7,6 +7,7 @@
 //! inside the namespaces a test created.
 
 pub mod data;
+pub mod iperf;
 pub mod servers;
 pub mod soak;
 pub mod udp;
