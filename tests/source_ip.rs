@@ -1,4 +1,4 @@
-//! Source address preservation (issue 14): a server in the child sees the
+//! Source address preservation: a server in the child sees the
 //! client's own address and port, and its replies come back to the client,
 //! although the child has a default route elsewhere, as a real container
 //! has. Clients sit on documentation addresses of a link in the
@@ -104,8 +104,17 @@ fn wait_local_route(ns: &Netns, addr: &str) {
 /// The child's routing state: rules, every table's routes, and the
 /// sysctl the TCP return path sets.
 fn routing_state(ns: &Netns) -> String {
-    let fwmark = ns.run(|| {
-        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fwmark_accept").unwrap_or_default()
+    let sysctls = ns.run(|| {
+        [
+            "ipv4/tcp_fwmark_accept",
+            "ipv4/fwmark_reflect",
+            "ipv6/fwmark_reflect",
+        ]
+        .map(|k| {
+            let v = std::fs::read_to_string(format!("/proc/sys/net/{k}")).unwrap_or_default();
+            format!("{k}={}", v.trim())
+        })
+        .join(" ")
     });
     // Link-local addresses come and go with the veths' address
     // configuration on their own: not ours to compare.
@@ -114,7 +123,7 @@ fn routing_state(ns: &Netns) -> String {
         ip_out(ns, &["-6", "rule", "show"]),
         ip_out(ns, &["-4", "route", "show", "table", "all"]),
         ip_out(ns, &["-6", "route", "show", "table", "all"]),
-        format!("tcp_fwmark_accept={fwmark}"),
+        sysctls,
     ]
     .join("\n")
     .lines()
@@ -529,5 +538,343 @@ async fn root_agent_killed_falls_back() {
     // The API tells the truth about the fallback.
     assert_eq!(source_ip(), false, "/v1/info after the fallback");
     f.assert_least_privilege();
+    f.stop();
+}
+
+/// Connects from `from` to `to` and returns how long until the connection
+/// is reset (the forwarder's answer to a dial that failed), or panics with
+/// what came instead.
+async fn reset_after(pair: &Pair, from: &str, to: &str) -> Duration {
+    let from: SocketAddr = from.parse().expect("from");
+    let to: SocketAddr = to.parse().expect("to");
+    let fd: std::os::fd::OwnedFd = pair.parent.run(move || {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            None,
+        )
+        .expect("socket");
+        s.bind(&from.into()).expect("bind the client");
+        s.set_nonblocking(true).expect("nonblocking");
+        s.into()
+    });
+    let t = std::time::Instant::now();
+    let mut s = within(
+        10,
+        "the connection",
+        TcpSocket::from_std_stream(std::net::TcpStream::from(fd)).connect(to),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    let mut buf = [0u8; 16];
+    let r = within(15, "the reset", s.read(&mut buf)).await;
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => t.elapsed(),
+        other => panic!("{from} -> {to}: expected a reset, got {other:?}"),
+    }
+}
+
+/// A closed port in the child resets a preserved client as fast as a
+/// loopback one (which is not preserved): the child's RST must come back
+/// to the forwarder's transparent socket, not leave by the child's default
+/// route while the dial waits for its timeout.
+async fn closed_port_resets_at_once(privilege: Privilege, mode: &str) {
+    let pair = pair(privilege);
+    let f = start(
+        &pair,
+        &[
+            "--mode",
+            mode,
+            "-p",
+            "8082:82/tcp4",
+            "-p",
+            "[::]:8082:82/tcp6",
+        ],
+    );
+    let reference = reset_after(&pair, "127.0.0.1:0", "127.0.0.1:8082").await;
+    for (from, to) in [
+        (format!("{CLIENT4}:0"), format!("{CLIENT4}:8082")),
+        ("127.0.0.5:0".to_string(), "127.0.0.1:8082".to_string()),
+        (format!("[{CLIENT6}]:0"), format!("[{CLIENT6}]:8082")),
+    ] {
+        let took = reset_after(&pair, &from, &to).await;
+        assert!(
+            took < reference + limit(Duration::from_secs(1)),
+            "{from} -> {to} ({privilege:?}, {mode}): reset after {took:?}, a loopback client after {reference:?}\n{}",
+            f.stderr()
+        );
+    }
+    f.stop();
+}
+
+#[tokio::test]
+async fn closed_port_resets_at_once_root_splice() {
+    closed_port_resets_at_once(Privilege::Root, "splice").await;
+}
+
+#[tokio::test]
+async fn closed_port_resets_at_once_root_ebpf() {
+    closed_port_resets_at_once(Privilege::Root, "ebpf").await;
+}
+
+#[tokio::test]
+async fn closed_port_resets_at_once_rootless() {
+    closed_port_resets_at_once(Privilege::User, "auto").await;
+}
+
+/// An IPv6 client of a service that listens on IPv4 only reaches it by the
+/// IPv4 fallback, as soon as the IPv6 dial is refused (from the child's
+/// own address then: a client's IPv6 address cannot be an IPv4 source).
+async fn ipv6_client_falls_back(privilege: Privilege, mode: &str) {
+    let pair = pair(privilege);
+    tcp_whoami(pair.child.listen("127.0.0.1:81"));
+    let f = start(&pair, &["--mode", mode, "-p", "[::]:8081:81/tcp6"]);
+    for from in [format!("[{CLIENT6}]:0"), "[::1]:0".to_string()] {
+        let to = if from.starts_with("[::1]") {
+            "[::1]:8081".to_string()
+        } else {
+            format!("[{CLIENT6}]:8081")
+        };
+        let t = std::time::Instant::now();
+        let (_, seen) = tcp_ask(&pair, &from, &to).await;
+        let took = t.elapsed();
+        assert!(
+            seen.starts_with("127.0.0.1:"),
+            "{from}: the server saw {seen}"
+        );
+        assert!(
+            took < limit(Duration::from_secs(2)),
+            "{from} -> {to} ({privilege:?}, {mode}): served after {took:?}\n{}",
+            f.stderr()
+        );
+    }
+    f.stop();
+}
+
+#[tokio::test]
+async fn ipv6_client_falls_back_root_splice() {
+    ipv6_client_falls_back(Privilege::Root, "splice").await;
+}
+
+#[tokio::test]
+async fn ipv6_client_falls_back_root_ebpf() {
+    ipv6_client_falls_back(Privilege::Root, "ebpf").await;
+}
+
+#[tokio::test]
+async fn ipv6_client_falls_back_rootless() {
+    ipv6_client_falls_back(Privilege::User, "auto").await;
+}
+
+/// UDP servers bound to the wildcard address answer every client: their
+/// replies are routed before they have a source, so only a rule that
+/// matches by destination and ports can return them.
+async fn udp_wildcard_servers_answer(privilege: Privilege) {
+    let pair = pair(privilege);
+    let before = routing_state(&pair.child);
+    udp_whoami(bind_in(&pair.child, "0.0.0.0:55", None));
+    udp_whoami(bind_in(&pair.child, "[::]:56", None));
+    let f = start(
+        &pair,
+        &[
+            "--udp-idle-timeout",
+            "1",
+            "-p",
+            "5355:55/udp4",
+            "-p",
+            "[::]:5356:56/udp6",
+        ],
+    );
+    for (from, to) in [
+        (format!("{CLIENT4}:0"), format!("{CLIENT4}:5355")),
+        ("127.0.0.5:0".to_string(), "127.0.0.1:5355".to_string()),
+        (format!("[{CLIENT6}]:0"), format!("[{CLIENT6}]:5356")),
+    ] {
+        let c = bind_in(&pair.parent, &from, None);
+        c.connect(&to).await.expect("connect");
+        let me = c.local_addr().expect("local");
+        for _ in 0..2 {
+            c.send(b"who").await.expect("send");
+            let mut buf = vec![0u8; 2048];
+            let n = within(5, "a reply", c.recv(&mut buf))
+                .await
+                .unwrap_or_else(|e| panic!("{from} -> {to}: {e}\n{}", f.stderr()));
+            assert_eq!(
+                String::from_utf8_lossy(&buf[..n]),
+                me.to_string(),
+                "{from} -> {to}"
+            );
+        }
+    }
+    let st = f.stop();
+    assert_eq!(routing_state(&pair.child), before, "routing left behind");
+    let lost: u64 = st["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| p["udp"]["drops"].as_object())
+        .flat_map(|d| d.values().map(|v| v.as_u64().expect("a count")))
+        .sum();
+    assert_eq!(lost, 0, "{st}");
+}
+
+#[tokio::test]
+async fn udp_wildcard_servers_answer_root() {
+    udp_wildcard_servers_answer(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn udp_wildcard_servers_answer_rootless() {
+    udp_wildcard_servers_answer(Privilege::User).await;
+}
+
+/// UDP to a child port where nothing listens is counted `unreachable` for
+/// every client, preserved or not, and said once per port.
+async fn udp_closed_port_unreachable(privilege: Privilege) {
+    let pair = pair(privilege);
+    let mut f = start(&pair, &["-p", "5357:57/udp4", "-p", "[::]:5358:58/udp6"]);
+    let clients = [
+        (format!("{CLIENT4}:0"), format!("{CLIENT4}:5357")),
+        ("127.0.0.5:0".to_string(), "127.0.0.1:5357".to_string()),
+        (format!("[{CLIENT6}]:0"), format!("[{CLIENT6}]:5358")),
+    ];
+    let mut want = 0;
+    for (from, to) in &clients {
+        let c = bind_in(&pair.parent, from, None);
+        c.connect(to).await.expect("connect");
+        // One at a time: each one's ICMP error is read before the next is
+        // sent, so none hides another.
+        for _ in 0..3 {
+            c.send(b"anyone?").await.expect("send");
+            want += 1;
+            wait_until(
+                limit(Duration::from_secs(5)),
+                &format!("{from} -> {to}: datagram {want} counted unreachable"),
+                || {
+                    let st = f.stats();
+                    let got: u64 = st["ports"]
+                        .as_array()
+                        .expect("ports")
+                        .iter()
+                        .map(|p| p["udp"]["drops"]["unreachable"].as_u64().unwrap_or(0))
+                        .sum();
+                    (got == want).then_some(()).ok_or(format!("{got}: {st}"))
+                },
+            );
+        }
+    }
+    let err = f.stderr();
+    let said = err.matches("nothing listens at").count();
+    assert_eq!(said, 2, "one warning per port:\n{err}");
+    f.stop();
+}
+
+#[tokio::test]
+async fn udp_closed_port_unreachable_root() {
+    udp_closed_port_unreachable(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn udp_closed_port_unreachable_rootless() {
+    udp_closed_port_unreachable(Privilege::User).await;
+}
+
+/// A start without source preservation removes what a killed run with it
+/// left in the child: rules, routes and sysctls.
+async fn no_source_ip_start_cleans(privilege: Privilege) {
+    let pair = pair(privilege);
+    let before = routing_state(&pair.child);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    kill9(agents[0]);
+    kill9(f.pid);
+    wait_gone(agents[0]).await;
+    wait_gone(f.pid).await;
+    assert_ne!(routing_state(&pair.child), before, "nothing left to clean?");
+    drop(f);
+    let f = start(&pair, &["--no-source-ip", "-p", "8080:80/tcp4"]);
+    assert_eq!(
+        routing_state(&pair.child),
+        before,
+        "a --no-source-ip start left the killed run's routing\n{}",
+        f.stderr()
+    );
+    let (_, seen) = tcp_ask(&pair, &format!("{CLIENT4}:0"), &format!("{CLIENT4}:8080")).await;
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    f.stop();
+}
+
+#[tokio::test]
+async fn no_source_ip_start_cleans_root() {
+    no_source_ip_start_cleans(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn no_source_ip_start_cleans_rootless() {
+    no_source_ip_start_cleans(Privilege::User).await;
+}
+
+/// One client address and port on two published ports whose targets differ
+/// only by address (servers bound to each): both flows are preserved and
+/// answered, and each flow's rule goes with it alone.
+#[tokio::test]
+async fn udp_same_client_two_targets() {
+    let pair = pair(Privilege::Root);
+    udp_whoami(bind_in(&pair.child, "127.0.0.1:55", None));
+    udp_whoami(bind_in(&pair.child, "127.0.0.2:55", None));
+    let f = start(
+        &pair,
+        &[
+            "--udp-idle-timeout",
+            "1",
+            "-p",
+            "5355:55/udp4",
+            "-p",
+            "0.0.0.0:5359:127.0.0.2:55/udp4",
+        ],
+    );
+    let from: SocketAddr = format!("{CLIENT4}:40001").parse().expect("from");
+    let mut clients = Vec::new();
+    for port in [5355, 5359] {
+        let c = pair.parent.run(move || {
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
+                .expect("socket");
+            s.set_reuse_address(true).expect("reuseaddr");
+            s.bind(&from.into()).expect("bind");
+            s.set_nonblocking(true).expect("nonblocking");
+            std::net::UdpSocket::from(s)
+        });
+        let c = UdpSocket::from_std(c).expect("tokio");
+        c.connect(format!("{CLIENT4}:{port}"))
+            .await
+            .expect("connect");
+        clients.push(c);
+    }
+    let flows = |st: &str| st.matches("ipproto udp").count();
+    for round in 0..2 {
+        for (i, c) in clients.iter().enumerate() {
+            c.send(b"who").await.expect("send");
+            let mut buf = vec![0u8; 2048];
+            let n = within(5, "a reply", c.recv(&mut buf)).await.expect("recv");
+            assert_eq!(
+                String::from_utf8_lossy(&buf[..n]),
+                from.to_string(),
+                "client {i}, round {round}"
+            );
+        }
+        assert_eq!(flows(&routing_state(&pair.child)), 2);
+    }
+    wait_until_async(
+        limit(Duration::from_secs(10)),
+        "the flows' rules to go at their expiry",
+        async || {
+            let state = routing_state(&pair.child);
+            (flows(&state) == 0).then_some(()).ok_or(state)
+        },
+    )
+    .await;
     f.stop();
 }

@@ -245,7 +245,7 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
                 "source address preservation is off: cannot start the dial agent"),
         }
     }
-    match (netns::ChildDialer::new(&path), config.child_pid) {
+    match (netns::ChildDialer::new_cleaning(&path), config.child_pid) {
         (Ok(d), _) => {
             if let Some((mut child, _, _)) = unused_agent {
                 let _ = child.kill();

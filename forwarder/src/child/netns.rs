@@ -104,6 +104,18 @@ impl ChildDialer {
     /// socket thread inside it; the thread then drops every capability.
     /// Fails at once if the namespace cannot be entered. Needs no runtime.
     pub fn new(path: &Path) -> Result<Self, NetnsError> {
+        Self::start(path, false)
+    }
+
+    /// As [`Self::new`], for a forwarder that does not preserve source
+    /// addresses: first, while its thread still holds its capabilities
+    /// there, removes what an earlier run's source preservation left in
+    /// the namespace ([`srcip::clean_stale`]).
+    pub fn new_cleaning(path: &Path) -> Result<Self, NetnsError> {
+        Self::start(path, true)
+    }
+
+    fn start(path: &Path, clean: bool) -> Result<Self, NetnsError> {
         let ns = File::open(path).map_err(|cause| NetnsError::Open {
             path: path.to_owned(),
             cause,
@@ -132,6 +144,9 @@ impl ChildDialer {
                 } else {
                     sys::setns_net(ns.as_fd())
                 };
+                if clean && entered.is_ok() {
+                    clean_stale_logged();
+                }
                 let dropped = sys::drop_thread_capabilities(&[]);
                 let entered = entered.and(dropped);
                 let ok = entered.is_ok();
@@ -252,7 +267,7 @@ impl ChildDialer {
             return self.connect_port(addr, port).await;
         };
         let sock = self.socket(addr.is_ipv6()).await?;
-        if let Err(e) = srcip::bind_transparent(sock.as_fd(), src, true) {
+        if let Err(e) = srcip::bind_transparent(sock.as_fd(), src) {
             s.bind_failed(src, &e, client, addr);
             return self.connect_port(addr, port).await;
         }
@@ -270,10 +285,17 @@ impl ChildDialer {
             return self.connect_udp(addr).await;
         };
         let fd = self.raw_socket(addr.is_ipv6(), true).await?;
-        let bound = srcip::bind_transparent(fd.as_fd(), src, false)
-            .and_then(|()| s.routing.add_flow(addr, src));
-        if let Err(e) = bound {
+        if let Err(e) = srcip::bind_transparent(fd.as_fd(), src) {
             s.bind_failed(src, &e, client, addr);
+            return self.connect_udp(addr).await;
+        }
+        if let Err(e) = s.routing.add_flow(addr, src) {
+            s.log_once(
+                Skip::RemoteTarget as u8 + 2,
+                &format!("cannot return its replies: {e}"),
+                client,
+                addr,
+            );
             return self.connect_udp(addr).await;
         }
         if let Err(e) = socket2::SockRef::from(&fd).connect(&addr.into()) {
@@ -281,6 +303,21 @@ impl ChildDialer {
             return Err(e);
         }
         Ok(fd)
+    }
+}
+
+/// [`srcip::clean_stale`] in this thread's namespace, saying what it did;
+/// a namespace this process may not change has nothing of ours in it.
+pub fn clean_stale_logged() {
+    match srcip::clean_stale() {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(
+            removed,
+            "removed the source-address routing an earlier run left in the child"
+        ),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot look for an earlier run's source-address routing")
+        }
     }
 }
 

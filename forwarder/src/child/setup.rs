@@ -31,6 +31,7 @@ pub fn run_agent(fd: Option<RawFd>, socket: Option<&Path>, source_ip: bool) -> R
             }
         }
     } else {
+        super::netns::clean_stale_logged();
         None
     };
     let keep: &[caps::Capability] = if routing.is_some() {

@@ -81,6 +81,21 @@ fn drain(fd: BorrowedFd<'_>, limit: u64) -> u64 {
     n
 }
 
+/// Counts a datagram the child answered with ICMP port unreachable, on the
+/// flow socket `sock`, and says so the first time for this port.
+fn unreachable(stats: &UdpStats, warned: &mut bool, spec: &PortSpec, sock: BorrowedFd<'_>) {
+    stats.lost(Loss::Unreachable, 1);
+    if !std::mem::replace(warned, true) {
+        let target = SockRef::from(&sock)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map_or_else(|| "the target".to_string(), |a| a.to_string());
+        tracing::warn!(%spec,
+            "nothing listens at {target} in the child: its datagrams are dropped and counted as unreachable (logged once for this port)");
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The relay.
 
@@ -128,6 +143,8 @@ struct Relay {
     dial_tx: mpsc::UnboundedSender<DialResult>,
     last_warn: Option<Instant>,
     suppressed: u64,
+    /// Whether "nothing listens at the target" was logged (once a port).
+    warned_unreachable: bool,
 }
 
 /// A published UDP address and what its relay works with.
@@ -227,6 +244,7 @@ impl Relay {
             dial_tx,
             last_warn: None,
             suppressed: 0,
+            warned_unreachable: false,
         })
     }
 
@@ -330,6 +348,7 @@ impl Relay {
                 let fd = sock.as_raw_fd();
                 let mut start = range.start;
                 let mut retried = false;
+                let mut failed = None;
                 while start < range.end {
                     let (sent, err) = self.batch.send(fd, start..range.end, None, None);
                     let bytes: usize = (start..start + sent).map(|i| self.batch.len(i)).sum();
@@ -341,7 +360,12 @@ impl Relay {
                         // reported on this send, which did not happen:
                         // count the earlier one and send this one again.
                         Some(libc::ECONNREFUSED) if !retried => {
-                            self.stats.lost(Loss::Unreachable, 1);
+                            unreachable(
+                                &self.stats,
+                                &mut self.warned_unreachable,
+                                &self.spec,
+                                sock.as_fd(),
+                            );
                             retried = true;
                         }
                         Some(libc::EMSGSIZE) => {
@@ -351,9 +375,12 @@ impl Relay {
                         _ => {
                             self.stats.lost(Loss::SendError, 1);
                             start += 1;
-                            self.warn("sending to the child failed", &e);
+                            failed = Some(e);
                         }
                     }
+                }
+                if let Some(e) = failed {
+                    self.warn("sending to the child failed", &e);
                 }
             }
         }
@@ -549,7 +576,12 @@ impl Relay {
             Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {
                 // ICMP port unreachable for a datagram we sent: nothing
                 // listens at the target in the child.
-                self.stats.lost(Loss::Unreachable, 1);
+                unreachable(
+                    &self.stats,
+                    &mut self.warned_unreachable,
+                    &self.spec,
+                    sock.as_fd(),
+                );
                 return;
             }
             Err(e) => {
