@@ -7,6 +7,7 @@
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use forwarder_tests::udp::{self, bind_in, client_in, Sink};
@@ -698,4 +699,114 @@ suite! {
     // Unprivileged, given the container's PID: UDP sockets come from the
     // child-side agent.
     rootless: User;
+}
+
+/// An echo server on a blocking thread of its own, with the default
+/// receive buffer, as a plain server has; returns its drop counter's
+/// socket.
+fn echo_thread(s: UdpSocket) -> Arc<std::net::UdpSocket> {
+    let s = Arc::new(s.into_std().expect("std"));
+    s.set_nonblocking(false).expect("blocking");
+    let t = s.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, from)) = t.recv_from(&mut buf) {
+            let _ = t.send_to(&buf[..n], from);
+        }
+    });
+    s
+}
+
+/// 300 new flows × 5 datagrams (1 to 1,400 bytes), paced 50 per 2 ms, the
+/// flows taking turns: returns how many replies came back, and every
+/// reply's bytes are checked.
+fn flow_burst(clients: &[std::net::UdpSocket]) -> usize {
+    const ROUNDS: usize = 5;
+    let len = |c: usize, r: usize| 1 + (c * 7 + r * 331) % 1400;
+    let mut sent = 0;
+    for r in 0..ROUNDS {
+        for (c, s) in clients.iter().enumerate() {
+            let msg = vec![(c % 251) as u8; len(c, r)];
+            s.send(&msg).expect("send");
+            sent += 1;
+            if sent % 50 == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
+    let mut got = 0;
+    let mut buf = vec![0u8; 2048];
+    let deadline = Instant::now() + limit(Duration::from_secs(3));
+    let mut rounds = vec![0usize; clients.len()];
+    while Instant::now() < deadline && got < clients.len() * ROUNDS {
+        let mut any = false;
+        for (c, s) in clients.iter().enumerate() {
+            while let Ok(n) = s.recv(&mut buf) {
+                assert!(buf[..n].iter().all(|b| *b == (c % 251) as u8), "flow {c}");
+                rounds[c] += 1;
+                got += 1;
+                any = true;
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    got
+}
+
+fn burst_clients(ns: &forwarder_tests::Netns, to: &str) -> Vec<std::net::UdpSocket> {
+    (0..300)
+        .map(|_| {
+            let s = client_in(ns, to).into_std().expect("std");
+            s.set_nonblocking(true).expect("nonblocking");
+            s
+        })
+        .collect()
+}
+
+/// A burst of new flows arrives whole at a plain server, as it does with
+/// no forwarder: the datagrams that wait for their flow's dial must not
+/// reach the server all at once.
+pub async fn new_flow_burst(privilege: Privilege) {
+    let pair = Pair::with(privilege);
+    let server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
+    let mut f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
+    let runs = 3;
+    for run in 0..runs {
+        let direct = burst_clients(&pair.child, "127.0.0.1:9000");
+        let got = tokio::task::block_in_place(|| flow_burst(&direct));
+        assert_eq!(got, 1500, "run {run}: direct to the server, no forwarder");
+        let through = burst_clients(&pair.parent, "127.0.0.1:19000");
+        let got = tokio::task::block_in_place(|| flow_burst(&through));
+        let st = f.stats();
+        assert_eq!(
+            got,
+            1500,
+            "run {run}: through the forwarder; server drops {}; {}",
+            udp::socket_drops(&*server),
+            port_udp(&st, "127.0.0.1:19000:9000/udp")
+        );
+    }
+    f.stop();
+}
+
+/// Known to fail: the datagrams that wait for their flow's dial are sent
+/// on as soon as it is up, and hundreds of flows coming up together
+/// overflow a plain server's receive queue (its drop counter shows it;
+/// the forwarder's counters do not). Run with `--ignored`.
+mod new_flows {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a burst of new flows overflows the server's receive queue after their dials"]
+    async fn burst_arrives_whole_root() {
+        super::new_flow_burst(Privilege::Root).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a burst of new flows overflows the server's receive queue after their dials"]
+    async fn burst_arrives_whole_rootless() {
+        super::new_flow_burst(Privilege::User).await
+    }
 }

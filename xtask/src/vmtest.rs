@@ -27,6 +27,9 @@
 //!   splice and copy engines, big transfers cut to 64 MiB
 //!   (`FWD_TEST_BIG_BYTES`) for an emulated CPU. The same selection runs on
 //!   the host too, for the host kernel's column.
+//! - Also inside: the source-preservation suite (`tests/source_ip.rs`,
+//!   shown as the pseudo-engine `source_ip`), root and rootless: the
+//!   return rules, marks and `fwmark_reflect` on the kernels users run.
 //! - One more boot with `ipv6.disable=1`: no IPv6 in any namespace. It runs
 //!   the IPv6 publishing-rule test of `tests/cli.rs`
 //!   (`parent_without_ipv6_keeps_the_ipv4_half`: the unspecified-address
@@ -56,15 +59,26 @@ const BIG_BYTES: u64 = 64 << 20;
 /// than their real-hardware limits on every engine, copy included.
 const TIME_SCALE: u32 = 6;
 
-/// The engines the matrix covers: the suite's module names.
-const ENGINES: &[&str] = &["ebpf", "ebpf_parser", "ebpf_local", "splice", "copy"];
+/// The engines the matrix covers: the suite's module names, and
+/// [`SOURCE_IP`] for the source-preservation suite.
+const ENGINES: &[&str] = &[
+    "ebpf",
+    "ebpf_parser",
+    "ebpf_local",
+    "splice",
+    "copy",
+    SOURCE_IP,
+];
+
+/// The source-preservation suite's cases are listed as `source_ip::CASE`.
+const SOURCE_IP: &str = "source_ip";
 
 /// The engines `cargo xtask test` (CI) runs in the 6.1 guest: the two
 /// ebpf variants, whose data path is the kernel's sockmap code. The whole
 /// 6.1 matrix took 23 minutes in the guest here (QEMU TCG, a shared 2-core
 /// machine), too close to CI's 35-minute share with boot and build; splice
 /// and copy (plain syscalls, the same on every kernel line) run on demand.
-const CI_ENGINES: &[&str] = &["ebpf", "ebpf_parser"];
+const CI_ENGINES: &[&str] = &["ebpf", "ebpf_parser", SOURCE_IP];
 
 /// The IPv6 publishing-rule test run in the `ipv6.disable=1` boot.
 const IPV6_TEST: &str = "parent_without_ipv6_keeps_the_ipv4_half";
@@ -379,6 +393,7 @@ fn kernel(line: &Line, debs: &Path) -> Result<Kernel> {
 struct Binaries {
     forwarder: PathBuf,
     engines: PathBuf,
+    source_ip: PathBuf,
     cli: PathBuf,
 }
 
@@ -398,6 +413,8 @@ fn build() -> Result<Binaries> {
         "engines",
         "--test",
         "cli",
+        "--test",
+        "source_ip",
         "--no-run",
         "--message-format=json",
     ]))
@@ -420,6 +437,7 @@ fn build() -> Result<Binaries> {
     Ok(Binaries {
         forwarder: target_dir()?.join("release/forwarder"),
         engines: get("engines")?,
+        source_ip: get("source_ip")?,
         cli: get("cli")?,
     })
 }
@@ -535,25 +553,73 @@ fn host_column(bins: &Binaries, cases: &[String], args: &Args, dir: &Path) -> Re
     let release = crate::util::kernel_release()?.trim().to_string();
     say(&format!("host ({release}): {} cases", cases.len()));
     let t0 = Instant::now();
-    let out = Command::new(&bins.engines)
-        .env("FORWARDER_BIN", &bins.forwarder)
-        .env("FWD_TEST_BIG_BYTES", BIG_BYTES.to_string())
-        .args(["--exact", "--test-threads", &args.threads.to_string()])
-        .args(cases)
-        .stdin(Stdio::null())
-        .output()
-        .context("running the engines suite on the host")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    fs::write(dir.join("host.out"), text.as_bytes())?;
     let mut col = Column {
         title: format!("host {release}"),
-        results: parse_libtest(&text),
-        details: failure_details(&text),
-        error: None,
-        took: t0.elapsed(),
+        ..Default::default()
     };
+    for (suite, bin, run_args) in suite_runs(bins, cases, args) {
+        let out = Command::new(&bin)
+            .env("FORWARDER_BIN", &bins.forwarder)
+            .env("FWD_TEST_BIG_BYTES", BIG_BYTES.to_string())
+            .args(&run_args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running the {suite} suite on the host"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        fs::write(dir.join(format!("host-{suite}.out")), text.as_bytes())?;
+        add_results(&mut col, &suite, &text);
+    }
+    col.took = t0.elapsed();
     complete(&mut col, cases);
     Ok(col)
+}
+
+/// The suites to run for `cases`, each as (name, test binary, libtest
+/// arguments): the engines suite, and the source-preservation one for the
+/// `source_ip::` cases (named there without the prefix).
+fn suite_runs(
+    bins: &Binaries,
+    cases: &[String],
+    args: &Args,
+) -> Vec<(String, PathBuf, Vec<String>)> {
+    let prefix = format!("{SOURCE_IP}::");
+    let (source, engines): (Vec<&String>, Vec<&String>) =
+        cases.iter().partition(|c| c.starts_with(&prefix));
+    let base = || {
+        vec![
+            "--exact".to_string(),
+            "--test-threads".into(),
+            args.threads.to_string(),
+        ]
+    };
+    let mut runs = Vec::new();
+    if !engines.is_empty() {
+        let mut a = base();
+        a.extend(engines.into_iter().cloned());
+        runs.push(("engines".to_string(), bins.engines.clone(), a));
+    }
+    if !source.is_empty() {
+        let mut a = base();
+        a.extend(source.iter().map(|c| c[prefix.len()..].to_string()));
+        runs.push((SOURCE_IP.to_string(), bins.source_ip.clone(), a));
+    }
+    runs
+}
+
+/// Adds one suite's libtest output to a column (the source-preservation
+/// suite's names get their prefix).
+fn add_results(col: &mut Column, suite: &str, text: &str) {
+    let name = |n: String| {
+        if suite == SOURCE_IP {
+            format!("{SOURCE_IP}::{n}")
+        } else {
+            n
+        }
+    };
+    col.results
+        .extend(parse_libtest(text).into_iter().map(|(n, o)| (name(n), o)));
+    col.details
+        .extend(failure_details(text).into_iter().map(|(n, d)| (name(n), d)));
 }
 
 /// Marks cases without a result as unfinished.
@@ -788,17 +854,8 @@ fn read_trim(p: &Path) -> String {
 
 /// Boots a kernel and runs the engine matrix in it.
 fn vm_column(k: &Kernel, bins: &Binaries, cases: &[String], args: &Args) -> Column {
-    let mut run_args = vec![
-        "--exact".to_string(),
-        "--test-threads".into(),
-        args.threads.to_string(),
-    ];
-    run_args.extend(cases.iter().cloned());
-    let script = guest_script(
-        "engines matrix",
-        &[("engines".into(), bins.engines.clone(), run_args)],
-        bins,
-    );
+    let runs = suite_runs(bins, cases, args);
+    let script = guest_script("engines matrix", &runs, bins);
     let t0 = Instant::now();
     let mut col = Column {
         title: k.release.clone(),
@@ -808,9 +865,10 @@ fn vm_column(k: &Kernel, bins: &Binaries, cases: &[String], args: &Args) -> Colu
     // Whatever the guest wrote is read even when the boot failed (a hang
     // or panic part-way still tells which cases had finished).
     if let Ok(dir) = run_dir(k.line) {
-        let text = fs::read_to_string(dir.join("engines.out")).unwrap_or_default();
-        col.results = parse_libtest(&text);
-        col.details = failure_details(&text);
+        for (suite, _, _) in &runs {
+            let text = fs::read_to_string(dir.join(format!("{suite}.out"))).unwrap_or_default();
+            add_results(&mut col, suite, &text);
+        }
         let rel = read_trim(&dir.join("kernel"));
         if booted.is_ok() && rel != k.release {
             col.error = Some(format!("the guest ran {rel}, not {}", k.release));
@@ -1005,8 +1063,12 @@ fn selected_cases(bins: &Binaries, args: &Args) -> Result<Vec<String>> {
             bail!("--engine {e}: expected one of {}", ENGINES.join(", "));
         }
     }
+    let source = list_cases(&bins.source_ip, &[])?
+        .into_iter()
+        .map(|c| format!("{SOURCE_IP}::{c}"));
     let cases: Vec<String> = list_cases(&bins.engines, &test_args())?
         .into_iter()
+        .chain(source)
         .filter(|c| case_filter(args, c))
         .collect();
     if cases.is_empty() {
