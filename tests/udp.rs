@@ -768,10 +768,10 @@ fn burst_clients(ns: &forwarder_tests::Netns, to: &str) -> Vec<std::net::UdpSock
 /// A burst of new flows arrives whole at a plain server, as it does with
 /// no forwarder: the datagrams that wait for their flow's dial must not
 /// reach the server all at once.
-pub async fn new_flow_burst(privilege: Privilege) {
+pub async fn new_flow_burst(privilege: Privilege, extra: &[&str]) {
     let pair = Pair::with(privilege);
     let server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
-    let mut f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
+    let mut f = start(&pair, extra, &["127.0.0.1:19000:9000/udp"]);
     let runs = 3;
     for run in 0..runs {
         let direct = burst_clients(&pair.child, "127.0.0.1:9000");
@@ -801,12 +801,18 @@ mod new_flows {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a burst of new flows overflows the server's receive queue after their dials"]
     async fn burst_arrives_whole_root() {
-        super::new_flow_burst(Privilege::Root).await
+        super::new_flow_burst(Privilege::Root, &[]).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "a burst of new flows overflows the server's receive queue after their dials"]
+    async fn burst_arrives_whole_root_no_source_ip() {
+        super::new_flow_burst(Privilege::Root, &["--no-source-ip"]).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "a burst of new flows overflows the server's receive queue after their dials"]
     async fn burst_arrives_whole_rootless() {
-        super::new_flow_burst(Privilege::User).await
+        super::new_flow_burst(Privilege::User, &[]).await
     }
 }
