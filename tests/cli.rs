@@ -485,61 +485,290 @@ async fn api_refuses_other_users() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// API connections are bounded in number and time: 40 clients that connect
-/// and send nothing take every slot, and a real request is still answered
-/// once they time out, without leaking their descriptors.
+/// What a client that holds an API connection without a request sends.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Holder {
+    /// The first 8 bytes of a request head, then nothing.
+    Slow,
+    /// Nothing at all.
+    Idle,
+    /// One whole request (keep-alive), then nothing: idle between
+    /// requests.
+    KeepAlive,
+}
+
+/// Sends `req` on a new API connection and reads the answer to its end
+/// (`req` says `connection: close`): the status and the body.
+async fn api_exchange(sock: &std::path::Path, req: &str) -> Result<(u16, String), String> {
+    let mut c = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    c.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("write: {e}"))?;
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("read: {e}"))?;
+    http_answer(&raw)
+        .ok_or_else(|| format!("not an HTTP answer: {:?}", String::from_utf8_lossy(&raw)))
+}
+
+/// The status and body of one HTTP/1.1 answer.
+fn http_answer(raw: &[u8]) -> Option<(u16, String)> {
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()?;
+    Some((status, body.to_string()))
+}
+
+/// A request with a JSON body and `connection: close`.
+fn api_request(method: &str, path: &str, body: &str) -> String {
+    format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Times one request on a new API connection; panics if there is no
+/// answer within 10 s or the answer took 1 s or more.
+async fn api_within_a_second(sock: &std::path::Path, what: &str, req: &str) -> (u16, String) {
+    let t = std::time::Instant::now();
+    let r = tokio::time::timeout(limit(Duration::from_secs(10)), api_exchange(sock, req)).await;
+    let took = t.elapsed();
+    let answer = match r {
+        Ok(Ok(a)) => a,
+        Ok(Err(e)) => panic!("{what}: {e} after {took:?}"),
+        Err(_) => panic!("{what}: no answer after {took:?} (want one within 1 s)"),
+    };
+    eprintln!("{what}: {} in {took:?}", answer.0);
+    assert!(
+        took < limit(Duration::from_secs(1)),
+        "{what}: answered after {took:?} (want within 1 s)"
+    );
+    answer
+}
+
+/// The API stays responsive while 300 clients hold connections without
+/// a request (a partial request head, nothing at all, or idle after a
+/// request): `GET /v1/info`, `POST /v1/ports` and `DELETE` each answer
+/// within a second; the forwarder holds at most 32 of them (plus the one
+/// it is accepting) at any time; every one of them is closed cleanly
+/// (an end of stream, after a 408 for a partial head) within the 5 s head
+/// timeout; a client whose request head is complete is not closed to
+/// make room (it finishes its body after the flood and gets its 201); a
+/// client whose body stalls is answered within the 5 s body timeout; and
+/// afterwards the forwarder holds no more descriptors than before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_idle_clients_cannot_starve_it() {
+async fn api_slow_and_idle_clients_cannot_starve_it() {
     let pair = Pair::new();
-    let dir = std::env::temp_dir().join(format!("fwt-apiidle-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("fwt-apislow-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp dir");
     let sock = dir.join("api.sock");
     let sock_s = sock.display().to_string();
     let f = Fwd::start(&pair, &["--mode", "copy", "--api-socket", &sock_s]);
-    let base = f.fd_count();
-    let idle: Vec<_> = (0..40)
-        .map(|_| std::os::unix::net::UnixStream::connect(&sock).expect("connect"))
-        .collect();
-    // At most 32 accepted; the rest wait in the backlog. Wait until the
-    // forwarder has taken what it may (the backlog down to 8), then check
-    // that it took no more: a forwarder without the bound drains it.
-    let backlog = || unix_backlog(&pair.parent, &sock_s);
-    wait_until(
-        limit(Duration::from_secs(5)),
-        "the forwarder to accept 32 of the 40 API clients",
+    // One request first, so what it opens lazily is in the baseline.
+    let (code, body) = api_exchange(&sock, &api_request("GET", "/v1/info", ""))
+        .await
+        .expect("GET /v1/info");
+    assert_eq!(code, 200, "{body}");
+    // Its connection is closed just after the answer's end: the baseline
+    // is the count once it holds still.
+    let mut last = usize::MAX;
+    let base = wait_until(
+        limit(Duration::from_secs(2)),
+        "the descriptor count to settle",
         || {
-            let b = backlog();
-            (b <= 8).then_some(()).ok_or(format!(
-                "{b} in the backlog, {} descriptors ({base} before)",
-                f.fd_count()
-            ))
+            let (was, now) = (last, f.fd_count());
+            last = now;
+            (now == was).then_some(now).ok_or(now)
         },
     );
-    let (fds, left) = (f.fd_count(), backlog());
-    assert!(
-        fds <= base + 32 && left == 8,
-        "{fds} descriptors, {base} before, {left} clients left in the backlog: \
-         more than 32 API connections accepted"
-    );
-    let t = std::time::Instant::now();
-    let (code, body) = curl_api(&sock_s, "/v1/ports", false);
+
+    // A well-behaved client mid-request, connected before everyone else
+    // (the oldest connection): its head and half its body now, the rest
+    // after the flood.
+    let spec = r#"{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":8091,"childPort":91}"#;
+    let req = api_request("POST", "/v1/ports", spec);
+    let (first, rest) = req.split_at(req.len() - spec.len() / 2);
+    let mut mid = tokio::net::UnixStream::connect(&sock)
+        .await
+        .expect("connect");
+    mid.write_all(first.as_bytes()).await.expect("write");
+    // A client whose body stalls: its head and 10 of 100 bytes.
+    let mut stalled = tokio::net::UnixStream::connect(&sock)
+        .await
+        .expect("connect");
+    let stalled_at = std::time::Instant::now();
+    stalled
+        .write_all(b"POST /v1/ports HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"proto\":")
+        .await
+        .expect("write");
+    let stalled = tokio::spawn(async move {
+        let mut raw = Vec::new();
+        let r = stalled.read_to_end(&mut raw).await;
+        (stalled_at.elapsed(), r.map(|_| raw))
+    });
+
+    let mut holders = Vec::new();
+    let mut most = 0;
+    for i in 0..300 {
+        let kind = [Holder::Slow, Holder::Idle, Holder::KeepAlive][i % 3];
+        let mut c = tokio::net::UnixStream::connect(&sock)
+            .await
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        let opened = std::time::Instant::now();
+        let sent = match kind {
+            Holder::Slow => c.write_all(b"GET /v1/").await,
+            Holder::Idle => Ok(()),
+            Holder::KeepAlive => {
+                c.write_all(b"GET /v1/info HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+            }
+        };
+        holders.push(tokio::spawn(async move {
+            // A write that fails found the connection closed already.
+            let mut raw = Vec::new();
+            let r = match sent {
+                Ok(()) => c.read_to_end(&mut raw).await.map(|_| raw),
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(Vec::new()),
+                Err(e) => Err(e),
+            };
+            (kind, opened.elapsed(), r)
+        }));
+        if i % 25 == 24 {
+            most = most.max(f.fd_count());
+        }
+    }
+
+    // The timed requests, on new connections.
+    let (code, body) =
+        api_within_a_second(&sock, "GET /v1/info", &api_request("GET", "/v1/info", "")).await;
     assert_eq!(code, 200, "{body}");
+    let (code, body) = api_within_a_second(
+        &sock,
+        "POST /v1/ports",
+        &api_request(
+            "POST",
+            "/v1/ports",
+            r#"{"proto":"tcp4","parentIP":"127.0.0.1","parentPort":8092,"childPort":92}"#,
+        ),
+    )
+    .await;
+    assert_eq!(code, 201, "{body}");
+    let added: wire::PortStatus = serde_json::from_str(&body).expect(&body);
+    let (code, body) = api_within_a_second(
+        &sock,
+        "DELETE /v1/ports/ID",
+        &api_request("DELETE", &format!("/v1/ports/{}", added.id), ""),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    most = most.max(f.fd_count());
     assert!(
-        t.elapsed() < Duration::from_secs(25),
-        "answered after {:?}",
-        t.elapsed()
+        most <= base + 33,
+        "{most} descriptors with 300 API clients, {base} before: more than 32 connections held"
     );
-    drop(idle);
-    // The forwarder closes them as they close; within 2 s, well inside the
-    // 10 s idle timeout that would close them anyway.
+
+    // The client mid-request was not closed to make room: it completes.
+    let answer = within(5, "the client mid-request to be answered", async {
+        mid.write_all(rest.as_bytes())
+            .await
+            .expect("write the rest");
+        let mut raw = Vec::new();
+        mid.read_to_end(&mut raw).await.map(|_| raw)
+    })
+    .await
+    .expect("the client mid-request was cut off");
+    let (code, body) =
+        http_answer(&answer).unwrap_or_else(|| panic!("{:?}", String::from_utf8_lossy(&answer)));
+    assert_eq!(code, 201, "the client mid-request: {body}");
+    let added: wire::PortStatus = serde_json::from_str(&body).expect(&body);
+    let (code, body) = api_exchange(
+        &sock,
+        &api_request("DELETE", &format!("/v1/ports/{}", added.id), ""),
+    )
+    .await
+    .expect("DELETE");
+    assert_eq!(code, 200, "{body}");
+
+    // Every holder's connection ends cleanly (no reset), within the head
+    // timeout of its start or of its last answer.
+    let mut ended = Vec::new();
+    within(20, "every holder's connection to be closed", async {
+        for h in holders {
+            ended.push(h.await.expect("holder task"));
+        }
+    })
+    .await;
+    let mut counts = std::collections::BTreeMap::new();
+    for (i, (kind, took, r)) in ended.iter().enumerate() {
+        let raw = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("holder {i} ({kind:?}): {e} after {took:?}"));
+        let text = String::from_utf8_lossy(raw);
+        assert!(
+            *took < limit(Duration::from_secs(8)),
+            "holder {i} ({kind:?}) closed after {took:?}"
+        );
+        let seen = match kind {
+            Holder::Idle => text.is_empty(),
+            Holder::Slow => text.is_empty() || text.starts_with("HTTP/1.1 408 "),
+            Holder::KeepAlive => {
+                text.is_empty() || (text.starts_with("HTTP/1.1 200 ") && text.ends_with('}'))
+            }
+        };
+        assert!(seen, "holder {i} ({kind:?}) got {text:?}");
+        *counts
+            .entry(format!(
+                "{kind:?} {}",
+                text.get(..12).unwrap_or("(nothing)")
+            ))
+            .or_insert(0) += 1;
+    }
+    // Those still held after the flood were closed by the head timeout,
+    // not before.
+    let last = ended
+        .iter()
+        .map(|(_, took, _)| *took)
+        .max()
+        .unwrap_or_default();
+    eprintln!(
+        "holders' connections ended with: {counts:?}, the last after {last:?}; \
+         at most {most} descriptors ({base} before)"
+    );
+    assert!(
+        last >= Duration::from_secs(4),
+        "the last holder was closed after {last:?}, before the 5 s head timeout"
+    );
+
+    let (took, r) = within(15, "the stalled body to be answered", stalled)
+        .await
+        .expect("stalled client's task");
+    let raw = r.unwrap_or_else(|e| panic!("the stalled body: {e} after {took:?}"));
+    let (code, body) =
+        http_answer(&raw).unwrap_or_else(|| panic!("{:?}", String::from_utf8_lossy(&raw)));
+    assert!(
+        (400..500).contains(&code),
+        "the stalled body: {code} {body}"
+    );
+    // Answered by the body timeout: serving, it was never closed to make
+    // room.
+    assert!(
+        took >= Duration::from_secs(4) && took < limit(Duration::from_secs(8)),
+        "the stalled body answered after {took:?}, want the 5 s body timeout"
+    );
+
+    // Nothing is left behind.
     wait_until(
-        limit(Duration::from_secs(2)).min(Duration::from_secs(5)),
-        "the idle clients' API connections to be closed",
+        limit(Duration::from_secs(2)),
+        "the API connections' descriptors to be closed",
         || {
             let fds = f.fd_count();
-            (fds <= base + 1)
+            (fds <= base)
                 .then_some(())
-                .ok_or(format!("{fds} descriptors, {base} before the idle clients"))
+                .ok_or(format!("{fds} descriptors, {base} before the clients"))
         },
     );
     f.stop();
@@ -768,18 +997,4 @@ async fn port_ranges_publish_whole_or_not_at_all() {
     );
     assert!(out.stdout.is_empty(), "{:?}", out.stdout);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// How many connections wait in the backlog of the Unix socket listening
-/// at `path` in `ns` (ss's Recv-Q of a listening socket).
-fn unix_backlog(ns: &Netns, path: &str) -> u64 {
-    let out = ns
-        .command("ss")
-        .args(["-xlnH", "src", path])
-        .output()
-        .expect("ss");
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .find_map(|l| l.split_whitespace().nth(2)?.parse().ok())
-        .unwrap_or_else(|| panic!("no listening socket {path} in ss's output: {text:?}"))
 }

@@ -17,18 +17,17 @@
 //! file's mode does not open it up: only the forwarder's own uid and root
 //! are served; anyone else gets 403 with a `{"message"}` and one log line
 //! per second at most. Requests are bounded: [`MAX_BODY`] bytes of body,
-//! hyper's header limit, [`MAX_CONNECTIONS`] connections at once (more
-//! wait in the backlog) and [`IDLE_TIMEOUT`] without progress on a read.
+//! hyper's header limit, [`MAX_CONNECTIONS`] connections at once, and a
+//! deadline for each phase of a request ([`HEAD_TIMEOUT`],
+//! [`BODY_TIMEOUT`], [`WRITE_TIMEOUT`]). At the cap, a newcomer takes the
+//! slot of the connection that has waited longest for a request (see
+//! `conn`).
 
-use std::future::Future as _;
 use std::io;
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{to_bytes, Body};
@@ -38,9 +37,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::UnixListener;
 
 use crate::parent::port::{PortError, PortManager};
 use crate::sys;
@@ -48,14 +45,26 @@ use crate::wire::spec::{ApiSpec, PortSpec};
 pub use crate::wire::API_VERSION;
 use crate::wire::{ErrorBody, Info, PortDriverInfo, PortStatus, SharedCounters, Stats};
 
+mod conn;
+
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
 /// API connections served at once.
 pub const MAX_CONNECTIONS: usize = 32;
 
-/// A connection that sends nothing for this long is closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request head must be complete within this long of its connection's
+/// start or of the previous answer on it; otherwise the connection is
+/// closed.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A request body must arrive within this long of its head; otherwise
+/// reading it fails.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Writing an answer that makes no progress for this long fails, and
+/// closes the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the API socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -135,183 +144,20 @@ pub fn router(state: Arc<ApiState>) -> Router {
 }
 
 /// Serves the API until `shutdown` resolves, to this process's own uid
-/// and root only.
+/// and root only, within the limits above; then lets requests in
+/// progress finish their answer and returns once every connection is
+/// closed.
 pub async fn serve(
     listener: UnixListener,
     state: Arc<ApiState>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let guarded = Guarded {
-        inner: listener,
-        uid: sys::euid(),
-        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-    };
-    axum::serve(guarded, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    conn::serve(listener, router(state), shutdown).await
 }
 
 /// Whether a peer uid may use the API of a forwarder running as `own`.
 pub fn peer_allowed(peer: u32, own: u32) -> bool {
     peer == own || peer == 0
-}
-
-/// The API socket's listener: checks each peer with SO_PEERCRED and
-/// bounds the connections served at once.
-struct Guarded {
-    inner: UnixListener,
-    uid: u32,
-    slots: Arc<Semaphore>,
-}
-
-static REFUSAL_LOG: crate::parent::ratelimit::Every =
-    crate::parent::ratelimit::Every::new(std::time::Duration::from_secs(1));
-
-/// Logs a refused peer, once a second at most.
-fn log_refusal(uid: Option<u32>, pid: Option<i32>) {
-    if let Some(suppressed) = REFUSAL_LOG.allow() {
-        tracing::warn!(
-            ?uid,
-            ?pid,
-            suppressed,
-            "refused an API connection: only this forwarder's uid and root may use the API"
-        );
-    }
-}
-
-impl axum::serve::Listener for Guarded {
-    type Io = Bounded;
-    type Addr = tokio::net::unix::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            // A slot first: beyond MAX_CONNECTIONS, clients wait in the
-            // backlog.
-            let Ok(permit) = self.slots.clone().acquire_owned().await else {
-                std::future::pending::<()>().await;
-                continue;
-            };
-            let (stream, addr) = match self.inner.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::debug!(error = %e, "API accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let cred = sys::peer_cred(stream.as_fd()).ok();
-            match cred {
-                Some(c) if peer_allowed(c.uid, self.uid) => {
-                    return (Bounded::new(stream, permit), addr);
-                }
-                _ => {
-                    log_refusal(cred.map(|c| c.uid), cred.map(|c| c.pid));
-                    tokio::spawn(refuse(stream, permit));
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// Answers a refused peer with 403 and closes, within a second.
-async fn refuse(mut stream: UnixStream, _permit: OwnedSemaphorePermit) {
-    let body = serde_json::to_string(&ErrorBody {
-        message: "permission denied: only the forwarder's own user and root may use this API"
-            .into(),
-    })
-    .unwrap_or_default();
-    let reply = format!(
-        "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // Read the request head first: closing a Unix socket with unread data
-    // resets the peer before it sees the reply. Everything is bounded by
-    // one second and 16 KiB.
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-        let mut buf = vec![0u8; 16 * 1024];
-        let mut seen = 0;
-        while seen < buf.len() {
-            let n = stream.read(&mut buf[seen..]).await?;
-            if n == 0 {
-                break;
-            }
-            seen += n;
-            if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
-                break;
-            }
-        }
-        stream.write_all(reply.as_bytes()).await?;
-        stream.shutdown().await?;
-        // Drain what else the peer sent until it closes.
-        while stream.read(&mut buf).await? > 0 {}
-        Ok::<(), io::Error>(())
-    })
-    .await;
-}
-
-/// An accepted API connection: holds its slot, and fails a read that
-/// makes no progress for [`IDLE_TIMEOUT`].
-struct Bounded {
-    stream: UnixStream,
-    _permit: OwnedSemaphorePermit,
-    idle: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Bounded {
-    fn new(stream: UnixStream, permit: OwnedSemaphorePermit) -> Bounded {
-        Bounded {
-            stream,
-            _permit: permit,
-            idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)),
-        }
-    }
-}
-
-impl AsyncRead for Bounded {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.stream).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.idle
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "API connection idle",
-                ))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-}
-
-impl AsyncWrite for Bounded {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
