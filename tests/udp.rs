@@ -393,7 +393,9 @@ pub async fn burst_accounted(privilege: Privilege) {
 pub async fn rootlessctl_api(privilege: Privilege) {
     let pair = Pair::with(privilege);
     udp::echo(bind_in(&pair.child, "127.0.0.1:53", None));
-    let dir = std::env::temp_dir().join(format!("fwt-udp-{}", std::process::id()));
+    // One directory per variant: the root and rootless ones may run at
+    // the same time.
+    let dir = std::env::temp_dir().join(format!("fwt-udp-{}-{privilege:?}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     if privilege != Privilege::Root {
         let (uid, gid) = test_user();

@@ -3,7 +3,9 @@
 //! A socket belongs to the namespace of the thread that created it, for its
 //! whole life. So one OS thread enters the child namespace once, at start,
 //! and does nothing but create sockets on request; the connect itself then
-//! runs on the tokio runtime like any other socket operation.
+//! runs on the tokio runtime like any other socket operation. Where the
+//! namespace is the process's own (the agent, which runs inside the
+//! child), the caller's thread makes the socket itself.
 //!
 //! With source preservation ([`ChildDialer::with_source_ip`], in the agent
 //! only, which holds the capabilities for it) the caller's thread makes the
@@ -11,14 +13,17 @@
 //! connect, and adds a UDP flow's return rule ([`crate::child::srcip`]); where that
 //! does not apply the dial is as without it, the reason logged once.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::oneshot;
@@ -50,6 +55,10 @@ type Request = (bool, bool, oneshot::Sender<io::Result<OwnedFd>>);
 #[derive(Clone)]
 pub struct ChildDialer {
     tx: mpsc::Sender<Request>,
+    /// The namespace is this process's own: sockets are made by the
+    /// caller's thread, without a round trip to the socket thread (the
+    /// agent, which runs inside the child).
+    inline: bool,
     /// Source address preservation, when on ([`crate::child::srcip`]).
     source_ip: Option<Arc<SourceIp>>,
 }
@@ -59,17 +68,39 @@ pub struct ChildDialer {
 pub struct SourceIp {
     routing: Routing,
     logged: AtomicU8,
+    /// The child's own addresses, read at most every [`LOCAL_TTL`].
+    local: Mutex<Option<(Instant, Arc<HashSet<IpAddr>>)>>,
 }
+
+/// How long the child's address list is taken as current: reading it is a
+/// netlink dump, too dear for every dial of a burst of new connections.
+/// An address added to the child meanwhile is seen that much later.
+const LOCAL_TTL: Duration = Duration::from_millis(500);
 
 impl SourceIp {
     /// The source to bind for a dial of `target` by `client`, or `None`
     /// (logged once per reason).
     fn source(&self, client: SocketAddr, target: SocketAddr) -> Option<SocketAddr> {
-        match srcip::source_for(client, target, &srcip::local_addresses()) {
+        match srcip::source_for(client, target, &self.local_addresses()) {
             Ok(s) => Some(s),
             Err(why) => {
                 self.log_once(why as u8, &why.to_string(), client, target);
                 None
+            }
+        }
+    }
+
+    fn local_addresses(&self) -> Arc<HashSet<IpAddr>> {
+        let now = Instant::now();
+        let Ok(mut cached) = self.local.lock() else {
+            return Arc::new(srcip::local_addresses());
+        };
+        match &*cached {
+            Some((at, set)) if now.duration_since(*at) < LOCAL_TTL => set.clone(),
+            _ => {
+                let set = Arc::new(srcip::local_addresses());
+                *cached = Some((now, set.clone()));
+                set
             }
         }
     }
@@ -172,6 +203,7 @@ impl ChildDialer {
             Ok(Ok(())) => {
                 return Ok(ChildDialer {
                     tx,
+                    inline: same,
                     source_ip: None,
                 })
             }
@@ -202,6 +234,7 @@ impl ChildDialer {
         self.source_ip = Some(Arc::new(SourceIp {
             routing,
             logged: AtomicU8::new(0),
+            local: Mutex::new(None),
         }));
         self
     }
@@ -212,6 +245,13 @@ impl ChildDialer {
     }
 
     async fn raw_socket(&self, ipv6: bool, udp: bool) -> io::Result<OwnedFd> {
+        if self.inline {
+            return if udp {
+                sys::udp_socket(ipv6)
+            } else {
+                sys::tcp_socket(ipv6)
+            };
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
             .send((ipv6, udp, tx))

@@ -48,7 +48,8 @@
 //!   an IPv6 client reaching an IPv4 target (after the v6->v4 fallback), a
 //!   target that is not local in the child, or a bind or rule that fails
 //!   (the client's port is a listener's port there) dial as before, from the
-//!   child's own address; each reason is logged once.
+//!   child's own address; each reason is logged once. (The child's
+//!   addresses are read at most twice a second, not at every dial.)
 //! - **teardown.** On exit the agent removes its rules and routes and puts
 //!   the sysctls back. A run killed with SIGKILL leaves them; every next
 //!   start, with or without source preservation, removes whatever rule
