@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use forwarder::wire;
 use forwarder_tests::{
-    forwarder_bin, limit, require_root, servers, wait_until, wait_until_async, within, Fwd, Netns,
-    Pair,
+    echo_roundtrip, forwarder_bin, limit, require_root, servers, wait_until, wait_until_async,
+    within, Fwd, Netns, Pair, Privilege,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -782,4 +782,62 @@ fn unix_backlog(ns: &Netns, path: &str) -> u64 {
     text.lines()
         .find_map(|l| l.split_whitespace().nth(2)?.parse().ok())
         .unwrap_or_else(|| panic!("no listening socket {path} in ss's output: {text:?}"))
+}
+
+/// The warnings and errors among a forwarder's log lines.
+fn warnings(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect()
+}
+
+/// A stop asked for reads as one: SIGTERM or SIGINT to the forwarder's
+/// whole process group (what `systemctl stop`, `timeout` and Ctrl-C send:
+/// its dial agent gets the signal too), or SIGTERM to the forwarder alone,
+/// ends it with status 0 and not one warning or error in its log (or its
+/// agent's), as root (the agent preserving source addresses) and rootless
+/// (the agent dialing for it). The group's SIGTERM, the racy one, runs
+/// three times each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stops_read_as_stops() {
+    let stops = [
+        ("SIGTERM to its process group", libc::SIGTERM, true),
+        ("SIGTERM to its process group", libc::SIGTERM, true),
+        ("SIGTERM to its process group", libc::SIGTERM, true),
+        ("SIGINT to its process group", libc::SIGINT, true),
+        ("SIGTERM to the forwarder alone", libc::SIGTERM, false),
+    ];
+    for privilege in [Privilege::Root, Privilege::User] {
+        let pair = Pair::with(privilege);
+        servers::echo(pair.child.listen("127.0.0.1:80"));
+        for (what, sig, group) in stops {
+            let f =
+                Fwd::start_in_own_group(&pair, &["--mode", "splice", "-p", "127.0.0.1:8080:80"]);
+            assert_eq!(
+                f.agent_pids().len(),
+                1,
+                "{privilege:?}: the forwarder dials through an agent:\n{}",
+                f.stderr()
+            );
+            within(10, "a connection through the agent", async {
+                let mut c = pair.client("127.0.0.1:8080").await;
+                echo_roundtrip(&mut c, b"served").await;
+            })
+            .await;
+            let (status, log) = f.stop_by(&[sig], group);
+            assert!(
+                status.success(),
+                "{privilege:?}, {what}: exited with {status}:\n{log}"
+            );
+            assert!(
+                log.contains("shutting down"),
+                "{privilege:?}, {what}:\n{log}"
+            );
+            let bad = warnings(&log);
+            assert!(
+                bad.is_empty(),
+                "{privilege:?}, {what}: a clean stop logged {bad:#?}\nwhole log:\n{log}"
+            );
+        }
+    }
 }

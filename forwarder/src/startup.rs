@@ -517,6 +517,8 @@ impl Serve {
             }
         };
         tracing::info!("shutting down");
+        // From here on the agent's socket closing is part of the stop.
+        agent.stopping();
         api.stop(config.api_socket.as_deref()).await;
         ports.close_all(Duration::from_secs(2)).await;
         let stats = StatsEvent::from(api::stats(&ports));
@@ -754,26 +756,27 @@ impl AgentWatch {
         }
     }
 
-    /// Stops the agent (it removes its routing in the child first).
+    /// The run is ending: the agent's socket closing is expected from now
+    /// on (a signal to the whole process group reached the agent too).
+    fn stopping(&self) {
+        if let Some(client) = &self.client {
+            client.stopping();
+        }
+    }
+
+    /// Stops the agent this forwarder started (it removes its routing in
+    /// the child first).
     async fn stop(&mut self) {
-        if let Some((c, _)) = self.process.as_mut() {
-            if let Some(client) = &self.client {
-                client.stopping();
-            }
+        if let (Some((c, _)), Some(client)) = (self.process.as_mut(), &self.client) {
+            client.close();
             stop_agent(c).await;
         }
     }
 }
 
-/// Asks the agent to stop (SIGTERM: it removes its routing in the child
-/// first), then kills it if it has not within 2 s.
+/// Waits up to 2 s for an agent asked to stop (its socket closed: it
+/// removes its routing in the child, then exits), then kills it.
 async fn stop_agent(c: &mut std::process::Child) {
-    if let Ok(pid) = i32::try_from(c.id()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
     for _ in 0..100 {
         if matches!(c.try_wait(), Ok(Some(_))) {
             return;

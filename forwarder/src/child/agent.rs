@@ -208,11 +208,27 @@ async fn send_reply(sock: &SeqPacket, reply: &AgentReply, fd: Option<RawFd>) -> 
     sock.send(&data, fd).await
 }
 
+/// How long an agent started by a forwarder keeps serving after a SIGTERM
+/// or SIGINT while that forwarder lives, waiting for it to close the
+/// socket. A signal sent to the whole process group reaches the forwarder
+/// too, which takes a few milliseconds to stop its ports and then closes
+/// the socket; an agent signalled alone exits after this.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// `forwarder child-agent`: serves the descriptor `fd` (a connected
 /// SOCK_SEQPACKET socket) or a listening socket at `path`, dialing in the
 /// namespace this process is in; with `routing` (source preservation on),
-/// from the clients' addresses. Ends on SIGTERM or when its peer goes, and
-/// then removes the routing.
+/// from the clients' addresses. Ends when its peer goes (end of file on
+/// `fd`, or the death of the process that started it), and then removes
+/// the routing.
+///
+/// On SIGTERM or SIGINT an agent listening at `path` (a runtime's) ends at
+/// once. An agent serving `fd` belongs to the forwarder that started it,
+/// which stops it by closing the socket: the signal is most likely one
+/// sent to both of them (`systemctl stop`, `timeout`, Ctrl-C), and exiting
+/// first would make the forwarder report its agent lost in the middle of
+/// a clean stop. It keeps serving for [`STOP_GRACE`] at most, less if its
+/// parent is gone.
 pub async fn run(
     fd: Option<RawFd>,
     path: Option<&Path>,
@@ -220,6 +236,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Die with whoever started us (the forwarder, or a runtime).
     let _ = sys::term_with_parent();
+    let parent = nix::unistd::getppid();
     // Capabilities were dropped by main() before the runtime started: the
     // agent needs none to create and connect sockets, and keeps
     // CAP_NET_ADMIN and CAP_NET_RAW only for source preservation.
@@ -227,10 +244,23 @@ pub async fn run(
     if let Some(r) = routing {
         dialer = dialer.with_source_ip(r);
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let served = serve(fd, path, dialer.clone());
+    tokio::pin!(served);
     let r = tokio::select! {
-        r = serve(fd, path, dialer.clone()) => r,
-        _ = term.recv() => Ok(()),
+        r = &mut served => r,
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            if fd.is_some() && nix::unistd::getppid() == parent {
+                tracing::debug!("asked to stop: serving until the forwarder closes the socket");
+                tokio::time::timeout(STOP_GRACE, &mut served)
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                Ok(())
+            }
+        }
     };
     // The routing goes with the last reference to it: the dialer's tasks
     // end with the runtime; remove it now, while the runtime still runs.

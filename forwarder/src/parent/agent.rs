@@ -162,10 +162,21 @@ impl AgentClient {
         Ok(())
     }
 
-    /// The forwarder is about to stop the agent: its socket closing from
-    /// now on is not an error worth logging.
+    /// The forwarder is stopping: the agent's socket closing from now on
+    /// is not an error worth logging.
     pub fn stopping(&self) {
         self.stopping.store(true, Relaxed);
+    }
+
+    /// Asks the agent to stop: shuts its socket down, which it reads as end
+    /// of file (it then removes its routing in the child and exits).
+    pub fn close(&self) {
+        self.stopping();
+        if let Ok(s) = self.sock.lock() {
+            if let Err(e) = s.shutdown() {
+                tracing::debug!(error = %e, "cannot shut the dial agent's socket down");
+            }
+        }
     }
 
     /// From now on every clone of this client dials with `dialer` (a thread

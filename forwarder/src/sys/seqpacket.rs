@@ -58,6 +58,16 @@ impl SeqPacket {
         }
     }
 
+    /// Shuts the socket down both ways: the peer reads end of file, and
+    /// this side's pending and later receives end too.
+    pub fn shutdown(&self) -> io::Result<()> {
+        nix::sys::socket::shutdown(
+            self.0.get_ref().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Receives one datagram and any descriptors with it. `Ok(None)` at
     /// EOF; `truncated` when the datagram was larger than the buffer.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, bool, Vec<OwnedFd>)>> {
