@@ -841,3 +841,110 @@ async fn stops_read_as_stops() {
         }
     }
 }
+
+/// Out of descriptors, the failures say so and name the limit: with
+/// RLIMIT_NOFILE 64, a connection whose dialed socket cannot be received
+/// from the dial agent is reset with "out of file descriptors ...
+/// LimitNOFILE" in the log (not "agent replied without a socket"), and
+/// every warning logged says the same (none unrelated comes first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_is_named() {
+    const NOFILE: usize = 64;
+    let pair = Pair::new();
+    servers::echo(pair.child.listen("127.0.0.1:80"));
+    forwarder_tests::udp::echo(forwarder_tests::udp::bind_in(
+        &pair.child,
+        "127.0.0.1:53",
+        None,
+    ));
+    let f = Fwd::start_with_nofile(
+        &pair,
+        &[
+            "--mode",
+            "copy",
+            "--max-connections",
+            "1000",
+            "-p",
+            "127.0.0.1:8080:80",
+            "-p",
+            "127.0.0.1:8053:53/udp",
+        ],
+        NOFILE as u64,
+    );
+    assert_eq!(f.agent_pids().len(), 1, "no agent:\n{}", f.stderr());
+    // A UDP flow holds one descriptor (its socket, dialed by the agent).
+    let flow = async || {
+        let c = forwarder_tests::udp::client_in(&pair.parent, "127.0.0.1:8053");
+        c.send(b"1").await.expect("send");
+        let mut b = [0u8; 8];
+        within(5, "a UDP echo", c.recv(&mut b)).await.expect("recv");
+        c
+    };
+    // A first connection: whatever the forwarder opens on the way is open.
+    let mut held = pair.echo_clients("127.0.0.1:8080", 1, 4).await;
+    // A TCP connection holds two (accepted, dialed). Leave an odd number
+    // free, so that the last connection's accept takes the last one and
+    // its dialed socket, sent back by the agent, cannot be received.
+    // Descriptors it inherited above the limit (a job server's, say) take
+    // no slot.
+    let slots_taken = || {
+        std::fs::read_dir(format!("/proc/{}/fd", f.pid))
+            .expect("the forwarder's descriptors")
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<usize>().ok())
+            .filter(|&n| n < NOFILE)
+            .count()
+    };
+    let mut flows = Vec::new();
+    if (NOFILE - slots_taken()).is_multiple_of(2) {
+        flows.push(flow().await);
+    }
+    let free = NOFILE - slots_taken();
+    assert_eq!(free % 2, 1, "{free} descriptors free");
+    let fails = within(30, "running out of descriptors", async {
+        for _ in 0..free {
+            let served = async {
+                // The reset may come as early as the connect.
+                let mut c = pair.parent.connect("127.0.0.1:8080").await?;
+                let mut b = [0u8; 4];
+                c.write_all(b"ping").await?;
+                c.read_exact(&mut b).await?;
+                Ok::<_, std::io::Error>(c)
+            };
+            match tokio::time::timeout(Duration::from_secs(5), served).await {
+                Ok(Ok(c)) => held.push(c),
+                Ok(Err(e)) => return e,
+                Err(_) => panic!("a client waited instead of being reset:\n{}", f.stderr()),
+            }
+        }
+        panic!("{free} more connections and none failed:\n{}", f.stderr())
+    })
+    .await;
+    let log = f.wait_stderr("dial in the child failed", Duration::from_secs(5));
+    let lines = warnings(&log);
+    let dial = lines
+        .iter()
+        .find(|l| l.contains("dial in the child failed, client reset"))
+        .unwrap_or_else(|| panic!("no dial failure logged; the client saw {fails}:\n{log}"));
+    assert!(
+        dial.contains("could not take the socket the dial agent connected"),
+        "{dial}"
+    );
+    // Every warning names the cause and what to change: the dial's, and
+    // the accept loop's (accept(2) wants a free descriptor before it looks
+    // for a client, so the loop meets the full table first).
+    for l in &lines {
+        for want in [
+            "Too many open files",
+            "out of file descriptors: the limit is 64 (RLIMIT_NOFILE)",
+            "LimitNOFILE=",
+        ] {
+            assert!(
+                l.contains(want),
+                "{want:?} missing from {l:?}; whole log:\n{log}"
+            );
+        }
+    }
+    assert!(!log.contains("without a socket"), "{log}");
+    drop(held);
+    drop(flows);
+}

@@ -153,10 +153,14 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedF
             },
             Some(stream),
         ),
-        Ok(Err(f)) => (
-            error_reply(id, f.errno.unwrap_or(libc::EIO), f.message),
-            None,
-        ),
+        Ok(Err(f)) => {
+            // Out of descriptors here is not the forwarder's: say whose.
+            let message = match f.errno {
+                Some(libc::EMFILE | libc::ENFILE) => format!("in the dial agent: {}", f.message),
+                _ => f.message,
+            };
+            (error_reply(id, f.errno.unwrap_or(libc::EIO), message), None)
+        }
         Err(_) => (error_reply(id, libc::ETIMEDOUT, "dial timed out"), None),
     }
 }
@@ -173,8 +177,9 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     };
     send_reply(&sock, &hello, None).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
-    while let Some((n, truncated, fds)) = sock.recv(&mut buf).await? {
-        drop(fds); // requests carry no descriptors; close any sent anyway
+    while let Some(got) = sock.recv(&mut buf).await? {
+        let (n, truncated) = (got.len, got.truncated);
+        drop(got.fds); // requests carry no descriptors; close any sent anyway
         if truncated {
             let r = error_reply(
                 0,
@@ -311,8 +316,8 @@ mod tests {
         let task = tokio::spawn(serve_conn(theirs, dialer));
         let p = SeqPacket::new(ours).expect("packet");
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, _, _) = p.recv(&mut buf).await.expect("recv").expect("greeting");
-        let hello: AgentReply = serde_json::from_slice(&buf[..n]).expect("greeting JSON");
+        let got = p.recv(&mut buf).await.expect("recv").expect("greeting");
+        let hello: AgentReply = serde_json::from_slice(&buf[..got.len]).expect("greeting JSON");
         assert!(hello.id == 0 && hello.ok && hello.message.as_deref() == Some(AGENT_HELLO));
         (p, task)
     }
@@ -320,8 +325,12 @@ mod tests {
     async fn ask(p: &SeqPacket, data: &[u8]) -> (AgentReply, Vec<OwnedFd>) {
         p.send(data, None).await.expect("send");
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, _, fds) = p.recv(&mut buf).await.expect("recv").expect("reply");
-        (serde_json::from_slice(&buf[..n]).expect("reply JSON"), fds)
+        let got = p.recv(&mut buf).await.expect("recv").expect("reply");
+        assert!(got.fds_lost.is_none(), "{:?}", got.fds_lost);
+        (
+            serde_json::from_slice(&buf[..got.len]).expect("reply JSON"),
+            got.fds,
+        )
     }
 
     #[tokio::test]
