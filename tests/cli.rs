@@ -842,6 +842,101 @@ async fn stops_read_as_stops() {
     }
 }
 
+/// A PID nothing runs as.
+fn unused_pid() -> u32 {
+    (999_999..)
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .expect("a free PID")
+}
+
+/// A child that cannot be used is the first and only thing said: a missing
+/// or wrong `--child-netns` path and a `--child-pid` nothing runs as exit 1
+/// naming it, with no warning about source preservation (or anything else)
+/// before.
+#[test]
+fn a_bad_child_is_the_first_thing_said() {
+    require_root();
+    let ns = Netns::new("cli");
+    let pid = unused_pid().to_string();
+    let cases = [
+        (
+            ["--child-netns", "/run/netns/does-not-exist"],
+            "cannot open network namespace /run/netns/does-not-exist: No such file or directory"
+                .to_string(),
+        ),
+        (
+            ["--child-netns", "/etc/hostname"],
+            "/etc/hostname is not a network namespace".to_string(),
+        ),
+        (["--child-pid", &pid], format!("no such process {pid}")),
+    ];
+    for (child, want) in cases {
+        let out = ns
+            .command(forwarder_bin())
+            .arg("run")
+            .args(child)
+            .args(["-p", "127.0.0.1:18090:80", "--mode", "copy"])
+            .output()
+            .expect("run forwarder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{child:?}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.contains(&want),
+            "{child:?}: the first line should say {want:?}:\n{err}"
+        );
+        assert!(warnings(&err).is_empty(), "{child:?}:\n{err}");
+        assert!(
+            !err.contains("cannot open network namespace /proc/"),
+            "{child:?}:\n{err}"
+        );
+    }
+}
+
+/// `--child-pid` naming another user's process, as an unprivileged user:
+/// refused with what is wrong (permission to enter that process's
+/// namespaces, whose uid it runs as) and what to do about it, not a bare
+/// "Permission denied", and nothing before it.
+#[test]
+fn another_users_process_is_refused_naming_the_fix() {
+    require_root();
+    let ns = Netns::new("cli");
+    let mut sleeper = ns.command("sleep").arg("60").spawn().expect("sleep");
+    let pid = sleeper.id();
+    let (uid, gid) = forwarder_tests::test_user();
+    let mut cmd = ns.command(forwarder_bin());
+    // SAFETY: drop_to_user makes only raw syscalls (after the namespace
+    // hook, which runs first).
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            forwarder_tests::drop_to_user(uid, gid, false)
+        });
+    }
+    let out = cmd
+        .args(["run", "--child-pid", &pid.to_string()])
+        .args(["-p", "127.0.0.1:18091:80", "--mode", "copy"])
+        .output()
+        .expect("run forwarder as the test user");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let first = err.lines().next().unwrap_or_default();
+    for want in [
+        format!("permission denied to enter the namespaces of process {pid}"),
+        "which runs as uid 0".to_string(),
+        format!("this forwarder runs as uid {uid}"),
+        "CAP_SYS_PTRACE".to_string(),
+        "run the forwarder as the user that started the container, or as root".to_string(),
+    ] {
+        assert!(
+            first.contains(&want),
+            "want {want:?} in the first line:\n{err}"
+        );
+    }
+    assert!(warnings(&err).is_empty(), "{err}");
+}
+
 /// Out of descriptors, the failures say so and name the limit: with
 /// RLIMIT_NOFILE 64, a connection whose dialed socket cannot be received
 /// from the dial agent is reset with "out of file descriptors ...
