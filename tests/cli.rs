@@ -937,6 +937,37 @@ fn another_users_process_is_refused_naming_the_fix() {
     assert!(warnings(&err).is_empty(), "{err}");
 }
 
+/// A command line refused by the checks across options shows the usage
+/// of the subcommand at fault (`forwarder run ...`), as clap's own errors
+/// do, not the top level's.
+#[test]
+fn refused_options_show_their_subcommands_usage() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["run", "--child-pid", "1", "-p", "8080:80", "-p", "8080:80"],
+            "Usage: forwarder run ",
+        ),
+        (
+            &["attach-docker", "--mode", "copy", "--ebpf-parser"],
+            "Usage: forwarder attach-docker ",
+        ),
+        (&["ports", "ls"], "Usage: forwarder ports "),
+    ];
+    for (args, want) in cases {
+        let out = Command::new(forwarder_bin())
+            .args(args)
+            .output()
+            .expect("forwarder");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: want {want:?}:\n{err}");
+        assert!(
+            !err.contains("Usage: forwarder <COMMAND>"),
+            "{args:?}:\n{err}"
+        );
+    }
+}
+
 /// Out of descriptors, the failures say so and name the limit: with
 /// RLIMIT_NOFILE 64, a connection whose dialed socket cannot be received
 /// from the dial agent is reset with "out of file descriptors ...
