@@ -968,6 +968,81 @@ fn refused_options_show_their_subcommands_usage() {
     }
 }
 
+/// Sends `head` and then `body` (less than the head's Content-Length) to
+/// the API socket, then stalls or, with `close`, shuts the writing half;
+/// returns the status and the error message of the reply.
+async fn short_body(sock: &std::path::Path, body: &[u8], close: bool) -> (u32, String) {
+    let mut s = tokio::net::UnixStream::connect(sock)
+        .await
+        .expect("connect");
+    let head = "POST /v1/ports HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\n\r\n";
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(body).await.expect("body");
+    if close {
+        s.shutdown().await.expect("shutdown");
+    }
+    let mut reply = Vec::new();
+    // The API waits 10 s without progress before it gives up on a read.
+    let _ = tokio::time::timeout(limit(Duration::from_secs(40)), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            if text.contains("\r\n\r\n{") && text.trim_end().ends_with('}') {
+                break;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&reply).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP reply: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
+    let v: wire::ErrorBody =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: not an error body: {text}"));
+    (code, v.message)
+}
+
+/// A POST whose body stops short of its Content-Length is answered for
+/// what it is: 408 "not received in time" when the client stalls, 400
+/// "incomplete" when it closes first; never "larger than 64 KiB". The
+/// forwarder logs no warning about it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_api_body_is_named_for_what_it_is() {
+    let pair = Pair::new();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("api.sock");
+    let f = Fwd::start(
+        &pair,
+        &[
+            "--mode",
+            "copy",
+            "--api-socket",
+            &sock.display().to_string(),
+        ],
+    );
+    let (code, msg) = short_body(&sock, b"{", false).await;
+    assert_eq!(code, 408, "{msg}");
+    assert!(msg.contains("request body not received in time"), "{msg}");
+    let (code, msg) = short_body(&sock, b"{", true).await;
+    assert_eq!(code, 400, "{msg}");
+    assert!(msg.contains("request body incomplete"), "{msg}");
+    assert!(!msg.contains("larger than"), "{msg}");
+    let log = f.stderr();
+    assert!(warnings(&log).is_empty(), "{log}");
+    f.stop();
+}
+
 /// Out of descriptors, the failures say so and name the limit: with
 /// RLIMIT_NOFILE 64, a connection whose dialed socket cannot be received
 /// from the dial agent is reset with "out of file descriptors ...
