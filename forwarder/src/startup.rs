@@ -194,7 +194,68 @@ impl DialSetup {
     }
 }
 
-/// Opens the child's namespace or starts the agent. With source
+/// Why the process named by `--child-pid` (or RootlessKit's child) cannot
+/// be dialed into: found before anything is started in its namespaces, so
+/// that it is the first and only thing said.
+#[derive(Debug, thiserror::Error)]
+pub enum ChildError {
+    #[error("no such process {0}")]
+    NoSuchProcess(u32),
+    #[error("process {0} has exited (its namespaces are gone)")]
+    Exited(u32),
+    #[error(
+        "permission denied to enter the namespaces of process {pid}{owner} (this forwarder runs \
+         as uid {uid}): a process's namespaces are open only to its own user, or to a holder of \
+         CAP_SYS_PTRACE over it; run the forwarder as the user that started the container, or as root",
+        owner = owner.map(|o| format!(", which runs as uid {o}")).unwrap_or_default()
+    )]
+    NotPermitted {
+        pid: u32,
+        owner: Option<u32>,
+        uid: u32,
+    },
+    #[error("cannot open {path}: {cause}")]
+    Open { path: String, cause: std::io::Error },
+}
+
+/// Checks that process `pid` exists and that this process may open its
+/// network namespace (opening `/proc/PID/ns/*` needs ptrace read access:
+/// the same user, or CAP_SYS_PTRACE over it).
+fn check_child_pid(pid: u32) -> Result<(), ChildError> {
+    let path = format!("/proc/{pid}/ns/net");
+    let cause = match std::fs::File::open(&path) {
+        Ok(_) => return Ok(()),
+        Err(e) => e,
+    };
+    match cause.raw_os_error() {
+        Some(libc::ENOENT | libc::ESRCH) if !Path::new(&format!("/proc/{pid}")).exists() => {
+            Err(ChildError::NoSuchProcess(pid))
+        }
+        Some(libc::ENOENT | libc::ESRCH) => Err(ChildError::Exited(pid)),
+        Some(libc::EACCES | libc::EPERM) => Err(ChildError::NotPermitted {
+            pid,
+            owner: process_uid(pid),
+            uid: sys::euid(),
+        }),
+        _ => Err(ChildError::Open { path, cause }),
+    }
+}
+
+/// The effective uid process `pid` runs as (`Uid:` in its status).
+fn process_uid(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Opens the child's namespace or starts the agent. The child is checked
+/// first (the process exists and may be opened, the path is a network
+/// namespace), so that a wrong one is the only thing reported. With source
 /// preservation asked for, an agent does the dialing, in root mode too: it
 /// alone keeps the capabilities that needs. Where the child does not permit
 /// it (the agent logs why), dialing is as without it.
@@ -218,10 +279,27 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
         }
     };
     let target = match config.child_pid {
-        Some(pid) => agent::AgentTarget::Pid(pid),
+        Some(pid) => {
+            check_child_pid(pid)?;
+            agent::AgentTarget::Pid(pid)
+        }
         None => agent::AgentTarget::Netns(path.clone()),
     };
-    let mut unused_agent = None;
+    // Where this process may enter the namespace (root mode), a thread of
+    // its own in there dials, or stands by in case the agent dies; on its
+    // way in it removes what a killed run's source preservation left (an
+    // agent started next installs its own). A process whose namespace
+    // this one may not enter gets an agent.
+    let direct = match netns::ChildDialer::new_cleaning(&path) {
+        Ok(d) => Some(d),
+        Err(netns::NetnsError::Enter { cause, .. })
+            if config.child_pid.is_some() && cause.raw_os_error() == Some(libc::EPERM) =>
+        {
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut agent_error = None;
     if config.source_ip {
         match agent::spawn(&target, true) {
             Ok((child, fd, true)) => {
@@ -229,47 +307,67 @@ fn prepare_dialer(config: &Config) -> Result<DialSetup> {
                     agent_pid = child.id(),
                     "preserving client addresses: dialing through a child-side agent"
                 );
-                // Where this process may enter the namespace (root mode).
-                let fallback = netns::ChildDialer::new(&path).ok();
                 return Ok(DialSetup::Agent {
                     fd,
                     process: Some((child, target)),
                     source_ip: true,
-                    fallback,
+                    fallback: direct,
                 });
             }
             // It said why; kept for a rootless forwarder, which needs it
             // anyway.
-            Ok(spawned) => unused_agent = Some(spawned),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"),
-                "source address preservation is off: cannot start the dial agent"),
+            Ok((mut child, fd, false)) => match direct {
+                Some(d) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok(DialSetup::Netns(d));
+                }
+                None => return Ok(rootless_agent(config, child, fd, target)),
+            },
+            Err(e) => agent_error = Some(e),
         }
     }
-    match (netns::ChildDialer::new_cleaning(&path), config.child_pid) {
-        (Ok(d), _) => {
-            if let Some((mut child, _, _)) = unused_agent {
-                let _ = child.kill();
-                let _ = child.wait();
+    let warn_source_ip = |e: anyhow::Error| {
+        tracing::warn!(error = %format!("{e:#}"),
+            "source address preservation is off: cannot start the dial agent");
+    };
+    match direct {
+        Some(d) => {
+            if let Some(e) = agent_error {
+                warn_source_ip(e);
             }
             Ok(DialSetup::Netns(d))
         }
-        (Err(netns::NetnsError::Enter { cause, .. }), Some(pid))
-            if cause.raw_os_error() == Some(libc::EPERM) =>
-        {
-            let (child, fd, _) = match unused_agent {
-                Some(a) => a,
-                None => agent::spawn(&target, false)?,
-            };
-            tracing::info!(pid, agent_pid = child.id(),
-                "not permitted to enter the child's network namespace; dialing through a child-side agent");
-            Ok(DialSetup::Agent {
-                fd,
-                process: Some((child, target)),
-                source_ip: false,
-                fallback: None,
-            })
+        None => {
+            // Said after the start that succeeds, or not at all: the error
+            // of a start that fails again is the one that matters.
+            let (child, fd, _) = agent::spawn(&target, false)?;
+            if let Some(e) = agent_error {
+                warn_source_ip(e);
+            }
+            Ok(rootless_agent(config, child, fd, target))
         }
-        (Err(e), _) => Err(e.into()),
+    }
+}
+
+/// A forwarder that may not enter the child's namespace dials through the
+/// agent it started there.
+fn rootless_agent(
+    config: &Config,
+    child: std::process::Child,
+    fd: OwnedFd,
+    target: agent::AgentTarget,
+) -> DialSetup {
+    tracing::info!(
+        pid = config.child_pid,
+        agent_pid = child.id(),
+        "not permitted to enter the child's network namespace; dialing through a child-side agent"
+    );
+    DialSetup::Agent {
+        fd,
+        process: Some((child, target)),
+        source_ip: false,
+        fallback: None,
     }
 }
 
@@ -517,6 +615,8 @@ impl Serve {
             }
         };
         tracing::info!("shutting down");
+        // From here on the agent's socket closing is part of the stop.
+        agent.stopping();
         api.stop(config.api_socket.as_deref()).await;
         ports.close_all(Duration::from_secs(2)).await;
         let stats = StatsEvent::from(api::stats(&ports));
@@ -754,26 +854,27 @@ impl AgentWatch {
         }
     }
 
-    /// Stops the agent (it removes its routing in the child first).
+    /// The run is ending: the agent's socket closing is expected from now
+    /// on (a signal to the whole process group reached the agent too).
+    fn stopping(&self) {
+        if let Some(client) = &self.client {
+            client.stopping();
+        }
+    }
+
+    /// Stops the agent this forwarder started (it removes its routing in
+    /// the child first).
     async fn stop(&mut self) {
-        if let Some((c, _)) = self.process.as_mut() {
-            if let Some(client) = &self.client {
-                client.stopping();
-            }
+        if let (Some((c, _)), Some(client)) = (self.process.as_mut(), &self.client) {
+            client.close();
             stop_agent(c).await;
         }
     }
 }
 
-/// Asks the agent to stop (SIGTERM: it removes its routing in the child
-/// first), then kills it if it has not within 2 s.
+/// Waits up to 2 s for an agent asked to stop (its socket closed: it
+/// removes its routing in the child, then exits), then kills it.
 async fn stop_agent(c: &mut std::process::Child) {
-    if let Ok(pid) = i32::try_from(c.id()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
     for _ in 0..100 {
         if matches!(c.try_wait(), Ok(Some(_))) {
             return;

@@ -93,6 +93,31 @@ impl Proc {
         Ok(())
     }
 
+    /// Sends a signal to its process group, as `systemctl stop`,
+    /// `timeout` and a terminal's Ctrl-C do: it must lead one (spawned
+    /// with `process_group(0)`, so the group's id is its PID). Refused
+    /// once it has exited, like [`Proc::signal`].
+    pub fn signal_group(&mut self, sig: libc::c_int) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} was already stopped", self.name))?;
+        if let Some(st) = self.try_wait()? {
+            bail!("{} (PID {pid}) has already exited ({st})", self.name);
+        }
+        let pgid = libc::pid_t::try_from(pid).context("PID out of range")?;
+        // SAFETY: plain getpgid(2) and killpg(2); the group is the one our
+        // own, not yet reaped, child leads (checked first).
+        if unsafe { libc::getpgid(pgid) } != pgid {
+            bail!("{} (PID {pid}) does not lead a process group", self.name);
+        }
+        // SAFETY: as above.
+        if unsafe { libc::killpg(pgid, sig) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("signalling the process group of {}", self.name));
+        }
+        Ok(())
+    }
+
     /// Its exit status, if it has exited.
     pub fn try_wait(&mut self) -> Result<Option<ExitStatus>> {
         let name = self.name.clone();
@@ -397,6 +422,12 @@ impl Forwarder {
     /// Sends it a signal, by PID (refused once it has exited).
     pub fn signal(&mut self, sig: libc::c_int) -> Result<()> {
         self.proc.signal(sig)
+    }
+
+    /// Sends a signal to the process group it leads (spawned with
+    /// `process_group(0)`), its dial agents included.
+    pub fn signal_group(&mut self, sig: libc::c_int) -> Result<()> {
+        self.proc.signal_group(sig)
     }
 
     /// Its exit status, if it has exited (by itself or a signal).

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -168,22 +168,35 @@ impl Fwd {
     /// Starts `forwarder run --child-netns <child> ARGS...` in `pair.parent`
     /// and waits for its ready line.
     pub fn start(pair: &Pair, args: &[&str]) -> Fwd {
-        Self::start_with(pair, args, None, &[])
+        Self::start_with(pair, args, None, &[], false)
+    }
+
+    /// Like [`Fwd::start`], leading a process group of its own (its dial
+    /// agents join it), as a service manager or a shell job starts it:
+    /// for [`Fwd::stop_by`] with the whole group.
+    pub fn start_in_own_group(pair: &Pair, args: &[&str]) -> Fwd {
+        Self::start_with(pair, args, None, &[], true)
     }
 
     /// Like [`Fwd::start`], with extra environment variables for the
     /// forwarder (its test seams, e.g. FWD_TEST_HANDOFF_GAP_MS).
     pub fn start_with_env(pair: &Pair, args: &[&str], env: &[(&str, &str)]) -> Fwd {
-        Self::start_with(pair, args, None, env)
+        Self::start_with(pair, args, None, env, false)
     }
 
     /// Like [`Fwd::start`], with RLIMIT_NOFILE (soft and hard) set to
     /// `nofile` for the forwarder.
     pub fn start_with_nofile(pair: &Pair, args: &[&str], nofile: u64) -> Fwd {
-        Self::start_with(pair, args, Some(nofile), &[])
+        Self::start_with(pair, args, Some(nofile), &[], false)
     }
 
-    fn start_with(pair: &Pair, args: &[&str], nofile: Option<u64>, env: &[(&str, &str)]) -> Fwd {
+    fn start_with(
+        pair: &Pair,
+        args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+        own_group: bool,
+    ) -> Fwd {
         // Rootless: name the container's PID, as a user would; the
         // forwarder finds it may not enter and starts its dial agent.
         let mut full = match pair.child.holder_pid() {
@@ -195,7 +208,7 @@ impl Fwd {
             ],
         };
         full.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn_env(&pair.parent, &full, nofile, pair.privilege, env)
+        Self::spawn_env(&pair.parent, &full, nofile, pair.privilege, env, own_group)
     }
 
     /// Starts the binary as root with exactly `args` inside `ns`.
@@ -207,7 +220,7 @@ impl Fwd {
     /// unprivileged test user (optionally with ambient CAP_BPF and
     /// CAP_NET_ADMIN).
     pub fn spawn_as(ns: &Netns, args: &[String], nofile: Option<u64>, privilege: Privilege) -> Fwd {
-        Self::spawn_env(ns, args, nofile, privilege, &[])
+        Self::spawn_env(ns, args, nofile, privilege, &[], false)
     }
 
     fn spawn_env(
@@ -216,6 +229,7 @@ impl Fwd {
         nofile: Option<u64>,
         privilege: Privilege,
         env: &[(&str, &str)],
+        own_group: bool,
     ) -> Fwd {
         let ids = match privilege {
             Privilege::Root => None,
@@ -228,6 +242,9 @@ impl Fwd {
         cmd.args(args)
             .envs(env.iter().copied())
             .stderr(Stdio::piped());
+        if own_group {
+            cmd.process_group(0);
+        }
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -284,6 +301,45 @@ impl Fwd {
         self.inner_mut()
             .wait_exit(timeout)
             .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// Stops it with `signals` (in order: `[SIGTERM]`, or systemd's
+    /// `[SIGTERM, SIGCONT]`), sent to the forwarder alone or, with
+    /// `whole_group`, to the process group it leads
+    /// ([`Fwd::start_in_own_group`]: its dial agents get them too, as from
+    /// `systemctl stop`, `timeout` or Ctrl-C). Waits for the exit and for
+    /// its stderr to close (it and its agents gone); returns its exit
+    /// status and everything it and its agents logged.
+    pub fn stop_by(mut self, signals: &[libc::c_int], whole_group: bool) -> (ExitStatus, String) {
+        let mut inner = self.inner.take().expect("running");
+        for (i, &sig) in signals.iter().enumerate() {
+            // Gone after the first: the rest would find no one.
+            if i > 0 && matches!(inner.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            let sent = if whole_group {
+                inner.signal_group(sig)
+            } else {
+                inner.signal(sig)
+            };
+            sent.unwrap_or_else(|e| panic!("{e:#}\nstderr:\n{}", inner.stderr()));
+        }
+        let status = inner
+            .wait_exit(limit(Duration::from_secs(10)))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "still running 10 s after signals {signals:?}; stderr:\n{}",
+                    inner.stderr()
+                )
+            });
+        let ended = inner.stderr_ended();
+        wait_until(
+            limit(Duration::from_secs(5)),
+            "the forwarder's stderr to close (it and its dial agents exited)",
+            || ended.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        (status, inner.stderr())
     }
 
     /// A handle on the forwarder's stderr that outlives [`Fwd::stop`].

@@ -12,6 +12,7 @@ mod chart;
 mod demo;
 mod e2e;
 mod fuzz;
+mod install;
 mod links;
 mod load;
 mod peers;
@@ -54,6 +55,9 @@ enum Task {
     /// Check that every relative link in the Markdown files resolves (the
     /// file, and the heading a #anchor names).
     Links,
+    /// Build the forwarder and install it with its man pages
+    /// (PREFIX/bin/forwarder, PREFIX/share/man/man1; PREFIX /usr/local).
+    Install(install::Args),
     /// Run the fuzz targets (cargo-fuzz, nightly) for a bounded time.
     Fuzz(fuzz::Args),
     /// The soak test alone, for longer: 2,000 connections of mixed traffic
@@ -88,6 +92,7 @@ fn run(task: Task) -> Result<()> {
         Task::Demo => demo::run(),
         Task::Test { no_fuzz, args } => test::run(&args, !no_fuzz),
         Task::Links => links::run(),
+        Task::Install(args) => install::run(&args),
         Task::Fuzz(args) => {
             setup::run()?;
             fuzz::run(&args)

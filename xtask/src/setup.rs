@@ -9,8 +9,9 @@
 //!   socat, uidmap, slirp4netns (peers to compare with), libcap2-bin
 //!   (`setcap`), procps (`sysctl`, used by the tests), docker.io and
 //!   busybox-static (`cargo xtask e2e`: rootless dockerd and an offline
-//!   image), systemd (`systemd-analyze verify` of the shipped units). Missing ones are
-//!   installed with `apt-get update` + `apt-get install -y`.
+//!   image), systemd (`systemd-analyze verify` of the shipped units),
+//!   man-db (`man`, which the install test renders the pages with).
+//!   Missing ones are installed with `apt-get update` + `apt-get install -y`.
 //! - rust-src for the nightly toolchain (the eBPF crate builds `core` for
 //!   bpfel-unknown-none); the nightly toolchain itself if it is missing.
 //! - bpf-linker built against LLVM 22, nightly's LLVM. `bpf-linker
@@ -42,6 +43,7 @@ const PACKAGES: &[&str] = &[
     "docker.io",
     "busybox-static",
     "systemd",
+    "man-db",
 ];
 
 /// The LLVM major version nightly uses, which bpf-linker must match.

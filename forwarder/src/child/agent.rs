@@ -153,10 +153,14 @@ async fn handle(dialer: &ChildDialer, data: &[u8]) -> (AgentReply, Option<OwnedF
             },
             Some(stream),
         ),
-        Ok(Err(f)) => (
-            error_reply(id, f.errno.unwrap_or(libc::EIO), f.message),
-            None,
-        ),
+        Ok(Err(f)) => {
+            // Out of descriptors here is not the forwarder's: say whose.
+            let message = match f.errno {
+                Some(libc::EMFILE | libc::ENFILE) => format!("in the dial agent: {}", f.message),
+                _ => f.message,
+            };
+            (error_reply(id, f.errno.unwrap_or(libc::EIO), message), None)
+        }
         Err(_) => (error_reply(id, libc::ETIMEDOUT, "dial timed out"), None),
     }
 }
@@ -173,8 +177,9 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     };
     send_reply(&sock, &hello, None).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
-    while let Some((n, truncated, fds)) = sock.recv(&mut buf).await? {
-        drop(fds); // requests carry no descriptors; close any sent anyway
+    while let Some(got) = sock.recv(&mut buf).await? {
+        let (n, truncated) = (got.len, got.truncated);
+        drop(got.fds); // requests carry no descriptors; close any sent anyway
         if truncated {
             let r = error_reply(
                 0,
@@ -208,11 +213,27 @@ async fn send_reply(sock: &SeqPacket, reply: &AgentReply, fd: Option<RawFd>) -> 
     sock.send(&data, fd).await
 }
 
+/// How long an agent started by a forwarder keeps serving after a SIGTERM
+/// or SIGINT while that forwarder lives, waiting for it to close the
+/// socket. A signal sent to the whole process group reaches the forwarder
+/// too, which takes a few milliseconds to stop its ports and then closes
+/// the socket; an agent signalled alone exits after this.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
 /// `forwarder child-agent`: serves the descriptor `fd` (a connected
 /// SOCK_SEQPACKET socket) or a listening socket at `path`, dialing in the
 /// namespace this process is in; with `routing` (source preservation on),
-/// from the clients' addresses. Ends on SIGTERM or when its peer goes, and
-/// then removes the routing.
+/// from the clients' addresses. Ends when its peer goes (end of file on
+/// `fd`, or the death of the process that started it), and then removes
+/// the routing.
+///
+/// On SIGTERM or SIGINT an agent listening at `path` (a runtime's) ends at
+/// once. An agent serving `fd` belongs to the forwarder that started it,
+/// which stops it by closing the socket: the signal is most likely one
+/// sent to both of them (`systemctl stop`, `timeout`, Ctrl-C), and exiting
+/// first would make the forwarder report its agent lost in the middle of
+/// a clean stop. It keeps serving for [`STOP_GRACE`] at most, less if its
+/// parent is gone.
 pub async fn run(
     fd: Option<RawFd>,
     path: Option<&Path>,
@@ -220,6 +241,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Die with whoever started us (the forwarder, or a runtime).
     let _ = sys::term_with_parent();
+    let parent = nix::unistd::getppid();
     // Capabilities were dropped by main() before the runtime started: the
     // agent needs none to create and connect sockets, and keeps
     // CAP_NET_ADMIN and CAP_NET_RAW only for source preservation.
@@ -227,10 +249,23 @@ pub async fn run(
     if let Some(r) = routing {
         dialer = dialer.with_source_ip(r);
     }
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let served = serve(fd, path, dialer.clone());
+    tokio::pin!(served);
     let r = tokio::select! {
-        r = serve(fd, path, dialer.clone()) => r,
-        _ = term.recv() => Ok(()),
+        r = &mut served => r,
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            if fd.is_some() && nix::unistd::getppid() == parent {
+                tracing::debug!("asked to stop: serving until the forwarder closes the socket");
+                tokio::time::timeout(STOP_GRACE, &mut served)
+                    .await
+                    .unwrap_or(Ok(()))
+            } else {
+                Ok(())
+            }
+        }
     };
     // The routing goes with the last reference to it: the dialer's tasks
     // end with the runtime; remove it now, while the runtime still runs.
@@ -281,8 +316,8 @@ mod tests {
         let task = tokio::spawn(serve_conn(theirs, dialer));
         let p = SeqPacket::new(ours).expect("packet");
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, _, _) = p.recv(&mut buf).await.expect("recv").expect("greeting");
-        let hello: AgentReply = serde_json::from_slice(&buf[..n]).expect("greeting JSON");
+        let got = p.recv(&mut buf).await.expect("recv").expect("greeting");
+        let hello: AgentReply = serde_json::from_slice(&buf[..got.len]).expect("greeting JSON");
         assert!(hello.id == 0 && hello.ok && hello.message.as_deref() == Some(AGENT_HELLO));
         (p, task)
     }
@@ -290,8 +325,12 @@ mod tests {
     async fn ask(p: &SeqPacket, data: &[u8]) -> (AgentReply, Vec<OwnedFd>) {
         p.send(data, None).await.expect("send");
         let mut buf = vec![0u8; MAX_MESSAGE];
-        let (n, _, fds) = p.recv(&mut buf).await.expect("recv").expect("reply");
-        (serde_json::from_slice(&buf[..n]).expect("reply JSON"), fds)
+        let got = p.recv(&mut buf).await.expect("recv").expect("reply");
+        assert!(got.fds_lost.is_none(), "{:?}", got.fds_lost);
+        (
+            serde_json::from_slice(&buf[..got.len]).expect("reply JSON"),
+            got.fds,
+        )
     }
 
     #[tokio::test]

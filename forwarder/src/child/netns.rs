@@ -377,6 +377,16 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
     })
 }
 
+/// A dial failure that ran out of descriptors also says which limit and
+/// what to change ([`sys::descriptor_hint`]).
+fn explain(mut f: dial::DialFailure) -> dial::DialFailure {
+    let e = f.errno.map(io::Error::from_raw_os_error);
+    if let Some(hint) = e.as_ref().and_then(sys::descriptor_hint) {
+        f.message = format!("{}: {hint}", f.message);
+    }
+    f
+}
+
 /// Executes the request's [`dial::DialPlan`] in this namespace. For UDP the
 /// IPv4 fallback applies when the connect fails for lack of IPv6 (no route
 /// or no address in the child).
@@ -387,23 +397,27 @@ impl Dial for ChildDialer {
 
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
         let port = req.bind_port;
-        match req.source {
-            Some(client) => Box::pin(dial::execute(req.plan(), move |a| {
-                self.connect_from(a, client, port)
-            })),
-            None => Box::pin(dial::execute(req.plan(), move |a| {
-                self.connect_port(a, port)
-            })),
-        }
+        Box::pin(async move {
+            match req.source {
+                Some(client) => {
+                    dial::execute(req.plan(), move |a| self.connect_from(a, client, port)).await
+                }
+                None => dial::execute(req.plan(), move |a| self.connect_port(a, port)).await,
+            }
+            .map_err(explain)
+        })
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        match req.source {
-            Some(client) => Box::pin(dial::execute(req.plan(), move |a| {
-                self.connect_udp_from(a, client)
-            })),
-            None => Box::pin(dial::execute(req.plan(), |a| self.connect_udp(a))),
-        }
+        Box::pin(async move {
+            match req.source {
+                Some(client) => {
+                    dial::execute(req.plan(), move |a| self.connect_udp_from(a, client)).await
+                }
+                None => dial::execute(req.plan(), |a| self.connect_udp(a)).await,
+            }
+            .map_err(explain)
+        })
     }
 
     fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {

@@ -295,24 +295,30 @@ pub struct AttachArgs {
 }
 
 /// Checks across options that clap's attributes cannot express, so that
-/// every bad command line exits 2 before anything listens.
+/// every bad command line exits 2 before anything listens. The error
+/// shows the usage of the subcommand at fault, as clap's own do.
 pub fn validate(cli: &Cli) -> Result<(), clap::Error> {
     use clap::error::ErrorKind;
-    use clap::CommandFactory as _;
-    let err = |kind, msg: String| Err(Cli::command().error(kind, msg));
-    let (publish, mode, parser) = match &cli.command {
-        Command::Run(a) => (&a.ports.publish, a.ports.mode, a.ports.ebpf_parser),
-        Command::AttachDocker(a) => (&a.ports.publish, a.ports.mode, a.ports.ebpf_parser),
+    let (publish, mode, parser, sub) = match &cli.command {
+        Command::Run(a) => (&a.ports.publish, a.ports.mode, a.ports.ebpf_parser, "run"),
+        Command::AttachDocker(a) => (
+            &a.ports.publish,
+            a.ports.mode,
+            a.ports.ebpf_parser,
+            "attach-docker",
+        ),
         Command::Ports {
             api_socket: None, ..
         } => {
-            return err(
+            return Err(subcommand_error(
+                "ports",
                 ErrorKind::MissingRequiredArgument,
-                "`ports` needs --api-socket PATH (the forwarder's API socket)".into(),
-            )
+                "`ports` needs --api-socket PATH (the forwarder's API socket)",
+            ))
         }
         _ => return Ok(()),
     };
+    let err = |kind, msg: String| Err(subcommand_error(sub, kind, msg));
     if parser && matches!(mode, Mode::Splice | Mode::Copy) {
         return err(
             ErrorKind::ArgumentConflict,
@@ -327,6 +333,23 @@ pub fn validate(cli: &Cli) -> Result<(), clap::Error> {
         );
     }
     Ok(())
+}
+
+/// An error formatted with the usage of subcommand `name` (`forwarder run
+/// ...`), not the top level's.
+fn subcommand_error(
+    name: &str,
+    kind: clap::error::ErrorKind,
+    msg: impl std::fmt::Display,
+) -> clap::Error {
+    use clap::CommandFactory as _;
+    let mut cmd = Cli::command();
+    // Gives each subcommand its usage name ("forwarder run").
+    cmd.build();
+    match cmd.find_subcommand_mut(name) {
+        Some(sub) => sub.error(kind, msg),
+        None => cmd.error(kind, msg),
+    }
 }
 
 fn parse_spec(s: &str) -> Result<PortRangeSpec, String> {
@@ -425,6 +448,35 @@ mod tests {
         );
         // A bad spec is clap's own error, as before.
         assert_eq!(run(&["8080:0"]), Some(ErrorKind::ValueValidation));
+    }
+
+    #[test]
+    fn refusals_show_the_subcommands_usage() {
+        let usage = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).expect("parses");
+            validate(&cli).expect_err("refused").to_string()
+        };
+        let e = usage(&[
+            "forwarder",
+            "run",
+            "--child-pid",
+            "1",
+            "-p",
+            "80:80",
+            "-p",
+            "80:80",
+        ]);
+        assert!(e.contains("Usage: forwarder run "), "{e}");
+        let e = usage(&[
+            "forwarder",
+            "attach-docker",
+            "--mode",
+            "copy",
+            "--ebpf-parser",
+        ]);
+        assert!(e.contains("Usage: forwarder attach-docker "), "{e}");
+        let e = usage(&["forwarder", "ports", "ls"]);
+        assert!(e.contains("Usage: forwarder ports "), "{e}");
     }
 
     #[test]

@@ -115,7 +115,11 @@ pub fn spawn(target: &AgentTarget, source_ip: bool) -> anyhow::Result<Spawned> {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<(AgentReply, Option<OwnedFd>)>>>>;
+/// A reply as the reader took it: the reply, the socket that came with it,
+/// and why a socket that came with it could not be taken, if one was lost.
+type Answer = (AgentReply, Option<OwnedFd>, Option<io::Error>);
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
 /// The forwarder's side: sends dial requests to an agent and collects the
 /// sockets.
@@ -162,10 +166,21 @@ impl AgentClient {
         Ok(())
     }
 
-    /// The forwarder is about to stop the agent: its socket closing from
-    /// now on is not an error worth logging.
+    /// The forwarder is stopping: the agent's socket closing from now on
+    /// is not an error worth logging.
     pub fn stopping(&self) {
         self.stopping.store(true, Relaxed);
+    }
+
+    /// Asks the agent to stop: shuts its socket down, which it reads as end
+    /// of file (it then removes its routing in the child and exits).
+    pub fn close(&self) {
+        self.stopping();
+        if let Ok(s) = self.sock.lock() {
+            if let Err(e) = s.shutdown() {
+                tracing::debug!(error = %e, "cannot shut the dial agent's socket down");
+            }
+        }
     }
 
     /// From now on every clone of this client dials with `dialer` (a thread
@@ -192,14 +207,14 @@ impl AgentClient {
             let mut buf = vec![0u8; MAX_MESSAGE];
             loop {
                 match s.recv(&mut buf).await {
-                    Ok(Some((n, _, mut fds))) => {
-                        let Some(reply) = decode_reply(&buf[..n]) else {
+                    Ok(Some(mut got)) => {
+                        let Some(reply) = decode_reply(&buf[..got.len]) else {
                             tracing::warn!("malformed reply from the dial agent");
                             continue;
                         };
                         let waiter = p.lock().ok().and_then(|mut m| m.remove(&reply.id));
                         if let Some(w) = waiter {
-                            let _ = w.send((reply, fds.pop()));
+                            let _ = w.send((reply, got.fds.pop(), got.fds_lost));
                         }
                     }
                     Ok(None) | Err(_) => {
@@ -263,7 +278,7 @@ impl AgentClient {
             }
             return Err(fail(libc::EPIPE, format!("dial agent: {e}")));
         }
-        let (reply, fd) = rx
+        let (reply, fd, lost) = rx
             .await
             .map_err(|_| fail(libc::EPIPE, "the dial agent is gone".into()))?;
         if !reply.ok {
@@ -272,7 +287,13 @@ impl AgentClient {
                 message: reply.message.unwrap_or_else(|| "dial failed".into()),
             });
         }
-        let fd = fd.ok_or_else(|| fail(libc::EPROTO, "agent replied without a socket".into()))?;
+        let fd = match (fd, lost) {
+            (Some(fd), _) => fd,
+            (None, Some(e)) => return Err(socket_lost(&e)),
+            (None, None) => {
+                return Err(fail(libc::EPROTO, "agent replied without a socket".into()))
+            }
+        };
         let reached = reply
             .reached
             .and_then(|r| r.parse().ok())
@@ -328,6 +349,20 @@ impl Dial for AgentClient {
                 let _ = sock.send(&data, None).await;
             });
         }
+    }
+}
+
+/// The dial failure for a socket the agent dialed and sent that this
+/// process could not take: named by its cause (out of descriptors, with
+/// what to change), since the agent did its part.
+fn socket_lost(e: &io::Error) -> DialFailure {
+    let why = match sys::descriptor_hint(e) {
+        Some(hint) => format!("{e}: {hint}"),
+        None => e.to_string(),
+    };
+    DialFailure {
+        errno: Some(e.raw_os_error().unwrap_or(libc::EPROTO)),
+        message: format!("the forwarder could not take the socket the dial agent connected: {why}"),
     }
 }
 

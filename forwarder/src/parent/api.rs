@@ -4,7 +4,7 @@
 //! | method, path          | success                | errors                         |
 //! |-----------------------|------------------------|--------------------------------|
 //! | GET /v1/ports         | 200, [PortStatus]      |                                |
-//! | POST /v1/ports        | 201, PortStatus        | 400 {"message"}                |
+//! | POST /v1/ports        | 201, PortStatus        | 400, 408 {"message"}           |
 //! | DELETE /v1/ports/{id} | 200                    | 400 "bad id", "unknown id: N"  |
 //! | GET /v1/info          | 200, Info              |                                |
 //! | GET /v1/stats         | 200, Stats (ours)      |                                |
@@ -160,6 +160,39 @@ pub fn peer_allowed(peer: u32, own: u32) -> bool {
     peer == own || peer == 0
 }
 
+/// The reply to a request body that could not be read whole: too large,
+/// not received in time (408: the client sent less than its
+/// Content-Length and stalled past [`BODY_TIMEOUT`]), or cut short (the
+/// connection ended or failed first).
+fn body_error(e: axum::Error) -> ApiError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    let mut why = Vec::new();
+    while let Some(c) = cause {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return bad_request(format!(
+                "request body is larger than {} KiB",
+                MAX_BODY / 1024
+            ));
+        }
+        if c.downcast_ref::<io::Error>()
+            .is_some_and(|e| e.kind() == io::ErrorKind::TimedOut)
+        {
+            return ApiError(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time: the client sent less than its \
+                 Content-Length and then nothing"
+                    .into(),
+            );
+        }
+        let text = c.to_string();
+        if why.last() != Some(&text) {
+            why.push(text);
+        }
+        cause = c.source();
+    }
+    bad_request(format!("request body incomplete: {}", why.join(": ")))
+}
+
 async fn not_found(uri: Uri) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
@@ -188,12 +221,7 @@ async fn get_ports(State(s): State<Arc<ApiState>>) -> Json<Vec<PortStatus>> {
 }
 
 async fn post_port(State(s): State<Arc<ApiState>>, body: Body) -> Result<Response, ApiError> {
-    let bytes = to_bytes(body, MAX_BODY).await.map_err(|_| {
-        bad_request(format!(
-            "request body is larger than {} KiB",
-            MAX_BODY / 1024
-        ))
-    })?;
+    let bytes = to_bytes(body, MAX_BODY).await.map_err(body_error)?;
     let (spec, api) = decode_port_spec(&bytes).map_err(bad_request)?;
     let st = s.ports.add(spec, api).map_err(|e| match e {
         PortError::Conflict(_)

@@ -617,7 +617,12 @@ async fn accept_loop(
                 // backlog; back off instead of spinning, keep serving.
                 if last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
                     last_warn = Some(std::time::Instant::now());
-                    tracing::warn!(%addr, error = %e, "accept failed, backing off");
+                    match sys::descriptor_hint(&e) {
+                        Some(hint) => {
+                            tracing::warn!(%addr, error = %e, "cannot accept: {hint}; backing off")
+                        }
+                        None => tracing::warn!(%addr, error = %e, "accept failed, backing off"),
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -105,3 +105,22 @@ pub fn is_resource_exhaustion(err: &io::Error) -> bool {
         Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
     )
 }
+
+/// For an error that means "out of file descriptors", what it means and
+/// what to change, to follow the error in a log line or a dial failure:
+/// EMFILE, this process's RLIMIT_NOFILE (named with its value); ENFILE,
+/// the system's table (fs.file-max). `None` for any other error.
+pub fn descriptor_hint(err: &io::Error) -> Option<String> {
+    match err.raw_os_error()? {
+        libc::EMFILE => Some(format!(
+            "out of file descriptors: the limit is {} (RLIMIT_NOFILE); raise it \
+             (LimitNOFILE= in a systemd unit, ulimit -n in a shell) or lower --max-connections",
+            nofile_limit().map_or_else(|_| "unknown".to_string(), |n| n.to_string())
+        )),
+        libc::ENFILE => Some(
+            "the system is out of file descriptors (fs.file-max): raise it or close others"
+                .to_string(),
+        ),
+        _ => None,
+    }
+}

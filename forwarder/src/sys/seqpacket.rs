@@ -19,6 +19,21 @@ use super::{accept_owned, adopt_received, async_fd, Umask};
 /// datagram per message, descriptors passed as SCM_RIGHTS.
 pub struct SeqPacket(AsyncFd<OwnedFd>);
 
+/// One datagram from [`SeqPacket::recv`].
+#[derive(Debug)]
+pub struct Received {
+    /// Its length (at most the buffer's).
+    pub len: usize,
+    /// It was larger than the buffer: the rest is lost.
+    pub truncated: bool,
+    /// The descriptors that came with it.
+    pub fds: Vec<OwnedFd>,
+    /// Descriptors were attached but this process could not take them
+    /// (the kernel closed them and set MSG_CTRUNC): why, as far as a probe
+    /// tells (EMFILE or ENFILE when it is out of descriptors).
+    pub fds_lost: Option<io::Error>,
+}
+
 impl SeqPacket {
     /// Registers a connected socket (made non-blocking here).
     pub fn new(fd: OwnedFd) -> io::Result<SeqPacket> {
@@ -58,9 +73,32 @@ impl SeqPacket {
         }
     }
 
+    /// Why descriptors attached to a datagram were dropped on receipt: the
+    /// kernel does that when it cannot install them, which is almost
+    /// always a full descriptor table. Duplicating one of ours tells: it
+    /// fails the same way then.
+    fn why_fds_lost(&self) -> io::Error {
+        match self.0.get_ref().as_fd().try_clone_to_owned() {
+            Err(e) => e,
+            Ok(_probe) => io::Error::other(
+                "descriptors sent with a message were dropped on receipt (MSG_CTRUNC)",
+            ),
+        }
+    }
+
+    /// Shuts the socket down both ways: the peer reads end of file, and
+    /// this side's pending and later receives end too.
+    pub fn shutdown(&self) -> io::Result<()> {
+        nix::sys::socket::shutdown(
+            self.0.get_ref().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        )
+        .map_err(io::Error::from)
+    }
+
     /// Receives one datagram and any descriptors with it. `Ok(None)` at
-    /// EOF; `truncated` when the datagram was larger than the buffer.
-    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<(usize, bool, Vec<OwnedFd>)>> {
+    /// EOF.
+    pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         loop {
             let mut guard = self.0.readable().await?;
             let mut space = nix::cmsg_space!([RawFd; 4]);
@@ -81,12 +119,19 @@ impl SeqPacket {
                             }
                         }
                     }
-                    let n = msg.bytes;
+                    let len = msg.bytes;
                     let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-                    if n == 0 && !truncated && fds.is_empty() {
+                    let ctrunc = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                    if len == 0 && !truncated && !ctrunc && fds.is_empty() {
                         return Ok(None);
                     }
-                    return Ok(Some((n, truncated, fds)));
+                    let fds_lost = ctrunc.then(|| self.why_fds_lost());
+                    return Ok(Some(Received {
+                        len,
+                        truncated,
+                        fds,
+                        fds_lost,
+                    }));
                 }
                 Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
                 Err(e) => return Err(e.into()),
