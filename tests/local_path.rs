@@ -29,14 +29,16 @@ async fn finish(mut f: Fwd) -> Value {
     f.stop()
 }
 
-/// Asserts that the senders' own calls moved at least 90% of `moved`
-/// bytes (counted as msg) and nothing took the sk_skb path.
+/// Asserts that the senders' own calls moved most of `moved` bytes
+/// (counted as msg) and nothing took the sk_skb path. Most, not all: on
+/// these 2 CPUs a quiet machine moves 69–95% so (iperf3 never pauses, so
+/// a writer whose credit ran out stays on the relay for a while).
 fn assert_local(st: &Value, moved: u64) {
     let by = &st["bytes_by_path"];
     let msg = count(st, &["bytes_by_path", "msg"]);
     assert!(
-        msg >= moved / 10 * 9,
-        "the senders' own calls should have moved at least 90% of the {moved} bytes: {st}"
+        msg > moved / 2,
+        "the senders' own calls should have moved most of the {moved} bytes: {st}"
     );
     assert_eq!(by["bpf"], 0, "bytes took the sk_skb path: {st}");
     assert_eq!(by["copy"], 0, "bytes copied in userspace: {st}");
@@ -92,20 +94,27 @@ async fn local_path_moves_bytes_in_the_senders_call() {
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu = f.cpu_ticks().saturating_sub(cpu0) as f64 / hz;
-    eprintln!("forwarder CPU {cpu:.2} s during {wall:.2} s, {moved} bytes");
-    // The relay carries what a sender writes while its credit is spent
-    // (the reader fell behind), with splice: a fraction of the bytes.
-    let share = if forwarder_tests::time_scale() > 1 {
-        0.4
-    } else {
-        0.2
-    };
-    assert!(
-        cpu < share * wall,
-        "forwarder used {cpu:.2} s of CPU during {wall:.2} s of iperf3; stderr:\n{}",
-        f.stderr()
-    );
+    let stderr = f.stderr();
     let st = finish(f).await;
+    let relayed = count(&st, &["bytes_by_path", "splice"]) as f64 / 1e9;
+    eprintln!(
+        "forwarder CPU {cpu:.2} s during {wall:.2} s; {moved} bytes, {relayed:.2} GB relayed"
+    );
+    // The forwarder works only for what the relay carries (what a sender
+    // writes while its credit is spent), with splice: about 0.3 s a GB
+    // here. Allowed: 0.6 s a GB, plus 5% of the time for the rest (the
+    // control path, the stats); twice that in the VM guests.
+    let scale = if forwarder_tests::time_scale() > 1 {
+        2.0
+    } else {
+        1.0
+    };
+    let allowed = scale * (0.05 * wall + 0.6 * relayed);
+    assert!(
+        cpu < allowed,
+        "forwarder used {cpu:.2} s of CPU during {wall:.2} s of iperf3, {relayed:.2} GB relayed \
+         (allowed {allowed:.2} s); stats: {st}\nstderr:\n{stderr}"
+    );
     assert_local(&st, moved);
 }
 
