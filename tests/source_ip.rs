@@ -150,12 +150,13 @@ fn tcp_whoami(l: TcpListener) {
     });
 }
 
-/// Connects from `from` (port chosen by the kernel) in the parent to `to`,
-/// returns the peer address the child's server reports, and checks the
-/// echo (the return path).
-async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
-    let from: SocketAddr = from.parse().expect("from");
-    let to: SocketAddr = to.parse().expect("to");
+/// Connects from `from` (port 0: chosen by the kernel) in the parent
+/// namespace to `to`.
+async fn connect_from(
+    pair: &Pair,
+    from: SocketAddr,
+    to: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
     let fd: std::os::fd::OwnedFd = pair.parent.run(move || {
         let s = socket2::Socket::new(
             socket2::Domain::for_address(to),
@@ -167,13 +168,20 @@ async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
         s.set_nonblocking(true).expect("nonblocking");
         s.into()
     });
-    let s = within(
-        10,
-        "the connection",
-        TcpSocket::from_std_stream(std::net::TcpStream::from(fd)).connect(to),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
+        .connect(to)
+        .await
+}
+
+/// Connects from `from` (port chosen by the kernel) in the parent to `to`,
+/// returns the peer address the child's server reports, and checks the
+/// echo (the return path).
+async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
+    let (from, to): (SocketAddr, SocketAddr) =
+        (from.parse().expect("from"), to.parse().expect("to"));
+    let s = within(10, "the connection", connect_from(pair, from, to))
+        .await
+        .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
     let me = s.local_addr().expect("local");
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -572,26 +580,10 @@ async fn root_agent_killed_falls_back() {
 /// is reset (the forwarder's answer to a dial that failed), or panics with
 /// what came instead.
 async fn reset_after(pair: &Pair, from: &str, to: &str) -> Duration {
-    let from: SocketAddr = from.parse().expect("from");
-    let to: SocketAddr = to.parse().expect("to");
-    let fd: std::os::fd::OwnedFd = pair.parent.run(move || {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::STREAM,
-            None,
-        )
-        .expect("socket");
-        s.bind(&from.into()).expect("bind the client");
-        s.set_nonblocking(true).expect("nonblocking");
-        s.into()
-    });
+    let (from, to): (SocketAddr, SocketAddr) =
+        (from.parse().expect("from"), to.parse().expect("to"));
     let t = std::time::Instant::now();
-    let connected = within(
-        10,
-        "the connection",
-        TcpSocket::from_std_stream(std::net::TcpStream::from(fd)).connect(to),
-    )
-    .await;
+    let connected = within(10, "the connection", connect_from(pair, from, to)).await;
     // The reset can come before the connect has been seen to complete.
     let mut s = match connected {
         Ok(s) => s,

@@ -72,6 +72,10 @@ pub struct SourceIp {
     local: Mutex<Option<(Instant, Arc<HashSet<IpAddr>>)>>,
 }
 
+/// [`SourceIp::log_once`] bits beyond the [`Skip`] reasons.
+const LOG_BIND_FAILED: u8 = Skip::RemoteTarget as u8 + 1;
+const LOG_NO_RETURN_RULE: u8 = Skip::RemoteTarget as u8 + 2;
+
 /// How long the child's address list is taken as current: reading it is a
 /// netlink dump, too dear for every dial of a burst of new connections.
 /// An address added to the child meanwhile is seen that much later.
@@ -117,7 +121,7 @@ impl SourceIp {
     /// then goes on from the child's own address).
     fn bind_failed(&self, src: SocketAddr, e: &io::Error, client: SocketAddr, target: SocketAddr) {
         self.log_once(
-            Skip::RemoteTarget as u8 + 1,
+            LOG_BIND_FAILED,
             &format!("cannot bind {src} in the child: {e}"),
             client,
             target,
@@ -331,7 +335,7 @@ impl ChildDialer {
         }
         if let Err(e) = s.routing.add_flow(addr, src) {
             s.log_once(
-                Skip::RemoteTarget as u8 + 2,
+                LOG_NO_RETURN_RULE,
                 &format!("cannot return its replies: {e}"),
                 client,
                 addr,
