@@ -1263,7 +1263,10 @@ async fn a_short_api_body_is_named_for_what_it_is() {
 /// RLIMIT_NOFILE 64, a connection whose dialed socket cannot be received
 /// from the dial agent is reset with "out of file descriptors ...
 /// LimitNOFILE" in the log (not "agent replied without a socket"), and
-/// every warning logged says the same (none unrelated comes first).
+/// every warning logged says the same (none unrelated comes first). The
+/// clients are at 127.0.0.5, whose address the agent preserves: a client
+/// at 127.0.0.1 is dialed by the forwarder's own thread in the child, from
+/// sockets made ahead, and never waits on the agent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_descriptors_is_named() {
     const NOFILE: usize = 64;
@@ -1291,14 +1294,23 @@ async fn out_of_descriptors_is_named() {
     assert_eq!(f.agent_pids().len(), 1, "no agent:\n{}", f.stderr());
     // A UDP flow holds one descriptor (its socket, dialed by the agent).
     let flow = async || {
-        let c = forwarder_tests::udp::client_in(&pair.parent, "127.0.0.1:8053");
+        let c = forwarder_tests::udp::bind_in(&pair.parent, "127.0.0.5:0", None);
+        c.connect("127.0.0.1:8053").await.expect("connect");
         c.send(b"1").await.expect("send");
         let mut b = [0u8; 8];
         within(5, "a UDP echo", c.recv(&mut b)).await.expect("recv");
         c
     };
+    let server: std::net::SocketAddr = "127.0.0.1:8080".parse().expect("address");
+    let client = Some("127.0.0.5:0".parse().expect("address"));
     // A first connection: whatever the forwarder opens on the way is open.
-    let mut held = pair.echo_clients("127.0.0.1:8080", 1, 4).await;
+    let mut first = pair
+        .parent
+        .connect_from(client, server)
+        .await
+        .expect("connect");
+    echo_roundtrip(&mut first, b"ping").await;
+    let mut held = vec![first];
     // A TCP connection holds two (accepted, dialed). Leave an odd number
     // free, so that the last connection's accept takes the last one and
     // its dialed socket, sent back by the agent, cannot be received.
@@ -1321,7 +1333,7 @@ async fn out_of_descriptors_is_named() {
         for _ in 0..free {
             let served = async {
                 // The reset may come as early as the connect.
-                let mut c = pair.parent.connect("127.0.0.1:8080").await?;
+                let mut c = pair.parent.connect_from(client, server).await?;
                 let mut b = [0u8; 4];
                 c.write_all(b"ping").await?;
                 c.read_exact(&mut b).await?;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use forwarder_tests::udp::bind_in;
 use forwarder_tests::{limit, wait_until, wait_until_async, within, Fwd, Netns, Pair, Privilege};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpSocket, UdpSocket};
+use tokio::net::{TcpListener, UdpSocket};
 
 const CLIENT4: &str = "192.0.2.2";
 const CLIENT6: &str = "2001:db8::2";
@@ -150,38 +150,19 @@ fn tcp_whoami(l: TcpListener) {
     });
 }
 
-/// Connects from `from` (port 0: chosen by the kernel) in the parent
-/// namespace to `to`.
-async fn connect_from(
-    pair: &Pair,
-    from: SocketAddr,
-    to: SocketAddr,
-) -> std::io::Result<tokio::net::TcpStream> {
-    let fd: std::os::fd::OwnedFd = pair.parent.run(move || {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(to),
-            socket2::Type::STREAM,
-            None,
-        )
-        .expect("socket");
-        s.bind(&from.into()).expect("bind the client");
-        s.set_nonblocking(true).expect("nonblocking");
-        s.into()
-    });
-    TcpSocket::from_std_stream(std::net::TcpStream::from(fd))
-        .connect(to)
-        .await
-}
-
 /// Connects from `from` (port chosen by the kernel) in the parent to `to`,
 /// returns the peer address the child's server reports, and checks the
 /// echo (the return path).
 async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
     let (from, to): (SocketAddr, SocketAddr) =
         (from.parse().expect("from"), to.parse().expect("to"));
-    let s = within(10, "the connection", connect_from(pair, from, to))
-        .await
-        .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    let s = within(
+        10,
+        "the connection",
+        pair.parent.connect_from(Some(from), to),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
     let me = s.local_addr().expect("local");
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -583,7 +564,12 @@ async fn reset_after(pair: &Pair, from: &str, to: &str) -> Duration {
     let (from, to): (SocketAddr, SocketAddr) =
         (from.parse().expect("from"), to.parse().expect("to"));
     let t = std::time::Instant::now();
-    let connected = within(10, "the connection", connect_from(pair, from, to)).await;
+    let connected = within(
+        10,
+        "the connection",
+        pair.parent.connect_from(Some(from), to),
+    )
+    .await;
     // The reset can come before the connect has been seen to complete.
     let mut s = match connected {
         Ok(s) => s,
@@ -845,5 +831,55 @@ async fn udp_same_client_two_targets() {
         },
     )
     .await;
+    f.stop();
+}
+
+/// Root mode: a client at 127.0.0.1, whose address the child owns too, is
+/// dialed by the forwarder's own thread in the child, from a socket made
+/// ahead, not by the agent. With the agent stopped (SIGSTOP) such clients
+/// are still served at once, while a client whose address is preserved
+/// waits for the agent; the stats count the sockets made ahead.
+#[tokio::test]
+async fn local_clients_do_not_wait_on_the_agent() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let mut f = start(&pair, &["-p", "127.0.0.1:8080:80"]);
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "no agent:\n{}", f.stderr());
+    // The first local connection fills the pool.
+    let (_, seen) = tcp_ask(&pair, "127.0.0.1:0", "127.0.0.1:8080").await;
+    assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+    let pooled = wait_until(limit(Duration::from_secs(5)), "sockets made ahead", || {
+        let n = f.stats()["pooled"]["sockets"].as_u64().unwrap_or(0);
+        (n > 0).then_some(n).ok_or(n)
+    });
+    assert!(pooled <= 8, "{pooled} sockets made ahead, want at most 8");
+    let agent = nix::unistd::Pid::from_raw(agents[0] as i32);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the agent");
+    // A preserved client waits on the stopped agent, while local clients
+    // are served, more than the pool holds; then the agent goes on.
+    let preserved = async {
+        let r = tcp_ask(&pair, "127.0.0.5:0", "127.0.0.1:8080").await;
+        (r, std::time::Instant::now())
+    };
+    let locals = async {
+        for _ in 0..20 {
+            let (_, seen) = within(2, "a local client with the agent stopped", async {
+                tcp_ask(&pair, "127.0.0.1:0", "127.0.0.1:8080").await
+            })
+            .await;
+            assert!(seen.starts_with("127.0.0.1:"), "{seen}");
+        }
+        let resumed = std::time::Instant::now();
+        nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT)
+            .expect("SIGCONT the agent");
+        resumed
+    };
+    let (((me, seen), served), resumed) = tokio::join!(preserved, locals);
+    assert!(
+        served > resumed,
+        "a preserved client was served with the agent stopped"
+    );
+    assert_eq!(seen, me.to_string(), "the agent preserves 127.0.0.5");
     f.stop();
 }

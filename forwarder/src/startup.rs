@@ -791,6 +791,11 @@ impl AgentWatch {
             } => {
                 let client = agent::AgentClient::new(fd, source_ip)
                     .context("cannot talk to the dial agent")?;
+                // Root mode: the thread in the child dials what the agent
+                // would not preserve, without the round trip.
+                if let Some(d) = &fallback {
+                    client.dial_local_clients_with(d.clone());
+                }
                 Ok((
                     Arc::new(client.clone()),
                     AgentWatch {

@@ -353,7 +353,17 @@ impl Netns {
 
     /// Connects from inside this namespace.
     pub async fn connect(&self, addr: &str) -> std::io::Result<TcpStream> {
-        let addr: SocketAddr = addr.parse().expect("address");
+        self.connect_from(None, addr.parse().expect("address"))
+            .await
+    }
+
+    /// Connects from inside this namespace, from `from` (port 0: chosen
+    /// by the kernel) where given.
+    pub async fn connect_from(
+        &self,
+        from: Option<SocketAddr>,
+        addr: SocketAddr,
+    ) -> std::io::Result<TcpStream> {
         let fd: OwnedFd = self.run(move || {
             let s = socket2::Socket::new(
                 socket2::Domain::for_address(addr),
@@ -361,6 +371,10 @@ impl Netns {
                 None,
             )
             .expect("socket");
+            if let Some(from) = from {
+                s.bind(&from.into())
+                    .unwrap_or_else(|e| panic!("bind the client to {from}: {e}"));
+            }
             s.set_nonblocking(true).expect("nonblocking");
             s.into()
         });

@@ -25,8 +25,8 @@
 //! Checkpoints: at the end of the warm-up and then at regular times every
 //! slot finishes its step, holds an open, proven connection and waits; once
 //! the forwarder reports exactly that many active connections and no pipe
-//! or buffer in use, its RSS, descriptors (less the pooled idle pipes,
-//! bounded by design) and BPF map entries are read from /proc and the
+//! or buffer in use, its RSS, descriptors (less the pooled idle pipes and
+//! sockets, bounded by design) and BPF map entries are read from /proc and the
 //! kernel. Each later checkpoint must be within 10% (RSS) and 1%
 //! (descriptors) of the warm-up's, and each contract map must hold exactly
 //! two entries per connection. At the end every connection closes, the
@@ -106,7 +106,7 @@ pub struct Checkpoint {
     pub at: Duration,
     pub active: u64,
     pub fds: usize,
-    /// Descriptors of idle pooled pipes (two each).
+    /// Descriptors of idle pooled pipes (two each) and sockets.
     pub pooled_fds: usize,
     pub rss_kib: u64,
     /// (name, entries) of the BPF maps the process holds.
@@ -114,7 +114,7 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Descriptors less the pooled idle pipes.
+    /// Descriptors less the pooled idle pipes and sockets.
     pub fn fds_held(&self) -> usize {
         self.fds.saturating_sub(self.pooled_fds)
     }
@@ -518,6 +518,9 @@ fn checkpoint(f: &mut Fwd, at: Duration, active: usize) -> Result<Checkpoint, St
         let pipes = pooled["pipes"]
             .as_u64()
             .ok_or_else(|| format!("no pooled pipe count in {st}"))?;
+        let sockets = pooled["sockets"]
+            .as_u64()
+            .ok_or_else(|| format!("no pooled socket count in {st}"))?;
         let maps = f
             .bpf_maps()
             .into_iter()
@@ -527,7 +530,7 @@ fn checkpoint(f: &mut Fwd, at: Duration, active: usize) -> Result<Checkpoint, St
             at,
             active: active as u64,
             fds: f.fd_count(),
-            pooled_fds: 2 * pipes as usize,
+            pooled_fds: 2 * pipes as usize + sockets as usize,
             rss_kib: f.rss_kib(),
             maps,
         })

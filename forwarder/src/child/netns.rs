@@ -7,6 +7,16 @@
 //! namespace is the process's own (the agent, which runs inside the
 //! child), the caller's thread makes the socket itself.
 //!
+//! A round trip to that thread costs two wake-ups, so TCP sockets are made
+//! ahead: each family has a pool of up to [`POOL_SIZE`] idle sockets, which
+//! a dial takes from. The first dial of a family asks the thread for its
+//! socket and for the pool to be filled; a dial that leaves fewer than
+//! [`POOL_LOW`] asks for a top-up, which the thread makes in one go, off
+//! the connection's path. An empty pool (a burst) is no error: the dial
+//! asks the thread for its own socket. The idle sockets are counted in the
+//! stats (`pooled.sockets`) and close with the dialer. UDP sockets are not
+//! pooled: a flow's socket is made once and lives as long as the flow.
+//!
 //! With source preservation ([`ChildDialer::with_source_ip`], in the agent
 //! only, which holds the capabilities for it) the caller's thread makes the
 //! new socket transparent and binds it to the client's address before the
@@ -48,13 +58,95 @@ pub enum NetnsError {
     Gone,
 }
 
-/// (IPv6?, UDP?, where to send the new socket)
-type Request = (bool, bool, oneshot::Sender<io::Result<OwnedFd>>);
+/// What the socket thread is asked for.
+enum Request {
+    /// One socket (IPv6?, UDP?), sent back.
+    One(bool, bool, oneshot::Sender<io::Result<OwnedFd>>),
+    /// Top the TCP pool of a family (IPv6?) up to [`POOL_SIZE`].
+    Fill(bool),
+}
+
+/// Idle TCP sockets a family's pool is topped up to.
+pub const POOL_SIZE: usize = 8;
+/// A dial that leaves fewer idle sockets than this asks for a top-up.
+pub const POOL_LOW: usize = 4;
+
+/// Idle sockets in every dialer's pools, for the stats.
+static POOLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// TCP sockets idle in the pools of the child namespace's dialers.
+pub fn pooled_sockets() -> usize {
+    POOLED.load(Relaxed)
+}
+
+/// TCP sockets made ahead in the child, by family (0: IPv4, 1: IPv6).
+#[derive(Default)]
+struct SocketPool {
+    idle: Mutex<[Vec<OwnedFd>; 2]>,
+    /// A top-up of the family is asked for and not done yet.
+    filling: [std::sync::atomic::AtomicBool; 2],
+}
+
+impl SocketPool {
+    /// An idle socket of the family, if any; asks for a top-up when few
+    /// are left. The caller asks for one when there was none.
+    fn take(&self, ipv6: bool, tx: &mpsc::Sender<Request>) -> Option<OwnedFd> {
+        let (fd, left) = {
+            let mut idle = self.idle.lock().ok()?;
+            let v = &mut idle[usize::from(ipv6)];
+            (v.pop(), v.len())
+        };
+        let fd = fd?;
+        POOLED.fetch_sub(1, Relaxed);
+        if left < POOL_LOW {
+            self.want(ipv6, tx);
+        }
+        Some(fd)
+    }
+
+    /// Asks the socket thread for a top-up unless one is under way.
+    fn want(&self, ipv6: bool, tx: &mpsc::Sender<Request>) {
+        if !self.filling[usize::from(ipv6)].swap(true, Relaxed)
+            && tx.send(Request::Fill(ipv6)).is_err()
+        {
+            self.filling[usize::from(ipv6)].store(false, Relaxed);
+        }
+    }
+
+    /// On the socket thread: makes the family's missing sockets. A failure
+    /// (out of descriptors) ends the top-up; the next dial asks again.
+    fn fill(&self, ipv6: bool) {
+        let have = self
+            .idle
+            .lock()
+            .map(|i| i[usize::from(ipv6)].len())
+            .unwrap_or(POOL_SIZE);
+        let made: Vec<OwnedFd> = (have..POOL_SIZE)
+            .map_while(|_| sys::tcp_socket(ipv6).ok())
+            .collect();
+        let n = made.len();
+        if let Ok(mut idle) = self.idle.lock() {
+            idle[usize::from(ipv6)].extend(made);
+            POOLED.fetch_add(n, Relaxed);
+        }
+        self.filling[usize::from(ipv6)].store(false, Relaxed);
+    }
+}
+
+impl Drop for SocketPool {
+    fn drop(&mut self) {
+        if let Ok(idle) = self.idle.get_mut() {
+            POOLED.fetch_sub(idle.iter().map(Vec::len).sum(), Relaxed);
+        }
+    }
+}
 
 /// Creates sockets in the child namespace and dials with them.
 #[derive(Clone)]
 pub struct ChildDialer {
     tx: mpsc::Sender<Request>,
+    /// TCP sockets made ahead by the socket thread.
+    pool: Arc<SocketPool>,
     /// The namespace is this process's own: sockets are made by the
     /// caller's thread, without a round trip to the socket thread (the
     /// agent, which runs inside the child).
@@ -165,6 +257,8 @@ impl ChildDialer {
             _ => false,
         };
         let (tx, rx) = mpsc::channel::<Request>();
+        let pool = Arc::new(SocketPool::default());
+        let thread_pool = pool.clone();
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let thread = thread::Builder::new()
             .name("child-netns".into())
@@ -190,13 +284,18 @@ impl ChildDialer {
                 if !ok {
                     return;
                 }
-                while let Ok((ipv6, udp, reply)) = rx.recv() {
-                    let sock = if udp {
-                        sys::udp_socket(ipv6)
-                    } else {
-                        sys::tcp_socket(ipv6)
-                    };
-                    let _ = reply.send(sock);
+                while let Ok(req) = rx.recv() {
+                    match req {
+                        Request::One(ipv6, udp, reply) => {
+                            let sock = if udp {
+                                sys::udp_socket(ipv6)
+                            } else {
+                                sys::tcp_socket(ipv6)
+                            };
+                            let _ = reply.send(sock);
+                        }
+                        Request::Fill(ipv6) => thread_pool.fill(ipv6),
+                    }
                 }
             })
             .map_err(|cause| NetnsError::Enter {
@@ -207,6 +306,7 @@ impl ChildDialer {
             Ok(Ok(())) => {
                 return Ok(ChildDialer {
                     tx,
+                    pool,
                     inline: same,
                     source_ip: None,
                 })
@@ -256,10 +356,19 @@ impl ChildDialer {
                 sys::tcp_socket(ipv6)
             };
         }
+        if !udp {
+            if let Some(fd) = self.pool.take(ipv6, &self.tx) {
+                return Ok(fd);
+            }
+        }
         let (tx, rx) = oneshot::channel();
         self.tx
-            .send((ipv6, udp, tx))
+            .send(Request::One(ipv6, udp, tx))
             .map_err(|_| io::Error::other(NetnsError::Gone))?;
+        // Asked after this dial's socket, which the thread makes first.
+        if !udp {
+            self.pool.want(ipv6, &self.tx);
+        }
         rx.await.map_err(|_| io::Error::other(NetnsError::Gone))?
     }
 

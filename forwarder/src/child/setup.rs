@@ -44,7 +44,10 @@ pub fn run_agent(fd: Option<RawFd>, socket: Option<&Path>, source_ip: bool) -> R
     };
     sys::drop_thread_capabilities(keep)
         .map_err(|e| anyhow::anyhow!("cannot drop capabilities: {e}"))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread: a dial is a few system calls and a loopback handshake,
+    // and a request received, dialed and answered on the thread that read
+    // it costs no wake-up of another worker (two per dial with a pool).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;

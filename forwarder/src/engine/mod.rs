@@ -98,6 +98,8 @@ pub fn pooled() -> Pooled {
         pipes_in_use,
         buffers,
         buffers_in_use,
+        // The dialer's pool, which the caller adds.
+        sockets: 0,
     }
 }
 

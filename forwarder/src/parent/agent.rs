@@ -134,6 +134,11 @@ pub struct AgentClient {
     source_ip: Arc<AtomicBool>,
     /// The forwarder is stopping the agent: its socket closing is expected.
     stopping: Arc<AtomicBool>,
+    /// Dials what the agent would dial from the child's own address anyway
+    /// ([`AgentClient::dial_local_clients_with`]).
+    local: Arc<Mutex<Option<ChildDialer>>>,
+    /// That a local client was dialed so is logged once.
+    local_logged: Arc<AtomicBool>,
 }
 
 impl AgentClient {
@@ -151,6 +156,8 @@ impl AgentClient {
             fallback: Arc::new(Mutex::new(None)),
             source_ip: Arc::new(AtomicBool::new(source_ip)),
             stopping,
+            local: Arc::new(Mutex::new(None)),
+            local_logged: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -193,6 +200,38 @@ impl AgentClient {
 
     fn fallback(&self) -> Option<ChildDialer> {
         self.fallback.lock().ok().and_then(|f| f.clone())
+    }
+
+    /// From now on connections whose source the agent would not preserve
+    /// anyway are dialed with `dialer` (a thread in the child's namespace,
+    /// root mode), without the round trip to the agent: those with no
+    /// source to preserve and those from the loopback address the child
+    /// owns too (127.0.0.1, ::1), which the agent dials from the child's
+    /// own address ([`crate::child::srcip::Skip::LocalClient`]). Local
+    /// clients are the common case on a host and the one where the round
+    /// trip is most of a connection's setup.
+    pub fn dial_local_clients_with(&self, dialer: ChildDialer) {
+        if let Ok(mut l) = self.local.lock() {
+            *l = Some(dialer);
+        }
+    }
+
+    /// The dialer for this request when it need not go to the agent.
+    fn local_dialer(&self, req: &DialRequest<'_>) -> Option<ChildDialer> {
+        let client = match req.source {
+            None => None,
+            Some(c) if is_child_loopback(c) => Some(c),
+            Some(_) => return None,
+        };
+        let d = self.local.lock().ok().and_then(|l| l.clone())?;
+        if let Some(client) = client {
+            if !self.local_logged.swap(true, Relaxed) {
+                tracing::info!(%client,
+                    "this connection reaches the child from the forwarder's address, not the client's: {} (logged once)",
+                    crate::child::srcip::Skip::LocalClient);
+            }
+        }
+        Some(d)
     }
 
     /// Registers a socket and starts the task that reads its replies.
@@ -313,7 +352,7 @@ impl Dial for AgentClient {
     }
 
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
-        if let Some(d) = self.fallback() {
+        if let Some(d) = self.fallback().or_else(|| self.local_dialer(&req)) {
             return Box::pin(async move { d.tcp(req).await });
         }
         Box::pin(async move {
@@ -328,7 +367,7 @@ impl Dial for AgentClient {
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        if let Some(d) = self.fallback() {
+        if let Some(d) = self.fallback().or_else(|| self.local_dialer(&req)) {
             return Box::pin(async move { d.udp(req).await });
         }
         Box::pin(self.request(req.spec, req.ipv6_listener, req.source, None))
@@ -349,6 +388,17 @@ impl Dial for AgentClient {
                 let _ = sock.send(&data, None).await;
             });
         }
+    }
+}
+
+/// A client at the loopback address every namespace owns (127.0.0.1,
+/// ::1, or 127.0.0.1 mapped into IPv6): the child has it too, so the
+/// agent would not preserve it.
+fn is_child_loopback(client: SocketAddr) -> bool {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match client.ip().to_canonical() {
+        IpAddr::V4(v4) => v4 == Ipv4Addr::LOCALHOST,
+        IpAddr::V6(v6) => v6 == Ipv6Addr::LOCALHOST,
     }
 }
 

@@ -308,7 +308,10 @@ pub fn stats(ports: &PortManager) -> Stats {
         shared: SharedCounters {
             bpf_map_entries: ports.engine().map_entries(),
             local_path: ports.engine().local_path(),
-            pooled: crate::engine::pooled(),
+            pooled: crate::wire::Pooled {
+                sockets: crate::child::netns::pooled_sockets(),
+                ..crate::engine::pooled()
+            },
             udp: ports.udp_total(),
         },
     }
