@@ -834,14 +834,15 @@ async fn udp_same_client_two_targets() {
     f.stop();
 }
 
-/// Root mode: a client at 127.0.0.1, whose address the child owns too, is
-/// dialed by the forwarder's own thread in the child, from a socket made
-/// ahead, not by the agent. With the agent stopped (SIGSTOP) such clients
-/// are still served at once, while a client whose address is preserved
-/// waits for the agent; the stats count the sockets made ahead.
-#[tokio::test]
-async fn local_clients_do_not_wait_on_the_agent() {
-    let pair = pair(Privilege::Root);
+/// A client at 127.0.0.1, whose address the child owns too, is dialed from
+/// a socket made ahead, without a request to the agent: in root mode by the
+/// forwarder's own thread in the child, which makes them; rootless from
+/// sockets the agent made in one go. With the agent stopped (SIGSTOP) such
+/// clients are still served at once (root: any number; rootless: as many
+/// as were made ahead), while a client whose address is preserved waits
+/// for the agent; the stats count the sockets made ahead.
+async fn local_clients_do_not_wait_on_the_agent(privilege: Privilege) {
+    let pair = pair(privilege);
     tcp_whoami(pair.child.listen("127.0.0.1:80"));
     let mut f = start(&pair, &["-p", "127.0.0.1:8080:80"]);
     let agents = f.agent_pids();
@@ -863,7 +864,11 @@ async fn local_clients_do_not_wait_on_the_agent() {
         (r, std::time::Instant::now())
     };
     let locals = async {
-        for _ in 0..20 {
+        let n = match privilege {
+            Privilege::Root => 20,
+            _ => pooled,
+        };
+        for _ in 0..n {
             let (_, seen) = within(2, "a local client with the agent stopped", async {
                 tcp_ask(&pair, "127.0.0.1:0", "127.0.0.1:8080").await
             })
@@ -882,4 +887,14 @@ async fn local_clients_do_not_wait_on_the_agent() {
     );
     assert_eq!(seen, me.to_string(), "the agent preserves 127.0.0.5");
     f.stop();
+}
+
+#[tokio::test]
+async fn local_clients_do_not_wait_on_the_agent_root() {
+    local_clients_do_not_wait_on_the_agent(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn local_clients_do_not_wait_on_the_agent_rootless() {
+    local_clients_do_not_wait_on_the_agent(Privilege::User).await;
 }

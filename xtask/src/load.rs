@@ -153,9 +153,18 @@ pub struct ConnRate {
     pub first_error: Option<String>,
 }
 
-async fn one_connection(addr: SocketAddr) -> Result<u64> {
+async fn one_connection(addr: SocketAddr, from: Option<std::net::IpAddr>) -> Result<u64> {
     let t0 = Instant::now();
-    let mut s = within("connecting", TcpStream::connect(addr)).await?;
+    let sock = if addr.is_ipv6() {
+        tokio::net::TcpSocket::new_v6()?
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    if let Some(ip) = from {
+        sock.bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("binding the client to {ip}"))?;
+    }
+    let mut s = within("connecting", sock.connect(addr)).await?;
     within("sending the request", s.write_all(&[ONE_SHOT])).await?;
     let mut b = [0u8; 1];
     within("reading the answer", s.read_exact(&mut b)).await?;
@@ -169,8 +178,13 @@ async fn one_connection(addr: SocketAddr) -> Result<u64> {
 }
 
 /// `clients` concurrent loops of connect, 1-byte request/response, close,
-/// for `dur`.
-pub async fn conn_rate(addr: SocketAddr, clients: usize, dur: Duration) -> Result<ConnRate> {
+/// for `dur`; each client's socket bound to `from` where given.
+pub async fn conn_rate(
+    addr: SocketAddr,
+    from: Option<std::net::IpAddr>,
+    clients: usize,
+    dur: Duration,
+) -> Result<ConnRate> {
     let start = Instant::now();
     let end = start + dur;
     let mut tasks = tokio::task::JoinSet::new();
@@ -178,7 +192,7 @@ pub async fn conn_rate(addr: SocketAddr, clients: usize, dur: Duration) -> Resul
         tasks.spawn(async move {
             let (mut ok, mut failed, mut setups, mut first) = (0u64, 0u64, Vec::new(), None);
             while Instant::now() < end {
-                match one_connection(addr).await {
+                match one_connection(addr, from).await {
                     Ok(ns) => {
                         ok += 1;
                         setups.push(ns);
@@ -338,7 +352,7 @@ mod tests {
         let addr = echo_here().await;
         let rtts = ping_pong(addr, 1024, 50).await.expect("ping-pong");
         assert_eq!(rtts.len(), 50);
-        let c = conn_rate(addr, 4, Duration::from_millis(200))
+        let c = conn_rate(addr, None, 4, Duration::from_millis(200))
             .await
             .expect("rate");
         assert!(c.completed > 0 && c.failed == 0, "{:?}", c.first_error);

@@ -244,9 +244,31 @@ fn as_user(program: &str, home: &Path) -> Command {
 /// (`xtask`, the binary at `me`, which `fwdtest` must be able to run)
 /// inside its own child namespace.
 pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
+    rootless(me, None, iperf, echo)
+}
+
+/// The forwarder (the binary at `fwd`, auto mode, default flags) as
+/// rootless Docker runs it: as `fwdtest`, attached to a RootlessKit
+/// started with `--port-driver=none` (`--rootlesskit-state-dir`), which
+/// runs iperf3 and the echo server in its child namespace. The ports are
+/// added through the forwarder's RootlessKit API with rootlessctl, as
+/// dockerd does. The returned peer's process is the forwarder.
+pub fn rootless_forwarder(
+    me: &Path,
+    fwd: &Path,
+    iperf: (u16, u16),
+    echo: (u16, u16),
+) -> Result<Peer> {
+    rootless(me, Some(fwd), iperf, echo)
+}
+
+/// RootlessKit as `fwdtest` with iperf3 and the echo server inside; its
+/// builtin port driver, or (`fwd` given) none and that forwarder attached.
+fn rootless(me: &Path, fwd: Option<&Path>, iperf: (u16, u16), echo: (u16, u16)) -> Result<Peer> {
     output(Command::new("id").arg(RK_USER))
         .with_context(|| format!("no user {RK_USER} (cargo xtask setup creates it)"))?;
-    let dir = PathBuf::from(format!("/tmp/fwd-bench-rk-{}", std::process::id()));
+    let tag = if fwd.is_some() { "rlfwd" } else { "rk" };
+    let dir = PathBuf::from(format!("/tmp/fwd-bench-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut peer = Peer {
         echo_port: None,
@@ -272,14 +294,15 @@ pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Pee
         echo.1
     );
     let mut cmd = as_user("rootlesskit", &dir);
-    cmd.args([
-        "--net=slirp4netns",
-        "--disable-host-loopback",
-        "--port-driver=builtin",
-    ])
-    .arg(format!("--state-dir={}", state.display()))
-    .args(["sh", "-c", &script])
-    .current_dir(&dir);
+    cmd.args(["--net=slirp4netns", "--disable-host-loopback"])
+        .arg(if fwd.is_some() {
+            "--port-driver=none"
+        } else {
+            "--port-driver=builtin"
+        })
+        .arg(format!("--state-dir={}", state.display()))
+        .args(["sh", "-c", &script])
+        .current_dir(&dir);
     // (PR_SET_PDEATHSIG does not survive setpriv's change of user; the
     // Peer's drop stops it.)
     let (mut p, log) = spawn_logged(&mut cmd, "rootlesskit")?;
@@ -297,6 +320,29 @@ pub fn rootlesskit(me: &Path, iperf: (u16, u16), echo: (u16, u16)) -> Result<Pee
     })?
     .map_err(|timed_out| anyhow!("{timed_out}{}", tail(&log)))?;
     peer.procs.push((p, log));
+    if let Some(fwd) = fwd {
+        // The forwarder takes RootlessKit's API socket over.
+        let bin = dir.join("forwarder");
+        std::fs::copy(fwd, &bin).with_context(|| format!("copying {}", fwd.display()))?;
+        let mut cmd = as_user(&bin.display().to_string(), &dir);
+        cmd.arg("run")
+            .arg(format!("--rootlesskit-state-dir={}", state.display()))
+            .current_dir(&dir);
+        let (p, log) = spawn_logged(&mut cmd, "rootless forwarder")?;
+        peer.pid = p.pid();
+        peer.procs.push((p, log));
+        let (p, log) = peer.procs.last_mut().context("the forwarder")?;
+        let what = "the forwarder to serve the API".to_string();
+        try_wait_until_or_abort(Duration::from_secs(15), &what, || -> Result<_> {
+            if let Some(st) = p.try_wait()? {
+                bail!("the rootless forwarder exited ({st}){}", tail(log));
+            }
+            let mut ls = as_user("rootlessctl", &dir);
+            ls.arg("--socket").arg(&sock).arg("list-ports");
+            Ok(output(&mut ls).is_ok())
+        })?
+        .map_err(|timed_out| anyhow!("{timed_out}{}", tail(log)))?;
+    }
     for (port, target) in [iperf, echo] {
         let mut add = as_user("rootlessctl", &dir);
         add.arg("--socket")

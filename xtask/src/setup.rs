@@ -44,6 +44,8 @@ const PACKAGES: &[&str] = &[
     "busybox-static",
     "systemd",
     "man-db",
+    "linux-perf",
+    "bpftrace",
 ];
 
 /// The LLVM major version nightly uses, which bpf-linker must match.
@@ -390,7 +392,24 @@ pub fn run() -> Result<()> {
     bpf_linker()?;
     cargo_fuzz()?;
     rootless()?;
+    tracefs()?;
     Ok(())
+}
+
+/// The tracing file system, which bpftrace's and perf's tracepoints need
+/// (`cargo xtask bench --profile`), mounted where the kernel puts it.
+fn tracefs() -> Result<()> {
+    const AT: &str = "/sys/kernel/tracing";
+    let mounted = std::path::Path::new(AT).join("events").is_dir();
+    item(
+        &format!("tracefs at {AT}"),
+        if mounted { "ok" } else { "mounting" },
+    );
+    if mounted || !is_root() {
+        return Ok(());
+    }
+    run_cmd(Command::new("mount").args(["-t", "tracefs", "tracefs", AT]))
+        .with_context(|| format!("mounting tracefs at {AT}"))
 }
 
 #[cfg(test)]

@@ -18,6 +18,11 @@
 //!   [`crate::udp`]), any other for a connected TCP stream;
 //! - `{"udp_closed": ["REACHED", "LOCAL"]}`: a flow's socket was closed, its
 //!   return rule goes ([`crate::child::srcip`]); no reply;
+//! - `{"id": N, "sockets": K, "ipv6": bool}`: K fresh, unconnected TCP
+//!   sockets of this namespace (32 at most), all attached to one reply
+//!   `{"id": N, "ok": true}`; the forwarder binds and connects them itself,
+//!   for connections whose source it does not preserve, without a round
+//!   trip per connection;
 //! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready",
 //!   "source_ip": bool}` once the agent has dropped its capabilities (the
 //!   forwarder waits for it);
@@ -40,7 +45,10 @@ use crate::child::dial::{Dial, DialFailure, DialRequest};
 use crate::child::netns::ChildDialer;
 use crate::sys::{self, SeqPacket, SeqpacketListener};
 use crate::wire::spec::PortSpec;
-use crate::wire::{AgentFlowClosed, AgentReply, AgentRequest, AGENT_HELLO, AGENT_MAX_MESSAGE};
+use crate::wire::{
+    AgentFlowClosed, AgentReply, AgentRequest, AgentSockets, AGENT_HELLO, AGENT_MAX_MESSAGE,
+    AGENT_MAX_SOCKETS,
+};
 
 /// Largest request or reply.
 pub const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
@@ -175,7 +183,7 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
         source_ip: Some(dialer.source_ip().is_some()),
         ..Default::default()
     };
-    send_reply(&sock, &hello, None).await?;
+    send_reply(&sock, &hello, &[]).await?;
     let mut buf = vec![0u8; MAX_MESSAGE];
     while let Some(got) = sock.recv(&mut buf).await? {
         let (n, truncated) = (got.len, got.truncated);
@@ -186,7 +194,22 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
                 libc::EMSGSIZE,
                 format!("request larger than {MAX_MESSAGE} bytes"),
             );
-            let _ = send_reply(&sock, &r, None).await;
+            let _ = send_reply(&sock, &r, &[]).await;
+            continue;
+        }
+        if let Ok(r) = serde_json::from_slice::<AgentSockets>(&buf[..n]) {
+            let made: Vec<OwnedFd> = (0..r.sockets.min(AGENT_MAX_SOCKETS))
+                .map_while(|_| sys::tcp_socket(r.ipv6).ok())
+                .collect();
+            let reply = AgentReply {
+                id: r.id,
+                ok: true,
+                ..Default::default()
+            };
+            let fds: Vec<RawFd> = made.iter().map(|f| f.as_raw_fd()).collect();
+            if let Err(e) = send_reply(&sock, &reply, &fds).await {
+                tracing::debug!(error = %e, "cannot send sockets; the forwarder is gone?");
+            }
             continue;
         }
         if let Ok(c) = serde_json::from_slice::<AgentFlowClosed>(&buf[..n]) {
@@ -199,8 +222,8 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
         let (sock, dialer) = (sock.clone(), dialer.clone());
         tokio::spawn(async move {
             let (reply, dialed) = handle(&dialer, &data).await;
-            let fd = dialed.as_ref().map(|s| s.as_fd().as_raw_fd());
-            if let Err(e) = send_reply(&sock, &reply, fd).await {
+            let fd: Vec<RawFd> = dialed.iter().map(|s| s.as_fd().as_raw_fd()).collect();
+            if let Err(e) = send_reply(&sock, &reply, &fd).await {
                 tracing::debug!(error = %e, "cannot send a reply; the forwarder is gone?");
             }
         });
@@ -208,9 +231,9 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
     Ok(())
 }
 
-async fn send_reply(sock: &SeqPacket, reply: &AgentReply, fd: Option<RawFd>) -> io::Result<()> {
+async fn send_reply(sock: &SeqPacket, reply: &AgentReply, fds: &[RawFd]) -> io::Result<()> {
     let data = serde_json::to_vec(reply).map_err(io::Error::other)?;
-    sock.send(&data, fd).await
+    sock.send(&data, fds).await
 }
 
 /// How long an agent started by a forwarder keeps serving after a SIGTERM
@@ -323,7 +346,7 @@ mod tests {
     }
 
     async fn ask(p: &SeqPacket, data: &[u8]) -> (AgentReply, Vec<OwnedFd>) {
-        p.send(data, None).await.expect("send");
+        p.send(data, &[]).await.expect("send");
         let mut buf = vec![0u8; MAX_MESSAGE];
         let got = p.recv(&mut buf).await.expect("recv").expect("reply");
         assert!(got.fds_lost.is_none(), "{:?}", got.fds_lost);
@@ -412,7 +435,7 @@ mod tests {
         let req = format!(
             r#"{{"id":3,"spec":{{"proto":"tcp","parentIP":"127.0.0.1","parentPort":9,"childPort":{port}}},"ipv6_listener":false}}"#
         );
-        p.send(req.as_bytes(), None).await.unwrap();
+        p.send(req.as_bytes(), &[]).await.unwrap();
         drop(p); // the forwarder goes away before the reply
         let r = tokio::time::timeout(Duration::from_secs(5), task)
             .await

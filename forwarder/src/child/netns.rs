@@ -79,57 +79,110 @@ pub fn pooled_sockets() -> usize {
     POOLED.load(Relaxed)
 }
 
-/// TCP sockets made ahead in the child, by family (0: IPv4, 1: IPv6).
-#[derive(Default)]
-struct SocketPool {
+/// Asks for a top-up of a family's pool (IPv6?), off the caller's path.
+pub type Refill = Box<dyn Fn(bool) + Send + Sync>;
+
+/// TCP sockets made ahead in the child, by family (0: IPv4, 1: IPv6): by
+/// the socket thread in root mode, by the agent (rootless) through
+/// [`SocketPool::new`]'s refill.
+pub struct SocketPool {
     idle: Mutex<[Vec<OwnedFd>; 2]>,
     /// A top-up of the family is asked for and not done yet.
     filling: [std::sync::atomic::AtomicBool; 2],
+    refill: std::sync::OnceLock<Refill>,
 }
 
 impl SocketPool {
+    /// An empty pool whose top-ups `refill` asks for; it must end in
+    /// [`SocketPool::add`] and [`SocketPool::filled`].
+    pub fn new(refill: Refill) -> Arc<Self> {
+        let pool = Self::without_refill();
+        let _ = pool.refill.set(refill);
+        pool
+    }
+
+    fn without_refill() -> Arc<Self> {
+        Arc::new(SocketPool {
+            idle: Mutex::new([Vec::new(), Vec::new()]),
+            filling: Default::default(),
+            refill: std::sync::OnceLock::new(),
+        })
+    }
+
     /// An idle socket of the family, if any; asks for a top-up when few
-    /// are left. The caller asks for one when there was none.
-    fn take(&self, ipv6: bool, tx: &mpsc::Sender<Request>) -> Option<OwnedFd> {
-        let (fd, left) = {
-            let mut idle = self.idle.lock().ok()?;
-            let v = &mut idle[usize::from(ipv6)];
-            (v.pop(), v.len())
+    /// are left, or none.
+    pub fn take(&self, ipv6: bool) -> Option<OwnedFd> {
+        let (fd, left) = match self.idle.lock() {
+            Ok(mut idle) => {
+                let v = &mut idle[usize::from(ipv6)];
+                (v.pop(), v.len())
+            }
+            Err(_) => (None, 0),
         };
-        let fd = fd?;
-        POOLED.fetch_sub(1, Relaxed);
+        if fd.is_some() {
+            POOLED.fetch_sub(1, Relaxed);
+        }
         if left < POOL_LOW {
-            self.want(ipv6, tx);
+            self.want(ipv6);
         }
-        Some(fd)
+        fd
     }
 
-    /// Asks the socket thread for a top-up unless one is under way.
-    fn want(&self, ipv6: bool, tx: &mpsc::Sender<Request>) {
-        if !self.filling[usize::from(ipv6)].swap(true, Relaxed)
-            && tx.send(Request::Fill(ipv6)).is_err()
-        {
-            self.filling[usize::from(ipv6)].store(false, Relaxed);
+    /// Whether a socket of the family is idle; asks for a top-up if not.
+    pub fn ready(&self, ipv6: bool) -> bool {
+        let ready = self
+            .idle
+            .lock()
+            .map(|i| !i[usize::from(ipv6)].is_empty())
+            .unwrap_or(false);
+        if !ready {
+            self.want(ipv6);
+        }
+        ready
+    }
+
+    /// Asks for a top-up unless one is under way.
+    fn want(&self, ipv6: bool) {
+        if !self.filling[usize::from(ipv6)].swap(true, Relaxed) {
+            match self.refill.get() {
+                Some(refill) => refill(ipv6),
+                None => self.filled(ipv6),
+            }
         }
     }
 
-    /// On the socket thread: makes the family's missing sockets. A failure
-    /// (out of descriptors) ends the top-up; the next dial asks again.
-    fn fill(&self, ipv6: bool) {
+    /// How many sockets of the family a top-up should make.
+    pub fn missing(&self, ipv6: bool) -> usize {
         let have = self
             .idle
             .lock()
             .map(|i| i[usize::from(ipv6)].len())
             .unwrap_or(POOL_SIZE);
-        let made: Vec<OwnedFd> = (have..POOL_SIZE)
-            .map_while(|_| sys::tcp_socket(ipv6).ok())
-            .collect();
+        POOL_SIZE.saturating_sub(have)
+    }
+
+    /// Adds made sockets of the family.
+    pub fn add(&self, ipv6: bool, made: Vec<OwnedFd>) {
         let n = made.len();
         if let Ok(mut idle) = self.idle.lock() {
             idle[usize::from(ipv6)].extend(made);
             POOLED.fetch_add(n, Relaxed);
         }
+    }
+
+    /// The family's top-up is done (or failed: the next dial asks again).
+    pub fn filled(&self, ipv6: bool) {
         self.filling[usize::from(ipv6)].store(false, Relaxed);
+    }
+
+    /// On the socket thread: makes the family's missing sockets. A failure
+    /// (out of descriptors) ends the top-up; the next dial asks again.
+    fn fill(&self, ipv6: bool) {
+        let made: Vec<OwnedFd> = (0..self.missing(ipv6))
+            .map_while(|_| sys::tcp_socket(ipv6).ok())
+            .collect();
+        self.add(ipv6, made);
+        self.filled(ipv6);
     }
 }
 
@@ -144,7 +197,9 @@ impl Drop for SocketPool {
 /// Creates sockets in the child namespace and dials with them.
 #[derive(Clone)]
 pub struct ChildDialer {
-    tx: mpsc::Sender<Request>,
+    /// The socket thread; none for a dialer whose sockets all come from
+    /// its pool ([`ChildDialer::from_pool`]).
+    tx: Option<mpsc::Sender<Request>>,
     /// TCP sockets made ahead by the socket thread.
     pool: Arc<SocketPool>,
     /// The namespace is this process's own: sockets are made by the
@@ -257,8 +312,15 @@ impl ChildDialer {
             _ => false,
         };
         let (tx, rx) = mpsc::channel::<Request>();
-        let pool = Arc::new(SocketPool::default());
-        let thread_pool = pool.clone();
+        let fill_tx = Mutex::new(tx.clone());
+        let pool = SocketPool::new(Box::new(move |ipv6| {
+            if let Ok(tx) = fill_tx.lock() {
+                let _ = tx.send(Request::Fill(ipv6));
+            }
+        }));
+        // Weak: the pool (whose refill holds a sender) goes with the last
+        // dialer, and the thread with it.
+        let thread_pool = Arc::downgrade(&pool);
         let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
         let thread = thread::Builder::new()
             .name("child-netns".into())
@@ -294,7 +356,11 @@ impl ChildDialer {
                             };
                             let _ = reply.send(sock);
                         }
-                        Request::Fill(ipv6) => thread_pool.fill(ipv6),
+                        Request::Fill(ipv6) => {
+                            if let Some(pool) = thread_pool.upgrade() {
+                                pool.fill(ipv6);
+                            }
+                        }
                     }
                 }
             })
@@ -305,7 +371,7 @@ impl ChildDialer {
         let r = match ready_rx.recv() {
             Ok(Ok(())) => {
                 return Ok(ChildDialer {
-                    tx,
+                    tx: Some(tx),
                     pool,
                     inline: same,
                     source_ip: None,
@@ -357,19 +423,33 @@ impl ChildDialer {
             };
         }
         if !udp {
-            if let Some(fd) = self.pool.take(ipv6, &self.tx) {
+            if let Some(fd) = self.pool.take(ipv6) {
                 return Ok(fd);
             }
         }
+        let Some(thread) = &self.tx else {
+            // No socket made ahead is left: EAGAIN, which the pool's
+            // filler reads as "dial another way".
+            return Err(io::Error::from_raw_os_error(libc::EAGAIN));
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx
+        thread
             .send(Request::One(ipv6, udp, tx))
             .map_err(|_| io::Error::other(NetnsError::Gone))?;
-        // Asked after this dial's socket, which the thread makes first.
-        if !udp {
-            self.pool.want(ipv6, &self.tx);
-        }
         rx.await.map_err(|_| io::Error::other(NetnsError::Gone))?
+    }
+
+    /// A dialer whose TCP sockets all come from `pool`, filled by someone
+    /// else (the agent, for a rootless forwarder): a dial fails with EAGAIN
+    /// when it is empty, and it makes no UDP sockets. No source
+    /// preservation.
+    pub fn from_pool(pool: Arc<SocketPool>) -> Self {
+        ChildDialer {
+            tx: None,
+            pool,
+            inline: false,
+            source_ip: None,
+        }
     }
 
     /// Creates a TCP socket of the given family inside the child namespace.
@@ -539,5 +619,63 @@ impl Dial for ChildDialer {
                 tracing::warn!(error = %e, flow = %local, "cannot remove a UDP flow's return rule");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn sockets(n: usize) -> Vec<OwnedFd> {
+        (0..n)
+            .map(|_| sys::tcp_socket(false).expect("socket"))
+            .collect()
+    }
+
+    #[test]
+    fn a_pool_asks_once_for_a_top_up_and_only_when_low() {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        let pool = SocketPool::new(Box::new(move |ipv6| {
+            if !ipv6 {
+                a.fetch_add(1, Relaxed);
+            }
+        }));
+        // Empty: not ready, and one top-up is asked for, however often
+        // it is asked while under way.
+        assert!(!pool.ready(false));
+        assert!(pool.take(false).is_none());
+        assert_eq!(asked.load(Relaxed), 1);
+        assert_eq!(pool.missing(false), POOL_SIZE);
+        pool.add(false, sockets(POOL_SIZE));
+        pool.filled(false);
+        assert!(pool.ready(false));
+        assert!(!pool.ready(true), "the families are apart");
+        // Taking down to the low mark asks for nothing; below it, once.
+        for _ in 0..POOL_SIZE - POOL_LOW {
+            assert!(pool.take(false).is_some());
+        }
+        assert_eq!(asked.load(Relaxed), 1);
+        assert!(pool.take(false).is_some());
+        assert_eq!(asked.load(Relaxed), 2);
+        assert!(pool.take(false).is_some());
+        assert_eq!(asked.load(Relaxed), 2, "a top-up is under way");
+        assert_eq!(pool.missing(false), POOL_LOW + 2);
+    }
+
+    #[tokio::test]
+    async fn a_dialer_from_a_pool_says_eagain_when_it_is_empty() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let addr = l.local_addr().expect("addr");
+        let pool = SocketPool::new(Box::new(|_| {}));
+        let d = ChildDialer::from_pool(pool.clone());
+        let e = d.connect_port(addr, None).await.expect_err("no socket");
+        assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+        pool.add(false, sockets(1));
+        d.connect_port(addr, None)
+            .await
+            .expect("connects a pooled socket");
+        assert!(!pool.ready(false));
     }
 }

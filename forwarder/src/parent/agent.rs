@@ -5,7 +5,11 @@
 //! connection's socket and implements [`Dial`] like the in-process one.
 //!
 //! Requests carry an id; replies may come back in any order and are
-//! matched to their waiting dial by it. A request is bounded by the dial
+//! matched to their waiting dial by it. Connections whose source the agent
+//! would not preserve anyway (clients at 127.0.0.1 or ::1) skip it: root
+//! mode dials them from its thread in the child; rootless, from TCP
+//! sockets the agent made ahead and sent in one reply
+//! ([`crate::wire::AgentSockets`]), which this side binds and connects. A request is bounded by the dial
 //! timeout; an agent that goes away fails every pending dial at once, and
 //! the port manager then restarts it or ends the run.
 
@@ -23,10 +27,13 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::child::dial::{Dial, DialFailure, DialFuture, DialRequest};
-use crate::child::netns::ChildDialer;
+use crate::child::netns::{ChildDialer, SocketPool};
 use crate::sys::{self, SeqPacket};
 use crate::wire::spec::{ApiSpec, PortSpec};
-use crate::wire::{AgentFlowClosed, AgentReply, AgentRequest, AGENT_HELLO, AGENT_MAX_MESSAGE};
+use crate::wire::{
+    AgentFlowClosed, AgentReply, AgentRequest, AgentSockets, AGENT_HELLO, AGENT_MAX_MESSAGE,
+    AGENT_MAX_SOCKETS,
+};
 
 /// Largest request or reply.
 const MAX_MESSAGE: usize = AGENT_MAX_MESSAGE;
@@ -117,7 +124,7 @@ pub fn spawn(target: &AgentTarget, source_ip: bool) -> anyhow::Result<Spawned> {
 
 /// A reply as the reader took it: the reply, the socket that came with it,
 /// and why a socket that came with it could not be taken, if one was lost.
-type Answer = (AgentReply, Option<OwnedFd>, Option<io::Error>);
+type Answer = (AgentReply, Vec<OwnedFd>, Option<io::Error>);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Answer>>>>;
 
@@ -139,6 +146,10 @@ pub struct AgentClient {
     local: Arc<Mutex<Option<ChildDialer>>>,
     /// That a local client was dialed so is logged once.
     local_logged: Arc<AtomicBool>,
+    /// TCP sockets the agent made ahead, for what it would dial from the
+    /// child's own address anyway when there is no `local` dialer
+    /// (rootless): the forwarder connects them itself.
+    pool: Arc<SocketPool>,
 }
 
 impl AgentClient {
@@ -148,11 +159,18 @@ impl AgentClient {
     pub fn new(fd: OwnedFd, source_ip: bool) -> io::Result<AgentClient> {
         let pending: Pending = Default::default();
         let stopping = Arc::new(AtomicBool::new(false));
-        let sock = Self::attach(fd, pending.clone(), stopping.clone())?;
+        let sock = Arc::new(Mutex::new(Self::attach(
+            fd,
+            pending.clone(),
+            stopping.clone(),
+        )?));
+        let next_id = Arc::new(AtomicU64::new(1));
+        let pool = agent_pool(sock.clone(), pending.clone(), next_id.clone());
         Ok(AgentClient {
-            sock: Arc::new(Mutex::new(sock)),
+            sock,
             pending,
-            next_id: Arc::new(AtomicU64::new(1)),
+            next_id,
+            pool,
             fallback: Arc::new(Mutex::new(None)),
             source_ip: Arc::new(AtomicBool::new(source_ip)),
             stopping,
@@ -216,14 +234,22 @@ impl AgentClient {
         }
     }
 
-    /// The dialer for this request when it need not go to the agent.
+    /// The dialer for this request when it need not go to the agent: the
+    /// thread in the child (root mode), or the sockets the agent made
+    /// ahead when one of the target's family is there.
     fn local_dialer(&self, req: &DialRequest<'_>) -> Option<ChildDialer> {
         let client = match req.source {
             None => None,
             Some(c) if is_child_loopback(c) => Some(c),
             Some(_) => return None,
         };
-        let d = self.local.lock().ok().and_then(|l| l.clone())?;
+        let d = match self.local.lock().ok().and_then(|l| l.clone()) {
+            Some(d) => d,
+            None if self.pool.ready(req.plan().target.is_ipv6()) => {
+                ChildDialer::from_pool(self.pool.clone())
+            }
+            None => return None,
+        };
         if let Some(client) = client {
             if !self.local_logged.swap(true, Relaxed) {
                 tracing::info!(%client,
@@ -246,14 +272,14 @@ impl AgentClient {
             let mut buf = vec![0u8; MAX_MESSAGE];
             loop {
                 match s.recv(&mut buf).await {
-                    Ok(Some(mut got)) => {
+                    Ok(Some(got)) => {
                         let Some(reply) = decode_reply(&buf[..got.len]) else {
                             tracing::warn!("malformed reply from the dial agent");
                             continue;
                         };
                         let waiter = p.lock().ok().and_then(|mut m| m.remove(&reply.id));
                         if let Some(w) = waiter {
-                            let _ = w.send((reply, got.fds.pop(), got.fds_lost));
+                            let _ = w.send((reply, got.fds, got.fds_lost));
                         }
                     }
                     Ok(None) | Err(_) => {
@@ -311,15 +337,16 @@ impl AgentClient {
             Ok(s) => s.clone(),
             Err(_) => return Err(fail(libc::EPIPE, "dial agent: lock poisoned".into())),
         };
-        if let Err(e) = sock.send(&data, None).await {
+        if let Err(e) = sock.send(&data, &[]).await {
             if let Ok(mut m) = self.pending.lock() {
                 m.remove(&id);
             }
             return Err(fail(libc::EPIPE, format!("dial agent: {e}")));
         }
-        let (reply, fd, lost) = rx
+        let (reply, mut fds, lost) = rx
             .await
             .map_err(|_| fail(libc::EPIPE, "the dial agent is gone".into()))?;
+        let fd = fds.pop();
         if !reply.ok {
             return Err(DialFailure {
                 errno: reply.errno,
@@ -352,10 +379,19 @@ impl Dial for AgentClient {
     }
 
     fn tcp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, TcpStream> {
-        if let Some(d) = self.fallback().or_else(|| self.local_dialer(&req)) {
+        if let Some(d) = self.fallback() {
             return Box::pin(async move { d.tcp(req).await });
         }
+        let local = self.local_dialer(&req);
         Box::pin(async move {
+            if let Some(d) = local {
+                match d.tcp(req).await {
+                    // The sockets made ahead ran out mid-dial (an IPv4
+                    // fallback): the agent dials instead.
+                    Err(f) if f.errno == Some(libc::EAGAIN) => {}
+                    r => return r,
+                }
+            }
             let (fd, reached) = self
                 .request(req.spec, req.ipv6_listener, req.source, req.bind_port)
                 .await?;
@@ -367,7 +403,9 @@ impl Dial for AgentClient {
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        if let Some(d) = self.fallback().or_else(|| self.local_dialer(&req)) {
+        let local = self.local.lock().ok().and_then(|l| l.clone());
+        let local = local.and_then(|_| self.local_dialer(&req));
+        if let Some(d) = self.fallback().or(local) {
             return Box::pin(async move { d.udp(req).await });
         }
         Box::pin(self.request(req.spec, req.ipv6_listener, req.source, None))
@@ -385,10 +423,71 @@ impl Dial for AgentClient {
         // exits (and removes them all).
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             h.spawn(async move {
-                let _ = sock.send(&data, None).await;
+                let _ = sock.send(&data, &[]).await;
             });
         }
     }
+}
+
+// A reply's sockets must fit in what a receive makes room for.
+const _: () = assert!(AGENT_MAX_SOCKETS as usize <= sys::MAX_FDS);
+
+/// A pool of TCP sockets the agent behind `sock` makes ahead: a top-up
+/// is one [`AgentSockets`] request, whose reply carries the sockets.
+fn agent_pool(
+    sock: Arc<Mutex<Arc<SeqPacket>>>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+) -> Arc<SocketPool> {
+    let me: Arc<std::sync::OnceLock<std::sync::Weak<SocketPool>>> = Default::default();
+    let weak = me.clone();
+    let pool = SocketPool::new(Box::new(move |ipv6| {
+        let Some(pool) = weak.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            pool.filled(ipv6);
+            return;
+        };
+        let (sock, pending) = (sock.lock().ok().map(|s| s.clone()), pending.clone());
+        let id = next_id.fetch_add(1, Relaxed);
+        rt.spawn(async move {
+            let want = u8::try_from(pool.missing(ipv6))
+                .unwrap_or(AGENT_MAX_SOCKETS)
+                .min(AGENT_MAX_SOCKETS);
+            let msg = AgentSockets {
+                id,
+                sockets: want,
+                ipv6,
+            };
+            let (tx, rx) = oneshot::channel();
+            if let Ok(mut m) = pending.lock() {
+                m.insert(id, tx);
+            }
+            let sent = match (sock, serde_json::to_vec(&msg)) {
+                (Some(sock), Ok(data)) => sock.send(&data, &[]).await.is_ok(),
+                _ => false,
+            };
+            if sent {
+                match rx.await {
+                    Ok((reply, fds, _)) if reply.ok => {
+                        tracing::debug!(
+                            sockets = fds.len(),
+                            ipv6,
+                            "sockets made ahead by the agent"
+                        );
+                        pool.add(ipv6, fds);
+                    }
+                    r => tracing::debug!(ok = r.is_ok(), "no sockets from the agent"),
+                }
+            } else if let Ok(mut m) = pending.lock() {
+                m.remove(&id);
+            }
+            pool.filled(ipv6);
+        });
+    }));
+    let _ = me.set(Arc::downgrade(&pool));
+    pool
 }
 
 /// A client at the loopback address every namespace owns (127.0.0.1,

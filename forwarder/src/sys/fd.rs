@@ -65,6 +65,37 @@ pub fn adopt_received(raw: Vec<RawFd>) -> Vec<OwnedFd> {
         .collect()
 }
 
+/// The descriptors of a truncated SCM_RIGHTS message (MSG_CTRUNC), read
+/// from the control buffer `space` recvmsg(2) filled (zeroed before): when
+/// the receiver runs out of descriptors, or of room, part-way, the kernel
+/// still writes one valid header for those it installed, which nix will
+/// not iterate. Without this they would stay open, unknown to anyone.
+pub fn rights_in_truncated(space: &[u8]) -> Vec<OwnedFd> {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if space.len() < hdr {
+        return Vec::new();
+    }
+    // SAFETY: `space` holds at least one cmsghdr; read_unaligned copies it.
+    let h: libc::cmsghdr = unsafe { std::ptr::read_unaligned(space.as_ptr().cast()) };
+    if h.cmsg_level != libc::SOL_SOCKET || h.cmsg_type != libc::SCM_RIGHTS {
+        return Vec::new();
+    }
+    // SAFETY: CMSG_LEN is arithmetic on its argument.
+    let data = unsafe { libc::CMSG_LEN(0) } as usize;
+    // cmsg_len is a size_t in glibc and a socklen_t in musl.
+    #[allow(clippy::useless_conversion)]
+    let len = usize::try_from(h.cmsg_len).unwrap_or(0).min(space.len());
+    if len <= data {
+        return Vec::new();
+    }
+    let raw: Vec<RawFd> = space[data..len]
+        .chunks_exact(std::mem::size_of::<RawFd>())
+        .filter_map(|c| c.try_into().ok().map(RawFd::from_ne_bytes))
+        .filter(|&fd| fd >= 0)
+        .collect();
+    adopt_received(raw)
+}
+
 /// accept4(2) with SOCK_CLOEXEC | SOCK_NONBLOCK, owned (rustix: nix's
 /// accept4 returns a bare number).
 pub fn accept_owned(listener: BorrowedFd<'_>) -> io::Result<OwnedFd> {

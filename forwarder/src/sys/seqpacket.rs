@@ -45,17 +45,15 @@ impl SeqPacket {
         async_fd(fd, Interest::READABLE | Interest::WRITABLE).map(SeqPacket)
     }
 
-    /// Sends one datagram, optionally with a descriptor.
-    pub async fn send(&self, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+    /// Sends one datagram with `fds` attached (at most 253, the kernel's
+    /// SCM_MAX_FD).
+    pub async fn send(&self, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
         loop {
             let mut guard = self.0.writable().await?;
-            let fds;
-            let cmsg: Vec<ControlMessage> = match &fd {
-                Some(f) => {
-                    fds = [*f];
-                    vec![ControlMessage::ScmRights(&fds)]
-                }
-                None => Vec::new(),
+            let cmsg: Vec<ControlMessage> = if fds.is_empty() {
+                Vec::new()
+            } else {
+                vec![ControlMessage::ScmRights(fds)]
             };
             let iov = [IoSlice::new(data)];
             let r = sendmsg::<()>(
@@ -101,7 +99,11 @@ impl SeqPacket {
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         loop {
             let mut guard = self.0.readable().await?;
-            let mut space = nix::cmsg_space!([RawFd; 4]);
+            // Room for the most descriptors a peer sends in one datagram
+            // (the agent's sockets made ahead): with less, the kernel
+            // truncates (MSG_CTRUNC) and the descriptors it did install
+            // cannot be read back from the control data.
+            let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
             let mut iov = [IoSliceMut::new(buf)];
             let r = recvmsg::<()>(
                 self.0.get_ref().as_raw_fd(),
@@ -122,6 +124,12 @@ impl SeqPacket {
                     let len = msg.bytes;
                     let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
                     let ctrunc = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+                    // Truncated (out of descriptors mid-way): nix will not
+                    // read the control data, but the kernel describes the
+                    // descriptors it did install, which are ours to close.
+                    if ctrunc {
+                        fds = super::fd::rights_in_truncated(&space);
+                    }
                     if len == 0 && !truncated && !ctrunc && fds.is_empty() {
                         return Ok(None);
                     }
@@ -139,6 +147,9 @@ impl SeqPacket {
         }
     }
 }
+
+/// The most descriptors [`SeqPacket::recv`] takes from one datagram.
+pub const MAX_FDS: usize = 32;
 
 /// A listening SOCK_SEQPACKET Unix socket (mode 0600).
 pub struct SeqpacketListener(AsyncFd<OwnedFd>);

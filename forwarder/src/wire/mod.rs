@@ -205,6 +205,22 @@ pub struct AgentRequest {
     pub bind_port: Option<u16>,
 }
 
+/// The forwarder asks the agent for fresh TCP sockets of the child's
+/// namespace, made ahead of the dials that will use them (connections
+/// whose source is not preserved: the forwarder binds and connects them
+/// itself). The reply ([`AgentReply`] with this id, `ok`) carries up to
+/// `sockets` of them ([`AGENT_MAX_SOCKETS`] at most).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentSockets {
+    pub id: u64,
+    pub sockets: u8,
+    pub ipv6: bool,
+}
+
+/// The most sockets one [`AgentSockets`] reply carries (what the
+/// forwarder's receive makes room for).
+pub const AGENT_MAX_SOCKETS: u8 = 32;
+
 /// The forwarder tells the agent that a UDP flow's socket was closed:
 /// `[reached, local]` as the dial reported and the socket's own address.
 /// The agent removes the flow's return rule; no reply.

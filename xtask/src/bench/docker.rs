@@ -220,7 +220,8 @@ fn measure(plan: &Plan, env: &Env, row: &mut Row) -> Result<()> {
             );
             row.gbit.push(gbit);
             for clients in CLIENTS {
-                let c = load::in_netns(None, move || load::conn_rate(echo_addr, clients, dur))?;
+                let c =
+                    load::in_netns(None, move || load::conn_rate(echo_addr, None, clients, dur))?;
                 ensure!(
                     c.completed > 0,
                     "no connection completed with {clients} clients: {}",

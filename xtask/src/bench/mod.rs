@@ -87,6 +87,7 @@ mod docker;
 mod profile;
 mod report;
 mod systems;
+mod timeline;
 use forwarder_testkit::procfs as sample;
 pub mod udp;
 
@@ -223,8 +224,10 @@ const ENGINES: [&str; 4] = ["ebpf", "splice", "copy", "auto"];
 /// The forwarders the loopback workloads run: the modes, and `ebpf-local`,
 /// `--mode ebpf --local-path`, which carries the bench's local clients on
 /// the local-client path (`ebpf` carries them as every client its
-/// sock_ops program does not see: the sk_skb path).
-pub(crate) const FORWARDERS: [&str; 5] = ["ebpf", "ebpf-local", "splice", "copy", "auto"];
+/// sock_ops program does not see: the sk_skb path); `auto-nosrc`, auto mode
+/// with `--no-source-ip`.
+pub(crate) const FORWARDERS: [&str; 6] =
+    ["ebpf", "ebpf-local", "splice", "copy", "auto", "auto-nosrc"];
 /// The suffix of a `--baseline` binary's rows.
 pub(crate) const BASELINE: &str = "@base";
 /// The engines auto mode may pick, against which it is judged.
@@ -235,7 +238,7 @@ const STREAMS: [u32; 2] = [1, 4];
 /// Ping-pong message sizes.
 const SIZES: [usize; 2] = [1, 1024];
 /// Concurrent clients of the connection-rate workload.
-const CLIENTS: [usize; 2] = [1, 32];
+const CLIENTS: [usize; 3] = [1, 32, 256];
 /// Connections being set up at once by the scale workload.
 const SCALE_PARALLEL: usize = 64;
 /// Descriptors the bench raises its limit to (inherited by the forwarders,
@@ -809,7 +812,9 @@ fn run_workloads(
         }
     }
     let profile_md = if args.profile {
-        Some(profile::run(plan, ns, systems)?)
+        let mut md = profile::run(plan, ns, systems)?;
+        timeline::run(&mut md, plan, ns, systems)?;
+        Some(md)
     } else {
         None
     };
@@ -1066,12 +1071,14 @@ fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Resul
         pause,
         |sys, clients, rep| {
             let r = on_echo(sys, ns, move |addr| async move {
-                load::conn_rate(addr, clients, dur).await.map(|c| RateRun {
-                    conn_per_s: c.completed as f64 / c.secs,
-                    p99_setup_us: load::latency_summary(&c.setup_ns)[1],
-                    failed: c.failed,
-                    first_error: c.first_error,
-                })
+                load::conn_rate(addr, None, clients, dur)
+                    .await
+                    .map(|c| RateRun {
+                        conn_per_s: c.completed as f64 / c.secs,
+                        p99_setup_us: load::latency_summary(&c.setup_ns)[1],
+                        failed: c.failed,
+                        first_error: c.first_error,
+                    })
             });
             // Not one connection completed: that is a failure, not a rate.
             let r = r.and_then(|run| match (&run.first_error, run.conn_per_s > 0.0) {

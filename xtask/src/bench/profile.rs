@@ -406,7 +406,7 @@ fn conn_rate(md: &mut String, plan: &Plan, ns: &Netns, pid: u32, ebpf: &System) 
     let perf = Perf::start(Some(pid), "rate-ebpf")?;
     let dur = Duration::from_secs(plan.rate_secs.max(2));
     let c = on_echo(ebpf, ns, move |addr| async move {
-        load::conn_rate(addr, 32, dur).await
+        load::conn_rate(addr, None, 32, dur).await
     })
     .map_err(anyhow::Error::msg)?;
     let rec = perf.finish()?;

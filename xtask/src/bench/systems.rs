@@ -26,7 +26,7 @@ pub struct Carriers {
 /// another engine than asked, fails the bench; a peer that fails is
 /// reported as not run.
 pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers> {
-    let ports = free_ports(2 * (2 * FORWARDERS.len() + 3))?;
+    let ports = free_ports(2 * (2 * FORWARDERS.len() + PEERS.len()))?;
     let mut ports = ports.into_iter();
     let mut next_port = || ports.next().context("out of free ports");
     let mut systems = vec![System {
@@ -57,7 +57,7 @@ pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers>
         let started = if args.no_peers {
             Err(anyhow::anyhow!("--no-peers"))
         } else {
-            start_peer(ns, me, name, ports)
+            start_peer(ns, me, bin, name, ports)
         };
         let mut sys = System {
             name: name.into(),
@@ -87,10 +87,16 @@ pub fn start(args: &Args, ns: &Netns, bin: &Path, me: &Path) -> Result<Carriers>
     })
 }
 
-/// The peers: name and report label.
-const PEERS: [(&str, &str); 3] = [
+/// The peers: name and report label. `rootless` is this build's forwarder
+/// as rootless Docker runs it (as a user, attached to RootlessKit, every
+/// dial through its agent), reported beside the peers it replaces.
+const PEERS: [(&str, &str); 4] = [
     ("socat", "socat, fork + `ip netns exec` per connection"),
     ("rootlesskit", "RootlessKit 1.1 builtin port driver"),
+    (
+        "rootless",
+        "forwarder `--mode auto`, rootless (RootlessKit `--port-driver=none`)",
+    ),
     ("pasta", "pasta (passt), splice path"),
 ];
 
@@ -105,6 +111,7 @@ fn start_forwarder(
     // ebpf-local: the ebpf engine with its local-client path.
     let (engine, extra): (&str, &[&str]) = match mode {
         "ebpf-local" => ("ebpf", &["--local-path"]),
+        "auto-nosrc" => ("auto", &["--no-source-ip"]),
         m => (m, &[]),
     };
     let mut args = vec![
@@ -124,11 +131,15 @@ fn start_forwarder(
         .join(" ");
     let name = format!("forwarder {flags}");
     let fwd = Forwarder::start(bin, &args, true, &name)?;
-    if mode != "auto" && fwd.engine() != engine {
+    if engine != "auto" && fwd.engine() != engine {
         bail!("{name} reports engine {:?}", fwd.engine());
     }
     let label = match mode {
         "auto" => format!("forwarder `--mode auto` (picked {})", fwd.engine()),
+        "auto-nosrc" => format!(
+            "forwarder `--mode auto --no-source-ip` (picked {})",
+            fwd.engine()
+        ),
         _ => format!("forwarder `{flags}`"),
     };
     let sys = System {
@@ -143,11 +154,12 @@ fn start_forwarder(
 }
 
 /// A peer publishing the iperf3 and echo servers on `(port, echo port)`.
-fn start_peer(ns: &Netns, me: &Path, name: &str, (p, e): (u16, u16)) -> Result<Peer> {
+fn start_peer(ns: &Netns, me: &Path, bin: &Path, name: &str, (p, e): (u16, u16)) -> Result<Peer> {
     eprintln!("bench: starting {name}");
     match name {
         "socat" => peers::socat(ns, (p, SERVER_PORT), (e, ECHO_PORT)),
         "rootlesskit" => peers::rootlesskit(me, (p, SERVER_PORT), (e, ECHO_PORT)),
+        "rootless" => peers::rootless_forwarder(me, bin, (p, SERVER_PORT), (e, ECHO_PORT)),
         _ => peers::pasta(ns, (p, SERVER_PORT), (e, ECHO_PORT)),
     }
 }
