@@ -40,26 +40,26 @@ use super::{on_echo, Plan, System};
 use crate::load;
 use crate::util::Netns;
 
-/// The bpftrace program: $1 client, $2 forwarder, $3 agent, $4 and $5
+/// The bpftrace program: $1 client, $2 forwarder, $3 agent, $4 to $6
 /// echo servers (0 where there is none).
 const PROGRAM: &str = r#"
 tracepoint:syscalls:sys_enter_connect /pid == $1/ {
   @c = nsecs; @acc = 0; @req = 0; @arecv = 0; @dial = 0; @sacc = 0; @reply = 0;
-  @frecv = 0; @relay = 0; @sread = 0; @armed = 1; @tear = 0;
+  @frecv = 0; @relay = 0; @sread = 0; @armed = 1; @tear = 0; @dialer = 0;
 }
 tracepoint:syscalls:sys_exit_accept4 /@armed && pid == $2 && args->ret >= 0 && @acc == 0/ { @acc = nsecs; }
 tracepoint:syscalls:sys_enter_sendmsg /@armed && pid == $2 && @acc && @req == 0/ { @req = nsecs; }
 tracepoint:syscalls:sys_exit_recvmsg /@armed && pid == $3 && args->ret > 0 && @req && @arecv == 0/ { @arecv = nsecs; }
-tracepoint:syscalls:sys_enter_connect /@armed && (pid == $2 || pid == $3) && @acc && @dial == 0/ { @dial = nsecs; }
-tracepoint:syscalls:sys_exit_accept4 /@armed && (pid == $4 || pid == $5) && args->ret >= 0 && @sacc == 0/ { @sacc = nsecs; }
+tracepoint:syscalls:sys_enter_connect /@armed && (pid == $2 || pid == $3) && @acc && @dial == 0/ { @dial = nsecs; @dialer = pid; }
+tracepoint:syscalls:sys_exit_accept4 /@armed && (pid == $4 || pid == $5 || pid == $6) && args->ret >= 0 && @sacc == 0/ { @sacc = nsecs; }
 tracepoint:syscalls:sys_enter_sendmsg /@armed && pid == $3 && @dial && @reply == 0/ { @reply = nsecs; }
 tracepoint:syscalls:sys_exit_recvmsg /@armed && pid == $2 && args->ret > 0 && @reply && @frecv == 0/ { @frecv = nsecs; }
 tracepoint:syscalls:sys_enter_splice,tracepoint:syscalls:sys_enter_recvfrom,tracepoint:syscalls:sys_enter_bpf
 /@armed && pid == $2 && @dial && (@req == 0 || @frecv) && @relay == 0/ { @relay = nsecs; }
-tracepoint:syscalls:sys_exit_recvfrom /@armed && (pid == $4 || pid == $5) && args->ret > 0 && @sacc && @sread == 0/ { @sread = nsecs; }
+tracepoint:syscalls:sys_exit_recvfrom /@armed && (pid == $4 || pid == $5 || pid == $6) && args->ret > 0 && @sacc && @sread == 0/ { @sread = nsecs; }
 tracepoint:syscalls:sys_exit_recvfrom /@armed && pid == $1 && args->ret == 1/ {
-  printf("S %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld\n",
-    @c, @acc, @req, @arecv, @dial, @sacc, @reply, @frecv, @relay, @sread, nsecs);
+  printf("S %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %lld %d\n",
+    @c, @acc, @req, @arecv, @dial, @sacc, @reply, @frecv, @relay, @sread, nsecs, @dialer);
   @armed = 0; @tear = 1;
 }
 tracepoint:syscalls:sys_enter_close /@tear == 1 && pid == $1/ { @cc = nsecs; @tear = 2; @fc = 0; }
@@ -84,6 +84,8 @@ struct Milestones {
     relay: u64,
     server_read: u64,
     answer: u64,
+    /// The PID that called `connect()` in the child.
+    dialer: u64,
 }
 
 impl Milestones {
@@ -93,7 +95,7 @@ impl Milestones {
             .split_whitespace()
             .map(|f| f.parse().ok())
             .collect::<Option<_>>()?;
-        let [connect, accepted, request, agent_got, dial, server_accepted, agent_replied, forwarder_got, relay, server_read, answer] =
+        let [connect, accepted, request, agent_got, dial, server_accepted, agent_replied, forwarder_got, relay, server_read, answer, dialer] =
             v[..]
         else {
             return None;
@@ -110,7 +112,20 @@ impl Milestones {
             relay,
             server_read,
             answer,
+            dialer,
         })
+    }
+
+    /// The forwarder (`fwd`) dialed itself: the messages to and from the
+    /// agent in the meantime were a pool's top-up, not this dial.
+    fn dialed_by(mut self, fwd: u32) -> Self {
+        if self.dialer == u64::from(fwd) {
+            self.request = 0;
+            self.agent_got = 0;
+            self.agent_replied = 0;
+            self.forwarder_got = 0;
+        }
+        self
     }
 
     /// The steps this connection went through: (step, ns).
@@ -268,11 +283,9 @@ fn trace(c: &Config<'_>, plan: &Plan, ns: &Netns) -> Result<Column> {
             (pid, agents.first().copied().unwrap_or(0))
         }
     };
-    let echo = pids_running("bench-echo");
-    let (e1, e2) = (
-        echo.first().copied().unwrap_or(0),
-        echo.get(1).copied().unwrap_or(0),
-    );
+    // The bench's, RootlessKit's and the rootless forwarder's.
+    let echo = echo_servers();
+    let server = |i: usize| echo.get(i).copied().unwrap_or(0);
     let dir = std::env::temp_dir().join(format!("fwd-bench-trace-{client}"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let prog = dir.join("setup.bt");
@@ -283,7 +296,7 @@ fn trace(c: &Config<'_>, plan: &Plan, ns: &Netns) -> Result<Column> {
         .args(["-B", "full", "-o"])
         .arg(&out)
         .arg(&prog)
-        .args([client, fwd, agent, e1, e2].map(|p| p.to_string()))
+        .args([client, fwd, agent, server(0), server(1), server(2)].map(|p| p.to_string()))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -337,7 +350,7 @@ fn trace(c: &Config<'_>, plan: &Plan, ns: &Netns) -> Result<Column> {
     for line in text.lines() {
         if let Some(m) = Milestones::parse(line) {
             n += 1;
-            for (name, ns) in m.steps() {
+            for (name, ns) in m.dialed_by(fwd).steps() {
                 if let Some(i) = STEPS.iter().position(|s| *s == name) {
                     steps[i].push(ns as f64 / 1000.0);
                 }
@@ -366,12 +379,13 @@ fn pct(v: &[f64], q: f64) -> f64 {
     s[((s.len() as f64 * q) as usize).min(s.len() - 1)]
 }
 
-/// The PIDs whose command line contains `what`.
-fn pids_running(what: &str) -> Vec<u32> {
+/// The PIDs of the echo servers (`xtask bench-echo`; not the shells or
+/// RootlessKit processes whose command lines name it).
+fn echo_servers() -> Vec<u32> {
     procs()
         .filter(|p| {
             std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(what))
+                .map(|c| c.split(|&b| b == 0).nth(1) == Some(b"bench-echo".as_slice()))
                 .unwrap_or(false)
         })
         .collect()
@@ -391,7 +405,7 @@ mod tests {
     #[test]
     fn steps_follow_the_path_taken() {
         // Through the agent: every milestone.
-        let m = Milestones::parse("S 100 200 300 400 500 600 700 800 900 1000 1100").unwrap();
+        let m = Milestones::parse("S 100 200 300 400 500 600 700 800 900 1000 1100 7").unwrap();
         let s = m.steps();
         assert_eq!(s.len(), 11);
         assert_eq!(s[0], (STEPS[0], 100));
@@ -407,7 +421,15 @@ mod tests {
         );
         assert_eq!(s[10], (STEPS[10], 1000));
         // Direct: connect, the server's accept and read, the answer.
-        let m = Milestones::parse("S 100 0 0 0 0 150 0 0 0 170 200").unwrap();
+        // The forwarder (PID 7) dialed: a top-up's messages are not steps.
+        let m = m.dialed_by(7);
+        assert_eq!(m.steps().len(), 7);
+        assert_eq!(
+            m.steps()[1],
+            (STEPS[3], 300),
+            "the dial counts from the accept"
+        );
+        let m = Milestones::parse("S 100 0 0 0 0 150 0 0 0 170 200 0").unwrap();
         let s = m.steps();
         assert_eq!(
             s,
