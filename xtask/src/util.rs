@@ -177,6 +177,16 @@ pub fn build_forwarder() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// Whether `program --version` runs and succeeds (the tool is installed).
+pub fn has_tool(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// Whether we run as root.
 pub fn is_root() -> bool {
     // SAFETY: geteuid cannot fail.

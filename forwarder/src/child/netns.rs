@@ -89,23 +89,17 @@ pub struct SocketPool {
     idle: Mutex<[Vec<OwnedFd>; 2]>,
     /// A top-up of the family is asked for and not done yet.
     filling: [std::sync::atomic::AtomicBool; 2],
-    refill: std::sync::OnceLock<Refill>,
+    refill: Refill,
 }
 
 impl SocketPool {
     /// An empty pool whose top-ups `refill` asks for; it must end in
     /// [`SocketPool::add`] and [`SocketPool::filled`].
     pub fn new(refill: Refill) -> Arc<Self> {
-        let pool = Self::without_refill();
-        let _ = pool.refill.set(refill);
-        pool
-    }
-
-    fn without_refill() -> Arc<Self> {
         Arc::new(SocketPool {
             idle: Mutex::new([Vec::new(), Vec::new()]),
             filling: Default::default(),
-            refill: std::sync::OnceLock::new(),
+            refill,
         })
     }
 
@@ -144,10 +138,7 @@ impl SocketPool {
     /// Asks for a top-up unless one is under way.
     fn want(&self, ipv6: bool) {
         if !self.filling[usize::from(ipv6)].swap(true, Relaxed) {
-            match self.refill.get() {
-                Some(refill) => refill(ipv6),
-                None => self.filled(ipv6),
-            }
+            (self.refill)(ipv6);
         }
     }
 

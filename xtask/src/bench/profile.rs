@@ -315,13 +315,7 @@ pub fn run(plan: &Plan, ns: &Netns, systems: &[System]) -> Result<String> {
         return Ok(md);
     };
     let pid = ebpf.pid.context("the ebpf forwarder's PID")?;
-    if Command::new("perf")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
+    if !crate::util::has_tool("perf") {
         writeln!(md, "not run: perf is not installed (Debian: linux-perf)")?;
         return Ok(md);
     }

@@ -181,13 +181,7 @@ struct Config<'a> {
 /// bpftrace.
 pub fn run(md: &mut String, plan: &Plan, ns: &Netns, systems: &[System]) -> Result<()> {
     writeln!(md, "# Connection setup, step by step\n")?;
-    if Command::new("bpftrace")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
+    if !crate::util::has_tool("bpftrace") {
         writeln!(
             md,
             "not run: bpftrace is not installed (Debian: bpftrace)\n"
