@@ -166,6 +166,10 @@ pub fn default_max_connections(nofile: u64) -> usize {
     (nofile.saturating_sub(headroom) / 2).max(1) as usize
 }
 
+/// The most descriptor-table slots made ahead at start-up
+/// ([`sys::reserve_descriptors`]): 128 KiB of kernel memory.
+const FD_TABLE_RESERVED: u64 = 16_384;
+
 /// How the child is dialed, prepared before the runtime starts.
 enum DialSetup {
     Netns(netns::ChildDialer),
@@ -410,7 +414,16 @@ fn validate(config: &Config) -> Result<usize> {
     let max_connections = config
         .max_connections
         .unwrap_or_else(|| default_max_connections(nofile));
-    tracing::debug!(nofile, max_connections, "limits");
+    // Two descriptors a connection and some for pipes and the rest, up to
+    // the cap: beyond it the table grows as it would anyway.
+    let slots = (max_connections as u64 * 2 + 1024)
+        .min(nofile)
+        .min(FD_TABLE_RESERVED);
+    if let Err(e) = sys::reserve_descriptors(slots as u32) {
+        tracing::debug!(slots, error = %e, "cannot grow the descriptor table ahead");
+    }
+    let table = sys::descriptor_table_size().unwrap_or(0);
+    tracing::debug!(nofile, max_connections, table, "limits");
     Ok(max_connections)
 }
 
