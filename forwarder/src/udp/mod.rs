@@ -21,9 +21,13 @@
 //! child and connected by the same rules as TCP (ParentIP, CHILDIP, IPv6 ->
 //! IPv4, see `dial`); until the socket arrives up to
 //! [`DIAL_BACKLOG`] datagrams wait in the flow, more are dropped and
-//! counted (`dial_backlog`). A dial that fails drops what waited
-//! (`dial_failed`) and forgets the flow; the client's next datagram tries
-//! again. Replies read from the flow's socket go back to the client from
+//! counted (`dial_backlog`). When the socket arrives, what waited is not
+//! flushed: it is replayed at the pace it came, late by the dial time
+//! ([`pace`]), so hundreds of flows whose dials end together do not
+//! overflow the server's receive queue; the flow's later datagrams queue
+//! behind its own until the replay is done. A dial that fails drops what
+//! waited (`dial_failed`) and forgets the flow; the client's next datagram
+//! tries again. Replies read from the flow's socket go back to the client from
 //! the address it wrote to: an unspecified-address listener reads that
 //! address from IP_PKTINFO / IPV6_PKTINFO on every datagram and sets it as
 //! the source of the replies.
@@ -100,13 +104,15 @@
 //! so we kept UDP in userspace.
 //!
 //! Files: [`relay`] (the task per address), [`flows`] (the flow table),
-//! [`stats`] (the counters), [`batch`] (recvmmsg/sendmmsg with their
-//! control messages, and GSO runs).
+//! [`pace`] (the replay of what waited for a dial), [`stats`] (the
+//! counters), [`batch`] (recvmmsg/sendmmsg with their control messages,
+//! and GSO runs).
 //!
 //! May use: `child` (the dialers), `sys`, `wire`.
 
 mod batch;
 mod flows;
+mod pace;
 mod relay;
 mod stats;
 
@@ -126,7 +132,8 @@ const BUF: usize = 65_536;
 const _: () = assert!(BUF > MAX_PAYLOAD_V6 && MAX_PAYLOAD_V6 > MAX_PAYLOAD_V4);
 /// Datagrams per recvmmsg/sendmmsg call.
 pub const BATCH: usize = 32;
-/// Datagrams that may wait for a flow's dial; more are dropped.
+/// Datagrams of one flow that may wait for its dial and its paced release
+/// ([`pace`]); more are dropped.
 pub const DIAL_BACKLOG: usize = 16;
 /// How long a flow's dial may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::batch::Batch;
 use super::flows::FlowTable;
+use super::pace::Pacer;
 use super::stats::{DropCounter, Loss, UdpStats};
 use super::*;
 use crate::child::dial::{Dial, DialFailure, DialRequest};
@@ -100,12 +101,23 @@ fn unreachable(stats: &UdpStats, warned: &mut bool, spec: &PortSpec, sock: Borro
 // The relay.
 
 enum FlowState {
-    /// Waiting for the child socket; datagrams that came meanwhile.
-    Dialing(Vec<Vec<u8>>),
+    /// Waiting for the child socket; datagrams that came meanwhile, with
+    /// the time each came.
+    Dialing(Vec<(Instant, Vec<u8>)>),
     Ready {
         sock: OwnedFd,
         drops: DropCounter,
+        /// Datagrams of this flow in the relay's [`Pacer`]: while there
+        /// are any, later ones queue behind them.
+        paced: usize,
     },
+}
+
+/// A datagram in the [`Pacer`]: for flow slot `idx` while its id is `id`.
+struct PacedDatagram {
+    idx: usize,
+    id: u64,
+    data: Vec<u8>,
 }
 
 struct Flow {
@@ -141,6 +153,9 @@ struct Relay {
     next_id: u64,
     started: Instant,
     dial_tx: mpsc::UnboundedSender<DialResult>,
+    /// Datagrams that waited for their flow's dial, released at the pace
+    /// they came.
+    pacer: Pacer<PacedDatagram>,
     last_warn: Option<Instant>,
     suppressed: u64,
     /// Whether "nothing listens at the target" was logged (once a port).
@@ -177,9 +192,13 @@ pub async fn serve(p: Published) {
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut events = [EpollEvent::empty(); 64];
     loop {
+        let due = relay.pacer.next_due();
         tokio::select! {
             biased;
             Some(r) = dial_rx.recv() => relay.dialed(r),
+            () = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                relay.release_due();
+            }
             _ = timer.tick() => relay.tick(),
             ready = relay.ep.readable() => {
                 let mut guard = match ready {
@@ -242,6 +261,7 @@ impl Relay {
             next_id: 1,
             started: Instant::now(),
             dial_tx,
+            pacer: Pacer::new(),
             last_warn: None,
             suppressed: 0,
             warned_unreachable: false,
@@ -336,9 +356,30 @@ impl Relay {
         };
         match &mut flow.state {
             FlowState::Dialing(pending) => {
+                let now = Instant::now();
                 for i in range {
                     if pending.len() < DIAL_BACKLOG {
-                        pending.push(self.batch.data(i).to_vec());
+                        pending.push((now, self.batch.data(i).to_vec()));
+                    } else {
+                        self.stats.lost(Loss::DialBacklog, 1);
+                    }
+                }
+            }
+            FlowState::Ready { paced, .. } if *paced > 0 => {
+                // Behind its own datagrams that are still being replayed.
+                let now = Instant::now();
+                for i in range {
+                    if *paced < DIAL_BACKLOG {
+                        *paced += 1;
+                        let data = self.batch.data(i).to_vec();
+                        self.pacer.push(
+                            now,
+                            PacedDatagram {
+                                idx,
+                                id: flow.id,
+                                data,
+                            },
+                        );
                     } else {
                         self.stats.lost(Loss::DialBacklog, 1);
                     }
@@ -484,34 +525,63 @@ impl Relay {
                 let Some(flow) = self.flows.get_mut(idx) else {
                     return;
                 };
-                let pending = match std::mem::replace(
-                    &mut flow.state,
-                    FlowState::Ready {
-                        sock,
-                        drops: DropCounter::default(),
-                    },
-                ) {
-                    FlowState::Dialing(p) => p,
+                let pending = match &mut flow.state {
+                    FlowState::Dialing(p) => std::mem::take(p),
                     FlowState::Ready { .. } => Vec::new(),
                 };
-                let FlowState::Ready { sock, .. } = &flow.state else {
-                    return;
+                flow.state = FlowState::Ready {
+                    sock,
+                    drops: DropCounter::default(),
+                    paced: pending.len(),
                 };
-                for d in pending {
-                    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
-                    if let Err(e) = SockRef::from(sock).send_with_flags(&d, flags) {
-                        let why = if e.raw_os_error() == Some(libc::EMSGSIZE) {
-                            Loss::Oversize
-                        } else {
-                            Loss::SendError
-                        };
-                        self.stats.lost(why, 1);
-                    } else {
-                        self.stats.delivered(0, 1, d.len() as u64);
-                    }
-                }
+                let id = flow.id;
+                let waited = pending
+                    .into_iter()
+                    .map(|(at, data)| (at, PacedDatagram { idx, id, data }));
+                self.pacer.release(Instant::now(), waited);
+                self.release_due();
             }
             Err(f) => self.dial_failed(idx, &f.message),
+        }
+    }
+
+    /// Sends the paced datagrams that are due to their flows' sockets.
+    fn release_due(&mut self) {
+        let now = Instant::now();
+        while let Some(d) = self.pacer.pop_due(now) {
+            let Some(flow) = self.flows.get_mut(d.idx).filter(|f| f.id == d.id) else {
+                continue; // its flow ended and counted it
+            };
+            let FlowState::Ready { sock, paced, .. } = &mut flow.state else {
+                continue;
+            };
+            *paced -= 1;
+            let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+            let send = || SockRef::from(&*sock).send_with_flags(&d.data, flags);
+            let mut sent = send();
+            if matches!(&sent, Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED)) {
+                // An earlier datagram's ICMP port unreachable, reported
+                // on this send, which did not happen: count that one and
+                // send this one again.
+                unreachable(
+                    &self.stats,
+                    &mut self.warned_unreachable,
+                    &self.spec,
+                    sock.as_fd(),
+                );
+                sent = send();
+            }
+            match sent {
+                Ok(_) => self.stats.delivered(0, 1, d.data.len() as u64),
+                Err(e) => {
+                    let why = match e.raw_os_error() {
+                        Some(libc::EMSGSIZE) => Loss::Oversize,
+                        Some(libc::ECONNREFUSED) => Loss::Unreachable,
+                        _ => Loss::SendError,
+                    };
+                    self.stats.lost(why, 1);
+                }
+            }
         }
     }
 
@@ -532,7 +602,13 @@ impl Relay {
         let Flow { state, slot, .. } = flow;
         match state {
             FlowState::Dialing(p) => self.stats.lost(why, p.len() as u64),
-            FlowState::Ready { sock, mut drops } => {
+            FlowState::Ready {
+                sock,
+                mut drops,
+                paced,
+            } => {
+                // Its datagrams still in the pacer are skipped there.
+                self.stats.lost(why, paced as u64);
                 if let Some(d) = sys::meminfo_drops(sock.as_fd()) {
                     let new = drops.update(d);
                     self.stats.lost(Loss::ChildRxQueueOverflow, new);
@@ -566,7 +642,7 @@ impl Relay {
         let Some(flow) = self.flows.get_mut(idx) else {
             return;
         };
-        let FlowState::Ready { sock, drops } = &mut flow.state else {
+        let FlowState::Ready { sock, drops, .. } = &mut flow.state else {
             return;
         };
         let fd = sock.as_raw_fd();
