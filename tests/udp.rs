@@ -38,6 +38,11 @@ fn start(pair: &Pair, extra: &[&str], specs: &[&str]) -> Fwd {
 /// while its flow dials waits for the dial, so none may be lost here.
 async fn ask(c: &UdpSocket, msg: &[u8]) -> Vec<u8> {
     c.send(msg).await.expect("send");
+    ask_reply(c).await
+}
+
+/// Waits for the reply to a datagram sent already.
+async fn ask_reply(c: &UdpSocket) -> Vec<u8> {
     let mut buf = vec![0u8; 65_536];
     let n = within(5, "a reply", c.recv(&mut buf)).await.expect("recv");
     buf.truncate(n);
@@ -665,6 +670,58 @@ pub async fn gso_refused_by_the_route(privilege: Privilege) {
     }
 }
 
+/// Rootless, a flow of a client at 127.0.0.1 (whose address the child has
+/// too, so it is not preserved) gets a UDP socket the agent made ahead:
+/// with the agent stopped (SIGSTOP), as many new local flows as were made
+/// ahead are still answered at once.
+pub async fn local_flows_do_not_wait_on_the_agent() {
+    let pair = Pair::with(Privilege::User);
+    let _server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
+    let mut f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "no agent:\n{}", f.stderr());
+    let agent = nix::unistd::Pid::from_raw(agents[0] as i32);
+    // The first flow asks for the sockets to be made.
+    let first = client_in(&pair.parent, "127.0.0.1:19000");
+    assert_eq!(ask(&first, b"first").await, b"first");
+    let deadline = Instant::now() + limit(Duration::from_secs(5));
+    let pooled = loop {
+        let st = f.stats();
+        let p = n(&st["pooled"]["sockets"]);
+        if p >= 8 || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(pooled >= 8, "{pooled} sockets made ahead, want 8");
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the agent");
+    let mut answered = 0;
+    for k in 0..8u8 {
+        let c = client_in(&pair.parent, "127.0.0.1:19000");
+        c.send(&[k; 100]).await.expect("send");
+        let mut buf = vec![0u8; 2048];
+        let wait = limit(Duration::from_secs(2));
+        if let Ok(Ok(n)) = tokio::time::timeout(wait, c.recv(&mut buf)).await {
+            assert_eq!(&buf[..n], &[k; 100][..]);
+            answered += 1;
+        }
+    }
+    // The sockets made ahead are used up: the next flow waits for the
+    // agent, and is answered once it goes on.
+    let ninth = client_in(&pair.parent, "127.0.0.1:19000");
+    ninth.send(b"ninth").await.expect("send");
+    let mut buf = vec![0u8; 2048];
+    let early = tokio::time::timeout(Duration::from_millis(300), ninth.recv(&mut buf)).await;
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT the agent");
+    assert_eq!(answered, 8, "new local flows waited on the stopped agent");
+    assert!(
+        early.is_err(),
+        "a flow was answered with the agent stopped and no socket left"
+    );
+    assert_eq!(ask_reply(&ninth).await, b"ninth");
+    f.stop();
+}
+
 /// The burst tests compare the forwarder with a plain server's own receive
 /// queue, which another test running beside them on two CPUs can overflow
 /// with no forwarder at all (the direct run failed so), and a relay that
@@ -875,6 +932,12 @@ mod new_flows {
     async fn burst_arrives_whole_rootless() {
         let _alone = super::alone().await;
         super::new_flow_burst(Privilege::User, &[]).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn local_flows_do_not_wait_on_the_agent() {
+        let _q = super::shared().await;
+        super::local_flows_do_not_wait_on_the_agent().await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

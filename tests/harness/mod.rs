@@ -471,11 +471,11 @@ impl Fwd {
                     .collect();
                 let pooled = &st["pooled"];
                 let pooled_pipes = pooled["pipes"].as_u64().unwrap_or(u64::MAX);
-                // The dialer's sockets made ahead: at most a pool per family.
+                // The dialer's sockets made ahead: at most a pool per kind.
                 let pooled_sockets = pooled["sockets"].as_u64().unwrap_or(u64::MAX);
                 let ok = st["active"] == 0
                     && pooled_pipes <= 64
-                    && pooled_sockets <= 16
+                    && pooled_sockets <= 32
                     && fds as u64 <= base_fds as u64 + 2 * pooled_pipes + pooled_sockets
                     && pooled["pipes_in_use"] == 0
                     && pooled["buffers_in_use"] == 0

@@ -18,11 +18,12 @@
 //!   [`crate::udp`]), any other for a connected TCP stream;
 //! - `{"udp_closed": ["REACHED", "LOCAL"]}`: a flow's socket was closed, its
 //!   return rule goes ([`crate::child::srcip`]); no reply;
-//! - `{"id": N, "sockets": K, "ipv6": bool}`: K fresh, unconnected TCP
-//!   sockets of this namespace (32 at most), all attached to one reply
-//!   `{"id": N, "ok": true}`; the forwarder binds and connects them itself,
-//!   for connections whose source it does not preserve, without a round
-//!   trip per connection;
+//! - `{"id": N, "sockets": K, "ipv6": bool, "udp": bool}`: K fresh,
+//!   unconnected TCP (UDP with `"udp": true`) sockets of this namespace (32
+//!   at most), all attached to one reply `{"id": N, "ok": true}`; the
+//!   forwarder binds and connects them itself, for connections and flows
+//!   whose source it does not preserve, without a round trip per
+//!   connection;
 //! - first, unasked, `{"id": 0, "ok": true, "message": "agent ready",
 //!   "source_ip": bool}` once the agent has dropped its capabilities (the
 //!   forwarder waits for it);
@@ -198,8 +199,12 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
             continue;
         }
         if let Ok(r) = serde_json::from_slice::<AgentSockets>(&buf[..n]) {
+            let kind = crate::child::netns::Kind {
+                ipv6: r.ipv6,
+                udp: r.udp,
+            };
             let made: Vec<OwnedFd> = (0..r.sockets.min(AGENT_MAX_SOCKETS))
-                .map_while(|_| sys::tcp_socket(r.ipv6).ok())
+                .map_while(|_| kind.socket().ok())
                 .collect();
             let reply = AgentReply {
                 id: r.id,

@@ -7,15 +7,15 @@
 //! namespace is the process's own (the agent, which runs inside the
 //! child), the caller's thread makes the socket itself.
 //!
-//! A round trip to that thread costs two wake-ups, so TCP sockets are made
-//! ahead: each family has a pool of up to [`POOL_SIZE`] idle sockets, which
-//! a dial takes from. The first dial of a family asks the thread for its
-//! socket and for the pool to be filled; a dial that leaves fewer than
-//! [`POOL_LOW`] asks for a top-up, which the thread makes in one go, off
-//! the connection's path. An empty pool (a burst) is no error: the dial
-//! asks the thread for its own socket. The idle sockets are counted in the
-//! stats (`pooled.sockets`) and close with the dialer. UDP sockets are not
-//! pooled: a flow's socket is made once and lives as long as the flow.
+//! A round trip to that thread costs two wake-ups, so sockets are made
+//! ahead: each kind (TCP or UDP, IPv4 or IPv6, see [`Kind`]) has a pool of
+//! up to [`POOL_SIZE`] idle sockets, which a dial takes from. The first
+//! dial of a kind asks the thread for its socket and for the pool to be
+//! filled; a dial that leaves fewer than [`POOL_LOW`] asks for a top-up,
+//! which the thread makes in one go, off the connection's path. An empty
+//! pool (a burst) is no error: the dial asks the thread for its own socket.
+//! A kind no dial asked for stays empty. The idle sockets are counted in
+//! the stats (`pooled.sockets`) and close with the dialer.
 //!
 //! With source preservation ([`ChildDialer::with_source_ip`], in the agent
 //! only, which holds the capabilities for it) the caller's thread makes the
@@ -60,13 +60,53 @@ pub enum NetnsError {
 
 /// What the socket thread is asked for.
 enum Request {
-    /// One socket (IPv6?, UDP?), sent back.
-    One(bool, bool, oneshot::Sender<io::Result<OwnedFd>>),
-    /// Top the TCP pool of a family (IPv6?) up to [`POOL_SIZE`].
-    Fill(bool),
+    /// One socket of a kind, sent back.
+    One(Kind, oneshot::Sender<io::Result<OwnedFd>>),
+    /// Top the pool of a kind up to [`POOL_SIZE`].
+    Fill(Kind),
 }
 
-/// Idle TCP sockets a family's pool is topped up to.
+/// A kind of socket made ahead: its family and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub ipv6: bool,
+    pub udp: bool,
+}
+
+impl Kind {
+    /// A new, unconnected socket of this kind in the calling thread's
+    /// namespace.
+    pub fn socket(self) -> io::Result<OwnedFd> {
+        if self.udp {
+            sys::udp_socket(self.ipv6)
+        } else {
+            sys::tcp_socket(self.ipv6)
+        }
+    }
+
+    /// Whether `fd` is a socket of this kind (what a peer sent in its
+    /// place is checked before it is pooled).
+    pub fn matches(self, fd: &OwnedFd) -> bool {
+        let s = socket2::SockRef::from(fd);
+        let ty = if self.udp {
+            socket2::Type::DGRAM
+        } else {
+            socket2::Type::STREAM
+        };
+        let domain = if self.ipv6 {
+            socket2::Domain::IPV6
+        } else {
+            socket2::Domain::IPV4
+        };
+        s.r#type().is_ok_and(|t| t == ty) && s.domain().is_ok_and(|d| d == domain)
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.ipv6) + 2 * usize::from(self.udp)
+    }
+}
+
+/// Idle sockets a kind's pool is topped up to.
 pub const POOL_SIZE: usize = 8;
 /// A dial that leaves fewer idle sockets than this asks for a top-up.
 pub const POOL_LOW: usize = 4;
@@ -74,21 +114,20 @@ pub const POOL_LOW: usize = 4;
 /// Idle sockets in every dialer's pools, for the stats.
 static POOLED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// TCP sockets idle in the pools of the child namespace's dialers.
+/// Sockets idle in the pools of the child namespace's dialers.
 pub fn pooled_sockets() -> usize {
     POOLED.load(Relaxed)
 }
 
-/// Asks for a top-up of a family's pool (IPv6?), off the caller's path.
-pub type Refill = Box<dyn Fn(bool) + Send + Sync>;
+/// Asks for a top-up of a kind's pool, off the caller's path.
+pub type Refill = Box<dyn Fn(Kind) + Send + Sync>;
 
-/// TCP sockets made ahead in the child, by family (0: IPv4, 1: IPv6): by
-/// the socket thread in root mode, by the agent (rootless) through
-/// [`SocketPool::new`]'s refill.
+/// Sockets made ahead in the child, by [`Kind`]: by the socket thread in
+/// root mode, by the agent (rootless) through [`SocketPool::new`]'s refill.
 pub struct SocketPool {
-    idle: Mutex<[Vec<OwnedFd>; 2]>,
-    /// A top-up of the family is asked for and not done yet.
-    filling: [std::sync::atomic::AtomicBool; 2],
+    idle: Mutex<[Vec<OwnedFd>; 4]>,
+    /// A top-up of the kind is asked for and not done yet.
+    filling: [std::sync::atomic::AtomicBool; 4],
     refill: Refill,
 }
 
@@ -97,18 +136,18 @@ impl SocketPool {
     /// [`SocketPool::add`] and [`SocketPool::filled`].
     pub fn new(refill: Refill) -> Arc<Self> {
         Arc::new(SocketPool {
-            idle: Mutex::new([Vec::new(), Vec::new()]),
+            idle: Mutex::new(Default::default()),
             filling: Default::default(),
             refill,
         })
     }
 
-    /// An idle socket of the family, if any; asks for a top-up when few
+    /// An idle socket of the kind, if any; asks for a top-up when few
     /// are left, or none.
-    pub fn take(&self, ipv6: bool) -> Option<OwnedFd> {
+    pub fn take(&self, kind: Kind) -> Option<OwnedFd> {
         let (fd, left) = match self.idle.lock() {
             Ok(mut idle) => {
-                let v = &mut idle[usize::from(ipv6)];
+                let v = &mut idle[kind.index()];
                 (v.pop(), v.len())
             }
             Err(_) => (None, 0),
@@ -117,63 +156,65 @@ impl SocketPool {
             POOLED.fetch_sub(1, Relaxed);
         }
         if left < POOL_LOW {
-            self.want(ipv6);
+            self.want(kind);
         }
         fd
     }
 
-    /// Whether a socket of the family is idle; asks for a top-up if not.
-    pub fn ready(&self, ipv6: bool) -> bool {
+    /// Whether a socket of the kind is idle; asks for a top-up if not.
+    pub fn ready(&self, kind: Kind) -> bool {
         let ready = self
             .idle
             .lock()
-            .map(|i| !i[usize::from(ipv6)].is_empty())
+            .map(|i| !i[kind.index()].is_empty())
             .unwrap_or(false);
         if !ready {
-            self.want(ipv6);
+            self.want(kind);
         }
         ready
     }
 
     /// Asks for a top-up unless one is under way.
-    fn want(&self, ipv6: bool) {
-        if !self.filling[usize::from(ipv6)].swap(true, Relaxed) {
-            (self.refill)(ipv6);
+    fn want(&self, kind: Kind) {
+        if !self.filling[kind.index()].swap(true, Relaxed) {
+            (self.refill)(kind);
         }
     }
 
-    /// How many sockets of the family a top-up should make.
-    pub fn missing(&self, ipv6: bool) -> usize {
+    /// How many sockets of the kind a top-up should make.
+    pub fn missing(&self, kind: Kind) -> usize {
         let have = self
             .idle
             .lock()
-            .map(|i| i[usize::from(ipv6)].len())
+            .map(|i| i[kind.index()].len())
             .unwrap_or(POOL_SIZE);
         POOL_SIZE.saturating_sub(have)
     }
 
-    /// Adds made sockets of the family.
-    pub fn add(&self, ipv6: bool, made: Vec<OwnedFd>) {
+    /// Adds made sockets of the kind; any that is not of the kind is
+    /// closed.
+    pub fn add(&self, kind: Kind, made: Vec<OwnedFd>) {
+        let made: Vec<OwnedFd> = made.into_iter().filter(|f| kind.matches(f)).collect();
         let n = made.len();
         if let Ok(mut idle) = self.idle.lock() {
-            idle[usize::from(ipv6)].extend(made);
+            idle[kind.index()].extend(made);
             POOLED.fetch_add(n, Relaxed);
         }
     }
 
-    /// The family's top-up is done (or failed: the next dial asks again).
-    pub fn filled(&self, ipv6: bool) {
-        self.filling[usize::from(ipv6)].store(false, Relaxed);
+    /// The kind's top-up is done (or failed: the next dial asks again).
+    pub fn filled(&self, kind: Kind) {
+        self.filling[kind.index()].store(false, Relaxed);
     }
 
-    /// On the socket thread: makes the family's missing sockets. A failure
+    /// On the socket thread: makes the kind's missing sockets. A failure
     /// (out of descriptors) ends the top-up; the next dial asks again.
-    fn fill(&self, ipv6: bool) {
-        let made: Vec<OwnedFd> = (0..self.missing(ipv6))
-            .map_while(|_| sys::tcp_socket(ipv6).ok())
+    fn fill(&self, kind: Kind) {
+        let made: Vec<OwnedFd> = (0..self.missing(kind))
+            .map_while(|_| kind.socket().ok())
             .collect();
-        self.add(ipv6, made);
-        self.filled(ipv6);
+        self.add(kind, made);
+        self.filled(kind);
     }
 }
 
@@ -191,7 +232,7 @@ pub struct ChildDialer {
     /// The socket thread; none for a dialer whose sockets all come from
     /// its pool ([`ChildDialer::from_pool`]).
     tx: Option<mpsc::Sender<Request>>,
-    /// TCP sockets made ahead by the socket thread.
+    /// Sockets made ahead by the socket thread.
     pool: Arc<SocketPool>,
     /// The namespace is this process's own: sockets are made by the
     /// caller's thread, without a round trip to the socket thread (the
@@ -304,9 +345,9 @@ impl ChildDialer {
         };
         let (tx, rx) = mpsc::channel::<Request>();
         let fill_tx = Mutex::new(tx.clone());
-        let pool = SocketPool::new(Box::new(move |ipv6| {
+        let pool = SocketPool::new(Box::new(move |kind| {
             if let Ok(tx) = fill_tx.lock() {
-                let _ = tx.send(Request::Fill(ipv6));
+                let _ = tx.send(Request::Fill(kind));
             }
         }));
         // Weak: the pool (whose refill holds a sender) goes with the last
@@ -339,17 +380,12 @@ impl ChildDialer {
                 }
                 while let Ok(req) = rx.recv() {
                     match req {
-                        Request::One(ipv6, udp, reply) => {
-                            let sock = if udp {
-                                sys::udp_socket(ipv6)
-                            } else {
-                                sys::tcp_socket(ipv6)
-                            };
-                            let _ = reply.send(sock);
+                        Request::One(kind, reply) => {
+                            let _ = reply.send(kind.socket());
                         }
-                        Request::Fill(ipv6) => {
+                        Request::Fill(kind) => {
                             if let Some(pool) = thread_pool.upgrade() {
-                                pool.fill(ipv6);
+                                pool.fill(kind);
                             }
                         }
                     }
@@ -406,17 +442,12 @@ impl ChildDialer {
     }
 
     async fn raw_socket(&self, ipv6: bool, udp: bool) -> io::Result<OwnedFd> {
+        let kind = Kind { ipv6, udp };
         if self.inline {
-            return if udp {
-                sys::udp_socket(ipv6)
-            } else {
-                sys::tcp_socket(ipv6)
-            };
+            return kind.socket();
         }
-        if !udp {
-            if let Some(fd) = self.pool.take(ipv6) {
-                return Ok(fd);
-            }
+        if let Some(fd) = self.pool.take(kind) {
+            return Ok(fd);
         }
         let Some(thread) = &self.tx else {
             // No socket made ahead is left: EAGAIN, which the pool's
@@ -425,15 +456,14 @@ impl ChildDialer {
         };
         let (tx, rx) = oneshot::channel();
         thread
-            .send(Request::One(ipv6, udp, tx))
+            .send(Request::One(kind, tx))
             .map_err(|_| io::Error::other(NetnsError::Gone))?;
         rx.await.map_err(|_| io::Error::other(NetnsError::Gone))?
     }
 
-    /// A dialer whose TCP sockets all come from `pool`, filled by someone
-    /// else (the agent, for a rootless forwarder): a dial fails with EAGAIN
-    /// when it is empty, and it makes no UDP sockets. No source
-    /// preservation.
+    /// A dialer whose sockets all come from `pool`, filled by someone else
+    /// (the agent, for a rootless forwarder): a dial fails with EAGAIN when
+    /// the pool of its kind is empty. No source preservation.
     pub fn from_pool(pool: Arc<SocketPool>) -> Self {
         ChildDialer {
             tx: None,
@@ -626,47 +656,116 @@ mod tests {
 
     #[test]
     fn a_pool_asks_once_for_a_top_up_and_only_when_low() {
+        let v4 = Kind {
+            ipv6: false,
+            udp: false,
+        };
         let asked = Arc::new(AtomicUsize::new(0));
         let a = asked.clone();
-        let pool = SocketPool::new(Box::new(move |ipv6| {
-            if !ipv6 {
+        let pool = SocketPool::new(Box::new(move |kind| {
+            if kind
+                == (Kind {
+                    ipv6: false,
+                    udp: false,
+                })
+            {
                 a.fetch_add(1, Relaxed);
             }
         }));
         // Empty: not ready, and one top-up is asked for, however often
         // it is asked while under way.
-        assert!(!pool.ready(false));
-        assert!(pool.take(false).is_none());
+        assert!(!pool.ready(v4));
+        assert!(pool.take(v4).is_none());
         assert_eq!(asked.load(Relaxed), 1);
-        assert_eq!(pool.missing(false), POOL_SIZE);
-        pool.add(false, sockets(POOL_SIZE));
-        pool.filled(false);
-        assert!(pool.ready(false));
-        assert!(!pool.ready(true), "the families are apart");
+        assert_eq!(pool.missing(v4), POOL_SIZE);
+        pool.add(v4, sockets(POOL_SIZE));
+        pool.filled(v4);
+        assert!(pool.ready(v4));
+        assert!(
+            !pool.ready(Kind {
+                ipv6: true,
+                udp: false
+            }),
+            "the families are apart"
+        );
+        assert!(
+            !pool.ready(Kind {
+                ipv6: false,
+                udp: true
+            }),
+            "the protocols are apart"
+        );
+        // What is not of the kind is not pooled.
+        pool.add(
+            Kind {
+                ipv6: false,
+                udp: true,
+            },
+            sockets(1),
+        );
+        assert_eq!(
+            pool.missing(Kind {
+                ipv6: false,
+                udp: true
+            }),
+            POOL_SIZE
+        );
         // Taking down to the low mark asks for nothing; below it, once.
         for _ in 0..POOL_SIZE - POOL_LOW {
-            assert!(pool.take(false).is_some());
+            assert!(pool.take(v4).is_some());
         }
         assert_eq!(asked.load(Relaxed), 1);
-        assert!(pool.take(false).is_some());
+        assert!(pool.take(v4).is_some());
         assert_eq!(asked.load(Relaxed), 2);
-        assert!(pool.take(false).is_some());
+        assert!(pool.take(v4).is_some());
         assert_eq!(asked.load(Relaxed), 2, "a top-up is under way");
-        assert_eq!(pool.missing(false), POOL_LOW + 2);
+        assert_eq!(pool.missing(v4), POOL_LOW + 2);
     }
 
     #[tokio::test]
     async fn a_dialer_from_a_pool_says_eagain_when_it_is_empty() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
         let addr = l.local_addr().expect("addr");
+        let v4 = Kind {
+            ipv6: false,
+            udp: false,
+        };
         let pool = SocketPool::new(Box::new(|_| {}));
         let d = ChildDialer::from_pool(pool.clone());
         let e = d.connect_port(addr, None).await.expect_err("no socket");
         assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
-        pool.add(false, sockets(1));
+        pool.add(v4, sockets(1));
         d.connect_port(addr, None)
             .await
             .expect("connects a pooled socket");
-        assert!(!pool.ready(false));
+        assert!(!pool.ready(v4));
+        // A UDP dial takes a UDP socket of the target's family.
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+        let to = u.local_addr().expect("addr");
+        let e = d.connect_udp(to).await.expect_err("no UDP socket");
+        assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+        let made = (0..2).map(|_| sys::udp_socket(false).expect("udp socket"));
+        pool.add(
+            Kind {
+                ipv6: false,
+                udp: true,
+            },
+            made.collect(),
+        );
+        let fd = d.connect_udp(to).await.expect("connects a pooled socket");
+        assert_eq!(
+            socket2::SockRef::from(&fd)
+                .peer_addr()
+                .ok()
+                .and_then(|a| a.as_socket()),
+            Some(to)
+        );
+        assert_eq!(
+            pool.missing(Kind {
+                ipv6: false,
+                udp: true
+            }),
+            POOL_SIZE - 1
+        );
     }
 }

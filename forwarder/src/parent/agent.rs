@@ -7,11 +7,12 @@
 //! Requests carry an id; replies may come back in any order and are
 //! matched to their waiting dial by it. Connections whose source the agent
 //! would not preserve anyway (clients at 127.0.0.1 or ::1) skip it: root
-//! mode dials them from its thread in the child; rootless, from TCP
-//! sockets the agent made ahead and sent in one reply
-//! ([`crate::wire::AgentSockets`]), which this side binds and connects. A request is bounded by the dial
-//! timeout; an agent that goes away fails every pending dial at once, and
-//! the port manager then restarts it or ends the run.
+//! mode dials them from its thread in the child; rootless, from TCP and
+//! UDP sockets the agent made ahead and sent in one reply
+//! ([`crate::wire::AgentSockets`]), which this side binds and connects. A
+//! request is bounded by the dial timeout; an agent that goes away fails
+//! every pending dial at once, and the port manager then restarts it or
+//! ends the run.
 
 use std::collections::HashMap;
 use std::io;
@@ -27,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::child::dial::{Dial, DialFailure, DialFuture, DialRequest};
-use crate::child::netns::{ChildDialer, SocketPool};
+use crate::child::netns::{ChildDialer, Kind, SocketPool};
 use crate::sys::{self, SeqPacket};
 use crate::wire::spec::{ApiSpec, PortSpec};
 use crate::wire::{
@@ -237,7 +238,7 @@ impl AgentClient {
     /// The dialer for this request when it need not go to the agent: the
     /// thread in the child (root mode), or the sockets the agent made
     /// ahead when one of the target's family is there.
-    fn local_dialer(&self, req: &DialRequest<'_>) -> Option<ChildDialer> {
+    fn local_dialer(&self, req: &DialRequest<'_>, udp: bool) -> Option<ChildDialer> {
         let client = match req.source {
             None => None,
             Some(c) if is_child_loopback(c) => Some(c),
@@ -245,7 +246,11 @@ impl AgentClient {
         };
         let d = match self.local.lock().ok().and_then(|l| l.clone()) {
             Some(d) => d,
-            None if self.pool.ready(req.plan().target.is_ipv6()) => {
+            None if self.pool.ready(Kind {
+                ipv6: req.plan().target.is_ipv6(),
+                udp,
+            }) =>
+            {
                 ChildDialer::from_pool(self.pool.clone())
             }
             None => return None,
@@ -382,7 +387,7 @@ impl Dial for AgentClient {
         if let Some(d) = self.fallback() {
             return Box::pin(async move { d.tcp(req).await });
         }
-        let local = self.local_dialer(&req);
+        let local = self.local_dialer(&req, false);
         Box::pin(async move {
             if let Some(d) = local {
                 match d.tcp(req).await {
@@ -403,12 +408,22 @@ impl Dial for AgentClient {
     }
 
     fn udp<'a>(&'a self, req: DialRequest<'a>) -> DialFuture<'a, OwnedFd> {
-        let local = self.local.lock().ok().and_then(|l| l.clone());
-        let local = local.and_then(|_| self.local_dialer(&req));
-        if let Some(d) = self.fallback().or(local) {
+        if let Some(d) = self.fallback() {
             return Box::pin(async move { d.udp(req).await });
         }
-        Box::pin(self.request(req.spec, req.ipv6_listener, req.source, None))
+        let local = self.local_dialer(&req, true);
+        Box::pin(async move {
+            if let Some(d) = local {
+                match d.udp(req).await {
+                    // The sockets made ahead ran out mid-dial (an IPv4
+                    // fallback): the agent dials instead.
+                    Err(f) if f.errno == Some(libc::EAGAIN) => {}
+                    r => return r,
+                }
+            }
+            self.request(req.spec, req.ipv6_listener, req.source, None)
+                .await
+        })
     }
 
     fn udp_closed(&self, reached: SocketAddr, local: SocketAddr) {
@@ -432,8 +447,8 @@ impl Dial for AgentClient {
 // A reply's sockets must fit in what a receive makes room for.
 const _: () = assert!(AGENT_MAX_SOCKETS as usize <= sys::MAX_FDS);
 
-/// A pool of TCP sockets the agent behind `sock` makes ahead: a top-up
-/// is one [`AgentSockets`] request, whose reply carries the sockets.
+/// A pool of sockets the agent behind `sock` makes ahead: a top-up is one
+/// [`AgentSockets`] request, whose reply carries the sockets.
 fn agent_pool(
     sock: Arc<Mutex<Arc<SeqPacket>>>,
     pending: Pending,
@@ -441,24 +456,25 @@ fn agent_pool(
 ) -> Arc<SocketPool> {
     let me: Arc<std::sync::OnceLock<std::sync::Weak<SocketPool>>> = Default::default();
     let weak = me.clone();
-    let pool = SocketPool::new(Box::new(move |ipv6| {
+    let pool = SocketPool::new(Box::new(move |kind: Kind| {
         let Some(pool) = weak.get().and_then(std::sync::Weak::upgrade) else {
             return;
         };
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            pool.filled(ipv6);
+            pool.filled(kind);
             return;
         };
         let (sock, pending) = (sock.lock().ok().map(|s| s.clone()), pending.clone());
         let id = next_id.fetch_add(1, Relaxed);
         rt.spawn(async move {
-            let want = u8::try_from(pool.missing(ipv6))
+            let want = u8::try_from(pool.missing(kind))
                 .unwrap_or(AGENT_MAX_SOCKETS)
                 .min(AGENT_MAX_SOCKETS);
             let msg = AgentSockets {
                 id,
                 sockets: want,
-                ipv6,
+                ipv6: kind.ipv6,
+                udp: kind.udp,
             };
             let (tx, rx) = oneshot::channel();
             if let Ok(mut m) = pending.lock() {
@@ -473,17 +489,17 @@ fn agent_pool(
                     Ok((reply, fds, _)) if reply.ok => {
                         tracing::debug!(
                             sockets = fds.len(),
-                            ipv6,
+                            ?kind,
                             "sockets made ahead by the agent"
                         );
-                        pool.add(ipv6, fds);
+                        pool.add(kind, fds);
                     }
                     r => tracing::debug!(ok = r.is_ok(), "no sockets from the agent"),
                 }
             } else if let Ok(mut m) = pending.lock() {
                 m.remove(&id);
             }
-            pool.filled(ipv6);
+            pool.filled(kind);
         });
     }));
     let _ = me.set(Arc::downgrade(&pool));

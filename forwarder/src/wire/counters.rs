@@ -55,8 +55,8 @@ pub struct LocalPath {
 
 /// The splice and copy paths' movers (the relay's pools): idle ones kept
 /// for reuse, and ones in use by connections that are moving data. Each
-/// pipe holds two descriptors. And the TCP sockets made ahead in the
-/// child's namespace for dials, one descriptor each.
+/// pipe holds two descriptors. And the TCP and UDP sockets made ahead in
+/// the child's namespace for dials, one descriptor each.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Pooled {
     pub pipes: usize,

@@ -205,16 +205,20 @@ pub struct AgentRequest {
     pub bind_port: Option<u16>,
 }
 
-/// The forwarder asks the agent for fresh TCP sockets of the child's
-/// namespace, made ahead of the dials that will use them (connections
-/// whose source is not preserved: the forwarder binds and connects them
-/// itself). The reply ([`AgentReply`] with this id, `ok`) carries up to
-/// `sockets` of them ([`AGENT_MAX_SOCKETS`] at most).
+/// The forwarder asks the agent for fresh TCP (or, with `udp`, UDP)
+/// sockets of the child's namespace, made ahead of the dials that will use
+/// them (connections and flows whose source is not preserved: the
+/// forwarder binds and connects them itself). The reply ([`AgentReply`]
+/// with this id, `ok`) carries up to `sockets` of them
+/// ([`AGENT_MAX_SOCKETS`] at most). An agent of a release without `udp`
+/// sends TCP sockets, which the forwarder closes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentSockets {
     pub id: u64,
     pub sockets: u8,
     pub ipv6: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub udp: bool,
 }
 
 /// The most sockets one [`AgentSockets`] reply carries (what the
