@@ -15,6 +15,8 @@ use forwarder_tests::{
     echo_roundtrip, limit, servers, test_user, wait_until, wait_until_async, within, Fwd, Pair,
     Privilege,
 };
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use serde_json::Value;
 use tokio::io::AsyncReadExt;
 use tokio::net::UdpSocket;
@@ -670,17 +672,48 @@ pub async fn gso_refused_by_the_route(privilege: Privilege) {
     }
 }
 
+/// A rootless forwarder publishing 127.0.0.1:19000/udp to a plain echo
+/// server at 127.0.0.1:9000 in the child, and its one agent.
+struct AgentEcho {
+    pair: Pair,
+    server: Arc<std::net::UdpSocket>,
+    f: Fwd,
+    agent: Pid,
+}
+
+impl AgentEcho {
+    fn start() -> AgentEcho {
+        let pair = Pair::with(Privilege::User);
+        let server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
+        let f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
+        let agents = f.agent_pids();
+        assert_eq!(agents.len(), 1, "no agent:\n{}", f.stderr());
+        let agent = Pid::from_raw(agents[0] as i32);
+        AgentEcho {
+            pair,
+            server,
+            f,
+            agent,
+        }
+    }
+}
+
+/// Stops (SIGSTOP) or resumes (SIGCONT) the agent.
+fn signal(agent: Pid, sig: Signal) {
+    nix::sys::signal::kill(agent, sig).unwrap_or_else(|e| panic!("{sig} to the agent: {e}"));
+}
+
 /// Rootless, a flow of a client at 127.0.0.1 (whose address the child has
 /// too, so it is not preserved) gets a UDP socket the agent made ahead:
 /// with the agent stopped (SIGSTOP), as many new local flows as were made
 /// ahead are still answered at once.
 pub async fn local_flows_do_not_wait_on_the_agent() {
-    let pair = Pair::with(Privilege::User);
-    let _server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
-    let mut f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
-    let agents = f.agent_pids();
-    assert_eq!(agents.len(), 1, "no agent:\n{}", f.stderr());
-    let agent = nix::unistd::Pid::from_raw(agents[0] as i32);
+    let AgentEcho {
+        pair,
+        server: _server,
+        mut f,
+        agent,
+    } = AgentEcho::start();
     // The first flow asks for the sockets to be made.
     let first = client_in(&pair.parent, "127.0.0.1:19000");
     assert_eq!(ask(&first, b"first").await, b"first");
@@ -694,7 +727,7 @@ pub async fn local_flows_do_not_wait_on_the_agent() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(pooled >= 8, "{pooled} sockets made ahead, want 8");
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the agent");
+    signal(agent, Signal::SIGSTOP);
     let mut answered = 0;
     for k in 0..8u8 {
         let c = client_in(&pair.parent, "127.0.0.1:19000");
@@ -712,7 +745,7 @@ pub async fn local_flows_do_not_wait_on_the_agent() {
     ninth.send(b"ninth").await.expect("send");
     let mut buf = vec![0u8; 2048];
     let early = tokio::time::timeout(Duration::from_millis(300), ninth.recv(&mut buf)).await;
-    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT the agent");
+    signal(agent, Signal::SIGCONT);
     assert_eq!(answered, 8, "new local flows waited on the stopped agent");
     assert!(
         early.is_err(),
@@ -883,18 +916,17 @@ pub async fn new_flow_burst(privilege: Privilege, extra: &[&str]) {
 /// answers the 300 dials in a few milliseconds. The waiting datagrams must
 /// reach the server at the pace they came, not in one flush.
 pub async fn burst_behind_a_stalled_agent() {
-    let pair = Pair::with(Privilege::User);
-    let server = echo_thread(bind_in(&pair.child, "127.0.0.1:9000", None));
-    let mut f = start(&pair, &[], &["127.0.0.1:19000:9000/udp"]);
-    let agents = f.agent_pids();
-    assert_eq!(agents.len(), 1, "no agent:\n{}", f.stderr());
-    let agent = nix::unistd::Pid::from_raw(agents[0] as i32);
+    let AgentEcho {
+        pair,
+        server,
+        mut f,
+        agent,
+    } = AgentEcho::start();
     for run in 0..5 {
         let through = burst_clients(&pair.parent, "127.0.0.1:19000");
-        let signal = |sig| nix::sys::signal::kill(agent, sig).expect("signal the agent");
-        signal(nix::sys::signal::Signal::SIGSTOP);
+        signal(agent, Signal::SIGSTOP);
         tokio::task::block_in_place(|| send_burst(&through));
-        signal(nix::sys::signal::Signal::SIGCONT);
+        signal(agent, Signal::SIGCONT);
         let got = tokio::task::block_in_place(|| collect_burst(&through));
         let st = f.stats();
         assert_eq!(

@@ -389,13 +389,8 @@ impl Dial for AgentClient {
         }
         let local = self.local_dialer(&req, false);
         Box::pin(async move {
-            if let Some(d) = local {
-                match d.tcp(req).await {
-                    // The sockets made ahead ran out mid-dial (an IPv4
-                    // fallback): the agent dials instead.
-                    Err(f) if f.errno == Some(libc::EAGAIN) => {}
-                    r => return r,
-                }
+            if let Some(r) = dial_local(local, |d| async move { d.tcp(req).await }).await {
+                return r;
             }
             let (fd, reached) = self
                 .request(req.spec, req.ipv6_listener, req.source, req.bind_port)
@@ -413,13 +408,8 @@ impl Dial for AgentClient {
         }
         let local = self.local_dialer(&req, true);
         Box::pin(async move {
-            if let Some(d) = local {
-                match d.udp(req).await {
-                    // The sockets made ahead ran out mid-dial (an IPv4
-                    // fallback): the agent dials instead.
-                    Err(f) if f.errno == Some(libc::EAGAIN) => {}
-                    r => return r,
-                }
+            if let Some(r) = dial_local(local, |d| async move { d.udp(req).await }).await {
+                return r;
             }
             self.request(req.spec, req.ipv6_listener, req.source, None)
                 .await
@@ -441,6 +431,23 @@ impl Dial for AgentClient {
                 let _ = sock.send(&data, &[]).await;
             });
         }
+    }
+}
+
+/// Dials with `local` ([`AgentClient::local_dialer`]'s answer): `None`
+/// when there is no such dialer, or when its sockets made ahead ran out
+/// mid-dial (EAGAIN, an IPv4 fallback): the agent dials then.
+async fn dial_local<T, F, Fut>(
+    local: Option<ChildDialer>,
+    dial: F,
+) -> Option<Result<(T, SocketAddr), DialFailure>>
+where
+    F: FnOnce(ChildDialer) -> Fut,
+    Fut: std::future::Future<Output = Result<(T, SocketAddr), DialFailure>>,
+{
+    match dial(local?).await {
+        Err(f) if f.errno == Some(libc::EAGAIN) => None,
+        r => Some(r),
     }
 }
 
