@@ -914,7 +914,11 @@ pub async fn new_flow_burst(privilege: Privilege, extra: &[&str]) {
 /// The same burst while the agent that dials the flows is stopped: all
 /// 1,500 datagrams wait for their dials, and the agent, once it goes on,
 /// answers the 300 dials in a few milliseconds. The waiting datagrams must
-/// reach the server at the pace they came, not in one flush.
+/// reach the server at the pace they came, not in one flush: flushed, the
+/// server dropped 485-728 of them. Paced, a run may still lose a few (up
+/// to 1%) when the relay loses its CPU for some milliseconds while 300
+/// flows start at once and must then send on what queued meanwhile (seen:
+/// 4 in one run of 35 in CI); more than that is a failure.
 pub async fn burst_behind_a_stalled_agent() {
     let AgentEcho {
         pair,
@@ -929,10 +933,9 @@ pub async fn burst_behind_a_stalled_agent() {
         signal(agent, Signal::SIGCONT);
         let got = tokio::task::block_in_place(|| collect_burst(&through));
         let st = f.stats();
-        assert_eq!(
-            got,
-            1500,
-            "run {run}: server drops {}; {}",
+        assert!(
+            got >= 1485,
+            "run {run}: {got} of 1500 back; server drops {}; {}",
             udp::socket_drops(&*server),
             port_udp(&st, "127.0.0.1:19000:9000/udp")
         );
