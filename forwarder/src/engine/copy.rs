@@ -13,12 +13,14 @@
 //! connection holds at most 128 KiB however slow its reader.
 
 use std::io;
+use std::os::fd::AsFd;
 
 use tokio::net::TcpStream;
 
 use super::relay::{self, Chunk, Pool};
 use super::{Conn, Engine, EngineKind};
 use crate::engine::stats::DataPath;
+use crate::sys;
 
 /// Size of each direction's buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -35,6 +37,9 @@ pub struct CopyChunk {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// The direction's first read has been tried (see [`relay`]'s "at
+    /// once").
+    tried: bool,
 }
 
 impl Chunk for CopyChunk {
@@ -45,7 +50,13 @@ impl Chunk for CopyChunk {
     async fn fill(&mut self, src: &TcpStream) -> io::Result<usize> {
         loop {
             if !self.buf.is_empty() {
-                match src.try_read(&mut self.buf) {
+                let read = if self.tried {
+                    src.try_read(&mut self.buf)
+                } else {
+                    self.tried = true;
+                    sys::read_now(src.as_fd(), &mut self.buf)
+                };
+                match read {
                     Ok(n) => {
                         self.start = 0;
                         self.end = n;
@@ -57,17 +68,28 @@ impl Chunk for CopyChunk {
                 // Nothing to read: the direction is idle, so is the buffer.
                 BUFFERS.release(std::mem::take(&mut self.buf), true);
             }
-            src.readable().await?;
+            if self.tried {
+                src.readable().await?;
+            }
             self.buf = BUFFERS.acquire(|| Ok(vec![0; BUF_SIZE]))?;
         }
     }
 
     async fn drain(&mut self, dst: &TcpStream) -> io::Result<()> {
+        // The first write is tried at once (see [`relay`]'s "at once").
+        let mut at_once = true;
         while self.start < self.end {
-            dst.writable().await?;
-            match dst.try_write(&self.buf[self.start..self.end]) {
+            let pending = &self.buf[self.start..self.end];
+            let written = if at_once {
+                sys::write_now(dst.as_fd(), pending)
+            } else {
+                dst.writable().await?;
+                dst.try_write(pending)
+            };
+            match written {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => self.start += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => at_once = false,
                 Err(e) => return Err(e),
             }
         }
@@ -93,7 +115,7 @@ impl Engine for CopyEngine {
         EngineKind::Copy
     }
 
-    fn spawn(&self, conn: Conn) {
-        tokio::spawn(relay::relay(conn, CopyChunk::default));
+    fn run(&self, conn: Conn) -> super::Forwarding {
+        Box::pin(relay::relay(conn, CopyChunk::default))
     }
 }

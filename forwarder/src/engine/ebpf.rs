@@ -1084,8 +1084,8 @@ impl Engine for EbpfEngine {
         EngineKind::Ebpf
     }
 
-    fn spawn(&self, conn: Conn) {
-        tokio::spawn(self.inner.clone().run(conn));
+    fn run(&self, conn: Conn) -> super::Forwarding {
+        Box::pin(self.inner.clone().run(conn))
     }
 
     fn listening(&self, addr: std::net::SocketAddr, on: bool) {

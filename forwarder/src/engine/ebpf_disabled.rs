@@ -54,7 +54,7 @@ impl Engine for EbpfEngine {
         match *self {}
     }
 
-    fn spawn(&self, _conn: Conn) {
+    fn run(&self, _conn: Conn) -> super::Forwarding {
         match *self {}
     }
 }

@@ -103,13 +103,24 @@ pub fn pooled() -> Pooled {
     }
 }
 
+/// The future that forwards one connection ([`Engine::run`]).
+pub type Forwarding = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// One way of forwarding established connections.
 pub trait Engine: Send + Sync {
     fn kind(&self) -> EngineKind;
 
-    /// Takes ownership of a connection pair and forwards it until both
-    /// directions are closed or one side resets. Must not block.
-    fn spawn(&self, conn: Conn);
+    /// Takes ownership of a connection pair: the returned future forwards
+    /// it until both directions are closed or one side resets. The port
+    /// manager awaits it in the task that accepted and dialed the
+    /// connection, so a connection costs one task and one wake-up less
+    /// than spawning it would.
+    fn run(&self, conn: Conn) -> Forwarding;
+
+    /// Runs [`Engine::run`]'s future in a task of its own.
+    fn spawn(&self, conn: Conn) {
+        tokio::spawn(self.run(conn));
+    }
 
     /// Bytes moved so far by connections still running, per port id and
     /// direction, when the engine does not count them as it goes.

@@ -21,6 +21,12 @@
 //!   its mover, then writes all of it to side 1-i before reading again: a
 //!   slow reader stops us reading, which stops the sender by TCP flow
 //!   control, so nothing piles up in the forwarder;
+//! - at once: a direction's first read, and the first write of each chunk,
+//!   are tried before asking tokio whether the socket is ready. A new
+//!   socket's readiness reaches tokio only at its event loop's next turn,
+//!   while the client's request (or the server's banner) and the room to
+//!   write it are usually there already; a try that finds nothing (EAGAIN)
+//!   falls back to waiting for readiness;
 //! - FIN from side i (read returns 0): shut down the write side of 1-i once
 //!   the mover is empty; the other direction keeps flowing (half-close);
 //! - RST or any error on either side, in either direction, also while a

@@ -77,6 +77,9 @@ pub struct SpliceChunk {
     pipe: Option<Pipe>,
     pending: usize,
     degraded: Option<CopyChunk>,
+    /// The direction's first read has been tried (see [`relay`]'s "at
+    /// once").
+    tried: bool,
 }
 
 impl Chunk for SpliceChunk {
@@ -96,7 +99,13 @@ impl Chunk for SpliceChunk {
             }
             if let Some(pipe) = &self.pipe {
                 let (w, cap) = (pipe.write.as_fd(), pipe.capacity);
-                match src.try_io(Interest::READABLE, || sys::splice(src.as_fd(), w, cap)) {
+                let moved = if self.tried {
+                    src.try_io(Interest::READABLE, || sys::splice(src.as_fd(), w, cap))
+                } else {
+                    self.tried = true;
+                    sys::splice(src.as_fd(), w, cap)
+                };
+                match moved {
                     Ok(n) => {
                         self.pending = n;
                         return Ok(n);
@@ -109,7 +118,9 @@ impl Chunk for SpliceChunk {
                     release(p);
                 }
             }
-            src.readable().await?;
+            if self.tried {
+                src.readable().await?;
+            }
             match PIPES.acquire(|| sys::pipe(PIPE_SIZE)) {
                 Ok(p) => self.pipe = Some(p),
                 Err(e) if sys::is_resource_exhaustion(&e) => {
@@ -128,15 +139,22 @@ impl Chunk for SpliceChunk {
         let Some(pipe) = &self.pipe else {
             return Ok(());
         };
+        // The first write is tried at once (see [`relay`]'s "at once").
+        let mut at_once = true;
         while self.pending > 0 {
-            dst.writable().await?;
             let r = pipe.read.as_fd();
-            match dst.try_io(Interest::WRITABLE, || {
+            let moved = if at_once {
                 sys::splice(r, dst.as_fd(), self.pending)
-            }) {
+            } else {
+                dst.writable().await?;
+                dst.try_io(Interest::WRITABLE, || {
+                    sys::splice(r, dst.as_fd(), self.pending)
+                })
+            };
+            match moved {
                 Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
                 Ok(n) => self.pending -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => at_once = false,
                 Err(e) => return Err(e),
             }
         }
@@ -159,7 +177,7 @@ impl Engine for SpliceEngine {
         EngineKind::Splice
     }
 
-    fn spawn(&self, conn: Conn) {
-        tokio::spawn(relay::relay(conn, SpliceChunk::default));
+    fn run(&self, conn: Conn) -> super::Forwarding {
+        Box::pin(relay::relay(conn, SpliceChunk::default))
     }
 }

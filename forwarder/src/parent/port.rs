@@ -152,13 +152,15 @@ fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// Binds a listening socket (SO_REUSEADDR; IPv6 sockets are IPv6-only so
-/// the IPv4 half can bind the same port).
+/// the IPv4 half can bind the same port; TCP_NODELAY, which every accepted
+/// socket inherits, so a small write is forwarded at once).
 fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), None)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.set_reuse_address(true)?;
+    sock.set_tcp_nodelay(true)?;
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
@@ -610,7 +612,14 @@ async fn accept_loop(
                         }
                     }
                 };
-                tokio::spawn(handle(sock, spec.clone(), stats.clone(), ctx.clone(), slot));
+                tokio::spawn(handle(
+                    sock,
+                    addr.is_ipv6(),
+                    spec.clone(),
+                    stats.clone(),
+                    ctx.clone(),
+                    slot,
+                ));
             }
             Err(e) if sys::is_resource_exhaustion(&e) => {
                 // Out of descriptors or memory: the connection waits in the
@@ -652,27 +661,25 @@ fn limit_reached(max: usize) {
 static DIAL_WARN: crate::parent::ratelimit::Every =
     crate::parent::ratelimit::Every::new(Duration::from_secs(1));
 
-/// Dials the child for one accepted connection and hands the pair to the
-/// engine; on failure resets the client.
+/// Dials the child for one accepted connection (accepted by a listener of
+/// `spec` on an IPv6 address when `ipv6_listener`) and runs the engine's
+/// forwarding of the pair in this task; on failure resets the client.
 async fn handle(
     sock: TcpStream,
+    ipv6_listener: bool,
     spec: PortSpec,
     stats: Arc<PortStats>,
     ctx: Arc<Ctx>,
     slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let guard = stats.open_connection().hold(slot);
-    let local = match sock.local_addr() {
-        Ok(a) => a,
-        Err(_) => return,
-    };
     // A local client whose socket the kernel admitted to the local path:
     // the dial binds a port known in advance, so the container server's
     // socket can be admitted too (`engine::local`).
     let bind_port = ctx.engine.before_dial(&sock);
     let req = DialRequest {
         spec: &spec,
-        ipv6_listener: local.is_ipv6(),
+        ipv6_listener,
         source: if ctx.source_ip {
             sock.peer_addr().ok()
         } else {
@@ -695,12 +702,14 @@ async fn handle(
     }
     match dialed {
         Ok(Ok((child, _reached))) => {
-            let _ = sys::set_nodelay(sock.as_fd());
-            let _ = sys::set_nodelay(child.as_fd());
-            ctx.engine.spawn(Conn {
-                sides: [sock, child],
-                guard,
-            });
+            // Both sockets have TCP_NODELAY already: the accepted one from
+            // its listener, the dialed one from `sys::tcp_socket`.
+            ctx.engine
+                .run(Conn {
+                    sides: [sock, child],
+                    guard,
+                })
+                .await;
         }
         Ok(Err(e)) => dial_failed(sock, &spec, &stats, &e.to_string()),
         Err(_) => dial_failed(
