@@ -150,10 +150,15 @@ fn tcp_whoami(l: TcpListener) {
     });
 }
 
-/// Connects from `from` (port chosen by the kernel) in the parent to `to`,
-/// returns the peer address the child's server reports, and checks the
-/// echo (the return path).
-async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
+/// Connects from `from` (port chosen by the kernel) in the parent to `to`:
+/// the client's address and the connection, whose first line will be the
+/// server's report. (The connect is over once the forwarder's listener
+/// has the connection; the report comes only after the dial.)
+async fn tcp_connect(
+    pair: &Pair,
+    from: &str,
+    to: &str,
+) -> (SocketAddr, BufReader<tokio::net::TcpStream>) {
     let (from, to): (SocketAddr, SocketAddr) =
         (from.parse().expect("from"), to.parse().expect("to"));
     let s = within(
@@ -163,8 +168,14 @@ async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
     )
     .await
     .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
-    let me = s.local_addr().expect("local");
-    let mut r = BufReader::new(s);
+    (s.local_addr().expect("local"), BufReader::new(s))
+}
+
+/// Connects from `from` (port chosen by the kernel) in the parent to `to`,
+/// returns the peer address the child's server reports, and checks the
+/// echo (the return path).
+async fn tcp_ask(pair: &Pair, from: &str, to: &str) -> (SocketAddr, String) {
+    let (me, mut r) = tcp_connect(pair, from, to).await;
     let mut line = String::new();
     within(10, "the server's report", r.read_line(&mut line))
         .await
@@ -294,6 +305,36 @@ async fn tcp_off() {
     f.stop();
 }
 
+/// Connects from `from` (bound with SO_REUSEADDR, so that one address
+/// and port can reach two published ports) in the parent to `to`, reads
+/// the server's report of the address it sees, checks the echo, and
+/// returns the report with the connection, still open.
+async fn tcp_ask_reusing(pair: &Pair, from: &str, to: &str) -> (String, tokio::net::TcpStream) {
+    let (from, to): (SocketAddr, SocketAddr) =
+        (from.parse().expect("from"), to.parse().expect("to"));
+    let s = pair.parent.run(move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        s.set_reuse_address(true).expect("reuseaddr");
+        s.bind(&from.into()).expect("bind");
+        s.connect(&to.into()).expect("connect");
+        s.set_nonblocking(true).expect("nonblocking");
+        std::net::TcpStream::from(s)
+    });
+    let mut s = tokio::net::TcpStream::from_std(s).expect("tokio");
+    let mut line = String::new();
+    let mut r = BufReader::new(&mut s);
+    within(10, "the report", r.read_line(&mut line))
+        .await
+        .expect("the report (a reset: the dial failed)");
+    s.write_all(b"x").await.expect("write");
+    let mut b = [0u8; 1];
+    within(10, "the echo", s.read_exact(&mut b))
+        .await
+        .expect("echo");
+    (line.trim().to_string(), s)
+}
+
 /// Two clients with the same address and port, on two published ports,
 /// are both served (from the same source address and port in the child).
 #[tokio::test]
@@ -303,35 +344,29 @@ async fn same_client_two_ports() {
     tcp_whoami(pair.child.listen("127.0.0.1:81"));
     let f = start(&pair, &["-p", "8080:80/tcp4", "-p", "8081:81/tcp4"]);
     let from = format!("{CLIENT4}:40000");
-    let reuse = |to: String| {
-        let from: SocketAddr = from.parse().expect("from");
-        let to: SocketAddr = to.parse().expect("to");
-        pair.parent.run(move || {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
-                .expect("socket");
-            s.set_reuse_address(true).expect("reuseaddr");
-            s.bind(&from.into()).expect("bind");
-            s.connect(&to.into()).expect("connect");
-            s.set_nonblocking(true).expect("nonblocking");
-            std::net::TcpStream::from(s)
-        })
-    };
-    let a = reuse(format!("{CLIENT4}:8080"));
-    let b = reuse(format!("{CLIENT4}:8081"));
-    for s in [a, b] {
-        let mut s = tokio::net::TcpStream::from_std(s).expect("tokio");
-        let mut line = String::new();
-        let mut r = BufReader::new(&mut s);
-        within(10, "the report", r.read_line(&mut line))
-            .await
-            .expect("report");
-        assert_eq!(line.trim(), from);
-        s.write_all(b"x").await.expect("write");
-        let mut b = [0u8; 1];
-        within(10, "the echo", s.read_exact(&mut b))
-            .await
-            .expect("echo");
-    }
+    let (seen_a, _a) = tcp_ask_reusing(&pair, &from, &format!("{CLIENT4}:8080")).await;
+    let (seen_b, _b) = tcp_ask_reusing(&pair, &from, &format!("{CLIENT4}:8081")).await;
+    assert_eq!([seen_a, seen_b], [from.clone(), from]);
+    f.stop();
+}
+
+/// One client address and port on two published ports that lead to one
+/// target: the second dial's 4-tuple in the child is the first's, which
+/// is still connected. It is served from the child's own address (logged
+/// once) instead of being reset, and the first keeps the client's.
+#[tokio::test]
+async fn same_client_one_target_two_ports() {
+    let pair = pair(Privilege::Root);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4", "-p", "8081:80/tcp4"]);
+    let from = format!("{CLIENT4}:40001");
+    let (first, _a) = tcp_ask_reusing(&pair, &from, &format!("{CLIENT4}:8080")).await;
+    let (second, _b) = tcp_ask_reusing(&pair, &from, &format!("{CLIENT4}:8081")).await;
+    assert_eq!(first, from);
+    assert!(second.starts_with("127.0.0.1:"), "{second}");
+    let needle = "is still connected to";
+    let err = f.wait_stderr(needle, Duration::from_secs(5));
+    assert!(err.contains(needle), "{err}");
     f.stop();
 }
 
@@ -897,4 +932,59 @@ async fn local_clients_do_not_wait_on_the_agent_root() {
 #[tokio::test]
 async fn local_clients_do_not_wait_on_the_agent_rootless() {
     local_clients_do_not_wait_on_the_agent(Privilege::User).await;
+}
+
+/// A preserved client's connection is dialed by the forwarder itself, from
+/// a transparent socket the agent made ahead, when the agent's list of the
+/// child's addresses is fresh: with the agent stopped (SIGSTOP), such
+/// connections still reach the server with the client's address. Once the
+/// list is older than its half-second lifetime, the next connection waits
+/// for the agent, and is served, preserved, when the agent runs again.
+async fn preserved_dials_do_not_wait_on_the_agent(privilege: Privilege) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pair = pair(privilege);
+    tcp_whoami(pair.child.listen("127.0.0.1:80"));
+    let f = start(&pair, &["-p", "8080:80/tcp4"]);
+    let (from, to) = (format!("{CLIENT4}:0"), format!("{CLIENT4}:8080"));
+    // The first preserved dial goes to the agent and asks for sockets
+    // made ahead, which bring the child's addresses.
+    let (me, seen) = tcp_ask(&pair, &from, &to).await;
+    assert_eq!(seen, me.to_string());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let agents = f.agent_pids();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    let agent = Pid::from_raw(agents[0] as i32);
+    kill(agent, Signal::SIGSTOP).expect("SIGSTOP to the agent");
+    for _ in 0..3 {
+        let (me, seen) = tcp_ask(&pair, &from, &to).await;
+        assert_eq!(seen, me.to_string(), "dialed with the agent stopped");
+    }
+    // The addresses are stale now: the next dial waits for the agent.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (me, mut r) = tcp_connect(&pair, &from, &to).await;
+    let mut line = String::new();
+    let waited = tokio::time::timeout(Duration::from_millis(300), r.read_line(&mut line))
+        .await
+        .is_err();
+    kill(agent, Signal::SIGCONT).expect("SIGCONT to the agent");
+    assert!(
+        waited,
+        "a dial with stale addresses did not wait for the agent: {line:?}"
+    );
+    within(10, "the server's report", r.read_line(&mut line))
+        .await
+        .expect("read the report");
+    assert_eq!(line.trim(), me.to_string());
+    f.stop();
+}
+
+#[tokio::test]
+async fn preserved_dials_do_not_wait_on_the_agent_root() {
+    preserved_dials_do_not_wait_on_the_agent(Privilege::Root).await;
+}
+
+#[tokio::test]
+async fn preserved_dials_do_not_wait_on_the_agent_rootless() {
+    preserved_dials_do_not_wait_on_the_agent(Privilege::User).await;
 }

@@ -475,7 +475,7 @@ impl Fwd {
                 let pooled_sockets = pooled["sockets"].as_u64().unwrap_or(u64::MAX);
                 let ok = st["active"] == 0
                     && pooled_pipes <= 64
-                    && pooled_sockets <= 32
+                    && pooled_sockets <= 48
                     && fds as u64 <= base_fds as u64 + 2 * pooled_pipes + pooled_sockets
                     && pooled["pipes_in_use"] == 0
                     && pooled["buffers_in_use"] == 0

@@ -202,6 +202,18 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
             let kind = crate::child::netns::Kind {
                 ipv6: r.ipv6,
                 udp: r.udp,
+                transparent: r.transparent && !r.udp,
+            };
+            // Transparent sockets are for preserved sources, with the
+            // child's addresses that decide which sources are preserved.
+            let addresses = match (kind.transparent, dialer.source_ip()) {
+                (false, _) => None,
+                (true, Some(s)) => Some(s.local_addresses().iter().copied().collect()),
+                (true, None) => {
+                    let r = error_reply(r.id, libc::EPERM, "source preservation is off");
+                    let _ = send_reply(&sock, &r, &[]).await;
+                    continue;
+                }
             };
             let made: Vec<OwnedFd> = (0..r.sockets.min(AGENT_MAX_SOCKETS))
                 .map_while(|_| kind.socket().ok())
@@ -209,6 +221,7 @@ async fn serve_conn(fd: OwnedFd, dialer: ChildDialer) -> io::Result<()> {
             let reply = AgentReply {
                 id: r.id,
                 ok: true,
+                addresses,
                 ..Default::default()
             };
             let fds: Vec<RawFd> = made.iter().map(|f| f.as_raw_fd()).collect();

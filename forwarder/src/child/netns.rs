@@ -35,7 +35,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
 use crate::child::dial::{self, Dial, DialFuture, DialRequest};
@@ -66,22 +66,32 @@ enum Request {
     Fill(Kind),
 }
 
-/// A kind of socket made ahead: its family and protocol.
+/// A kind of socket made ahead: its family and protocol, and whether it
+/// is ready for a preserved source (TCP only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kind {
     pub ipv6: bool,
     pub udp: bool,
+    /// Made with [`srcip::make_transparent`]: only a thread with the
+    /// capabilities for it (the agent's) can make these.
+    pub transparent: bool,
 }
+
+/// How many kinds there are ([`Kind::index`]).
+const KINDS: usize = 8;
 
 impl Kind {
     /// A new, unconnected socket of this kind in the calling thread's
     /// namespace.
     pub fn socket(self) -> io::Result<OwnedFd> {
         if self.udp {
-            sys::udp_socket(self.ipv6)
-        } else {
-            sys::tcp_socket(self.ipv6)
+            return sys::udp_socket(self.ipv6);
         }
+        let fd = sys::tcp_socket(self.ipv6)?;
+        if self.transparent {
+            srcip::make_transparent(fd.as_fd(), self.ipv6)?;
+        }
+        Ok(fd)
     }
 
     /// Whether `fd` is a socket of this kind (what a peer sent in its
@@ -102,7 +112,7 @@ impl Kind {
     }
 
     fn index(self) -> usize {
-        usize::from(self.ipv6) + 2 * usize::from(self.udp)
+        usize::from(self.ipv6) + 2 * usize::from(self.udp) + 4 * usize::from(self.transparent)
     }
 }
 
@@ -125,9 +135,9 @@ pub type Refill = Box<dyn Fn(Kind) + Send + Sync>;
 /// Sockets made ahead in the child, by [`Kind`]: by the socket thread in
 /// root mode, by the agent (rootless) through [`SocketPool::new`]'s refill.
 pub struct SocketPool {
-    idle: Mutex<[Vec<OwnedFd>; 4]>,
+    idle: Mutex<[Vec<OwnedFd>; KINDS]>,
     /// A top-up of the kind is asked for and not done yet.
-    filling: [std::sync::atomic::AtomicBool; 4],
+    filling: [std::sync::atomic::AtomicBool; KINDS],
     refill: Refill,
 }
 
@@ -175,7 +185,7 @@ impl SocketPool {
     }
 
     /// Asks for a top-up unless one is under way.
-    fn want(&self, kind: Kind) {
+    pub fn want(&self, kind: Kind) {
         if !self.filling[kind.index()].swap(true, Relaxed) {
             (self.refill)(kind);
         }
@@ -254,6 +264,12 @@ pub struct SourceIp {
 /// [`SourceIp::log_once`] bits beyond the [`Skip`] reasons.
 const LOG_BIND_FAILED: u8 = Skip::RemoteTarget as u8 + 1;
 const LOG_NO_RETURN_RULE: u8 = Skip::RemoteTarget as u8 + 2;
+const LOG_TUPLE_BUSY: u8 = Skip::RemoteTarget as u8 + 3;
+
+/// The waits, in milliseconds, after each preserved dial that finds the
+/// client's address and port still connected to the target
+/// ([`ChildDialer::connect_from`]): 15 ms in all.
+const TUPLE_WAITS_MS: [u64; 4] = [1, 2, 4, 8];
 
 /// How long the child's address list is taken as current: reading it is a
 /// netlink dump, too dear for every dial of a burst of new connections.
@@ -273,7 +289,8 @@ impl SourceIp {
         }
     }
 
-    fn local_addresses(&self) -> Arc<HashSet<IpAddr>> {
+    /// The child's own addresses, read at most [`LOCAL_TTL`] ago.
+    pub fn local_addresses(&self) -> Arc<HashSet<IpAddr>> {
         let now = Instant::now();
         let Ok(mut cached) = self.local.lock() else {
             return Arc::new(srcip::local_addresses());
@@ -442,7 +459,11 @@ impl ChildDialer {
     }
 
     async fn raw_socket(&self, ipv6: bool, udp: bool) -> io::Result<OwnedFd> {
-        let kind = Kind { ipv6, udp };
+        let kind = Kind {
+            ipv6,
+            udp,
+            transparent: false,
+        };
         if self.inline {
             return kind.socket();
         }
@@ -474,9 +495,8 @@ impl ChildDialer {
     }
 
     /// Creates a TCP socket of the given family inside the child namespace.
-    pub async fn socket(&self, ipv6: bool) -> io::Result<TcpSocket> {
-        let fd = self.raw_socket(ipv6, false).await?;
-        Ok(TcpSocket::from_std_stream(std::net::TcpStream::from(fd)))
+    pub async fn socket(&self, ipv6: bool) -> io::Result<OwnedFd> {
+        self.raw_socket(ipv6, false).await
     }
 
     /// Creates a UDP socket inside the child namespace and connects it to
@@ -497,13 +517,12 @@ impl ChildDialer {
             } else {
                 std::net::Ipv4Addr::UNSPECIFIED.into()
             };
-            if let Err(e) = sock.bind(SocketAddr::new(any, port)) {
+            if let Err(e) = socket2::SockRef::from(&sock).bind(&SocketAddr::new(any, port).into()) {
                 tracing::debug!(port, error = %e, "cannot bind the dial's port; dialing from an ephemeral one");
-                return self.socket(addr.is_ipv6()).await?.connect(addr).await;
+                return connect(self.socket(addr.is_ipv6()).await?, addr).await;
             }
         }
-        let stream = sock.connect(addr).await?;
-        Ok(stream)
+        connect(sock, addr).await
     }
 
     /// Connects to `addr` from `client`'s address and port where source
@@ -520,12 +539,34 @@ impl ChildDialer {
         let Some(src) = s.source(client, addr) else {
             return self.connect_port(addr, port).await;
         };
-        let sock = self.socket(addr.is_ipv6()).await?;
-        if let Err(e) = srcip::bind_transparent(sock.as_fd(), src) {
-            s.bind_failed(src, &e, client, addr);
-            return self.connect_port(addr, port).await;
+        // The client's address and port toward this target can still be
+        // held by the dial of its previous connection: the client's own
+        // socket is gone as soon as it has closed, ours a moment later, and
+        // a client that reuses its port at once (a tight loop of short
+        // connections) can come back within that moment. A few short waits
+        // cover that; a tuple held for longer (a client reaching two ports
+        // that lead to one target, from one address and port, at once)
+        // dials from the child's own address, logged once.
+        for wait_ms in TUPLE_WAITS_MS {
+            let sock = self.socket(addr.is_ipv6()).await?;
+            if let Err(e) = srcip::bind_transparent(sock.as_fd(), src) {
+                s.bind_failed(src, &e, client, addr);
+                return self.connect_port(addr, port).await;
+            }
+            match connect(sock, addr).await {
+                Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
+                    tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                }
+                r => return r,
+            }
         }
-        sock.connect(addr).await
+        s.log_once(
+            LOG_TUPLE_BUSY,
+            &format!("{src} is still connected to {addr} in the child"),
+            client,
+            addr,
+        );
+        self.connect_port(addr, port).await
     }
 
     /// A UDP socket connected to `addr` from `client`'s address and port
@@ -593,12 +634,27 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
 
 /// A dial failure that ran out of descriptors also says which limit and
 /// what to change ([`sys::descriptor_hint`]).
-fn explain(mut f: dial::DialFailure) -> dial::DialFailure {
+pub(crate) fn explain(mut f: dial::DialFailure) -> dial::DialFailure {
     let e = f.errno.map(io::Error::from_raw_os_error);
     if let Some(hint) = e.as_ref().and_then(sys::descriptor_hint) {
         f.message = format!("{}: {hint}", f.message);
     }
     f
+}
+
+/// Connects the non-blocking TCP socket `fd` to `addr`, without a round
+/// through the event loop when the handshake is over inside the call (a
+/// server on this host, see [`sys::connect_now`]).
+pub(crate) async fn connect(fd: OwnedFd, addr: SocketAddr) -> io::Result<TcpStream> {
+    let done = sys::connect_now(fd.as_fd(), addr)?;
+    let stream = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+    if !done {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 /// Executes the request's [`dial::DialPlan`] in this namespace. For UDP the
@@ -659,6 +715,7 @@ mod tests {
         let v4 = Kind {
             ipv6: false,
             udp: false,
+            transparent: false,
         };
         let asked = Arc::new(AtomicUsize::new(0));
         let a = asked.clone();
@@ -667,6 +724,7 @@ mod tests {
                 == (Kind {
                     ipv6: false,
                     udp: false,
+                    transparent: false,
                 })
             {
                 a.fetch_add(1, Relaxed);
@@ -684,14 +742,16 @@ mod tests {
         assert!(
             !pool.ready(Kind {
                 ipv6: true,
-                udp: false
+                udp: false,
+                transparent: false
             }),
             "the families are apart"
         );
         assert!(
             !pool.ready(Kind {
                 ipv6: false,
-                udp: true
+                udp: true,
+                transparent: false
             }),
             "the protocols are apart"
         );
@@ -700,13 +760,15 @@ mod tests {
             Kind {
                 ipv6: false,
                 udp: true,
+                transparent: false,
             },
             sockets(1),
         );
         assert_eq!(
             pool.missing(Kind {
                 ipv6: false,
-                udp: true
+                udp: true,
+                transparent: false
             }),
             POOL_SIZE
         );
@@ -729,6 +791,7 @@ mod tests {
         let v4 = Kind {
             ipv6: false,
             udp: false,
+            transparent: false,
         };
         let pool = SocketPool::new(Box::new(|_| {}));
         let d = ChildDialer::from_pool(pool.clone());
@@ -749,6 +812,7 @@ mod tests {
             Kind {
                 ipv6: false,
                 udp: true,
+                transparent: false,
             },
             made.collect(),
         );
@@ -763,7 +827,8 @@ mod tests {
         assert_eq!(
             pool.missing(Kind {
                 ipv6: false,
-                udp: true
+                udp: true,
+                transparent: false
             }),
             POOL_SIZE - 1
         );

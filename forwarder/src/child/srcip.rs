@@ -6,7 +6,12 @@
 //! CAP_NET_ADMIN and CAP_NET_RAW for it, over the child's namespaces):
 //! - **dial.** A socket made in the child (side 1) gets IP_TRANSPARENT (or
 //!   IPV6_TRANSPARENT), SO_REUSEADDR and the mark [`MARK`]; it is bound to
-//!   the client's address and port, then connected to the target.
+//!   the client's address and port, then connected to the target. Setting
+//!   the options needs the capabilities, binding afterwards does not: the
+//!   agent also makes TCP sockets ahead with them set ([`make_transparent`])
+//!   and sends them, with the child's addresses, to the forwarder, which
+//!   applies [`source_for`] itself and binds and connects them (TCP only;
+//!   a UDP flow also needs its return rule, so it stays with the agent).
 //!   SO_REUSEADDR lets two clients with the same address and port reach
 //!   different published ports (their 4-tuples differ).
 //! - **the return rule.** Every packet the child sends toward a preserved
@@ -624,15 +629,24 @@ pub fn source_for(
 /// [`MARK`] (so that its peer's answers, the kernel's resets and ICMP
 /// errors included, return to it) and binds it to `source`.
 pub fn bind_transparent(fd: BorrowedFd<'_>, source: SocketAddr) -> io::Result<()> {
+    make_transparent(fd, source.is_ipv6())?;
+    socket2::SockRef::from(&fd).bind(&source.into())
+}
+
+/// What [`bind_transparent`] does before binding: IP_TRANSPARENT (or
+/// IPV6_TRANSPARENT), SO_REUSEADDR and [`MARK`]. Needs CAP_NET_ADMIN (or
+/// CAP_NET_RAW) over the socket's namespace; binding the result to a
+/// client's address then needs nothing, so the agent makes such sockets
+/// ahead and the forwarder binds and connects them.
+pub fn make_transparent(fd: BorrowedFd<'_>, ipv6: bool) -> io::Result<()> {
     let s = socket2::SockRef::from(&fd);
-    if source.is_ipv4() {
-        s.set_ip_transparent_v4(true)?;
-    } else {
+    if ipv6 {
         s.set_ip_transparent_v6(true)?;
+    } else {
+        s.set_ip_transparent_v4(true)?;
     }
     s.set_reuse_address(true)?;
-    s.set_mark(MARK)?;
-    s.bind(&source.into())
+    s.set_mark(MARK)
 }
 
 /// Checks that this thread may make a socket transparent.

@@ -14,21 +14,22 @@
 //! every pending dial at once, and the port manager then restarts it or
 //! ends the run.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::MsgFlags;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use crate::child::dial::{Dial, DialFailure, DialFuture, DialRequest};
-use crate::child::netns::{ChildDialer, Kind, SocketPool};
+use crate::child::dial::{self, Dial, DialFailure, DialFuture, DialRequest};
+use crate::child::netns::{self, ChildDialer, Kind, SocketPool};
+use crate::child::srcip;
 use crate::sys::{self, SeqPacket};
 use crate::wire::spec::{ApiSpec, PortSpec};
 use crate::wire::{
@@ -147,11 +148,24 @@ pub struct AgentClient {
     local: Arc<Mutex<Option<ChildDialer>>>,
     /// That a local client was dialed so is logged once.
     local_logged: Arc<AtomicBool>,
-    /// TCP sockets the agent made ahead, for what it would dial from the
+    /// Sockets the agent made ahead: for what it would dial from the
     /// child's own address anyway when there is no `local` dialer
-    /// (rootless): the forwarder connects them itself.
+    /// (rootless), and transparent ones for preserved sources (root and
+    /// rootless); the forwarder binds and connects them itself.
     pool: Arc<SocketPool>,
+    /// The child's addresses as the agent last sent them.
+    addresses: Addresses,
 }
+
+/// The child's addresses as the agent last sent them, and when they came:
+/// they decide whether a client's source is preserved
+/// ([`srcip::source_for`]).
+type Addresses = Arc<Mutex<Option<(Instant, Arc<HashSet<IpAddr>>)>>>;
+
+/// How long the agent's list of the child's addresses is used. The agent
+/// reads the list at most this long before sending it, so an address
+/// added to the child is seen within twice this.
+const ADDRESSES_TTL: Duration = Duration::from_millis(500);
 
 impl AgentClient {
     /// Wraps a connected SOCK_SEQPACKET socket to an agent, which greeted
@@ -166,12 +180,19 @@ impl AgentClient {
             stopping.clone(),
         )?));
         let next_id = Arc::new(AtomicU64::new(1));
-        let pool = agent_pool(sock.clone(), pending.clone(), next_id.clone());
+        let addresses = Addresses::default();
+        let pool = agent_pool(
+            sock.clone(),
+            pending.clone(),
+            next_id.clone(),
+            addresses.clone(),
+        );
         Ok(AgentClient {
             sock,
             pending,
             next_id,
             pool,
+            addresses,
             fallback: Arc::new(Mutex::new(None)),
             source_ip: Arc::new(AtomicBool::new(source_ip)),
             stopping,
@@ -249,6 +270,7 @@ impl AgentClient {
             None if self.pool.ready(Kind {
                 ipv6: req.plan().target.is_ipv6(),
                 udp,
+                transparent: false,
             }) =>
             {
                 ChildDialer::from_pool(self.pool.clone())
@@ -263,6 +285,38 @@ impl AgentClient {
             }
         }
         Some(d)
+    }
+
+    /// For a dial whose client's source the agent would preserve: the
+    /// client and the child's addresses, when the forwarder can dial it
+    /// itself from a transparent socket the agent made ahead (one of the
+    /// target's family is there, and the addresses are fresh); else `None`,
+    /// and a top-up is asked for so that the next such dial can.
+    fn preserving(&self, req: &DialRequest<'_>) -> Option<(SocketAddr, Arc<HashSet<IpAddr>>)> {
+        let client = req.source.filter(|c| !is_child_loopback(*c))?;
+        if !self.source_ip.load(Relaxed) {
+            return None;
+        }
+        let kind = Kind {
+            ipv6: req.plan().target.is_ipv6(),
+            udp: false,
+            transparent: true,
+        };
+        let fresh = self
+            .addresses
+            .lock()
+            .ok()
+            .and_then(|a| a.clone())
+            .filter(|(at, _)| at.elapsed() < ADDRESSES_TTL);
+        match fresh {
+            Some((_, addresses)) if self.pool.ready(kind) => Some((client, addresses)),
+            Some(_) => None,
+            None => {
+                // A top-up brings the addresses, even one of no socket.
+                self.pool.want(kind);
+                None
+            }
+        }
     }
 
     /// Registers a socket and starts the task that reads its replies.
@@ -388,9 +442,21 @@ impl Dial for AgentClient {
             return Box::pin(async move { d.tcp(req).await });
         }
         let local = self.local_dialer(&req, false);
+        let preserved = match local {
+            None => self.preserving(&req),
+            Some(_) => None,
+        };
         Box::pin(async move {
             if let Some(r) = dial_local(local, |d| async move { d.tcp(req).await }).await {
                 return r;
+            }
+            if let Some((client, addresses)) = preserved {
+                let pool = &self.pool;
+                let dial = |addr| dial_preserved(pool, client, addr, &addresses);
+                match dial::execute(req.plan(), dial).await {
+                    Err(f) if f.errno == Some(libc::EAGAIN) => {}
+                    r => return r.map_err(netns::explain),
+                }
             }
             let (fd, reached) = self
                 .request(req.spec, req.ipv6_listener, req.source, req.bind_port)
@@ -454,12 +520,42 @@ where
 // A reply's sockets must fit in what a receive makes room for.
 const _: () = assert!(AGENT_MAX_SOCKETS as usize <= sys::MAX_FDS);
 
+/// Dials `addr` for `client` from a transparent socket of `pool` bound to
+/// the client's address, as the agent would. Whatever the agent would do
+/// otherwise (dial from the child's own address, with a line in its log,
+/// because the source does not apply or cannot be bound; wait for the
+/// client's address and port to be free toward the target), and an empty
+/// pool, fail with EAGAIN: the agent dials then.
+async fn dial_preserved(
+    pool: &SocketPool,
+    client: SocketAddr,
+    addr: SocketAddr,
+    addresses: &HashSet<IpAddr>,
+) -> io::Result<TcpStream> {
+    let again = || io::Error::from_raw_os_error(libc::EAGAIN);
+    let source = srcip::source_for(client, addr, addresses).map_err(|_| again())?;
+    let kind = Kind {
+        ipv6: addr.is_ipv6(),
+        udp: false,
+        transparent: true,
+    };
+    let fd = pool.take(kind).ok_or_else(again)?;
+    socket2::SockRef::from(&fd)
+        .bind(&source.into())
+        .map_err(|_| again())?;
+    match netns::connect(fd, addr).await {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Err(again()),
+        r => r,
+    }
+}
+
 /// A pool of sockets the agent behind `sock` makes ahead: a top-up is one
 /// [`AgentSockets`] request, whose reply carries the sockets.
 fn agent_pool(
     sock: Arc<Mutex<Arc<SeqPacket>>>,
     pending: Pending,
     next_id: Arc<AtomicU64>,
+    addresses: Addresses,
 ) -> Arc<SocketPool> {
     let me: Arc<std::sync::OnceLock<std::sync::Weak<SocketPool>>> = Default::default();
     let weak = me.clone();
@@ -472,6 +568,7 @@ fn agent_pool(
             return;
         };
         let (sock, pending) = (sock.lock().ok().map(|s| s.clone()), pending.clone());
+        let addresses = addresses.clone();
         let id = next_id.fetch_add(1, Relaxed);
         rt.spawn(async move {
             let want = u8::try_from(pool.missing(kind))
@@ -482,6 +579,7 @@ fn agent_pool(
                 sockets: want,
                 ipv6: kind.ipv6,
                 udp: kind.udp,
+                transparent: kind.transparent,
             };
             let (tx, rx) = oneshot::channel();
             if let Ok(mut m) = pending.lock() {
@@ -499,6 +597,9 @@ fn agent_pool(
                             ?kind,
                             "sockets made ahead by the agent"
                         );
+                        if let (Some(a), Ok(mut held)) = (reply.addresses, addresses.lock()) {
+                            *held = Some((Instant::now(), Arc::new(a.into_iter().collect())));
+                        }
                         pool.add(kind, fds);
                     }
                     r => tracing::debug!(ok = r.is_ok(), "no sockets from the agent"),

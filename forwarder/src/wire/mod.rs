@@ -212,6 +212,13 @@ pub struct AgentRequest {
 /// with this id, `ok`) carries up to `sockets` of them
 /// ([`AGENT_MAX_SOCKETS`] at most). An agent of a release without `udp`
 /// sends TCP sockets, which the forwarder closes.
+///
+/// With `transparent` (TCP only), the sockets are ready for a preserved
+/// source: IP_TRANSPARENT, SO_REUSEADDR and the return mark set, which
+/// needs the agent's capabilities, so that the forwarder only binds the
+/// client's address and connects. The reply also carries the child's
+/// addresses ([`AgentReply::addresses`]), which decide whether a source is
+/// preserved. An agent without source preservation refuses (`ok` false).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentSockets {
     pub id: u64,
@@ -219,6 +226,8 @@ pub struct AgentSockets {
     pub ipv6: bool,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub udp: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub transparent: bool,
 }
 
 /// The most sockets one [`AgentSockets`] reply carries (what the
@@ -249,6 +258,11 @@ pub struct AgentReply {
     /// In the greeting: whether source preservation is on in the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ip: Option<bool>,
+    /// In the reply to an [`AgentSockets`] request with `transparent`: the
+    /// child's own addresses as the agent last read them (at most half a
+    /// second before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<Vec<std::net::IpAddr>>,
 }
 
 #[cfg(test)]
