@@ -201,15 +201,20 @@ impl SocketPool {
         POOL_SIZE.saturating_sub(have)
     }
 
-    /// Adds made sockets of the kind; any that is not of the kind is
-    /// closed.
-    pub fn add(&self, kind: Kind, made: Vec<OwnedFd>) {
-        let made: Vec<OwnedFd> = made.into_iter().filter(|f| kind.matches(f)).collect();
+    /// Adds sockets of the kind this process made.
+    fn add(&self, kind: Kind, made: Vec<OwnedFd>) {
         let n = made.len();
         if let Ok(mut idle) = self.idle.lock() {
             idle[kind.index()].extend(made);
             POOLED.fetch_add(n, Relaxed);
         }
+    }
+
+    /// Adds sockets of the kind another process (the agent) sent; any
+    /// that is not of the kind is closed.
+    pub fn add_received(&self, kind: Kind, mut made: Vec<OwnedFd>) {
+        made.retain(|f| kind.matches(f));
+        self.add(kind, made);
     }
 
     /// The kind's top-up is done (or failed: the next dial asks again).
@@ -755,8 +760,8 @@ mod tests {
             }),
             "the protocols are apart"
         );
-        // What is not of the kind is not pooled.
-        pool.add(
+        // What another process sent that is not of the kind is not pooled.
+        pool.add_received(
             Kind {
                 ipv6: false,
                 udp: true,

@@ -600,7 +600,7 @@ fn agent_pool(
                         if let (Some(a), Ok(mut held)) = (reply.addresses, addresses.lock()) {
                             *held = Some((Instant::now(), Arc::new(a.into_iter().collect())));
                         }
-                        pool.add(kind, fds);
+                        pool.add_received(kind, fds);
                     }
                     r => tracing::debug!(ok = r.is_ok(), "no sockets from the agent"),
                 }

@@ -598,7 +598,7 @@ async fn accept_loop(
             }
         }
         match listener.accept().await {
-            Ok((sock, _client)) => {
+            Ok((sock, client)) => {
                 // Another listener or a UDP flow may have taken the free
                 // slot meanwhile: this client then waits, accepted but not
                 // yet dialed, as it would have in the backlog.
@@ -614,6 +614,7 @@ async fn accept_loop(
                 };
                 tokio::spawn(handle(
                     sock,
+                    client,
                     addr.is_ipv6(),
                     spec.clone(),
                     stats.clone(),
@@ -661,11 +662,13 @@ fn limit_reached(max: usize) {
 static DIAL_WARN: crate::parent::ratelimit::Every =
     crate::parent::ratelimit::Every::new(Duration::from_secs(1));
 
-/// Dials the child for one accepted connection (accepted by a listener of
-/// `spec` on an IPv6 address when `ipv6_listener`) and runs the engine's
-/// forwarding of the pair in this task; on failure resets the client.
+/// Dials the child for one accepted connection (from `client`, by a
+/// listener of `spec` on an IPv6 address when `ipv6_listener`) and runs the
+/// engine's forwarding of the pair in this task; on failure resets the
+/// client.
 async fn handle(
     sock: TcpStream,
+    client: SocketAddr,
     ipv6_listener: bool,
     spec: PortSpec,
     stats: Arc<PortStats>,
@@ -680,11 +683,7 @@ async fn handle(
     let req = DialRequest {
         spec: &spec,
         ipv6_listener,
-        source: if ctx.source_ip {
-            sock.peer_addr().ok()
-        } else {
-            None
-        },
+        source: ctx.source_ip.then_some(client),
         bind_port,
     };
     let dialed = tokio::select! {
