@@ -7,7 +7,8 @@
 //!   SIZE bytes written, the same SIZE bytes read back, N times in a row;
 //!   each round trip is timed with a monotonic clock. 100 unrecorded round
 //!   trips first. Reported as p50/p99/p99.9/max in microseconds.
-//! - *connection rate*: C tasks, each in a loop for a fixed duration:
+//! - *connection rate*: C clients, each an OS thread of its own with
+//!   blocking sockets, in a loop for a fixed duration:
 //!   connect, send the 1-byte request `!`, read the 1-byte answer, read EOF,
 //!   close. The echo server answers `!` and closes first, so the TIME_WAIT
 //!   state ends up on the server side (in the child), not on the client's
@@ -16,10 +17,15 @@
 //!   round trip (connect() alone returns as soon as the forwarder's kernel
 //!   accepted, before the child is dialed). Reported: completed connections
 //!   per second, p99 setup time, and failures (each operation has a 5 s
-//!   limit; a failure is counted, the task goes on).
-//! - the client runs on a current-thread tokio runtime on its own thread.
-//!   For *direct* that thread first enters the child namespace (setns), so
-//!   the sockets it creates live there.
+//!   limit; a failure is counted, the client goes on). One tokio thread
+//!   for all clients, as before, was itself the bottleneck: direct
+//!   loopback reached about half the rate that a thread per client
+//!   reaches, and which system the scheduler put beside that one thread
+//!   decided a repetition's rate.
+//! - the other workloads' clients run on a current-thread tokio runtime
+//!   on a thread of their own. For *direct* that thread first enters the
+//!   child namespace (setns), so the sockets it creates, and the threads
+//!   it starts, live there.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -153,32 +159,60 @@ pub struct ConnRate {
     pub first_error: Option<String>,
 }
 
-async fn one_connection(addr: SocketAddr, from: Option<std::net::IpAddr>) -> Result<u64> {
-    let t0 = Instant::now();
-    let sock = if addr.is_ipv6() {
-        tokio::net::TcpSocket::new_v6()?
-    } else {
-        tokio::net::TcpSocket::new_v4()?
+/// One connection of the connection-rate workload, with blocking calls,
+/// each bounded by [`OP_LIMIT`] (SO_SNDTIMEO also bounds a blocking
+/// connect on Linux): its setup time in nanoseconds.
+fn one_connection(addr: SocketAddr, from: Option<std::net::IpAddr>) -> Result<u64> {
+    use std::io::Read as _;
+    let limit = |what: &str, e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            anyhow::anyhow!("{what}: no answer within {OP_LIMIT:?}")
+        }
+        _ if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            anyhow::anyhow!("{what}: no answer within {OP_LIMIT:?}")
+        }
+        _ => anyhow::Error::new(e).context(what.to_string()),
     };
+    let t0 = Instant::now();
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )
+    .context("socket")?;
     if let Some(ip) = from {
-        sock.bind(SocketAddr::new(ip, 0))
+        sock.bind(&SocketAddr::new(ip, 0).into())
             .with_context(|| format!("binding the client to {ip}"))?;
     }
-    let mut s = within("connecting", sock.connect(addr)).await?;
-    within("sending the request", s.write_all(&[ONE_SHOT])).await?;
+    sock.set_write_timeout(Some(OP_LIMIT))
+        .context("SO_SNDTIMEO")?;
+    sock.set_read_timeout(Some(OP_LIMIT))
+        .context("SO_RCVTIMEO")?;
+    sock.connect(&addr.into())
+        .map_err(|e| limit("connecting", e))?;
+    let mut s = std::net::TcpStream::from(sock);
+    s.write_all(&[ONE_SHOT])
+        .map_err(|e| limit("sending the request", e))?;
     let mut b = [0u8; 1];
-    within("reading the answer", s.read_exact(&mut b)).await?;
+    s.read_exact(&mut b)
+        .map_err(|e| limit("reading the answer", e))?;
     let setup = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut rest = [0u8; 16];
-    let n = within("reading EOF", s.read(&mut rest)).await?;
+    let n = s.read(&mut rest).map_err(|e| limit("reading EOF", e))?;
     if n != 0 {
         bail!("{n} unexpected bytes after the answer");
     }
     Ok(setup)
 }
 
+/// What one client thread of [`conn_rate`] counted: completed, failed,
+/// setup times, the first error.
+type ClientCount = (u64, u64, Vec<u64>, Option<String>);
+
 /// `clients` concurrent loops of connect, 1-byte request/response, close,
-/// for `dur`; each client's socket bound to `from` where given.
+/// for `dur`; each client's socket bound to `from` where given. Each
+/// client is an OS thread of its own with blocking sockets, as a simple
+/// client is; the threads start in the caller's network namespace.
 pub async fn conn_rate(
     addr: SocketAddr,
     from: Option<std::net::IpAddr>,
@@ -187,27 +221,44 @@ pub async fn conn_rate(
 ) -> Result<ConnRate> {
     let start = Instant::now();
     let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
-        tasks.spawn(async move {
-            let (mut ok, mut failed, mut setups, mut first) = (0u64, 0u64, Vec::new(), None);
-            while Instant::now() < end {
-                match one_connection(addr, from).await {
-                    Ok(ns) => {
-                        ok += 1;
-                        setups.push(ns);
-                    }
-                    Err(e) => {
-                        failed += 1;
-                        first.get_or_insert_with(|| format!("{e:#}"));
-                        // Do not spin on an immediate error.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+    let client = move || -> ClientCount {
+        let (mut ok, mut failed, mut setups, mut first) = (0u64, 0u64, Vec::new(), None);
+        while Instant::now() < end {
+            match one_connection(addr, from) {
+                Ok(ns) => {
+                    ok += 1;
+                    setups.push(ns);
+                }
+                Err(e) => {
+                    failed += 1;
+                    first.get_or_insert_with(|| format!("{e:#}"));
+                    // Do not spin on an immediate error.
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
-            (ok, failed, setups, first)
-        });
-    }
+        }
+        (ok, failed, setups, first)
+    };
+    let threads = (0..clients)
+        .map(|_| {
+            std::thread::Builder::new()
+                .name("bench-client".into())
+                .stack_size(256 * 1024)
+                .spawn(client)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .context("starting the client threads")?;
+    // Joined off the runtime's thread: a server on the same runtime (the
+    // tests') must go on running.
+    let counts = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| t.join())
+            .collect::<std::result::Result<Vec<ClientCount>, _>>()
+    })
+    .await
+    .context("joining the client threads")?
+    .map_err(|_| anyhow::anyhow!("a client thread panicked"))?;
     let mut r = ConnRate {
         completed: 0,
         failed: 0,
@@ -215,8 +266,7 @@ pub async fn conn_rate(
         setup_ns: Vec::new(),
         first_error: None,
     };
-    while let Some(j) = tasks.join_next().await {
-        let (ok, failed, setups, first) = j.context("a client task panicked")?;
+    for (ok, failed, setups, first) in counts {
         r.completed += ok;
         r.failed += failed;
         r.setup_ns.extend(setups);

@@ -1103,8 +1103,9 @@ impl Report<'_> {
         writeln!(
             md,
             "## Connection rate\n\n\
-             Each client in a loop for {} s per repetition: connect, 1-byte request, 1-byte \
-             answer, the server closes, the client closes. setup = connect() to the answer \
+             Each client (a thread of its own, blocking sockets) in a loop for {} s per \
+             repetition: connect, 1-byte request, 1-byte answer, the server closes, the \
+             client closes. setup = connect() to the answer \
              byte. x RootlessKit, x pasta, x direct: median of per-repetition ratios. The \
              clients are at 127.0.0.1, an address the child has too, so no forwarder \
              preserves it: the cost of a preserved source is in `profile.md`. socat: each \

@@ -219,8 +219,10 @@ pub fn run(md: &mut String, plan: &Plan, ns: &Netns, systems: &[System]) -> Resu
          says how).\n\nOne client, {} s per set-up, every connection traced; p50 / p99 in \
          microseconds over the connections. Root unless it says rootless. The client is at \
          127.0.0.1 (an address the child owns too, so its source is not preserved), or at \
-         127.0.0.5, which the forwarder preserves through its dial agent. Tracing slows every \
-         traced call: read the steps' shares, and the rate table for untraced rates.\n",
+         127.0.0.5, which the forwarder preserves: from a transparent socket its dial agent made \
+         ahead, and through the agent when it has none (the agent's steps, often only the first \
+         connection's). Tracing slows every traced call: read the steps' shares, and the rate \
+         table for untraced rates.\n",
         plan.rate_secs.max(3)
     )?;
     let mut columns = Vec::new();
