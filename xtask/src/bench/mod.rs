@@ -246,6 +246,7 @@ const SCALE_PARALLEL: usize = 64;
 const NOFILE: u64 = 262_144;
 
 /// A system under test.
+#[derive(Clone)]
 pub struct System {
     /// Short name: "direct", an engine, a peer.
     pub name: String,
@@ -341,6 +342,41 @@ pub struct Results {
     pub docker: Option<docker::DockerResults>,
     /// The UDP workload.
     pub udp: Option<udp::UdpResults>,
+    /// Rows only the connection-rate workload runs: auto mode with its
+    /// clients at [`PRESERVED_CLIENT`] ([`preserved_rows`]).
+    pub rate_only: Vec<System>,
+}
+
+/// The connection-rate workload's preserved client: an address of the
+/// host's loopback that the child does not own, so the forwarder keeps
+/// it as the source of its dial.
+const PRESERVED_CLIENT: std::net::IpAddr =
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 5));
+
+/// The name suffix of the rows whose clients are at [`PRESERVED_CLIENT`].
+const PRESERVED: &str = "-src";
+
+/// Auto mode's forwarders (this build's and the baseline's) again, as
+/// rows whose clients are at [`PRESERVED_CLIENT`]: the cost of a preserved
+/// source, which clients at 127.0.0.1 (an address the child owns too)
+/// never pay.
+fn preserved_rows(systems: &[System]) -> Vec<System> {
+    systems
+        .iter()
+        .filter(|s| s.name.strip_suffix(BASELINE).unwrap_or(&s.name) == "auto")
+        .map(|s| {
+            let mut p = s.clone();
+            p.name = match s.name.strip_suffix(BASELINE) {
+                Some(n) => format!("{n}{PRESERVED}{BASELINE}"),
+                None => format!("{}{PRESERVED}", s.name),
+            };
+            p.label = format!(
+                "{}, client at {PRESERVED_CLIENT} (source preserved)",
+                s.label
+            );
+            p
+        })
+        .collect()
 }
 
 /// The first two CPUs we may run on, for `iperf3 -A client,server`.
@@ -1063,15 +1099,23 @@ fn latency(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Re
 fn rate(plan: &Plan, ns: &Netns, systems: &[System], res: &mut Results) -> Result<()> {
     let dur = Duration::from_secs(plan.rate_secs);
     let pause = Duration::from_millis(300);
+    res.rate_only = preserved_rows(systems);
+    let rows: Vec<System> = systems.iter().chain(&res.rate_only).cloned().collect();
     repeated(
         plan,
-        systems,
+        &rows,
         &CLIENTS,
         &mut res.rate,
         pause,
         |sys, clients, rep| {
+            let from = sys
+                .name
+                .strip_suffix(BASELINE)
+                .unwrap_or(&sys.name)
+                .ends_with(PRESERVED)
+                .then_some(PRESERVED_CLIENT);
             let r = on_echo(sys, ns, move |addr| async move {
-                load::conn_rate(addr, None, clients, dur)
+                load::conn_rate(addr, from, clients, dur)
                     .await
                     .map(|c| RateRun {
                         conn_per_s: c.completed as f64 / c.secs,

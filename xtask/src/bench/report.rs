@@ -1108,7 +1108,8 @@ impl Report<'_> {
              client closes. setup = connect() to the answer \
              byte. x RootlessKit, x pasta, x direct: median of per-repetition ratios. The \
              clients are at 127.0.0.1, an address the child has too, so no forwarder \
-             preserves it: the cost of a preserved source is in `profile.md`. socat: each \
+             preserves it, except in the rows \"client at 127.0.0.5\": auto mode's \
+             forwarder again, with its clients at an address it preserves. socat: each \
              connection's EOF reaches the client only when the inner socat exits, 0.5 s after \
              the server closed (socat's default `-t 0.5`), which bounds its rate.\n",
             self.plan.rate_secs
@@ -1131,7 +1132,7 @@ impl Report<'_> {
                     format!("{:.2}", ratio(cps, of))
                 }
             };
-            for sys in self.systems {
+            for sys in self.systems.iter().chain(&self.res.rate_only) {
                 let c = match with_runs(
                     self.res.rate.get(&clients).and_then(|m| m.get(&sys.name)),
                     sys,
