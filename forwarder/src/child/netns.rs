@@ -279,7 +279,7 @@ const TUPLE_WAITS_MS: [u64; 4] = [1, 2, 4, 8];
 /// How long the child's address list is taken as current: reading it is a
 /// netlink dump, too dear for every dial of a burst of new connections.
 /// An address added to the child meanwhile is seen that much later.
-const LOCAL_TTL: Duration = Duration::from_millis(500);
+pub const LOCAL_TTL: Duration = Duration::from_millis(500);
 
 impl SourceIp {
     /// The source to bind for a dial of `target` by `client`, or `None`

@@ -162,11 +162,6 @@ pub struct AgentClient {
 /// ([`srcip::source_for`]).
 type Addresses = Arc<Mutex<Option<(Instant, Arc<HashSet<IpAddr>>)>>>;
 
-/// How long the agent's list of the child's addresses is used. The agent
-/// reads the list at most this long before sending it, so an address
-/// added to the child is seen within twice this.
-const ADDRESSES_TTL: Duration = Duration::from_millis(500);
-
 impl AgentClient {
     /// Wraps a connected SOCK_SEQPACKET socket to an agent, which greeted
     /// with source preservation `source_ip`. Must run inside the tokio
@@ -307,7 +302,10 @@ impl AgentClient {
             .lock()
             .ok()
             .and_then(|a| a.clone())
-            .filter(|(at, _)| at.elapsed() < ADDRESSES_TTL);
+            // As long as the agent itself takes its list as current, which
+            // it read at most that long before sending: an address added
+            // to the child is seen within twice this.
+            .filter(|(at, _)| at.elapsed() < netns::LOCAL_TTL);
         match fresh {
             Some((_, addresses)) if self.pool.ready(kind) => Some((client, addresses)),
             Some(_) => None,
