@@ -13,6 +13,7 @@ mod demo;
 mod e2e;
 mod fuzz;
 mod install;
+mod kernel;
 mod links;
 mod load;
 mod peers;
@@ -70,6 +71,10 @@ enum Task {
     /// The engine suite on Debian's 6.1 and 6.12 kernels, booted with
     /// virtme-ng under QEMU; writes a kernel x engine x case report.
     VmTest(vmtest::Args),
+    /// The kernel patches of contrib/kernel/: builds Linux 6.12 without
+    /// and with them, boots both and runs the local-client path's
+    /// application suite in each; writes the before/after table.
+    Kernel(kernel::Args),
     /// UDP: flood and echo rates, direct, forwarder, RootlessKit, pasta.
     BenchUdp(bench::udp::UdpArgs),
     /// The demo's HTTP server (runs inside the demo namespace).
@@ -100,6 +105,7 @@ fn run(task: Task) -> Result<()> {
         Task::Soak(args) => soak::run(&args),
         Task::Bench(args) => bench::run(&args),
         Task::VmTest(args) => vmtest::run(&args),
+        Task::Kernel(args) => kernel::run(&args),
         Task::E2e => e2e::run(),
         Task::BenchUdp(args) => bench::udp::run(&args),
         Task::DemoServer { binds } => demo::server(&binds),

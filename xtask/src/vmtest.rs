@@ -27,7 +27,11 @@
 //!   splice and copy engines, big transfers cut to 64 MiB
 //!   (`FWD_TEST_BIG_BYTES`) for an emulated CPU. The same selection runs on
 //!   the host too, for the host kernel's column.
-//! - Also inside: the source-preservation suite (`tests/source_ip.rs`,
+//! - Also inside: the local-client path's application suite
+//!   (`tests/local_apps.rs`, the pseudo-engine `local_apps`: real
+//!   programs, kTLS turned on after admission, the path's self-test
+//!   against a blocking reader);
+//! - and the source-preservation suite (`tests/source_ip.rs`,
 //!   shown as the pseudo-engine `source_ip`), root and rootless: the
 //!   return rules, marks and `fwmark_reflect` on the kernels users run.
 //! - One more boot with `ipv6.disable=1`: no IPv6 in any namespace. It runs
@@ -60,7 +64,7 @@ const BIG_BYTES: u64 = 64 << 20;
 const TIME_SCALE: u32 = 6;
 
 /// The engines the matrix covers: the suite's module names, and
-/// [`SOURCE_IP`] for the source-preservation suite.
+/// [`SOURCE_IP`] and [`LOCAL_APPS`] for suites of their own.
 const ENGINES: &[&str] = &[
     "ebpf",
     "ebpf_parser",
@@ -68,17 +72,25 @@ const ENGINES: &[&str] = &[
     "splice",
     "copy",
     SOURCE_IP,
+    LOCAL_APPS,
 ];
 
 /// The source-preservation suite's cases are listed as `source_ip::CASE`.
 const SOURCE_IP: &str = "source_ip";
+
+/// The local-client path's application suite's cases are listed as
+/// `local_apps::CASE`.
+const LOCAL_APPS: &str = "local_apps";
+
+/// The suites of their own, besides the engines suite.
+const OWN_SUITES: [&str; 2] = [SOURCE_IP, LOCAL_APPS];
 
 /// The engines `cargo xtask test` (CI) runs in the 6.1 guest: the two
 /// ebpf variants, whose data path is the kernel's sockmap code. The whole
 /// 6.1 matrix took 23 minutes in the guest here (QEMU TCG, a shared 2-core
 /// machine), too close to CI's 35-minute share with boot and build; splice
 /// and copy (plain syscalls, the same on every kernel line) run on demand.
-const CI_ENGINES: &[&str] = &["ebpf", "ebpf_parser", SOURCE_IP];
+const CI_ENGINES: &[&str] = &["ebpf", "ebpf_parser", SOURCE_IP, LOCAL_APPS];
 
 /// The IPv6 publishing-rule test run in the `ipv6.disable=1` boot.
 const IPV6_TEST: &str = "parent_without_ipv6_keeps_the_ipv4_half";
@@ -115,7 +127,7 @@ pub struct Args {
     #[arg(long, default_value_t = 45)]
     timeout: u64,
     /// Only these engines (comma-separated: ebpf, ebpf_parser, ebpf_local,
-    /// splice, copy).
+    /// splice, copy) and suites (source_ip, local_apps).
     #[arg(long = "engine", value_delimiter = ',', default_values_t = ENGINES.iter().map(|e| e.to_string()))]
     engines: Vec<String>,
     /// Only cases whose name contains one of these (e.g. `big_transfers`).
@@ -130,6 +142,17 @@ pub struct Args {
     /// Also write bench/results/vm-matrix.md.
     #[arg(long)]
     record: bool,
+}
+
+impl Args {
+    /// Boots of other tasks (`cargo xtask kernel`): only the limit per
+    /// boot matters to [`boot`].
+    pub(crate) fn with_timeout(minutes: u64) -> Args {
+        Args {
+            timeout: minutes,
+            ..Args::for_ci()
+        }
+    }
 }
 
 impl Args {
@@ -148,11 +171,11 @@ impl Args {
     }
 }
 
-fn say(msg: &str) {
+pub(crate) fn say(msg: &str) {
     println!("vm-test: {msg}");
 }
 
-fn dpkg_installed(pkg: &str) -> bool {
+pub(crate) fn dpkg_installed(pkg: &str) -> bool {
     Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", pkg])
         .output()
@@ -163,7 +186,7 @@ fn dpkg_installed(pkg: &str) -> bool {
 }
 
 /// `apt-get` that waits for a lock another apt holds instead of failing.
-fn apt_get() -> Command {
+pub(crate) fn apt_get() -> Command {
     let mut c = Command::new("apt-get");
     c.args(["-o", "DPkg::Lock::Timeout=900", "-q"])
         .env("DEBIAN_FRONTEND", "noninteractive");
@@ -198,7 +221,7 @@ fn ensure_backports() -> Result<bool> {
 }
 
 /// Installs what booting a kernel with vng needs; quick when present.
-fn setup() -> Result<()> {
+pub(crate) fn setup() -> Result<()> {
     let added = ensure_backports()?;
     let mut updated = false;
     let update = |updated: &mut bool| -> Result<()> {
@@ -267,15 +290,18 @@ fn which(prog: &str) -> Option<PathBuf> {
 
 /// A kernel ready to boot.
 #[derive(Clone, Debug)]
-struct Kernel {
-    line: &'static str,
+pub(crate) struct Kernel {
+    /// Its label: the line's name, and the scratch directory's.
+    pub line: &'static str,
     /// `uname -r` inside, e.g. 6.1.0-57-cloud-amd64.
-    release: String,
+    pub release: String,
+    /// The image vng boots.
+    pub image: PathBuf,
 }
 
 impl Kernel {
     fn image(&self) -> PathBuf {
-        PathBuf::from(format!("/boot/vmlinuz-{}", self.release))
+        self.image.clone()
     }
 }
 
@@ -365,6 +391,7 @@ fn kernel(line: &Line, debs: &Path) -> Result<Kernel> {
     };
     let k = Kernel {
         line: line.name,
+        image: PathBuf::from(format!("/boot/vmlinuz-{release}")),
         release,
     };
     let modules = PathBuf::from(format!("/lib/modules/{}/modules.dep", k.release));
@@ -394,31 +421,26 @@ struct Binaries {
     forwarder: PathBuf,
     engines: PathBuf,
     source_ip: PathBuf,
+    local_apps: PathBuf,
     cli: PathBuf,
 }
 
-fn build() -> Result<Binaries> {
+/// Builds the workspace in release mode and the named test binaries of
+/// `tests/`; returns each binary's path by name.
+pub(crate) fn build_tests(names: &[&str]) -> Result<BTreeMap<String, PathBuf>> {
     run_cmd(
         cargo()
             .args(["build", "--release"])
             .args(crate::test::WORKSPACE),
     )
     .context("building the workspace")?;
-    let out = output(cargo().args([
-        "test",
-        "--release",
-        "-p",
-        "forwarder-tests",
-        "--test",
-        "engines",
-        "--test",
-        "cli",
-        "--test",
-        "source_ip",
-        "--no-run",
-        "--message-format=json",
-    ]))
-    .context("building the test binaries")?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--release", "-p", "forwarder-tests"]);
+    for n in names {
+        cmd.args(["--test", n]);
+    }
+    let out = output(cmd.args(["--no-run", "--message-format=json"]))
+        .context("building the test binaries")?;
     let mut found = BTreeMap::new();
     for l in out.lines() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(l) else {
@@ -428,6 +450,11 @@ fn build() -> Result<Binaries> {
             found.insert(name.to_string(), PathBuf::from(exe));
         }
     }
+    Ok(found)
+}
+
+fn build() -> Result<Binaries> {
+    let found = build_tests(&["engines", "cli", "source_ip", "local_apps"])?;
     let get = |n: &str| {
         found
             .get(n)
@@ -438,13 +465,14 @@ fn build() -> Result<Binaries> {
         forwarder: target_dir()?.join("release/forwarder"),
         engines: get("engines")?,
         source_ip: get("source_ip")?,
+        local_apps: get("local_apps")?,
         cli: get("cli")?,
     })
 }
 
 /// How one case ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Pass,
     Fail,
     /// Started but no result: the run was cut (timeout, panic).
@@ -465,7 +493,7 @@ struct Column {
 }
 
 /// Reads libtest's `test NAME ... ok|FAILED` lines.
-fn parse_libtest(text: &str) -> BTreeMap<String, Outcome> {
+pub(crate) fn parse_libtest(text: &str) -> BTreeMap<String, Outcome> {
     let mut r = BTreeMap::new();
     for l in text.lines() {
         let Some(rest) = l.strip_prefix("test ") else {
@@ -486,7 +514,7 @@ fn parse_libtest(text: &str) -> BTreeMap<String, Outcome> {
 
 /// Each failed case's panic message, from libtest's `---- NAME stdout
 /// ----` sections (the lines after "panicked at", up to three).
-fn failure_details(text: &str) -> BTreeMap<String, String> {
+pub(crate) fn failure_details(text: &str) -> BTreeMap<String, String> {
     let mut r = BTreeMap::new();
     let mut current: Option<String> = None;
     let mut lines = text.lines().peekable();
@@ -574,17 +602,23 @@ fn host_column(bins: &Binaries, cases: &[String], args: &Args, dir: &Path) -> Re
     Ok(col)
 }
 
+/// The test binary of a suite of its own ([`OWN_SUITES`]).
+fn own_suite_bin<'a>(bins: &'a Binaries, suite: &str) -> &'a PathBuf {
+    if suite == SOURCE_IP {
+        &bins.source_ip
+    } else {
+        &bins.local_apps
+    }
+}
+
 /// The suites to run for `cases`, each as (name, test binary, libtest
-/// arguments): the engines suite, and the source-preservation one for the
-/// `source_ip::` cases (named there without the prefix).
+/// arguments): the engines suite, and each suite of its own for its
+/// `SUITE::` cases (named there without the prefix).
 fn suite_runs(
     bins: &Binaries,
     cases: &[String],
     args: &Args,
 ) -> Vec<(String, PathBuf, Vec<String>)> {
-    let prefix = format!("{SOURCE_IP}::");
-    let (source, engines): (Vec<&String>, Vec<&String>) =
-        cases.iter().partition(|c| c.starts_with(&prefix));
     let base = || {
         vec![
             "--exact".to_string(),
@@ -593,25 +627,33 @@ fn suite_runs(
         ]
     };
     let mut runs = Vec::new();
+    let engines: Vec<&String> = cases
+        .iter()
+        .filter(|c| !OWN_SUITES.iter().any(|s| c.starts_with(&format!("{s}::"))))
+        .collect();
     if !engines.is_empty() {
         let mut a = base();
         a.extend(engines.into_iter().cloned());
         runs.push(("engines".to_string(), bins.engines.clone(), a));
     }
-    if !source.is_empty() {
-        let mut a = base();
-        a.extend(source.iter().map(|c| c[prefix.len()..].to_string()));
-        runs.push((SOURCE_IP.to_string(), bins.source_ip.clone(), a));
+    for suite in OWN_SUITES {
+        let prefix = format!("{suite}::");
+        let mine: Vec<&String> = cases.iter().filter(|c| c.starts_with(&prefix)).collect();
+        if !mine.is_empty() {
+            let mut a = base();
+            a.extend(mine.iter().map(|c| c[prefix.len()..].to_string()));
+            runs.push((suite.to_string(), own_suite_bin(bins, suite).clone(), a));
+        }
     }
     runs
 }
 
-/// Adds one suite's libtest output to a column (the source-preservation
-/// suite's names get their prefix).
+/// Adds one suite's libtest output to a column (a suite of its own's
+/// names get their prefix).
 fn add_results(col: &mut Column, suite: &str, text: &str) {
     let name = |n: String| {
-        if suite == SOURCE_IP {
-            format!("{SOURCE_IP}::{n}")
+        if OWN_SUITES.contains(&suite) {
+            format!("{suite}::{n}")
         } else {
             n
         }
@@ -672,7 +714,7 @@ fn kill(pid: u32) {
 }
 
 /// The last `n` lines of a file.
-fn tail(path: &Path, n: usize) -> String {
+pub(crate) fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -685,7 +727,13 @@ fn run_dir(label: &str) -> Result<PathBuf> {
 
 /// One boot: runs `script` (a shell script written to the scratch
 /// directory) and waits for it. Returns the scratch directory.
-fn boot(k: &Kernel, label: &str, append: &[&str], script: &str, args: &Args) -> Result<PathBuf> {
+pub(crate) fn boot(
+    k: &Kernel,
+    label: &str,
+    append: &[&str],
+    script: &str,
+    args: &Args,
+) -> Result<PathBuf> {
     let dir = run_dir(label)?;
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -848,7 +896,7 @@ fn guest_script(
     s
 }
 
-fn read_trim(p: &Path) -> String {
+pub(crate) fn read_trim(p: &Path) -> String {
     fs::read_to_string(p).unwrap_or_default().trim().to_string()
 }
 
@@ -917,7 +965,24 @@ fn ipv6_boot(k: &Kernel, bins: &Binaries, args: &Args) -> (Outcome, String) {
     }
 }
 
-fn mark(o: Option<&Outcome>) -> &'static str {
+/// A Markdown table's head: the `lead` columns, then one per title.
+pub(crate) fn table_head<'a>(s: &mut String, lead: &[&str], titles: impl Iterator<Item = &'a str>) {
+    let titles: Vec<&str> = titles.collect();
+    let _ = writeln!(s, "| {} | {} |", lead.join(" | "), titles.join(" | "));
+    let _ = writeln!(s, "|{}", "---|".repeat(lead.len() + titles.len()));
+}
+
+/// Every case name of the columns' results, sorted, once.
+pub(crate) fn case_names<'a>(
+    results: impl Iterator<Item = &'a BTreeMap<String, Outcome>>,
+) -> Vec<&'a String> {
+    let mut names: Vec<&String> = results.flat_map(|r| r.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+pub(crate) fn mark(o: Option<&Outcome>) -> &'static str {
     match o {
         Some(Outcome::Pass) => "pass",
         Some(Outcome::Fail) => "**FAIL**",
@@ -939,19 +1004,12 @@ fn report(cols: &[Column], ipv6: Option<&(String, Outcome, String)>, date: &str)
          column runs the same binary on the host kernel.\n",
         BIG_BYTES >> 20
     );
-    let _ = write!(s, "| engine | case |");
-    for c in cols {
-        let _ = write!(s, " {} |", c.title);
-    }
-    let _ = write!(s, "\n|---|---|");
-    for _ in cols {
-        let _ = write!(s, "---|");
-    }
-    s.push('\n');
-    let mut names: Vec<&String> = cols.iter().flat_map(|c| c.results.keys()).collect();
-    names.sort();
-    names.dedup();
-    for n in names {
+    table_head(
+        &mut s,
+        &["engine", "case"],
+        cols.iter().map(|c| c.title.as_str()),
+    );
+    for n in case_names(cols.iter().map(|c| &c.results)) {
         let (engine, case) = n.split_once("::").unwrap_or(("", n));
         let _ = write!(s, "| {engine} | {case} |");
         for c in cols {
@@ -1063,12 +1121,21 @@ fn selected_cases(bins: &Binaries, args: &Args) -> Result<Vec<String>> {
             bail!("--engine {e}: expected one of {}", ENGINES.join(", "));
         }
     }
-    let source = list_cases(&bins.source_ip, &[])?
-        .into_iter()
-        .map(|c| format!("{SOURCE_IP}::{c}"));
+    let mut own = Vec::new();
+    for suite in OWN_SUITES {
+        let bin = own_suite_bin(bins, suite);
+        // Ignored cases (kernel limits, see their reasons) stay out.
+        let ignored = list_cases(bin, &["--ignored".to_string()])?;
+        own.extend(
+            list_cases(bin, &[])?
+                .into_iter()
+                .filter(|c| !ignored.contains(c))
+                .map(|c| format!("{suite}::{c}")),
+        );
+    }
     let cases: Vec<String> = list_cases(&bins.engines, &test_args())?
         .into_iter()
-        .chain(source)
+        .chain(own)
         .filter(|c| case_filter(args, c))
         .collect();
     if cases.is_empty() {
