@@ -383,16 +383,34 @@ fn check_reports_engines_and_the_auto_choice() {
     assert_eq!(root["engines"]["ebpf"], true, "{text}");
     assert_eq!(root["engines"]["ebpf_parser"], true, "{text}");
     assert_eq!(root["engines"]["splice"], true, "{text}");
-    // Auto mode runs splice also where ebpf loads (engine::AUTO_REASON),
-    // and says whether --mode ebpf would work here.
-    let want = "splice";
+    // The local-client path loads here; its self-test decides whether the
+    // kernel keeps blocking reads on admitted sockets, and with it auto
+    // mode's choice: the path (engine ebpf, others on splice) or splice,
+    // saying whether --mode ebpf would work and why the path is off.
+    assert_eq!(root["probes"]["local_path"]["ok"], true, "{text}");
+    let kept = root["probes"]["local_blocking_read"]["ok"].as_bool();
+    let want = match kept {
+        Some(true) => "ebpf",
+        Some(false) => {
+            let why = root["probes"]["local_blocking_read"]["error"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                why.contains("tcp_bpf_recvmsg") && why.contains("contrib/kernel"),
+                "{text}"
+            );
+            let reason = root["auto"]["reason"].as_str().unwrap_or_default();
+            assert!(
+                reason.contains("available")
+                    && reason.contains("--mode ebpf")
+                    && reason.contains("local-client path is off"),
+                "{text}"
+            );
+            "splice"
+        }
+        None => panic!("no self-test result: {text}"),
+    };
     assert_eq!(root["auto"]["engine"], want, "{text}");
-    assert!(
-        root["auto"]["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("available") && r.contains("--mode ebpf")),
-        "{text}"
-    );
     // The same choice as `run` in auto mode makes here.
     let pair = Pair::new();
     let f = Fwd::start(&pair, &["-p", "127.0.0.1:8095:95"]);

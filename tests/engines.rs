@@ -55,6 +55,16 @@ fn pair(engine: &Engine) -> Pair {
     Pair::with(engine.privilege)
 }
 
+/// The engine a configuration's ready line must name.
+fn expected_engine(engine: &Engine) -> &'static str {
+    match engine.expect {
+        AUTO_PICKS => forwarder_tests::check_report()["auto"]["engine"]
+            .as_str()
+            .unwrap_or("?"),
+        e => e,
+    }
+}
+
 fn start(pair: &Pair, engine: &Engine, specs: &[&str]) -> Fwd {
     let mut args: Vec<&str> = engine.args.to_vec();
     for s in specs {
@@ -62,7 +72,12 @@ fn start(pair: &Pair, engine: &Engine, specs: &[&str]) -> Fwd {
         args.push(s);
     }
     let f = Fwd::start(pair, &args);
-    assert_eq!(f.engine(), engine.expect, "engine; stderr:\n{}", f.stderr());
+    assert_eq!(
+        f.engine(),
+        expected_engine(engine),
+        "engine; stderr:\n{}",
+        f.stderr()
+    );
     if engine.args.contains(&"--local-path") {
         // The configuration exists to run every case through the path: a
         // forwarder that fell back to sk_skb (it logs why) fails here.
@@ -231,7 +246,7 @@ pub async fn stop_with_open_connections(engine: &Engine) {
     );
     assert_eq!(st["pooled"]["pipes_in_use"], 0, "final stats: {st}");
     assert_eq!(st["pooled"]["buffers_in_use"], 0, "final stats: {st}");
-    if engine.expect == "ebpf" {
+    if expected_engine(engine) == "ebpf" {
         assert_eq!(
             st["bpf_map_entries"],
             serde_json::json!({"sockets": 0, "targets": 0, "peers": 0}),
@@ -312,7 +327,7 @@ pub async fn server_speaks_first(engine: &Engine) {
         echo_roundtrip(&mut c, b"ping after the banner").await;
         let st = f.stats();
         assert_eq!(st["active"].as_u64(), Some(1), "one open connection: {st}");
-        if engine.expect == "ebpf" {
+        if expected_engine(engine) == "ebpf" {
             // With a connection up the maps hold its sockets: the emptiness
             // check at the end looks at the right maps.
             let maps = f.bpf_maps();
@@ -664,7 +679,7 @@ pub async fn least_privilege(engine: &Engine) {
         pair.echo_clients("127.0.0.1:8080", 8, 1000),
     )
     .await;
-    if engine.expect == "ebpf" {
+    if expected_engine(engine) == "ebpf" {
         let maps = f.bpf_maps();
         // Local clients take the local-client path where it runs: its maps
         // hold the client's and server's sockets (admitted) and the
@@ -862,7 +877,12 @@ pub async fn handoff_fails_half_way(engine: &Engine) {
     let mut args: Vec<&str> = engine.args.to_vec();
     args.extend(["-p", "127.0.0.1:8090:90"]);
     let f = Fwd::start_with_env(&pair, &args, &[("FWD_TEST_HANDOFF_GAP_MS", "300")]);
-    assert_eq!(f.engine(), engine.expect, "engine; stderr:\n{}", f.stderr());
+    assert_eq!(
+        f.engine(),
+        expected_engine(engine),
+        "engine; stderr:\n{}",
+        f.stderr()
+    );
     const N: u64 = 100 << 10;
     within(20, "a download through a half-failed handoff", async {
         let mut c = pair.client("127.0.0.1:8090").await;
@@ -1690,7 +1710,7 @@ pub async fn stop_under_load(engine: &Engine) {
     .await;
     assert_eq!(f.stats()["active"].as_u64(), Some((BUSY + IDLE) as u64));
     let (maps, progs) = bpf::object_ids(f.pid);
-    if engine.expect == "ebpf" {
+    if expected_engine(engine) == "ebpf" {
         assert!(
             !maps.is_empty() && !progs.is_empty(),
             "no BPF objects found in /proc/{}/fdinfo: maps {maps:?} programs {progs:?}",
@@ -1765,6 +1785,10 @@ pub async fn stop_under_load(engine: &Engine) {
     .await;
 }
 
+/// The expected engine of a configuration whose choice depends on the
+/// kernel: what `forwarder check` says auto mode picks here.
+const AUTO_PICKS: &str = "auto picks";
+
 /// One module per engine, one test per case, so a failure names both.
 /// `+ [case, ...]` adds cases that only make sense for that engine.
 macro_rules! suite {
@@ -1836,14 +1860,22 @@ suite! {
     ebpf_local: ["--mode", "ebpf", "--local-path"] => "ebpf", Root;
     splice: ["--mode", "splice"] => "splice", Root;
     copy: ["--mode", "copy"] => "copy", Root;
-    // auto mode as root, where BPF would load: splice, which measures
-    // faster than ebpf when nothing is pinned (see bench/results/profile.md).
-    auto: [] => "splice", Root;
+    // auto mode as root, where BPF would load: the local-client path for
+    // local clients where its self-test passes, else splice, which
+    // measures faster than sk_skb when nothing is pinned (see
+    // bench/results/profile.md); `forwarder check` says which.
+    auto: [] => "auto picks", Root;
+    // auto mode with the local-client path on whatever the self-test says:
+    // local clients on the path, the others on splice.
+    auto_local: ["--local-path"] => "ebpf", Root;
     // Rootless: an unprivileged forwarder given the container's PID dials
     // through its child-side agent; auto mode runs splice without BPF...
     rootless: [] => "splice", User;
-    // ...and ebpf once the user holds CAP_BPF and CAP_NET_ADMIN.
+    // ...and ebpf once the user holds CAP_BPF and CAP_NET_ADMIN...
     rootless_ebpf: ["--mode", "ebpf"] => "ebpf", UserWithBpf + [bytes_stay_in_the_kernel];
+    // ...and the local-client path with CAP_PERFMON too (auto mode, the
+    // path on whatever the kernel's self-test says).
+    rootless_local: ["--local-path"] => "ebpf", UserWithLocalPath;
 }
 
 /// ebpf only: the bytes of an established connection never enter

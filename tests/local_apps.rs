@@ -363,7 +363,7 @@ async fn python_echo(mode: &str, port: u16) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on 6.18 tcp_bpf_recvmsg gives a blocking reader thread EAGAIN when the writer thread's write space wakes it (fails under CPU load)"]
+#[ignore = "without contrib/kernel's tcp_bpf_recvmsg patch (6.18, 6.12.118) a blocking reader thread gets EAGAIN when the writer thread's write space wakes it (fails under CPU load)"]
 async fn python_blocking_client_echoes() {
     python_echo("blocking", 8007).await;
 }
@@ -570,7 +570,7 @@ async fn peek_then_read() {
 
 /// FIONREAD counts what arrived before it is read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on 6.18 tcp_bpf_ioctl answers FIONREAD on an admitted socket from the psock queue only: 0 while bytes wait in its TCP receive queue"]
+#[ignore = "before the stable fix (in 6.12.118, not in 6.18.44) tcp_bpf_ioctl answers FIONREAD on an admitted socket from the psock queue only: 0 while bytes wait in its TCP receive queue"]
 async fn fionread_counts_what_arrived() {
     let _alone = ONE_AT_A_TIME.lock().await;
     socket_case(echo_until_eof, |mut c| {
@@ -823,10 +823,9 @@ fn assert_reset(got: std::io::Result<Vec<u8>>, who: &str) {
     }
 }
 
-/// A client's reset (SO_LINGER 0, then close) reaches the server as
-/// ECONNRESET, not a clean EOF.
-async fn client_reset_reaches_the_server(polling: bool) {
-    let _alone = ONE_AT_A_TIME.lock().await;
+/// What a server reading (`polling` or blocking) sees after the client's
+/// reset (SO_LINGER 0, then close).
+async fn server_after_client_reset(polling: bool) -> std::io::Result<Vec<u8>> {
     let (server_saw, ()) = socket_case(
         move |mut s| {
             let mut buf = [0u8; 5];
@@ -840,7 +839,13 @@ async fn client_reset_reaches_the_server(polling: bool) {
         },
     )
     .await;
-    assert_reset(server_saw, "the server");
+    server_saw
+}
+
+/// A client's reset reaches the server as ECONNRESET, not a clean EOF.
+async fn client_reset_reaches_the_server(polling: bool) {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    assert_reset(server_after_client_reset(polling).await, "the server");
 }
 
 /// The server's reset reaches the (admitted) client as ECONNRESET.
@@ -867,6 +872,28 @@ async fn server_reset_reaches_the_client(polling: bool) {
     assert_reset(client_saw, "the client");
 }
 
+/// The path's start-up self-test (`forwarder check`'s
+/// `local_blocking_read`) tells what a real blocking reader meets on this
+/// kernel: ECONNRESET after the client's reset where it passes, EAGAIN
+/// where it finds the kernel's bug (auto mode then leaves the path off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_test_agrees_with_a_blocking_reader() {
+    if !local_path() {
+        return;
+    }
+    let kept = forwarder_tests::local_self_test_passes();
+    let _alone = ONE_AT_A_TIME.lock().await;
+    match (kept, server_after_client_reset(false).await) {
+        (true, Err(e)) if e.kind() == ErrorKind::ConnectionReset => {}
+        (false, Err(e)) if e.kind() == ErrorKind::WouldBlock => {}
+        (kept, other) => panic!(
+            "the self-test says blocking reads are {}, but a blocking server \
+             reading after the client's reset saw {other:?}",
+            if kept { "kept" } else { "broken" }
+        ),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_reset_reaches_a_polling_server() {
     client_reset_reaches_the_server(true).await;
@@ -878,13 +905,173 @@ async fn server_reset_reaches_a_polling_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on 6.18 a blocking recv() on an admitted (tcp_bpf) socket that a reset wakes returns EAGAIN, not ECONNRESET"]
+#[ignore = "without contrib/kernel's tcp_bpf_recvmsg patch (6.18, 6.12.118) a blocking recv() on an admitted socket that a reset wakes returns EAGAIN, not ECONNRESET"]
 async fn client_reset_reaches_a_blocking_server() {
     client_reset_reaches_the_server(false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on 6.18 a blocking recv() on an admitted (tcp_bpf) socket that a reset wakes returns EAGAIN, not ECONNRESET"]
+#[ignore = "without contrib/kernel's tcp_bpf_recvmsg patch (6.18, 6.12.118) a blocking recv() on an admitted socket that a reset wakes returns EAGAIN, not ECONNRESET"]
 async fn server_reset_reaches_a_blocking_client() {
     server_reset_reaches_the_client(false).await;
+}
+
+/// The kTLS parameters both sides of [`ktls_on_after_admission`] use:
+/// TLS 1.2, AES-GCM-128, a fixed key, IV, salt and record sequence, so
+/// that the same plaintext makes the same records on any connection.
+fn ktls_params() -> libc::tls12_crypto_info_aes_gcm_128 {
+    // SAFETY: a plain C struct of integers and byte arrays; all zeros is valid.
+    let mut info: libc::tls12_crypto_info_aes_gcm_128 = unsafe { std::mem::zeroed() };
+    info.info.version = libc::TLS_1_2_VERSION;
+    info.info.cipher_type = libc::TLS_CIPHER_AES_GCM_128;
+    info.key = [7; 16];
+    info.iv = [1, 2, 3, 4, 5, 6, 7, 8];
+    info.salt = [9, 8, 7, 6];
+    info.rec_seq = [0; 8];
+    info
+}
+
+/// Turns on kTLS for sending on `s`: `TCP_ULP` "tls", then `TLS_TX`.
+/// Returns the first step's error as `Err(("TCP_ULP", e))` and the
+/// second's as `Err(("TLS_TX", e))`.
+fn ktls_tx(s: &TcpStream) -> Result<(), (&'static str, std::io::Error)> {
+    let fd = s.as_raw_fd();
+    let ulp = b"tls";
+    // SAFETY: the option value is a valid buffer of the given length.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            ulp.as_ptr().cast(),
+            ulp.len() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(("TCP_ULP", std::io::Error::last_os_error()));
+    }
+    let info = ktls_params();
+    // SAFETY: the option value is the crypto info struct, of its own size.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_TLS,
+            libc::TLS_TX,
+            (&info as *const libc::tls12_crypto_info_aes_gcm_128).cast(),
+            std::mem::size_of_val(&info) as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(("TLS_TX", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// The plaintext [`ktls_on_after_admission`] sends: 3 records' worth.
+fn ktls_plaintext() -> Vec<u8> {
+    (0..40_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// What a server reads when a client in the child sends
+/// [`ktls_plaintext`] over kTLS straight to it, no forwarder between:
+/// the records the kernel makes. `Err` says why kTLS cannot be used here
+/// (`modprobe tls` is tried once).
+fn ktls_reference(pair: &Pair) -> Result<Vec<u8>, String> {
+    let attempt = || -> Result<Vec<u8>, (&'static str, std::io::Error)> {
+        pair.child.run(|| {
+            let l = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("listen");
+            let addr = l.local_addr().expect("local address");
+            let c = TcpStream::connect(addr).expect("connect");
+            let (mut s, _) = l.accept().expect("accept");
+            ktls_tx(&c)?;
+            let mut c = c;
+            c.write_all(&ktls_plaintext()).expect("send over kTLS");
+            c.shutdown(Shutdown::Write).expect("shutdown");
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("read the records");
+            Ok(got)
+        })
+    };
+    match attempt() {
+        Ok(v) => Ok(v),
+        Err(("TCP_ULP", e)) if e.raw_os_error() == Some(libc::ENOENT) => {
+            let _ = std::process::Command::new("modprobe")
+                .arg("tls")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            attempt().map_err(|(what, e)| format!("{what}: {e}"))
+        }
+        Err((what, e)) => Err(format!("{what}: {e}")),
+    }
+}
+
+/// kTLS turned on after admission: the client's plaintext must never be
+/// redirected past the encryption. Either the kernel refuses TLS on a
+/// socket in a sockmap (EINVAL, newer kernels) and the bytes go on as
+/// plain TCP, or the server reads exactly the records a direct connection
+/// with the same keys carries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ktls_on_after_admission() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let want = match ktls_reference(&Pair::new()) {
+        Ok(v) => v,
+        Err(why) => {
+            eprintln!("skipped: this kernel cannot send kTLS (CONFIG_TLS): {why}");
+            return;
+        }
+    };
+    let plain = ktls_plaintext();
+    assert!(
+        want.len() > plain.len() && want[0] == 0x17,
+        "the reference is not TLS records: {} bytes, first {:#x}",
+        want.len(),
+        want[0]
+    );
+    let (got, refused) = socket_case(
+        |mut s| {
+            let mut hello = [0u8; 5];
+            s.read_exact(&mut hello).expect("the plain hello");
+            s.write_all(b"ok").expect("answer");
+            // Polling reads: a blocking one can meet the kernel's
+            // tcp_bpf_recvmsg EAGAIN, which is not what this case checks.
+            read_rest(s, true).expect("read to EOF")
+        },
+        |mut c| {
+            // Before kTLS: a round trip on the path.
+            c.write_all(b"hello").expect("send");
+            let mut ok = [0u8; 2];
+            c.read_exact(&mut ok).expect("the answer");
+            let refused = match ktls_tx(&c) {
+                Ok(()) => false,
+                Err((what, e)) => {
+                    assert_eq!(
+                        e.raw_os_error(),
+                        Some(libc::EINVAL),
+                        "{what} on an admitted socket failed with {e}, not EINVAL"
+                    );
+                    eprintln!("the kernel refuses kTLS on an admitted socket ({what}: {e})");
+                    true
+                }
+            };
+            c.write_all(&ktls_plaintext()).expect("send");
+            c.shutdown(Shutdown::Write).expect("shutdown");
+            read_rest(c, true).expect("EOF");
+            refused
+        },
+    )
+    .await;
+    if refused {
+        assert!(got == plain, "the plain bytes after a refused kTLS differ");
+    } else {
+        assert!(
+            got == want,
+            "the server read {} bytes, not the {} bytes of records a direct \
+             connection carries (plaintext redirected past kTLS: {})",
+            got.len(),
+            want.len(),
+            got == plain
+        );
+    }
 }

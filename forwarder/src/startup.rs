@@ -52,15 +52,24 @@ fn ebpf_options(config: &Config) -> anyhow::Result<engine::ebpf::Options> {
         ..Default::default()
     };
     #[cfg(feature = "ebpf")]
-    if config.local_path && config.mode == engine::Mode::Ebpf {
-        let cgroup = match &config.bpf_cgroup {
-            Some(c) => c.clone(),
-            None => engine::local::default_cgroup().context(
+    if !config.no_local_path && matches!(config.mode, engine::Mode::Ebpf | engine::Mode::Auto) {
+        let cgroup = match (&config.bpf_cgroup, engine::local::default_cgroup()) {
+            (Some(c), _) => c.clone(),
+            (None, Some(c)) => c,
+            (None, None) if config.local_path => anyhow::bail!(
                 "no cgroup v2 hierarchy found (/sys/fs/cgroup/unified or /sys/fs/cgroup): \
-                 mount one, name a cgroup with --bpf-cgroup, or leave out --local-path",
-            )?,
+                 mount one, name a cgroup with --bpf-cgroup, or leave out --local-path"
+            ),
+            (None, None) => {
+                tracing::info!(
+                    "the local-client path is off: no cgroup v2 hierarchy found \
+                     (/sys/fs/cgroup/unified or /sys/fs/cgroup)"
+                );
+                return Ok(opts);
+            }
         };
         opts.local = Some(cgroup);
+        opts.local_forced = config.local_path;
         let path = match (&config.child_netns, config.child_pid) {
             (Some(p), _) => Some(p.clone()),
             (None, Some(pid)) => Some(PathBuf::from(format!("/proc/{pid}/ns/net"))),
@@ -586,7 +595,7 @@ impl Serve {
         let engine = prepared.start()?;
         let source_ip = dial.source_ip();
         let (dialer, mut agent) = AgentWatch::from_setup(dial)?;
-        let variant = variant(engine.kind(), config.ebpf_parser);
+        let variant = variant(engine.kind(), config.mode, config.ebpf_parser);
         tracing::info!(engine = %engine.kind(), variant, %reason, "engine selected");
         let ports = Arc::new(
             PortManager::with_max_connections(dialer, engine, max_connections)
@@ -640,8 +649,12 @@ impl Serve {
 }
 
 /// The ebpf engine's program layout, named in the log and the ready line.
-fn variant(kind: engine::EngineKind, parser: bool) -> Option<&'static str> {
-    (kind == engine::EngineKind::Ebpf).then_some(if parser { "parser+verdict" } else { "verdict" })
+fn variant(kind: engine::EngineKind, mode: engine::Mode, parser: bool) -> Option<&'static str> {
+    (kind == engine::EngineKind::Ebpf).then_some(match (mode, parser) {
+        (engine::Mode::Auto, _) => "local+splice",
+        (_, true) => "parser+verdict",
+        (_, false) => "verdict",
+    })
 }
 
 /// Publishes the listeners bound at start-up; returns their addresses.
@@ -1017,6 +1030,7 @@ mod tests {
             udp: Default::default(),
             source_ip: false,
             local_path: false,
+            no_local_path: false,
             bpf_cgroup: None,
         };
         let (stop, stopped) = oneshot::channel();

@@ -24,7 +24,10 @@ pub mod process;
 pub mod procfs;
 pub mod wait;
 
-pub use netns::{drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER};
+pub use netns::{
+    drop_to_user, drop_to_user_with, require_root, test_user, user_command, Netns, Privilege,
+    TEST_USER,
+};
 
 use anyhow::Context as _;
 

@@ -92,7 +92,30 @@ pub enum Privilege {
     User,
     /// The same, with CAP_BPF and CAP_NET_ADMIN as ambient capabilities.
     UserWithBpf,
+    /// The same, with CAP_PERFMON too: what the local-client path needs.
+    UserWithLocalPath,
 }
+
+impl Privilege {
+    /// The capabilities the forwarder holds as ambient ones (numbers as
+    /// in `linux/capability.h`).
+    pub fn ambient_caps(self) -> &'static [u32] {
+        match self {
+            Privilege::Root | Privilege::User => &[],
+            Privilege::UserWithBpf => &[CAP_NET_ADMIN, CAP_BPF],
+            Privilege::UserWithLocalPath => &[CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF],
+        }
+    }
+
+    /// Whether the forwarder runs as the unprivileged test user.
+    pub fn is_user(self) -> bool {
+        self != Privilege::Root
+    }
+}
+
+const CAP_NET_ADMIN: u32 = 12;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
 
 /// A network namespace with loopback up, deleted on drop: a named one made
 /// by root, or one owned by the test user's own user namespace and held by
@@ -405,8 +428,19 @@ impl Drop for Netns {
 /// +bpf,+net_admin --ambient-caps +bpf,+net_admin` does). Runs between
 /// fork and exec: raw syscalls only.
 pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_BPF: u32 = 39;
+    let caps: &[u32] = if with_bpf {
+        Privilege::UserWithBpf.ambient_caps()
+    } else {
+        &[]
+    };
+    drop_to_user_with(uid, gid, caps)
+}
+
+/// Becomes `uid`/`gid` with `caps` (numbers as in `linux/capability.h`)
+/// raised as ambient capabilities, or none. Runs between fork and exec:
+/// raw syscalls only.
+pub fn drop_to_user_with(uid: u32, gid: u32, caps: &[u32]) -> std::io::Result<()> {
+    let with_caps = !caps.is_empty();
     #[repr(C)]
     struct Header {
         version: u32,
@@ -422,7 +456,7 @@ pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
     let err = std::io::Error::last_os_error;
     // SAFETY: plain syscalls in the forked child.
     unsafe {
-        if with_bpf && libc::prctl(libc::PR_SET_KEEPCAPS, 1) != 0 {
+        if with_caps && libc::prctl(libc::PR_SET_KEEPCAPS, 1) != 0 {
             return Err(err());
         }
         if libc::setgroups(0, std::ptr::null()) != 0
@@ -431,13 +465,19 @@ pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
         {
             return Err(err());
         }
-        if with_bpf {
+        if with_caps {
             let mut hdr = Header {
                 version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
                 pid: 0,
             };
-            let lo = 1u32 << CAP_NET_ADMIN;
-            let hi = 1u32 << (CAP_BPF - 32);
+            let (mut lo, mut hi) = (0u32, 0u32);
+            for &c in caps {
+                if c < 32 {
+                    lo |= 1 << c;
+                } else {
+                    hi |= 1 << (c - 32);
+                }
+            }
             let data = [
                 Data {
                     effective: lo,
@@ -453,7 +493,7 @@ pub fn drop_to_user(uid: u32, gid: u32, with_bpf: bool) -> std::io::Result<()> {
             if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) != 0 {
                 return Err(err());
             }
-            for cap in [CAP_NET_ADMIN, CAP_BPF] {
+            for &cap in caps {
                 if libc::prctl(
                     libc::PR_CAP_AMBIENT,
                     libc::PR_CAP_AMBIENT_RAISE,

@@ -25,7 +25,8 @@ use forwarder_testkit::procfs;
 pub use forwarder_testkit::procfs::{thread_caps, ThreadCaps, CAP_NET_BIND_SERVICE};
 pub use forwarder_testkit::wait::{wait_until, wait_until_async};
 pub use forwarder_testkit::{
-    bpf, drop_to_user, require_root, test_user, user_command, Netns, Privilege, TEST_USER,
+    bpf, drop_to_user, drop_to_user_with, require_root, test_user, user_command, Netns, Privilege,
+    TEST_USER,
 };
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,7 +50,9 @@ impl Pair {
     pub fn with(privilege: Privilege) -> Pair {
         let child = match privilege {
             Privilege::Root => Netns::new("c"),
-            Privilege::User | Privilege::UserWithBpf => Netns::new_rootless(),
+            Privilege::User | Privilege::UserWithBpf | Privilege::UserWithLocalPath => {
+                Netns::new_rootless()
+            }
         };
         Pair {
             parent: Netns::new("p"),
@@ -146,6 +149,28 @@ pub fn forwarder_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/forwarder")
 }
 
+/// `forwarder check --json` as root on this kernel, run once per test
+/// binary: what auto mode picks here (and why) and the probes.
+pub fn check_report() -> &'static Value {
+    static REPORT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    REPORT.get_or_init(|| {
+        let out = Command::new(forwarder_bin())
+            .args(["check", "--json"])
+            .stderr(Stdio::null())
+            .output()
+            .expect("forwarder check --json");
+        assert!(out.status.success(), "forwarder check --json: {out:?}");
+        serde_json::from_slice(&out.stdout).expect("forwarder check's JSON")
+    })
+}
+
+/// Whether the local-client path's self-test passes on this kernel
+/// (blocking reads on admitted sockets keep TCP's contract), as
+/// `forwarder check` reports it.
+pub fn local_self_test_passes() -> bool {
+    check_report()["probes"]["local_blocking_read"]["ok"] == true
+}
+
 /// Decodes one line of the forwarder's stdout
 /// ([`forwarder_testkit::decode_event`]).
 pub fn decode_event(line: &str) -> Result<Value, String> {
@@ -235,7 +260,7 @@ impl Fwd {
             Privilege::Root => None,
             _ => Some(test_user()),
         };
-        let with_bpf = privilege == Privilege::UserWithBpf;
+        let caps = privilege.ambient_caps();
         let nsfile = File::open(ns.path()).expect("open netns");
         let nsfd = nsfile.as_raw_fd();
         let mut cmd = Command::new(forwarder_bin());
@@ -261,7 +286,7 @@ impl Fwd {
                     }
                 }
                 if let Some((uid, gid)) = ids {
-                    drop_to_user(uid, gid, with_bpf)?;
+                    drop_to_user_with(uid, gid, caps)?;
                 }
                 Ok(())
             });

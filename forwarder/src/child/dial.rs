@@ -142,6 +142,12 @@ pub trait Dial: Send + Sync {
         let _ = (reached, local);
     }
 
+    /// The cookie of the child namespace (`SO_NETNS_COOKIE`), once a
+    /// socket made there is known.
+    fn netns_cookie(&self) -> Option<u64> {
+        None
+    }
+
     /// Whether dials made now bind the client's address as their source
     /// (source preservation is on and working, [`crate::child::srcip`]).
     fn preserves_source(&self) -> bool {

@@ -136,6 +136,9 @@ pub type Refill = Box<dyn Fn(Kind) + Send + Sync>;
 /// root mode, by the agent (rootless) through [`SocketPool::new`]'s refill.
 pub struct SocketPool {
     idle: Mutex<[Vec<OwnedFd>; KINDS]>,
+    /// The cookie of the namespace the sockets were made in, from the
+    /// first one added.
+    netns: std::sync::OnceLock<u64>,
     /// A top-up of the kind is asked for and not done yet.
     filling: [std::sync::atomic::AtomicBool; KINDS],
     refill: Refill,
@@ -147,6 +150,7 @@ impl SocketPool {
     pub fn new(refill: Refill) -> Arc<Self> {
         Arc::new(SocketPool {
             idle: Mutex::new(Default::default()),
+            netns: std::sync::OnceLock::new(),
             filling: Default::default(),
             refill,
         })
@@ -201,9 +205,20 @@ impl SocketPool {
         POOL_SIZE.saturating_sub(have)
     }
 
+    /// The cookie of the namespace the pool's sockets live in, once one
+    /// was added.
+    pub fn netns_cookie(&self) -> Option<u64> {
+        self.netns.get().copied()
+    }
+
     /// Adds sockets of the kind this process made.
     fn add(&self, kind: Kind, made: Vec<OwnedFd>) {
         let n = made.len();
+        if self.netns.get().is_none() {
+            if let Some(c) = made.first().and_then(|f| sys::netns_cookie(f.as_fd()).ok()) {
+                let _ = self.netns.set(c);
+            }
+        }
         if let Ok(mut idle) = self.idle.lock() {
             idle[kind.index()].extend(made);
             POOLED.fetch_add(n, Relaxed);
@@ -666,6 +681,10 @@ pub(crate) async fn connect(fd: OwnedFd, addr: SocketAddr) -> io::Result<TcpStre
 /// IPv4 fallback applies when the connect fails for lack of IPv6 (no route
 /// or no address in the child).
 impl Dial for ChildDialer {
+    fn netns_cookie(&self) -> Option<u64> {
+        self.pool.netns_cookie()
+    }
+
     fn preserves_source(&self) -> bool {
         self.source_ip.is_some()
     }

@@ -41,9 +41,11 @@ pub struct Config {
     /// Preserve client addresses where the child permits
     /// ([`crate::child::srcip`]; `--no-source-ip` clears it).
     pub source_ip: bool,
-    /// Run the local-client path ([`crate::engine`]'s `local` module) with
-    /// the ebpf engine.
+    /// Run the local-client path ([`crate::engine`]'s `local` module) even
+    /// where its self-test finds the kernel's blocking reads broken.
     pub local_path: bool,
+    /// Never run the local-client path.
+    pub no_local_path: bool,
     /// The cgroup v2 directory the local path's `sock_ops` program watches
     /// (`None`: the whole host).
     pub bpf_cgroup: Option<PathBuf>,
@@ -234,12 +236,18 @@ pub struct PortOptions {
     /// the child permits it: IP_TRANSPARENT and policy routing there).
     #[arg(long)]
     pub no_source_ip: bool,
-    /// With --mode ebpf: move local clients' bytes inside their own send
-    /// calls (the sock_ops/sk_msg local-client path; needs CAP_PERFMON as
-    /// well). Off by default: a blocking read on an admitted socket can
-    /// return EAGAIN on the kernels tested (see docs/architecture.md).
-    #[arg(long)]
+    /// Run the local-client path (local clients' bytes move inside their
+    /// own send calls: sock_ops + sk_msg, needs CAP_PERFMON as well) also
+    /// where its start-up self-test finds that the kernel returns EAGAIN
+    /// to blocking reads on admitted sockets. Without this flag, auto and
+    /// ebpf modes run the path where BPF is permitted and the self-test
+    /// passes (see docs/architecture.md).
+    #[arg(long, conflicts_with = "no_local_path")]
     pub local_path: bool,
+    /// Never run the local-client path: local clients take the same path
+    /// as every other connection.
+    #[arg(long)]
+    pub no_local_path: bool,
     /// The cgroup v2 directory whose TCP sockets the local-client path may
     /// admit (default: the whole host, /sys/fs/cgroup/unified on hybrid
     /// hosts, else /sys/fs/cgroup).
@@ -269,6 +277,7 @@ impl PortOptions {
             },
             source_ip: !self.no_source_ip,
             local_path: self.local_path,
+            no_local_path: self.no_local_path,
             bpf_cgroup: self.bpf_cgroup,
         }
     }

@@ -191,14 +191,28 @@ fn chain(e: &anyhow::Error) -> String {
     out.join(": ")
 }
 
-/// Logs why the local-client path is off; the engine runs without it.
-fn local_off(e: &anyhow::Error) {
-    tracing::warn!(
-        "the local-client path is off, every connection takes the sk_skb path: {} (it needs \
-         CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, the kernel's BTF, and a cgroup v2 hierarchy; \
-         `forwarder check` tells which is missing)",
-        chain(e)
+/// Why the local-client path is off, logged (a warning when
+/// `--local-path` asked for it); the engine runs without it. Returns the
+/// reason.
+fn local_off(e: &anyhow::Error, opts: &Options) -> String {
+    let why = chain(e);
+    let others = if opts.splice_others {
+        "splice"
+    } else {
+        "sk_skb"
+    };
+    let msg = format!(
+        "the local-client path is off, every connection takes the {others} path: {why} (it \
+         needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, the kernel's BTF, a cgroup v2 hierarchy \
+         and a kernel that keeps blocking reads on sockmap sockets; `forwarder check` tells \
+         which is missing)"
     );
+    if opts.local_forced {
+        tracing::warn!("{msg}");
+    } else {
+        tracing::info!("{msg}");
+    }
+    why
 }
 
 fn load_err(what: &'static str) -> impl FnOnce(anyhow::Error) -> EbpfError {
@@ -374,6 +388,9 @@ impl MapHost {
 struct Inner {
     /// The local-client path, when on.
     local: Option<Arc<super::local::Local>>,
+    /// Auto mode: connections off the local-client path run on
+    /// [`Inner::fallback`] rather than the sk_skb path.
+    splice_others: bool,
     maps: MapHost,
     epoll: AsyncFd<EpollFd>,
     events: tokio::sync::Mutex<AsyncFd<RingBuf<MapData>>>,
@@ -398,6 +415,9 @@ pub struct EbpfEngine {
 /// runtime exists: the privileged half of the engine's start-up.
 pub struct Loaded {
     local: Option<(super::local::Loaded, Option<u64>)>,
+    /// Why the local-client path is off, when it was asked for and is.
+    local_off: Option<String>,
+    splice_others: bool,
     maps: MapHost,
     events: RingBuf<MapData>,
     epoll: Epoll,
@@ -413,6 +433,7 @@ impl EbpfEngine {
         // The local-client path reads `write_seq` of `struct tcp_sock` at
         // the offset the running kernel's BTF gives.
         let mut local_cgroup = opts.local.clone();
+        let mut local_off_why = None;
         let offsets = super::local::Offsets {
             write_seq: 0,
             wmem_queued: 0,
@@ -426,7 +447,7 @@ impl EbpfEngine {
                     return Err(load_err("cannot start the local-client path")(e))
                 }
                 Err(e) => {
-                    local_off(&e);
+                    local_off_why = Some(local_off(&e, &opts));
                     local_cgroup = None;
                     offsets
                 }
@@ -482,14 +503,14 @@ impl EbpfEngine {
                     .map_err(anyhow::Error::from)
                     .and_then(|fd| Ok(MapData::from_fd(fd)?))
                     .and_then(|md| Ok(SockHash::try_from(aya::maps::Map::SockHash(md))?))
-                    .and_then(|dup| super::local::attach(&mut bpf, cgroup, dup));
+                    .and_then(|dup| super::local::attach(&mut bpf, cgroup, dup, opts.local_forced));
                 match attached {
                     Ok(l) => Some((l, opts.child_netns)),
                     Err(e) if opts.local_required => {
                         return Err(load_err("cannot start the local-client path")(e))
                     }
                     Err(e) => {
-                        local_off(&e);
+                        local_off_why = Some(local_off(&e, &opts));
                         None
                     }
                 }
@@ -500,6 +521,8 @@ impl EbpfEngine {
             .map_err(|e| load_err("cannot create an epoll set")(e.into()))?;
         Ok(Loaded {
             local,
+            local_off: local_off_why,
+            splice_others: opts.splice_others,
             maps: MapHost::Local(Box::new(Mutex::new(Maps {
                 socks,
                 targets,
@@ -513,6 +536,21 @@ impl EbpfEngine {
 }
 
 impl Loaded {
+    /// Whether the local-client path runs.
+    pub fn has_local_path(&self) -> bool {
+        self.local.is_some()
+    }
+
+    /// Why the local-client path is off, where it was asked for.
+    pub fn local_off_reason(&self) -> Option<&str> {
+        self.local_off.as_deref()
+    }
+
+    /// What the local-client path's self-test found, where it ran.
+    pub fn local_blocking_read(&self) -> Option<super::local::probe::BlockingRead> {
+        self.local.as_ref().map(|(l, _)| l.blocking_read.clone())
+    }
+
     /// Probes whether a thread without any capability may operate on the
     /// maps through the held descriptors: a lookup of a missing key on a
     /// short-lived thread that first drops every capability. `Ok` when the
@@ -549,6 +587,8 @@ impl Loaded {
     pub fn start(self) -> Result<EbpfEngine, EbpfError> {
         let Loaded {
             local,
+            local_off: _,
+            splice_others,
             maps,
             events,
             epoll,
@@ -572,6 +612,7 @@ impl Loaded {
         let logger = spawn_bpf_logger(&mut bpf);
         let inner = Arc::new(Inner {
             local,
+            splice_others,
             maps,
             epoll,
             events: tokio::sync::Mutex::new(events),
@@ -733,6 +774,10 @@ impl Inner {
                 super::local::run(l.clone(), conn, pair).await;
                 return;
             }
+        }
+        if self.splice_others {
+            self.fallback.run(conn).await;
+            return;
         }
         let Conn { sides, guard } = conn;
         let port = guard.port().clone();
@@ -1094,8 +1139,15 @@ impl Engine for EbpfEngine {
         }
     }
 
-    fn before_dial(&self, accepted: &tokio::net::TcpStream) -> Option<u16> {
-        self.inner.local.as_ref()?.before_dial(accepted)
+    fn before_dial(
+        &self,
+        accepted: &tokio::net::TcpStream,
+        child_netns: Option<u64>,
+    ) -> Option<u16> {
+        self.inner
+            .local
+            .as_ref()?
+            .before_dial(accepted, child_netns)
     }
 
     fn after_dial(&self, port: u16) {

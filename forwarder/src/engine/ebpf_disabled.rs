@@ -34,6 +34,16 @@ impl EbpfEngine {
 
 impl Loaded {
     /// Unreachable: no `Loaded` exists.
+    pub fn has_local_path(&self) -> bool {
+        match *self {}
+    }
+
+    /// Unreachable: no `Loaded` exists.
+    pub fn local_off_reason(&self) -> Option<&str> {
+        match *self {}
+    }
+
+    /// Unreachable: no `Loaded` exists.
     pub fn probe_unprivileged_map_access(&self) -> std::io::Result<()> {
         match *self {}
     }

@@ -163,6 +163,10 @@ pub(crate) struct Probes {
     /// attach, to the cgroup v2 root.
     #[serde(serialize_with = "ser_probe")]
     pub local_path: Probe,
+    /// The local-client path's self-test: a blocking read on a socket in a
+    /// sockmap keeps TCP's contract (the `local` module's `probe`).
+    #[serde(serialize_with = "ser_probe")]
+    pub local_blocking_read: Probe,
 }
 
 fn ser_probe<S: serde::Serializer>(p: &Probe, s: S) -> Result<S::Ok, S::Error> {
@@ -214,6 +218,17 @@ pub(crate) fn decide(v: Version, p: &Probes) -> Decision {
         Ok(()) => format!("ebpf is available on kernel {v} with --mode ebpf"),
         Err(why) => format!("ebpf {why}"),
     };
+    let local = p.local_path.as_ref().and(p.local_blocking_read.as_ref());
+    if let (Ok(()), Ok(_), None) = (&p.splice, local, avoid_ebpf(v)) {
+        return Decision {
+            engine: EngineKind::Ebpf,
+            reason: crate::engine::AUTO_LOCAL_REASON.into(),
+        };
+    }
+    let ebpf = match local {
+        Ok(_) => ebpf,
+        Err(why) => format!("{ebpf}; the local-client path is off: {why}"),
+    };
     if p.splice.is_ok() {
         Decision {
             engine: EngineKind::Splice,
@@ -244,6 +259,7 @@ pub(crate) fn probe() -> Probes {
         programs_parser: no(),
         splice: splice_works(),
         local_path: no(),
+        local_blocking_read: no(),
     }
 }
 
@@ -275,6 +291,7 @@ pub(crate) fn probe() -> Probes {
             programs_parser: skipped(),
             splice: splice_works(),
             local_path: skipped(),
+            local_blocking_read: skipped(),
         };
     }
     let sockhash = map(MapType::SockHash, "SOCKHASH");
@@ -298,6 +315,7 @@ pub(crate) fn probe() -> Probes {
         .map(drop)
         .map_err(|e| format!("{e:#}"))
     };
+    let local = local_path();
     Probes {
         bpf,
         sockhash,
@@ -307,23 +325,31 @@ pub(crate) fn probe() -> Probes {
         programs_verdict: load(false),
         programs_parser: load(true),
         splice: splice_works(),
-        local_path: local_path(),
+        local_path: local.as_ref().map(drop).map_err(Clone::clone),
+        local_blocking_read: local.and_then(|l| l),
     }
 }
 
-/// The local-client path loads and attaches (to the default cgroup).
+/// The local-client path loads and attaches (to the default cgroup), and
+/// then (inside) the result of its self-test.
 #[cfg(feature = "ebpf")]
-fn local_path() -> Probe {
+fn local_path() -> Result<Probe, String> {
+    use crate::engine::local::{probe::BlockingRead, BLOCKING_READ_BROKEN};
     let cgroup = crate::engine::local::default_cgroup().ok_or_else(|| {
         "no cgroup v2 hierarchy (/sys/fs/cgroup/unified or /sys/fs/cgroup)".to_string()
     })?;
-    crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options {
+    let loaded = crate::engine::ebpf::EbpfEngine::load(crate::engine::ebpf::Options {
         local: Some(cgroup),
         local_required: true,
+        local_forced: true,
         ..Default::default()
     })
-    .map(drop)
-    .map_err(|e| format!("{e:#}"))
+    .map_err(|e| format!("{e:#}"))?;
+    Ok(match loaded.local_blocking_read() {
+        Some(BlockingRead::Kept) => Ok(()),
+        Some(BlockingRead::Eagain) => Err(BLOCKING_READ_BROKEN.to_string()),
+        None => Err("the self-test did not run".to_string()),
+    })
 }
 
 /// The capabilities the BPF paths use, held or not, and what is lost
@@ -449,8 +475,12 @@ pub fn check(json: bool) -> anyhow::Result<()> {
     println!("  splice:                         {}", show(&p.splice));
     println!("  copy:                           yes");
     println!(
-        "  local-client path (sock_ops + sk_msg, --mode ebpf --local-path): {}",
+        "  local-client path (sock_ops + sk_msg):  {}",
         show(&p.local_path)
+    );
+    println!(
+        "  blocking reads on admitted sockets:     {}",
+        show(&p.local_blocking_read)
     );
     println!("capabilities:");
     for (name, held, lost) in capabilities() {
@@ -487,6 +517,7 @@ mod tests {
             programs_parser: Ok(()),
             splice: Ok(()),
             local_path: Ok(()),
+            local_blocking_read: Ok(()),
         }
     }
 

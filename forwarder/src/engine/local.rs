@@ -73,6 +73,8 @@ use forwarder_common::{
 };
 use tokio::net::TcpStream;
 
+pub mod probe;
+
 use super::relay::{self, Chunk};
 use super::splice::SpliceChunk;
 use super::Conn;
@@ -252,18 +254,47 @@ struct Maps {
 pub struct Loaded {
     maps: Maps,
     cgroup: PathBuf,
+    /// What the self-test found ([`probe`]).
+    pub blocking_read: probe::BlockingRead,
 }
+
+/// Why the local-client path stays off on a kernel whose self-test failed.
+pub const BLOCKING_READ_BROKEN: &str = "this kernel's tcp_bpf_recvmsg() returns EAGAIN to a \
+     blocking reader that write space or a reset wakes (a blocking client that uploads, then \
+     waits for the answer, would fail); the fix is in contrib/kernel/, and --local-path runs \
+     the path anyway";
 
 /// Loads the `sock_ops` and `sk_msg` programs of `bpf` and attaches them:
 /// `sock_ops` to the cgroup `cgroup` through a BPF link (with
 /// `BPF_F_ALLOW_MULTI` semantics, so it goes away with this process), and
 /// `sk_msg` to FWD_MSG_SOCKS. `targets` is the engine's FWD_TARGETS map.
 /// Needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (`bpf_skc_to_tcp_sock`).
+///
+/// First it runs the self-test ([`probe`]) with `targets`; where the
+/// kernel breaks blocking reads on admitted sockets it fails unless
+/// `forced`.
 pub fn attach(
     bpf: &mut Ebpf,
     cgroup: &Path,
-    targets: SockHash<MapData, u64>,
+    mut targets: SockHash<MapData, u64>,
+    forced: bool,
 ) -> anyhow::Result<Loaded> {
+    let blocking_read = match probe::blocking_read(&mut targets) {
+        Ok(probe::BlockingRead::Kept) => probe::BlockingRead::Kept,
+        Ok(probe::BlockingRead::Eagain) if forced => {
+            tracing::warn!(
+                "the local-client path runs as --local-path asks, but {BLOCKING_READ_BROKEN}"
+            );
+            probe::BlockingRead::Eagain
+        }
+        Ok(probe::BlockingRead::Eagain) => anyhow::bail!("{BLOCKING_READ_BROKEN}"),
+        Err(e) if forced => {
+            tracing::warn!(error = %e, "the local-client path runs as --local-path asks, \
+                but its self-test did not finish");
+            probe::BlockingRead::Eagain
+        }
+        Err(e) => return Err(e.context("the local-client path's self-test did not finish")),
+    };
     fn take<T: TryFrom<aya::maps::Map>>(bpf: &mut Ebpf, name: &str) -> anyhow::Result<T>
     where
         <T as TryFrom<aya::maps::Map>>::Error: std::error::Error + Send + Sync + 'static,
@@ -307,6 +338,7 @@ pub fn attach(
             acks: take(bpf, MAP_ACKS)?,
         },
         cgroup: cgroup.to_owned(),
+        blocking_read,
     })
 }
 
@@ -368,7 +400,13 @@ impl Local {
 
     /// Before the dial of `a`'s connection: if its client was admitted,
     /// the port to bind in the child (the client's), registered.
-    pub fn before_dial(&self, a: &TcpStream) -> Option<u16> {
+    /// `child_netns`, the dialer's knowledge of the child namespace's
+    /// cookie, stands in for what a first dialed socket would tell (a
+    /// rootless forwarder cannot learn it at start).
+    pub fn before_dial(&self, a: &TcpStream, child_netns: Option<u64>) -> Option<u16> {
+        if let Some(c) = child_netns {
+            let _ = self.child_netns.compare_exchange(0, c, Relaxed, Relaxed);
+        }
         let netns = self.child_netns.load(Relaxed);
         if netns == 0 {
             return None;

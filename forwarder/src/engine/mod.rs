@@ -50,10 +50,12 @@ pub use crate::wire::{EngineKind, MapEntries, Pooled};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
-    /// The fastest engine measured for traffic as users run it: splice.
-    /// The ebpf engine is slower than splice when nothing is pinned (its
-    /// ready line and `forwarder check` say why), so auto mode never picks
-    /// it; `--mode ebpf` does.
+    /// The fastest path measured for each connection: a local client's
+    /// takes the local-client path (sock_ops + sk_msg) where BPF is
+    /// permitted and its start-up self-test passes, every other
+    /// connection splice. The sk_skb path is slower than splice when
+    /// nothing is pinned (`forwarder check` says why), so auto mode never
+    /// takes it; `--mode ebpf` does.
     Auto,
     /// In-kernel splicing with an sk_skb sockmap program (CAP_BPF + CAP_NET_ADMIN).
     Ebpf,
@@ -76,6 +78,13 @@ pub struct EbpfOptions {
     /// Fail when the local-client path cannot start, instead of running
     /// without it (`forwarder check`'s probe).
     pub local_required: bool,
+    /// Run the local-client path even where its self-test finds that the
+    /// kernel breaks blocking reads on admitted sockets (the `local`
+    /// module's `probe`; `--local-path`).
+    pub local_forced: bool,
+    /// Auto mode: connections that do not take the local-client path run
+    /// on the splice engine, not the sk_skb path.
+    pub splice_others: bool,
     /// The child namespace's cookie, where known at start.
     pub child_netns: Option<u64>,
 }
@@ -146,9 +155,10 @@ pub trait Engine: Send + Sync {
 
     /// Called with an accepted socket before its dial: a port for the dial
     /// to bind, registered so that the container server's socket is
-    /// admitted to the local-client path, or `None`.
-    fn before_dial(&self, accepted: &TcpStream) -> Option<u16> {
-        let _ = accepted;
+    /// admitted to the local-client path, or `None`. `child_netns` is the
+    /// child namespace's cookie where the dialer knows it.
+    fn before_dial(&self, accepted: &TcpStream, child_netns: Option<u64>) -> Option<u16> {
+        let _ = (accepted, child_netns);
         None
     }
 
@@ -165,6 +175,11 @@ pub const AUTO_REASON: &str = "splice is faster than the ebpf engine for bulk tr
      nothing is pinned to CPUs (the kernel sends sk_skb-redirected bytes from a per-socket \
      worker that waits a timer tick whenever the target's send buffer is full); \
      --mode ebpf runs the in-kernel path on request (it needs CAP_BPF and CAP_NET_ADMIN)";
+
+/// Why auto mode runs the ebpf engine with its local-client path on.
+pub const AUTO_LOCAL_REASON: &str = "local clients take the local-client path (their sends \
+     move inside their own sendmsg(): sock_ops + sk_msg), other connections splice (faster \
+     than the sk_skb path when nothing is pinned to CPUs)";
 
 /// An engine chosen and, for ebpf, loaded, but not started: the
 /// privileged part of start-up is done, no runtime is needed yet.
@@ -198,6 +213,27 @@ pub fn select(mode: Mode, ebpf_opts: ebpf::Options) -> anyhow::Result<(Prepared,
                 "requested with --mode ebpf".into(),
             ))
         }
-        Mode::Auto => Ok((Prepared::Splice, AUTO_REASON.into())),
+        Mode::Auto => {
+            if ebpf_opts.local.is_none() {
+                return Ok((Prepared::Splice, AUTO_REASON.into()));
+            }
+            let why = match ebpf::EbpfEngine::load(EbpfOptions {
+                splice_others: true,
+                ..ebpf_opts
+            }) {
+                Ok(l) if l.has_local_path() => {
+                    return Ok((Prepared::Ebpf(Box::new(l)), AUTO_LOCAL_REASON.into()))
+                }
+                Ok(l) => l
+                    .local_off_reason()
+                    .unwrap_or("it did not start")
+                    .to_string(),
+                Err(e) => e.to_string(),
+            };
+            Ok((
+                Prepared::Splice,
+                format!("{AUTO_REASON}; the local-client path is off: {why}"),
+            ))
+        }
     }
 }

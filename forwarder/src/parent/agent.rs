@@ -182,6 +182,15 @@ impl AgentClient {
             next_id.clone(),
             addresses.clone(),
         );
+        // Filled now rather than at the first dial: the first connection
+        // finds its socket made, and the pool's first socket tells the
+        // child namespace's cookie (the local-client path needs it before
+        // the first dial).
+        pool.want(Kind {
+            ipv6: false,
+            udp: false,
+            transparent: false,
+        });
         Ok(AgentClient {
             sock,
             pending,
@@ -428,6 +437,10 @@ impl AgentClient {
 /// Asks the agent to dial: it applies the same rules in the child and
 /// passes the connected socket back.
 impl Dial for AgentClient {
+    fn netns_cookie(&self) -> Option<u64> {
+        self.pool.netns_cookie()
+    }
+
     fn preserves_source(&self) -> bool {
         match self.fallback() {
             Some(d) => d.preserves_source(),

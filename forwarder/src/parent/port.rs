@@ -679,7 +679,7 @@ async fn handle(
     // A local client whose socket the kernel admitted to the local path:
     // the dial binds a port known in advance, so the container server's
     // socket can be admitted too (`engine::local`).
-    let bind_port = ctx.engine.before_dial(&sock);
+    let bind_port = ctx.engine.before_dial(&sock, ctx.dialer.netns_cookie());
     let req = DialRequest {
         spec: &spec,
         ipv6_listener,

@@ -205,6 +205,23 @@ pub fn enter_namespaces_on_exec(
     }
 }
 
+/// The calling thread's id.
+pub fn gettid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+/// Whether thread `tid` of this process is asleep (state `S` in
+/// `/proc/self/task/TID/stat`).
+pub fn thread_sleeping(tid: i32) -> io::Result<bool> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))?;
+    // "tid (comm) state ...": comm may hold spaces and parentheses.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .ok_or_else(|| io::Error::other(format!("unexpected stat of thread {tid}")))?;
+    Ok(state == "S")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
