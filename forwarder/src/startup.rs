@@ -818,9 +818,11 @@ impl AgentWatch {
                 let client = agent::AgentClient::new(fd, source_ip)
                     .context("cannot talk to the dial agent")?;
                 // Root mode: the thread in the child dials what the agent
-                // would not preserve, without the round trip.
-                if let Some(d) = &fallback {
-                    client.dial_local_clients_with(d.clone());
+                // would not preserve, without the round trip. Rootless: the
+                // agent makes every socket, the first ones now.
+                match &fallback {
+                    Some(d) => client.dial_local_clients_with(d.clone()),
+                    None => client.fill_ahead(),
                 }
                 Ok((
                     Arc::new(client.clone()),

@@ -182,15 +182,6 @@ impl AgentClient {
             next_id.clone(),
             addresses.clone(),
         );
-        // Filled now rather than at the first dial: the first connection
-        // finds its socket made, and the pool's first socket tells the
-        // child namespace's cookie (the local-client path needs it before
-        // the first dial).
-        pool.want(Kind {
-            ipv6: false,
-            udp: false,
-            transparent: false,
-        });
         Ok(AgentClient {
             sock,
             pending,
@@ -203,6 +194,19 @@ impl AgentClient {
             local: Arc::new(Mutex::new(None)),
             local_logged: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Asks the agent for the plain IPv4 TCP sockets a rootless dialer
+    /// takes, now rather than at the first dial: the first connection
+    /// finds its socket made, and the pool's first socket tells the child
+    /// namespace's cookie, which the local-client path needs before the
+    /// first dial. Must run inside the runtime.
+    pub fn fill_ahead(&self) {
+        self.pool.want(Kind {
+            ipv6: false,
+            udp: false,
+            transparent: false,
+        });
     }
 
     /// Switches to a new agent's socket (after a restart; the new agent
