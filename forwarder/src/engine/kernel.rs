@@ -219,7 +219,9 @@ pub(crate) fn decide(v: Version, p: &Probes) -> Decision {
         Err(why) => format!("ebpf {why}"),
     };
     let local = p.local_path.as_ref().and(p.local_blocking_read.as_ref());
-    if let (Ok(()), Ok(_), None) = (&p.splice, local, avoid_ebpf(v)) {
+    // The engine that carries the path must load (its sk_skb programs
+    // load first), as in `run`'s auto mode.
+    if let (Ok(()), Ok(_), Ok(())) = (&p.splice, local, ebpf_usable(v, p)) {
         return Decision {
             engine: EngineKind::Ebpf,
             reason: crate::engine::AUTO_LOCAL_REASON.into(),
@@ -572,6 +574,10 @@ mod tests {
         let mut no_load = all_ok();
         no_load.programs_verdict = Err("verifier".into());
         let ok = all_ok();
+        let mut eagain = all_ok();
+        eagain.local_blocking_read = Err("tcp_bpf_recvmsg EAGAIN".into());
+        let mut no_perfmon = all_ok();
+        no_perfmon.local_path = Err("needs CAP_PERFMON".into());
         let mut nothing = no_bpf.clone();
         nothing.splice = Err("ENOSYS".into());
         // (kernel, probes, engine, words the reason must hold)
@@ -579,14 +585,26 @@ mod tests {
             (
                 "6.18.44",
                 &ok,
+                EngineKind::Ebpf,
+                "local clients take the local-client path",
+            ),
+            (
+                "6.18.44",
+                &eagain,
                 EngineKind::Splice,
                 "available on kernel 6.18",
             ),
             (
                 "6.12.117+deb12",
-                &ok,
+                &eagain,
                 EngineKind::Splice,
-                "with --mode ebpf",
+                "local-client path is off: tcp_bpf_recvmsg",
+            ),
+            (
+                "6.12.117+deb12",
+                &no_perfmon,
+                EngineKind::Splice,
+                "with --mode ebpf; the local-client path is off: needs CAP_PERFMON",
             ),
             ("6.18.44", &no_bpf, EngineKind::Splice, "BPF not permitted"),
             ("6.18.44", &no_load, EngineKind::Splice, "did not load"),
