@@ -152,7 +152,7 @@ fn patch_tree(tree: &Path, patches: &[PathBuf], reverse: bool) -> Result<()> {
 /// local version naming the build.
 fn configure(tree: &Path) -> Result<()> {
     let fragment = root().join("contrib/kernel/config.fragment");
-    let vng = vmtest_which("vng")?;
+    let vng = vmtest::which("vng").context("vng is not installed")?;
     run_cmd(
         Command::new(vng)
             .args(["--kconfig", "--config"])
@@ -173,12 +173,6 @@ fn configure(tree: &Path) -> Result<()> {
     )
     .context("make olddefconfig")?;
     Ok(())
-}
-
-fn vmtest_which(prog: &str) -> Result<PathBuf> {
-    let out = output(Command::new("sh").args(["-c", &format!("command -v {prog}")]))
-        .with_context(|| format!("{prog} is not installed"))?;
-    Ok(PathBuf::from(out.trim()))
 }
 
 /// `make bzImage` with every core; returns the image's path in the tree.

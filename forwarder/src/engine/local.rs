@@ -73,13 +73,13 @@ use forwarder_common::{
 };
 use tokio::net::TcpStream;
 
-pub mod probe;
-
 use super::relay::{self, Chunk};
 use super::splice::SpliceChunk;
 use super::Conn;
 use crate::engine::stats::{DataPath, PortStats};
 use crate::sys;
+
+pub mod probe;
 
 /// The default cgroup v2 hierarchy root, and where hybrid hosts mount it.
 pub const CGROUP_ROOTS: [&str; 2] = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"];
